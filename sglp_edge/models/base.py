@@ -8,11 +8,13 @@ its output has the same shape as its input (no stride or channel change) and it 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import fnmatch
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -109,9 +111,32 @@ class ModelAdapter(ABC):
         if fixed:
             raise AdapterError(f"unit(s) {fixed} cannot be removed: {units[fixed[0]].reason}")
         out = model if inplace else copy.deepcopy(model)
-        drop_modules(out, names)
+        drop_modules(out, self.removal_paths(out, names))
         self.after_removal(out, names)
         return out
+
+    def removal_paths(self, model: nn.Module, names: Sequence[str]) -> list[str]:
+        """Module paths that removing the named units drops (default: the units themselves)."""
+        return list(names)
+
+    @contextlib.contextmanager
+    def without_units(self, model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+        """Temporarily remove units in place (no copy of the weights), restoring the original
+        structure on exit. Used to score many candidates of a large model cheaply; config-level
+        bookkeeping (``after_removal``) is not applied, so use it for forward/backward only."""
+        paths = self.removal_paths(model, names)
+        parents = {p.rsplit(".", 1)[0] if "." in p else "" for p in paths}
+        saved = {}
+        for pp in parents:
+            parent = get_module(model, pp) if pp else model
+            saved[pp] = (parent, collections.OrderedDict(parent._modules))
+        try:
+            drop_modules(model, paths)
+            yield model
+        finally:
+            for parent, mods in saved.values():
+                parent._modules.clear()
+                parent._modules.update(mods)
 
     def after_removal(self, model: nn.Module, removed: Sequence[str]) -> None:
         """Hook for families that keep layer counts/indices in config (HF LMs)."""

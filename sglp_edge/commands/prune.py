@@ -1,0 +1,55 @@
+"""``sglp-edge prune``: SGLP (or a baseline) on a model, writing the pruned model, plan.json and
+the CKA heatmap into one output folder, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("prune")
+    @user_errors
+    def prune(
+        model: str = typer.Argument(..., help="'default' (shipped ResNet-56), a checkpoint folder, an HF folder / .gguf / "
+                                              "'smollm2', cifar_resnet20..110 or torchvision:<arch>"),
+        out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
+        data: str = typer.Option("fashion-mnist", "--data", help="calibration data: fashion-mnist, mnist5k, cifar10, "
+                                                                "cifar100, imagefolder:<dir>, text"),
+        data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder of a local CIFAR copy"),
+        keep: Optional[int] = typer.Option(None, "--keep", help="number of layer units to keep"),
+        target_macs: Optional[float] = typer.Option(None, "--target-macs", help="fraction of MACs to remove (0..1)"),
+        method: str = typer.Option("sglp", "--method", help="sglp, random, drop_last, block_influence, angular"),
+        k: Optional[int] = typer.Option(None, "--k", help="number of segments (default: chosen automatically)"),
+        protocol: str = typer.Option("natural", "--protocol", help="GradNorm candidate protocol: natural | reference"),
+        calib_batches: int = typer.Option(4, "--calib-batches", help="calibration batches for CKA"),
+        grad_batches: int = typer.Option(1, "--grad-batches", help="fixed calibration batches for GradNorm"),
+        batch_size: int = typer.Option(0, "--batch-size", help="calibration batch size (0 = 128 images / 8 sequences)"),
+        seq_len: int = typer.Option(128, "--seq-len", help="tokens per calibration sequence (LMs)"),
+        exhaustive_budget: int = typer.Option(128, "--exhaustive-budget", help="max combinations scored exhaustively per segment"),
+        beam_width: int = typer.Option(3, "--beam-width"),
+        units: Optional[str] = typer.Option(None, "--units", help="declare layer units by module path globs, e.g. 'layer1.*,layer2.*'"),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="state dict (.pt/.pth/.safetensors) for an architecture name"),
+        num_classes: Optional[int] = typer.Option(None, "--num-classes"),
+        seed: int = typer.Option(0, "--seed"),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)"),
+    ) -> None:
+        """Prune whole layer units with SGLP (CKA -> Fisher segments -> GradNorm) or a baseline."""
+        from ..pruning_job import PruneJob, run_prune_job
+
+        job = PruneJob(model=model, out=out, data=data, data_root=data_root, keep=keep, target_macs=target_macs,
+                       method=method, k=k, protocol=protocol, calib_batches=calib_batches, grad_batches=grad_batches,
+                       batch_size=batch_size, seq_len=seq_len, exhaustive_budget=exhaustive_budget,
+                       beam_width=beam_width, units=units, weights=weights, num_classes=num_classes, seed=seed,
+                       threads=threads)
+        result = run_prune_job(job, show_progress=True)
+        p = result.plan
+        typer.echo(
+            f"pruned {p.family}: units {p.n_units_before} -> {p.n_units_after}, params {p.params_before:,} -> "
+            f"{p.params_after:,} (-{100 * p.params_reduction:.1f}%), MACs {p.macs_before:,} -> {p.macs_after:,} "
+            f"(-{100 * p.macs_reduction:.1f}%), {p.evaluations} GradNorm evaluations, {p.wall_s:.1f} s -> {out}"
+        )

@@ -1,0 +1,59 @@
+"""Adapter for architectures sglp-edge does not know: the user declares the layer units by module
+path globs (``--units 'layer1.*,layer2.*'``). A declared unit is removable when one forward pass
+shows that its output has exactly its input's shape (so dropping it leaves a valid network); it
+is then dropped from its parent Sequential/ModuleList or replaced by ``nn.Identity``."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .base import AdapterError, ModelAdapter, Unit, get_module, glob_units
+
+
+class GenericAdapter(ModelAdapter):
+    family = "generic"
+
+    def __init__(self, model: nn.Module, patterns: str | Sequence[str]):
+        self.patterns = patterns
+        self.names = glob_units(model, patterns)
+        if not self.names:
+            raise AdapterError(f"--units {patterns!r} matches no module; module paths look like "
+                               f"{[n for n, _ in model.named_modules() if n][:6]}")
+        self._shape_ok: dict[str, bool] | None = None
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return False  # only used when the user declares units
+
+    def check_shapes(self, model: nn.Module, batch: Any) -> None:
+        """One forward pass recording each unit's input and output shapes."""
+        seen: dict[str, bool] = {}
+        hooks = []
+
+        def mk(name: str):
+            def hook(_m, args, out):
+                x = args[0] if args else None
+                y = self.unit_output(out)
+                seen[name] = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+            return hook
+
+        for n in self.names:
+            hooks.append(get_module(model, n).register_forward_hook(mk(n)))
+        try:
+            with torch.no_grad():
+                self.forward(model, batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        self._shape_ok = {n: seen.get(n, False) for n in self.names}
+
+    def units(self, model: nn.Module) -> list[Unit]:
+        names = self.names if self._shape_ok is None else list(self._shape_ok)
+        out = []
+        for i, n in enumerate(names):
+            ok = True if self._shape_ok is None else self._shape_ok[n]
+            out.append(Unit(n, i, ok, "" if ok else "its output shape differs from its input shape"))
+        return out

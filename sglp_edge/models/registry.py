@@ -1,0 +1,253 @@
+"""Which adapter handles a model, how a model is named on the command line, and the project's
+checkpoint format for vision models.
+
+Vision checkpoint = a folder holding
+  * ``model.safetensors`` - the (pruned) network's state dict, no pickled code;
+  * ``sglp_model.json``   - ``{"format": ..., "spec": <adapter spec of the UNPRUNED architecture>,
+    "removed_units": [...original unit names...], ...}``.
+Reloading rebuilds the unpruned architecture from the spec, replays the removal, then loads the
+weights, so no private state of this package is needed beyond the spec.
+Hugging Face LMs are saved with ``save_pretrained`` instead (see ``hf_llm``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from exporters.atomic import atomic_dir
+from ..errors import UserError
+from .base import AdapterError, ModelAdapter
+from .cifar_resnet import CifarResNetAdapter, cifar_resnet
+
+CHECKPOINT_FORMAT = "sglp-edge/vision-checkpoint/1"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL = ASSETS / "resnet56_fmnist"
+
+SUPPORTED_FAMILIES = (
+    "CIFAR ResNet-20/32/44/56/110 (cifar_resnet20..cifar_resnet110), "
+    "torchvision ResNet-18/34/50/101, VGG-11/13/16/19-BN, MobileNetV2, EfficientNet-B0..B7, ViT-B/L, "
+    "Hugging Face LLaMA-family decoders (Llama, Qwen2, Mistral, SmolLM; folder or .gguf)"
+)
+
+
+def _adapter_classes() -> list[type[ModelAdapter]]:
+    classes: list[type[ModelAdapter]] = [CifarResNetAdapter]
+    try:
+        from .torchvision_adapters import ADAPTERS as TV
+
+        classes += list(TV)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .hf_llm import HFDecoderAdapter
+
+        classes.append(HFDecoderAdapter)
+    except ImportError:  # pragma: no cover - transformers missing
+        pass
+    return classes
+
+
+def get_adapter(model: nn.Module, units: str | Sequence[str] | None = None) -> ModelAdapter:
+    """The adapter for ``model``; with ``units`` (glob patterns of module paths) a generic adapter
+    over exactly those modules, for architectures this package does not know."""
+    if units:
+        from .generic import GenericAdapter
+
+        return GenericAdapter(model, units)
+    for cls in _adapter_classes():
+        if cls.matches(model):
+            return cls()
+    raise AdapterError(
+        f"unsupported architecture {type(model).__name__}; supported families: {SUPPORTED_FAMILIES}. "
+        "For another architecture declare its layer units by module path, e.g. --units 'layer1.*,layer2.*'"
+    )
+
+
+def adapter_for_family(family: str) -> ModelAdapter:
+    for cls in _adapter_classes():
+        if cls.family == family:
+            return cls()
+    raise UserError(f"checkpoint names unknown model family {family!r}; supported: {SUPPORTED_FAMILIES}")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    adapter: ModelAdapter
+    source: str
+    kind: str  # "vision-checkpoint" | "builtin" | "torchvision" | "hf" | "gguf"
+    meta: dict[str, Any] = field(default_factory=dict)  # sglp_model.json / manifest contents
+    removed_units: list[str] = field(default_factory=list)
+    tokenizer: Any = None
+
+
+def save_checkpoint(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    folder: str | Path,
+    *,
+    spec: dict[str, Any] | None = None,
+    removed_units: Sequence[str] | Sequence[Sequence[str]] = (),
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a vision checkpoint folder atomically. ``spec`` is the UNPRUNED architecture's spec
+    (pass the original's when saving a pruned model). ``removed_units`` is one round of unit names
+    (of the unpruned model) or a list of rounds, each naming units of the model left by the
+    previous round (pruning a pruned model)."""
+    from safetensors.torch import save_file
+
+    if getattr(adapter, "modality", "image") == "tokens":
+        from .hf_llm import save_hf  # type: ignore[attr-defined]
+
+        return save_hf(model, folder, extra=extra)
+    spec = spec or adapter.spec(model)
+    rounds = _as_rounds(removed_units)
+    meta = {"format": CHECKPOINT_FORMAT, "family": adapter.family, "spec": spec,
+            "removal_rounds": rounds, **(extra or {})}
+    folder = Path(folder)
+    with atomic_dir(folder) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "sglp_model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def _as_rounds(removed: Any) -> list[list[str]]:
+    removed = list(removed or [])
+    if removed and all(isinstance(r, str) for r in removed):
+        return [removed]
+    return [list(r) for r in removed if r]
+
+
+def load_checkpoint(folder: str | Path) -> LoadedModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path = folder / "sglp_model.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_path} is not valid JSON ({e}); re-save the checkpoint with sglp-edge") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r} (expected {CHECKPOINT_FORMAT})")
+    adapter = adapter_for_family(meta["family"])
+    model = adapter.build(meta["spec"])
+    rounds = _as_rounds(meta.get("removal_rounds", meta.get("removed_units", [])))
+    for r in rounds:
+        model = adapter.remove(model, r, inplace=True)
+    removed = [u for r in rounds for u in r]
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{folder / 'model.safetensors'} is unreadable or corrupt ({e}); re-create the checkpoint") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{folder}: weights do not match the architecture in sglp_model.json ({first})") from None
+    model.eval()
+    return LoadedModel(model, adapter, str(folder), "vision-checkpoint", meta, removed)
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A user's .pt/.pth/.safetensors state dict, loaded without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any decode failure is a corrupt file
+            raise UserError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load {path} as a weights-only checkpoint ({msg[:200]}); save a plain state_dict "
+            "with torch.save(model.state_dict(), path) or use .safetensors"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} does not hold a state_dict (name -> tensor); save model.state_dict()")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _builtin(name: str) -> Callable[..., nn.Module] | None:
+    n = name.lower().replace("-", "_")
+    for d in (20, 32, 44, 56, 110):
+        if n in (f"cifar_resnet{d}", f"resnet{d}_cifar"):
+            return lambda num_classes=10, d=d: cifar_resnet(d, num_classes=num_classes)
+    return None
+
+
+def load_model(source: str | Path, *, weights: str | Path | None = None, num_classes: int | None = None,
+               units: str | None = None) -> LoadedModel:
+    """Resolve a model named on the command line.
+
+    * ``default`` / ``resnet56`` - the shipped ResNet-56 trained on Fashion-MNIST;
+    * a folder with ``sglp_model.json`` - a vision checkpoint written by sglp-edge;
+    * a folder with ``config.json``, a ``.gguf`` file, or ``smollm2`` - a Hugging Face decoder LM;
+    * ``cifar_resnet20..110`` - a CIFAR ResNet (random init unless ``weights``);
+    * ``torchvision:<name>`` (e.g. ``torchvision:resnet18``) - a torchvision architecture (random
+      init unless ``weights`` points at a state dict on disk; nothing is downloaded).
+    """
+    src = str(source)
+    if src in ("default", "resnet56", "resnet56-fmnist"):
+        if not (DEFAULT_MODEL / "sglp_model.json").is_file():
+            raise UserError(f"the embedded default model is missing at {DEFAULT_MODEL}; reinstall sglp-edge "
+                            "or train it with `sglp-edge train` (see README)")
+        loaded = load_checkpoint(DEFAULT_MODEL)
+        loaded.kind = "builtin"
+        return loaded
+    path = Path(src)
+    if src == "smollm2" or path.suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
+        from .hf_llm import load_hf
+
+        return load_hf(src)
+    if path.is_dir() and (path / "sglp_model.json").is_file():
+        return load_checkpoint(path)
+    if path.exists():
+        raise UserError(f"{src} is neither an sglp-edge checkpoint folder (sglp_model.json), a Hugging Face "
+                        "folder (config.json) nor a .gguf file")
+    ctor = _builtin(src)
+    model: nn.Module | None = None
+    if ctor is not None:
+        model = ctor(num_classes or 10)
+    elif src.startswith("torchvision:"):
+        from .torchvision_adapters import build_torchvision
+
+        model = build_torchvision(src.split(":", 1)[1], num_classes=num_classes)
+    if model is None:
+        if any(sep in src for sep in ("/", "\\")) or src.endswith((".pt", ".pth", ".safetensors")):
+            raise UserError(f"model path {src} does not exist")
+        raise UserError(f"unknown model {src!r}; give a checkpoint folder, a Hugging Face folder or .gguf, "
+                        f"'default', cifar_resnet20..110 or torchvision:<arch>. Supported families: {SUPPORTED_FAMILIES}")
+    if weights is not None:
+        state = load_state_dict_file(weights)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise UserError(f"weights {weights} do not fit {src} ({first}); check --num-classes and the architecture") from None
+    model.eval()
+    adapter = get_adapter(model, units)
+    return LoadedModel(model, adapter, src, "torchvision" if src.startswith("torchvision:") else "builtin-arch",
+                       {"spec": _safe_spec(adapter, model)})
+
+
+def _safe_spec(adapter: ModelAdapter, model: nn.Module) -> dict[str, Any] | None:
+    try:
+        return adapter.spec(model)
+    except UserError:
+        return None

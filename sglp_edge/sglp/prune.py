@@ -1,0 +1,253 @@
+"""The SGLP analysis end to end: unit outputs -> CKA -> Fisher segments -> GradNorm selection ->
+a plan (which units go) -> a genuinely smaller network. Baselines run through the same entry
+point (``method=``) so that methods are compared at equal layer budget."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models.base import ModelAdapter, Unit, capture_unit_outputs
+from .importance import CandidateScorer, SegmentSelection, allocate_removals, search_cost, select_in_segment
+
+METHODS = ("sglp", "random", "drop_last", "block_influence", "angular")
+
+
+@dataclass
+class PruneConfig:
+    keep: int | None = None  # total units to keep (non-removable ones included)
+    target_macs: float | None = None  # fraction of MACs to remove, 0 < r < 1
+    method: str = "sglp"
+    k: int | None = None  # number of segments; None = automatic
+    k_max: int | None = None
+    k_rule: str = "elbow"
+    sequence: str = "colsum"
+    protocol: str = "natural"
+    exhaustive_budget: int = 128
+    beam_width: int = 3
+    seed: int = 0
+    cka_mode: str = "tokens"
+
+
+@dataclass
+class PrunePlan:
+    method: str
+    family: str
+    units: list[dict[str, Any]]
+    removed: list[str]
+    kept: list[str]
+    n_units_before: int
+    n_units_after: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    evaluations: int
+    wall_s: float
+    config: dict[str, Any]
+    cka: list[list[float]] | None = None
+    sequence: list[float] | None = None
+    segments: list[list[int]] | None = None
+    k: int | None = None
+    k_chosen_by: str | None = None
+    loss_table: list[float] | None = None
+    selections: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def macs_reduction(self) -> float:
+        return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
+
+    @property
+    def params_reduction(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["macs_reduction"] = self.macs_reduction
+        d["params_reduction"] = self.params_reduction
+        return d
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, adapter: ModelAdapter, example: Any, units: Sequence[Unit] = ()) -> tuple[int, dict[str, int]]:
+    """MACs of one forward pass on ``example`` (conv/linear/matmul, via torch's FlopCounterMode),
+    and the MACs inside each named unit."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        adapter.forward(model, example)
+    counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
+    root = type(model).__name__
+    per_unit = {u.name: int(counts.get(f"{root}.{u.name}", 0) // 2) for u in units}
+    return int(counts.get("Global", 0) // 2), per_unit
+
+
+def _first_example(batch: Any) -> Any:
+    if isinstance(batch, (tuple, list)):
+        return (batch[0][:1],) + tuple(batch[1:])  # keep structure, batch of one
+    if isinstance(batch, dict):
+        return {k: v[:1] for k, v in batch.items()}
+    return batch[:1]
+
+
+def _n_remove_for_keep(units: Sequence[Unit], keep: int) -> int:
+    n = len(units)
+    fixed = sum(not u.removable for u in units)
+    if keep > n:
+        raise UserError(f"--keep {keep} is larger than the model's {n} prunable units")
+    if keep < fixed:
+        raise UserError(f"--keep {keep} is below the {fixed} units that cannot be removed (stem, stride/channel "
+                        f"changes); use --keep between {fixed} and {n}")
+    return n - keep
+
+
+def compute_cka(model: nn.Module, adapter: ModelAdapter, units: Sequence[Unit], batches: Sequence[Any],
+                mode: str = "tokens", progress: Any = None) -> np.ndarray:
+    from .cka import MinibatchCKA
+
+    acc = MinibatchCKA(len(units), mode=mode)
+    task = progress.add_task("CKA over calibration batches", total=len(batches)) if progress else None
+    model.eval()
+    for b in batches:
+        acc.update(capture_unit_outputs(adapter, model, units, b))
+        if progress:
+            progress.advance(task)
+    return acc.compute()
+
+
+def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any], grad_batches: Sequence[Any],
+            cfg: PruneConfig, progress: Any = None) -> PrunePlan:
+    """Run the chosen method and return the plan (nothing is modified)."""
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if (cfg.keep is None) == (cfg.target_macs is None):
+        raise UserError("give exactly one of --keep N or --target-macs R")
+    if cfg.target_macs is not None and not 0.0 < cfg.target_macs < 1.0:
+        raise UserError(f"--target-macs is the fraction of MACs to remove, between 0 and 1; got {cfg.target_macs}")
+    if not cka_batches or not grad_batches:
+        raise UserError("no calibration batches: check --data and --calib-batches")
+    t0 = time.perf_counter()
+    model.eval()
+    if hasattr(adapter, "check_shapes"):
+        adapter.check_shapes(model, cka_batches[0])
+    units = adapter.units(model)
+    example = _first_example(cka_batches[0])
+    macs_before, unit_macs = count_macs(model, adapter, example, units)
+    params_before = count_params(model)
+    removable = [u for u in units if u.removable]
+    if not removable:
+        raise UserError("this model has no removable units")
+    timings: dict[str, float] = {}
+    plan_kw: dict[str, Any] = {}
+    notes: list[str] = []
+
+    # how many units to remove
+    if cfg.keep is not None:
+        n_remove = _n_remove_for_keep(units, cfg.keep)
+    else:
+        mean_macs = sum(unit_macs[u.name] for u in removable) / len(removable)
+        n_remove = min(len(removable), max(1, math.ceil(cfg.target_macs * macs_before / max(mean_macs, 1))))
+
+    if cfg.method == "sglp":
+        from .segmentation import choose_k, fisher_loss_table, fisher_segments, sequence_from_cka
+
+        t = time.perf_counter()
+        cka = compute_cka(model, adapter, units, cka_batches, cfg.cka_mode, progress)
+        timings["cka_s"] = time.perf_counter() - t
+        x = sequence_from_cka(cka, mode=cfg.sequence)
+        n = len(units)
+        k_max = cfg.k_max or max(1, min(10, n // 2))
+        if cfg.k is not None:
+            if not 1 <= cfg.k <= n:
+                raise UserError(f"--k {cfg.k} must be between 1 and the number of units ({n})")
+            k, k_by = cfg.k, "user"
+        else:
+            k, k_by = choose_k(x, k_max=k_max, rule=cfg.k_rule), cfg.k_rule
+        segments = fisher_segments(x, k)
+        loss_table = fisher_loss_table(x, max(k, k_max))
+        plan_kw.update(cka=cka.tolist(), sequence=[float(v) for v in x], segments=[list(s) for s in segments],
+                       k=k, k_chosen_by=k_by, loss_table=[float(v) for v in loss_table])
+        scorer = CandidateScorer(model, adapter, grad_batches, protocol=cfg.protocol, seed=cfg.seed)
+        t = time.perf_counter()
+        while True:
+            selections = _select_all(scorer, units, segments, n_remove, cfg, progress)
+            removed = [u for s in selections for u in s.remove]
+            got = sum(unit_macs[u] for u in removed) / macs_before if macs_before else 0.0
+            if cfg.target_macs is None or got >= cfg.target_macs or n_remove >= len(removable):
+                break
+            n_remove += 1  # re-select with one more removal; cached candidates cost nothing
+        timings["gradnorm_s"] = time.perf_counter() - t
+        evaluations = scorer.evaluations
+        plan_kw["selections"] = [asdict(s) for s in selections]
+    else:
+        from .baselines import select_baseline
+
+        t = time.perf_counter()
+        while True:
+            res = select_baseline(cfg.method, adapter, model, units, list(grad_batches), n_remove, seed=cfg.seed)
+            removed = list(res.removed)
+            got = sum(unit_macs[u] for u in removed) / macs_before if macs_before else 0.0
+            if cfg.target_macs is None or got >= cfg.target_macs or n_remove >= len(removable):
+                break
+            n_remove += 1
+        timings["select_s"] = time.perf_counter() - t
+        evaluations = 0
+        if res.notes:
+            notes.append(res.notes)
+        plan_kw["selections"] = [{"method": cfg.method, "scores": res.scores}]
+
+    removed_set = set(removed)
+    kept = [u.name for u in units if u.name not in removed_set]
+    macs_after = macs_before - sum(unit_macs[u] for u in removed)
+    params_after = params_before - sum(sum(p.numel() for p in _module(model, u).parameters()) for u in removed)
+    unit_rows = [dict(u.to_dict(), kept=u.name not in removed_set, macs=unit_macs[u.name],
+                      params=sum(p.numel() for p in _module(model, u.name).parameters())) for u in units]
+    return PrunePlan(
+        method=cfg.method, family=adapter.family, units=unit_rows, removed=[u.name for u in units if u.name in removed_set],
+        kept=kept, n_units_before=len(units), n_units_after=len(kept), params_before=params_before,
+        params_after=params_after, macs_before=macs_before, macs_after=macs_after, evaluations=evaluations,
+        wall_s=time.perf_counter() - t0, config=asdict(cfg), notes=notes, timings=timings, **plan_kw,
+    )
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    from ..models.base import get_module
+
+    return get_module(model, name)
+
+
+def _select_all(scorer: CandidateScorer, units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
+                 cfg: PruneConfig, progress: Any) -> list[SegmentSelection]:
+    seg_units = [[u for u in units[a:b]] for a, b in segments]
+    seg_removable = [[u.name for u in su if u.removable] for su in seg_units]
+    alloc = allocate_removals([len(r) for r in seg_removable], [len(su) for su in seg_units], n_remove)
+    total = sum(search_cost(len(r), len(r) - a, cfg.exhaustive_budget, cfg.beam_width)
+                for r, a in zip(seg_removable, alloc))
+    task = progress.add_task(f"GradNorm ({cfg.protocol}) over {len(segments)} segments", total=total) if progress else None
+    if progress:
+        scorer.on_evaluation = lambda: progress.advance(task)
+    out = []
+    for i, (names, a) in enumerate(zip(seg_removable, alloc)):
+        out.append(select_in_segment(scorer, i, names, len(names) - a,
+                                     exhaustive_budget=cfg.exhaustive_budget, beam_width=cfg.beam_width))
+    if progress:
+        progress.update(task, completed=total)
+        scorer.on_evaluation = None
+    return out
+
+
+def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: PrunePlan) -> nn.Module:
+    """The pruned network: a deep copy with the plan's units removed."""
+    return adapter.remove(model, plan.removed)
