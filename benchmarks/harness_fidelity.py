@@ -1,0 +1,142 @@
+"""Does our harness agree with OpenVINO's own ``benchmark_app``? (host-side check; torch is used
+only to build the model, never by the harness itself)
+
+    python benchmarks/harness_fidelity.py [--duration 10] [--rounds 5] [--threads 2] [--model IR.xml]
+
+Builds an OpenVINO IR of a CIFAR ResNet-56 (random init is fine for latency; static shape
+1x3x32x32, fp32 weights), then alternates, ``--rounds`` times, our harness (warm-up by time, then
+>= ``--duration`` s) and ``benchmark_app`` on the same IR with the same settings:
+
+    benchmark_app -m model.xml -d CPU -hint none -nthreads 2 -nstreams 1 -b 1 -t 10 \\
+        -infer_precision f32 -api sync
+
+(``-hint none`` because benchmark_app refuses -nthreads/-nstreams with a hint; OpenVINO's CPU plugin
+still reports PERFORMANCE_HINT=LATENCY for that configuration, and our compiled model is given
+exactly the properties benchmark_app sets: INFERENCE_NUM_THREADS, NUM_STREAMS,
+INFERENCE_PRECISION_HINT). Alternating rounds spread the load swings of a shared machine over both
+tools; each tool's figure is the median of its per-round medians (robust to a minority of rounds
+hit by other processes). The load average is printed before and after, and each round's ratio.
+
+The last line printed is exactly::
+
+    fidelity openvino ours_p50_ms=<float> benchmark_app_p50_ms=<float> ratio=<float>
+
+with ratio = ours / benchmark_app (target: within 10 %, i.e. 0.9 <= ratio <= 1.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+_MEDIAN = re.compile(r"Median:\s*([0-9.]+)\s*ms")
+
+
+def _loadavg() -> str:
+    try:
+        import os
+
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):
+        return "n/a"
+
+
+def build_resnet56_ir(dest: Path) -> Path:
+    import openvino as ov
+    import torch
+
+    from sglp_edge.models.cifar_resnet import cifar_resnet
+
+    torch.manual_seed(0)
+    model = cifar_resnet(56).eval()
+    with torch.no_grad():
+        ov_model = ov.convert_model(model, example_input=torch.randn(1, 3, 32, 32))
+    ov_model.reshape([1, 3, 32, 32])
+    xml = dest / "resnet56.xml"
+    ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+    return xml
+
+
+def run_ours(xml: Path, threads: int, duration: float, warmup: float) -> dict:
+    from benchmarks.harness import MeasureConfig, measure
+    from benchmarks.runners import OpenVINORunner, random_feeds
+
+    with OpenVINORunner(xml, threads=threads, streams=1, precision="fp32", hint=None,
+                        extra_config={"PERF_COUNT": "NO"}) as r:
+        fn = r.bind(random_feeds(r.inputs))
+        m = measure(fn, MeasureConfig(warmup_s=warmup, min_iters=100, min_duration_s=duration), sync=r.sync)
+        info = r.info()
+    st = m.stats()
+    return {"p50_ms": st["p50_ms"], "mean_ms": st["mean_ms"], "iterations": st["iterations"],
+            "precision_used": info["precision_used"], "threads_used": info["threads_used"],
+            "streams_used": info["streams_used"], "performance_hint": info["performance_hint"]}
+
+
+def run_benchmark_app(exe: str, xml: Path, threads: int, duration: float) -> dict:
+    cmd = [exe, "-m", str(xml), "-d", "CPU", "-hint", "none", "-nthreads", str(threads), "-nstreams", "1",
+           "-b", "1", "-t", str(int(round(duration))), "-infer_precision", "f32", "-api", "sync"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration * 4 + 120)
+    out = p.stdout + p.stderr
+    m = _MEDIAN.search(out)
+    if p.returncode != 0 or not m:
+        tail = "\n".join(out.strip().splitlines()[-8:])
+        raise SystemExit(f"error: benchmark_app failed (exit {p.returncode}):\n{tail}")
+    count = re.search(r"Count:\s*(\d+)", out)
+    prec = re.search(r"INFERENCE_PRECISION_HINT:\s*(.+)", out)
+    return {"p50_ms": float(m.group(1)), "iterations": int(count.group(1)) if count else None,
+            "precision_used": prec.group(1).strip() if prec else None, "command": cmd}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (benchmark_app -t)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of ours / benchmark_app")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=float, default=1.0, help="our warm-up seconds")
+    ap.add_argument("--model", type=Path, help="use this OpenVINO IR instead of building ResNet-56")
+    ap.add_argument("--json", type=Path, help="also write the per-round figures here")
+    args = ap.parse_args(argv)
+
+    exe = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
+    if not Path(exe).exists():
+        print("error: benchmark_app not found: pip install openvino (it ships the benchmark_app script)", file=sys.stderr)
+        return 2
+    load0 = _loadavg()
+    print(f"load average before: {load0}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fidelity.") as tmp:
+        xml = args.model or build_resnet56_ir(Path(tmp))
+        rounds = []
+        for i in range(args.rounds):
+            ours = run_ours(xml, args.threads, args.duration, args.warmup)
+            theirs = run_benchmark_app(exe, xml, args.threads, args.duration)
+            rounds.append({"ours": ours, "benchmark_app": theirs})
+            print(f"round {i + 1}/{args.rounds}: ratio {ours['p50_ms'] / theirs['p50_ms']:.3f}; "
+                  f"ours p50 {ours['p50_ms']:.3f} ms ({ours['iterations']} it, "
+                  f"{ours['precision_used']}, {ours['threads_used']} threads, {ours['streams_used']} stream) | "
+                  f"benchmark_app median {theirs['p50_ms']:.3f} ms ({theirs['iterations']} it, "
+                  f"{theirs['precision_used']})", flush=True)
+    ours_p50 = statistics.median(r["ours"]["p50_ms"] for r in rounds)
+    bapp_p50 = statistics.median(r["benchmark_app"]["p50_ms"] for r in rounds)
+    ratio = ours_p50 / bapp_p50
+    if args.json:
+        from exporters.atomic import atomic_write_json
+
+        atomic_write_json(args.json, {"rounds": rounds, "load_before": load0, "ours_p50_ms": ours_p50, "benchmark_app_p50_ms": bapp_p50,
+                                      "ratio": ratio, "threads": args.threads, "duration_s": args.duration})
+    print(f"load average after: {_loadavg()}")
+    verdict = "within" if abs(ratio - 1.0) <= 0.10 else "OUTSIDE"
+    print(f"ratio {ratio:.3f} is {verdict} the 10 % target")
+    print(f"fidelity openvino ours_p50_ms={ours_p50:.4f} benchmark_app_p50_ms={bapp_p50:.4f} ratio={ratio:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""``sglp-edge bench``: benchmark a compiled artifact on a device profile, here or on boards over SSH,
+and report constraint by constraint whether the target is met.
+
+    sglp-edge bench model.xml --device local-cpu-openvino --data eval.npz --out runs/bench
+    sglp-edge bench model.onnx --device raspberry-pi-5 --host pi@pi5 --host pi@pi5b \\
+        --known-hosts ~/.ssh/known_hosts --data eval.npz --out runs/pi
+
+Exit status: 0 when every board ran and every measured constraint passed; 1 when a constraint
+failed or a board run failed (its partial results and logs are kept); 2 for a usage error.
+A constraint whose metric was not measured is shown as "not measured" (and fails with --strict).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from sglp_edge.commands._common import user_errors
+
+_STAGE_SPAN = {"upload": (0, 5), "load": (5, 10), "latency": (10, 60), "accuracy": (60, 99), "done": (100, 100)}
+
+
+def _label(profile: str, host: Optional[str]) -> str:
+    s = profile if host is None else f"{profile}@{host.split('@')[-1]}"
+    return re.sub(r"[^A-Za-z0-9_.@-]", "_", s)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    @user_errors
+    def bench(
+        artifact: Optional[Path] = typer.Argument(None, help="compiled artifact: OpenVINO .xml, ONNX .onnx, TensorRT .engine"),
+        device: list[str] = typer.Option([], "--device", "-d", help="device profile name or YAML path (repeatable)"),
+        data: Optional[Path] = typer.Option(None, "--data", help="evaluation .npz (inputs, labels, PyTorch reference outputs)"),
+        out: Path = typer.Option(Path("runs/bench"), "--out", help="output folder"),
+        host: list[str] = typer.Option([], "--host", help="user@board to run on over SSH (repeatable: boards run concurrently)"),
+        port: Optional[int] = typer.Option(None, "--port", help="SSH port (default: profile's, else 22)"),
+        identity: Optional[Path] = typer.Option(None, "--identity", "-i", help="SSH private key"),
+        known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", help="known_hosts file to verify boards against"),
+        accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key",
+                                                 help="trust a board's key on first contact (StrictHostKeyChecking=accept-new)"),
+        ssh_config: Optional[Path] = typer.Option(None, "--ssh-config", help="ssh -F config file"),
+        remote_python: Optional[str] = typer.Option(None, "--remote-python", help="python on the board (default: profile's, else python3)"),
+        remote_dir: Optional[str] = typer.Option(None, "--remote-dir", help="parent folder for the run on the board (default /tmp)"),
+        timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds per board for the whole run (default: profile's, else 1800)"),
+        local: bool = typer.Option(False, "--local", help="run here even if the profile names an ssh host"),
+        keep_remote: bool = typer.Option(False, "--keep-remote", help="leave the run folder on the board"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="override the profile's thread count"),
+        batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="override, e.g. 1,8 (first = primary)"),
+        warmup_s: Optional[float] = typer.Option(None, "--warmup-s", help="override warm-up seconds"),
+        min_iters: Optional[int] = typer.Option(None, "--min-iters", help="override minimum iterations"),
+        min_duration_s: Optional[float] = typer.Option(None, "--min-duration-s", help="override minimum measuring seconds"),
+        max_eval: Optional[int] = typer.Option(None, "--max-eval", help="evaluate on the first N samples only"),
+        strict: bool = typer.Option(False, "--strict", help="a constraint that was not measured counts as failed"),
+        list_devices: bool = typer.Option(False, "--list-devices", help="list the known device profiles and exit"),
+    ) -> None:
+        """Benchmark ARTIFACT on one or more device profiles (locally or on boards over SSH) and
+        report, constraint by constraint, whether each target is met.
+
+        Exit status: 0 every board ran and met every measured constraint; 1 a constraint failed
+        or a board run failed (partial results and logs are kept under --out); 2 usage error.
+        """
+        from rich.console import Console
+
+        from exporters.errors import UserError
+        from sglp_edge.profiles import list_profiles, load_profile
+
+        console = Console()
+        if list_devices:
+            _print_profiles(console, [load_profile(n) for n in list_profiles()])
+            return
+        if artifact is None:
+            raise UserError("give the artifact to benchmark: sglp-edge bench MODEL --device PROFILE")
+        if not artifact.is_file():
+            raise UserError(f"artifact not found: {artifact}")
+        if data is not None and not data.is_file():
+            raise UserError(f"eval data not found: {data}")
+        if not device:
+            raise UserError("give a device profile with --device (see sglp-edge bench --list-devices)")
+        profiles = [load_profile(d) for d in device]
+        for p in profiles:
+            p.check_artifact(artifact)
+        if host and len(profiles) not in (1, len(host)):
+            raise UserError(f"{len(profiles)} --device for {len(host)} --host: give one device for all hosts, or one per host")
+        if local and host:
+            raise UserError("--local and --host contradict each other")
+        if batch_sizes is not None and not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", batch_sizes):
+            raise UserError(f"--batch-sizes must look like 1,8 (got {batch_sizes!r})")
+
+        # pair boards with profiles
+        boards: list[tuple[Any, Optional[str]]] = []
+        if host:
+            for i, h in enumerate(host):
+                boards.append((profiles[0] if len(profiles) == 1 else profiles[i], h))
+        else:
+            for p in profiles:
+                h = p.ssh.host if (p.ssh and p.ssh.host and not local) else None
+                boards.append((p, h))
+        labels: list[str] = []
+        for p, h in boards:
+            lab = _label(p.name, h)
+            k = 2
+            while lab in labels:
+                lab = f"{_label(p.name, h)}-{k}"
+                k += 1
+            labels.append(lab)
+
+        import platform
+
+        here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+        seen_hosts: dict[str, str] = {}
+        for (p, h), lab in zip(boards, labels):
+            if h is None and p.arch != here:
+                console.print(f"[yellow]warning[/]: {lab} describes an {p.arch} board but runs here on {here}; "
+                              "pass --host to run it on the board", soft_wrap=True)
+            if h is not None:
+                key = f"{h.split('@')[-1]}:{port if port is not None else (p.ssh.port if p.ssh else 22)}"
+                if key in seen_hosts:
+                    console.print(f"[yellow]warning[/]: {seen_hosts[key]} and {lab} are the same board ({key}); "
+                                  "their runs overlap and disturb each other's timings", soft_wrap=True)
+                seen_hosts.setdefault(key, lab)
+
+        overrides = {"threads": threads, "warmup_s": warmup_s, "min_iters": min_iters, "min_duration_s": min_duration_s,
+                     "max_eval": max_eval,
+                     "batch_sizes": [int(x) for x in batch_sizes.split(",")] if batch_sizes else None}
+        out.mkdir(parents=True, exist_ok=True)
+        runs = _run_all(console, artifact, data, out, boards, labels, overrides,
+                        dict(port=port, identity=identity, known_hosts=known_hosts, accept_new=accept_new_host_key,
+                             ssh_config=ssh_config, remote_python=remote_python, remote_dir=remote_dir,
+                             timeout=timeout, keep_remote=keep_remote))
+        failed = _report(console, out, boards, labels, runs, strict)
+        if failed:
+            raise typer.Exit(1)
+
+
+def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boards: list, labels: list[str],
+             overrides: dict[str, Any], ssh_opts: dict[str, Any]) -> list:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sglp_edge.remote import RemoteJob, SSHTarget, make_bundle, run_local, run_remote
+
+    # validate every SSH target before anything starts
+    jobs: dict[int, RemoteJob] = {}
+    need_bundle = any(h for _, h in boards)
+    bundle = None
+    if need_bundle:
+        bundle = make_bundle(artifact, data, out / ".bundle.tar.gz")
+    for i, ((prof, h), lab) in enumerate(zip(boards, labels)):
+        if h is None:
+            continue
+        sd = prof.ssh
+        target = SSHTarget(
+            host=h,
+            port=ssh_opts["port"] if ssh_opts["port"] is not None else (sd.port if sd else 22),
+            identity=str(ssh_opts["identity"]) if ssh_opts["identity"] else (sd.identity if sd else None),
+            known_hosts=str(ssh_opts["known_hosts"]) if ssh_opts["known_hosts"] else (sd.known_hosts if sd else None),
+            strict_host_key_checking="accept-new" if ssh_opts["accept_new"] else "yes",
+            connect_timeout_s=sd.connect_timeout_s if sd else 10,
+            ssh_config=str(ssh_opts["ssh_config"]) if ssh_opts["ssh_config"] else None,
+            python=ssh_opts["remote_python"] or (sd.python if sd else "python3"),
+            remote_dir=ssh_opts["remote_dir"] or (sd.remote_dir if sd else "/tmp"),
+            env=dict(sd.env) if sd else {},
+            label=lab,
+        ).validate()
+        args = prof.run_bench_args(artifact=bundle.artifact, out="results/result.json", data=bundle.data,
+                                   overrides=overrides)
+        jobs[i] = RemoteJob(target=target, bundle=bundle, run_args=args, out_dir=out / lab,
+                            timeout_s=ssh_opts["timeout"] if ssh_opts["timeout"] else (sd.timeout_s if sd else 1800.0),
+                            keep_remote=ssh_opts["keep_remote"], label=lab)
+
+    results: list = [None] * len(boards)
+    lock = threading.Lock()
+    with Progress(TextColumn("[bold]{task.fields[board]}"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        tasks = {lab: progress.add_task("waiting", total=100, board=lab) for lab in labels}
+
+        def on_progress(label: str, ev: dict[str, Any]) -> None:
+            stage = ev.get("stage", "")
+            lo, hi = _STAGE_SPAN.get(stage, (0, 0))
+            done, total = ev.get("done", 0), ev.get("total", 0) or 1
+            pct = lo + (hi - lo) * min(1.0, done / total)
+            desc = stage if stage != "latency" or "batch_size" not in ev else f"latency (batch {ev['batch_size']})"
+            if stage == "accuracy":
+                desc = f"accuracy {done}/{ev.get('total', 0)}"
+            with lock:
+                progress.update(tasks[label], completed=pct, description=desc)
+
+        def local_lane() -> None:
+            # local runs one after another: they would disturb each other's timings
+            for i, ((prof, h), lab) in enumerate(zip(boards, labels)):
+                if h is not None:
+                    continue
+                args = prof.run_bench_args(artifact=str(artifact.resolve()), out=str((out / lab / "result.json").resolve()),
+                                           data=str(data.resolve()) if data else None, overrides=overrides)
+                timeout = ssh_opts["timeout"] or (prof.ssh.timeout_s if prof.ssh else 1800.0)
+                results[i] = run_local(args, out / lab, label=lab, timeout_s=timeout, on_progress=on_progress)
+                progress.update(tasks[lab], completed=100, description="done" if results[i].ok else "failed")
+
+        def remote_one(i: int) -> None:
+            results[i] = run_remote(jobs[i], on_progress)
+            lab = labels[i]
+            progress.update(tasks[lab], completed=100, description="done" if results[i].ok else "failed")
+
+        with ThreadPoolExecutor(max_workers=len(jobs) + 1, thread_name_prefix="bench") as pool:
+            futs = [pool.submit(remote_one, i) for i in jobs]
+            futs.append(pool.submit(local_lane))
+            for f in futs:
+                f.result()
+    if bundle is not None:
+        try:
+            bundle.path.unlink()
+        except FileNotFoundError:
+            pass
+    return results
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list, strict: bool) -> bool:
+    from rich.table import Table
+
+    from exporters.atomic import atomic_write_json
+    from sglp_edge.profiles import evaluate_constraints
+
+    rows = [("backend", None, 0), ("batch", "batch_size", 0), ("p50 ms", "latency_p50_ms", 3),
+            ("p90 ms", "latency_p90_ms", 3), ("p99 ms", "latency_p99_ms", 3), ("mean ms", "latency_mean_ms", 3),
+            ("std ms", "std_ms", 3), ("throughput /s", "throughput_items_per_s", 1),
+            ("peak memory MB", "peak_memory_mb", 1), ("model size MB", "model_size_mb", 2),
+            ("top-1 %", "top1_pct", 2), ("accuracy drop pts", "accuracy_drop_pct", 2),
+            ("perplexity", "perplexity", 3), ("energy mJ", "energy_mj", 2), ("status", "status", 0)]
+    lat = Table(title="Latency (primary batch) and resources", show_lines=False)
+    lat.add_column("metric")
+    for lab in labels:
+        lat.add_column(lab, justify="right", overflow="fold")
+    columns: list[dict[str, Any]] = []
+    cons = Table(title="Constraints", show_lines=False)
+    for col in ("board", "constraint", "measured", "verdict"):
+        cons.add_column(col)
+    summary: dict[str, Any] = {"boards": []}
+    any_failed = False
+    for (prof, h), lab, run in zip(boards, labels, runs):
+        doc = run.result or run.partial or {}
+        m = dict(doc.get("metrics", {}))
+        lat_entry = (doc.get("latency") or [{}])[0]
+        columns.append({**m, "std_ms": lat_entry.get("std_ms"), "backend": prof.backend,
+                        "status": doc.get("status") or ("failed" if not run.ok else None)})
+        results = evaluate_constraints(prof, m)
+        for r in results:
+            verdict = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}.get(r.verdict, "[yellow]not measured[/]")
+            cons.add_row(lab, f"{r.metric} {r.op} {r.limit:g}", _fmt(r.measured), verdict)
+            if r.passed is False or (strict and r.passed is None):
+                any_failed = True
+        if not run.ok:
+            any_failed = True
+        summary["boards"].append({
+            "label": lab, "profile": prof.name, "where": run.where, "ok": run.ok, "error": run.error,
+            "status": doc.get("status"), "out_dir": str(run.out_dir), "metrics": m,
+            "constraints": [r.model_dump() for r in results],
+            "all_passed": run.ok and all(r.passed for r in results if r.passed is not None)
+                          and (not strict or all(r.passed is not None for r in results)),
+        })
+    for title, key, nd in rows:
+        vals = [_fmt(c.get(key or "backend"), nd) if nd else _fmt(c.get(key or "backend")) for c in columns]
+        if key is None or any(v != "-" for v in vals):
+            lat.add_row(title, *vals)
+    console.print(lat)
+    console.print(cons)
+    atomic_write_json(out / "summary.json", summary)
+    for b in summary["boards"]:
+        if b["error"]:
+            kept = " (partial results and logs kept in " + b["out_dir"] + ")"
+            console.print(f"[red]error[/]: [{b['label']}] {b['error']}{kept}", soft_wrap=True)
+    for b in summary["boards"]:
+        nm = [c["metric"] for c in b["constraints"] if c["passed"] is None]
+        verdict = "meets every measured constraint" if b["all_passed"] else "does NOT meet its target"
+        extra = f"; not measured: {', '.join(nm)}" if nm else ""
+        console.print(f"{b['label']}: {verdict}{extra}", soft_wrap=True)
+    return any_failed
+
+
+def _print_profiles(console: Any, profiles: list) -> None:
+    from rich.table import Table
+
+    t = Table(title="Device profiles (one profile = one backend)")
+    t.add_column("name", no_wrap=True)
+    for col in ("arch", "backend", "precision", "threads"):
+        t.add_column(col)
+    t.add_column("description", overflow="fold")
+    for p in profiles:
+        t.add_row(p.name, p.arch, p.backend, p.precision, str(p.threads or "-"), p.description)
+    console.print(t)
