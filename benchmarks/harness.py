@@ -219,8 +219,10 @@ def _proc_status_mb(field_name: str) -> Optional[float]:
 def peak_memory() -> dict[str, Optional[float]]:
     """Peak and current resident memory of this process in MiB.
 
-    ``peak_rss_mb`` is the larger of ``ru_maxrss`` and ``VmHWM`` (the same figure on Linux);
-    all fields are ``None`` where the platform has no such counter."""
+    ``peak_rss_mb`` is ``VmHWM`` where /proc has it (Linux), else ``ru_maxrss``. Not the larger
+    of the two: on Linux ``ru_maxrss`` survives fork + exec, so a benchmark started by a big
+    parent (a Python process holding torch) would report the parent's peak, not its own.
+    All fields are ``None`` where the platform has no such counter."""
     ru = None
     try:
         import resource
@@ -231,9 +233,8 @@ def peak_memory() -> dict[str, Optional[float]]:
         ru = None
     hwm = _proc_status_mb("VmHWM")
     rss = _proc_status_mb("VmRSS")
-    peaks = [v for v in (ru, hwm) if v is not None]
     return {
-        "peak_rss_mb": max(peaks) if peaks else None,
+        "peak_rss_mb": hwm if hwm is not None else ru,
         "ru_maxrss_mb": ru,
         "vmhwm_mb": hwm,
         "rss_now_mb": rss,

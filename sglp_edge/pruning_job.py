@@ -57,8 +57,10 @@ def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: i
     if loaded.adapter.modality == "tokens":
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source}: a tokenizer is needed to draw text calibration data")
-        return D.text_calibration_batches(loaded.tokenizer, n_batches=n_batches, batch_size=batch_size or 8,
-                                          seq_len=seq_len, seed=seed, offset=offset)
+        need = n_batches * (batch_size or 8) * seq_len
+        text = D.get_text_dataset(loaded.tokenizer, data_root, seed=seed, block_size=seq_len,
+                                  max_tokens=max(4 * need, 200_000))
+        return text.calibration_batches(n_batches, batch_size or 8, seed=seed + offset)
     bundle = D.get_dataset(data, root=data_root, seed=seed)
     return bundle.calibration_batches(n_batches, batch_size or 128, seed=seed + offset)
 

@@ -1,0 +1,44 @@
+"""``sglp-edge run``: the whole pipeline for one or more device profiles, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ._common import user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    @user_errors
+    def run(
+        config: Path = typer.Option(..., "--config", "-c", help="run YAML (see configs/default.yaml)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: runs/<name>)"),
+        device: Optional[List[str]] = typer.Option(None, "--device", help="device profile(s); replaces the config's list"),
+        force: bool = typer.Option(False, "--force", help="re-run every stage even when finished earlier"),
+        threads: int = typer.Option(0, "--threads", help="torch CPU threads on the host (0 = default)"),
+    ) -> None:
+        """prune -> fine-tune -> export -> compile -> benchmark -> report. Exit code 1 when a
+        device's constraint fails; a re-run skips finished stages and a killed run resumes."""
+        import sys
+
+        import torch
+
+        from ..pipeline import Pipeline, load_config
+        from ..report import print_summary
+
+        overrides = {"devices": list(device)} if device else None
+        cfg = load_config(config, overrides)
+        if threads or cfg.threads:
+            torch.set_num_threads(threads or cfg.threads)
+        run_dir = out or Path("runs") / cfg.name
+        rep = Pipeline(cfg, run_dir, force=force, log=lambda m: typer.echo(m, err=True)).run()
+        print_summary(rep)
+        typer.echo(f"report: {run_dir / 'report.html'} (and report.json); stages run: {', '.join(rep['stages']['ran']) or 'none'}"
+                   f"; skipped: {', '.join(rep['stages']['skipped']) or 'none'}; {rep['wall_s']:.0f} s")
+        if rep["passed"] is False:
+            typer.echo("verdict: at least one constraint is NOT met (see the table above)", err=True)
+            sys.exit(1)
+        typer.echo("verdict: every measured constraint is met")
