@@ -1,0 +1,106 @@
+"""``sglp-edge export MODEL --out model.onnx``: PyTorch -> one ONNX file, with parity against PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import user_errors
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    from exporters.errors import UserError
+
+    try:
+        dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x") if d)
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise UserError(f"--input-shape {text!r} is not like 3x32x32 (channels x height x width, no batch)")
+    return dims
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    @user_errors
+    def export(
+        model: str = typer.Argument(..., help="checkpoint folder, 'default'/'resnet56', cifar_resnet20..110, "
+                                               "torchvision:<arch>, a Hugging Face folder or .gguf"),
+        out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write (one file, below 2 GB)"),
+        opset: Optional[int] = typer.Option(None, help="ONNX opset (default 18: TensorRT 10.x, OpenVINO, ORT)"),
+        simplify: str = typer.Option("onnxslim", help="onnxslim | onnxsim | none (skipped with a note on failure)"),
+        exporter: str = typer.Option("auto", help="auto (dynamo, legacy on failure) | dynamo | legacy"),
+        parity_data: Optional[Path] = typer.Option(None, help=".npz with 'x' (and 'y') of real inputs for the parity check"),
+        parity_samples: int = typer.Option(256, help="how many samples the parity check uses"),
+        input_shape: Optional[str] = typer.Option(None, help="image input CxHxW (default: 3x32x32 for CIFAR ResNets, "
+                                                             "else 3x224x224)"),
+        seq_len: int = typer.Option(32, help="example sequence length for token models"),
+        weights: Optional[Path] = typer.Option(None, help="state dict (.pt/.safetensors) for an architecture name"),
+        num_classes: Optional[int] = typer.Option(None, help="classes of an architecture given by name"),
+    ) -> None:
+        """Export a model to ONNX (dynamo exporter, legacy fallback), simplify it, and check parity
+        against PyTorch with ONNX Runtime; the figures go into the file's metadata."""
+        import torch
+        from rich.console import Console
+
+        from exporters.calib import load_npz
+        from exporters.errors import UserError
+        from sglp_edge.export import export_onnx
+
+        console = Console(stderr=True)
+        try:
+            from sglp_edge.models.registry import load_model
+        except ImportError as e:  # pragma: no cover - registry lands with the model loaders
+            raise UserError(f"model loading is unavailable ({e}); reinstall sglp-edge") from None
+        loaded = load_model(model, weights=weights, num_classes=num_classes)
+        net = loaded.model.eval()
+        kind = "tokens" if getattr(loaded.adapter, "modality", "image") == "tokens" else "image"
+        gen = torch.Generator().manual_seed(0)
+        if kind == "tokens":
+            vocab = int(getattr(getattr(net, "config", None), "vocab_size", 0) or 0)
+            if vocab <= 0:
+                raise UserError(f"cannot tell the vocabulary size of {model}; it needs a config.vocab_size")
+            example = torch.randint(0, vocab, (2, seq_len), generator=gen)
+        else:
+            if input_shape:
+                shape = _parse_shape(input_shape)
+            elif hasattr(net, "in_channels") and type(net).__name__ == "CifarResNet":
+                shape = (int(net.in_channels), 32, 32)
+            else:
+                shape = (3, 224, 224)
+            example = torch.randn(2, *shape, generator=gen)
+        px = py = None
+        source = None
+        if parity_data is not None:
+            d = load_npz(parity_data, what="parity data").head(parity_samples)
+            px, py, source = d.x, d.y, f"{parity_data} ({len(d)} samples)"
+        elif kind == "image" and tuple(example.shape[1:]) == (3, 32, 32):
+            from benchmarks.parity import FMNIST_DIR, load_fashion_mnist
+
+            try:
+                px, py = load_fashion_mnist("test", parity_samples)
+                source = f"Fashion-MNIST test images ({parity_samples}, {FMNIST_DIR})"
+            except UserError as e:
+                console.print(f"[yellow]note:[/] {e}; parity on random inputs (pass --parity-data)")
+        if px is None:
+            if kind == "tokens":
+                px = torch.randint(0, vocab, (min(parity_samples, 16), seq_len), generator=gen)
+            else:
+                px = torch.randn(parity_samples, *example.shape[1:], generator=gen)
+            source = "random inputs (no real data given: pass --parity-data)"
+        res = export_onnx(net, example, out, kind=kind, opset=opset, simplify=simplify, exporter=exporter,
+                          parity_inputs=px, parity_labels=py, parity_source=source,
+                          extra_metadata={"model": {"source": str(model), "kind": loaded.kind,
+                                                    "removed_units": list(loaded.removed_units)}})
+        p = res.parity or {}
+        typer.echo(f"wrote {res.path} ({res.size_bytes / 1e6:.2f} MB, sha256 {res.sha256[:12]}) "
+                   f"exporter={res.exporter} opset={res.opset} simplify={res.simplify['method']}"
+                   f"{'' if res.simplify['applied'] else ' (skipped)'}")
+        if p:
+            top1 = f" top1_agree={p['top1_agree']:.4f}" if "top1_agree" in p else ""
+            typer.echo(f"parity vs PyTorch on {p['samples']} samples [{source}]: max_abs={p['max_abs']:.3g} "
+                       f"max_rel={p['max_rel']:.3g}{top1} passed={p['passed']}")
+        for w in res.warnings:
+            console.print(f"[yellow]note:[/] {w}")
