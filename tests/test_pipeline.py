@@ -60,6 +60,17 @@ def test_all_stages_and_report(run_dir):
     assert "id='constraints'" in html and html.count("<img class='plot'") >= 3
 
 
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (scripts/system-deps.sh)")
+def test_report_renders_in_headless_chromium(run_dir, tmp_path):
+    from sglp_edge.report_check import check_report
+
+    d, _ = run_dir
+    info = check_report(d / "run" / "report.html", screenshot=tmp_path / "shot.png")
+    assert info["constraint_rows"] == 8 and info["result_rows"] == 4  # 2 devices x 4 constraints; 2 x (orig, pruned)
+    assert {p["id"] for p in info["plots"]} == {"plot-cka", "plot-units", "plot-latency", "plot-acc-latency"}
+    assert info["ok"] and (tmp_path / "shot.png").stat().st_size > 10_000
+
+
 def test_rerun_skips_and_a_damaged_stage_reruns_alone(run_dir):
     d, _ = run_dir
     run = d / "run"
