@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     for sel in plan.selections:
         n, r = len(sel["units"]), len(sel["keep"])
         line = f"  segment {sel['segment']}: {n} removable, keep {r}, {sel['method']}, {sel['evaluations']} evaluations"
-        if sel["method"] == "beam" and math.comb(n, r) <= args.check_limit:
+        if sel["method"].startswith("beam") and math.comb(n, r) <= args.check_limit:
             ex = select_in_segment(scorer, sel["segment"], sel["units"], r, exhaustive_budget=args.check_limit)
             checked += 1
             same = ex.keep == sel["keep"]

@@ -31,8 +31,8 @@ class PruneJob:
     grad_batches: int = 1
     batch_size: int = 0
     seq_len: int = 128
-    exhaustive_budget: int = 128
-    beam_width: int = 3
+    exhaustive_budget: int = 64
+    beam_width: int = 2
     units: Optional[str] = None
     weights: Optional[Path] = None
     num_classes: Optional[int] = None

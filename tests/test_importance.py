@@ -68,7 +68,7 @@ def test_beam_matches_exhaustive_on_small_segment():
     assert ex.method == "exhaustive" and ex.evaluations == math.comb(5, 3)
     sc = CandidateScorer(m, a, b)
     beam = select_in_segment(sc, 0, units, 3, exhaustive_budget=1, beam_width=10)
-    assert beam.method == "beam"
+    assert beam.method.startswith("beam")
     assert beam.evaluations <= search_cost(5, 3, 1, 10)
     assert beam.keep == ex.keep  # wide beam over 5 units is exhaustive in effect
 
@@ -87,3 +87,14 @@ def test_unknown_protocol():
     m, a, b = _setup()
     with pytest.raises(UserError, match="protocol"):
         CandidateScorer(m, a, b, protocol="magic")
+
+
+def test_build_up_beam_when_few_units_are_kept():
+    units = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1"]
+    m, a, b = _setup()
+    ex = select_in_segment(CandidateScorer(m, a, b), 0, units, 2, exhaustive_budget=100)
+    up = select_in_segment(CandidateScorer(m, a, b), 0, units, 2, exhaustive_budget=1, beam_width=100)
+    assert up.method == "beam-up"
+    assert up.keep == ex.keep  # an unbounded beam reaches every pair
+    narrow = select_in_segment(CandidateScorer(m, a, b), 0, units, 2, exhaustive_budget=1, beam_width=1)
+    assert narrow.evaluations <= search_cost(6, 2, 1, 1) == 6 + 5

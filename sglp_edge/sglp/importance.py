@@ -150,23 +150,34 @@ def _key(units: Sequence[str]) -> str:
     return "+".join(units)
 
 
+def _beam_steps(n: int, n_keep: int) -> tuple[str, int]:
+    """Beam direction: tear down from the full segment (remove one unit a step) or build up from
+    nothing (add one a step), whichever takes fewer steps."""
+    return ("down", n - n_keep) if n - n_keep <= n_keep else ("up", n_keep)
+
+
 def search_cost(n: int, n_keep: int, exhaustive_budget: int, beam_width: int) -> int:
     """Upper bound on the evaluations :func:`select_in_segment` spends on one segment."""
     if n_keep in (0, n):
         return 0
     if math.comb(n, n_keep) <= exhaustive_budget:
         return math.comb(n, n_keep)
+    direction, steps = _beam_steps(n, n_keep)
     total, width = 0, 1
-    for step in range(n - n_keep):
-        total += width * (n - step)
-        width = min(beam_width, math.comb(n, n - step - 1))
+    for step in range(steps):
+        size = n - step if direction == "down" else step
+        children = size if direction == "down" else n - size
+        total += min(width * children, math.comb(n, size - 1 if direction == "down" else size + 1))
+        width = min(beam_width, math.comb(n, size - 1 if direction == "down" else size + 1))
     return total
 
 
 def select_in_segment(scorer: CandidateScorer, segment: int, units: Sequence[str], n_keep: int, *,
-                      exhaustive_budget: int = 128, beam_width: int = 3) -> SegmentSelection:
+                      exhaustive_budget: int = 64, beam_width: int = 2) -> SegmentSelection:
     """Choose ``n_keep`` of the segment's removable ``units`` by GradNorm: every combination
-    while there are at most ``exhaustive_budget`` of them, else beam search."""
+    while there are at most ``exhaustive_budget`` of them, else a beam search of width
+    ``beam_width`` that removes (or, when fewer units are kept than removed, adds) one unit per
+    step, scoring each partial candidate as a network."""
     units = list(units)
     n = len(units)
     if not 0 <= n_keep <= n:
@@ -177,6 +188,7 @@ def select_in_segment(scorer: CandidateScorer, segment: int, units: Sequence[str
     sign = 1.0 if scorer.higher_is_better else -1.0
     seen: dict[str, float] = {}
     before = scorer.evaluations
+    order = {u: i for i, u in enumerate(units)}
 
     def evaluate(kept: tuple[str, ...]) -> float:
         seen[_key(kept)] = v = scorer.score(units, kept)
@@ -186,13 +198,17 @@ def select_in_segment(scorer: CandidateScorer, segment: int, units: Sequence[str
         best = max(itertools.combinations(units, n_keep), key=lambda c: sign * evaluate(c))
         method = "exhaustive"
     else:
-        beam: list[tuple[str, ...]] = [tuple(units)]
-        for _ in range(n - n_keep):
-            children = sorted({tuple(u for u in b if u != drop) for b in beam for drop in b})
-            ranked = sorted(children, key=lambda c: sign * evaluate(c), reverse=True)
+        direction, steps = _beam_steps(n, n_keep)
+        beam: list[tuple[str, ...]] = [tuple(units)] if direction == "down" else [()]
+        for _ in range(steps):
+            if direction == "down":
+                children = {tuple(u for u in b if u != drop) for b in beam for drop in b}
+            else:
+                children = {tuple(sorted(b + (add,), key=order.__getitem__)) for b in beam for add in units if add not in b}
+            ranked = sorted(sorted(children), key=lambda c: sign * evaluate(c), reverse=True)
             beam = ranked[:beam_width]
         best = beam[0]
-        method = "beam"
+        method = f"beam-{direction}"
     keep = list(best)
     return SegmentSelection(segment, units, keep, [u for u in units if u not in keep], method,
                             scorer.evaluations - before, seen)

@@ -30,8 +30,8 @@ class PruneConfig:
     k_rule: str = "elbow"
     sequence: str = "colsum"
     protocol: str = "natural"
-    exhaustive_budget: int = 128
-    beam_width: int = 3
+    exhaustive_budget: int = 64
+    beam_width: int = 2
     seed: int = 0
     cka_mode: str = "tokens"
 
