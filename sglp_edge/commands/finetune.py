@@ -1,0 +1,161 @@
+"""``sglp-edge finetune``: brief KD recovery of a pruned model from its original.
+
+Scale out with torchrun (DistributedDataParallel; gloo on CPU, nccl on GPU)::
+
+    torchrun --nproc_per_node=2 -m sglp_edge.cli finetune PRUNED --teacher default --data fashion-mnist --epochs 1 --out DIR
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ._common import user_errors
+
+
+def resolve_model_dir(src: str) -> str:
+    """A prune output folder holds the checkpoint in ``model/``: accept either."""
+    p = Path(src)
+    if p.is_dir() and not (p / "sglp_model.json").is_file() and not (p / "config.json").is_file() \
+            and (p / "model").is_dir():
+        return str(p / "model")
+    return src
+
+
+def feature_map_for(pruned: Any, teacher: Any) -> dict[str, str]:
+    """Student unit path -> teacher unit path for the units the pruned model kept."""
+    from sglp_edge.errors import UserError
+    from sglp_edge.finetune import kept_unit_map
+
+    if pruned.adapter.modality == "tokens":
+        kept = getattr(pruned.model.config, "sglp_kept_layers", None)
+        if not kept:
+            raise UserError(f"{pruned.source} does not record which decoder layers it kept (config.sglp_kept_layers); "
+                            "feature KD needs it - drop --feature-weight")
+        return {f"model.layers.{i}": f"model.layers.{k}" for i, k in enumerate(kept)}
+    rounds = (pruned.meta or {}).get("removal_rounds") or [pruned.removed_units]
+    prior = (teacher.meta or {}).get("removal_rounds") or []
+    if prior:  # the teacher is itself pruned: its rounds must be a prefix of the student's
+        if rounds[: len(prior)] != prior:
+            raise UserError(f"{pruned.source} was not pruned from {teacher.source}; feature KD cannot match units")
+        rounds = rounds[len(prior):]
+    return kept_unit_map(teacher.model, teacher.adapter, rounds)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("finetune")
+    @user_errors
+    def finetune_cmd(
+        pruned: str = typer.Argument(..., help="the pruned model (checkpoint folder, or a `sglp-edge prune` output folder)"),
+        teacher: str = typer.Option(..., "--teacher", help="the original model it was pruned from (folder, 'default', ...)"),
+        data: str = typer.Option("fashion-mnist", "--data", help="fashion-mnist | mnist5k | cifar10 | cifar100 | imagefolder:PATH | text"),
+        out: Path = typer.Option(..., "--out", help="folder to write the fine-tuned model to"),
+        epochs: Optional[float] = typer.Option(None, "--epochs", help="budget in epochs (fractions allowed)"),
+        steps: Optional[int] = typer.Option(None, "--steps", help="budget in optimiser steps"),
+        minutes: Optional[float] = typer.Option(None, "--minutes", help="budget in minutes of training"),
+        data_root: Optional[Path] = typer.Option(None, "--data-root", help="where the data set lives"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="global batch (default 128 images / 8 blocks)"),
+        lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default 0.01 SGD for images, 1e-4 AdamW for LMs)"),
+        optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd | adamw"),
+        weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+        warmup: float = typer.Option(0.05, "--warmup", help="fraction of the budget spent warming up (then cosine)"),
+        temperature: float = typer.Option(4.0, "--temperature", "-T", help="KD temperature"),
+        alpha: float = typer.Option(0.9, "--alpha", help="weight of the KD term (1-alpha on cross-entropy)"),
+        feature_weight: float = typer.Option(0.0, "--feature-weight", help="weight of feature KD (MSE on kept units); 0 = off"),
+        block_size: int = typer.Option(256, "--block-size", help="LMs: tokens per packed block"),
+        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="LMs: cap the tokens per text split"),
+        seed: int = typer.Option(0, "--seed"),
+        threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process"),
+        state: Optional[Path] = typer.Option(None, "--state", help="resume-state file (default OUT.state.pt)"),
+        no_progress: bool = typer.Option(False, "--no-progress"),
+    ) -> None:
+        """Fine-tune PRUNED with knowledge distillation from --teacher; resumable (re-run after a kill)."""
+        import json
+        import os
+
+        import torch
+
+        from sglp_edge.data import get_dataset
+        from sglp_edge.errors import UserError
+        from sglp_edge.finetune import FinetuneConfig, finetune
+        from sglp_edge.models.registry import load_model
+        from sglp_edge.train import Interrupted
+
+        from .train import reproduce_command
+
+        if epochs is None and steps is None and minutes is None:
+            raise UserError("give a training budget: --epochs N, --steps N or --minutes N")
+        if threads:
+            torch.set_num_threads(threads)
+        is_main = int(os.environ.get("RANK", "0")) == 0
+        student = load_model(resolve_model_dir(pruned))
+        orig = load_model(resolve_model_dir(teacher))
+        if student.adapter.family != orig.adapter.family:
+            raise UserError(f"{pruned} is a {student.adapter.family} model but --teacher {teacher} is {orig.adapter.family}")
+        lm = student.adapter.modality == "tokens"
+        if lm != (data == "text"):
+            raise UserError("language models fine-tune on --data text; image models on an image data set")
+        if lm:
+            tok = student.tokenizer or orig.tokenizer
+            if tok is None:
+                raise UserError(f"neither {pruned} nor {teacher} has a tokenizer; save the tokenizer with the model")
+            bundle = get_dataset("text", data_root, seed=seed, tokenizer=tok, block_size=block_size, max_tokens=max_tokens)
+        else:
+            bundle = get_dataset(data, data_root, seed=seed)
+        fmap = feature_map_for(student, orig) if feature_weight > 0 else None
+        cfg = FinetuneConfig(
+            epochs=epochs, steps=steps, minutes=minutes, batch_size=batch_size or (8 if lm else 128),
+            lr=lr if lr is not None else (1e-4 if lm else 0.01), optimizer=optimizer or ("adamw" if lm else "sgd"),
+            weight_decay=weight_decay if weight_decay is not None else (0.01 if lm else 5e-4), warmup=warmup,
+            temperature=temperature, alpha=alpha, feature_weight=feature_weight, feature_map=fmap, seed=seed,
+            threads=threads, state_path=str(state or out.with_name(out.name + ".state.pt")), progress=not no_progress)
+        cfg.check()
+        try:
+            res = finetune(student.model, orig.model, student.adapter, bundle, cfg)
+        except Interrupted as e:
+            if is_main:
+                typer.echo(f"interrupted: {e}", err=True)
+            raise typer.Exit(130)
+        finally:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        if not is_main:  # under torchrun only rank 0 writes
+            return
+        summary = {"finetuned_from": str(pruned), "teacher": str(teacher), "data": bundle.describe(),
+                   **res.summary(), "reproduce": reproduce_command("finetune", [pruned], {
+                       "--teacher": teacher, "--data": data, "--data-root": data_root, "--epochs": epochs,
+                       "--steps": steps, "--minutes": minutes, "--batch-size": cfg.batch_size, "--lr": cfg.lr,
+                       "--optimizer": cfg.optimizer, "--weight-decay": cfg.weight_decay, "--warmup": warmup,
+                       "--temperature": temperature, "--alpha": alpha, "--feature-weight": feature_weight or None,
+                       "--block-size": block_size if lm else None, "--max-tokens": max_tokens, "--seed": seed,
+                       "--out": out})}
+        if lm:
+            from sglp_edge.models.hf_llm import save_hf
+
+            save_hf(res.model, out, tokenizer=student.tokenizer or orig.tokenizer, extra={"finetune": summary})
+        else:
+            meta = student.meta or {}
+            from sglp_edge.models.registry import save_checkpoint
+            from exporters.atomic import atomic_dir
+            import shutil
+
+            with atomic_dir(out) as tmp:
+                inner = save_checkpoint(res.model, student.adapter, tmp / "ckpt",
+                                        spec=meta.get("spec") or student.adapter.spec(student.model),
+                                        removed_units=meta.get("removal_rounds") or student.removed_units,
+                                        extra={"finetune": {k: v for k, v in summary.items() if k != "history"}})
+                for f in inner.iterdir():
+                    shutil.move(str(f), tmp / f.name)
+                inner.rmdir()
+                (tmp / "finetune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        Path(cfg.state_path).unlink(missing_ok=True)
+        key = "ppl" if lm else "acc"
+        fmt = (lambda v: f"{v:.3f}") if lm else (lambda v: f"{v:.2%}")
+        before = f"{fmt(res.val_before[key])} -> " if res.val_before else ""
+        test = fmt(res.test[key]) if res.test else "n/a"
+        typer.echo(f"wrote {out}: val {key} {before}{fmt(res.val[key])}, held-out test {key} {test} "
+                   f"({res.steps} steps, {res.train_seconds / 60:.1f} min, {res.selected}, {res.world_size} process(es))")

@@ -1,0 +1,384 @@
+"""Brief recovery fine-tune of a pruned network with knowledge distillation from the original.
+
+Loss (images):  ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``
+(Hinton et al. 2015; the T^2 keeps the soft-target gradients on the scale of the hard ones), plus
+optionally ``feature_weight * mean_u MSE(student_u, teacher_u)`` over the kept units, each
+student unit matched to the teacher unit it came from (:func:`kept_unit_map`).
+
+Language models: the same loss on next-token distributions: position ``i``'s logits predict token
+``i+1`` of packed fixed-length blocks; the hard-label term is the next-token cross-entropy, and
+the reported metric is perplexity (``exp`` of the mean token NLL).
+
+Training runs on :func:`sglp_edge.train.fit`: budget in epochs / steps / minutes, warmup + cosine
+schedule, checkpoint every epoch (and every ``ckpt_minutes``, and on SIGTERM / Ctrl-C) with resume
+from the saved step, best-on-validation selection (the test split is only evaluated at the end),
+and DistributedDataParallel when launched by ``torchrun``.
+
+Programmatic use::
+
+    from sglp_edge.finetune import FinetuneConfig, finetune
+    res = finetune(pruned, original, adapter, bundle, FinetuneConfig(epochs=1))
+    res.val["acc"], res.test["acc"]          # images
+    res.val["ppl"], res.test["ppl"]          # language models
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from .errors import UserError
+from .models.base import ModelAdapter, get_module
+from .train import DistInfo, FitResult, LoopConfig, Task, evaluate, fit, init_distributed
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss
+# ---------------------------------------------------------------------------------------------
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+            T: float = 4.0, alpha: float = 0.9, ignore_index: int = -100) -> torch.Tensor:
+    """``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, labels)``.
+
+    Logits may have any leading shape; the last dimension is the classes (vocabulary). The KL is
+    summed over classes and averaged over rows ("batchmean"), counting only rows whose label is
+    not ``ignore_index``. ``labels=None`` (or ``alpha=1``) gives pure distillation."""
+    if T <= 0:
+        raise UserError(f"KD temperature must be positive, got {T}")
+    if not 0 <= alpha <= 1:
+        raise UserError(f"KD weight alpha must be in [0, 1], got {alpha}")
+    if student_logits.shape != teacher_logits.shape:
+        raise UserError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+                        f"{tuple(teacher_logits.shape)}; the pruned model must keep the original's outputs")
+    c = student_logits.shape[-1]
+    s = student_logits.reshape(-1, c).float()
+    t = teacher_logits.reshape(-1, c).float().detach()
+    mask = None
+    if labels is not None:
+        labels = labels.reshape(-1)
+        mask = labels != ignore_index
+    log_ps = F.log_softmax(s / T, dim=-1)
+    log_pt = F.log_softmax(t / T, dim=-1)
+    kl_rows = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    kl = kl_rows[mask].mean() if mask is not None else kl_rows.mean()
+    loss = alpha * (T * T) * kl
+    if labels is not None and alpha < 1:
+        loss = loss + (1 - alpha) * F.cross_entropy(s, labels, ignore_index=ignore_index)
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# unit mapping for feature distillation
+# ---------------------------------------------------------------------------------------------
+def kept_unit_map(teacher: nn.Module, adapter: ModelAdapter,
+                  removed: Sequence[str] | Sequence[Sequence[str]]) -> dict[str, str]:
+    """{student module path: teacher module path} for every unit of ``teacher`` that survives the
+    removal of ``removed`` (one round of original unit names, or a list of rounds as stored in a
+    checkpoint). Children removed from a Sequential/ModuleList shift the later ones down, as
+    :func:`sglp_edge.models.base.drop_modules` does."""
+    rounds: list[list[str]] = [list(removed)] if removed and all(isinstance(r, str) for r in removed) \
+        else [list(r) for r in removed if r]
+    current = {u.name: u.name for u in adapter.units(teacher)}  # current path -> teacher path
+    for rnd in rounds:
+        gone = set(rnd)
+        unknown = gone - set(current)
+        if unknown:
+            raise UserError(f"removed unit(s) {sorted(unknown)} are not units of the teacher; is --teacher the "
+                            "model this one was pruned from?")
+        by_parent: dict[str, list[str]] = {}
+        for path in current:
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            by_parent.setdefault(parent, []).append(path)
+        nxt: dict[str, str] = {}
+        for parent, paths in by_parent.items():
+            pmod = get_module(teacher, parent) if parent else teacher
+            numeric = isinstance(pmod, (nn.Sequential, nn.ModuleList)) and all(p.rsplit(".", 1)[-1].isdigit() for p in paths)
+            if numeric:
+                # positions among ALL children of the parent in the current model, not only units
+                keys = sorted((int(p.rsplit(".", 1)[-1]) for p in paths))
+                shift = 0
+                for k in keys:
+                    p = f"{parent}.{k}" if parent else str(k)
+                    if p in gone:
+                        shift += 1
+                        continue
+                    newp = f"{parent}.{k - shift}" if parent else str(k - shift)
+                    nxt[newp] = current[p]
+            else:
+                for p in paths:
+                    if p not in gone:
+                        nxt[p] = current[p]
+        current = nxt
+    return current
+
+
+class _FeatureTap:
+    """Forward hooks collecting unit outputs by module path."""
+
+    def __init__(self, model: nn.Module, paths: Sequence[str], adapter: ModelAdapter):
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for p in paths:
+            self.handles.append(get_module(model, p).register_forward_hook(self._hook(p, adapter)))
+
+    def _hook(self, name: str, adapter: ModelAdapter):
+        def hook(_m, _i, o):
+            self.out[name] = adapter.unit_output(o)
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and result
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig(LoopConfig):
+    lr: float = 0.01  # fine-tuning: lower than training from scratch
+    warmup: float = 0.05
+    warmup_start: float = 0.1
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the KD term; 1 - alpha on the hard-label cross-entropy
+    feature_weight: float = 0.0  # weight of the feature-KD (MSE on kept units); 0 disables it
+    feature_map: dict[str, str] | None = None  # student path -> teacher path (see kept_unit_map)
+    state_path: str | None = None  # resume-state file; None: no checkpointing
+    progress: bool = True
+    eval_before: bool = True  # measure the student's val metric before fine-tuning (fresh runs)
+
+    def check(self) -> None:
+        super().check()
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"--alpha (KD weight) must be in [0, 1], got {self.alpha}")
+        if self.feature_weight < 0:
+            raise UserError(f"--feature-weight must be >= 0, got {self.feature_weight}")
+        if self.feature_weight > 0 and not self.feature_map:
+            raise UserError("feature distillation needs the student->teacher unit map (kept_unit_map)")
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    val: dict[str, float]  # images: acc, loss; LMs: ppl, nll
+    test: dict[str, float] | None  # held-out split, measured once on the selected weights
+    val_before: dict[str, float] | None
+    history: list[dict[str, Any]]
+    steps: int
+    epochs: float
+    train_seconds: float
+    selected: str
+    resumed_from_step: int
+    world_size: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able summary (no weights)."""
+        return {"val": self.val, "test": self.test, "val_before": self.val_before, "steps": self.steps,
+                "epochs": round(self.epochs, 4), "train_seconds": round(self.train_seconds, 1),
+                "selected": self.selected, "resumed_from_step": self.resumed_from_step,
+                "world_size": self.world_size, "history": self.history, "config": self.config}
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+# ---------------------------------------------------------------------------------------------
+class _KDBase(Task):
+    def __init__(self, teacher: nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig):
+        self.teacher, self.adapter, self.cfg = teacher, adapter, cfg
+        self.s_tap = self.t_tap = None
+        if cfg.feature_weight > 0 and cfg.feature_map:
+            self.fmap = dict(cfg.feature_map)
+
+    def attach(self, student: nn.Module) -> None:
+        if self.cfg.feature_weight > 0 and self.cfg.feature_map:
+            self.s_tap = _FeatureTap(student, list(self.fmap), self.adapter)
+            self.t_tap = _FeatureTap(self.teacher, list(self.fmap.values()), self.adapter)
+
+    def detach(self) -> None:
+        for tap in (self.s_tap, self.t_tap):
+            if tap is not None:
+                tap.close()
+        self.s_tap = self.t_tap = None
+
+    def feature_loss(self) -> torch.Tensor | None:
+        if self.s_tap is None:
+            return None
+        losses = []
+        for sp, tp in self.fmap.items():
+            s, t = self.s_tap.out.get(sp), self.t_tap.out.get(tp)
+            if s is None or t is None:
+                continue
+            if s.shape != t.shape:
+                raise UserError(f"feature KD: student unit {sp} {tuple(s.shape)} and teacher unit {tp} "
+                                f"{tuple(t.shape)} differ in shape; check the unit map")
+            losses.append(F.mse_loss(s.float(), t.detach().float()))
+        self.s_tap.out.clear()
+        self.t_tap.out.clear()
+        return torch.stack(losses).mean() if losses else None
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        self.teacher.eval()
+
+
+class ImageKDTask(_KDBase):
+    def train_loss(self, model, batch):
+        x, y = batch
+        with torch.no_grad():
+            t = self.teacher(x)
+        s = model(x)
+        loss = kd_loss(s, t, y, self.cfg.temperature, self.cfg.alpha)
+        shown = {"kd": float(loss.detach())}
+        fl = self.feature_loss()
+        if fl is not None:
+            loss = loss + self.cfg.feature_weight * fl
+            shown["feat"] = float(fl.detach())
+        shown["acc"] = float((s.argmax(1) == y).float().mean())
+        return loss, shown
+
+    def eval_sums(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        return {"n": float(len(y)), "correct": float((logits.argmax(1) == y).sum()),
+                "loss_sum": float(F.cross_entropy(logits, y, reduction="sum"))}
+
+    def finalize(self, sums):
+        n = max(sums.get("n", 0.0), 1.0)
+        acc = sums.get("correct", 0.0) / n
+        return {"acc": acc, "loss": sums.get("loss_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": acc}
+
+
+def _lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+class LMKDTask(_KDBase):
+    """KD on next-token distributions over packed blocks (no padding: every position counts)."""
+
+    def train_loss(self, model, batch):
+        ids = batch
+        with torch.no_grad():
+            t = _lm_logits(self.teacher, ids)[:, :-1]
+        s = _lm_logits(model, ids)[:, :-1]
+        loss = kd_loss(s, t, ids[:, 1:], self.cfg.temperature, self.cfg.alpha)
+        shown = {"kd": float(loss.detach())}
+        fl = self.feature_loss()
+        if fl is not None:
+            loss = loss + self.cfg.feature_weight * fl
+            shown["feat"] = float(fl.detach())
+        return loss, shown
+
+    def eval_sums(self, model, batch):
+        ids = batch
+        logits = _lm_logits(model, ids)[:, :-1]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+        return {"tokens": float(ids[:, 1:].numel()), "nll_sum": float(nll)}
+
+    def finalize(self, sums):
+        n = max(sums.get("tokens", 0.0), 1.0)
+        nll = sums.get("nll_sum", 0.0) / n
+        return {"ppl": math.exp(min(nll, 700.0)), "nll": nll, "tokens": sums.get("tokens", 0.0), "score": -nll}
+
+
+class _Blocks(Dataset):
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# the API
+# ---------------------------------------------------------------------------------------------
+def _splits(data: Any) -> tuple[Dataset, Dataset | None, Dataset | None, str]:
+    modality = getattr(data, "modality", "image")
+    if modality == "tokens":
+        return _Blocks(data.train), _Blocks(data.val), _Blocks(data.test), "tokens"
+    return data.train, data.val, data.test, "image"
+
+
+def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data: Any,
+             cfg: FinetuneConfig | None = None, **overrides: Any) -> FinetuneResult:
+    """Fine-tune ``student`` (the pruned network, trained in place) with KD from ``teacher`` on
+    ``data`` (an ImageDataBundle or TextDataBundle from :func:`sglp_edge.data.get_dataset`).
+    ``cfg`` fields may also be passed as keyword overrides, e.g. ``finetune(..., steps=200)``.
+    Returns the best-on-val weights with val metrics and held-out test metrics.
+    Under ``torchrun`` every rank calls this; only rank 0 writes the state file."""
+    cfg = cfg or FinetuneConfig()
+    if overrides:
+        cfg = FinetuneConfig(**{**asdict(cfg), **overrides})
+    if all(getattr(cfg, k) is None for k in ("epochs", "steps", "minutes")):
+        cfg.epochs = 1.0
+    cfg.check()
+    train_set, val_set, test_set, modality = _splits(data)
+    if modality == "tokens" and cfg.eval_batch_size > cfg.batch_size:
+        cfg.eval_batch_size = cfg.batch_size  # (batch, block, vocab) logits get large quickly
+    am = getattr(adapter, "modality", "image")
+    if am != modality:
+        raise UserError(f"the model takes {am} input but the data set {getattr(data, 'name', '?')} is {modality}; "
+                        "use --data text for language models and an image data set otherwise")
+    info: DistInfo = init_distributed(cfg.device)
+    teacher = teacher.to(info.device).eval()  # its forward runs under no_grad; its weights are untouched
+    student.to(info.device)
+    if not any(p.requires_grad for p in student.parameters()):  # e.g. copied from a frozen model
+        student.requires_grad_(True)
+    task: _KDBase = LMKDTask(teacher, adapter, cfg) if modality == "tokens" else ImageKDTask(teacher, adapter, cfg)
+    if modality == "image":
+        _check_outputs(student, teacher, data, info)
+    state_path = Path(cfg.state_path) if cfg.state_path else None
+    val_before = None
+    if cfg.eval_before and val_set is not None and not (state_path and state_path.is_file()):
+        val_before = _strip(evaluate(student, task, val_set, batch_size=cfg.eval_batch_size, info=info))
+    task.attach(student)
+    try:
+        res: FitResult = fit(student, task, train_set, val_set, test_set, cfg, state_path=state_path,
+                             desc="finetune (KD)", progress=cfg.progress,
+                             extra_state={"kind": "kd-finetune", "dataset": getattr(data, "name", "?"),
+                                          "temperature": cfg.temperature, "alpha": cfg.alpha,
+                                          "feature_weight": cfg.feature_weight,
+                                          "student_params": sum(p.numel() for p in student.parameters())})
+    finally:
+        task.detach()
+    conf = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "device")}
+    return FinetuneResult(model=res.model, val=_strip(res.val), test=_strip(res.test) if res.test else None,
+                          val_before=val_before, history=res.history, steps=res.steps, epochs=res.epochs,
+                          train_seconds=res.train_seconds, selected=res.selected, resumed_from_step=res.resumed_from_step,
+                          world_size=info.world, config=conf)
+
+
+def _strip(m: dict[str, float] | None) -> dict[str, float]:
+    return {k: v for k, v in (m or {}).items() if k != "score"}
+
+
+@torch.no_grad()
+def _check_outputs(student: nn.Module, teacher: nn.Module, data: Any, info: DistInfo) -> None:
+    x, _ = data.val[0] if len(data.val) else data.train[0]
+    x = x.unsqueeze(0).to(info.device)
+    was_s = student.training
+    student.eval()
+    try:
+        so, to = student(x), teacher(x)
+    except RuntimeError as e:
+        raise UserError(f"the model does not accept {data.name} images {tuple(x.shape[1:])} "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    finally:
+        student.train(was_s)
+    if so.shape != to.shape:
+        raise UserError(f"student outputs {tuple(so.shape)} but teacher outputs {tuple(to.shape)}: "
+                        "is --teacher the model this one was pruned from?")
+    if so.shape[-1] != data.num_classes:
+        raise UserError(f"the model has {so.shape[-1]} outputs but {data.name} has {data.num_classes} classes")
