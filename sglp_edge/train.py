@@ -515,7 +515,7 @@ def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | Non
                         run_avg[k] = v if k not in run_avg else 0.95 * run_avg[k] + 0.05 * v
                     ips = local_bs * info.world / max(dt, 1e-9)
                     bar.update(step, " ".join(f"{k}={v:.4f}" for k, v in run_avg.items())
-                               + f" lr={opt.param_groups[0]['lr']:.4f} {ips:.0f}/s")
+                               + f" lr={opt.param_groups[0]['lr']:.3g} {ips:.3g}/s")
                     # one collective per step keeps ranks agreeing on stop/save decisions
                     want_save = cfg.ckpt_minutes > 0 and time.perf_counter() - last_save > cfg.ckpt_minutes * 60
                     s_stop, s_save, s_el = _all_reduce([float(flag.stop), float(want_save), elapsed], info, "max")
