@@ -151,7 +151,3 @@ class ViTAdapter(_TorchvisionAdapter):
 
 ADAPTERS = (ResNetAdapter, VGGAdapter, InvertedResidualAdapter, ViTAdapter)
 
-
-def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
-    size = getattr(model, "image_size", 224)
-    return torch.randn(batch, 3, size, size)

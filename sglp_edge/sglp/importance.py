@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.base import ModelAdapter, Unit, get_module
+from ..models.base import ModelAdapter
 
 PROTOCOLS = ("natural", "reference")
 
@@ -237,6 +237,3 @@ def allocate_removals(segment_removables: Sequence[int], segment_sizes: Sequence
             break
     return alloc
 
-
-def unit_params(model: nn.Module, unit: Unit) -> int:
-    return sum(p.numel() for p in get_module(model, unit.name).parameters())
