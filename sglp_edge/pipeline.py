@@ -38,6 +38,7 @@ class PruneSection(_Strict):
     grad_batches: int = 1
     batch_size: int = 128
     seq_len: int = 128
+    eval_budget: int = 80
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneSection":
@@ -181,7 +182,7 @@ class Pipeline:
                            data_root=Path(self.cfg.data_root) if self.cfg.data_root else None, keep=p.keep,
                            target_macs=p.target_macs, method=p.method, k=p.k, protocol=p.protocol,
                            calib_batches=p.calib_batches, grad_batches=p.grad_batches, batch_size=p.batch_size,
-                           seq_len=p.seq_len, seed=self.cfg.seed)
+                           seq_len=p.seq_len, eval_budget=p.eval_budget, seed=self.cfg.seed)
             res = run_prune_job(job, loaded=self.loaded, show_progress=True)
             for f in (tmp / "out").iterdir():  # flatten: prune/{model,plan.json,cka_heatmap.png}
                 f.rename(tmp / f.name)

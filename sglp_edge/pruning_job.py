@@ -33,6 +33,7 @@ class PruneJob:
     seq_len: int = 128
     exhaustive_budget: int = 64
     beam_width: int = 2
+    eval_budget: Optional[int] = 80
     units: Optional[str] = None
     weights: Optional[Path] = None
     num_classes: Optional[int] = None
@@ -84,7 +85,8 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         loaded, job.data, n_batches=job.grad_batches, batch_size=job.batch_size, seq_len=job.seq_len,
         seed=job.seed, data_root=job.data_root, offset=1)
     cfg = PruneConfig(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
-                      exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width, seed=job.seed)
+                      exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
+                      eval_budget=job.eval_budget or None, seed=job.seed)
     progress = None
     if show_progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

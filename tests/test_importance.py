@@ -98,3 +98,58 @@ def test_build_up_beam_when_few_units_are_kept():
     assert up.keep == ex.keep  # an unbounded beam reaches every pair
     narrow = select_in_segment(CandidateScorer(m, a, b), 0, units, 2, exhaustive_budget=1, beam_width=1)
     assert narrow.evaluations <= search_cost(6, 2, 1, 1) == 6 + 5
+
+
+def test_budgeted_greedy_respects_its_budget_and_keeps_the_count():
+    units = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1"]
+    m, a, b = _setup()
+    sc = CandidateScorer(m, a, b)
+    sel = select_in_segment(sc, 0, units, 3, exhaustive_budget=1, max_evaluations=10, direction="down")
+    assert sel.method.startswith("greedy-down") and sel.evaluations <= 10
+    assert len(sel.keep) == 3 and set(sel.keep) | set(sel.remove) == set(units)
+    one = select_in_segment(CandidateScorer(m, a, b), 0, units, 3, exhaustive_budget=1, max_evaluations=6,
+                            direction="down")
+    assert one.method == "oneshot-down" and one.evaluations == 6
+    # one-shot keeps the units whose single removal hurts most (natural protocol: highest GradNorm)
+    singles = {u: CandidateScorer(m, a, b).score(units, [v for v in units if v != u]) for u in units}
+    assert set(one.keep) == set(sorted(units, key=singles.__getitem__)[3:])
+    with pytest.raises(UserError, match="eval-budget"):
+        select_in_segment(CandidateScorer(m, a, b), 0, units, 3, exhaustive_budget=1, max_evaluations=5)
+
+
+def test_unlimited_greedy_budget_equals_beam_of_width_one():
+    units = ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1"]
+    m, a, b = _setup()
+    beam = select_in_segment(CandidateScorer(m, a, b), 0, units, 3, exhaustive_budget=1, beam_width=1, direction="down")
+    # a budget just under the width-2 beam's cost but enough for full greedy steps (6 + 5 + 4)
+    greedy = select_in_segment(CandidateScorer(m, a, b), 0, units, 3, exhaustive_budget=1, beam_width=2,
+                               max_evaluations=16, direction="down")
+    assert greedy.method.startswith("greedy") and greedy.keep == beam.keep
+
+
+def test_split_budget_water_fills():
+    from sglp_edge.sglp.importance import split_budget
+
+    assert split_budget([10, 20], [2, 3], 100) == [10, 20]  # everything fits
+    assert split_budget([10, 200, 300], [2, 10, 10], 100) == [10, 45, 45]
+    assert sum(split_budget([50, 60, 70], [5, 6, 7], 40)) <= 40
+    with pytest.raises(UserError, match="eval-budget"):
+        split_budget([50, 60], [30, 30], 40)
+
+
+def test_k_is_raised_until_the_search_fits_the_budget():
+    import numpy as np
+
+    from sglp_edge.sglp.prune import PruneConfig, _fit_k_to_budget, _search_need
+    from sglp_edge.sglp.segmentation import fisher_segments
+
+    m = cifar_resnet(56)
+    units = get_adapter(m).units(m)
+    x = np.sin(np.linspace(0, 3, len(units)))  # smooth: no plateaus, the elbow picks few segments
+    cfg = PruneConfig(keep=14, eval_budget=80)
+    k, raised = _fit_k_to_budget(x, units, 3, 10, 14, cfg)
+    assert raised == 3 and k > 3
+    assert _search_need(units, fisher_segments(x, k), 14, cfg) <= 80
+    assert _search_need(units, fisher_segments(x, k - 1), 14, cfg) is None or \
+        _search_need(units, fisher_segments(x, k - 1), 14, cfg) > 80
+    assert _fit_k_to_budget(x, units, 3, 10, 14, PruneConfig(keep=14, eval_budget=None)) == (3, None)

@@ -18,8 +18,9 @@ Two candidate protocols (``protocol=``):
   LOWEST GradNorm wins.
 
 Search: every combination while ``C(n, r)`` is within ``exhaustive_budget`` evaluations, else a
-beam search that removes one unit at a time keeping the ``beam_width`` best partial candidates.
-Scores are cached by candidate, and every evaluation is counted.
+beam search that removes one unit at a time keeping the ``beam_width`` best partial candidates,
+else (when a global evaluation budget does not allow the beam) a shortlist greedy search that fits
+the budget. Scores are cached by candidate, and every evaluation is counted.
 """
 
 from __future__ import annotations
@@ -150,19 +151,24 @@ def _key(units: Sequence[str]) -> str:
     return "+".join(units)
 
 
-def _beam_steps(n: int, n_keep: int) -> tuple[str, int]:
-    """Beam direction: tear down from the full segment (remove one unit a step) or build up from
-    nothing (add one a step), whichever takes fewer steps."""
-    return ("down", n - n_keep) if n - n_keep <= n_keep else ("up", n_keep)
+DIRECTIONS = ("auto", "down", "up")
 
 
-def search_cost(n: int, n_keep: int, exhaustive_budget: int, beam_width: int) -> int:
-    """Upper bound on the evaluations :func:`select_in_segment` spends on one segment."""
+def _beam_steps(n: int, n_keep: int, direction: str = "auto") -> tuple[str, int]:
+    """Search direction: tear down from the full segment (remove one unit a step) or build up from
+    nothing (add one a step); ``"auto"`` takes whichever needs fewer steps."""
+    if direction not in DIRECTIONS:
+        raise UserError(f"unknown search direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
+    if direction == "auto":
+        direction = "down" if n - n_keep <= n_keep else "up"
+    return (direction, n - n_keep) if direction == "down" else (direction, n_keep)
+
+
+def beam_cost(n: int, n_keep: int, beam_width: int, direction: str = "auto") -> int:
+    """Upper bound on the evaluations of a beam search of width ``beam_width``."""
     if n_keep in (0, n):
         return 0
-    if math.comb(n, n_keep) <= exhaustive_budget:
-        return math.comb(n, n_keep)
-    direction, steps = _beam_steps(n, n_keep)
+    direction, steps = _beam_steps(n, n_keep, direction)
     total, width = 0, 1
     for step in range(steps):
         size = n - step if direction == "down" else step
@@ -172,12 +178,43 @@ def search_cost(n: int, n_keep: int, exhaustive_budget: int, beam_width: int) ->
     return total
 
 
+def search_cost(n: int, n_keep: int, exhaustive_budget: int, beam_width: int, direction: str = "auto",
+                max_evaluations: int | None = None) -> int:
+    """Upper bound on the evaluations :func:`select_in_segment` spends on one segment."""
+    if n_keep in (0, n):
+        return 0
+    c = math.comb(n, n_keep)
+    cap = exhaustive_budget if max_evaluations is None else min(exhaustive_budget, max_evaluations)
+    if c <= cap:
+        return c
+    b = beam_cost(n, n_keep, beam_width, direction)
+    if max_evaluations is None or b <= max_evaluations:
+        return b
+    return max(min_search_cost(n, n_keep), min(b, max_evaluations))
+
+
+def min_search_cost(n: int, n_keep: int) -> int:
+    """The cheapest search: every unit's removal (or addition) scored once, ``n`` evaluations
+    (fewer when exhaustive search is cheaper still)."""
+    if n_keep in (0, n):
+        return 0
+    return min(math.comb(n, n_keep), n)
+
+
 def select_in_segment(scorer: CandidateScorer, segment: int, units: Sequence[str], n_keep: int, *,
-                      exhaustive_budget: int = 64, beam_width: int = 2) -> SegmentSelection:
-    """Choose ``n_keep`` of the segment's removable ``units`` by GradNorm: every combination
-    while there are at most ``exhaustive_budget`` of them, else a beam search of width
-    ``beam_width`` that removes (or, when fewer units are kept than removed, adds) one unit per
-    step, scoring each partial candidate as a network."""
+                      exhaustive_budget: int = 64, beam_width: int = 2, max_evaluations: int | None = None,
+                      direction: str = "auto") -> SegmentSelection:
+    """Choose ``n_keep`` of the segment's removable ``units`` by GradNorm.
+
+    * every combination while there are at most ``exhaustive_budget`` of them (and no more than
+      ``max_evaluations``);
+    * else a beam search of width ``beam_width`` that removes (``direction="down"``) or adds
+      (``"up"``) one unit per step, scoring each partial candidate as a network, when its cost
+      fits in ``max_evaluations``;
+    * else a *shortlist greedy* search that fits the budget: the first step scores every unit's
+      move (``n`` evaluations); each later step re-scores only the ``m`` moves that ranked best
+      so far (``m`` as large as the budget allows) and takes the best. With ``m <= 1`` it is a
+      one-shot ranking: the ``n`` single-move scores decide every step (``n`` evaluations)."""
     units = list(units)
     n = len(units)
     if not 0 <= n_keep <= n:
@@ -185,6 +222,10 @@ def select_in_segment(scorer: CandidateScorer, segment: int, units: Sequence[str
     if n_keep == n or n_keep == 0:
         keep = units if n_keep == n else []
         return SegmentSelection(segment, units, keep, [u for u in units if u not in keep], "trivial", 0)
+    if max_evaluations is not None and max_evaluations < min_search_cost(n, n_keep):
+        raise UserError(f"segment {segment}: an evaluation budget of {max_evaluations} is below the "
+                        f"{min_search_cost(n, n_keep)} that scoring each of its {n} units once needs; "
+                        "raise --eval-budget")
     sign = 1.0 if scorer.higher_is_better else -1.0
     seen: dict[str, float] = {}
     before = scorer.evaluations
@@ -194,24 +235,68 @@ def select_in_segment(scorer: CandidateScorer, segment: int, units: Sequence[str
         seen[_key(kept)] = v = scorer.score(units, kept)
         return v
 
-    if math.comb(n, n_keep) <= exhaustive_budget:
+    def sort_kept(c: Sequence[str]) -> tuple[str, ...]:
+        return tuple(sorted(c, key=order.__getitem__))
+
+    c_all = math.comb(n, n_keep)
+    cap = exhaustive_budget if max_evaluations is None else min(exhaustive_budget, max_evaluations)
+    direction, steps = _beam_steps(n, n_keep, direction)
+    if c_all <= cap:
         best = max(itertools.combinations(units, n_keep), key=lambda c: sign * evaluate(c))
         method = "exhaustive"
-    else:
-        direction, steps = _beam_steps(n, n_keep)
+    elif max_evaluations is None or beam_cost(n, n_keep, beam_width, direction) <= max_evaluations:
         beam: list[tuple[str, ...]] = [tuple(units)] if direction == "down" else [()]
         for _ in range(steps):
             if direction == "down":
                 children = {tuple(u for u in b if u != drop) for b in beam for drop in b}
             else:
-                children = {tuple(sorted(b + (add,), key=order.__getitem__)) for b in beam for add in units if add not in b}
+                children = {sort_kept(b + (add,)) for b in beam for add in units if add not in b}
             ranked = sorted(sorted(children), key=lambda c: sign * evaluate(c), reverse=True)
             beam = ranked[:beam_width]
         best = beam[0]
         method = f"beam-{direction}"
+    else:
+        m = (max_evaluations - n) // (steps - 1) if steps > 1 else 0
+        current = tuple(units) if direction == "down" else ()
+
+        def child(move: str) -> tuple[str, ...]:
+            return tuple(u for u in current if u != move) if direction == "down" else sort_kept(current + (move,))
+
+        last = {u: sign * evaluate(child(u)) for u in units}  # move -> latest score (higher = better)
+        for step in range(steps):
+            movable = [u for u in units if (u in current) == (direction == "down")]
+            ranked = sorted(movable, key=lambda u: (-last[u], order[u]))
+            if step > 0 and m > 1:
+                for u in ranked[:m]:
+                    last[u] = sign * evaluate(child(u))
+                ranked = sorted(ranked[:m], key=lambda u: (-last[u], order[u]))
+            current = child(ranked[0])
+        best = current
+        method = f"greedy-{direction}(m={m})" if m > 1 else f"oneshot-{direction}"
     keep = list(best)
     return SegmentSelection(segment, units, keep, [u for u in units if u not in keep], method,
                             scorer.evaluations - before, seen)
+
+
+def split_budget(needs: Sequence[int], minimums: Sequence[int], budget: int | None) -> list[int]:
+    """Split a global evaluation budget over segments: each gets what its preferred search needs
+    when everything fits; otherwise each gets its minimum and the rest is water-filled (segments
+    that need little get all of it, the others share what remains equally)."""
+    if budget is None or sum(needs) <= budget:
+        return list(needs)
+    if sum(minimums) > budget:
+        raise UserError(f"--eval-budget {budget} is below the {sum(minimums)} GradNorm evaluations that scoring "
+                        f"every removable unit once needs; raise it to at least {sum(minimums)} or use fewer "
+                        "segments (--k)")
+    share = list(minimums)
+    rest = budget - sum(minimums)
+    extra = [(nd - mn, i) for i, (nd, mn) in enumerate(zip(needs, minimums)) if nd > mn]
+    extra.sort()
+    for j, (e, i) in enumerate(extra):
+        give = min(e, rest // (len(extra) - j))
+        share[i] += give
+        rest -= give
+    return share
 
 
 def allocate_removals(segment_removables: Sequence[int], segment_sizes: Sequence[int], n_remove: int) -> list[int]:

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.base import ModelAdapter, Unit, capture_unit_outputs
-from .importance import CandidateScorer, SegmentSelection, allocate_removals, search_cost, select_in_segment
+from .importance import (CandidateScorer, SegmentSelection, allocate_removals, min_search_cost, search_cost,
+                         select_in_segment, split_budget)
 
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular")
 
@@ -32,6 +33,8 @@ class PruneConfig:
     protocol: str = "natural"
     exhaustive_budget: int = 64
     beam_width: int = 2
+    eval_budget: int | None = 80  # GradNorm evaluations over all segments per selection (None = unbounded)
+    direction: str = "auto"  # "auto": tear down under the natural protocol, the shorter way under reference
     seed: int = 0
     cka_mode: str = "tokens"
 
@@ -175,6 +178,11 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
             k, k_by = cfg.k, "user"
         else:
             k, k_by = choose_k(x, k_max=k_max, rule=cfg.k_rule), cfg.k_rule
+            k, raised = _fit_k_to_budget(x, units, k, k_max, n_remove, cfg)
+            if raised:
+                k_by = f"{cfg.k_rule}+budget"
+                notes.append(f"k raised from {raised} ({cfg.k_rule}) to {k}: the smallest number of segments whose "
+                             f"GradNorm search (exhaustive or beam) fits --eval-budget {cfg.eval_budget}")
         segments = fisher_segments(x, k)
         loss_table = fisher_loss_table(x, max(k, k_max))
         plan_kw.update(cka=cka.tolist(), sequence=[float(v) for v in x], segments=[list(s) for s in segments],
@@ -228,20 +236,59 @@ def _module(model: nn.Module, name: str) -> nn.Module:
     return get_module(model, name)
 
 
+def _direction(cfg: PruneConfig) -> str:
+    if cfg.direction == "auto":  # under the natural protocol a built-up partial net is far from trained: tear down
+        return "down" if cfg.protocol == "natural" else "auto"
+    return cfg.direction
+
+
+def _search_need(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int, cfg: PruneConfig) -> int | None:
+    """Evaluations the preferred search (exhaustive or beam) needs over these segments; None when
+    the removals cannot be placed (a segment would be emptied)."""
+    seg_units = [list(units[a:b]) for a, b in segments]
+    seg_removable = [[u for u in su if u.removable] for su in seg_units]
+    try:
+        alloc = allocate_removals([len(r) for r in seg_removable], [len(su) for su in seg_units], n_remove)
+    except UserError:
+        return None
+    return sum(search_cost(len(r), len(r) - a, cfg.exhaustive_budget, cfg.beam_width, _direction(cfg))
+               for r, a in zip(seg_removable, alloc))
+
+
+def _fit_k_to_budget(x: np.ndarray, units: Sequence[Unit], k: int, k_max: int, n_remove: int,
+                     cfg: PruneConfig) -> tuple[int, int | None]:
+    """The k rule's choice, raised (up to k_max) to the smallest k whose search fits the evaluation
+    budget without falling back to the shortlist greedy. Returns (k, the rule's k if raised else None).
+    When no k up to k_max fits, the rule's k stays and the budgeted greedy search is used."""
+    from .segmentation import fisher_segments
+
+    if cfg.eval_budget is None:
+        return k, None
+    for kk in range(k, max(k, k_max) + 1):
+        need = _search_need(units, fisher_segments(x, kk), n_remove, cfg)
+        if need is not None and need <= cfg.eval_budget:
+            return kk, (k if kk != k else None)
+    return k, None
+
+
 def _select_all(scorer: CandidateScorer, units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
                  cfg: PruneConfig, progress: Any) -> list[SegmentSelection]:
     seg_units = [[u for u in units[a:b]] for a, b in segments]
     seg_removable = [[u.name for u in su if u.removable] for su in seg_units]
     alloc = allocate_removals([len(r) for r in seg_removable], [len(su) for su in seg_units], n_remove)
-    total = sum(search_cost(len(r), len(r) - a, cfg.exhaustive_budget, cfg.beam_width)
-                for r, a in zip(seg_removable, alloc))
+    direction = _direction(cfg)
+    shape = [(len(r), len(r) - a) for r, a in zip(seg_removable, alloc)]
+    needs = [search_cost(n, r, cfg.exhaustive_budget, cfg.beam_width, direction) for n, r in shape]
+    shares = split_budget(needs, [min_search_cost(n, r) for n, r in shape], cfg.eval_budget)
+    total = sum(search_cost(n, r, cfg.exhaustive_budget, cfg.beam_width, direction, sh)
+                for (n, r), sh in zip(shape, shares))
     task = progress.add_task(f"GradNorm ({cfg.protocol}) over {len(segments)} segments", total=total) if progress else None
     if progress:
         scorer.on_evaluation = lambda: progress.advance(task)
     out = []
-    for i, (names, a) in enumerate(zip(seg_removable, alloc)):
-        out.append(select_in_segment(scorer, i, names, len(names) - a,
-                                     exhaustive_budget=cfg.exhaustive_budget, beam_width=cfg.beam_width))
+    for i, (names, a, sh) in enumerate(zip(seg_removable, alloc, shares)):
+        out.append(select_in_segment(scorer, i, names, len(names) - a, exhaustive_budget=cfg.exhaustive_budget,
+                                     beam_width=cfg.beam_width, max_evaluations=sh, direction=direction))
     if progress:
         progress.update(task, completed=total)
         scorer.on_evaluation = None
