@@ -24,6 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular")
 
 
+def _method_protocol(method: str, default_protocol: str) -> tuple[str, str]:
+    """'sglp' uses --protocol; 'sglp-reference' / 'sglp-natural' name the GradNorm protocol, so both
+    can be compared in one table (the comparison that decides the default protocol)."""
+    if method.startswith("sglp-"):
+        return "sglp", method.split("-", 1)[1]
+    return method, default_protocol
+
+
 def _accuracy(model, data, batch_size: int = 256) -> float:
     import torch
 
@@ -68,9 +76,18 @@ def run_resnet56(args) -> None:
           + (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + f" of KD fine-tune, keep {args.keep}/28")
     rows = []
     for method in args.methods:
+        settings = {"model": "resnet56", "method": method, "protocol": args.protocol, "keep": args.keep,
+                    "epochs": None if args.steps else args.epochs, "steps": args.steps, "lr": args.lr, "seed": args.seed}
+        cached = _cached_row(args.workdir, settings)
+        if cached:
+            rows.append(cached)
+            print(f"  {method:16s} after pruning {cached['pruned_acc']:6.2f} %  after KD {cached['acc']:6.2f} %  "
+                  f"MACs -{100 * cached['macs_reduction']:.1f} %  (cached result of an earlier run)", flush=True)
+            continue
         t0 = time.perf_counter()
+        base_method, protocol = _method_protocol(method, args.protocol)
         res = run_prune_job(PruneJob(model="default", out=Path(args.workdir) / f"r56-{method}", keep=args.keep,
-                                     method=method, protocol=args.protocol, seed=args.seed), loaded=teacher)
+                                     method=base_method, protocol=protocol, seed=args.seed), loaded=teacher)
         pruned_acc = _accuracy(res.pruned, data)
         cfg = FinetuneConfig(epochs=None if args.steps else args.epochs, steps=args.steps, batch_size=128, lr=args.lr,
                              alpha=0.9, temperature=4.0, seed=args.seed, progress=sys.stderr.isatty())
@@ -79,12 +96,13 @@ def run_resnet56(args) -> None:
         rows.append({"method": method, "removed": res.plan.removed, "pruned_acc": pruned_acc, "acc": acc,
                      "macs_reduction": res.plan.macs_reduction, "params_reduction": res.plan.params_reduction,
                      "evaluations": res.plan.evaluations, "wall_s": time.perf_counter() - t0})
+        _save_row(args.workdir, settings, rows[-1])
         print(f"  {method:16s} after pruning {pruned_acc:6.2f} %  after KD {acc:6.2f} %  "
               f"MACs -{100 * res.plan.macs_reduction:.1f} %  ({rows[-1]['wall_s']:.0f} s)", flush=True)
     _table(rows, "acc", "top-1 %", higher=True)
     Path(args.workdir, "recovery_resnet56.json").write_text(json.dumps({"base_acc": base, "rows": rows}, indent=2))
     sg = next(r for r in rows if r["method"] == "sglp")
-    others = [r for r in rows if r["method"] != "sglp"]
+    others = [r for r in rows if not r["method"].startswith("sglp")]
     best = max(others, key=lambda r: r["acc"]) if others else {"method": "none", "acc": float("nan")}
     print(f"recovery resnet56 base_acc={base:.2f} sglp_acc={sg['acc']:.2f} best_other={best['method']} "
           f"best_other_acc={best['acc']:.2f} macs_reduction={sg['macs_reduction']:.3f}")
@@ -107,9 +125,19 @@ def run_smollm2(args) -> None:
           f"budget per method: {args.minutes} min of KD fine-tune, keep {args.keep}/30")
     rows = []
     for method in args.methods:
+        settings = {"model": "smollm2", "method": method, "protocol": args.protocol, "keep": args.keep,
+                    "minutes": args.minutes, "lr": args.lm_lr, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
+                    "eval_blocks": args.eval_blocks, "seed": args.seed}
+        cached = _cached_row(args.workdir, settings)
+        if cached:
+            rows.append(cached)
+            print(f"  {method:16s} after pruning ppl {cached['pruned_ppl']:10.2f}  after KD ppl {cached['ppl']:8.2f}  "
+                  "(cached result of an earlier run)", flush=True)
+            continue
         t0 = time.perf_counter()
+        base_method, protocol = _method_protocol(method, args.protocol)
         res = run_prune_job(PruneJob(model="smollm2", out=Path(args.workdir) / f"smol-{method}", data="text",
-                                     keep=args.keep, method=method, protocol=args.protocol, calib_batches=4,
+                                     keep=args.keep, method=base_method, protocol=protocol, calib_batches=4,
                                      batch_size=4, seq_len=args.seq_len, seed=args.seed), loaded=teacher)
         pruned_ppl = _perplexity(res.pruned, test)
         cfg = FinetuneConfig(minutes=args.minutes, batch_size=4, lr=args.lm_lr, optimizer="adamw", weight_decay=0.0,
@@ -118,15 +146,39 @@ def run_smollm2(args) -> None:
         ppl = _perplexity(ft.model, test)
         rows.append({"method": method, "removed": res.plan.removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
                      "steps": ft.steps, "wall_s": time.perf_counter() - t0})
+        _save_row(args.workdir, settings, rows[-1])
         print(f"  {method:16s} after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  ({ft.steps} steps, "
               f"{rows[-1]['wall_s']:.0f} s)", flush=True)
     _table(rows, "ppl", "perplexity", higher=False)
     Path(args.workdir, "recovery_smollm2.json").write_text(json.dumps({"base_ppl": base, "rows": rows}, indent=2))
     sg = next(r for r in rows if r["method"] == "sglp")
-    others = [r for r in rows if r["method"] != "sglp"]
+    others = [r for r in rows if not r["method"].startswith("sglp")]
     best = min(others, key=lambda r: r["ppl"]) if others else {"method": "none", "ppl": float("nan")}
     print(f"recovery smollm2 base_ppl={base:.2f} pruned_ppl={sg['pruned_ppl']:.2f} sglp_ppl={sg['ppl']:.2f} "
           f"best_other={best['method']} best_other_ppl={best['ppl']:.2f}")
+
+
+def _row_path(workdir: str, settings: dict) -> Path:
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(workdir) / f"row-{settings['model']}-{settings['method']}-{key}.json"
+
+
+def _cached_row(workdir: str, settings: dict) -> dict | None:
+    """A finished method's row from an earlier (possibly interrupted) run with identical settings."""
+    p = _row_path(workdir, settings)
+    if not p.is_file():
+        return None
+    d = json.loads(p.read_text())
+    return d["row"] if d.get("settings") == settings else None
+
+
+def _save_row(workdir: str, settings: dict, row: dict) -> None:
+    p = _row_path(workdir, settings)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "row": row}, indent=2))
+    tmp.replace(p)
 
 
 def _table(rows, key: str, label: str, higher: bool) -> None:
@@ -141,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", choices=["resnet56", "smollm2"])
     ap.add_argument("--keep", type=int, default=None)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma list of " + ", ".join(METHODS) + ", sglp-natural, sglp-reference")
     ap.add_argument("--protocol", default="natural", help="GradNorm candidate protocol for SGLP")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--steps", type=int, default=None, help="fine-tune budget in steps (overrides --epochs)")
@@ -152,8 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=400_000)
     ap.add_argument("--eval-blocks", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", default="runs/recovery")
+    ap.add_argument("--workdir", default="runs/recovery",
+                    help="working folder; each finished method's result is kept there and reused by a re-run "
+                         "with the same settings (an interrupted run loses at most the method in progress)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "sglp" not in args.methods:
         args.methods.insert(0, "sglp")

