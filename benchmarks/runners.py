@@ -116,6 +116,15 @@ class Runner:
         self.output_names: list[str] = []
         self.batch: Optional[int] = None
 
+    def _common(self, artifact: str | os.PathLike, threads: Optional[int], streams: int, precision: str) -> None:
+        """Checks and settings every backend shares: the artifact exists, the precision is known."""
+        self.path = Path(artifact)
+        if not self.path.exists():
+            raise UserError(f"artifact not found: {self.path}")
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.threads, self.streams, self.precision = threads, streams, precision
+
     # -- interface -----------------------------------------------------------------------------
     def set_batch(self, batch: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -220,12 +229,7 @@ class OpenVINORunner(Runner):
         except ImportError:
             raise UserError("OpenVINO is not installed on this machine: pip install openvino") from None
         self._ov = ov
-        self.path = Path(artifact)
-        if not self.path.exists():
-            raise UserError(f"artifact not found: {self.path}")
-        if precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.threads, self.streams, self.precision = threads, streams, precision
+        self._common(artifact, threads, streams, precision)
         self.device, self.hint = device, (hint or "NONE").upper()
         self.extra_config = dict(extra_config or {})
         self.core = ov.Core()
@@ -379,12 +383,7 @@ class OnnxRuntimeRunner(Runner):
         except ImportError:
             raise UserError("ONNX Runtime is not installed on this machine: pip install onnxruntime") from None
         self._ort = ort
-        self.path = Path(artifact)
-        if not self.path.exists():
-            raise UserError(f"artifact not found: {self.path}")
-        if precision not in PRECISIONS:
-            raise UserError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.threads, self.streams, self.precision = threads, streams, precision
+        self._common(artifact, threads, streams, precision)
         available = ort.get_available_providers()
         wanted = list(providers or ["CPUExecutionProvider"])
         missing = [p for p in wanted if p not in available]
@@ -585,9 +584,7 @@ class TensorRTRunner(Runner):
                 "python3-libnvinfer (apt install python3-libnvinfer), elsewhere pip install tensorrt"
             ) from None
         self.trt = trt
-        self.path = Path(artifact)
-        if not self.path.exists():
-            raise UserError(f"artifact not found: {self.path}")
+        self._common(artifact, threads, streams, precision)
         if self.path.suffix.lower() == ".onnx":
             raise UserError(
                 f"{self.path.name} is an ONNX file: python -m benchmarks.run_bench builds the engine on the board "
@@ -595,7 +592,7 @@ class TensorRTRunner(Runner):
             )
         if timing not in ("host", "compute"):
             raise UserError("TensorRT timing must be 'host' (H2D + compute + D2H) or 'compute'")
-        self.threads, self.streams, self.precision, self.timing = threads, streams, precision, timing
+        self.timing = timing
         self.cuda = _cuda_backend()
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)

@@ -20,6 +20,7 @@ from benchmarks.harness import MeasureConfig, capture_env, latency_stats, measur
 from benchmarks.runners import (OnnxRuntimeRunner, OpenVINORunner, UnsupportedBatch, open_runner, parse_shape,
                                 random_feeds)
 from exporters.errors import UserError
+from onnx_models import make_cnn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,28 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------
 # tiny artifacts built here (no torch needed)
 # ---------------------------------------------------------------------------------------------
-
-
-def make_cnn(path: Path, batch: int | str = "N", classes: int = 10, seed: int = 0) -> Path:
-    """x[B,3,32,32] -> conv3x3(8) -> relu -> global avg pool -> matmul -> logits[B,classes]."""
-    rng = np.random.default_rng(seed)
-    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W")
-    f = numpy_helper.from_array(rng.standard_normal((8, classes)).astype(np.float32), "F")
-    nodes = [
-        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("MatMul", ["f", "F"], ["logits"]),
-    ]
-    g = helper.make_graph(nodes, "tiny_cnn",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 32, 32])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], [w, f])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    onnx.checker.check_model(m)
-    onnx.save(m, str(path))
-    return path
 
 
 def make_lm(path: Path, vocab: int = 7, seq: int = 6, seed: int = 1) -> tuple[Path, np.ndarray]:

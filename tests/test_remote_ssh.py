@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
+from onnx_models import make_cnn
 from sglp_edge.profiles import DeviceProfile
 from sglp_edge.remote import RemoteJob, SSHTarget, make_bundle, run_remote, run_remote_many
 
@@ -81,22 +80,6 @@ def sshd(tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
-
-
-def make_cnn(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "W")
-    f = numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "F")
-    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
-             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("MatMul", ["f", "F"], ["logits"])]
-    g = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], [w, f])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(m, str(path))
-    return path
 
 
 def make_eval(model: Path, path: Path) -> Path:
