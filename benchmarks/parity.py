@@ -229,9 +229,17 @@ def run_lm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             raise UserError(f"{args.text} gives {len(windows)} windows of {T} tokens; need {n_cal + n_ev}")
         xc, xe = windows[:n_cal], windows[n_cal:n_cal + n_ev]
         _say(f"data: {args.text}: {len(xc)} calibration and {len(xe)} held-out windows of {T} tokens")
+    elif args.lm != "tiny-llama":
+        if tok is None:
+            raise UserError(f"{args.lm} has no tokenizer; pass a model folder with one")
+        from sglp_edge.data import get_text_dataset
+
+        text = get_text_dataset(tok, seed=args.seed, block_size=T, max_tokens=max(200_000, 4 * (n_cal + n_ev) * T))
+        xc = text.split("calibration")[:n_cal].numpy().astype(np.int64)
+        xe = text.split("test")[:n_ev].numpy().astype(np.int64)
+        _say(f"data: the project's English corpus ({text.source}): "
+             f"{len(xc)} calibration and {len(xe)} held-out windows of {T} tokens")
     else:
-        if args.lm != "tiny-llama":
-            raise UserError("--lm with a real model needs --text FILE (real prose) for calibration and parity")
         rng = np.random.default_rng(args.seed)
         vocab = int(model.config.vocab_size)
         xc, xe = rng.integers(0, vocab, (n_cal, T)), rng.integers(0, vocab, (n_ev, T))
@@ -269,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="keep all artifacts and results.json here (default: a temporary folder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lm", help="language-model path instead: checkpoint folder, smollm2, or tiny-llama")
-    ap.add_argument("--text", help="--lm: text file for calibration / held-out token windows")
+    ap.add_argument("--text", help="--lm: text file for calibration / held-out token windows "
+                                   "(default: the project's English corpus, python3.11-doc, calibration / test splits)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lm-calib", type=int, default=64)
     ap.add_argument("--lm-eval", type=int, default=64)

@@ -122,11 +122,13 @@ def run_smollm2(args) -> None:
     test = text.split("test")[: args.eval_blocks]
     base = _perplexity(teacher.model, test)
     print(f"baseline SmolLM2-135M held-out perplexity {base:.2f} on {len(test)} blocks of {args.seq_len} tokens; "
-          f"budget per method: {args.minutes} min of KD fine-tune, keep {args.keep}/30")
+          "budget per method: " + (f"{args.lm_steps} steps" if args.lm_steps else f"{args.minutes} min")
+          + f" of KD fine-tune, keep {args.keep}/30")
     rows = []
     for method in args.methods:
         settings = {"model": "smollm2", "method": method, "protocol": args.protocol, "keep": args.keep,
-                    "minutes": args.minutes, "lr": args.lm_lr, "seq_len": args.seq_len, "max_tokens": args.max_tokens,
+                    "minutes": None if args.lm_steps else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
+                    "seq_len": args.seq_len, "max_tokens": args.max_tokens,
                     "eval_blocks": args.eval_blocks, "seed": args.seed}
         cached = _cached_row(args.workdir, settings)
         if cached:
@@ -140,7 +142,8 @@ def run_smollm2(args) -> None:
                                      keep=args.keep, method=base_method, protocol=protocol, calib_batches=4,
                                      batch_size=4, seq_len=args.seq_len, seed=args.seed), loaded=teacher)
         pruned_ppl = _perplexity(res.pruned, test)
-        cfg = FinetuneConfig(minutes=args.minutes, batch_size=4, lr=args.lm_lr, optimizer="adamw", weight_decay=0.0,
+        cfg = FinetuneConfig(minutes=None if args.lm_steps else args.minutes, steps=args.lm_steps, batch_size=4,
+                             lr=args.lm_lr, optimizer="adamw", weight_decay=0.0,
                              alpha=0.9, temperature=2.0, seed=args.seed, progress=sys.stderr.isatty())
         ft = finetune(res.pruned, teacher.model, teacher.adapter, text, cfg)
         ppl = _perplexity(ft.model, test)
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="fine-tune budget in steps (overrides --epochs)")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--minutes", type=float, default=10.0, help="LM fine-tune budget per method")
+    ap.add_argument("--lm-steps", type=int, default=None,
+                    help="LM fine-tune budget in steps instead of minutes (equal work per method on a loaded machine)")
     ap.add_argument("--lm-lr", type=float, default=5e-5)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=400_000)

@@ -179,10 +179,8 @@ class Pipeline:
 
         def fn(tmp: Path) -> dict[str, Any]:
             job = PruneJob(model=self.cfg.model, out=tmp / "out", data=self.cfg.data,
-                           data_root=Path(self.cfg.data_root) if self.cfg.data_root else None, keep=p.keep,
-                           target_macs=p.target_macs, method=p.method, k=p.k, protocol=p.protocol,
-                           calib_batches=p.calib_batches, grad_batches=p.grad_batches, batch_size=p.batch_size,
-                           seq_len=p.seq_len, eval_budget=p.eval_budget, seed=self.cfg.seed)
+                           data_root=Path(self.cfg.data_root) if self.cfg.data_root else None, seed=self.cfg.seed,
+                           **p.model_dump())  # every prune: field of the config is a PruneJob field
             res = run_prune_job(job, loaded=self.loaded, show_progress=True)
             for f in (tmp / "out").iterdir():  # flatten: prune/{model,plan.json,cka_heatmap.png}
                 f.rename(tmp / f.name)

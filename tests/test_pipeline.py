@@ -129,3 +129,12 @@ def test_cli_exit_code_follows_constraints(run_dir, tmp_path):
     assert p.returncode == 1, p.stderr[-2000:]
     assert "FAIL" in p.stdout and "latency_p50_ms" in p.stdout
     assert "skip" in p.stderr  # earlier stages were reused
+
+
+def test_every_prune_config_field_reaches_the_prune_job():
+    import dataclasses
+
+    from sglp_edge.pipeline import PruneSection
+    from sglp_edge.pruning_job import PruneJob
+
+    assert set(PruneSection.model_fields) <= {f.name for f in dataclasses.fields(PruneJob)}
