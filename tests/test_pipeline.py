@@ -138,3 +138,10 @@ def test_every_prune_config_field_reaches_the_prune_job():
     from sglp_edge.pruning_job import PruneJob
 
     assert set(PruneSection.model_fields) <= {f.name for f in dataclasses.fields(PruneJob)}
+
+
+def test_the_shipped_default_config_validates():
+    from sglp_edge.pipeline import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
+    assert cfg.model == "default" and cfg.prune.keep and cfg.devices
