@@ -211,6 +211,12 @@ def _lm_model(name: str, seed: int) -> tuple[Any, Any, str]:
     return loaded.model.eval(), loaded.tokenizer, f"{name} ({type(loaded.model).__name__})"
 
 
+def _lm_name(lm: str) -> str:
+    """A readable name for the summary line: the folder, or its parent for a prune output's model/."""
+    p = Path(lm)
+    return p.parent.name if p.name == "model" and p.parent.name else (p.name or lm)
+
+
 def run_lm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import torch
 
@@ -247,7 +253,7 @@ def run_lm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     with torch.inference_mode():
         ref = np.concatenate([model(input_ids=torch.from_numpy(xe[i:i + 8]), use_cache=False).logits.float().numpy()
                               for i in range(0, len(xe), 8)], 0)
-    name = Path(args.lm).name or args.lm
+    name = _lm_name(args.lm)
     onnx_path = out / f"{name}.onnx"
     er = export_onnx(model, xe[:2], onnx_path, kind="tokens", simplify=args.simplify, parity_inputs=xe,
                      parity_reference=ref, parity_source=f"{len(xe)} held-out token windows",
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out / "results.json", res)
         _say(f"artifacts, manifests and results.json in {out}")
     s = res["summary"]
-    name = (Path(args.lm).name or args.lm) if args.lm else "resnet56"
+    name = _lm_name(args.lm) if args.lm else "resnet56"
     _say(f"total {time.perf_counter() - t0:.0f}s")
     print(f"parity {name} onnx_max_abs={s['onnx_max_abs']:.3g} openvino_fp32_max_abs={s['openvino_fp32_max_abs']:.3g} "
           f"ort_int8_top1_agree={s['ort_int8_top1_agree']:.4f} openvino_int8_top1_agree={s['openvino_int8_top1_agree']:.4f}",

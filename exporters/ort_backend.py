@@ -8,6 +8,9 @@
   mobile builds; the config feeds ``--include_ops_by_config`` of a minimal ORT build.
 * INT8: ``quant_pre_process`` then ``quantize_static`` in QDQ format (U8 activations, S8
   per-channel weights: the CPU EP fast path), MinMax calibration on the calibration samples.
+  Language models default to ``quantize_dynamic`` (S8 per-channel weights, activations quantised
+  per batch at run time: ONNX Runtime's recommendation for transformers, whose activation
+  outliers defeat one static range); ``int8_scheme="static"`` still asks for QDQ.
 
 Execution providers are chosen from what the installed onnxruntime offers: ACL, XNNPACK, CPU.
 Numpy + onnxruntime only (no torch).
@@ -192,6 +195,20 @@ def quantize_int8(src: Path, dst: Path, calib: CalibData, *, samples: int = 300,
     return info
 
 
+def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
+    """Dynamic INT8: int8 weights (per channel), activation ranges computed per batch at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"ONNX Runtime dynamic INT8 quantization failed ({str(e).strip().splitlines()[0][:200]})") from None
+    return {"tool": f"onnxruntime.quantization {version()}", "format": "dynamic (QOperator)", "scheme": "dynamic",
+            "calibration_samples": 0, "per_channel": True, "weight_type": "int8",
+            "activation_type": "uint8, range per batch at run time", "op_types": ["MatMul", "Gemm"]}
+
+
 def build(
     onnx_path: str | Path,
     out_dir: str | Path,
@@ -204,9 +221,12 @@ def build(
     keep_first_last_float: bool = True,
     ort_format: bool = True,
     target_platform: str = "arm",
+    int8_scheme: str = "auto",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     say = progress or (lambda _m: None)
+    if int8_scheme not in ("auto", "static", "dynamic"):
+        raise UserError(f"int8_scheme must be auto, static or dynamic; got {int8_scheme!r}")
     if precision not in PRECISIONS:
         raise UserError(f"onnxruntime backend supports precisions {', '.join(PRECISIONS)}; got {precision!r} "
                         "(for fp16 use --backend openvino or tensorrt)")
@@ -218,9 +238,16 @@ def build(
     if precision == "int8":
         if calib is None:
             raise UserError("INT8 needs calibration data: pass --calib DATA.npz")
-        say(f"quantize INT8 (QDQ, {min(calib_samples, len(calib))} calibration samples)")
-        section["quantization"] = quantize_int8(Path(onnx_path), model, calib, samples=calib_samples,
-                                                method=calibrate_method, keep_first_last_float=keep_first_last_float)
+        scheme = ("dynamic" if calib.kind == "tokens" else "static") if int8_scheme == "auto" else int8_scheme
+        if scheme == "dynamic":
+            say("quantize INT8 (dynamic: int8 weights, activations per batch)")
+            section["quantization"] = quantize_int8_dynamic(Path(onnx_path), model)
+        else:
+            say(f"quantize INT8 (QDQ, {min(calib_samples, len(calib))} calibration samples)")
+            section["quantization"] = dict(quantize_int8(Path(onnx_path), model, calib, samples=calib_samples,
+                                                         method=calibrate_method,
+                                                         keep_first_last_float=keep_first_last_float),
+                                           scheme="static")
     else:
         shutil.copy2(onnx_path, model)
     artifacts = [{"path": "model.onnx", "role": f"onnx-{precision}"}]

@@ -30,3 +30,20 @@ def make_cnn(path: Path, batch: int | str = "N", classes: int = 10, seed: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(m, str(path))
     return path
+
+
+def make_token_lm(path: Path, vocab: int = 64, hidden: int = 32, seed: int = 0) -> Path:
+    """input_ids[B,T] (int64) -> Gather(embedding[vocab,hidden]) -> MatMul(W[hidden,vocab]) -> logits[B,T,vocab]."""
+    rng = np.random.default_rng(seed)
+    e = numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "E")
+    w = numpy_helper.from_array(rng.standard_normal((hidden, vocab)).astype(np.float32), "W")
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["h"], axis=0),
+             helper.make_node("MatMul", ["h", "W"], ["logits"])]
+    g = helper.make_graph(nodes, "token_lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", vocab])], [e, w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    onnx.checker.check_model(m)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(path))
+    return path

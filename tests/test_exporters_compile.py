@@ -245,3 +245,46 @@ def test_execution_provider_choice():
     import onnxruntime as ort
 
     assert choose_providers() == [p for p in arm if p in ort.get_available_providers()]
+
+
+def test_openvino_int8_for_token_models_is_weight_only(tmp_path):
+    """LMs: weight-only INT8 (nncf.compress_weights) by default; static INT8 still on request."""
+    import onnxruntime as ort
+    import openvino as ov
+    from onnx_models import make_token_lm
+
+    from exporters.calib import load_npz
+    from exporters.openvino_backend import build
+
+    model = make_token_lm(tmp_path / "lm.onnx")
+    ids = np.random.default_rng(0).integers(0, 64, (16, 8)).astype(np.int64)
+    ref = ort.InferenceSession(str(model)).run(None, {"input_ids": ids})[0]
+    save_npz(tmp_path / "calib.npz", ids[:8])
+    save_npz(tmp_path / "eval.npz", ids[8:], None, ref[8:])
+    m = compile_model(model, "openvino", "int8", tmp_path / "ov", calib=tmp_path / "calib.npz",
+                      eval_data=tmp_path / "eval.npz", progress=False)
+    q = m["quantization"]
+    assert q["scheme"] == "weights" and q["method"].startswith("nncf.compress_weights")
+    consts = [op for op in ov.Core().read_model(str(tmp_path / "ov" / "model.xml")).get_ops()
+              if op.get_type_name() == "Constant"]
+    assert any(c.get_element_type().get_type_name() in ("u8", "i8") for c in consts)  # 8-bit weights stored
+    assert m["parity"]["top1_agree"] >= 0.95
+    with pytest.raises(UserError, match="int8_scheme"):
+        build(model, tmp_path / "bad", "int8", calib=load_npz(tmp_path / "calib.npz"), int8_scheme="magic")
+
+
+def test_onnxruntime_int8_for_token_models_is_dynamic(tmp_path):
+    import onnxruntime as ort
+    from onnx_models import make_token_lm
+
+    model = make_token_lm(tmp_path / "lm.onnx")
+    ids = np.random.default_rng(0).integers(0, 64, (16, 8)).astype(np.int64)
+    ref = ort.InferenceSession(str(model)).run(None, {"input_ids": ids})[0]
+    save_npz(tmp_path / "calib.npz", ids[:8])
+    save_npz(tmp_path / "eval.npz", ids[8:], None, ref[8:])
+    m = compile_model(model, "onnxruntime", "int8", tmp_path / "ort", calib=tmp_path / "calib.npz",
+                      eval_data=tmp_path / "eval.npz", progress=False)
+    assert m["quantization"]["scheme"] == "dynamic"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "ort" / "model.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}, ops
+    assert m["parity"]["top1_agree"] >= 0.8  # random toy weights: close logits; chance would be 1/64
