@@ -121,11 +121,18 @@ def compile_model(
     trtexec_only: bool = False,
     trt_options: Any = None,
     keep_first_last_float: bool = True,
+    int8_scheme: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Compile ``onnx_path`` into ``out_dir`` (replaced whole on success) and return the manifest."""
+    """Compile ``onnx_path`` into ``out_dir`` (replaced whole on success) and return the manifest.
+    ``int8_scheme``: "auto" (static for image models; weight-only on OpenVINO and dynamic on ONNX
+    Runtime for token models), "static", "weights" (OpenVINO) or "dynamic" (ONNX Runtime)."""
     t0 = time.perf_counter()
     check_request(backend, precision)
+    allowed = {"openvino": ("auto", "static", "weights"), "onnxruntime": ("auto", "static", "dynamic")}
+    if int8_scheme != "auto" and int8_scheme not in allowed.get(backend, ("auto",)):
+        raise UserError(f"--int8-scheme {int8_scheme} is not available for {backend}; choose one of "
+                        f"{', '.join(allowed.get(backend, ('auto',)))}")
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} exists and is not a folder")
@@ -175,13 +182,14 @@ def compile_model(
 
             section = ovb.build(onnx_path, tmp, precision, calib=calib_d, eval_data=eval_d,
                                 max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples, device=device,
-                                keep_first_last_float=keep_first_last_float, progress=say)
+                                keep_first_last_float=keep_first_last_float, int8_scheme=int8_scheme, progress=say)
             run = ovb.runner(tmp, precision, device) if parity_d is not None else None
         elif backend == "onnxruntime":
             from . import ort_backend as ortb
 
             section = ortb.build(onnx_path, tmp, precision, calib=calib_d, calib_samples=calib_samples,
-                                 providers=providers, keep_first_last_float=keep_first_last_float, progress=say)
+                                 providers=providers, keep_first_last_float=keep_first_last_float,
+                                 int8_scheme=int8_scheme, progress=say)
             run = ortb.runner(tmp, providers) if parity_d is not None else None
         else:
             section, run = _tensorrt(onnx_path, tmp, precision, io, calib_d, calib_samples, trt_version,

@@ -288,3 +288,10 @@ def test_onnxruntime_int8_for_token_models_is_dynamic(tmp_path):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "ort" / "model.onnx")).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}, ops
     assert m["parity"]["top1_agree"] >= 0.8  # random toy weights: close logits; chance would be 1/64
+
+
+def test_int8_scheme_must_suit_the_backend(workdir):
+    with pytest.raises(UserError, match="int8-scheme dynamic is not available for openvino"):
+        compile_model(workdir / "model.onnx", "openvino", "int8", workdir / "never", calib=workdir / "calib.npz",
+                      int8_scheme="dynamic", progress=False)
+    assert not (workdir / "never").exists()

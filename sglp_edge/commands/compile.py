@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(32, help="TensorRT profile: maximum batch"),
         quantize_all: bool = typer.Option(False, help="int8: quantize the first and last compute layers too "
                                                       "(default keeps them in float)"),
+        int8_scheme: str = typer.Option("auto", help="int8: auto (static for images; LMs: weight-only on OpenVINO, "
+                                                     "dynamic on ONNX Runtime), static, weights, dynamic"),
     ) -> None:
         """Compile an ONNX model for OpenVINO, ONNX Runtime or TensorRT; writes the artifacts and a
         manifest.json (source hash, backend + version, precision, parity figures) atomically."""
@@ -52,7 +54,7 @@ def register(app: typer.Typer) -> None:
                           max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples, eval_samples=eval_samples,
                           device=device, providers=[p for p in providers.split(",") if p] if providers else None,
                           trt_version=trt_version, trtexec_only=trtexec_only, trt_options=opts,
-                          keep_first_last_float=not quantize_all)
+                          keep_first_last_float=not quantize_all, int8_scheme=int8_scheme)
         b = m["backend"]
         typer.echo(f"wrote {out}/ ({', '.join(a['path'] for a in m['artifacts'])}, manifest.json) "
                    f"backend={b['name']} {b.get('version') or b.get('target_version')} precision={precision}")
