@@ -125,11 +125,11 @@ def compile_model(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Compile ``onnx_path`` into ``out_dir`` (replaced whole on success) and return the manifest.
-    ``int8_scheme``: "auto" (static for image models; weight-only on OpenVINO and dynamic on ONNX
-    Runtime for token models), "static", "weights" (OpenVINO) or "dynamic" (ONNX Runtime)."""
+    ``int8_scheme``: "auto" (static for image models, weight-only for token models), "static",
+    "weights" or "dynamic" (ONNX Runtime only)."""
     t0 = time.perf_counter()
     check_request(backend, precision)
-    allowed = {"openvino": ("auto", "static", "weights"), "onnxruntime": ("auto", "static", "dynamic")}
+    allowed = {"openvino": ("auto", "static", "weights"), "onnxruntime": ("auto", "static", "dynamic", "weights")}
     if int8_scheme != "auto" and int8_scheme not in allowed.get(backend, ("auto",)):
         raise UserError(f"--int8-scheme {int8_scheme} is not available for {backend}; choose one of "
                         f"{', '.join(allowed.get(backend, ('auto',)))}")

@@ -8,9 +8,10 @@
   mobile builds; the config feeds ``--include_ops_by_config`` of a minimal ORT build.
 * INT8: ``quant_pre_process`` then ``quantize_static`` in QDQ format (U8 activations, S8
   per-channel weights: the CPU EP fast path), MinMax calibration on the calibration samples.
-  Language models default to ``quantize_dynamic`` (S8 per-channel weights, activations quantised
-  per batch at run time: ONNX Runtime's recommendation for transformers, whose activation
-  outliers defeat one static range); ``int8_scheme="static"`` still asks for QDQ.
+  Language models default to weight-only INT8 (``MatMulNBits``, 8-bit blocks of 128, activations
+  stay float): on the pruned SmolLM2 it agreed with FP32 on 95 % of next tokens, where static QDQ
+  and ``quantize_dynamic`` (activations quantised per tensor: LLM activation outliers) agreed on
+  0-38 %. ``int8_scheme="static"`` / ``"dynamic"`` still ask for those.
 
 Execution providers are chosen from what the installed onnxruntime offers: ACL, XNNPACK, CPU.
 Numpy + onnxruntime only (no torch).
@@ -209,6 +210,28 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
             "activation_type": "uint8, range per batch at run time", "op_types": ["MatMul", "Gemm"]}
 
 
+def quantize_int8_weights(src: Path, dst: Path, block_size: int = 128) -> dict[str, Any]:
+    """Weight-only INT8: every MatMul with a constant weight becomes ``MatMulNBits`` (8 bits,
+    symmetric blocks of ``block_size``); activations stay float."""
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    try:
+        cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=8,
+                                               op_types_to_quantize=("MatMul",))
+        qz = mnb.MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=block_size, is_symmetric=True,
+                                      algo_config=cfg, op_types_to_quantize=("MatMul",))
+        with contextlib.redirect_stdout(io.StringIO()):
+            qz.process()
+        qz.model.save_model_to_file(str(dst), use_external_data_format=False)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"ONNX Runtime weight-only INT8 quantization failed ({str(e).strip().splitlines()[0][:200]})") from None
+    n = sum(1 for node in onnx.load(str(dst), load_external_data=False).graph.node if node.op_type == "MatMulNBits")
+    return {"tool": f"onnxruntime.quantization {version()}", "format": "MatMulNBits (weight-only)", "scheme": "weights",
+            "calibration_samples": 0, "bits": 8, "block_size": block_size, "symmetric": True,
+            "quantized_matmuls": n, "activation_type": "float (not quantised)"}
+
+
 def build(
     onnx_path: str | Path,
     out_dir: str | Path,
@@ -225,8 +248,8 @@ def build(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     say = progress or (lambda _m: None)
-    if int8_scheme not in ("auto", "static", "dynamic"):
-        raise UserError(f"int8_scheme must be auto, static or dynamic; got {int8_scheme!r}")
+    if int8_scheme not in ("auto", "static", "dynamic", "weights"):
+        raise UserError(f"int8_scheme must be auto, static, dynamic or weights; got {int8_scheme!r}")
     if precision not in PRECISIONS:
         raise UserError(f"onnxruntime backend supports precisions {', '.join(PRECISIONS)}; got {precision!r} "
                         "(for fp16 use --backend openvino or tensorrt)")
@@ -238,8 +261,11 @@ def build(
     if precision == "int8":
         if calib is None:
             raise UserError("INT8 needs calibration data: pass --calib DATA.npz")
-        scheme = ("dynamic" if calib.kind == "tokens" else "static") if int8_scheme == "auto" else int8_scheme
-        if scheme == "dynamic":
+        scheme = ("weights" if calib.kind == "tokens" else "static") if int8_scheme == "auto" else int8_scheme
+        if scheme == "weights":
+            say("quantize INT8 (weight-only MatMulNBits, 8 bits)")
+            section["quantization"] = quantize_int8_weights(Path(onnx_path), model)
+        elif scheme == "dynamic":
             say("quantize INT8 (dynamic: int8 weights, activations per batch)")
             section["quantization"] = quantize_int8_dynamic(Path(onnx_path), model)
         else:

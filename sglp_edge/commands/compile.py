@@ -39,8 +39,8 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(32, help="TensorRT profile: maximum batch"),
         quantize_all: bool = typer.Option(False, help="int8: quantize the first and last compute layers too "
                                                       "(default keeps them in float)"),
-        int8_scheme: str = typer.Option("auto", help="int8: auto (static for images; LMs: weight-only on OpenVINO, "
-                                                     "dynamic on ONNX Runtime), static, weights, dynamic"),
+        int8_scheme: str = typer.Option("auto", help="int8: auto (static for images, weight-only for LMs), "
+                                                     "static, weights, dynamic (onnxruntime)"),
     ) -> None:
         """Compile an ONNX model for OpenVINO, ONNX Runtime or TensorRT; writes the artifacts and a
         manifest.json (source hash, backend + version, precision, parity figures) atomically."""
