@@ -138,16 +138,29 @@ def run_smollm2(args) -> None:
             continue
         t0 = time.perf_counter()
         base_method, protocol = _method_protocol(method, args.protocol)
-        res = run_prune_job(PruneJob(model="smollm2", out=Path(args.workdir) / f"smol-{method}", data="text",
-                                     keep=args.keep, method=base_method, protocol=protocol, calib_batches=4,
-                                     batch_size=4, seq_len=args.seq_len, seed=args.seed), loaded=teacher)
-        pruned_ppl = _perplexity(res.pruned, test)
+        out = Path(args.workdir) / f"smol-{method}"
+        plan_file = out / "plan.json"
+        if plan_file.is_file() and json.loads(plan_file.read_text()).get("config", {}).get("protocol") == protocol \
+                and json.loads(plan_file.read_text()).get("method") == base_method:
+            # the pruned model an interrupted run already wrote (prune output is written atomically)
+            from sglp_edge.models.registry import load_model
+
+            plan = json.loads(plan_file.read_text())
+            pruned, removed = load_model(str(out / "model")).model, plan["removed"]
+            print(f"  {method}: reusing the pruned model in {out}", flush=True)
+        else:
+            res = run_prune_job(PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
+                                         protocol=protocol, calib_batches=4, batch_size=4, seq_len=args.seq_len,
+                                         seed=args.seed), loaded=teacher)
+            pruned, removed = res.pruned, res.plan.removed
+        pruned_ppl = _perplexity(pruned, test)
         cfg = FinetuneConfig(minutes=None if args.lm_steps else args.minutes, steps=args.lm_steps, batch_size=4,
                              lr=args.lm_lr, optimizer="adamw", weight_decay=0.0,
-                             alpha=0.9, temperature=2.0, seed=args.seed, progress=sys.stderr.isatty())
-        ft = finetune(res.pruned, teacher.model, teacher.adapter, text, cfg)
+                             alpha=0.9, temperature=2.0, seed=args.seed, progress=sys.stderr.isatty(),
+                             eval_before=False, eval_test=False)  # held-out perplexity is measured here, once
+        ft = finetune(pruned, teacher.model, teacher.adapter, text, cfg)
         ppl = _perplexity(ft.model, test)
-        rows.append({"method": method, "removed": res.plan.removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
+        rows.append({"method": method, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
                      "steps": ft.steps, "wall_s": time.perf_counter() - t0})
         _save_row(args.workdir, settings, rows[-1])
         print(f"  {method:16s} after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  ({ft.steps} steps, "
