@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "sglp" not in args.methods:
-        args.methods.insert(0, "sglp")
+    if "sglp" not in args.methods:  # last: another run of the same workdir may be finishing it (cached rows)
+        args.methods.append("sglp")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.model == "resnet56":
         args.keep = args.keep or 14
