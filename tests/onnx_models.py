@@ -9,6 +9,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
+def _save(g: onnx.GraphProto, path: Path) -> Path:
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    onnx.checker.check_model(m)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(m, str(path))
+    return path
+
+
 def make_cnn(path: Path, batch: int | str = "N", classes: int = 10, seed: int = 0) -> Path:
     """x[B,3,32,32] -> conv3x3(8) -> relu -> global avg pool -> matmul -> logits[B,classes]."""
     rng = np.random.default_rng(seed)
@@ -24,12 +33,7 @@ def make_cnn(path: Path, batch: int | str = "N", classes: int = 10, seed: int = 
     g = helper.make_graph(nodes, "tiny_cnn",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 32, 32])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], [w, f])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    onnx.checker.check_model(m)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(m, str(path))
-    return path
+    return _save(g, path)
 
 
 def make_token_lm(path: Path, vocab: int = 64, hidden: int = 32, seed: int = 0) -> Path:
@@ -41,9 +45,4 @@ def make_token_lm(path: Path, vocab: int = 64, hidden: int = 32, seed: int = 0) 
              helper.make_node("MatMul", ["h", "W"], ["logits"])]
     g = helper.make_graph(nodes, "token_lm", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "T", vocab])], [e, w])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    onnx.checker.check_model(m)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(m, str(path))
-    return path
+    return _save(g, path)

@@ -247,20 +247,27 @@ def test_execution_provider_choice():
     assert choose_providers() == [p for p in arm if p in ort.get_available_providers()]
 
 
+def _token_lm(d):
+    """A tiny token LM with its calibration and reference-labelled evaluation sets in ``d``."""
+    import onnxruntime as ort
+    from onnx_models import make_token_lm
+
+    model = make_token_lm(d / "lm.onnx")
+    ids = np.random.default_rng(0).integers(0, 64, (16, 8)).astype(np.int64)
+    ref = ort.InferenceSession(str(model)).run(None, {"input_ids": ids})[0]
+    save_npz(d / "calib.npz", ids[:8])
+    save_npz(d / "eval.npz", ids[8:], None, ref[8:])
+    return model
+
+
 def test_openvino_int8_for_token_models_is_weight_only(tmp_path):
     """LMs: weight-only INT8 (nncf.compress_weights) by default; static INT8 still on request."""
-    import onnxruntime as ort
     import openvino as ov
-    from onnx_models import make_token_lm
 
     from exporters.calib import load_npz
     from exporters.openvino_backend import build
 
-    model = make_token_lm(tmp_path / "lm.onnx")
-    ids = np.random.default_rng(0).integers(0, 64, (16, 8)).astype(np.int64)
-    ref = ort.InferenceSession(str(model)).run(None, {"input_ids": ids})[0]
-    save_npz(tmp_path / "calib.npz", ids[:8])
-    save_npz(tmp_path / "eval.npz", ids[8:], None, ref[8:])
+    model = _token_lm(tmp_path)
     m = compile_model(model, "openvino", "int8", tmp_path / "ov", calib=tmp_path / "calib.npz",
                       eval_data=tmp_path / "eval.npz", progress=False)
     q = m["quantization"]
@@ -274,14 +281,7 @@ def test_openvino_int8_for_token_models_is_weight_only(tmp_path):
 
 
 def test_onnxruntime_int8_for_token_models_is_weight_only(tmp_path):
-    import onnxruntime as ort
-    from onnx_models import make_token_lm
-
-    model = make_token_lm(tmp_path / "lm.onnx")
-    ids = np.random.default_rng(0).integers(0, 64, (16, 8)).astype(np.int64)
-    ref = ort.InferenceSession(str(model)).run(None, {"input_ids": ids})[0]
-    save_npz(tmp_path / "calib.npz", ids[:8])
-    save_npz(tmp_path / "eval.npz", ids[8:], None, ref[8:])
+    model = _token_lm(tmp_path)
     m = compile_model(model, "onnxruntime", "int8", tmp_path / "ort", calib=tmp_path / "calib.npz",
                       eval_data=tmp_path / "eval.npz", progress=False)
     assert m["quantization"]["scheme"] == "weights" and m["quantization"]["quantized_matmuls"] == 1
