@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from .errors import UserError
 from .models.base import ModelAdapter, get_module
-from .train import DistInfo, FitResult, LoopConfig, Task, evaluate, fit, init_distributed
+from .train import DistInfo, FitResult, LoopConfig, Task, capped, evaluate, fit, init_distributed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +325,7 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
         cfg.epochs = 1.0
     cfg.check()
     train_set, val_set, test_set, modality = _splits(data)
+    val_set = capped(val_set, cfg.val_samples)
     if modality == "tokens" and cfg.eval_batch_size > cfg.batch_size:
         cfg.eval_batch_size = cfg.batch_size  # (batch, block, vocab) logits get large quickly
     am = getattr(adapter, "modality", "image")

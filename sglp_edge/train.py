@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import UserError
 
@@ -143,6 +143,13 @@ class ClassificationTask(Task):
         return {"acc": acc, "loss": sums.get("loss_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": acc}
 
 
+def capped(dataset: Dataset | None, n: int | None) -> Dataset | None:
+    """The first ``n`` items of ``dataset`` (deterministic), or the data set itself."""
+    if dataset is None or n is None or len(dataset) <= n:
+        return dataset
+    return Subset(dataset, range(n))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, dataset: Dataset, *, batch_size: int = 256,
              info: DistInfo | None = None) -> dict[str, float]:
@@ -192,6 +199,7 @@ class LoopConfig:
     grad_clip: float | None = None
     seed: int = 0
     eval_batch_size: int = 256
+    val_samples: int | None = None  # evaluate on the first N validation items only (quick runs); None: all
     ckpt_minutes: float = 5.0
     select_best: bool = True
     eval_test: bool = True
@@ -208,6 +216,8 @@ class LoopConfig:
                 raise UserError(f"--{k} must be positive, got {getattr(self, k)}")
         if self.batch_size < 1:
             raise UserError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.val_samples is not None and self.val_samples < 1:
+            raise UserError(f"--val-samples must be >= 1, got {self.val_samples}")
         if self.lr <= 0:
             raise UserError(f"learning rate must be positive, got {self.lr}")
         if self.optimizer not in ("sgd", "adamw"):
@@ -386,6 +396,7 @@ def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | Non
     if cfg.batch_size % info.world:
         raise UserError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
     local_bs = cfg.batch_size // info.world
+    val_set = capped(val_set, cfg.val_samples)
     n_train = len(train_set)
     steps_per_epoch = n_train // cfg.batch_size
     if steps_per_epoch < 1:
@@ -556,7 +567,14 @@ def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | Non
     elif cfg.select_best and best is not None:
         selected = f"best-val@step {best['step']} (last)"
     base.eval()
-    val_m = evaluate(base, task, val_set, batch_size=cfg.eval_batch_size, info=info) if val_set is not None and len(val_set) else {}
+    # the selected weights were evaluated when they were reached: reuse that record (an LM val pass
+    # costs minutes); evaluate again only if no record holds them
+    sel_step = best["step"] if cfg.select_best and best is not None else step
+    sel_rec = next((r for r in reversed(history) if r["step"] == sel_step and "val" in r), None)
+    if sel_rec is not None:
+        val_m = sel_rec["val"]
+    else:
+        val_m = evaluate(base, task, val_set, batch_size=cfg.eval_batch_size, info=info) if val_set is not None and len(val_set) else {}
     test_m = None
     if cfg.eval_test and test_set is not None and len(test_set):
         test_m = evaluate(base, task, test_set, batch_size=cfg.eval_batch_size, info=info)

@@ -156,6 +156,25 @@ def test_finetune_recovers_a_pruned_student_and_selects_on_val_only(data, teache
     assert counting.reads == len(data.test) and res2.test is not None and 0 <= res2.test["acc"] <= 1
 
 
+def test_val_is_read_once_per_evaluation_point_and_can_be_capped(data, teacher):
+    """The selected weights' val metrics come from the evaluation made when they were reached (no
+    second val pass at the end; an LM val pass costs minutes), and --val-samples caps the set."""
+    ad = CifarResNetAdapter()
+    removed = ["layer1.1", "layer2.1"]
+    counting = _CountingSplit(data.val)
+    bundle = type(data)(**{**data.__dict__, "val": counting})
+    cfg = FinetuneConfig(steps=5, batch_size=32, lr=0.01, progress=False, eval_test=False, eval_before=False)
+    res = finetune(ad.remove(teacher, removed), teacher, ad, bundle, cfg)
+    assert len(res.history) == 1  # one evaluation point: the end of a budget shorter than an epoch
+    assert counting.reads == len(data.val) + 1, counting.reads  # + the one-image shape check
+    assert res.val == {k: v for k, v in res.history[-1]["val"].items() if k != "score"}
+    counting.reads = 0
+    res = finetune(ad.remove(teacher, removed), teacher, ad, bundle, cfg, val_samples=10)
+    assert counting.reads == 10 + 1 and res.val["n"] == 10
+    with pytest.raises(UserError, match="val-samples"):
+        finetune(ad.remove(teacher, removed), teacher, ad, bundle, cfg, val_samples=0)
+
+
 def test_resume_after_interruption_continues_from_the_saved_step(data, teacher, tmp_path):
     ad = CifarResNetAdapter()
     removed = ["layer1.1", "layer2.2"]

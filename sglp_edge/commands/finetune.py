@@ -66,6 +66,8 @@ def register(app: typer.Typer) -> None:
         feature_weight: float = typer.Option(0.0, "--feature-weight", help="weight of feature KD (MSE on kept units); 0 = off"),
         block_size: int = typer.Option(256, "--block-size", help="LMs: tokens per packed block"),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="LMs: cap the tokens per text split"),
+        val_samples: Optional[int] = typer.Option(None, "--val-samples",
+                                                  help="select on the first N validation images/blocks only (quicker)"),
         seed: int = typer.Option(0, "--seed"),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process"),
         state: Optional[Path] = typer.Option(None, "--state", help="resume-state file (default OUT.state.pt)"),
@@ -110,7 +112,8 @@ def register(app: typer.Typer) -> None:
             lr=lr if lr is not None else (1e-4 if lm else 0.01), optimizer=optimizer or ("adamw" if lm else "sgd"),
             weight_decay=weight_decay if weight_decay is not None else (0.01 if lm else 5e-4), warmup=warmup,
             temperature=temperature, alpha=alpha, feature_weight=feature_weight, feature_map=fmap, seed=seed,
-            threads=threads, state_path=str(state or out.with_name(out.name + ".state.pt")), progress=not no_progress)
+            threads=threads, val_samples=val_samples, state_path=str(state or out.with_name(out.name + ".state.pt")),
+            progress=not no_progress)
         cfg.check()
         try:
             res = finetune(student.model, orig.model, student.adapter, bundle, cfg)
@@ -131,7 +134,7 @@ def register(app: typer.Typer) -> None:
                        "--steps": steps, "--minutes": minutes, "--batch-size": cfg.batch_size, "--lr": cfg.lr,
                        "--optimizer": cfg.optimizer, "--weight-decay": cfg.weight_decay, "--warmup": warmup,
                        "--temperature": temperature, "--alpha": alpha, "--feature-weight": feature_weight or None,
-                       "--block-size": block_size if lm else None, "--max-tokens": max_tokens, "--seed": seed,
+                       "--block-size": block_size if lm else None, "--max-tokens": max_tokens, "--val-samples": val_samples, "--seed": seed,
                        "--out": out})}
         if lm:
             from sglp_edge.models.hf_llm import save_hf
