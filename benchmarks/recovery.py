@@ -24,12 +24,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular")
 
 
-def _method_protocol(method: str, default_protocol: str) -> tuple[str, str]:
-    """'sglp' uses --protocol; 'sglp-reference' / 'sglp-natural' name the GradNorm protocol, so both
-    can be compared in one table (the comparison that decides the default protocol)."""
+PROTOCOLS = ("natural", "reference")
+ALLOCATIONS = ("proportional", "redundancy")
+
+
+def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
+    """(method, GradNorm protocol, removal allocation, extra cache-key settings) of a table row.
+    'sglp' uses --protocol and --allocation; 'sglp-reference' / 'sglp-natural' name the protocol and
+    'sglp-proportional' / 'sglp-redundancy' the allocation, so variants can share one table (the
+    comparisons that set the defaults). 'auto' allocation = redundancy for the LM, proportional for
+    the CNN, as in sglp_edge.sglp.prune."""
+    base, protocol, allocation = method, args.protocol, args.allocation
     if method.startswith("sglp-"):
-        return "sglp", method.split("-", 1)[1]
-    return method, default_protocol
+        base, variant = method.split("-", 1)
+        if variant in PROTOCOLS:
+            protocol = variant
+        elif variant in ALLOCATIONS:
+            allocation = variant
+        else:
+            raise SystemExit(f"error: unknown SGLP variant {method!r}; use sglp-<{'|'.join(PROTOCOLS + ALLOCATIONS)}>")
+    if allocation == "auto":
+        allocation = "redundancy" if lm else "proportional"
+    # rows cached before the allocation option existed were all proportional: keep their keys
+    extra = {"allocation": allocation} if base == "sglp" and allocation != "proportional" else {}
+    return base, protocol, allocation, extra
+
+
+def _key_method(method: str) -> str:
+    """The method name in the cache key: an allocation variant is 'sglp' (its allocation is keyed
+    separately), so 'sglp-proportional' finds the rows of runs made before the option existed."""
+    return "sglp" if method.startswith("sglp-") and method.split("-", 1)[1] in ALLOCATIONS else method
 
 
 def _accuracy(model, data, batch_size: int = 256) -> float:
@@ -76,18 +100,21 @@ def run_resnet56(args) -> None:
           + (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + f" of KD fine-tune, keep {args.keep}/28")
     rows = []
     for method in args.methods:
-        settings = {"model": "resnet56", "method": method, "protocol": args.protocol, "keep": args.keep,
-                    "epochs": None if args.steps else args.epochs, "steps": args.steps, "lr": args.lr, "seed": args.seed}
+        base_method, protocol, allocation, extra = _variant(method, args, lm=False)
+        settings = {"model": "resnet56", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
+                    "epochs": None if args.steps else args.epochs, "steps": args.steps, "lr": args.lr, "seed": args.seed,
+                    **extra}
         cached = _cached_row(args.workdir, settings)
         if cached:
+            cached = {**cached, "method": method}
             rows.append(cached)
             print(f"  {method:16s} after pruning {cached['pruned_acc']:6.2f} %  after KD {cached['acc']:6.2f} %  "
                   f"MACs -{100 * cached['macs_reduction']:.1f} %  (cached result of an earlier run)", flush=True)
             continue
         t0 = time.perf_counter()
-        base_method, protocol = _method_protocol(method, args.protocol)
-        res = run_prune_job(PruneJob(model="default", out=Path(args.workdir) / f"r56-{method}", keep=args.keep,
-                                     method=base_method, protocol=protocol, seed=args.seed), loaded=teacher)
+        res = run_prune_job(PruneJob(model="default", out=Path(args.workdir) / (f"r56-{method}" + (f"-{allocation}" if extra else "")),
+                                     keep=args.keep, method=base_method, protocol=protocol, allocation=allocation,
+                                     seed=args.seed), loaded=teacher)
         pruned_acc = _accuracy(res.pruned, data)
         cfg = FinetuneConfig(epochs=None if args.steps else args.epochs, steps=args.steps, batch_size=128, lr=args.lr,
                              alpha=0.9, temperature=4.0, seed=args.seed, progress=sys.stderr.isatty())
@@ -126,22 +153,24 @@ def run_smollm2(args) -> None:
           + f" of KD fine-tune, keep {args.keep}/30")
     rows = []
     for method in args.methods:
-        settings = {"model": "smollm2", "method": method, "protocol": args.protocol, "keep": args.keep,
+        base_method, protocol, allocation, extra = _variant(method, args, lm=True)
+        settings = {"model": "smollm2", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
                     "minutes": None if args.lm_steps else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
                     "seq_len": args.seq_len, "max_tokens": args.max_tokens,
-                    "eval_blocks": args.eval_blocks, "seed": args.seed}
+                    "eval_blocks": args.eval_blocks, "seed": args.seed, **extra}
         cached = _cached_row(args.workdir, settings)
         if cached:
+            cached = {**cached, "method": method}
             rows.append(cached)
             print(f"  {method:16s} after pruning ppl {cached['pruned_ppl']:10.2f}  after KD ppl {cached['ppl']:8.2f}  "
                   "(cached result of an earlier run)", flush=True)
             continue
         t0 = time.perf_counter()
-        base_method, protocol = _method_protocol(method, args.protocol)
-        out = Path(args.workdir) / f"smol-{method}"
+        out = Path(args.workdir) / (f"smol-{method}" + (f"-{allocation}" if extra else ""))
         plan_file = out / "plan.json"
-        if plan_file.is_file() and json.loads(plan_file.read_text()).get("config", {}).get("protocol") == protocol \
-                and json.loads(plan_file.read_text()).get("method") == base_method:
+        old_plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
+        if old_plan and old_plan.get("config", {}).get("protocol") == protocol and old_plan.get("method") == base_method \
+                and (base_method != "sglp" or (old_plan.get("allocation") or "proportional") == allocation):
             # the pruned model an interrupted run already wrote (prune output is written atomically)
             from sglp_edge.models.registry import load_model
 
@@ -150,7 +179,7 @@ def run_smollm2(args) -> None:
             print(f"  {method}: reusing the pruned model in {out}", flush=True)
         else:
             res = run_prune_job(PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
-                                         protocol=protocol, calib_batches=4, batch_size=4, seq_len=args.seq_len,
+                                         protocol=protocol, allocation=allocation, calib_batches=4, batch_size=4, seq_len=args.seq_len,
                                          seed=args.seed), loaded=teacher)
             pruned, removed = res.pruned, res.plan.removed
         pruned_ppl = _perplexity(pruned, test)
@@ -213,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model", choices=["resnet56", "smollm2"])
     ap.add_argument("--keep", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS),
-                    help="comma list of " + ", ".join(METHODS) + ", sglp-natural, sglp-reference")
+                    help="comma list of " + ", ".join(METHODS) + ", sglp-natural, sglp-reference, "
+                         "sglp-proportional, sglp-redundancy")
     ap.add_argument("--protocol", default="natural", help="GradNorm candidate protocol for SGLP")
+    ap.add_argument("--allocation", default="auto", choices=("auto",) + ALLOCATIONS,
+                    help="how SGLP splits the removals over segments (auto: redundancy for the LM)")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--steps", type=int, default=None, help="fine-tune budget in steps (overrides --epochs)")
     ap.add_argument("--lr", type=float, default=0.05)

@@ -39,6 +39,7 @@ class PruneSection(_Strict):
     batch_size: int = 128
     seq_len: int = 128
     eval_budget: int = 80
+    allocation: str = "auto"
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneSection":

@@ -34,6 +34,7 @@ class PruneJob:
     exhaustive_budget: int = 64
     beam_width: int = 2
     eval_budget: Optional[int] = 80
+    allocation: str = "auto"
     units: Optional[str] = None
     weights: Optional[Path] = None
     num_classes: Optional[int] = None
@@ -86,7 +87,7 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         seed=job.seed, data_root=job.data_root, offset=1)
     cfg = PruneConfig(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
                       exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
-                      eval_budget=job.eval_budget or None, seed=job.seed)
+                      eval_budget=job.eval_budget or None, allocation=job.allocation, seed=job.seed)
     progress = None
     if show_progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

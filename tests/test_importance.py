@@ -8,8 +8,9 @@ import torch
 from exporters.errors import UserError
 from sglp_edge.models.cifar_resnet import cifar_resnet
 from sglp_edge.models.registry import get_adapter
-from sglp_edge.sglp.importance import (CandidateScorer, allocate_removals, gradnorm, random_state_like,
-                                       search_cost, select_in_segment)
+from sglp_edge.sglp.importance import (CandidateScorer, adjacent_redundancy, allocate_removals,
+                                       allocate_removals_by_redundancy, gradnorm, random_state_like, search_cost,
+                                       select_in_segment)
 
 
 def _setup(seed=0):
@@ -81,6 +82,50 @@ def test_allocate_removals_is_proportional_and_capped():
     assert allocate_removals([3, 1], [3, 1], 2) == [2, 0]
     with pytest.raises(UserError):
         allocate_removals([2], [2], 2)
+
+
+def test_allocate_removals_by_redundancy_follows_the_most_redundant_units():
+    segs = [range(0, 1), range(1, 5), range(5, 10)]
+    removable = [False] + [True] * 9
+    red = [0.1, 0.2, 0.3, 0.9, 0.8, 0.95, 0.99, 0.97, 0.4, 0.5]
+    # top 4 removable by redundancy: 6, 7, 5, 3 -> three in the last segment, one in the middle
+    assert allocate_removals_by_redundancy(segs, removable, red, 4) == [0, 1, 3]
+    assert allocate_removals_by_redundancy(segs, removable, red, 7) == [0, 3, 4]  # every cap reached
+    # a segment keeps at least one unit: the overflow goes to the next most redundant segment
+    assert allocate_removals_by_redundancy([range(0, 2), range(2, 4)], [True] * 4, [0.9, 0.9, 0.1, 0.2], 2) == [1, 1]
+    with pytest.raises(UserError, match="keeping one unit per segment"):
+        allocate_removals_by_redundancy([range(0, 2)], [True, True], [0.5, 0.5], 2)
+    cka = [[1.0, 0.3, 0.1], [0.3, 1.0, 0.8], [0.1, 0.8, 1.0]]
+    assert adjacent_redundancy(cka) == [0.3, 0.3, 0.8]
+
+
+def test_allocation_auto_is_redundancy_for_decoder_lms_and_proportional_for_cnns():
+    transformers = pytest.importorskip("transformers")
+    from sglp_edge.models.hf_llm import HFDecoderAdapter
+    from sglp_edge.sglp.importance import allocate_removals_by_redundancy as by_red
+    from sglp_edge.sglp.prune import PruneConfig, analyze
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64)).eval()
+    ids = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    ad = HFDecoderAdapter()
+    plan = analyze(lm, ad, ids, ids[:1], PruneConfig(keep=4, k=2, eval_budget=None))
+    assert plan.allocation == "redundancy"
+    removed = set(plan.removed)
+    per_seg = [sum(f"model.layers.{i}" in removed for i in range(a, b)) for a, b in plan.segments]
+    want = by_red([range(a, b) for a, b in plan.segments], [True] * 6, adjacent_redundancy(plan.cka), 2)
+    assert per_seg == want
+    prop = analyze(lm, ad, ids, ids[:1], PruneConfig(keep=4, k=2, eval_budget=None, allocation="proportional"))
+    assert prop.allocation == "proportional"
+    assert [sum(f"model.layers.{i}" in prop.removed for i in range(a, b)) for a, b in prop.segments] == \
+        allocate_removals([b - a for a, b in prop.segments], [b - a for a, b in prop.segments], 2)
+    m, a, b = _setup()
+    assert analyze(m, a, b, b, PruneConfig(keep=8, k=3, eval_budget=None)).allocation == "proportional"
+    with pytest.raises(UserError, match="allocation"):
+        analyze(m, a, b, b, PruneConfig(keep=8, allocation="magic"))
 
 
 def test_unknown_protocol():

@@ -299,6 +299,38 @@ def split_budget(needs: Sequence[int], minimums: Sequence[int], budget: int | No
     return share
 
 
+def allocate_removals_by_redundancy(segments: Sequence[Sequence[int]], removable: Sequence[bool],
+                                   redundancy: Sequence[float], n_remove: int) -> list[int]:
+    """Split a global number of removals over segments by where the redundant units are: take the
+    removable units in order of decreasing ``redundancy`` (the CKA between a unit's output and the
+    one before it: how little the unit changes the representation; ties -> the later unit) and give
+    each unit's segment one removal, skipping a segment once only one of its units would be left.
+    ``segments`` holds each segment's unit indices. Which units go is still GradNorm's choice inside
+    each segment; this only sets how many per segment."""
+    caps = [min(sum(1 for i in seg if removable[i]), len(seg) - 1) for seg in segments]
+    if n_remove > sum(caps):
+        raise UserError(f"cannot remove {n_remove} units while keeping one unit per segment "
+                        f"(at most {sum(caps)}); ask for fewer segments (--k) or keep more units")
+    seg_of = {i: si for si, seg in enumerate(segments) for i in seg}
+    alloc = [0] * len(segments)
+    for i in sorted((i for i in seg_of if removable[i]), key=lambda i: (-float(redundancy[i]), -i)):
+        if sum(alloc) >= n_remove:
+            break
+        si = seg_of[i]
+        if alloc[si] < caps[si]:
+            alloc[si] += 1
+    return alloc
+
+
+def adjacent_redundancy(cka: Any) -> list[float]:
+    """Per unit, the CKA between its output and the previous unit's output (the first unit, whose
+    input is not captured, takes its CKA with the second)."""
+    n = len(cka)
+    if n < 2:
+        return [0.0] * n
+    return [float(cka[i - 1][i]) if i else float(cka[0][1]) for i in range(n)]
+
+
 def allocate_removals(segment_removables: Sequence[int], segment_sizes: Sequence[int], n_remove: int) -> list[int]:
     """Split a global number of removals over segments in proportion to their removable units
     (largest remainder), never emptying a segment (each keeps >= 1 unit, removable or not)."""

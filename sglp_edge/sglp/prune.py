@@ -15,10 +15,11 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.base import ModelAdapter, Unit, capture_unit_outputs
-from .importance import (CandidateScorer, SegmentSelection, allocate_removals, min_search_cost, search_cost,
-                         select_in_segment, split_budget)
+from .importance import (CandidateScorer, SegmentSelection, adjacent_redundancy, allocate_removals,
+                         allocate_removals_by_redundancy, min_search_cost, search_cost, select_in_segment, split_budget)
 
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular")
+ALLOCATIONS = ("auto", "proportional", "redundancy")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class PruneConfig:
     direction: str = "auto"  # "auto": tear down under the natural protocol, the shorter way under reference
     seed: int = 0
     cka_mode: str = "tokens"
+    # how the global number of removals is split over segments: "proportional" to their removable
+    # units, or by "redundancy" (where the units with the highest CKA to their predecessor lie);
+    # "auto": redundancy for decoder LMs, proportional otherwise (each measured: benchmarks/recovery.py)
+    allocation: str = "auto"
 
 
 @dataclass
@@ -60,6 +65,7 @@ class PrunePlan:
     segments: list[list[int]] | None = None
     k: int | None = None
     k_chosen_by: str | None = None
+    allocation: str | None = None  # how removals were split over segments (sglp)
     loss_table: list[float] | None = None
     selections: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -135,6 +141,8 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
     """Run the chosen method and return the plan (nothing is modified)."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.allocation not in ALLOCATIONS:
+        raise UserError(f"unknown allocation {cfg.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if (cfg.keep is None) == (cfg.target_macs is None):
         raise UserError("give exactly one of --keep N or --target-macs R")
     if cfg.target_macs is not None and not 0.0 < cfg.target_macs < 1.0:
@@ -170,6 +178,9 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         cka = compute_cka(model, adapter, units, cka_batches, cfg.cka_mode, progress)
         timings["cka_s"] = time.perf_counter() - t
         x = sequence_from_cka(cka, mode=cfg.sequence)
+        alloc_mode = _allocation_mode(cfg, adapter)
+        redundancy = adjacent_redundancy(cka) if alloc_mode == "redundancy" else None
+        plan_kw["allocation"] = alloc_mode
         n = len(units)
         k_max = cfg.k_max or max(1, min(10, n // 2))
         if cfg.k is not None:
@@ -178,7 +189,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
             k, k_by = cfg.k, "user"
         else:
             k, k_by = choose_k(x, k_max=k_max, rule=cfg.k_rule), cfg.k_rule
-            k, raised = _fit_k_to_budget(x, units, k, k_max, n_remove, cfg)
+            k, raised = _fit_k_to_budget(x, units, k, k_max, n_remove, cfg, redundancy)
             if raised:
                 k_by = f"{cfg.k_rule}+budget"
                 notes.append(f"k raised from {raised} ({cfg.k_rule}) to {k}: the smallest number of segments whose "
@@ -190,7 +201,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         scorer = CandidateScorer(model, adapter, grad_batches, protocol=cfg.protocol, seed=cfg.seed)
         t = time.perf_counter()
         while True:
-            selections = _select_all(scorer, units, segments, n_remove, cfg, progress)
+            selections = _select_all(scorer, units, segments, n_remove, cfg, progress, redundancy)
             removed = [u for s in selections for u in s.remove]
             got = sum(unit_macs[u] for u in removed) / macs_before if macs_before else 0.0
             if cfg.target_macs is None or got >= cfg.target_macs or n_remove >= len(removable):
@@ -242,13 +253,29 @@ def _direction(cfg: PruneConfig) -> str:
     return cfg.direction
 
 
-def _search_need(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int, cfg: PruneConfig) -> int | None:
+def _allocation_mode(cfg: PruneConfig, adapter: ModelAdapter) -> str:
+    if cfg.allocation == "auto":
+        return "redundancy" if getattr(adapter, "modality", "image") == "tokens" else "proportional"
+    return cfg.allocation
+
+
+def _allocate(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
+              redundancy: Sequence[float] | None) -> list[int]:
+    """Removals per segment: by redundancy when given, else in proportion to removable units."""
+    if redundancy is not None:
+        return allocate_removals_by_redundancy([range(a, b) for a, b in segments], [u.removable for u in units],
+                                               redundancy, n_remove)
+    return allocate_removals([sum(u.removable for u in units[a:b]) for a, b in segments],
+                             [b - a for a, b in segments], n_remove)
+
+
+def _search_need(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int, cfg: PruneConfig,
+                 redundancy: Sequence[float] | None = None) -> int | None:
     """Evaluations the preferred search (exhaustive or beam) needs over these segments; None when
     the removals cannot be placed (a segment would be emptied)."""
-    seg_units = [list(units[a:b]) for a, b in segments]
-    seg_removable = [[u for u in su if u.removable] for su in seg_units]
+    seg_removable = [[u for u in units[a:b] if u.removable] for a, b in segments]
     try:
-        alloc = allocate_removals([len(r) for r in seg_removable], [len(su) for su in seg_units], n_remove)
+        alloc = _allocate(units, segments, n_remove, redundancy)
     except UserError:
         return None
     return sum(search_cost(len(r), len(r) - a, cfg.exhaustive_budget, cfg.beam_width, _direction(cfg))
@@ -256,7 +283,7 @@ def _search_need(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_r
 
 
 def _fit_k_to_budget(x: np.ndarray, units: Sequence[Unit], k: int, k_max: int, n_remove: int,
-                     cfg: PruneConfig) -> tuple[int, int | None]:
+                     cfg: PruneConfig, redundancy: Sequence[float] | None = None) -> tuple[int, int | None]:
     """The k rule's choice, raised (up to k_max) to the smallest k whose search fits the evaluation
     budget without falling back to the shortlist greedy. Returns (k, the rule's k if raised else None).
     When no k up to k_max fits, the rule's k stays and the budgeted greedy search is used."""
@@ -265,17 +292,16 @@ def _fit_k_to_budget(x: np.ndarray, units: Sequence[Unit], k: int, k_max: int, n
     if cfg.eval_budget is None:
         return k, None
     for kk in range(k, max(k, k_max) + 1):
-        need = _search_need(units, fisher_segments(x, kk), n_remove, cfg)
+        need = _search_need(units, fisher_segments(x, kk), n_remove, cfg, redundancy)
         if need is not None and need <= cfg.eval_budget:
             return kk, (k if kk != k else None)
     return k, None
 
 
 def _select_all(scorer: CandidateScorer, units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
-                 cfg: PruneConfig, progress: Any) -> list[SegmentSelection]:
-    seg_units = [[u for u in units[a:b]] for a, b in segments]
-    seg_removable = [[u.name for u in su if u.removable] for su in seg_units]
-    alloc = allocate_removals([len(r) for r in seg_removable], [len(su) for su in seg_units], n_remove)
+                 cfg: PruneConfig, progress: Any, redundancy: Sequence[float] | None = None) -> list[SegmentSelection]:
+    seg_removable = [[u.name for u in units[a:b] if u.removable] for a, b in segments]
+    alloc = _allocate(units, segments, n_remove, redundancy)
     direction = _direction(cfg)
     shape = [(len(r), len(r) - a) for r, a in zip(seg_removable, alloc)]
     needs = [search_cost(n, r, cfg.exhaustive_budget, cfg.beam_width, direction) for n, r in shape]
