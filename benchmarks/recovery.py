@@ -47,7 +47,14 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
         allocation = "redundancy" if lm else "proportional"
     # rows cached before the allocation option existed were all proportional: keep their keys
     extra = {"allocation": allocation} if base == "sglp" and allocation != "proportional" else {}
+    if base == "sglp" and args.grad_batches != 1:
+        extra["grad_batches"] = args.grad_batches
     return base, protocol, allocation, extra
+
+
+def _suffix(extra: dict) -> str:
+    """Working-folder suffix of a non-default SGLP variant, e.g. '-redundancy-gb4'."""
+    return "".join(f"-gb{v}" if k == "grad_batches" else f"-{v}" for k, v in extra.items())
 
 
 def _key_method(method: str) -> str:
@@ -112,9 +119,9 @@ def run_resnet56(args) -> None:
                   f"MACs -{100 * cached['macs_reduction']:.1f} %  (cached result of an earlier run)", flush=True)
             continue
         t0 = time.perf_counter()
-        res = run_prune_job(PruneJob(model="default", out=Path(args.workdir) / (f"r56-{method}" + (f"-{allocation}" if extra else "")),
+        res = run_prune_job(PruneJob(model="default", out=Path(args.workdir) / f"r56-{method}{_suffix(extra)}",
                                      keep=args.keep, method=base_method, protocol=protocol, allocation=allocation,
-                                     seed=args.seed), loaded=teacher)
+                                     grad_batches=args.grad_batches, seed=args.seed), loaded=teacher)
         pruned_acc = _accuracy(res.pruned, data)
         cfg = FinetuneConfig(epochs=None if args.steps else args.epochs, steps=args.steps, batch_size=128, lr=args.lr,
                              alpha=0.9, temperature=4.0, seed=args.seed, progress=sys.stderr.isatty())
@@ -166,7 +173,7 @@ def run_smollm2(args) -> None:
                   "(cached result of an earlier run)", flush=True)
             continue
         t0 = time.perf_counter()
-        out = Path(args.workdir) / (f"smol-{method}" + (f"-{allocation}" if extra else ""))
+        out = Path(args.workdir) / f"smol-{method}{_suffix(extra)}"
         plan_file = out / "plan.json"
         old_plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
         if old_plan and old_plan.get("config", {}).get("protocol") == protocol and old_plan.get("method") == base_method \
@@ -179,7 +186,8 @@ def run_smollm2(args) -> None:
             print(f"  {method}: reusing the pruned model in {out}", flush=True)
         else:
             res = run_prune_job(PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
-                                         protocol=protocol, allocation=allocation, calib_batches=4, batch_size=4, seq_len=args.seq_len,
+                                         protocol=protocol, allocation=allocation, calib_batches=max(4, args.grad_batches),
+                                         grad_batches=args.grad_batches, batch_size=4, seq_len=args.seq_len,
                                          seed=args.seed), loaded=teacher)
             pruned, removed = res.pruned, res.plan.removed
         pruned_ppl = _perplexity(pruned, test)
@@ -245,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of " + ", ".join(METHODS) + ", sglp-natural, sglp-reference, "
                          "sglp-proportional, sglp-redundancy")
     ap.add_argument("--protocol", default="natural", help="GradNorm candidate protocol for SGLP")
+    ap.add_argument("--grad-batches", type=int, default=1,
+                    help="fixed calibration batches GradNorm averages over (SGLP)")
     ap.add_argument("--allocation", default="auto", choices=("auto",) + ALLOCATIONS,
                     help="how SGLP splits the removals over segments (auto: redundancy for the LM)")
     ap.add_argument("--epochs", type=float, default=3.0)
