@@ -32,8 +32,7 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
     """(method, GradNorm protocol, removal allocation, extra cache-key settings) of a table row.
     'sglp' uses --protocol and --allocation; 'sglp-reference' / 'sglp-natural' name the protocol and
     'sglp-proportional' / 'sglp-redundancy' the allocation, so variants can share one table (the
-    comparisons that set the defaults). 'auto' allocation = redundancy for the LM, proportional for
-    the CNN, as in sglp_edge.sglp.prune."""
+    comparisons that set the defaults). 'auto' resolves as sglp_edge.sglp.prune does for the model."""
     base, protocol, allocation = method, args.protocol, args.allocation
     if method.startswith("sglp-"):
         base, variant = method.split("-", 1)
@@ -43,8 +42,9 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
             allocation = variant
         else:
             raise SystemExit(f"error: unknown SGLP variant {method!r}; use sglp-<{'|'.join(PROTOCOLS + ALLOCATIONS)}>")
-    if allocation == "auto":
-        allocation = "redundancy" if lm else "proportional"
+    from sglp_edge.sglp.prune import resolve_allocation
+
+    allocation = resolve_allocation(allocation, "tokens" if lm else "image")
     # rows cached before the allocation option existed were all proportional: keep their keys
     extra = {"allocation": allocation} if base == "sglp" and allocation != "proportional" else {}
     if base == "sglp" and args.grad_batches != 1:
@@ -181,8 +181,7 @@ def run_smollm2(args) -> None:
             # the pruned model an interrupted run already wrote (prune output is written atomically)
             from sglp_edge.models.registry import load_model
 
-            plan = json.loads(plan_file.read_text())
-            pruned, removed = load_model(str(out / "model")).model, plan["removed"]
+            pruned, removed = load_model(str(out / "model")).model, old_plan["removed"]
             print(f"  {method}: reusing the pruned model in {out}", flush=True)
         else:
             res = run_prune_job(PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,

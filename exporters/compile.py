@@ -129,10 +129,12 @@ def compile_model(
     "weights" or "dynamic" (ONNX Runtime only)."""
     t0 = time.perf_counter()
     check_request(backend, precision)
-    allowed = {"openvino": ("auto", "static", "weights"), "onnxruntime": ("auto", "static", "dynamic", "weights")}
-    if int8_scheme != "auto" and int8_scheme not in allowed.get(backend, ("auto",)):
-        raise UserError(f"--int8-scheme {int8_scheme} is not available for {backend}; choose one of "
-                        f"{', '.join(allowed.get(backend, ('auto',)))}")
+    from .openvino_backend import INT8_SCHEMES as OV_SCHEMES
+    from .ort_backend import INT8_SCHEMES as ORT_SCHEMES
+
+    allowed = {"openvino": OV_SCHEMES, "onnxruntime": ORT_SCHEMES}.get(backend, ("auto",))
+    if int8_scheme not in allowed:
+        raise UserError(f"--int8-scheme {int8_scheme} is not available for {backend}; choose one of {', '.join(allowed)}")
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} exists and is not a folder")

@@ -27,6 +27,8 @@ import numpy as np
 from .calib import CalibData, batches
 from .errors import UserError
 
+INT8_SCHEMES = ("auto", "static", "weights")  # auto: weights for token models, static otherwise
+
 PRECISIONS = ("fp32", "fp16", "int8")
 #: INFERENCE_PRECISION_HINT we compile with for each artifact precision
 HINT_FOR = {"fp32": "f32", "fp16": "f16", "int8": "f32"}
@@ -157,8 +159,8 @@ def build(
         qinfo: dict[str, Any] = {"tool": f"nncf {nncf.__version__}", "calibration_samples": n,
                                  "model_type": "transformer" if model_type else "default", "kept_float": kept,
                                  "bias_correction": "fast" if fast_bc else "full"}
-        if int8_scheme not in ("auto", "static", "weights"):
-            raise UserError(f"int8_scheme must be auto, static or weights; got {int8_scheme!r}")
+        if int8_scheme not in INT8_SCHEMES:
+            raise UserError(f"int8_scheme must be one of {', '.join(INT8_SCHEMES)}; got {int8_scheme!r}")
         scheme = ("weights" if kind == "tokens" and max_accuracy_drop is None else "static") \
             if int8_scheme == "auto" else int8_scheme
         qinfo["scheme"] = scheme

@@ -32,6 +32,8 @@ import numpy as np
 from .calib import CalibData, batches
 from .errors import UserError
 
+INT8_SCHEMES = ("auto", "static", "dynamic", "weights")  # auto: weights for token models, static otherwise
+
 PRECISIONS = ("fp32", "int8")
 PROVIDER_PREFERENCE = ("ACLExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
@@ -248,8 +250,8 @@ def build(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     say = progress or (lambda _m: None)
-    if int8_scheme not in ("auto", "static", "dynamic", "weights"):
-        raise UserError(f"int8_scheme must be auto, static, dynamic or weights; got {int8_scheme!r}")
+    if int8_scheme not in INT8_SCHEMES:
+        raise UserError(f"int8_scheme must be one of {', '.join(INT8_SCHEMES)}; got {int8_scheme!r}")
     if precision not in PRECISIONS:
         raise UserError(f"onnxruntime backend supports precisions {', '.join(PRECISIONS)}; got {precision!r} "
                         "(for fp16 use --backend openvino or tensorrt)")

@@ -253,10 +253,16 @@ def _direction(cfg: PruneConfig) -> str:
     return cfg.direction
 
 
+def resolve_allocation(allocation: str, modality: str) -> str:
+    """The allocation "auto" stands for: redundancy for token models (decoder LMs), proportional
+    otherwise; any other value is itself."""
+    if allocation == "auto":
+        return "redundancy" if modality == "tokens" else "proportional"
+    return allocation
+
+
 def _allocation_mode(cfg: PruneConfig, adapter: ModelAdapter) -> str:
-    if cfg.allocation == "auto":
-        return "redundancy" if getattr(adapter, "modality", "image") == "tokens" else "proportional"
-    return cfg.allocation
+    return resolve_allocation(cfg.allocation, getattr(adapter, "modality", "image"))
 
 
 def _allocate(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
