@@ -366,6 +366,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
 
 
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """Rank 0 keeps ``seed`` (one process trains exactly as before); other ranks get streams of
+    their own that no other seed's rank 0 shares."""
+    return seed if rank == 0 else (seed * 1_000_003 + rank * 7919 + step * 104_729) % (2 ** 63)
+
+
 def _rng_state() -> dict[str, Any]:
     import random
 
@@ -409,7 +415,9 @@ def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | Non
         total_steps = e_steps if total_steps is None else min(total_steps, e_steps)
     budget_s = cfg.minutes * 60 if cfg.minutes is not None else None
 
-    torch.manual_seed(cfg.seed)
+    # each rank draws its own augmentation (and dropout) stream: with one seed on every rank, the
+    # k-th image of each local batch would get the same random crop on both ranks
+    torch.manual_seed(_rank_seed(cfg.seed, info.rank, 0))
     model.to(info.device)
     base = model
     if info.distributed:
@@ -437,6 +445,8 @@ def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | Non
         step, epoch, step_in_epoch, elapsed = st["step"], st["epoch"], st["step_in_epoch"], st["elapsed"]
         history, best = st["history"], st.get("best")
         _set_rng_state(st["rng"])
+        if info.rank:  # the state file holds rank 0's generator; the others re-derive their own
+            torch.manual_seed(_rank_seed(cfg.seed, info.rank, step))
         resumed_from = step
 
     def snapshot() -> dict[str, Any]:
