@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular", "sleb")
 
 
-PROTOCOLS = ("natural", "reference")
+PROTOCOLS = ("natural", "reference", "loss")
 ALLOCATIONS = ("proportional", "redundancy")
 
 
