@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluation .npz (see benchmarks/accuracy.py for its keys)")
     p.add_argument("--threads", type=int, help="inference threads (fixed and recorded)")
     p.add_argument("--streams", type=int, default=1, help="OpenVINO streams (default 1)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4"])
     p.add_argument("--device", default="CPU", help="OpenVINO device (default CPU)")
     p.add_argument("--providers", help="ONNX Runtime execution providers, comma separated")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x32x32",
