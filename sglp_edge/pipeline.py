@@ -37,7 +37,7 @@ def _status_mb(key: str) -> float | None:
 
 
 @contextmanager
-def peak_rss(record: dict[str, Any], stage: str) -> Iterator[None]:
+def peak_rss(record: dict[str, Any], stage: str, log: Any = None) -> Iterator[None]:
     """Peak resident memory of this process during one stage (MiB): Linux's VmHWM, reset at the
     stage's start through /proc/self/clear_refs. Where that cannot be reset, the figure is the
     process peak so far (recorded as such)."""
@@ -53,6 +53,8 @@ def peak_rss(record: dict[str, Any], stage: str) -> Iterator[None]:
         mb = _status_mb("VmHWM")
         if mb is not None:
             record[stage] = round(mb, 1) if reset else {"process_peak_so_far_mb": round(mb, 1)}
+            if log:
+                log(f"peak RSS during {stage}: {mb:.0f} MiB" + ("" if reset else " (process peak so far)"))
 
 
 _CODE_HASH: str | None = None
@@ -313,19 +315,19 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         task, rss = self.task, self.peak_rss_mb
-        with peak_rss(rss, "prune"):
+        with peak_rss(rss, "prune", self.log):
             prune = self.stage_prune()
-        with peak_rss(rss, "finetune"):
+        with peak_rss(rss, "finetune", self.log):
             ft = self.stage_finetune()
-        with peak_rss(rss, "eval_data"):
+        with peak_rss(rss, "eval_data", self.log):
             ev = task.stage_eval_data(self)
-        with peak_rss(rss, "export"):
+        with peak_rss(rss, "export", self.log):
             ex = task.stage_export(self)
         targets = []
         for board in self.cfg.boards():
-            with peak_rss(rss, f"compile:{board.device}"):
+            with peak_rss(rss, f"compile:{board.device}", self.log):
                 comp = task.stage_compile(self, board)
-            with peak_rss(rss, f"bench:{board.device}"):  # the benchmark itself runs in a child process
+            with peak_rss(rss, f"bench:{board.device}", self.log):  # the benchmark itself runs in a child process
                 b = task.stage_bench(self, board, comp["stage"])
             targets.append((board, comp, b))
         report = task.build_report(self, prune, ft, ev, ex, targets)
@@ -334,8 +336,7 @@ class Pipeline:
         report["peak_rss_mb"] = {"host_stages": dict(rss), "bench_children": {
             f"{t['device']}:{w}": (t["results"].get(w) or {}).get("peak_rss_mb") for t in report.get("targets", [])
             for w in ("original", "pruned")}}
-        self.log("peak RSS per stage (MiB, this process): " + ", ".join(
-            f"{k} {v if not isinstance(v, dict) else v}" for k, v in rss.items()))
+        self.log("peak RSS per stage (MiB, this process): " + ", ".join(f"{k} {v}" for k, v in rss.items()))
         from .report import write_report
 
         write_report(report, self.run_dir)
