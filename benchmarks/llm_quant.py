@@ -35,12 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--reuse", action="store_true", help="keep artifacts compiled earlier")
+    ap.add_argument("--gen", type=int, help="decode tokens per timed generation (default: the npz's gen_tokens)")
+    ap.add_argument("--ppl-blocks", type=int, help="perplexity on the first N held-out blocks (default: all)")
     args = ap.parse_args(argv)
 
     from benchmarks import lm_bench
     from exporters.lm_compile import compile_lm
 
     data = lm_bench.load_eval_npz(str(args.export / "lm_eval.npz"))
+    if args.gen:
+        data["gen_tokens"] = args.gen
+    if args.ppl_blocks:
+        data["ppl_blocks"] = data["ppl_blocks"][: args.ppl_blocks]
     sessions, info = {}, {}
     for be, prec in VARIANTS:
         out = args.export / "compiled" / f"{be}-{prec}"
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         g = lm_bench.greedy_agreement(s, data["greedy_prompts"], data["greedy_reference"])
         q["greedy_agree"] = g["agreement"]
         q["first_divergence"] = min((d["position"] for d in g["divergences"]), default=None)
-        print(f"{k[0]} {k[1]}: ppl {q['ppl']:.3f} (torch fp32 {float(data['torch_perplexity']):.3f}), greedy agreement "
+        print(f"{k[0]} {k[1]}: ppl {q['ppl']:.3f} on {len(data['ppl_blocks'])} blocks, greedy agreement "
               f"{q['greedy_agree']:.3f}", flush=True)
     bp, gen = data["bench_prompt"], data["gen_tokens"]
     for s in sessions.values():
