@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluation .npz (see benchmarks/accuracy.py for its keys)")
     p.add_argument("--threads", type=int, help="inference threads (fixed and recorded)")
     p.add_argument("--streams", type=int, default=1, help="OpenVINO streams (default 1)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "int4"])
     p.add_argument("--device", default="CPU", help="OpenVINO device (default CPU)")
     p.add_argument("--providers", help="ONNX Runtime execution providers, comma separated")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x32x32",
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tegrastats-interval-ms", type=int, default=100)
     p.add_argument("--trt-timing", choices=["host", "compute"], default="host")
     p.add_argument("--no-raw", action="store_true", help="do not keep raw per-iteration times")
+    p.add_argument("--task", choices=["auto", "image-classification", "causal-lm"], default="auto",
+                   help="auto: causal-lm when --data says so (benchmarks/lm_bench.py), else image-classification")
+    p.add_argument("--gen-rounds", type=int, default=3, help="causal-lm: timed generations (median)")
     return p
 
 
@@ -164,7 +167,23 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise _Interrupted(signal.Signals(signum).name)
 
 
+def _task(args: argparse.Namespace) -> str:
+    if args.task != "auto":
+        return args.task
+    if args.data and str(args.data).endswith(".npz") and Path(args.data).is_file():
+        import numpy as np
+
+        with np.load(args.data, allow_pickle=False) as z:
+            if "task" in z.files and str(z["task"]) == "causal-lm":
+                return "causal-lm"
+    return "image-classification"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if _task(args) == "causal-lm":  # decoder LM with KV cache: TTFT, tokens/s, perplexity, greedy agreement
+        from benchmarks import lm_bench
+
+        return lm_bench.run(args)
     from benchmarks import accuracy as acc
     from benchmarks.harness import MeasureConfig, capture_env, measure, now_iso, peak_memory
     from benchmarks.runners import (UnsupportedBatch, artifact_files, guess_backend, open_runner,
@@ -373,6 +392,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         _mark_partial(args, "failed", f"{type(e).__name__}: {e}")
         return 3
     m = res["metrics"]
+    if res.get("task") == "causal-lm":
+        from benchmarks.lm_bench import summary
+
+        _log(summary(res) + f" -> {args.out}")
+        return 0
     _log(
         "done: p50 {:.3f} ms, p90 {:.3f} ms, p99 {:.3f} ms at batch {}; peak RSS {:.1f} MB -> {}".format(
             m["latency_p50_ms"], m["latency_p90_ms"], m["latency_p99_ms"], m["batch_size"],

@@ -9,115 +9,52 @@ interrupted fine-tune resumes instead of starting over.
 
 Benchmarks run in a child process on this machine (``local-*`` profiles), or on a board over SSH
 when the profile (or the config) names a host.
+The config schema is in :mod:`sglp_edge.config`; what differs by task (images, causal LMs) is in
+:mod:`sglp_edge.tasks`, one file per task.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
+from .config import (BoardSection, EvalSection, ExportSection, FinetuneSection, PruneSection,  # noqa: F401
+                     RunConfig, TextSection, apply_task_defaults, load_config)
 from .errors import UserError
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PruneSection(_Strict):
-    keep: Optional[int] = None
-    target_macs: Optional[float] = None
-    method: str = "sglp"
-    k: Optional[int] = None
-    protocol: str = "natural"
-    calib_batches: int = 4
-    grad_batches: int = 1
-    batch_size: int = 128
-    seq_len: int = 128
-    eval_budget: int = 80
-    allocation: str = "auto"
-    heal: Literal["none", "linear"] = "none"
-
-    @model_validator(mode="after")
-    def _one_target(self) -> "PruneSection":
-        if (self.keep is None) == (self.target_macs is None):
-            raise ValueError("give exactly one of prune.keep or prune.target_macs")
-        return self
-
-
-class FinetuneSection(_Strict):
-    enabled: bool = True
-    epochs: Optional[float] = None
-    steps: Optional[int] = None
-    minutes: Optional[float] = None
-    batch_size: int = 128
-    lr: float = 0.05
-    alpha: float = 0.9
-    temperature: float = 4.0
-    feature_kd: float = 0.0
-
-
-class ExportSection(_Strict):
-    opset: Optional[int] = None
-    simplify: Literal["onnxslim", "onnxsim", "none"] = "onnxslim"
-
-
-class EvalSection(_Strict):
-    samples: int = 2000  # held-out samples for accuracy of the compiled artifacts
-    calib_samples: int = 300  # training samples for INT8 calibration
-
-
-class BoardSection(_Strict):
-    device: str
-    host: Optional[str] = None
-    port: Optional[int] = None
-    identity: Optional[str] = None
-    known_hosts: Optional[str] = None
-    remote_python: Optional[str] = None
-
-
-class RunConfig(_Strict):
-    name: str = "run"
-    model: str = "default"
-    data: str = "fashion-mnist"
-    data_root: Optional[str] = None
-    seed: int = 0
-    threads: int = 0
-    prune: PruneSection
-    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
-    export: ExportSection = Field(default_factory=ExportSection)
-    eval: EvalSection = Field(default_factory=EvalSection)
-    devices: list[str | BoardSection] = Field(default_factory=lambda: ["local-cpu-ort"])
-    bench: dict[str, Any] = Field(default_factory=dict)  # overrides of the profiles' bench settings
-
-    def boards(self) -> list[BoardSection]:
-        return [d if isinstance(d, BoardSection) else BoardSection(device=d) for d in self.devices]
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"run config {path} does not exist (see configs/default.yaml for an example)")
+def _status_mb(key: str) -> float | None:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    for k, v in (overrides or {}).items():
-        cur = raw
-        *head, last = k.split(".")
-        for h in head:
-            cur = cur.setdefault(h, {})
-        cur[last] = v
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+@contextmanager
+def peak_rss(record: dict[str, Any], stage: str, log: Any = None) -> Iterator[None]:
+    """Peak resident memory of this process during one stage (MiB): Linux's VmHWM, reset at the
+    stage's start through /proc/self/clear_refs. Where that cannot be reset, the figure is the
+    process peak so far (recorded as such)."""
+    reset = False
     try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise UserError(f"{path}: {where}: {err['msg']}") from None
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        mb = _status_mb("VmHWM")
+        if mb is not None:
+            record[stage] = round(mb, 1) if reset else {"process_peak_so_far_mb": round(mb, 1)}
+            if log:
+                log(f"peak RSS during {stage}: {mb:.0f} MiB" + ("" if reset else " (process peak so far)"))
 
 
 _CODE_HASH: str | None = None
@@ -147,8 +84,12 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, force: bool = False, log=print):
         from .stages import StageRunner
 
-        self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        from .tasks import get_task
+
+        self.cfg, self.run_dir, self.log = apply_task_defaults(cfg), Path(run_dir), log
+        self.task = get_task(self.cfg.task)
         self.runner = StageRunner(self.run_dir, force=force, log=log)
+        self.peak_rss_mb: dict[str, Any] = {}
         self._loaded = None
         self._data = None
 
@@ -164,13 +105,13 @@ class Pipeline:
     @property
     def data(self):
         if self._data is None:
-            from .data import get_dataset
-
-            self._data = get_dataset(self.cfg.data, root=self.cfg.data_root, seed=self.cfg.seed)
+            self._data = self.task.load_data(self)
         return self._data
 
     def _inputs(self, stage: str, **more: Any) -> dict[str, Any]:
         base = {"model": self.cfg.model, "data": self.cfg.data, "seed": self.cfg.seed, "code": _code_hash()}
+        if self.cfg.task != "image-classification":  # (keeps the image runs' stage hashes as they were)
+            base.update(task=self.cfg.task, text=self.cfg.text.model_dump())
         return {**base, **more}
 
     # ---- stages -------------------------------------------------------------------------------
@@ -195,13 +136,13 @@ class Pipeline:
 
     def stage_finetune(self) -> dict[str, Any]:
         from .finetune import FinetuneConfig, finetune, kept_unit_map
-        from .models.registry import load_checkpoint, save_checkpoint
+        from .models.registry import load_model
 
         f = self.cfg.finetune
         prune_hash = self.runner.file_hash("prune", "model/model.safetensors")
 
         def fn(tmp: Path) -> dict[str, Any]:
-            student = load_checkpoint(self.run_dir / "prune" / "model")
+            student = load_model(str(self.run_dir / "prune" / "model"))
             teacher = self.loaded
             work = self.run_dir / ".work" / "finetune"
             work.mkdir(parents=True, exist_ok=True)
@@ -212,20 +153,22 @@ class Pipeline:
                 prior = (teacher.meta or {}).get("removal_rounds") or []
                 fmap = kept_unit_map(teacher.model, teacher.adapter, student.meta["removal_rounds"][len(prior):])
             fcfg = FinetuneConfig(epochs=f.epochs, steps=f.steps, minutes=f.minutes, batch_size=f.batch_size, lr=f.lr,
+                                  optimizer=f.optimizer, weight_decay=f.weight_decay, val_samples=f.val_samples,
                                   alpha=f.alpha, temperature=f.temperature, feature_weight=f.feature_kd,
                                   feature_map=fmap, seed=self.cfg.seed, state_path=str(state))
             res = finetune(student.model, teacher.model, student.adapter, self.data, fcfg)
-            save_checkpoint(res.model, student.adapter, tmp / "model", spec=student.meta["spec"],
-                            removed_units=student.meta.get("removal_rounds", []),
-                            extra={"finetune": res.summary()})
+            self.task.save_model(self, student, res.model, tmp / "model", {"finetune": res.summary()})
             return res.summary()
 
         if not f.enabled:
             return {"skipped": "finetune.enabled is false"}
         return self.runner.stage("finetune", self._inputs("finetune", finetune=f.model_dump(), pruned=prune_hash), fn)
 
+    def final_stage(self) -> str:
+        return "finetune" if self.cfg.finetune.enabled else "prune"
+
     def final_model_dir(self) -> Path:
-        return self.run_dir / ("finetune" if self.cfg.finetune.enabled else "prune") / "model"
+        return self.run_dir / self.final_stage() / "model"
 
     def stage_eval_data(self) -> dict[str, Any]:
         """Held-out images with labels and each model's PyTorch logits, as .npz for the board, and
@@ -361,6 +304,7 @@ class Pipeline:
                 doc = run.result or {}
                 results[which] = doc
             m = dict(results["pruned"].get("metrics", {}))
+            m.update(self.task.derived_metrics(results))  # e.g. perplexity increase over the original
             cons = [c.model_dump() for c in evaluate_constraints(prof, m)]
             return {"device": prof.name, "backend": prof.backend, "precision": prof.precision, "threads": prof.threads,
                     "constraints": cons, "metrics": {w: r.get("metrics", {}) for w, r in results.items()}}
@@ -370,17 +314,29 @@ class Pipeline:
     # ---- whole run ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        prune = self.stage_prune()
-        ft = self.stage_finetune()
-        ev = self.stage_eval_data()
-        ex = self.stage_export()
+        task, rss = self.task, self.peak_rss_mb
+        with peak_rss(rss, "prune", self.log):
+            prune = self.stage_prune()
+        with peak_rss(rss, "finetune", self.log):
+            ft = self.stage_finetune()
+        with peak_rss(rss, "eval_data", self.log):
+            ev = task.stage_eval_data(self)
+        with peak_rss(rss, "export", self.log):
+            ex = task.stage_export(self)
         targets = []
         for board in self.cfg.boards():
-            comp = self.stage_compile(board)
-            b = self.stage_bench(board, comp["stage"])
+            with peak_rss(rss, f"compile:{board.device}", self.log):
+                comp = task.stage_compile(self, board)
+            with peak_rss(rss, f"bench:{board.device}", self.log):  # the benchmark itself runs in a child process
+                b = task.stage_bench(self, board, comp["stage"])
             targets.append((board, comp, b))
-        report = self.build_report(prune, ft, ev, ex, targets)
+        report = task.build_report(self, prune, ft, ev, ex, targets)
         report["wall_s"] = time.perf_counter() - t0
+        report["task"] = task.name
+        report["peak_rss_mb"] = {"host_stages": dict(rss), "bench_children": {
+            f"{t['device']}:{w}": (t["results"].get(w) or {}).get("peak_rss_mb") for t in report.get("targets", [])
+            for w in ("original", "pruned")}}
+        self.log("peak RSS per stage (MiB, this process): " + ", ".join(f"{k} {v}" for k, v in rss.items()))
         from .report import write_report
 
         write_report(report, self.run_dir)

@@ -60,10 +60,16 @@ Metric = Literal[
     "model_size_mb",
     "peak_memory_mb",
     "energy_mj",
+    # decoder LMs (task causal-lm, benchmarks/lm_bench.py)
+    "decode_tokens_per_s",
+    "ttft_ms",
+    "perplexity_increase_pct",
+    "greedy_agreement_pct",
 ]
 METRICS: tuple[str, ...] = Metric.__args__  # type: ignore[attr-defined]
 Backend = Literal["openvino", "onnxruntime", "tensorrt"]
-Precision = Literal["fp32", "fp16", "bf16", "int8"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+Task = Literal["image-classification", "causal-lm"]
 
 #: artifact suffixes each backend can run
 BACKEND_SUFFIXES = {
@@ -162,6 +168,7 @@ class DeviceProfile(_Strict):
     name: str
     description: str = ""
     arch: Literal["x86_64", "aarch64"]
+    task: Task = "image-classification"  # causal-lm: benchmarks/lm_bench.py (TTFT, tokens/s, perplexity)
     backend: Backend
     precision: Precision = "fp32"
     threads: Optional[PositiveInt] = None
@@ -209,6 +216,8 @@ class DeviceProfile(_Strict):
                 "--warmup-s", repr(float(b.warmup_s)), "--min-iters", str(b.min_iters),
                 "--min-duration-s", repr(float(b.min_duration_s)), "--power", b.power,
                 "--tegrastats-interval-ms", str(b.tegrastats_interval_ms)]
+        if self.task != "image-classification":
+            args += ["--task", self.task]
         threads = (overrides or {}).get("threads") or self.threads
         if threads:
             args += ["--threads", str(threads)]

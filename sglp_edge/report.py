@@ -174,7 +174,15 @@ def render_html(report: dict[str, Any], run_dir: Path) -> str:
                 f"<td>{_fmt(lat.get('p99'))}</td><td>{_fmt(lat.get('mean'))}</td><td>{_fmt(r.get('throughput_per_s'))}</td>"
                 f"<td>{_fmt((r.get('accuracy') or {}).get('top1'))}</td><td>{_fmt(r.get('agreement'))}</td>"
                 f"<td>{_fmt(r.get('size_mb'))}</td><td>{_fmt(r.get('peak_rss_mb'))}</td></tr>")
-    parts.append("</table><h2>Plots</h2>")
+    parts.append("</table>")
+    for sec in report.get("extra_html") or []:  # task-specific tables (e.g. the LM figures)
+        parts.append(f"<h2>{html.escape(sec['title'])}</h2>{sec['html']}")
+    parts.append("<h2>Plots</h2>")
+    for p in report.get("extra_plots") or []:  # task-specific plots, PNG files in the run folder
+        if p.get("png") and (run_dir / p["png"]).is_file():
+            b64 = base64.b64encode((run_dir / p["png"]).read_bytes()).decode()
+            parts.append(f"<figure><img class='plot' id='{html.escape(p['id'])}' alt='{html.escape(p['caption'])}' "
+                         f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(p['caption'])}</figcaption></figure>")
     cka = report.get("cka_png")
     if cka and (run_dir / cka).is_file():
         b64 = base64.b64encode((run_dir / cka).read_bytes()).decode()

@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(32, help="example sequence length for token models"),
         weights: Optional[Path] = typer.Option(None, help="state dict (.pt/.safetensors) for an architecture name"),
         num_classes: Optional[int] = typer.Option(None, help="classes of an architecture given by name"),
+        past: bool = typer.Option(True, "--past/--no-past", help="decoder LMs: one graph for prefill and decode with "
+                                  "a KV cache (text-generation-with-past; --out names a folder). --no-past: logits only"),
     ) -> None:
         """Export a model to ONNX (dynamo exporter, legacy fallback), simplify it, and check parity
         against PyTorch with ONNX Runtime; the figures go into the file's metadata."""
@@ -58,6 +60,17 @@ def register(app: typer.Typer) -> None:
         net = loaded.model.eval()
         kind = "tokens" if getattr(loaded.adapter, "modality", "image") == "tokens" else "image"
         gen = torch.Generator().manual_seed(0)
+        if kind == "tokens" and past:
+            from sglp_edge.export_lm import export_causal_lm
+
+            folder = out.with_suffix("") if out.suffix == ".onnx" else out
+            meta = export_causal_lm(net, folder, opset=opset or 18)
+            p = meta["parity_vs_pytorch"]
+            typer.echo(f"wrote {folder}/model.onnx + lm.json ({meta['size_bytes'] / 1e6:.2f} MB; {meta['layout']}: "
+                       f"{meta['num_layers']} layers, dynamic batch / sequence / past)")
+            typer.echo(f"cache parity vs PyTorch (prefill {p['prefill_tokens']} + decode {p['decode_tokens']} tokens, "
+                       f"random ids): max_abs={p['max_abs']:.3g} greedy_equal={p['greedy_equal']} passed={p['passed']}")
+            return
         if kind == "tokens":
             vocab = int(getattr(getattr(net, "config", None), "vocab_size", 0) or 0)
             if vocab <= 0:

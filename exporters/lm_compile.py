@@ -1,0 +1,204 @@
+"""Compile a decoder-LM graph (``text-generation-with-past`` layout, see ``sglp_edge/export_lm.py``)
+for a backend and precision. No torch: this can run on the board.
+
+    onnxruntime  fp32  the exported graph (ORT's own graph optimisations at session creation)
+                 int8  weight-only: every constant-weight MatMul -> MatMulNBits, 8 bits, blocks of 128
+                 int4  weight-only: MatMulNBits, 4 bits, symmetric blocks of ``group_size``
+    openvino     fp32 / fp16  IR (``compress_to_fp16`` for fp16 weights; the CPU still computes in f32)
+                 int8  ``nncf.compress_weights`` INT8_ASYM (weight-only; activations stay float)
+                 int4  ``nncf.compress_weights`` INT4_SYM, ``group_size`` (must divide the hidden size:
+                       64 for SmolLM2's 576), ratio 1.0, the LM head kept INT8 (NNCF's default)
+    tensorrt     the same ONNX plus ``trtexec.sh``: one optimisation profile spanning prefill
+                 (sequence up to the prompt length, past 0) and decode (sequence 1, past up to the
+                 context), built on the board (engines are GPU- and version-specific)
+
+Each output folder holds the artifact and ``manifest.json`` (what was done, sizes, hashes, a short
+parity check against the FP32 graph on ONNX Runtime: max abs logit difference and next-token
+agreement on a few random prompts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from .atomic import atomic_dir, atomic_write_json, sha256_file
+from .errors import UserError
+
+BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "int8", "int4"), "openvino": ("fp32", "fp16", "int8", "int4"),
+                      "tensorrt": ("fp32", "fp16")}
+ARTIFACT = {"onnxruntime": "model.onnx", "openvino": "model.xml", "tensorrt": "model.onnx"}
+
+
+def _lm_dims(onnx_path: Path) -> Dict[str, Any]:
+    import onnx
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    names = [i.name for i in m.graph.input]
+    if names[:3] != ["input_ids", "attention_mask", "position_ids"] or len(names) < 5:
+        raise UserError(f"{onnx_path} is not a text-generation-with-past graph (inputs {names[:4]}); export it with "
+                        "sglp_edge.export_lm.export_causal_lm")
+    d = [x.dim_value or x.dim_param for x in m.graph.input[3].type.tensor_type.shape.dim]
+    hidden = None
+    for init in m.graph.initializer:  # the embedding table: (vocab, hidden)
+        if len(init.dims) == 2 and "embed" in init.name:
+            hidden = int(init.dims[1])
+    return {"inputs": names, "n_past": len(names) - 3, "kv_heads": int(d[1]), "head_dim": int(d[3]), "hidden": hidden}
+
+
+def trtexec_command(dims: Dict[str, Any], *, precision: str, max_prompt: int, max_context: int,
+                    engine: str = "model.engine", onnx_name: str = "model.onnx") -> str:
+    """One profile whose box covers prefill (seq up to max_prompt, past 0) and decode (seq 1, past
+    up to max_context - 1). ``opt`` is decode, the step that dominates generation."""
+    kvh, hd = dims["kv_heads"], dims["head_dim"]
+
+    def shapes(seq: int, past: int) -> str:
+        s = [f"input_ids:1x{seq}", f"attention_mask:1x{past + seq}", f"position_ids:1x{seq}"]
+        s += [f"{n}:1x{kvh}x{past}x{hd}" for n in dims["inputs"][3:]]
+        return ",".join(s)
+
+    flags = " --fp16" if precision == "fp16" else ""
+    return (f"trtexec --onnx={onnx_name} --saveEngine={engine}{flags} "
+            f"--minShapes={shapes(1, 0)} --optShapes={shapes(1, max_context // 2)} "
+            f"--maxShapes={shapes(max_prompt, max_context - 1)}")
+
+
+def _parity(art: Path, backend: str, ref_onnx: Path, dims: Dict[str, Any], vocab: int) -> Dict[str, Any]:
+    """Prefill of 3 random 16-token prompts: max |logits - fp32 ORT| and next-token agreement."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (3, 16)).astype(np.int64)
+
+    def feed(n_names: List[str]) -> Dict[str, np.ndarray]:
+        f = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(16), (3, 1))}
+        for n in n_names[3:]:
+            f[n] = np.zeros((3, dims["kv_heads"], 0, dims["head_dim"]), np.float32)
+        return f
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    ref = ort.InferenceSession(str(ref_onnx), so, providers=["CPUExecutionProvider"]).run(["logits"], feed(dims["inputs"]))[0]
+    if backend == "onnxruntime":
+        out = ort.InferenceSession(str(art), so, providers=["CPUExecutionProvider"]).run(["logits"], feed(dims["inputs"]))[0]
+    else:
+        import openvino as ov
+
+        c = ov.Core().compile_model(str(art), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        out = c(feed([i.get_any_name() for i in c.inputs]))[c.outputs[0]]
+    return {"reference": "onnxruntime fp32 on the exported graph", "prompts": 3, "tokens": 16,
+            "max_abs": float(np.abs(out - ref).max()),
+            "next_token_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean())}
+
+
+def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str | Path, *, group_size: int = 64,
+               max_prompt: int = 128, max_context: int = 512, parity: bool = True) -> Dict[str, Any]:
+    """Compile the LM graph into ``out_dir`` (replaced whole on success); returns the manifest."""
+    t0 = time.perf_counter()
+    onnx_path = Path(onnx_path)
+    if backend not in BACKEND_PRECISIONS:
+        raise UserError(f"unknown backend {backend!r} for an LM; choose one of {', '.join(BACKEND_PRECISIONS)}")
+    if precision not in BACKEND_PRECISIONS[backend]:
+        raise UserError(f"{backend} compiles LMs in {', '.join(BACKEND_PRECISIONS[backend])}, not {precision}")
+    if not onnx_path.is_file():
+        raise UserError(f"ONNX file {onnx_path} does not exist")
+    dims = _lm_dims(onnx_path)
+    if precision == "int4" and dims["hidden"] and dims["hidden"] % group_size:
+        raise UserError(f"INT4 group size {group_size} does not divide the hidden size {dims['hidden']}; "
+                        f"use a divisor such as 64 or 32")
+    import onnx
+
+    vocab = None
+    for init in onnx.load(str(onnx_path), load_external_data=False).graph.initializer:
+        if len(init.dims) == 2 and "embed" in init.name:
+            vocab = int(init.dims[0])
+    man: Dict[str, Any] = {"format": "sglp-edge/lm-compile/1", "task": "causal-lm", "backend": backend,
+                           "precision": precision, "source": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
+                           "layout": "text-generation-with-past", "kv_heads": dims["kv_heads"],
+                           "head_dim": dims["head_dim"], "num_layers": dims["n_past"] // 2}
+    with atomic_dir(Path(out_dir)) as tmp:
+        art = tmp / ARTIFACT[backend]
+        if backend in ("onnxruntime", "tensorrt"):
+            if precision in ("fp32", "fp16"):
+                import shutil
+
+                shutil.copyfile(onnx_path, art)
+                data = Path(str(onnx_path) + ".data")
+                if data.is_file():
+                    shutil.copyfile(data, tmp / data.name)
+                man["quantization"] = None
+            else:
+                bits = 8 if precision == "int8" else 4
+                block = 128 if bits == 8 else group_size
+                from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+                cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
+                                                       op_types_to_quantize=("MatMul",))
+                qz = mnb.MatMulNBitsQuantizer(onnx.load(str(onnx_path)), bits=bits, block_size=block, is_symmetric=True,
+                                              algo_config=cfg, op_types_to_quantize=("MatMul",))
+                with contextlib.redirect_stdout(io.StringIO()):
+                    qz.process()
+                qz.model.save_model_to_file(str(art), use_external_data_format=False)
+                n = sum(1 for nd in onnx.load(str(art), load_external_data=False).graph.node if nd.op_type == "MatMulNBits")
+                man["quantization"] = {"method": f"onnxruntime MatMulNBitsQuantizer ({bits} bits, weight-only)",
+                                       "bits": bits, "block_size": block, "symmetric": True, "quantized_matmuls": n}
+            if backend == "tensorrt":
+                cmd = trtexec_command(dims, precision=precision, max_prompt=max_prompt, max_context=max_context)
+                (tmp / "trtexec.sh").write_text("#!/bin/sh\n# build on the board (engines are GPU/TensorRT specific)\n"
+                                                + cmd + "\n")
+                man["trtexec"] = cmd
+                man["build_on"] = "board"
+        else:
+            import openvino as ov
+
+            model = ov.Core().read_model(str(onnx_path))
+            if precision in ("int8", "int4"):
+                import nncf
+
+                if precision == "int8":
+                    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                    man["quantization"] = {"method": "nncf.compress_weights INT8_ASYM (weight-only)"}
+                else:
+                    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group_size,
+                                                  ratio=1.0)
+                    man["quantization"] = {"method": "nncf.compress_weights INT4_SYM (weight-only)",
+                                           "group_size": group_size, "ratio": 1.0}
+            ov.save_model(model, str(art), compress_to_fp16=(precision == "fp16"))
+            del model
+        man["artifacts"] = sorted(f.name for f in tmp.iterdir())
+        man["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.suffix in (".onnx", ".data", ".xml", ".bin"))
+        if parity and backend != "tensorrt" and vocab:
+            man["parity"] = _parity(art, backend, onnx_path, dims, vocab)
+        man["seconds"] = round(time.perf_counter() - t0, 2)
+        atomic_write_json(tmp / "manifest.json", man)
+    man["artifact"] = str(Path(out_dir) / ARTIFACT[backend])
+    return man
+
+
+def main(argv: Optional[List[str]] = None) -> int:  # python -m exporters.lm_compile MODEL.onnx BACKEND PREC OUT
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m exporters.lm_compile")
+    p.add_argument("onnx")
+    p.add_argument("backend")
+    p.add_argument("precision")
+    p.add_argument("out")
+    p.add_argument("--group-size", type=int, default=64)
+    a = p.parse_args(argv)
+    try:
+        man = compile_lm(a.onnx, a.backend, a.precision, a.out, group_size=a.group_size)
+    except UserError as e:
+        print(f"error: {e}")
+        return 2
+    print(json.dumps({k: man[k] for k in ("backend", "precision", "size_bytes", "artifact") if k in man}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""The ``sglp-edge run`` config schema (YAML -> pydantic), with defaults sized by the task.
+
+Fields left out of the YAML (``None`` here) take the task's defaults (:mod:`sglp_edge.tasks`):
+an image classifier calibrates on 4 batches of 128 images and fine-tunes at batch 128; a causal LM
+on 8 batches of 2 sequences x 128 tokens, fine-tunes 4 sequences per step with AdamW for a few
+minutes, and caps its validation set. After the defaults are filled, the task checks the config
+cheaply (unknown task, a batch that cannot fit in this machine's memory) before any heavy work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PruneSection(_Strict):
+    keep: Optional[int] = None
+    target_macs: Optional[float] = None
+    method: str = "sglp"
+    k: Optional[int] = None
+    protocol: str = "natural"
+    calib_batches: Optional[int] = None  # task default: 4 (images), 8 (LM)
+    grad_batches: int = 1
+    batch_size: Optional[int] = None  # images per batch, or SEQUENCES per batch for an LM
+    seq_len: Optional[int] = None  # LM: tokens per calibration sequence
+    eval_budget: int = 80
+    allocation: str = "auto"
+    heal: Literal["none", "linear"] = "none"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "PruneSection":
+        if (self.keep is None) == (self.target_macs is None):
+            raise ValueError("give exactly one of prune.keep or prune.target_macs")
+        return self
+
+
+class FinetuneSection(_Strict):
+    enabled: bool = True
+    epochs: Optional[float] = None
+    steps: Optional[int] = None
+    minutes: Optional[float] = None
+    batch_size: Optional[int] = None  # images, or sequences of text.block_size tokens
+    lr: Optional[float] = None
+    optimizer: Optional[Literal["sgd", "adamw"]] = None
+    weight_decay: Optional[float] = None
+    val_samples: Optional[int] = None  # cap on validation items (LM default: 16 blocks)
+    alpha: float = 0.9
+    temperature: float = 4.0
+    feature_kd: float = 0.0
+
+
+class ExportSection(_Strict):
+    opset: Optional[int] = None
+    simplify: Literal["onnxslim", "onnxsim", "none"] = "onnxslim"
+
+
+class EvalSection(_Strict):
+    samples: Optional[int] = None  # held-out images (image task) or held-out text blocks (LM perplexity)
+    calib_samples: int = 300  # training samples for INT8 calibration (images)
+    prompt_tokens: int = 128  # LM: TTFT prompt (llama-bench pp128)
+    gen_tokens: int = 128  # LM: decode tokens timed (tg128)
+    greedy_prompts: int = 8  # LM: greedy agreement prompts ...
+    greedy_tokens: int = 32  # ... of this many generated tokens each
+
+
+class TextSection(_Strict):
+    block_size: int = 128  # tokens per block (calibration, fine-tune, perplexity)
+    max_tokens: Optional[int] = 400_000  # cap on tokens per split (tokenising the whole corpus is slow)
+
+
+class BoardSection(_Strict):
+    device: str
+    host: Optional[str] = None
+    port: Optional[int] = None
+    identity: Optional[str] = None
+    known_hosts: Optional[str] = None
+    remote_python: Optional[str] = None
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    task: Optional[str] = None  # image-classification | causal-lm; default: from the data (text -> causal-lm)
+    model: str = "default"
+    data: str = "fashion-mnist"
+    data_root: Optional[str] = None
+    seed: int = 0
+    threads: int = 0
+    prune: PruneSection
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    text: TextSection = Field(default_factory=TextSection)
+    devices: list[str | BoardSection] = Field(default_factory=lambda: ["local-cpu-ort"])
+    bench: dict[str, Any] = Field(default_factory=dict)  # overrides of the profiles' bench settings
+
+    def boards(self) -> list[BoardSection]:
+        return [d if isinstance(d, BoardSection) else BoardSection(device=d) for d in self.devices]
+
+
+def apply_task_defaults(cfg: RunConfig) -> RunConfig:
+    """Fill every field left ``None`` with the task's default, then let the task check the config."""
+    from .tasks import get_task, infer_task
+
+    task = get_task(cfg.task or infer_task(cfg.data))
+    cfg.task = task.name
+    for section, values in task.defaults.items():
+        sec = getattr(cfg, section)
+        for k, v in values.items():
+            if getattr(sec, k) is None:
+                setattr(sec, k, v)
+    task.check_config(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"run config {path} does not exist (see configs/default.yaml for an example)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for k, v in (overrides or {}).items():
+        cur = raw
+        *head, last = k.split(".")
+        for h in head:
+            cur = cur.setdefault(h, {})
+        cur[last] = v
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise UserError(f"{path}: {where}: {err['msg']}") from None
+    try:
+        return apply_task_defaults(cfg)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None

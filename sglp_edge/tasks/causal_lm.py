@@ -1,0 +1,259 @@
+"""Causal LM that generates with a KV cache (Optimum: ``text-generation-with-past``).
+
+- calibration: ``prune.calib_batches`` batches of ``prune.batch_size`` SEQUENCES of
+  ``prune.seq_len`` tokens (default 8 x 2 x 128) from the calibration documents;
+- loss: next-token cross-entropy (GradNorm), KD on the next-token distribution (fine-tune), AdamW,
+  a budget in steps or minutes, validation capped at ``finetune.val_samples`` blocks;
+- export: one graph for prefill and decode with past key/values (:mod:`sglp_edge.export_lm`);
+- compile: :mod:`exporters.lm_compile` (ORT fp32/int8/int4, OpenVINO fp32/fp16/int8/int4);
+- board data: token ids only (:func:`benchmarks.lm_bench.write_eval_npz`): the TTFT prompt,
+  held-out perplexity blocks, greedy prompts and PyTorch's greedy continuations;
+- metrics: TTFT, decode tokens/s (p50/p90 per token), perplexity (and its increase over the
+  unpruned model on the same runtime), greedy agreement with PyTorch, size, peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .base import Task
+
+GB = 1024**3
+
+
+def _meminfo_total() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def lm_dims(model: str) -> dict[str, Any] | None:
+    """Sizes of a decoder LM read without loading its weights (config.json or the GGUF header);
+    None when they cannot be read cheaply (then the memory check is skipped)."""
+    p = Path(model)
+    try:
+        if (p / "config.json").is_file():
+            c = json.loads((p / "config.json").read_text())
+            h, nh = int(c["hidden_size"]), int(c["num_attention_heads"])
+            return {"hidden": h, "layers": int(c["num_hidden_layers"]), "inter": int(c["intermediate_size"]),
+                    "vocab": int(c["vocab_size"]), "heads": nh, "kv_heads": int(c.get("num_key_value_heads") or nh),
+                    "tied": bool(c.get("tie_word_embeddings", False))}
+        if model.lower() == "smollm2" or model.endswith(".gguf"):
+            from gguf import GGUFReader
+
+            from ..models.hf_llm import gguf_architecture, smollm2_gguf
+
+            path = smollm2_gguf() if model.lower() == "smollm2" else p
+            arch = gguf_architecture(path)
+            f = GGUFReader(str(path)).fields
+
+            def num(key: str) -> int:
+                fld = f[f"{arch}.{key}"]
+                return int(fld.parts[fld.data[0]][0])
+
+            tok = f["tokenizer.ggml.tokens"]
+            return {"hidden": num("embedding_length"), "layers": num("block_count"), "inter": num("feed_forward_length"),
+                    "vocab": len(tok.data), "heads": num("attention.head_count"),
+                    "kv_heads": num("attention.head_count_kv"), "tied": "output.weight" not in
+                    {t.name for t in GGUFReader(str(path)).tensors}}
+    except Exception:  # noqa: BLE001 - no cheap answer: skip the check rather than guess
+        return None
+    return None
+
+
+def params_of(d: dict[str, Any]) -> int:
+    h, hd = d["hidden"], d["hidden"] // d["heads"]
+    per_layer = 2 * h * h + 2 * h * d["kv_heads"] * hd + 3 * h * d["inter"]
+    return d["vocab"] * h * (1 if d["tied"] else 2) + d["layers"] * per_layer
+
+
+def activation_bytes(d: dict[str, Any], batch: int, tokens: int) -> float:
+    """fp32 bytes kept for one forward + backward over (batch, tokens): logits, log-softmax and its
+    gradient; per layer the saved activations and the attention probabilities."""
+    n = batch * tokens
+    logits = 3.0 * n * d["vocab"] * 4
+    layers = d["layers"] * (n * (10 * d["hidden"] + 4 * d["inter"]) * 4 + 2.0 * batch * d["heads"] * tokens**2 * 4)
+    return logits + layers
+
+
+class CausalLM(Task):
+    name = "causal-lm"
+    optimum_name = "text-generation-with-past"
+    modality = "tokens"
+    defaults = {
+        "prune": {"calib_batches": 8, "batch_size": 2, "seq_len": 128},
+        "finetune": {"batch_size": 4, "lr": 5e-5, "optimizer": "adamw", "weight_decay": 0.0, "val_samples": 16},
+        "eval": {"samples": 16},
+    }
+
+    def check_config(self, cfg: Any) -> None:
+        if cfg.eval.prompt_tokens < 1 or cfg.eval.gen_tokens < 1 or cfg.eval.greedy_prompts < 1 or cfg.eval.greedy_tokens < 1:
+            raise UserError("eval.prompt_tokens, gen_tokens, greedy_prompts and greedy_tokens must be at least 1")
+        if cfg.prune.batch_size < 1 or cfg.prune.seq_len < 2 or cfg.finetune.batch_size < 1:
+            raise UserError("prune.batch_size, prune.seq_len (>= 2) and finetune.batch_size must be positive")
+        d = lm_dims(cfg.model)
+        total = _meminfo_total()
+        if d is None or total is None:
+            return
+        p = params_of(d)
+        budget = 0.75 * total
+        need_prune = 12.0 * p + activation_bytes(d, cfg.prune.batch_size, cfg.prune.seq_len)
+        # teacher + student + gradients + AdamW's two moments, plus the student's activations and
+        # the teacher's logits / KD softmaxes
+        need_ft = 20.0 * p + activation_bytes(d, cfg.finetune.batch_size, cfg.text.block_size) \
+            + 4.0 * cfg.finetune.batch_size * cfg.text.block_size * d["vocab"] * 4
+        for what, need, batch, tokens, default in (
+                ("prune", need_prune, cfg.prune.batch_size, cfg.prune.seq_len, self.defaults["prune"]["batch_size"]),
+                ("finetune", need_ft, cfg.finetune.batch_size, cfg.text.block_size,
+                 self.defaults["finetune"]["batch_size"])):
+            if cfg.finetune.enabled or what == "prune":
+                if need > budget:
+                    raise UserError(
+                        f"{what}.batch_size={batch} sequences x {tokens} tokens needs about {need / GB:.0f} GB for "
+                        f"{cfg.model} ({p / 1e6:.0f} M params) but this machine has {total / GB:.0f} GB; use "
+                        f"{what}.batch_size: {default} (the causal-lm default) or shorter sequences")
+
+    # ---- data and models -----------------------------------------------------------------------
+    def load_data(self, pipe: Any) -> Any:
+        from ..data import get_text_dataset
+
+        tok = pipe.loaded.tokenizer
+        if tok is None:
+            raise UserError(f"{pipe.cfg.model} has no tokenizer; a causal LM run needs one to read the text data")
+        return get_text_dataset(tok, pipe.cfg.data_root, seed=pipe.cfg.seed, block_size=pipe.cfg.text.block_size,
+                                max_tokens=pipe.cfg.text.max_tokens)
+
+    def save_model(self, pipe: Any, loaded: Any, model: Any, folder: Path, extra: dict[str, Any]) -> None:
+        from ..models.hf_llm import save_hf
+
+        save_hf(model, folder, tokenizer=pipe.loaded.tokenizer, extra=extra)
+
+    def _models(self, pipe: Any):
+        from ..models.registry import load_model
+
+        return (("original", pipe.loaded.model), ("pruned", load_model(str(pipe.final_model_dir())).model))
+
+    # ---- stages ----------------------------------------------------------------------------------
+    def stage_eval_data(self, pipe: Any) -> dict[str, Any]:
+        import torch
+
+        from benchmarks.lm_bench import write_eval_npz
+
+        e = pipe.cfg.eval
+        final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            d = pipe.data
+            n_ppl = min(e.samples, max(1, len(d.test) - 1))
+            ppl_blocks = d.test[:n_ppl]
+            rest = torch.cat([d.test[n_ppl:].reshape(-1), d.val.reshape(-1)])
+            plen = min(64, d.block_size)
+            need = e.prompt_tokens + e.greedy_prompts * plen
+            if len(rest) < need:
+                raise UserError(f"held-out text has {len(rest)} tokens after the perplexity blocks; need {need} "
+                                "(lower eval.samples, eval.prompt_tokens or eval.greedy_prompts)")
+            bench_prompt = rest[: e.prompt_tokens]
+            prompts = rest[e.prompt_tokens: need].reshape(e.greedy_prompts, plen)
+            out: dict[str, Any] = {"ppl_blocks": int(n_ppl), "block_size": int(d.block_size),
+                                   "greedy": f"{e.greedy_prompts} prompts x {e.greedy_tokens} tokens",
+                                   "prompt_tokens": e.prompt_tokens, "gen_tokens": e.gen_tokens, "torch_ppl": {}}
+            for which, model in self._models(pipe):
+                model.eval()
+                ref, ppl = _torch_greedy_and_ppl(model, prompts, e.greedy_tokens, ppl_blocks)
+                out["torch_ppl"][which] = ppl
+                write_eval_npz(str(tmp / f"eval_{which}.npz"), bench_prompt=bench_prompt.numpy(),
+                               gen_tokens=e.gen_tokens, greedy_prompts=prompts.numpy(), greedy_reference=ref.numpy(),
+                               ppl_blocks=ppl_blocks.numpy(), torch_perplexity=ppl,
+                               meta={"model": which, "split": "test (held-out documents)"})
+            return out
+
+        return pipe.runner.stage("eval_data", pipe._inputs("eval", eval=e.model_dump(), text=pipe.cfg.text.model_dump(),
+                                                           final=final_hash), fn)
+
+    def stage_export(self, pipe: Any) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        from ..export_lm import export_causal_lm
+
+        final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            with np.load(pipe.run_dir / "eval_data" / "eval_original.npz") as z:
+                ids = torch.from_numpy(z["greedy_prompts"][:2, :24])
+            res = {}
+            for which, model in self._models(pipe):
+                meta = export_causal_lm(model, tmp / which, opset=pipe.cfg.export.opset or 18, parity_ids=ids)
+                res[which] = {k: meta[k] for k in ("layout", "num_layers", "size_bytes", "sha256", "parity_vs_pytorch",
+                                                   "external_data", "seconds")}
+                res[which]["exporter"] = "dynamo"
+                res[which]["parity"] = meta["parity_vs_pytorch"]
+            return res
+
+        return pipe.runner.stage("export", pipe._inputs("export", export=pipe.cfg.export.model_dump(), task=self.name,
+                                                        final=final_hash), fn)
+
+    def stage_compile(self, pipe: Any, board: Any) -> dict[str, Any]:
+        from exporters.lm_compile import compile_lm
+
+        from ..profiles import load_profile
+
+        prof = load_profile(board.device)
+        if prof.task != self.name:
+            raise UserError(f"device profile {prof.name} is for {prof.task}, not a causal LM; use an LM profile "
+                            "such as local-cpu-ort-lm, local-cpu-openvino-lm, raspberry-pi-5-lm or jetson-orin-nano-lm")
+        name = f"compile-{prof.backend}-{prof.precision}"
+        hashes = {w: pipe.runner.file_hash("export", f"{w}/model.onnx") for w in ("original", "pruned")}
+        e = pipe.cfg.eval
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            out = {}
+            for which in ("original", "pruned"):
+                man = compile_lm(pipe.run_dir / "export" / which / "model.onnx", prof.backend, prof.precision,
+                                 tmp / which, max_prompt=e.prompt_tokens,
+                                 max_context=e.prompt_tokens + e.gen_tokens + 1)
+                out[which] = {k: man.get(k) for k in ("backend", "precision", "parity", "quantization", "size_bytes",
+                                                      "trtexec", "seconds")}
+            return out
+
+        return pipe.runner.stage(name, pipe._inputs(name, backend=prof.backend, precision=prof.precision, onnx=hashes),
+                                 fn) | {"stage": name}
+
+    def derived_metrics(self, results: dict[str, Any]) -> dict[str, Any]:
+        o = (results.get("original") or {}).get("metrics") or {}
+        p = (results.get("pruned") or {}).get("metrics") or {}
+        if o.get("perplexity") and p.get("perplexity"):
+            return {"perplexity_increase_pct": 100.0 * (p["perplexity"] / o["perplexity"] - 1.0)}
+        return {}
+
+    def build_report(self, pipe: Any, prune: Any, ft: Any, ev: Any, ex: Any, targets: list) -> dict[str, Any]:
+        from .causal_lm_report import build_lm_report
+
+        return build_lm_report(pipe, prune, ft, ev, ex, targets)
+
+
+def _torch_greedy_and_ppl(model: Any, prompts: Any, n_new: int, blocks: Any) -> tuple[Any, float]:
+    import math
+
+    import torch
+
+    refs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = p[None]
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                               use_cache=True, pad_token_id=0, eos_token_id=None)
+            refs.append(g[0, ids.shape[1]:])
+        nll, n = 0.0, 0
+        for b in blocks:
+            lp = torch.log_softmax(model(b[None]).logits[0, :-1].double(), -1)
+            nll += -lp.gather(-1, b[1:, None]).sum().item()
+            n += len(b) - 1
+    return torch.stack(refs), math.exp(nll / n)

@@ -1,0 +1,45 @@
+"""Image classification: calibration in batches of images, cross-entropy + KD on logits, one image
+tensor in and logits out, held-out labelled images on the board, top-1 and latency per image.
+
+The stages themselves live in :mod:`sglp_edge.pipeline` (where they grew); this task routes to them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .base import Task
+
+
+class ImageClassification(Task):
+    name = "image-classification"
+    optimum_name = "image-classification"
+    modality = "image"
+    defaults = {
+        "prune": {"calib_batches": 4, "batch_size": 128, "seq_len": 128},
+        "finetune": {"batch_size": 128, "lr": 0.05, "optimizer": "sgd", "weight_decay": 5e-4},
+        "eval": {"samples": 2000},
+    }
+
+    def load_data(self, pipe: Any) -> Any:
+        from ..data import get_dataset
+
+        return get_dataset(pipe.cfg.data, root=pipe.cfg.data_root, seed=pipe.cfg.seed)
+
+    def save_model(self, pipe: Any, loaded: Any, model: Any, folder: Path, extra: dict[str, Any]) -> None:
+        from ..models.registry import save_checkpoint
+
+        save_checkpoint(model, loaded.adapter, folder, spec=loaded.meta["spec"],
+                        removed_units=loaded.meta.get("removal_rounds", []), extra=extra)
+
+    def stage_eval_data(self, pipe: Any) -> dict[str, Any]:
+        return pipe.stage_eval_data()
+
+    def stage_export(self, pipe: Any) -> dict[str, Any]:
+        return pipe.stage_export()
+
+    def stage_compile(self, pipe: Any, board: Any) -> dict[str, Any]:
+        return pipe.stage_compile(board)
+
+    def build_report(self, pipe: Any, prune: Any, ft: Any, ev: Any, ex: Any, targets: list) -> dict[str, Any]:
+        return pipe.build_report(prune, ft, ev, ex, targets)

@@ -1,0 +1,132 @@
+"""Decoder-LM export with a KV cache (text-generation-with-past) and the on-board LM benchmark.
+
+One tiny random Llama is exported once (module fixture); the graph's prefill + decode with past
+must equal PyTorch's full recompute, on ONNX Runtime and on OpenVINO (f32), and the board-side
+benchmark (benchmarks/lm_bench.py, through run_bench's entry) must measure it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("onnxruntime")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from benchmarks import lm_bench, run_bench  # noqa: E402
+from sglp_edge.export_lm import LAYOUT, io_names, read_lm_meta  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    yield m
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_llama, tmp_path_factory):
+    """Exported through the CLI (`sglp-edge export FOLDER --out X.onnx` writes the folder X) from
+    the saved model, which holds the same weights as ``tiny_llama``."""
+    from typer.testing import CliRunner
+
+    from sglp_edge.cli import app
+    from sglp_edge.models.hf_llm import save_hf
+
+    d = tmp_path_factory.mktemp("lm")
+    save_hf(tiny_llama, d / "hf")
+    r = CliRunner().invoke(app, ["export", str(d / "hf"), "--out", str(d / "export.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "text-generation-with-past" in r.output and "passed=True" in r.output
+    return d / "export", read_lm_meta(d / "export")
+
+
+def _torch_greedy(model, prompt: np.ndarray, n: int) -> np.ndarray:
+    ids = torch.from_numpy(prompt)[None]
+    with torch.no_grad():
+        g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                           use_cache=True, pad_token_id=0, eos_token_id=None)
+    return g[0, len(prompt):].numpy()
+
+
+def test_layout_and_recorded_parity(exported):
+    out, meta = exported
+    ins, outs = io_names(TINY["num_hidden_layers"])
+    assert meta["layout"] == LAYOUT and meta["inputs"] == ins and meta["outputs"] == outs
+    par = meta["parity_vs_pytorch"]
+    assert par["passed"] and par["greedy_equal"] and par["max_abs"] < 1e-4 and par["decode_tokens"] >= 2
+    assert not meta["external_data"] and (out / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_decode_with_past_equals_full_recompute(exported, tiny_llama, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    out, _ = exported
+    sess = lm_bench.LMSession(str(out / "model.onnx"), backend, threads=1)
+    ids = np.random.default_rng(5).integers(0, TINY["vocab_size"], (1, 11))
+    with torch.no_grad():
+        ref = tiny_llama(torch.from_numpy(ids)).logits.numpy()
+    # prefill 4 tokens (batch 1, a different size than the trace), then 7 single-token steps
+    logits, past = sess.step(ids[:, :4], sess.empty_past(1), 0)
+    got = [logits]
+    for t in range(4, ids.shape[1]):
+        logits, past = sess.step(ids[:, t:t + 1], past, t)
+        got.append(logits)
+    got = np.concatenate(got, 1)
+    assert got.shape == ref.shape and past[0].shape == (1, 2, 11, 16)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    # batch 3 prefill-only also runs (dynamic batch), equal to PyTorch
+    ids3 = np.random.default_rng(6).integers(0, TINY["vocab_size"], (3, 6))
+    with torch.no_grad():
+        ref3 = tiny_llama(torch.from_numpy(ids3)).logits.numpy()
+    np.testing.assert_allclose(sess.step(ids3, sess.empty_past(3), 0)[0], ref3, atol=1e-4, rtol=1e-4)
+
+
+def test_board_lm_bench_through_run_bench(exported, tiny_llama, tmp_path, capsys):
+    out, _ = exported
+    rng = np.random.default_rng(7)
+    prompts = rng.integers(0, TINY["vocab_size"], (3, 6))
+    ref = np.stack([_torch_greedy(tiny_llama, p, 6) for p in prompts])
+    blocks = rng.integers(0, TINY["vocab_size"], (2, 16))
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny_llama(torch.from_numpy(blocks)).logits[:, :-1].double(), -1)
+        nll = -lp.gather(-1, torch.from_numpy(blocks)[:, 1:, None]).mean().item()
+    npz = lm_bench.write_eval_npz(str(tmp_path / "lm_eval.npz"), bench_prompt=prompts[0].repeat(2), gen_tokens=8,
+                                  greedy_prompts=prompts, greedy_reference=ref, ppl_blocks=blocks,
+                                  torch_perplexity=math.exp(nll))
+    res_path = tmp_path / "res.json"
+    rc = run_bench.main(["--artifact", str(out / "model.onnx"), "--backend", "onnxruntime", "--threads", "1",
+                         "--data", str(npz), "--out", str(res_path), "--gen-rounds", "2"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(res_path.read_text())
+    m = res["metrics"]
+    assert res["task"] == "causal-lm"
+    assert m["greedy_agreement_pct"] == 100.0 and res["greedy"]["tokens"] == 3 * 6
+    assert abs(m["perplexity"] / m["torch_perplexity"] - 1) < 1e-4
+    assert m["ttft_ms"] > 0 and m["decode_tokens_per_s"] > 0 and m["decode_p90_ms"] >= m["decode_p50_ms"]
+    assert set(res["llama_bench"]) == {"pp12", "tg8"} and len(res["speed"]["decode_tokens_per_s_rounds"]) == 2
+    assert m["peak_memory_mb"] > 0 and m["model_size_mb"] > 0.5
+    assert "tok/s" in capsys.readouterr().err
+
+
+def test_lm_bench_rejects_image_data_and_layout(exported, tmp_path):
+    from exporters.errors import UserError
+
+    out, _ = exported
+    bad = tmp_path / "img.npz"
+    np.savez(bad, x=np.zeros((2, 3)), y=np.zeros(2))
+    with pytest.raises(UserError, match="not LM eval data"):
+        lm_bench.load_eval_npz(str(bad))
+    with pytest.raises(UserError, match="not found"):
+        lm_bench.LMSession(str(tmp_path / "nope.onnx"), "onnxruntime")

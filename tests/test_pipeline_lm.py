@@ -1,0 +1,135 @@
+"""`sglp-edge run` for a causal LM, end to end on a tiny random Llama with a character tokenizer
+and the real English corpus: prune -> KD -> export with KV cache -> compile (ORT, OpenVINO) ->
+LM benchmark in child processes -> report with LM figures. Plus the config's one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+transformers = pytest.importorskip("transformers")
+
+from exporters.errors import UserError  # noqa: E402
+from sglp_edge.data import TEXT_DOC_ROOT  # noqa: E402
+from sglp_edge.config import load_config  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not Path(TEXT_DOC_ROOT).is_dir(), reason="the English text corpus is not installed")
+
+
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, models as tm, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    t = Tokenizer(tm.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def tiny_lm_folder(d: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sglp_edge.models.hf_llm import save_hf
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=128, eos_token_id=1)).eval()
+    return save_hf(m, d / "tiny-llama", tokenizer=char_tokenizer())
+
+
+def lm_cfg(model: Path) -> dict:
+    return {"name": "lm", "model": str(model), "data": "text",
+            "text": {"block_size": 32, "max_tokens": 12000},
+            "prune": {"keep": 3, "calib_batches": 2, "batch_size": 2, "seq_len": 32},
+            "finetune": {"steps": 2, "batch_size": 2, "val_samples": 2},
+            "eval": {"samples": 2, "prompt_tokens": 16, "gen_tokens": 8, "greedy_prompts": 2, "greedy_tokens": 4},
+            "devices": ["local-cpu-ort-lm", "local-cpu-openvino-lm"]}
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    import torch
+
+    from sglp_edge.pipeline import Pipeline
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("lmrun")
+    (d / "run.yaml").write_text(yaml.safe_dump(lm_cfg(tiny_lm_folder(d))))
+    try:
+        rep = Pipeline(load_config(d / "run.yaml"), d / "run", log=lambda m: None).run()
+    finally:
+        torch.set_num_threads(n)
+    return d, rep
+
+
+def test_lm_run_all_stages_and_report(lm_run):
+    d, rep = lm_run
+    run = d / "run"
+    assert rep["task"] == "causal-lm" and rep["prune"]["n_units_after"] == 3
+    for s in ("prune", "finetune", "eval_data", "export", "compile-onnxruntime-fp32", "compile-openvino-fp32"):
+        assert (run / s).is_dir(), s
+    # the export is the text-generation-with-past layout with its cache parity against PyTorch
+    meta = json.loads((run / "export" / "pruned" / "lm.json").read_text())
+    assert meta["num_layers"] == 3 and meta["parity_vs_pytorch"]["passed"]
+    assert (run / "compile-openvino-fp32" / "pruned" / "model.xml").is_file()
+    assert len(rep["targets"]) == 2
+    for t in rep["targets"]:
+        for which in ("original", "pruned"):
+            m = t["lm"][which]
+            assert m["decode_tokens_per_s"] > 0 and m["ttft_ms"] > 0 and m["perplexity"] > 1
+            # FP32 on both runtimes: the same greedy tokens and perplexity as PyTorch
+            assert m["greedy_agreement_pct"] == 100.0, (t["device"], which)
+            assert abs(m["perplexity"] / m["torch_perplexity"] - 1) < 1e-3
+            assert set(m["llama_bench"]) == {"pp16", "tg8"}
+        cons = {c["metric"]: c for c in t["constraints"]}
+        inc = 100 * (t["lm"]["pruned"]["perplexity"] / t["lm"]["original"]["perplexity"] - 1)
+        assert cons["perplexity_increase_pct"]["measured"] == pytest.approx(inc)
+        assert cons["decode_tokens_per_s"]["measured"] == t["lm"]["pruned"]["decode_tokens_per_s"]
+    assert set(rep["peak_rss_mb"]["host_stages"]) >= {"prune", "finetune", "eval_data", "export"}
+    assert all(isinstance(v, float) and v > 50 for v in rep["peak_rss_mb"]["host_stages"].values())
+    html = (run / "report.html").read_text()
+    assert "id='lm-results'" in html and "id='plot-tokens-ppl'" in html and (run / "tokens_vs_perplexity.png").is_file()
+    assert json.loads((run / "report.json").read_text())["torch_eval"]["pruned"]["perplexity"] > 1
+
+
+def test_lm_config_errors_are_one_line_before_heavy_work(tmp_path):
+    folder = tiny_lm_folder(tmp_path)
+    base = lm_cfg(folder)
+
+    def load(**over):
+        cfg = json.loads(json.dumps(base))
+        for k, v in over.items():
+            sec, _, key = k.partition("__")
+            if key:
+                cfg[sec][key] = v
+            else:
+                cfg[sec] = v
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        return load_config(tmp_path / "c.yaml")
+
+    with pytest.raises(UserError, match="unknown task 'speech'"):
+        load(task="speech")
+    with pytest.raises(UserError, match="not supported yet"):
+        load(task="feature-extraction")
+    # a calibration batch that cannot fit in this machine's memory, said before anything loads
+    with pytest.raises(UserError, match=r"prune\.batch_size=100000 sequences .* use prune\.batch_size: 2") as e:
+        load(prune__batch_size=100000)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"finetune\.batch_size=100000"):
+        load(finetune__batch_size=100000)
+    cfg = load()
+    assert cfg.task == "causal-lm" and cfg.finetune.optimizer == "adamw" and cfg.finetune.lr == 5e-5
+
+
+def test_image_config_keeps_its_defaults_and_smollm2_config_validates():
+    root = Path(__file__).resolve().parents[1]
+    img = load_config(root / "configs" / "default.yaml")
+    assert img.task == "image-classification" and img.prune.calib_batches == 4 and img.finetune.optimizer == "sgd"
+    lm = load_config(root / "configs" / "smollm2.yaml")
+    assert lm.task == "causal-lm" and lm.prune.batch_size == 2 and lm.finetune.val_samples == 16
