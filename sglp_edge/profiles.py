@@ -172,6 +172,7 @@ class DeviceProfile(_Strict):
     bench: BenchSettings = Field(default_factory=BenchSettings)
     constraints: list[Constraint] = Field(default_factory=list)
     ssh: Optional[SSHDefaults] = None
+    emulate: Optional[Literal["qemu-aarch64"]] = None  # run on the emulated ARM board unless a host is given
     extends: Optional[str] = None
     source: Optional[str] = Field(None, exclude=True)  # file it was loaded from (set by the loader)
 
