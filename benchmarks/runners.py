@@ -639,7 +639,8 @@ class TensorRTRunner(Runner):
                     raise UnsupportedBatch(
                         f"shape {s.shape} for {s.name} is outside the engine's profile [{list(lo)}, {list(hi)}]"
                     )
-                self.context.set_input_shape(s.name, s.shape)
+                if not self.context.set_input_shape(s.name, tuple(s.shape)):
+                    raise UnsupportedBatch(f"TensorRT refused shape {s.shape} for {s.name} (outside its profile)")
         self._free()
         for s in specs:
             nbytes = int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize

@@ -28,11 +28,9 @@ from .errors import UserError
 
 MANIFEST_FORMAT = "sglp-edge/compile-manifest/1"
 MANIFEST_NAME = "manifest.json"
-BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "openvino": ("fp32", "fp16", "int8"),
-    "onnxruntime": ("fp32", "int8"),
-    "tensorrt": ("fp32", "fp16", "int8"),
-}
+from .registry import BACKENDS as _REGISTRY
+
+BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {n: b.precisions for n, b in _REGISTRY.items()}
 
 
 def _tool_version() -> str:
@@ -72,9 +70,31 @@ def _as_data(data: str | Path | CalibData | None, what: str, require_labels: boo
 
 
 def _ort_reference(onnx_path: Path, x: np.ndarray) -> np.ndarray:
-    from .ort_backend import runner
+    return stack_runner("onnxruntime", onnx_path, "fp32", providers=["CPUExecutionProvider"])(x)
 
-    return runner(onnx_path.parent, ["CPUExecutionProvider"], artifact=onnx_path.name)(x)
+
+def stack_runner(backend: str, artifact: str | Path, precision: str, *, device: str = "CPU",
+                 providers: Sequence[str] | None = None, max_batch: int = 64) -> Callable[[np.ndarray], np.ndarray]:
+    """``f(x) -> first output`` through the on-device harness's own runners (benchmarks/runners.py):
+    compile-time parity and the board measure with one stack. Batches never exceed ``max_batch``
+    (for TensorRT: the engine profile's maximum)."""
+    from benchmarks.runners import open_runner
+
+    state: dict[str, Any] = {}
+
+    def one(b: np.ndarray) -> np.ndarray:
+        r = state.get("r")
+        if r is not None and list(r.inputs[0].shape[1:]) != list(b.shape[1:]):
+            r.close()
+            r = None
+        if r is None:
+            r = state["r"] = open_runner(backend, str(artifact), precision=precision, device=device,
+                                         providers=providers, input_shapes={"": list(b.shape)})
+        if r.inputs[0].shape[0] != b.shape[0]:
+            r.set_batch(int(b.shape[0]))
+        return np.asarray(r.infer({r.inputs[0].name: b})[0])
+
+    return lambda x: np.concatenate([one(b) for b in batches(x, max_batch)], 0)
 
 
 def _run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -185,25 +205,25 @@ def compile_model(
             section = ovb.build(onnx_path, tmp, precision, calib=calib_d, eval_data=eval_d,
                                 max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples, device=device,
                                 keep_first_last_float=keep_first_last_float, int8_scheme=int8_scheme, progress=say)
-            run = ovb.runner(tmp, precision, device) if parity_d is not None else None
+            run = stack_runner("openvino", tmp / "model.xml", precision, device=device) if parity_d is not None else None
         elif backend == "onnxruntime":
             from . import ort_backend as ortb
 
             section = ortb.build(onnx_path, tmp, precision, calib=calib_d, calib_samples=calib_samples,
                                  providers=providers, keep_first_last_float=keep_first_last_float,
                                  int8_scheme=int8_scheme, progress=say)
-            run = ortb.runner(tmp, providers) if parity_d is not None else None
+            run = (stack_runner("onnxruntime", tmp / "model.onnx", precision, providers=ortb.choose_providers(providers))
+                   if parity_d is not None else None)
         else:
             section, run = _tensorrt(onnx_path, tmp, precision, io, calib_d, calib_samples, trt_version,
                                      trtexec_only, trt_options, keep_first_last_float, say)
             if parity_d is None:
                 run = None
             elif trtexec_only:  # no engine here: measure the graph TensorRT will build, with ONNX Runtime
-                from .ort_backend import runner as ort_runner
-
-                run = ort_runner(tmp, ["CPUExecutionProvider"])
+                run = stack_runner("onnxruntime", tmp / "model.onnx", "fp32", providers=["CPUExecutionProvider"])
                 measured_on = ("onnxruntime CPU on the ONNX prepared for TensorRT (the engine itself is not built "
                                "here; re-measure on the board)")
+        parity_batch = section.pop("parity_batch", 64)
         manifest["backend"].update(section.pop("backend", {}))
         artifacts = section.pop("artifacts")
         manifest["notes"] += section.pop("notes", [])
@@ -214,7 +234,7 @@ def compile_model(
                 ref, ref_name = parity_d.logits, "pytorch (reference logits stored in the evaluation .npz)"
             else:
                 ref, ref_name = _ort_reference(onnx_path, parity_d.x), "onnxruntime fp32 on the source ONNX"
-            out = _run_batched(run, parity_d.x)
+            out = _run_batched(run, parity_d.x, batch=parity_batch)
             labels = parity_d.y if parity_d.kind == "image" else None
             parity = ou.compare_outputs(ref, out, labels=labels)
             parity.update(reference=ref_name, inputs=parity_note)
@@ -256,10 +276,9 @@ def _tensorrt(onnx_path: Path, tmp: Path, precision: str, io: dict[str, Any], ca
     src = ou.load_onnx(onnx_path)
     traits = tb.graph_traits(src)
     del src
-    need_qdq_here = trtexec_only and major == 10 and precision == "int8" and not traits["has_qdq"]
-    plan = tb.plan_build(opts, major, graph_has_qdq=traits["has_qdq"] or need_qdq_here, graph_is_fp16=traits["is_fp16"])
-    if need_qdq_here:
-        plan.notes.append("no TensorRT here to run the INT8 calibrator: prepared a symmetric Q/DQ graph instead")
+    if trtexec_only and opts.int8_calibrator and precision == "int8":
+        opts.int8_calibrator = False  # the calibrator needs TensorRT: place Q/DQ here instead
+    plan = tb.plan_build(opts, major, graph_has_qdq=traits["has_qdq"], graph_is_fp16=traits["is_fp16"])
     prepared = tmp / "model.onnx"
     prep_info: dict[str, Any] = {"variant": plan.onnx_variant}
     if plan.onnx_variant == "fp16" and not traits["is_fp16"]:
@@ -279,12 +298,15 @@ def _tensorrt(onnx_path: Path, tmp: Path, precision: str, io: dict[str, Any], ca
     if not report.ok:
         raise UserError(f"the graph will not build with TensorRT {trt_version}: " + "; ".join(report.problems()))
     shapes = tb.profile_shapes(io["inputs"], opts)
-    opts.timing_cache = opts.timing_cache or "timing.cache"
     if plan.calibrator:
         opts.calib_cache = opts.calib_cache or "calib.cache"
-    cmd = tb.trtexec_command("model.onnx", "model.engine", plan, opts, shapes, times_json="times.json")
-    (tmp / "trtexec_build.sh").write_text("#!/bin/sh\n# build + time the engine on the board (run in this folder)\n"
-                                          f"set -e\n{tb.command_line(cmd)} | tee trtexec.log\n")
+    # the timing cache lives outside this (fresh) folder, keyed by device and TensorRT version: on the
+    # board the script works out its path; a build here uses this machine's
+    user_cache = opts.timing_cache
+    script_opts = tb.TrtOptions(**{**vars(opts), "timing_cache": user_cache or "@TIMING_CACHE@"})
+    cmd = tb.trtexec_command("model.onnx", "model.engine", plan, script_opts, shapes, times_json="times.json")
+    (tmp / "trtexec_build.sh").write_text(trtexec_script(cmd, trt_version))
+    (tmp / "trtexec_build.sh").chmod(0o755)
     artifacts = [{"path": "model.onnx", "role": f"onnx-for-tensorrt ({plan.onnx_variant})"},
                  {"path": "trt_op_check.json", "role": "tensorrt-operator-check"},
                  {"path": "trtexec_build.sh", "role": "trtexec-command"}]
@@ -292,22 +314,51 @@ def _tensorrt(onnx_path: Path, tmp: Path, precision: str, io: dict[str, Any], ca
         "backend": {"name": "tensorrt", "version": trt.__version__ if trt else None, "target_version": trt_version},
         "tensorrt": {"plan": plan.to_dict(), "options": {k: v for k, v in vars(opts).items()},
                      "profile_shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in shapes.items()},
-                     "trtexec_command": tb.command_line(cmd), "onnx_preparation": prep_info,
+                     "trtexec_command": _script_line(cmd), "onnx_preparation": prep_info,
+                     "timing_cache": user_cache or "outside the output folder, keyed by device and TensorRT version "
+                                                   "($SGLP_EDGE_TRT_CACHE or ~/.cache/sglp-edge/tensorrt)",
                      "op_check": {"ok": report.ok, "table": report.table_version,
                                   "restrictions_to_review": report.restrictions}},
     }
+    section["parity_batch"] = tb.max_batch(shapes)
     if trtexec_only:
         section["tensorrt"]["engine_built"] = False
         section["notes"] = [f"engine not built here (no TensorRT): run trtexec_build.sh on the board "
                             f"(TensorRT {trt_version})"]
         return dict(section, artifacts=artifacts), None
     say(f"build the TensorRT {trt.__version__} engine")
-    cwd_opts = tb.TrtOptions(**{**vars(opts), "timing_cache": str(tmp / opts.timing_cache),
+    cache = user_cache or str(tb.timing_cache_path(tb.device_key(), trt.__version__))
+    cwd_opts = tb.TrtOptions(**{**vars(opts), "timing_cache": cache,
                                 "calib_cache": str(tmp / opts.calib_cache) if opts.calib_cache else None})
     info = tb.build_engine(prepared, tmp / "model.engine", plan, cwd_opts, shapes, calib=calib)
     section["tensorrt"].update(engine_built=True, build=info)
     artifacts.append({"path": "model.engine", "role": "tensorrt-engine"})
-    for extra, role in ((opts.timing_cache, "tensorrt-timing-cache"), (opts.calib_cache, "int8-calibration-cache")):
-        if extra and (tmp / extra).is_file():
-            artifacts.append({"path": extra, "role": role})
-    return dict(section, artifacts=artifacts), tb.runner(tmp / "model.engine")
+    if opts.calib_cache and (tmp / opts.calib_cache).is_file():
+        artifacts.append({"path": opts.calib_cache, "role": "int8-calibration-cache"})
+    return dict(section, artifacts=artifacts), stack_runner("tensorrt", tmp / "model.engine", precision,
+                                                            max_batch=tb.max_batch(shapes))
+
+
+_CACHE_PH = "--timingCacheFile=@TIMING_CACHE@"
+
+
+def _script_line(cmd: Sequence[str]) -> str:
+    from . import tensorrt_backend as tb
+
+    return tb.command_line(cmd).replace(_CACHE_PH, '"--timingCacheFile=$TIMING_CACHE"')
+
+
+def trtexec_script(cmd: Sequence[str], trt_version: str) -> str:
+    """A POSIX sh script that builds and times the engine on the board. Its timing cache is kept
+    outside the folder, keyed by the board's model and TensorRT version (the same file name as
+    ``tensorrt_backend.timing_cache_path``), so the next build on that board reuses it."""
+    return (
+        "#!/bin/sh\n# build + time the engine on the board (run in this folder)\nset -e\n"
+        f"TRT_VERSION=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo {trt_version})\n"
+        "DEVICE=$( (tr -d '\\000' < /proc/device-tree/model) 2>/dev/null || nvidia-smi --query-gpu=name "
+        "--format=csv,noheader 2>/dev/null | head -n1 || true)\n"
+        "DEVICE=$(printf '%s' \"$DEVICE\" | tr -cs 'A-Za-z0-9.' '-' | tr 'A-Z' 'a-z' | sed 's/^-*//; s/-*$//')\n"
+        'CACHE_DIR="${SGLP_EDGE_TRT_CACHE:-$HOME/.cache/sglp-edge/tensorrt}"\nmkdir -p "$CACHE_DIR"\n'
+        'TIMING_CACHE="$CACHE_DIR/timing-${DEVICE:-unknown-gpu}-trt$(printf \'%s\' "$TRT_VERSION" | tr -cd \'0-9.\').cache"\n'
+        f"{_script_line(cmd)} | tee trtexec.log\n"
+    )
