@@ -34,6 +34,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
+if __package__ in (None, ""):  # run as a file: the bundle (or repository) root holds exporters/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from exporters.registry import NAMES as BACKEND_NAMES  # noqa: E402
+
 SCHEMA = "sglp-edge.bench/1"
 PROGRESS_PREFIX = "@@sglp-progress "
 HANG_ENV = "SGLP_EDGE_BENCH_TEST_HANG_S"
@@ -57,7 +61,7 @@ def partial_path(out: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--artifact", required=True, help="OpenVINO .xml, ONNX .onnx or TensorRT .engine")
-    p.add_argument("--backend", choices=["openvino", "onnxruntime", "tensorrt"], help="default: from the file suffix")
+    p.add_argument("--backend", choices=list(BACKEND_NAMES), help="default: from the file suffix")
     p.add_argument("--out", required=True, help="result JSON path")
     p.add_argument("--data", help="evaluation .npz (see benchmarks/accuracy.py for its keys)")
     p.add_argument("--threads", type=int, help="inference threads (fixed and recorded)")

@@ -29,6 +29,12 @@ class BackendSpec:
     runtime_dist: str  # pip distribution of the runtime (its aarch64 wheel, for emulation)
     emulatable: bool  # an aarch64 build runs under qemu-user here
     board_artifact: str = ""  # what the board builds from the host's output ("" = same as artifact)
+    run_only_precisions: Tuple[str, ...] = ()  # a runtime setting, not a compile target (OpenVINO's bf16 hint)
+
+    @property
+    def run_precisions(self) -> Tuple[str, ...]:
+        """Precisions a device profile may ask the runtime for."""
+        return self.precisions + self.run_only_precisions
 
     def int8_schemes(self) -> Tuple[str, ...]:
         mod = importlib.import_module(f"exporters.{self.module}")
@@ -45,7 +51,7 @@ class BackendSpec:
 
 BACKENDS: Dict[str, BackendSpec] = {b.name: b for b in (
     BackendSpec("openvino", ("fp32", "fp16", "int8"), "model.xml", (".xml", ".onnx"), "host", "openvino_backend",
-                "openvino", True),
+                "openvino", True, run_only_precisions=("bf16",)),
     BackendSpec("onnxruntime", ("fp32", "int8"), "model.onnx", (".onnx", ".ort"), "host", "ort_backend",
                 "onnxruntime", True),
     BackendSpec("tensorrt", ("fp32", "fp16", "int8"), "model.onnx", (".engine", ".plan", ".trt", ".onnx"), "board",
