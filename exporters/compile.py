@@ -14,7 +14,6 @@ No torch: runs on the board too.
 from __future__ import annotations
 
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +28,8 @@ from .errors import UserError
 MANIFEST_FORMAT = "sglp-edge/compile-manifest/1"
 MANIFEST_NAME = "manifest.json"
 from .registry import BACKENDS as _REGISTRY
+from .registry import get_backend
+from .stack import CompileRequest, stack_runner
 
 BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {n: b.precisions for n, b in _REGISTRY.items()}
 
@@ -71,31 +72,6 @@ def _as_data(data: str | Path | CalibData | None, what: str, require_labels: boo
 
 def _ort_reference(onnx_path: Path, x: np.ndarray) -> np.ndarray:
     return stack_runner("onnxruntime", onnx_path, "fp32", providers=["CPUExecutionProvider"])(x)
-
-
-def stack_runner(backend: str, artifact: str | Path, precision: str, *, device: str = "CPU",
-                 providers: Sequence[str] | None = None, max_batch: int = 64) -> Callable[[np.ndarray], np.ndarray]:
-    """``f(x) -> first output`` through the on-device harness's own runners (benchmarks/runners.py):
-    compile-time parity and the board measure with one stack. Batches never exceed ``max_batch``
-    (for TensorRT: the engine profile's maximum)."""
-    from benchmarks.runners import open_runner
-
-    state: dict[str, Any] = {}
-
-    def one(b: np.ndarray) -> np.ndarray:
-        r = state.get("r")
-        if r is not None and list(r.inputs[0].shape[1:]) != list(b.shape[1:]):
-            r.close()
-            r = None
-        if r is None:
-            r = state["r"] = open_runner(backend, str(artifact), precision=precision, device=device,
-                                         providers=providers, input_shapes={"": list(b.shape)})
-        if r.inputs[0].shape[0] != b.shape[0]:
-            r.set_batch(int(b.shape[0]))
-        return np.asarray(r.infer({r.inputs[0].name: b})[0])
-
-    return lambda x: np.concatenate([one(b) for b in batches(x, max_batch)], 0)
-
 
 def _run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate([fn(b) for b in batches(x, batch)], 0)
@@ -149,10 +125,8 @@ def compile_model(
     "weights" or "dynamic" (ONNX Runtime only)."""
     t0 = time.perf_counter()
     check_request(backend, precision)
-    from .openvino_backend import INT8_SCHEMES as OV_SCHEMES
-    from .ort_backend import INT8_SCHEMES as ORT_SCHEMES
-
-    allowed = {"openvino": OV_SCHEMES, "onnxruntime": ORT_SCHEMES}.get(backend, ("auto",))
+    spec = get_backend(backend)
+    allowed = spec.int8_schemes()
     if int8_scheme not in allowed:
         raise UserError(f"--int8-scheme {int8_scheme} is not available for {backend}; choose one of {', '.join(allowed)}")
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
@@ -160,8 +134,9 @@ def compile_model(
         raise UserError(f"output {out_dir} exists and is not a folder")
     if max_accuracy_drop is not None and not (0 < max_accuracy_drop < 1):
         raise UserError("--max-accuracy-drop is an absolute fraction, e.g. 0.01 for one point of accuracy")
-    if max_accuracy_drop is not None and (backend != "openvino" or precision != "int8"):
-        raise UserError("--max-accuracy-drop applies to --backend openvino --precision int8 only")
+    if max_accuracy_drop is not None and (not spec.accuracy_control or precision != "int8"):
+        with_ac = [n for n, b in _REGISTRY.items() if b.accuracy_control]
+        raise UserError(f"--max-accuracy-drop applies to --precision int8 on {', '.join(with_ac)} only")
     model = ou.load_onnx(onnx_path)
     io = ou.io_info(model)
     if len(io["inputs"]) != 1:
@@ -170,7 +145,7 @@ def compile_model(
     calib_d = _as_data(calib, "calibration data")
     eval_d = _as_data(eval_data, "evaluation data", require_labels=max_accuracy_drop is not None)
     has_qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
-    if precision == "int8" and calib_d is None and not (backend == "tensorrt" and has_qdq):
+    if precision == "int8" and calib_d is None and not (spec.int8_from_qdq_graph and has_qdq):
         raise UserError("INT8 needs calibration data: pass --calib DATA.npz (array 'x' of real inputs, "
                         "e.g. 300 training images)")
     for d, what in ((calib_d, "calibration data"), (eval_d, "evaluation data")):
@@ -197,32 +172,14 @@ def compile_model(
         "host": _host(),
         "notes": [],
     }
-    measured_on = None
+    req = CompileRequest(onnx_path=onnx_path, out=out_dir, precision=precision, io=io, calib=calib_d, eval_data=eval_d,
+                         max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples, device=device,
+                         providers=providers, trt_version=trt_version, trtexec_only=trtexec_only,
+                         trt_options=trt_options, keep_first_last_float=keep_first_last_float,
+                         int8_scheme=int8_scheme, want_runner=parity_d is not None)
     with _Steps(progress, f"{backend} {precision}") as say, atomic_dir(out_dir) as tmp:
-        if backend == "openvino":
-            from . import openvino_backend as ovb
-
-            section = ovb.build(onnx_path, tmp, precision, calib=calib_d, eval_data=eval_d,
-                                max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples, device=device,
-                                keep_first_last_float=keep_first_last_float, int8_scheme=int8_scheme, progress=say)
-            run = stack_runner("openvino", tmp / "model.xml", precision, device=device) if parity_d is not None else None
-        elif backend == "onnxruntime":
-            from . import ort_backend as ortb
-
-            section = ortb.build(onnx_path, tmp, precision, calib=calib_d, calib_samples=calib_samples,
-                                 providers=providers, keep_first_last_float=keep_first_last_float,
-                                 int8_scheme=int8_scheme, progress=say)
-            run = (stack_runner("onnxruntime", tmp / "model.onnx", precision, providers=ortb.choose_providers(providers))
-                   if parity_d is not None else None)
-        else:
-            section, run = _tensorrt(onnx_path, tmp, precision, io, calib_d, calib_samples, trt_version,
-                                     trtexec_only, trt_options, keep_first_last_float, say)
-            if parity_d is None:
-                run = None
-            elif trtexec_only:  # no engine here: measure the graph TensorRT will build, with ONNX Runtime
-                run = stack_runner("onnxruntime", tmp / "model.onnx", "fp32", providers=["CPUExecutionProvider"])
-                measured_on = ("onnxruntime CPU on the ONNX prepared for TensorRT (the engine itself is not built "
-                               "here; re-measure on the board)")
+        req.out, req.say = tmp, say
+        section, run, measured_on = spec.impl().compile_step(req)
         parity_batch = section.pop("parity_batch", 64)
         manifest["backend"].update(section.pop("backend", {}))
         artifacts = section.pop("artifacts")
@@ -254,111 +211,3 @@ def compile_model(
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
-
-
-def _tensorrt(onnx_path: Path, tmp: Path, precision: str, io: dict[str, Any], calib: CalibData | None,
-              calib_samples: int, trt_version: str | None, trtexec_only: bool, opts: Any,
-              keep_first_last_float: bool, say: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
-    from . import tensorrt_backend as tb
-    from . import trt_ops
-
-    opts = opts or tb.TrtOptions()
-    opts.precision = precision
-    trt = None
-    if not trtexec_only:
-        trt = tb.import_tensorrt()  # clear UserError naming what to install
-        installed = trt.__version__
-        if trt_version and tb.version_major(trt_version) != tb.version_major(installed):
-            raise UserError(f"--trt-version {trt_version} differs from the installed TensorRT {installed}")
-        trt_version = installed
-    trt_version = trt_version or "10.3"
-    major = tb.version_major(trt_version)
-    src = ou.load_onnx(onnx_path)
-    traits = tb.graph_traits(src)
-    del src
-    if trtexec_only and opts.int8_calibrator and precision == "int8":
-        opts.int8_calibrator = False  # the calibrator needs TensorRT: place Q/DQ here instead
-    plan = tb.plan_build(opts, major, graph_has_qdq=traits["has_qdq"], graph_is_fp16=traits["is_fp16"])
-    prepared = tmp / "model.onnx"
-    prep_info: dict[str, Any] = {"variant": plan.onnx_variant}
-    if plan.onnx_variant == "fp16" and not traits["is_fp16"]:
-        say("convert the ONNX graph to FP16")
-        prep_info.update(tb.make_fp16_onnx(onnx_path, prepared))
-    elif plan.onnx_variant == "qdq" and not traits["has_qdq"]:
-        if calib is None:
-            raise UserError("INT8 for TensorRT needs calibration data to place Q/DQ nodes: pass --calib DATA.npz")
-        say("insert symmetric INT8 Q/DQ nodes")
-        prep_info.update(tb.make_qdq_onnx(onnx_path, prepared, calib, samples=calib_samples,
-                                          keep_first_last_float=keep_first_last_float))
-    else:
-        shutil.copy2(onnx_path, prepared)
-    say("check operators against the TensorRT ONNX parser")
-    report = trt_ops.check_graph(prepared, trt_version=trt_version)
-    atomic_write_json(tmp / "trt_op_check.json", report.to_dict())
-    if not report.ok:
-        raise UserError(f"the graph will not build with TensorRT {trt_version}: " + "; ".join(report.problems()))
-    shapes = tb.profile_shapes(io["inputs"], opts)
-    if plan.calibrator:
-        opts.calib_cache = opts.calib_cache or "calib.cache"
-    # the timing cache lives outside this (fresh) folder, keyed by device and TensorRT version: on the
-    # board the script works out its path; a build here uses this machine's
-    user_cache = opts.timing_cache
-    script_opts = tb.TrtOptions(**{**vars(opts), "timing_cache": user_cache or "@TIMING_CACHE@"})
-    cmd = tb.trtexec_command("model.onnx", "model.engine", plan, script_opts, shapes, times_json="times.json")
-    (tmp / "trtexec_build.sh").write_text(trtexec_script(cmd, trt_version))
-    (tmp / "trtexec_build.sh").chmod(0o755)
-    artifacts = [{"path": "model.onnx", "role": f"onnx-for-tensorrt ({plan.onnx_variant})"},
-                 {"path": "trt_op_check.json", "role": "tensorrt-operator-check"},
-                 {"path": "trtexec_build.sh", "role": "trtexec-command"}]
-    section: dict[str, Any] = {
-        "backend": {"name": "tensorrt", "version": trt.__version__ if trt else None, "target_version": trt_version},
-        "tensorrt": {"plan": plan.to_dict(), "options": {k: v for k, v in vars(opts).items()},
-                     "profile_shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in shapes.items()},
-                     "trtexec_command": _script_line(cmd), "onnx_preparation": prep_info,
-                     "timing_cache": user_cache or "outside the output folder, keyed by device and TensorRT version "
-                                                   "($SGLP_EDGE_TRT_CACHE or ~/.cache/sglp-edge/tensorrt)",
-                     "op_check": {"ok": report.ok, "table": report.table_version,
-                                  "restrictions_to_review": report.restrictions}},
-    }
-    section["parity_batch"] = tb.max_batch(shapes)
-    if trtexec_only:
-        section["tensorrt"]["engine_built"] = False
-        section["notes"] = [f"engine not built here (no TensorRT): run trtexec_build.sh on the board "
-                            f"(TensorRT {trt_version})"]
-        return dict(section, artifacts=artifacts), None
-    say(f"build the TensorRT {trt.__version__} engine")
-    cache = user_cache or str(tb.timing_cache_path(tb.device_key(), trt.__version__))
-    cwd_opts = tb.TrtOptions(**{**vars(opts), "timing_cache": cache,
-                                "calib_cache": str(tmp / opts.calib_cache) if opts.calib_cache else None})
-    info = tb.build_engine(prepared, tmp / "model.engine", plan, cwd_opts, shapes, calib=calib)
-    section["tensorrt"].update(engine_built=True, build=info)
-    artifacts.append({"path": "model.engine", "role": "tensorrt-engine"})
-    if opts.calib_cache and (tmp / opts.calib_cache).is_file():
-        artifacts.append({"path": opts.calib_cache, "role": "int8-calibration-cache"})
-    return dict(section, artifacts=artifacts), stack_runner("tensorrt", tmp / "model.engine", precision,
-                                                            max_batch=tb.max_batch(shapes))
-
-
-_CACHE_PH = "--timingCacheFile=@TIMING_CACHE@"
-
-
-def _script_line(cmd: Sequence[str]) -> str:
-    from . import tensorrt_backend as tb
-
-    return tb.command_line(cmd).replace(_CACHE_PH, '"--timingCacheFile=$TIMING_CACHE"')
-
-
-def trtexec_script(cmd: Sequence[str], trt_version: str) -> str:
-    """A POSIX sh script that builds and times the engine on the board. Its timing cache is kept
-    outside the folder, keyed by the board's model and TensorRT version (the same file name as
-    ``tensorrt_backend.timing_cache_path``), so the next build on that board reuses it."""
-    return (
-        "#!/bin/sh\n# build + time the engine on the board (run in this folder)\nset -e\n"
-        f"TRT_VERSION=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo {trt_version})\n"
-        "DEVICE=$( (tr -d '\\000' < /proc/device-tree/model) 2>/dev/null || nvidia-smi --query-gpu=name "
-        "--format=csv,noheader 2>/dev/null | head -n1 || true)\n"
-        "DEVICE=$(printf '%s' \"$DEVICE\" | tr -cs 'A-Za-z0-9.' '-' | tr 'A-Z' 'a-z' | sed 's/^-*//; s/-*$//')\n"
-        'CACHE_DIR="${SGLP_EDGE_TRT_CACHE:-$HOME/.cache/sglp-edge/tensorrt}"\nmkdir -p "$CACHE_DIR"\n'
-        'TIMING_CACHE="$CACHE_DIR/timing-${DEVICE:-unknown-gpu}-trt$(printf \'%s\' "$TRT_VERSION" | tr -cd \'0-9.\').cache"\n'
-        f"{_script_line(cmd)} | tee trtexec.log\n"
-    )

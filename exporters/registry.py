@@ -25,11 +25,13 @@ class BackendSpec:
     artifact: str  # the file the runner loads, inside a compile folder
     suffixes: Tuple[str, ...]  # artifact suffixes the on-device runner accepts
     builds_on: str  # "host": the compiled artifact is portable; "board": built on the device itself
-    module: str  # exporters.<module>: build(), runner(), INT8_SCHEMES
+    module: str  # exporters.<module>: compile_step(CompileRequest) and INT8_SCHEMES
     runtime_dist: str  # pip distribution of the runtime (its aarch64 wheel, for emulation)
     emulatable: bool  # an aarch64 build runs under qemu-user here
     board_artifact: str = ""  # what the board builds from the host's output ("" = same as artifact)
     run_only_precisions: Tuple[str, ...] = ()  # a runtime setting, not a compile target (OpenVINO's bf16 hint)
+    accuracy_control: bool = False  # INT8 with an accuracy-drop limit (NNCF accuracy control)
+    int8_from_qdq_graph: bool = False  # INT8 straight from a Q/DQ graph, without calibration data
 
     @property
     def run_precisions(self) -> Tuple[str, ...]:
@@ -51,11 +53,11 @@ class BackendSpec:
 
 BACKENDS: Dict[str, BackendSpec] = {b.name: b for b in (
     BackendSpec("openvino", ("fp32", "fp16", "int8"), "model.xml", (".xml", ".onnx"), "host", "openvino_backend",
-                "openvino", True, run_only_precisions=("bf16",)),
+                "openvino", True, run_only_precisions=("bf16",), accuracy_control=True),
     BackendSpec("onnxruntime", ("fp32", "int8"), "model.onnx", (".onnx", ".ort"), "host", "ort_backend",
                 "onnxruntime", True),
     BackendSpec("tensorrt", ("fp32", "fp16", "int8"), "model.onnx", (".engine", ".plan", ".trt", ".onnx"), "board",
-                "tensorrt_backend", "tensorrt", False, board_artifact="model.engine"),
+                "tensorrt_compile", "tensorrt", False, board_artifact="model.engine", int8_from_qdq_graph=True),
 )}
 NAMES: Tuple[str, ...] = tuple(BACKENDS)
 

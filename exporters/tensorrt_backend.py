@@ -507,46 +507,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, plan: TrtPlan, 
     return info
 
 
-def runner(engine_path: str | Path) -> Any:
-    """``f(x) -> first output`` for a serialized engine (single input)."""
-    trt = import_tensorrt()
-    cuda = _Cuda()
-    logger = _make_logger(trt)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise UserError(f"TensorRT could not load {engine_path}: " + "; ".join(logger.errors)[:300])
-    ctx = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+def runner(engine_path: str | Path, precision: str = "fp16", max_batch: int = 64) -> Any:
+    """``f(x) -> first output`` for a serialized engine, through the board harness's TensorRTRunner
+    (benchmarks/runners.py: pinned buffers, checked shapes): one runner stack for parity and bench."""
+    from .stack import stack_runner
 
-    def run(x: np.ndarray) -> np.ndarray:
-        ptrs = []
-        try:
-            x = np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(ins[0])))
-            check_set_input_shape(ctx, ins[0], x.shape)
-            dx = cuda.malloc(x.nbytes)
-            ptrs.append(dx)
-            cuda.h2d(dx, x)
-            ctx.set_tensor_address(ins[0], dx)
-            results = {}
-            for o in outs:
-                arr = np.empty(tuple(ctx.get_tensor_shape(o)), dtype=trt.nptype(engine.get_tensor_dtype(o)))
-                d = cuda.malloc(max(arr.nbytes, 1))
-                ptrs.append(d)
-                ctx.set_tensor_address(o, d)
-                results[o] = (arr, d)
-            if not ctx.execute_async_v3(0):
-                raise UserError("TensorRT inference failed")
-            cuda.sync()
-            arr, d = results[outs[0]]
-            cuda.d2h(arr, d)
-            return arr.astype(np.float32)
-        finally:
-            for p in ptrs:
-                cuda.free(p)
-
-    return run
+    return stack_runner("tensorrt", engine_path, precision, max_batch=max_batch)
 
 
 from .trtexec_parse import (parse_dla_layers, parse_export_times, parse_trtexec_log,  # noqa: E402,F401
