@@ -136,7 +136,7 @@ def compile_model(
         raise UserError("--max-accuracy-drop is an absolute fraction, e.g. 0.01 for one point of accuracy")
     if max_accuracy_drop is not None and (not spec.accuracy_control or precision != "int8"):
         with_ac = [n for n, b in _REGISTRY.items() if b.accuracy_control]
-        raise UserError(f"--max-accuracy-drop applies to --precision int8 on {', '.join(with_ac)} only")
+        raise UserError(f"--max-accuracy-drop applies to --backend {'|'.join(with_ac)} --precision int8 only")
     model = ou.load_onnx(onnx_path)
     io = ou.io_info(model)
     if len(io["inputs"]) != 1:
