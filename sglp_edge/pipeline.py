@@ -341,6 +341,7 @@ class Pipeline:
         from exporters.registry import get_backend
         from .profiles import load_profile
         from .targets.base import BenchJob, make_target
+        from .targets.emulated import EMULATED_BENCH
 
         prof = load_profile(board.device)
         be = get_backend(prof.backend)
@@ -369,7 +370,11 @@ class Pipeline:
         def fn(tmp: Path) -> dict[str, Any]:
             results = {}
             for which in ("original", "pruned"):
-                run = target.bench(BenchJob(artifact=arts[which], data=self.run_dir / "eval_data" / f"eval_{which}.npz",
+                data = self.run_dir / "eval_data" / f"eval_{which}.npz"
+                if target.emulated:  # a subset (emulation is slow), with the baseline on the same images
+                    data = self._eval_subset(which, EMULATED_BENCH["max_eval"] if _bench_overrides(self.cfg).get(
+                        "max_eval") is None else int(_bench_overrides(self.cfg)["max_eval"]))
+                run = target.bench(BenchJob(artifact=arts[which], data=data,
                                             profile=prof, out_dir=tmp / which, overrides=_bench_overrides(self.cfg),
                                             label=f"{label}:{which}",
                                             bundle_path=self.run_dir / ".work" / f"bundle-{which}.tar.gz"))
@@ -383,6 +388,26 @@ class Pipeline:
                     "metrics": {w: r.get("metrics", {}) for w, r in results.items()}}
 
         return self.runner.stage(name, inputs, fn) | {"stage": name}
+
+    def _eval_subset(self, which: str, n: int) -> Path:
+        """The first ``n`` held-out samples of ``eval_<which>.npz``, with ``baseline_top1`` (the unpruned
+        model's PyTorch top-1) recomputed on those same samples, so the accuracy drop compares like with like."""
+        import numpy as np
+
+        from exporters.atomic import atomic_path
+
+        with np.load(self.run_dir / "eval_data" / f"eval_{which}.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        with np.load(self.run_dir / "eval_data" / "eval_original.npz") as z:
+            base = z["logits"][:n].argmax(1) == z["y"][:n]
+        sub = {k: (v[:n] if v.ndim else v) for k, v in arrays.items()}
+        sub["baseline_top1"] = np.float64(base.mean() * 100.0)
+        dest = self.run_dir / ".work" / f"eval_{which}_first{n}.npz"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **sub)
+        return dest
 
     def _needs_board(self, prof: Any, compile_stage: str, name: str, inputs: dict[str, Any], head: dict[str, Any],
                      arts: dict[str, Path]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class SSHBoardTarget(Target):
         from sglp_edge.remote import RemoteJob, make_bundle, run_remote
 
         bundle_path = job.bundle_path or (Path(job.out_dir).parent / f".bundle-{Path(job.out_dir).name}.tar.gz")
+        Path(bundle_path).parent.mkdir(parents=True, exist_ok=True)
         bundle = make_bundle(job.artifact, job.data, bundle_path)
         try:
             args = job.profile.run_bench_args(artifact=bundle.artifact, out="results/result.json", data=bundle.data,
