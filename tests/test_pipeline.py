@@ -176,6 +176,7 @@ def test_jetson_without_a_board_ends_with_finish_on_board(run_dir, tmp_path):
     assert "every measured constraint is met" not in p.stdout + p.stderr
 
 
+@pytest.mark.slow  # minutes: two models through the aarch64 runtime under emulation
 @pytest.mark.skipif(not __import__("sglp_edge.targets.arm64_env", fromlist=["x"]).ready(("onnxruntime",)),
                     reason="emulated ARM board not set up: run `python benchmarks/arm_emulated.py` once")
 def test_emulated_arm_device_completes_with_latency_marked_emulated(run_dir, tmp_path):
