@@ -293,6 +293,7 @@ def test_cli_bench_on_two_remote_boards(sshd, artifacts, tmp_path):
     assert [b["label"] for b in summary["boards"]] == ["loopback@127.0.0.1", "loopback@127.0.0.1-2"]
     for b in summary["boards"]:
         assert b["ok"] and b["all_passed"]
+        assert b["target"]["kind"] == "ssh" and b["target"]["where"] == f"{sshd['host']}:{sshd['port']}"
         verdicts = {c["metric"]: c["passed"] for c in b["constraints"]}
         assert verdicts == {"latency_p90_ms": True, "accuracy_drop_pct": True, "energy_mj": None}
     assert "not measured: energy_mj" in res.output

@@ -113,3 +113,26 @@ def test_emulated_setup_from_scratch(tmp_path):
     assert out.stdout.strip() == "aarch64", out.stderr
     again = arm64_env.ensure(("onnxruntime",), root=tmp_path / "arm64")
     assert again["setup_s"] < 5  # cached: nothing is fetched twice
+
+
+@pytest.mark.slow  # the fast real check is test_emulated_board_runs_the_harness_on_the_arm_runtime
+@needs_arm
+def test_bench_cli_emulate(tmp_path):
+    from typer.testing import CliRunner
+
+    from sglp_edge.cli import app
+
+    model = make_cnn(tmp_path / "tiny.onnx")
+    data = _eval(model, tmp_path / "eval.npz", n=8)
+    res = CliRunner().invoke(app, ["bench", str(model), "--device", "raspberry-pi-5", "--emulate", "--data", str(data),
+                                   "--out", str(tmp_path / "o"), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    b = json.loads((tmp_path / "o" / "summary.json").read_text())["boards"][0]
+    assert b["target"]["kind"] == "emulated" and b["metrics"]["top1_pct"] == 100.0
+    verdicts = {c["metric"]: (c["passed"], c["note"]) for c in b["constraints"]}
+    assert verdicts["latency_p90_ms"][0] is None and "emulated" in verdicts["latency_p90_ms"][1]
+    assert verdicts["model_size_mb"] == (True, "")
+    assert "not measured: emulated" in " ".join(res.output.split())
+    # an x86 profile cannot be emulated
+    res = CliRunner().invoke(app, ["bench", str(model), "--device", "local-cpu-ort", "--emulate"])
+    assert res.exit_code == 2 and "aarch64" in res.output

@@ -165,36 +165,20 @@ def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boar
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sglp_edge.remote import RemoteJob, SSHTarget, make_bundle, run_remote
+    from sglp_edge.remote import make_bundle
 
-    # validate every SSH target before anything starts
-    jobs: dict[int, RemoteJob] = {}
-    need_bundle = any(h for _, h in boards)
-    bundle = None
-    if need_bundle:
-        bundle = make_bundle(artifact, data, out / ".bundle.tar.gz")
-    for i, ((prof, h), lab) in enumerate(zip(boards, labels)):
-        if h is None:
-            continue
-        sd = prof.ssh
-        target = SSHTarget(
-            host=h,
-            port=ssh_opts["port"] if ssh_opts["port"] is not None else (sd.port if sd else 22),
-            identity=str(ssh_opts["identity"]) if ssh_opts["identity"] else (sd.identity if sd else None),
-            known_hosts=str(ssh_opts["known_hosts"]) if ssh_opts["known_hosts"] else (sd.known_hosts if sd else None),
-            strict_host_key_checking="accept-new" if ssh_opts["accept_new"] else "yes",
-            connect_timeout_s=sd.connect_timeout_s if sd else 10,
-            ssh_config=str(ssh_opts["ssh_config"]) if ssh_opts["ssh_config"] else None,
-            python=ssh_opts["remote_python"] or (sd.python if sd else "python3"),
-            remote_dir=ssh_opts["remote_dir"] or (sd.remote_dir if sd else "/tmp"),
-            env=dict(sd.env) if sd else {},
-            label=lab,
-        ).validate()
-        args = prof.run_bench_args(artifact=bundle.artifact, out="results/result.json", data=bundle.data,
-                                   overrides=overrides)
-        jobs[i] = RemoteJob(target=target, bundle=bundle, run_args=args, out_dir=out / lab,
-                            timeout_s=ssh_opts["timeout"] if ssh_opts["timeout"] else (sd.timeout_s if sd else 1800.0),
-                            keep_remote=ssh_opts["keep_remote"], label=lab)
+    # every SSH board is a target too; all are validated before anything starts
+    from sglp_edge.targets.ssh import SSHBoardTarget
+
+    remote = [i for i, (_, h) in enumerate(boards) if h is not None]
+    for i in remote:
+        prof, h = boards[i]
+        targets[i] = SSHBoardTarget.from_profile(
+            prof, h, label=labels[i], port=ssh_opts["port"], identity=ssh_opts["identity"],
+            known_hosts=ssh_opts["known_hosts"], accept_new=ssh_opts["accept_new"], ssh_config=ssh_opts["ssh_config"],
+            remote_python=ssh_opts["remote_python"], remote_dir=ssh_opts["remote_dir"], timeout=ssh_opts["timeout"],
+            keep_remote=ssh_opts["keep_remote"])
+    bundle = make_bundle(artifact, data, out / ".bundle.tar.gz") if remote else None  # one upload bundle for all
 
     results: list = [None] * len(boards)
     lock = threading.Lock()
@@ -226,12 +210,16 @@ def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boar
                 progress.update(tasks[lab], completed=100, description="done" if results[i].ok else "failed")
 
         def remote_one(i: int) -> None:
-            results[i] = run_remote(jobs[i], on_progress)
+            from sglp_edge.targets.base import BenchJob
+
+            results[i] = targets[i].bench(BenchJob(artifact=artifact, data=data, profile=boards[i][0], out_dir=out / labels[i],
+                                                   overrides=overrides, label=labels[i], bundle=bundle,
+                                                   on_progress=on_progress))
             lab = labels[i]
             progress.update(tasks[lab], completed=100, description="done" if results[i].ok else "failed")
 
-        with ThreadPoolExecutor(max_workers=len(jobs) + 1, thread_name_prefix="bench") as pool:
-            futs = [pool.submit(remote_one, i) for i in jobs]
+        with ThreadPoolExecutor(max_workers=len(remote) + 1, thread_name_prefix="bench") as pool:
+            futs = [pool.submit(remote_one, i) for i in remote]
             futs.append(pool.submit(local_lane))
             for f in futs:
                 f.result()

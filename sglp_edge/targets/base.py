@@ -36,6 +36,7 @@ class BenchJob:
     timeout_s: Optional[float] = None
     label: str = ""
     bundle_path: Optional[Path] = None  # where an SSH target writes its upload bundle
+    bundle: Any = None  # a ready remote.Bundle to upload as is (several boards share one)
     on_progress: Optional[Callable[[str, dict[str, Any]], None]] = None
 
 

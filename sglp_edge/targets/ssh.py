@@ -45,8 +45,11 @@ class SSHBoardTarget(Target):
         from sglp_edge.remote import RemoteJob, make_bundle, run_remote
 
         bundle_path = job.bundle_path or (Path(job.out_dir).parent / f".bundle-{Path(job.out_dir).name}.tar.gz")
-        Path(bundle_path).parent.mkdir(parents=True, exist_ok=True)
-        bundle = make_bundle(job.artifact, job.data, bundle_path)
+        if job.bundle is not None:
+            bundle = job.bundle
+        else:
+            Path(bundle_path).parent.mkdir(parents=True, exist_ok=True)
+            bundle = make_bundle(job.artifact, job.data, bundle_path)
         try:
             args = job.profile.run_bench_args(artifact=bundle.artifact, out="results/result.json", data=bundle.data,
                                               overrides=job.overrides)
@@ -54,7 +57,7 @@ class SSHBoardTarget(Target):
                                        timeout_s=job.timeout_s or self.timeout_s, keep_remote=self.keep_remote,
                                        label=job.label or self.label), job.on_progress)
         finally:
-            if job.bundle_path is None:
+            if job.bundle_path is None and job.bundle is None:
                 bundle.path.unlink(missing_ok=True)
         machine = ((run.result or run.partial or {}).get("env") or {}).get("machine")
         return self._stamp(run, {"python": self.ssh.python, **({"machine": machine} if machine else {})})
