@@ -356,3 +356,18 @@ def test_build_engine_and_calibrator_on_gpu(tmp_path):
     assert info["engine_bytes"] > 0 and (tmp_path / "tc").stat().st_size > 0
     out = tb.runner(tmp_path / "c.engine")(calib.x[:2])
     assert out.shape == (2, 8, 16, 16)
+
+
+def test_pinned_host_buffer_wrapper_views_the_allocation():
+    """The TensorRT runner's pinned buffers are numpy views of a cudaMallocHost pointer; the view
+    logic is checked here on ordinary memory (no CUDA on this machine)."""
+    import ctypes
+
+    from benchmarks.runners import _wrap_host
+
+    raw = (ctypes.c_byte * 96)()
+    arr = _wrap_host(ctypes.addressof(raw), 96, [2, 3, 4], np.dtype("float32"))
+    assert arr.shape == (2, 3, 4) and arr.dtype == np.float32
+    arr[:] = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    back = np.frombuffer(bytes(raw), dtype=np.float32)
+    np.testing.assert_array_equal(back, np.arange(24, dtype=np.float32))  # same memory, no copy
