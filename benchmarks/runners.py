@@ -200,7 +200,9 @@ class Runner:
 # OpenVINO
 # ============================================================================================
 
-_OV_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+# int8: the quantized layers run in INT8 whatever the hint; the rest in f32, exactly as compile-time
+# parity measured it (exporters/openvino_backend.py HINT_FOR), never the plugin's bf16/f16 default
+_OV_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
 
 
 def _port_name(port: Any, index: int, kind: str) -> str:

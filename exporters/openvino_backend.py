@@ -215,15 +215,6 @@ def build(
     return section
 
 
-def runner(out_dir: str | Path, precision: str, device: str = "CPU") -> Callable[[np.ndarray], np.ndarray]:
-    """``f(x) -> logits`` for the IR in ``out_dir`` compiled as in :func:`build`."""
-    ov = _ov()
-    compiled = ov.Core().compile_model(str(Path(out_dir) / "model.xml"), device,
-                                       {"INFERENCE_PRECISION_HINT": HINT_FOR[precision]})
-    port = compiled.outputs[0]
-    return lambda x: np.asarray(compiled(x)[port])
-
-
 def compile_step(req: Any) -> tuple:
     """The registry's compile step (see exporters/stack.py): IR + the harness's runner for parity."""
     from .stack import stack_runner

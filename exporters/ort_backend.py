@@ -291,17 +291,6 @@ def build(
     return section
 
 
-def runner(out_dir: str | Path, providers: Sequence[str] | None = None, artifact: str = "model.onnx",
-           batch_size: int = 64) -> Callable[[np.ndarray], np.ndarray]:
-    sess = _session(Path(out_dir) / artifact, choose_providers(providers))
-    name = sess.get_inputs()[0].name
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([sess.run(None, {name: b})[0] for b in batches(x, batch_size)], 0)
-
-    return run
-
-
 def compile_step(req: Any) -> tuple:
     """The registry's compile step (see exporters/stack.py): the ONNX Runtime artifact + the harness's runner."""
     from .stack import stack_runner
