@@ -136,3 +136,16 @@ def test_bench_cli_emulate(tmp_path):
     # an x86 profile cannot be emulated
     res = CliRunner().invoke(app, ["bench", str(model), "--device", "local-cpu-ort", "--emulate"])
     assert res.exit_code == 2 and "aarch64" in res.output
+
+
+def test_run_emulate_checks_the_devices_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    for dev, why in (("local-cpu-ort", "x86_64 / onnxruntime"), ("jetson-orin-nano", "aarch64 / tensorrt")):
+        p = subprocess.run([sys.executable, "-m", "sglp_edge.cli", "run", "--config", str(root / "configs" / "default.yaml"),
+                            "--device", dev, "--emulate", "--out", str(tmp_path / "r")], capture_output=True, text=True,
+                           timeout=120)
+        assert p.returncode == 2 and why in p.stderr and p.stderr.count("\n") == 1
+        assert not (tmp_path / "r").exists()

@@ -30,12 +30,8 @@ def register(app: typer.Typer) -> None:
         A re-run skips finished stages and a killed run resumes."""
         import sys
 
-        import torch
-
-        from ..pipeline import Pipeline, load_config
+        from ..pipeline import EXIT_FINISH_ON_BOARD, NEEDS_BOARD, Pipeline, load_config
         from ..report import print_summary
-
-        from ..pipeline import EXIT_FINISH_ON_BOARD, NEEDS_BOARD
 
         overrides = {"devices": list(device)} if device else None
         cfg = load_config(config, overrides)
@@ -46,6 +42,19 @@ def register(app: typer.Typer) -> None:
         if host or emulate:
             extra = {"host": host} if host else {"emulate": "qemu-aarch64"}
             cfg.devices = [b.model_copy(update=extra) for b in cfg.boards()]
+        if emulate:  # cheap checks before any heavy work
+            from exporters.registry import get_backend
+
+            from ..errors import UserError
+            from ..profiles import load_profile
+
+            for b in cfg.boards():
+                prof = load_profile(b.device)
+                if prof.arch != "aarch64" or not get_backend(prof.backend).emulatable:
+                    raise UserError(f"--emulate runs aarch64 boards on ONNX Runtime or OpenVINO; {prof.name} is "
+                                    f"{prof.arch} / {prof.backend} (pick an ARM profile with --device)")
+        import torch
+
         if threads or cfg.threads:
             torch.set_num_threads(threads or cfg.threads)
         run_dir = out or Path("runs") / cfg.name
