@@ -34,6 +34,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
+if __package__ in (None, ""):  # run as a file: the bundle (or repository) root holds exporters/
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from exporters.registry import NAMES as BACKEND_NAMES  # noqa: E402
+
 SCHEMA = "sglp-edge.bench/1"
 PROGRESS_PREFIX = "@@sglp-progress "
 HANG_ENV = "SGLP_EDGE_BENCH_TEST_HANG_S"
@@ -57,7 +61,7 @@ def partial_path(out: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--artifact", required=True, help="OpenVINO .xml, ONNX .onnx or TensorRT .engine")
-    p.add_argument("--backend", choices=["openvino", "onnxruntime", "tensorrt"], help="default: from the file suffix")
+    p.add_argument("--backend", choices=list(BACKEND_NAMES), help="default: from the file suffix")
     p.add_argument("--out", required=True, help="result JSON path")
     p.add_argument("--data", help="evaluation .npz (see benchmarks/accuracy.py for its keys)")
     p.add_argument("--threads", type=int, help="inference threads (fixed and recorded)")
@@ -144,10 +148,13 @@ def build_trt_engine(onnx_path: Path, precision: str, batches: list[int],
             raise UserError("building a TensorRT engine here needs the onnx package (pip install onnx) or "
                             "--input-shape NAME=1x... naming every input") from None
         inputs = [{"name": k, "shape": [None] + list(v[1:]), "dtype": "float32"} for k, v in named.items()]
+    # the timing cache outlives this run's fresh folder: keyed by board and TensorRT version, reused
     opts = tb.TrtOptions(precision=precision, opt_batch=batches[0], max_batch=max(batches),
-                         timing_cache=str(onnx_path.with_suffix(".timing.cache")))
+                         timing_cache=str(tb.timing_cache_path(tb.device_key(), trt.__version__)))
     plan = tb.plan_build(opts, major, graph_has_qdq=traits["has_qdq"], graph_is_fp16=traits["is_fp16"])
-    if plan.onnx_variant != "source" or plan.calibrator:
+    unprepared = ((plan.onnx_variant == "fp16" and not traits["is_fp16"])
+                  or (plan.onnx_variant == "qdq" and not traits["has_qdq"]))
+    if unprepared or plan.calibrator:
         raise UserError(
             f"TensorRT {trt.__version__} needs a prepared ONNX graph (FP16 or Q/DQ INT8) for {precision}: make it on "
             "the host with `sglp-edge compile --backend tensorrt --trtexec-only` and bench that ONNX"
@@ -188,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.harness import MeasureConfig, capture_env, measure, now_iso, peak_memory
     from benchmarks.runners import (UnsupportedBatch, artifact_files, guess_backend, open_runner,
                                     random_feeds)
-    from benchmarks.tegrastats import TegrastatsSampler, summarize
+    from benchmarks.tegrastats import TegrastatsSampler, jetson_peak_memory, nvmap_client_mb, summarize
     from exporters.atomic import atomic_write_json, sha256_file
     from exporters.errors import UserError
 
@@ -256,29 +263,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         atomic_write_json(part, result)
 
     save_partial("start")
+    # on a Jetson, tegrastats starts before the model loads: the board RAM then is the baseline for
+    # the GPU (nvmap) memory the model adds, which the process RSS does not hold
+    sampler: Optional[TegrastatsSampler] = None
+    ram_before = None
+    if args.power != "off":
+        sampler = TegrastatsSampler(interval_ms=args.tegrastats_interval_ms)
+        if not sampler.available:
+            if args.power == "on":
+                raise UserError("--power on but tegrastats is not on PATH (it ships with JetPack on Jetson boards)")
+            result["power"] = {"available": False, "reason": sampler.error}
+            sampler = None
+        else:
+            sampler.start()
+            time.sleep(max(0.3, 2.5 * args.tegrastats_interval_ms / 1000.0))  # first lines
+            ram_before = next((s.ram_used_mb for s in reversed(sampler.samples) if s.ram_used_mb is not None), None)
     _progress("load", 0, 1)
-    runner = open_runner(backend, artifact, threads=args.threads, streams=args.streams, precision=args.precision,
-                         device=args.device, providers=providers, input_shapes=shapes, trt_timing=args.trt_timing)
     try:
-        result["runtime"] = runner.info()
-        result["env"] = capture_env()
-        result["memory"]["after_load"] = peak_memory()
-        save_partial("loaded")
-        _progress("load", 1, 1)
-
-        sampler: Optional[TegrastatsSampler] = None
-        if args.power != "off":
-            sampler = TegrastatsSampler(interval_ms=args.tegrastats_interval_ms)
-            if not sampler.available:
-                if args.power == "on":
-                    raise UserError("--power on but tegrastats is not on PATH (it ships with JetPack on Jetson boards)")
-                result["power"] = {"available": False, "reason": sampler.error}
-                sampler = None
-            else:
-                sampler.start()
-                time.sleep(max(0.3, 2.5 * args.tegrastats_interval_ms / 1000.0))  # first lines
-
+        runner = open_runner(backend, artifact, threads=args.threads, streams=args.streams, precision=args.precision,
+                             device=args.device, providers=providers, input_shapes=shapes, trt_timing=args.trt_timing)
+    except BaseException:
+        if sampler is not None:
+            sampler.stop()
+        raise
+    try:
         try:
+            result["runtime"] = runner.info()
+            result["env"] = capture_env()
+            result["memory"]["after_load"] = peak_memory()
+            save_partial("loaded")
+            _progress("load", 1, 1)
+
             for i, b in enumerate(batches):
                 _progress("latency", i, len(batches), batch_size=b)
                 try:
@@ -308,6 +323,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         throughput_items_per_s=st["throughput_items_per_s"],
                         peak_memory_mb=mem["peak_rss_mb"],
                     )
+                    if backend == "tensorrt" and (sampler is not None or nvmap_client_mb(os.getpid()) is not None):
+                        jm = jetson_peak_memory(mem["peak_rss_mb"], result["memory"]["at_start"].get("rss_now_mb"),
+                                                ram_before, sampler.samples if sampler is not None else [],
+                                                nvmap_client_mb(os.getpid()))
+                        result["memory"]["jetson"] = jm
+                        if jm.get("peak_memory_mb") is not None:
+                            result["metrics"]["peak_memory_mb"] = jm["peak_memory_mb"]
                     if sampler is not None:
                         # the timed window only; tegrastats lines are read as they arrive
                         window = sampler.samples_between(t0, t1)

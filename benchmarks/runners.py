@@ -36,7 +36,7 @@ import numpy as np
 
 from exporters.errors import UserError
 
-BACKENDS = ("openvino", "onnxruntime", "tensorrt")
+from exporters.registry import NAMES as BACKENDS  # noqa: E402  (one registry of backends)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
@@ -200,7 +200,9 @@ class Runner:
 # OpenVINO
 # ============================================================================================
 
-_OV_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+# int8: the quantized layers run in INT8 whatever the hint; the rest in f32, exactly as compile-time
+# parity measured it (exporters/openvino_backend.py HINT_FOR), never the plugin's bf16/f16 default
+_OV_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
 
 
 def _port_name(port: Any, index: int, kind: str) -> str:
@@ -480,6 +482,7 @@ class _CudaPython:
         except ImportError:
             from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
         self.rt = cudart
+        self._pinned: list = []
         self.stream = self._ok(cudart.cudaStreamCreate())
         try:
             import cuda as _c
@@ -499,6 +502,19 @@ class _CudaPython:
 
     def free(self, ptr: int) -> None:
         self.rt.cudaFree(ptr)
+
+    def pinned(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
+        """A page-locked host array (cudaMallocHost): copies from it are true async DMA, as trtexec's."""
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize
+        ptr = int(self._ok(self.rt.cudaMallocHost(max(n, 1))))
+        self._pinned.append(ptr)
+        return _wrap_host(ptr, n, shape, dt)
+
+    def free_pinned(self) -> None:
+        for p in self._pinned:
+            self.rt.cudaFreeHost(p)
+        self._pinned = []
 
     def h2d(self, dst: int, src: np.ndarray) -> None:
         self._ok(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes,
@@ -526,6 +542,7 @@ class _CuPy:
         self.cp = cp
         self.stream = cp.cuda.Stream(non_blocking=True)
         self._keep: dict[int, Any] = {}
+        self._pinned: list = []
         self.version = cp.__version__
 
     def malloc(self, nbytes: int) -> int:
@@ -535,6 +552,16 @@ class _CuPy:
 
     def free(self, ptr: int) -> None:
         self._keep.pop(ptr, None)
+
+    def pinned(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape)) * dt.itemsize
+        mem = self.cp.cuda.alloc_pinned_memory(max(n, 1))
+        self._pinned.append(mem)
+        return np.frombuffer(mem, dtype=dt, count=int(np.prod(shape))).reshape(tuple(shape))
+
+    def free_pinned(self) -> None:
+        self._pinned = []
 
     def h2d(self, dst: int, src: np.ndarray) -> None:
         self.cp.cuda.runtime.memcpyAsync(dst, src.ctypes.data, src.nbytes, 1, self.stream.ptr)
@@ -547,6 +574,13 @@ class _CuPy:
 
     def sync(self) -> None:
         self.stream.synchronize()
+
+
+def _wrap_host(ptr: int, nbytes: int, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    import ctypes
+
+    buf = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
+    return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(tuple(shape))
 
 
 def _cuda_backend() -> Any:
@@ -624,6 +658,8 @@ class TensorRTRunner(Runner):
         for p in self._dev.values():
             self.cuda.free(p)
         self._dev.clear()
+        self._host_in, self._host_out = {}, {}
+        self.cuda.free_pinned()
 
     def set_batch(self, batch: int) -> None:
         specs = self._with_batch(self._declared, batch)
@@ -639,16 +675,20 @@ class TensorRTRunner(Runner):
                     raise UnsupportedBatch(
                         f"shape {s.shape} for {s.name} is outside the engine's profile [{list(lo)}, {list(hi)}]"
                     )
-                self.context.set_input_shape(s.name, s.shape)
+                if not self.context.set_input_shape(s.name, tuple(s.shape)):
+                    raise UnsupportedBatch(f"TensorRT refused shape {s.shape} for {s.name} (outside its profile)")
         self._free()
         for s in specs:
             nbytes = int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
             self._dev[s.name] = self.cuda.malloc(nbytes)
             self.context.set_tensor_address(s.name, self._dev[s.name])
+        # page-locked host buffers for inputs and outputs: pageable numpy memory would make every copy
+        # a staged, synchronous one, and host latency incomparable with trtexec's
+        self._host_in = {s.name: self.cuda.pinned(s.shape, s.dtype) for s in specs}
         self._host_out = {}
         for name, dtype in self._outputs:
             shape = list(self.context.get_tensor_shape(name))
-            out = np.empty(shape, dtype=dtype)
+            out = self.cuda.pinned(shape, dtype)
             self._host_out[name] = out
             self._dev[name] = self.cuda.malloc(out.nbytes)
             self.context.set_tensor_address(name, self._dev[name])
@@ -661,7 +701,9 @@ class TensorRTRunner(Runner):
 
     def bind(self, feeds: dict[str, np.ndarray]) -> Callable[[], Any]:
         self.check_feeds(feeds)
-        self._host_in = {s.name: np.ascontiguousarray(feeds[s.name], dtype=np.dtype(s.dtype)) for s in self.inputs}
+        for s in self.inputs:
+            np.copyto(self._host_in[s.name], np.asarray(feeds[s.name]).reshape(self._host_in[s.name].shape),
+                      casting="same_kind")
         for name, arr in self._host_in.items():
             self.cuda.h2d(self._dev[name], arr)
         self.cuda.sync()
@@ -719,6 +761,7 @@ class TensorRTRunner(Runner):
             "threads_requested": self.threads,
             "streams_requested": self.streams,
             "streams_used": 1,
+            "host_buffers": "pinned (page-locked)",
             "timing": "host latency: H2D + execute_async_v3 + D2H, stream synchronised before each clock read"
             if self.timing == "host" else "compute only: execute_async_v3, stream synchronised before each clock read",
         }

@@ -233,3 +233,57 @@ class TegrastatsSampler:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# Jetson memory: CPU and GPU share the board's RAM; GPU buffers come from nvmap and are NOT in the
+# process's RSS, so the peak RSS alone under-counts what a model needs on a Jetson.
+# ------------------------------------------------------------------------------------------------
+NVMAP_CLIENTS = "/sys/kernel/debug/nvmap/iovmm/clients"
+_NVMAP_LINE = re.compile(r"^\s*\S+\s+(\S+)\s+(\d+)\s+(\d+)([KMG]?)\s*$")
+
+
+def nvmap_client_mb(pid: int, path: str = NVMAP_CLIENTS) -> Optional[float]:
+    """nvmap (GPU) memory held by ``pid`` in MiB, from the nvmap debugfs client table
+    ("CLIENT PROCESS PID SIZE" lines, sizes in K); None when the table is not readable (needs root)."""
+    try:
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        m = _NVMAP_LINE.match(line)
+        if m and int(m.group(2)) == int(pid):
+            scale = {"": 1.0 / 1024.0, "K": 1.0 / 1024.0, "M": 1.0, "G": 1024.0}[m.group(4)]
+            total += int(m.group(3)) * scale
+            seen = True
+    return total if seen else 0.0
+
+
+def jetson_peak_memory(peak_rss_mb: Optional[float], rss_before_load_mb: Optional[float],
+                       board_ram_before_load_mb: Optional[int], samples: list,
+                       nvmap_mb: Optional[float] = None) -> dict:
+    """``peak_memory_mb`` on a Jetson: the process's peak RSS plus its GPU (nvmap) memory.
+
+    nvmap comes from the debugfs client table when readable (``nvmap_mb``); otherwise from
+    tegrastats: the board's RAM peak during the run minus the RAM in use before the model loaded
+    is what this benchmark added (CPU and GPU); what of it the RSS does not hold is GPU memory."""
+    out: dict = {"peak_rss_mb": peak_rss_mb}
+    if peak_rss_mb is None:
+        return out
+    if nvmap_mb is not None:
+        out.update(nvmap_mb=nvmap_mb, peak_memory_mb=peak_rss_mb + nvmap_mb, source="peak RSS + nvmap client table")
+        return out
+    ram = [s.ram_used_mb for s in samples if getattr(s, "ram_used_mb", None) is not None]
+    if ram and board_ram_before_load_mb is not None:
+        added = max(ram) - board_ram_before_load_mb
+        rss_added = peak_rss_mb - (rss_before_load_mb or 0.0)
+        gpu = max(0.0, added - rss_added)
+        out.update(board_ram_peak_mb=max(ram), board_ram_before_load_mb=board_ram_before_load_mb,
+                   board_ram_added_mb=added, nvmap_mb=gpu, peak_memory_mb=peak_rss_mb + gpu,
+                   source="peak RSS + (tegrastats RAM added during the run - RSS added)")
+        return out
+    out.update(peak_memory_mb=peak_rss_mb, source="peak RSS only (no tegrastats RAM and no nvmap table: GPU "
+                                                  "memory not counted)")
+    return out

@@ -14,7 +14,6 @@ No torch: runs on the board too.
 from __future__ import annotations
 
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,11 +27,11 @@ from .errors import UserError
 
 MANIFEST_FORMAT = "sglp-edge/compile-manifest/1"
 MANIFEST_NAME = "manifest.json"
-BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "openvino": ("fp32", "fp16", "int8"),
-    "onnxruntime": ("fp32", "int8"),
-    "tensorrt": ("fp32", "fp16", "int8"),
-}
+from .registry import BACKENDS as _REGISTRY
+from .registry import get_backend
+from .stack import CompileRequest, stack_runner
+
+BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {n: b.precisions for n, b in _REGISTRY.items()}
 
 
 def _tool_version() -> str:
@@ -72,10 +71,7 @@ def _as_data(data: str | Path | CalibData | None, what: str, require_labels: boo
 
 
 def _ort_reference(onnx_path: Path, x: np.ndarray) -> np.ndarray:
-    from .ort_backend import runner
-
-    return runner(onnx_path.parent, ["CPUExecutionProvider"], artifact=onnx_path.name)(x)
-
+    return stack_runner("onnxruntime", onnx_path, "fp32", providers=["CPUExecutionProvider"])(x)
 
 def _run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate([fn(b) for b in batches(x, batch)], 0)
@@ -129,10 +125,8 @@ def compile_model(
     "weights" or "dynamic" (ONNX Runtime only)."""
     t0 = time.perf_counter()
     check_request(backend, precision)
-    from .openvino_backend import INT8_SCHEMES as OV_SCHEMES
-    from .ort_backend import INT8_SCHEMES as ORT_SCHEMES
-
-    allowed = {"openvino": OV_SCHEMES, "onnxruntime": ORT_SCHEMES}.get(backend, ("auto",))
+    spec = get_backend(backend)
+    allowed = spec.int8_schemes()
     if int8_scheme not in allowed:
         raise UserError(f"--int8-scheme {int8_scheme} is not available for {backend}; choose one of {', '.join(allowed)}")
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
@@ -140,8 +134,9 @@ def compile_model(
         raise UserError(f"output {out_dir} exists and is not a folder")
     if max_accuracy_drop is not None and not (0 < max_accuracy_drop < 1):
         raise UserError("--max-accuracy-drop is an absolute fraction, e.g. 0.01 for one point of accuracy")
-    if max_accuracy_drop is not None and (backend != "openvino" or precision != "int8"):
-        raise UserError("--max-accuracy-drop applies to --backend openvino --precision int8 only")
+    if max_accuracy_drop is not None and (not spec.accuracy_control or precision != "int8"):
+        with_ac = [n for n, b in _REGISTRY.items() if b.accuracy_control]
+        raise UserError(f"--max-accuracy-drop applies to --backend {'|'.join(with_ac)} --precision int8 only")
     model = ou.load_onnx(onnx_path)
     io = ou.io_info(model)
     if len(io["inputs"]) != 1:
@@ -150,7 +145,7 @@ def compile_model(
     calib_d = _as_data(calib, "calibration data")
     eval_d = _as_data(eval_data, "evaluation data", require_labels=max_accuracy_drop is not None)
     has_qdq = any(n.op_type == "QuantizeLinear" for n in model.graph.node)
-    if precision == "int8" and calib_d is None and not (backend == "tensorrt" and has_qdq):
+    if precision == "int8" and calib_d is None and not (spec.int8_from_qdq_graph and has_qdq):
         raise UserError("INT8 needs calibration data: pass --calib DATA.npz (array 'x' of real inputs, "
                         "e.g. 300 training images)")
     for d, what in ((calib_d, "calibration data"), (eval_d, "evaluation data")):
@@ -177,33 +172,15 @@ def compile_model(
         "host": _host(),
         "notes": [],
     }
-    measured_on = None
+    req = CompileRequest(onnx_path=onnx_path, out=out_dir, precision=precision, io=io, calib=calib_d, eval_data=eval_d,
+                         max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples, device=device,
+                         providers=providers, trt_version=trt_version, trtexec_only=trtexec_only,
+                         trt_options=trt_options, keep_first_last_float=keep_first_last_float,
+                         int8_scheme=int8_scheme, want_runner=parity_d is not None)
     with _Steps(progress, f"{backend} {precision}") as say, atomic_dir(out_dir) as tmp:
-        if backend == "openvino":
-            from . import openvino_backend as ovb
-
-            section = ovb.build(onnx_path, tmp, precision, calib=calib_d, eval_data=eval_d,
-                                max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples, device=device,
-                                keep_first_last_float=keep_first_last_float, int8_scheme=int8_scheme, progress=say)
-            run = ovb.runner(tmp, precision, device) if parity_d is not None else None
-        elif backend == "onnxruntime":
-            from . import ort_backend as ortb
-
-            section = ortb.build(onnx_path, tmp, precision, calib=calib_d, calib_samples=calib_samples,
-                                 providers=providers, keep_first_last_float=keep_first_last_float,
-                                 int8_scheme=int8_scheme, progress=say)
-            run = ortb.runner(tmp, providers) if parity_d is not None else None
-        else:
-            section, run = _tensorrt(onnx_path, tmp, precision, io, calib_d, calib_samples, trt_version,
-                                     trtexec_only, trt_options, keep_first_last_float, say)
-            if parity_d is None:
-                run = None
-            elif trtexec_only:  # no engine here: measure the graph TensorRT will build, with ONNX Runtime
-                from .ort_backend import runner as ort_runner
-
-                run = ort_runner(tmp, ["CPUExecutionProvider"])
-                measured_on = ("onnxruntime CPU on the ONNX prepared for TensorRT (the engine itself is not built "
-                               "here; re-measure on the board)")
+        req.out, req.say = tmp, say
+        section, run, measured_on = spec.impl().compile_step(req)
+        parity_batch = section.pop("parity_batch", 64)
         manifest["backend"].update(section.pop("backend", {}))
         artifacts = section.pop("artifacts")
         manifest["notes"] += section.pop("notes", [])
@@ -214,7 +191,7 @@ def compile_model(
                 ref, ref_name = parity_d.logits, "pytorch (reference logits stored in the evaluation .npz)"
             else:
                 ref, ref_name = _ort_reference(onnx_path, parity_d.x), "onnxruntime fp32 on the source ONNX"
-            out = _run_batched(run, parity_d.x)
+            out = _run_batched(run, parity_d.x, batch=parity_batch)
             labels = parity_d.y if parity_d.kind == "image" else None
             parity = ou.compare_outputs(ref, out, labels=labels)
             parity.update(reference=ref_name, inputs=parity_note)
@@ -234,80 +211,3 @@ def compile_model(
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
-
-
-def _tensorrt(onnx_path: Path, tmp: Path, precision: str, io: dict[str, Any], calib: CalibData | None,
-              calib_samples: int, trt_version: str | None, trtexec_only: bool, opts: Any,
-              keep_first_last_float: bool, say: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
-    from . import tensorrt_backend as tb
-    from . import trt_ops
-
-    opts = opts or tb.TrtOptions()
-    opts.precision = precision
-    trt = None
-    if not trtexec_only:
-        trt = tb.import_tensorrt()  # clear UserError naming what to install
-        installed = trt.__version__
-        if trt_version and tb.version_major(trt_version) != tb.version_major(installed):
-            raise UserError(f"--trt-version {trt_version} differs from the installed TensorRT {installed}")
-        trt_version = installed
-    trt_version = trt_version or "10.3"
-    major = tb.version_major(trt_version)
-    src = ou.load_onnx(onnx_path)
-    traits = tb.graph_traits(src)
-    del src
-    need_qdq_here = trtexec_only and major == 10 and precision == "int8" and not traits["has_qdq"]
-    plan = tb.plan_build(opts, major, graph_has_qdq=traits["has_qdq"] or need_qdq_here, graph_is_fp16=traits["is_fp16"])
-    if need_qdq_here:
-        plan.notes.append("no TensorRT here to run the INT8 calibrator: prepared a symmetric Q/DQ graph instead")
-    prepared = tmp / "model.onnx"
-    prep_info: dict[str, Any] = {"variant": plan.onnx_variant}
-    if plan.onnx_variant == "fp16" and not traits["is_fp16"]:
-        say("convert the ONNX graph to FP16")
-        prep_info.update(tb.make_fp16_onnx(onnx_path, prepared))
-    elif plan.onnx_variant == "qdq" and not traits["has_qdq"]:
-        if calib is None:
-            raise UserError("INT8 for TensorRT needs calibration data to place Q/DQ nodes: pass --calib DATA.npz")
-        say("insert symmetric INT8 Q/DQ nodes")
-        prep_info.update(tb.make_qdq_onnx(onnx_path, prepared, calib, samples=calib_samples,
-                                          keep_first_last_float=keep_first_last_float))
-    else:
-        shutil.copy2(onnx_path, prepared)
-    say("check operators against the TensorRT ONNX parser")
-    report = trt_ops.check_graph(prepared, trt_version=trt_version)
-    atomic_write_json(tmp / "trt_op_check.json", report.to_dict())
-    if not report.ok:
-        raise UserError(f"the graph will not build with TensorRT {trt_version}: " + "; ".join(report.problems()))
-    shapes = tb.profile_shapes(io["inputs"], opts)
-    opts.timing_cache = opts.timing_cache or "timing.cache"
-    if plan.calibrator:
-        opts.calib_cache = opts.calib_cache or "calib.cache"
-    cmd = tb.trtexec_command("model.onnx", "model.engine", plan, opts, shapes, times_json="times.json")
-    (tmp / "trtexec_build.sh").write_text("#!/bin/sh\n# build + time the engine on the board (run in this folder)\n"
-                                          f"set -e\n{tb.command_line(cmd)} | tee trtexec.log\n")
-    artifacts = [{"path": "model.onnx", "role": f"onnx-for-tensorrt ({plan.onnx_variant})"},
-                 {"path": "trt_op_check.json", "role": "tensorrt-operator-check"},
-                 {"path": "trtexec_build.sh", "role": "trtexec-command"}]
-    section: dict[str, Any] = {
-        "backend": {"name": "tensorrt", "version": trt.__version__ if trt else None, "target_version": trt_version},
-        "tensorrt": {"plan": plan.to_dict(), "options": {k: v for k, v in vars(opts).items()},
-                     "profile_shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in shapes.items()},
-                     "trtexec_command": tb.command_line(cmd), "onnx_preparation": prep_info,
-                     "op_check": {"ok": report.ok, "table": report.table_version,
-                                  "restrictions_to_review": report.restrictions}},
-    }
-    if trtexec_only:
-        section["tensorrt"]["engine_built"] = False
-        section["notes"] = [f"engine not built here (no TensorRT): run trtexec_build.sh on the board "
-                            f"(TensorRT {trt_version})"]
-        return dict(section, artifacts=artifacts), None
-    say(f"build the TensorRT {trt.__version__} engine")
-    cwd_opts = tb.TrtOptions(**{**vars(opts), "timing_cache": str(tmp / opts.timing_cache),
-                                "calib_cache": str(tmp / opts.calib_cache) if opts.calib_cache else None})
-    info = tb.build_engine(prepared, tmp / "model.engine", plan, cwd_opts, shapes, calib=calib)
-    section["tensorrt"].update(engine_built=True, build=info)
-    artifacts.append({"path": "model.engine", "role": "tensorrt-engine"})
-    for extra, role in ((opts.timing_cache, "tensorrt-timing-cache"), (opts.calib_cache, "int8-calibration-cache")):
-        if extra and (tmp / extra).is_file():
-            artifacts.append({"path": extra, "role": role})
-    return dict(section, artifacts=artifacts), tb.runner(tmp / "model.engine")

@@ -215,10 +215,12 @@ def build(
     return section
 
 
-def runner(out_dir: str | Path, precision: str, device: str = "CPU") -> Callable[[np.ndarray], np.ndarray]:
-    """``f(x) -> logits`` for the IR in ``out_dir`` compiled as in :func:`build`."""
-    ov = _ov()
-    compiled = ov.Core().compile_model(str(Path(out_dir) / "model.xml"), device,
-                                       {"INFERENCE_PRECISION_HINT": HINT_FOR[precision]})
-    port = compiled.outputs[0]
-    return lambda x: np.asarray(compiled(x)[port])
+def compile_step(req: Any) -> tuple:
+    """The registry's compile step (see exporters/stack.py): IR + the harness's runner for parity."""
+    from .stack import stack_runner
+
+    section = build(req.onnx_path, req.out, req.precision, calib=req.calib, eval_data=req.eval_data,
+                    max_accuracy_drop=req.max_accuracy_drop, calib_samples=req.calib_samples, device=req.device,
+                    keep_first_last_float=req.keep_first_last_float, int8_scheme=req.int8_scheme, progress=req.say)
+    run = stack_runner("openvino", req.out / "model.xml", req.precision, device=req.device) if req.want_runner else None
+    return section, run, None

@@ -291,12 +291,13 @@ def build(
     return section
 
 
-def runner(out_dir: str | Path, providers: Sequence[str] | None = None, artifact: str = "model.onnx",
-           batch_size: int = 64) -> Callable[[np.ndarray], np.ndarray]:
-    sess = _session(Path(out_dir) / artifact, choose_providers(providers))
-    name = sess.get_inputs()[0].name
+def compile_step(req: Any) -> tuple:
+    """The registry's compile step (see exporters/stack.py): the ONNX Runtime artifact + the harness's runner."""
+    from .stack import stack_runner
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([sess.run(None, {name: b})[0] for b in batches(x, batch_size)], 0)
-
-    return run
+    section = build(req.onnx_path, req.out, req.precision, calib=req.calib, calib_samples=req.calib_samples,
+                    providers=req.providers, keep_first_last_float=req.keep_first_last_float,
+                    int8_scheme=req.int8_scheme, progress=req.say)
+    run = (stack_runner("onnxruntime", req.out / "model.onnx", req.precision, providers=choose_providers(req.providers))
+           if req.want_runner else None)
+    return section, run, None

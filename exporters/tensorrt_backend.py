@@ -1,10 +1,12 @@
 """TensorRT backend: engine build through the TensorRT Python API (10.x and 11.x), the equivalent
 ``trtexec`` command line, and parsers for trtexec's log and ``--exportTimes`` JSON.
 
-TensorRT 10.x (JetPack 6 ships 10.3): weakly typed by default; FP16 / INT8 are builder flags
-(``BuilderFlag.FP16`` / ``BuilderFlag.INT8``) and implicit INT8 is calibrated by an
-``IInt8EntropyCalibrator2`` fed from our ``.npz`` calibration data (cache written for reuse);
-a graph that already holds Q/DQ nodes is built strongly typed.
+TensorRT 10.x (JetPack 6 ships 10.3): weakly typed; FP16 / INT8 are builder flags
+(``BuilderFlag.FP16`` / ``BuilderFlag.INT8``). INT8 comes from symmetric Q/DQ nodes placed on the
+host (explicit quantization), built NOT strongly typed with the FP16 flag as well, so the layers
+without Q/DQ run in FP16 rather than FP32. The implicit ``IInt8EntropyCalibrator2`` (fed from our
+``.npz`` calibration data, cache written for reuse) remains for users who ask for it
+(``TrtOptions.int8_calibrator``).
 TensorRT 11.x: every network is strongly typed (``BuilderFlag.FP16/INT8`` and the calibrator API
 were removed): the precision comes from the ONNX graph, so FP16 means an FP16 ONNX graph and INT8
 a graph with symmetric Q/DQ nodes (both prepared here on the host, with ONNX Runtime's tools).
@@ -12,6 +14,10 @@ a graph with symmetric Q/DQ nodes (both prepared here on the host, with ONNX Run
 Common: workspace limit (``set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)``), a persistent
 timing cache, one optimisation profile for the dynamic axes, DLA core + GPU fallback for Jetson,
 and TF32 disabled for FP32 builds (ONNX-vs-TRT FP32 mismatches otherwise, TensorRT #4492).
+DLA needs static shapes: a DLA build's profile is min = opt = max (at the optimal batch), and
+GPU fallback is explicit (on or off) and reported, with the DLA/GPU layer counts from the build log.
+The timing cache lives outside the (fresh) output folder, keyed by device and TensorRT version
+(:func:`timing_cache_path`), so every build on that device and version reuses it.
 
 ``tensorrt`` (and ``cuda-python`` for device memory) are imported lazily: everything except the
 actual build runs without them. Numpy only; no torch.
@@ -80,6 +86,7 @@ class TrtOptions:
     opt_seq: int = 128
     max_seq: int = 512
     builder_optimization_level: int | None = None
+    int8_calibrator: bool = False  # TensorRT 10: implicit INT8 with IInt8EntropyCalibrator2 instead of Q/DQ
 
 
 @dataclass
@@ -113,15 +120,19 @@ def plan_build(opts: TrtOptions, major: int, *, graph_has_qdq: bool = False, gra
             p.clear_flags.append("TF32")
         elif prec == "fp16":
             p.set_flags.append("FP16")
-        elif graph_has_qdq:  # explicit quantization: types come from the Q/DQ graph
-            p.network_flags.append("STRONGLY_TYPED")
-            p.onnx_variant = "qdq"
-            p.notes.append("graph holds Q/DQ nodes: built strongly typed (explicit quantization)")
-        else:
+        elif opts.int8_calibrator and not graph_has_qdq:  # asked for: implicit INT8, calibrated on the board
             p.set_flags.append("INT8")
             if opts.int8_fp16_fallback:
                 p.set_flags.append("FP16")
             p.calibrator = "IInt8EntropyCalibrator2"
+            p.notes.append("implicit INT8 with the entropy calibrator (deprecated in TensorRT 10, removed in 11)")
+        else:  # explicit quantization, weakly typed: Q/DQ layers INT8, the rest may use FP16
+            p.onnx_variant = "qdq"
+            p.set_flags.append("INT8")
+            if opts.int8_fp16_fallback:
+                p.set_flags.append("FP16")
+            p.notes.append("INT8 from symmetric Q/DQ nodes, built weakly typed with FP16 fallback (not strongly "
+                           "typed: a strongly typed build would run every layer without Q/DQ in FP32)")
     else:
         p.network_flags.append("STRONGLY_TYPED")  # always on in 11.x; the flag is set when it still exists
         if prec == "fp32":
@@ -137,9 +148,15 @@ def plan_build(opts: TrtOptions, major: int, *, graph_has_qdq: bool = False, gra
             raise UserError("--dla-core must be 0 or 1 (the DLA engine index)")
         if prec == "fp32":
             raise UserError("DLA runs FP16 or INT8 only; use --precision fp16 or int8 with --dla-core")
-        p.dla = {"core": opts.dla_core, "gpu_fallback": opts.gpu_fallback}
+        p.dla = {"core": opts.dla_core, "gpu_fallback": opts.gpu_fallback, "static_batch": opts.opt_batch}
         if opts.gpu_fallback:
             p.set_flags.append("GPU_FALLBACK")
+            p.notes.append(f"DLA core {opts.dla_core} with GPU fallback ON: layers the DLA cannot run go to the GPU "
+                           "(counted from the build log in the build report)")
+        else:
+            p.notes.append(f"DLA core {opts.dla_core} with GPU fallback OFF: the build fails if a layer cannot run "
+                           "on the DLA")
+        p.notes.append(f"DLA needs static shapes: profile min = opt = max = batch {opts.opt_batch}")
     return p
 
 
@@ -151,7 +168,8 @@ def graph_traits(model: Any) -> dict[str, bool]:
 
 
 def profile_shapes(inputs: Sequence[dict[str, Any]], opts: TrtOptions) -> dict[str, tuple[list, list, list]]:
-    """min/opt/max shapes for every input with dynamic dims (batch at 0, sequence at 1 for tokens)."""
+    """min/opt/max shapes for every input with dynamic dims (batch at 0, sequence at 1 for tokens).
+    A DLA build (``opts.dla_core`` set) gets a static profile: min = opt = max = the optimal shape."""
     shapes = {}
     for inp in inputs:
         dims = inp["shape"]
@@ -170,8 +188,55 @@ def profile_shapes(inputs: Sequence[dict[str, Any]], opts: TrtOptions) -> dict[s
                                 "re-export with a fixed size for it")
         if not (lo[0] <= opt[0] <= hi[0]):
             raise UserError(f"batch sizes must satisfy 1 <= opt ({opt[0]}) <= max ({hi[0]})")
+        if opts.dla_core is not None:  # DLA: static shapes only, or the engine silently runs on the GPU
+            lo, hi = list(opt), list(opt)
         shapes[inp["name"]] = (lo, opt, hi)
     return shapes
+
+
+def max_batch(shapes: dict[str, tuple[list, list, list]] | None, default: int = 64) -> int:
+    """The largest batch every input's profile accepts (parity and calibration batches stay within it)."""
+    if not shapes:
+        return default
+    return max(1, min(min(hi[0] for _lo, _opt, hi in shapes.values()), default))
+
+
+def check_set_input_shape(context: Any, name: str, shape: Sequence[int]) -> None:
+    """``IExecutionContext.set_input_shape`` returns False (and logs) for a shape outside the profile:
+    never ignore it, or the engine runs on stale shapes."""
+    if not context.set_input_shape(name, tuple(int(d) for d in shape)):
+        raise UserError(f"TensorRT refused input shape {list(shape)} for {name!r}: it is outside the engine's "
+                        "optimisation profile (rebuild with a larger --max-batch, or run smaller batches)")
+
+
+def device_key() -> str:
+    """A name for this device's GPU (Jetson model from the device tree, else nvidia-smi's name)."""
+    import subprocess
+
+    name = ""
+    try:
+        name = Path("/proc/device-tree/model").read_bytes().decode(errors="replace").strip("\x00 \n")
+    except OSError:
+        pass
+    if not name:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10)
+            name = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+        except (OSError, subprocess.SubprocessError):
+            name = ""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower() or "unknown-gpu"
+
+
+def timing_cache_path(device: str, trt_version: str, root: str | Path | None = None) -> Path:
+    """Where the timing cache for ``device`` and ``trt_version`` lives: outside any output folder
+    (``$SGLP_EDGE_TRT_CACHE`` or ``~/.cache/sglp-edge/tensorrt``), so every build reuses it."""
+    import os
+
+    base = Path(root or os.environ.get("SGLP_EDGE_TRT_CACHE") or Path.home() / ".cache" / "sglp-edge" / "tensorrt")
+    dev = re.sub(r"[^A-Za-z0-9.]+", "-", device).strip("-").lower() or "unknown-gpu"
+    ver = re.sub(r"[^0-9.]+", "", str(trt_version)) or "unknown"
+    return base.expanduser() / f"timing-{dev}-trt{ver}.cache"
 
 
 def _shape_spec(shapes: dict[str, tuple[list, list, list]], which: int) -> str:
@@ -197,12 +262,13 @@ def trtexec_command(onnx_path: str | Path, engine_path: str | Path, plan: TrtPla
             cmd.append("--fp16")
         if "INT8" in plan.set_flags:
             cmd.append("--int8")
-            if opts.calib_cache:
+            if plan.calibrator and opts.calib_cache:
                 cmd.append(f"--calib={opts.calib_cache}")
     if plan.dla is not None:
         cmd.append(f"--useDLACore={plan.dla['core']}")
         if plan.dla["gpu_fallback"]:
             cmd.append("--allowGPUFallback")
+        cmd.append("--verbose")  # the build log then lists the layers running on the DLA and on the GPU
     if opts.builder_optimization_level is not None:
         cmd.append(f"--builderOptimizationLevel={opts.builder_optimization_level}")
     if times_json:
@@ -360,10 +426,13 @@ def _make_logger(trt: Any) -> Any:
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.lines: list[str] = []  # INFO and up: the DLA/GPU layer placement is logged at INFO
 
         def log(self, severity: Any, msg: str) -> None:
             if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
                 self.errors.append(msg)
+            if severity != trt.ILogger.Severity.VERBOSE and len(self.lines) < 20000:
+                self.lines.append(msg)
 
     return CollectingLogger()
 
@@ -424,196 +493,27 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, plan: TrtPlan, 
         raise UserError("TensorRT engine build failed: " + ("; ".join(logger.errors)[:400] or "see the TensorRT log"))
     atomic_write_bytes(engine_path, bytes(serialized))
     if cache is not None:
+        Path(opts.timing_cache).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(opts.timing_cache, bytes(cache.serialize()))
-    return {"tensorrt": trt.__version__, "engine_bytes": Path(engine_path).stat().st_size}
+    info: dict[str, Any] = {"tensorrt": trt.__version__, "engine_bytes": Path(engine_path).stat().st_size,
+                            "timing_cache": str(opts.timing_cache) if opts.timing_cache else None,
+                            "profile_shapes": {k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in shapes.items()}}
+    if plan.dla is not None:
+        placement = parse_dla_layers("\n".join(logger.lines))
+        info["dla"] = {**plan.dla, "layers_on_dla": placement["dla"] if placement["found"] else None,
+                       "layers_on_gpu": placement["gpu"] if placement["found"] else None,
+                       "gpu_layers": placement["gpu_layers"],
+                       "note": None if placement["found"] else "the builder logged no DLA/GPU placement"}
+    return info
 
 
-def runner(engine_path: str | Path) -> Any:
-    """``f(x) -> first output`` for a serialized engine (single input)."""
-    trt = import_tensorrt()
-    cuda = _Cuda()
-    logger = _make_logger(trt)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise UserError(f"TensorRT could not load {engine_path}: " + "; ".join(logger.errors)[:300])
-    ctx = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    ins = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+def runner(engine_path: str | Path, precision: str = "fp16", max_batch: int = 64) -> Any:
+    """``f(x) -> first output`` for a serialized engine, through the board harness's TensorRTRunner
+    (benchmarks/runners.py: pinned buffers, checked shapes): one runner stack for parity and bench."""
+    from .stack import stack_runner
 
-    def run(x: np.ndarray) -> np.ndarray:
-        ptrs = []
-        try:
-            x = np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(ins[0])))
-            ctx.set_input_shape(ins[0], x.shape)
-            dx = cuda.malloc(x.nbytes)
-            ptrs.append(dx)
-            cuda.h2d(dx, x)
-            ctx.set_tensor_address(ins[0], dx)
-            results = {}
-            for o in outs:
-                arr = np.empty(tuple(ctx.get_tensor_shape(o)), dtype=trt.nptype(engine.get_tensor_dtype(o)))
-                d = cuda.malloc(max(arr.nbytes, 1))
-                ptrs.append(d)
-                ctx.set_tensor_address(o, d)
-                results[o] = (arr, d)
-            if not ctx.execute_async_v3(0):
-                raise UserError("TensorRT inference failed")
-            cuda.sync()
-            arr, d = results[outs[0]]
-            cuda.d2h(arr, d)
-            return arr.astype(np.float32)
-        finally:
-            for p in ptrs:
-                cuda.free(p)
-
-    return run
+    return stack_runner("tensorrt", engine_path, precision, max_batch=max_batch)
 
 
-# ---------------------------------------------------------------------------------------------
-# trtexec output parsers
-# ---------------------------------------------------------------------------------------------
-_METRICS = {"Latency": "latency", "End-to-End Host Latency": "end_to_end", "Enqueue Time": "enqueue",
-            "H2D Latency": "h2d", "GPU Compute Time": "gpu_compute", "D2H Latency": "d2h"}
-_NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
-_LINE = re.compile(r"^(?:\[[^\]]*\]\s*)*\[(?P<sev>[IWEVF])\]\s?(?P<msg>.*)$")
-
-
-def _pkey(p: Any) -> str:
-    return format(float(p), "g")
-
-
-def _trt_version_from_tag(tag: str) -> str:
-    n = int(tag)
-    if n >= 10000:  # 10.x and later: v100300 = 10.3.0
-        return f"{n // 10000}.{(n // 100) % 100}.{n % 100}"
-    return f"{n // 1000}.{(n // 100) % 10}.{n % 100}"  # 8.x: v8601 = 8.6.1
-
-
-def parse_trtexec_log(text: str) -> dict[str, Any]:
-    """Figures from trtexec's console output (TensorRT 8.4 .. 10.x format).
-
-    Returns the status (PASSED / FAILED / incomplete), the command, TensorRT version, build options
-    (precision), device, throughput, per-metric min/max/mean/median/percentiles in ms, totals,
-    warm-up and trace counts, engine build time / size, and the warning / error lines."""
-    res: dict[str, Any] = {"status": "incomplete", "metrics": {}, "warnings": [], "errors": []}
-    m = re.search(r"&&&& RUNNING TensorRT\.trtexec \[TensorRT v(\d+)\](?: \[[^\]]*\])? # (.*)", text)
-    if m:
-        res["trt_version"] = _trt_version_from_tag(m.group(1))
-        res["command"] = m.group(2).strip()
-    if re.search(r"^&&&& PASSED", text, re.M):
-        res["status"] = "passed"
-    elif re.search(r"^&&&& FAILED", text, re.M):
-        res["status"] = "failed"
-    simple = {
-        "trt_version": (r"TensorRT version: ([\d.]+)", str),
-        "precision": (r"\[I\] Precision: (\S+)", str),
-        "device": (r"Selected Device: (.+)", str),
-        "compute_capability": (r"Compute Capability: ([\d.]+)", str),
-        "throughput_qps": (r"Throughput: " + _NUM + " qps", float),
-        "total_host_walltime_s": (r"Total Host Walltime: " + _NUM + " s", float),
-        "total_gpu_compute_s": (r"Total GPU Compute Time: " + _NUM + " s", float),
-        "engine_build_s": (r"Engine built in " + _NUM + " sec", float),
-        "engine_size_mib": (r"Created engine with size: " + _NUM + " MiB", float),
-        "dla_core": (r"\[I\] DLACore: (\d+)", int),
-    }
-    for key, (pat, typ) in simple.items():
-        mm = re.search(pat, text)
-        if mm:
-            res[key] = typ(mm.group(1).strip())
-    mm = re.search(r"Warmup completed (\d+) queries over " + _NUM + " ms", text)
-    if mm:
-        res["warmup_queries"], res["warmup_ms"] = int(mm.group(1)), float(mm.group(2))
-    mm = re.search(r"Timing trace has (\d+) queries over " + _NUM + " s", text)
-    if mm:
-        res["timed_queries"], res["timed_s"] = int(mm.group(1)), float(mm.group(2))
-    for label, key in _METRICS.items():
-        mm = re.search(r"\] " + re.escape(label) + r": (min = .*)$", text, re.M)
-        if not mm:
-            continue
-        line = mm.group(1)
-        stats: dict[str, Any] = {}
-        for stat in ("min", "max", "mean", "median"):
-            s = re.search(rf"\b{stat} = {_NUM} ms", line)
-            if s:
-                stats[stat] = float(s.group(1))
-        pct = {_pkey(p): float(v)
-               for p, v in re.findall(r"percentile\((\d+(?:\.\d+)?)%\) = " + _NUM + " ms", line)}
-        if pct:
-            stats["percentiles"] = pct
-        res["metrics"][key] = stats
-    for line in text.splitlines():
-        lm = _LINE.match(line.strip())
-        if lm and lm.group("sev") == "W":
-            res["warnings"].append(lm.group("msg").strip())
-        elif lm and lm.group("sev") in ("E", "F"):
-            res["errors"].append(lm.group("msg").strip())
-    if res["status"] == "incomplete" and "command" not in res and not res["metrics"]:
-        raise UserError("this does not look like trtexec output (no '&&&& RUNNING TensorRT.trtexec' header "
-                        "and no performance summary)")
-    return res
-
-
-def trtexec_percentile(sorted_values: np.ndarray, percentile: float) -> float:
-    """trtexec's own percentile rule (samples/common/sampleReporting.cpp: findPercentile)."""
-    n = len(sorted_values)
-    if n == 0:
-        return math.inf
-    f32 = np.float32  # the C++ computes in float: (1 - percentile / 100) * all
-    exclude = int((f32(1) - f32(percentile) / f32(100)) * f32(n))
-    return float(sorted_values[max(n - 1 - exclude, 0)])
-
-
-_TIME_KEYS = {  # current (TensorRT 10) name, pre-10 name
-    "h2d": ("h2dMs", "inMs"), "compute": ("computeMs", "computeMs"), "d2h": ("d2hMs", "outMs"),
-    "latency": ("latencyMs", "latencyMs"), "end_to_end": ("endToEndMs", "endToEndMs"),
-}
-
-
-def parse_export_times(path_or_text: str | Path, *, warmup_ms: float | None = None,
-                       percentiles: Sequence[float] = (50, 90, 95, 99)) -> dict[str, Any]:
-    """Per-iteration times from ``trtexec --exportTimes=FILE`` (list of objects with startEnqMs,
-    endEnqMs, startH2dMs, ..., h2dMs, computeMs, d2hMs, latencyMs, endToEndMs; pre-10 files use
-    startInMs/inMs/outMs). ``warmup_ms`` drops iterations whose compute started earlier, as trtexec's
-    own summary does. Returns raw per-iteration arrays and summary statistics in ms."""
-    text = str(path_or_text)
-    p = Path(text) if len(text) < 4096 and "\n" not in text else None
-    if p is not None and p.is_file():
-        text = p.read_text()
-    elif p is not None and not text.lstrip().startswith("["):
-        raise UserError(f"trtexec times file {p} does not exist")
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"trtexec --exportTimes output is not valid JSON ({e.msg} at line {e.lineno}); "
-                        "was the run interrupted?") from None
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise UserError("trtexec --exportTimes output must be a non-empty JSON list of per-iteration objects")
-    if warmup_ms is not None:
-        start_key = "startComputeMs"
-        rows = [r for r in rows if float(r.get(start_key, 0.0)) >= warmup_ms]
-        if not rows:
-            raise UserError(f"no iterations left after dropping the first {warmup_ms} ms of warm-up")
-    series: dict[str, np.ndarray] = {}
-    for key, names in _TIME_KEYS.items():
-        vals = [next((r[n] for n in names if n in r), None) for r in rows]
-        if all(v is not None for v in vals):
-            series[key] = np.asarray(vals, dtype=np.float64)
-    if "startEnqMs" in rows[0] and "endEnqMs" in rows[0]:
-        series["enqueue"] = np.asarray([r["endEnqMs"] - r["startEnqMs"] for r in rows], dtype=np.float64)
-    if "compute" not in series and "latency" not in series:
-        raise UserError("trtexec --exportTimes rows hold neither computeMs nor latencyMs")
-    stats = {}
-    for key, arr in series.items():
-        s = np.sort(arr)
-        stats[key] = {"min": float(s[0]), "max": float(s[-1]), "mean": float(s.mean()), "std": float(s.std()),
-                      "median": float(np.median(s)),
-                      "percentiles": {_pkey(p): trtexec_percentile(s, p) for p in percentiles}}
-    out: dict[str, Any] = {"iterations": len(rows), "stats_ms": stats,
-                           "per_iteration_ms": {k: v.tolist() for k, v in series.items()}}
-    first = next((rows[0].get(k) for k in ("startH2dMs", "startInMs") if k in rows[0]), None)
-    last = next((rows[-1].get(k) for k in ("endD2hMs", "endOutMs") if k in rows[-1]), None)
-    if first is not None and last is not None and last > first:
-        out["walltime_s"] = (last - first) / 1000.0
-        out["throughput_qps"] = len(rows) / out["walltime_s"]
-    return out
+from .trtexec_parse import (parse_dla_layers, parse_export_times, parse_trtexec_log,  # noqa: E402,F401
+                            trtexec_percentile)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages sglp-edge uses, when missing. Needs root (or sudo).
 set -euo pipefail
-pkgs=(dataset-fashion-mnist python3.11-doc openssh-server chromium)
+pkgs=(dataset-fashion-mnist python3.11-doc openssh-server chromium qemu-user-static)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

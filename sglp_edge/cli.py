@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-COMMAND_MODULES = ["prune", "train", "finetune", "export", "compile", "bench", "run"]
+COMMAND_MODULES = ["prune", "train", "finetune", "export", "compile", "bench", "run", "deploy"]
 
 for _name in COMMAND_MODULES:
     if importlib.util.find_spec(f"sglp_edge.commands.{_name}") is not None:

@@ -80,6 +80,7 @@ class TextSection(_Strict):
 class BoardSection(_Strict):
     device: str
     host: Optional[str] = None
+    emulate: Optional[Literal["qemu-aarch64"]] = None  # the emulated ARM board (sglp_edge.targets)
     port: Optional[int] = None
     identity: Optional[str] = None
     known_hosts: Optional[str] = None

@@ -24,6 +24,11 @@ from typing import Any, Iterator
 from .config import (BoardSection, EvalSection, ExportSection, FinetuneSection, PruneSection,  # noqa: F401
                      RunConfig, TextSection, apply_task_defaults, load_config)
 from .errors import UserError
+from .run_report import NEEDS_BOARD
+
+#: ``sglp-edge run`` exit status: every target that could be measured here was, none failed, and at
+#: least one target needs its board to finish (its artifact is built there): run the printed command
+EXIT_FINISH_ON_BOARD = 3
 
 
 def _status_mb(key: str) -> float | None:
@@ -240,9 +245,14 @@ class Pipeline:
 
     def stage_compile(self, board: BoardSection) -> dict[str, Any]:
         from exporters.compile import compile_model
+        from exporters.registry import get_backend
         from .profiles import load_profile
 
         prof = load_profile(board.device)
+        be = get_backend(prof.backend)
+        # an artifact that must be built on the board (TensorRT engines are tied to its GPU and
+        # TensorRT version) is only prepared here: ONNX, operator report, build command, shapes
+        on_board = be.builds_on == "board"
         name = f"compile-{prof.backend}-{prof.precision}"
         onnx_hashes = {w: self.runner.file_hash("export", f"{w}.onnx") for w in ("original", "pruned")}
 
@@ -252,62 +262,117 @@ class Pipeline:
                 man = compile_model(self.run_dir / "export" / f"{which}.onnx", prof.backend, prof.precision, tmp / which,
                                     calib=self.run_dir / "eval_data" / "calib.npz",
                                     eval_data=self.run_dir / "eval_data" / f"eval_{which}.npz",
-                                    eval_samples=500, progress=False)
+                                    eval_samples=500, progress=False, trtexec_only=on_board)
                 out[which] = {k: man.get(k) for k in ("backend", "precision", "parity", "runtime", "seconds") if k in man}
+                out[which]["builds_on"] = be.builds_on
             return out
 
         return self.runner.stage(name, self._inputs(name, backend=prof.backend, precision=prof.precision,
-                                                    onnx=onnx_hashes), fn) | {"stage": name}
+                                                    on_board=on_board, onnx=onnx_hashes), fn) | {"stage": name}
+
+    def _artifact(self, compile_stage: str, which: str, backend: str) -> Path:
+        """The file to benchmark: the board-built artifact when one was built, else what compile wrote."""
+        from exporters.registry import get_backend
+
+        be = get_backend(backend)
+        d = self.run_dir / compile_stage / which
+        if be.board_artifact and (d / be.board_artifact).is_file():
+            return d / be.board_artifact
+        return d / be.artifact
 
     def stage_bench(self, board: BoardSection, compile_stage: str) -> dict[str, Any]:
-        from .profiles import evaluate_constraints, load_profile
-        from .remote import RemoteJob, SSHTarget, make_bundle, run_local, run_remote
+        from exporters.registry import get_backend
+        from .profiles import load_profile
+        from .targets.base import BenchJob, make_target
+        from .targets.emulated import EMULATED_BENCH
 
         prof = load_profile(board.device)
-        label = board.device + (f"@{board.host}" if board.host else "")
+        be = get_backend(prof.backend)
+        host = board.host or (prof.ssh.host if (prof.ssh and not board.emulate) else None)
+        emulate = board.emulate or (None if host else prof.emulate)
+        label = board.device + (f"@{host}" if host else "") + ("@emulated" if emulate else "")
         name = f"bench-{label}".replace("/", "_").replace("@", "_at_")
-        art_name = {"openvino": "model.xml", "onnxruntime": "model.onnx", "tensorrt": "model.engine"}[prof.backend]
+        arts = {w: self._artifact(compile_stage, w, prof.backend) for w in ("original", "pruned")}
         inputs = self._inputs(name, profile=prof.model_dump(mode="json"), host=board.model_dump(),
                               bench=_bench_overrides(self.cfg),
-                              artifacts={w: self.runner.file_hash(compile_stage, f"{w}/{art_name}")
-                                         for w in ("original", "pruned")})
+                              artifacts={w: self.runner.file_hash(compile_stage, str(a.relative_to(self.run_dir / compile_stage)))
+                                         for w, a in arts.items()})
+        head = {"device": prof.name, "backend": prof.backend, "precision": prof.precision, "threads": prof.threads}
+        if be.builds_on == "board" and not host:
+            if emulate:
+                raise UserError(f"{prof.name}: the {prof.backend} artifact is built on the board and has no "
+                                "emulated runtime here; drop --emulate and give --host user@board")
+            return self._needs_board(prof, compile_stage, name, inputs, head, arts)
+        ssh = {"port": board.port, "identity": board.identity, "known_hosts": board.known_hosts,
+               "remote_python": board.remote_python}
+        target = make_target(prof, host=host, emulate=emulate, label=label, ssh=ssh if host else None)
+        if target.emulated:
+            target.progress = self.log
+            target.prepare(prof.backend)  # once, cached outside the run folder
 
         def fn(tmp: Path) -> dict[str, Any]:
             results = {}
             for which in ("original", "pruned"):
-                art = self.run_dir / compile_stage / which / art_name
                 data = self.run_dir / "eval_data" / f"eval_{which}.npz"
-                out_dir = tmp / which
-                host = board.host or (prof.ssh.host if prof.ssh else None)
-                if host:
-                    sd = prof.ssh
-                    target = SSHTarget(
-                        host=host, port=board.port or (sd.port if sd else 22),
-                        identity=board.identity or (sd.identity if sd else None),
-                        known_hosts=board.known_hosts or (sd.known_hosts if sd else None),
-                        connect_timeout_s=sd.connect_timeout_s if sd else 10,
-                        python=board.remote_python or (sd.python if sd else "python3"),
-                        remote_dir=sd.remote_dir if sd else "/tmp", env=dict(sd.env) if sd else {}, label=label,
-                    ).validate()
-                    bundle = make_bundle(art, data, self.run_dir / ".work" / f"bundle-{which}.tar.gz")
-                    args = prof.run_bench_args(artifact=bundle.artifact, out="results/result.json", data=bundle.data,
-                                               overrides=_bench_overrides(self.cfg))
-                    run = run_remote(RemoteJob(target=target, bundle=bundle, run_args=args, out_dir=out_dir, label=label,
-                                               timeout_s=sd.timeout_s if sd else 1800.0))
-                else:
-                    args = prof.run_bench_args(artifact=str(art), out=str(out_dir / "result.json"), data=str(data),
-                                               overrides=_bench_overrides(self.cfg))
-                    run = run_local(args, out_dir, label=f"{label}:{which}")
+                if target.emulated:  # a subset (emulation is slow), with the baseline on the same images
+                    data = self._eval_subset(which, EMULATED_BENCH["max_eval"] if _bench_overrides(self.cfg).get(
+                        "max_eval") is None else int(_bench_overrides(self.cfg)["max_eval"]))
+                run = target.bench(BenchJob(artifact=arts[which], data=data,
+                                            profile=prof, out_dir=tmp / which, overrides=_bench_overrides(self.cfg),
+                                            label=f"{label}:{which}",
+                                            bundle_path=self.run_dir / ".work" / f"bundle-{which}.tar.gz"))
                 if not run.ok:
                     raise UserError(f"benchmark of the {which} model on {label} failed: {run.error} "
                                     f"(logs in {self.run_dir / name / which})")
-                doc = run.result or {}
-                results[which] = doc
+                results[which] = run.result or {}
             m = dict(results["pruned"].get("metrics", {}))
             m.update(self.task.derived_metrics(results))  # e.g. perplexity increase over the original
-            cons = [c.model_dump() for c in evaluate_constraints(prof, m)]
-            return {"device": prof.name, "backend": prof.backend, "precision": prof.precision, "threads": prof.threads,
-                    "constraints": cons, "metrics": {w: r.get("metrics", {}) for w, r in results.items()}}
+            cons = [c.model_dump() for c in target.constraints(prof, m)]
+            return {**head, "constraints": cons, "measured": True, "target": results["pruned"].get("target"),
+                    "metrics": {w: r.get("metrics", {}) for w, r in results.items()}}
+
+        return self.runner.stage(name, inputs, fn) | {"stage": name}
+
+    def _eval_subset(self, which: str, n: int) -> Path:
+        """The first ``n`` held-out samples of ``eval_<which>.npz``, with ``baseline_top1`` (the unpruned
+        model's PyTorch top-1) recomputed on those same samples, so the accuracy drop compares like with like."""
+        import numpy as np
+
+        from exporters.atomic import atomic_path
+
+        with np.load(self.run_dir / "eval_data" / f"eval_{which}.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        with np.load(self.run_dir / "eval_data" / "eval_original.npz") as z:
+            base = z["logits"][:n].argmax(1) == z["y"][:n]
+        sub = {k: (v[:n] if v.ndim else v) for k, v in arrays.items()}
+        sub["baseline_top1"] = np.float64(base.mean() * 100.0)
+        dest = self.run_dir / ".work" / f"eval_{which}_first{n}.npz"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dest) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **sub)
+        return dest
+
+    def _needs_board(self, prof: Any, compile_stage: str, name: str, inputs: dict[str, Any], head: dict[str, Any],
+                     arts: dict[str, Path]) -> dict[str, Any]:
+        """No board given for an artifact built on the board: bundle what the board needs (harness,
+        prepared ONNX, eval data) into the run folder and record every constraint as not measured."""
+        from .profiles import ConstraintResult
+        from .remote import make_bundle
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            bundles = {}
+            for which in ("original", "pruned"):
+                b = make_bundle(arts[which], self.run_dir / "eval_data" / f"eval_{which}.npz",
+                                tmp / f"bundle-{which}.tar.gz")
+                bundles[which] = {"path": f"{name}/bundle-{which}.tar.gz", "sha256": b.sha256, "bytes": b.size_bytes}
+            cons = [ConstraintResult(metric=c.metric, op=c.op, limit=c.limit, measured=None, passed=None,
+                                     note=NEEDS_BOARD).model_dump() for c in prof.constraints]
+            return {**head, "constraints": cons, "measured": False, "needs_board": True, "bundles": bundles,
+                    "target": {"kind": "none", "where": None, "emulated": False, "note": NEEDS_BOARD},
+                    "board_files": {"trtexec_command": f"{compile_stage}/pruned/trtexec_build.sh",
+                                    "operator_report": f"{compile_stage}/pruned/trt_op_check.json",
+                                    "onnx": str(arts["pruned"].relative_to(self.run_dir))}}
 
         return self.runner.stage(name, inputs, fn) | {"stage": name}
 
@@ -343,40 +408,6 @@ class Pipeline:
         return report
 
     def build_report(self, prune, ft, ev, ex, targets) -> dict[str, Any]:
-        import datetime
+        from .run_report import build_report
 
-        plan = json.loads((self.run_dir / "prune" / "plan.json").read_text())
-        tg = []
-        for board, comp, b in targets:
-            res = {}
-            for which in ("original", "pruned"):
-                doc = json.loads((self.run_dir / b["stage"] / which / "result.json").read_text())
-                m = doc.get("metrics", {})
-                lat0 = (doc.get("latency") or [{}])[0]
-                res[which] = {
-                    "latency_ms": {"p50": m.get("latency_p50_ms"), "p90": m.get("latency_p90_ms"),
-                                   "p99": m.get("latency_p99_ms"), "mean": m.get("latency_mean_ms"),
-                                   "std": lat0.get("std_ms")},
-                    "throughput_per_s": m.get("throughput_items_per_s"),
-                    "accuracy": {"top1": m.get("top1_pct")},
-                    "agreement": m.get("top1_agreement_pct"),
-                    "size_mb": m.get("model_size_mb"), "peak_rss_mb": m.get("peak_memory_mb"),
-                    "precision_used": (doc.get("runtime") or {}).get("precision_used") or b["precision"],
-                    "raw_ms": lat0.get("raw_ms"),
-                }
-            passed = all(c["passed"] for c in b["constraints"] if c["passed"] is not None)
-            tg.append({"device": b["device"], "backend": b["backend"], "precision": b["precision"],
-                       "threads": b["threads"], "passed": passed, "constraints": b["constraints"], "results": res,
-                       "compile": comp})
-        return {
-            "title": f"sglp-edge run '{self.cfg.name}': {self.cfg.model} on {self.cfg.data}",
-            "created": datetime.datetime.now().isoformat(timespec="seconds"), "run_dir": str(self.run_dir),
-            "model": self.cfg.model, "data": self.cfg.data, "config": self.cfg.model_dump(mode="json"),
-            "passed": all(t["passed"] for t in tg) if tg else None,
-            "prune": {k: v for k, v in plan.items() if k not in ("cka", "selections")},
-            "cka_png": "prune/cka_heatmap.png" if (self.run_dir / "prune" / "cka_heatmap.png").is_file() else None,
-            "finetune": ft, "export": ex,
-            "torch_eval": {w: {"top1_pct": v} for w, v in (ev.get("torch_top1") or {}).items()},
-            "targets": tg,
-            "stages": {"ran": self.runner.ran, "skipped": self.runner.skipped},
-        }
+        return build_report(self, prune, ft, ev, ex, targets)

@@ -48,6 +48,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from exporters.errors import UserError
+from exporters.registry import BACKENDS as _REGISTRY
 
 ENV_VAR = "SGLP_EDGE_DEVICES"
 
@@ -67,16 +68,11 @@ Metric = Literal[
     "greedy_agreement_pct",
 ]
 METRICS: tuple[str, ...] = Metric.__args__  # type: ignore[attr-defined]
-Backend = Literal["openvino", "onnxruntime", "tensorrt"]
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 Task = Literal["image-classification", "causal-lm"]
 
-#: artifact suffixes each backend can run
-BACKEND_SUFFIXES = {
-    "openvino": (".xml", ".onnx"),
-    "onnxruntime": (".onnx", ".ort"),
-    "tensorrt": (".engine", ".plan", ".trt", ".onnx"),  # .onnx: the engine is built on the board
-}
+#: artifact suffixes each backend can run (from the backend registry, exporters/registry.py)
+BACKEND_SUFFIXES = {n: b.suffixes for n, b in _REGISTRY.items()}
 
 _SHORT = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
@@ -169,7 +165,7 @@ class DeviceProfile(_Strict):
     description: str = ""
     arch: Literal["x86_64", "aarch64"]
     task: Task = "image-classification"  # causal-lm: benchmarks/lm_bench.py (TTFT, tokens/s, perplexity)
-    backend: Backend
+    backend: str  # a name in the backend registry (exporters/registry.py)
     precision: Precision = "fp32"
     threads: Optional[PositiveInt] = None
     streams: PositiveInt = 1
@@ -179,13 +175,26 @@ class DeviceProfile(_Strict):
     bench: BenchSettings = Field(default_factory=BenchSettings)
     constraints: list[Constraint] = Field(default_factory=list)
     ssh: Optional[SSHDefaults] = None
+    emulate: Optional[Literal["qemu-aarch64"]] = None  # run on the emulated ARM board unless a host is given
     extends: Optional[str] = None
     source: Optional[str] = Field(None, exclude=True)  # file it was loaded from (set by the loader)
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v not in _REGISTRY:
+            raise ValueError(f"unknown backend {v!r}: use one of {', '.join(_REGISTRY)}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> "DeviceProfile":
+        allowed = _REGISTRY[self.backend].run_precisions
+        if self.precision not in allowed:
+            raise ValueError(f"precision {self.precision} is not available on {self.backend}: use {', '.join(allowed)}")
         if self.providers is not None and self.backend != "onnxruntime":
             raise ValueError("providers: only applies to backend onnxruntime")
+        if self.emulate and self.arch != "aarch64":
+            raise ValueError(f"emulate: {self.emulate} runs aarch64 boards; this profile is {self.arch}")
         if len(self.inputs) > 1 and any(i.name is None for i in self.inputs):
             raise ValueError("inputs: with several inputs every one needs a name")
         seen = set()

@@ -129,7 +129,7 @@ def render_html(report: dict[str, Any], run_dir: Path) -> str:
     ]
     verdict = report.get("passed")
     parts.append(f"<p id='verdict' class='{'pass' if verdict else 'fail' if verdict is False else 'na'}'>"
-                 f"Overall: <b>{'all constraints met' if verdict else 'constraints NOT met' if verdict is False else 'no constraints evaluated'}</b>"
+                 f"Overall: <b>{html.escape(report.get('verdict') or ('all constraints met' if verdict else 'constraints NOT met' if verdict is False else 'no constraints evaluated'))}</b>"
                  f" &mdash; model <code>{html.escape(str(report.get('model')))}</code>, data "
                  f"<code>{html.escape(str(report.get('data')))}</code>, created {html.escape(str(report.get('created')))}</p>")
     # constraints
@@ -140,7 +140,7 @@ def render_html(report: dict[str, Any], run_dir: Path) -> str:
             cls = "pass" if c.get("passed") else "fail" if c.get("passed") is False else "na"
             parts.append(f"<tr class='{cls}'><td>{_fmt(t['device'])}</td><td>{_fmt(t.get('backend'))}</td>"
                          f"<td>{_fmt(t.get('precision'))}</td><td>{_fmt(c['metric'])}</td><td>{_fmt(c.get('op'))} {_fmt(c['limit'])}</td>"
-                         f"<td>{_fmt(c.get('measured'))}</td><td>{_fmt(c.get('passed')) if c.get('passed') is not None else 'not measured'}</td></tr>")
+                         f"<td>{_fmt(c.get('measured'))}</td><td>{_fmt(c.get('passed')) if c.get('passed') is not None else _fmt(c.get('note') or 'not measured')}</td></tr>")
     parts.append("</table>")
     # prune summary
     pr = report.get("prune") or {}
@@ -215,7 +215,7 @@ def print_summary(report: dict[str, Any]) -> None:
     for t in report.get("targets", []):
         for c in t.get("constraints", []):
             ok = c.get("passed")
-            res = "[green]PASS[/]" if ok else "[red]FAIL[/]" if ok is False else "[yellow]not measured[/]"
+            res = "[green]PASS[/]" if ok else "[red]FAIL[/]" if ok is False else f"[yellow]{c.get('note') or 'not measured'}[/]"
             meas = c.get("measured")
             table.add_row(t["device"], str(t.get("backend")), c["metric"], f"{c.get('op', '')} {c['limit']}",
                           "-" if meas is None else f"{meas:.4g}" if isinstance(meas, float) else str(meas), res)

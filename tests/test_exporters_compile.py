@@ -152,8 +152,33 @@ def test_tensorrt_kit_without_tensorrt(workdir):
     assert zps and not any(z.any() for z in zps)  # symmetric: every zero point is 0, as TensorRT requires
     assert any(z.dtype == np.int8 for z in zps)  # signed 8-bit activations / weights
     script = (out / "trtexec_build.sh").read_text()
-    assert "--stronglyTyped" in script and "--onnx=model.onnx" in script and "--exportTimes=times.json" in script
+    # TensorRT 10 INT8 from Q/DQ: weakly typed with FP16 fallback, no calibrator
+    assert "--stronglyTyped" not in script and "--int8" in script and "--fp16" in script and "--calib" not in script
+    assert "--onnx=model.onnx" in script and "--exportTimes=times.json" in script
+    # the timing cache is outside the (fresh) output folder, keyed by the board and TensorRT version
+    assert '"--timingCacheFile=$TIMING_CACHE"' in script and "timing-${DEVICE:-unknown-gpu}-trt" in script
+    assert not any(a["path"].endswith(".cache") for a in m["artifacts"])
     assert json.loads((out / "trt_op_check.json").read_text())["ok"] is True
+
+
+def test_trtexec_script_keys_the_timing_cache_like_the_python_side(tmp_path):
+    """Run the board script's cache-path lines with sh: the same file name as timing_cache_path()."""
+    import subprocess
+
+    from exporters import tensorrt_backend as tb
+    from exporters.tensorrt_compile import trtexec_script
+
+    script = trtexec_script(["trtexec", "--onnx=model.onnx", "--timingCacheFile=@TIMING_CACHE@"], "10.3")
+    head = script.split("trtexec --onnx")[0]
+    (tmp_path / "model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    head = head.replace("/proc/device-tree/model", str(tmp_path / "model"))
+    out = subprocess.run(["sh", "-c", head + 'echo "$TIMING_CACHE"'], capture_output=True, text=True,
+                         env={"HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}, timeout=30)
+    assert out.returncode == 0, out.stderr
+    want = tb.timing_cache_path("NVIDIA Jetson Orin Nano Developer Kit", "10.3", root=tmp_path / "home" / ".cache"
+                                / "sglp-edge" / "tensorrt")
+    assert out.stdout.strip() == str(want)
+    assert want.parent.is_dir()  # the script creates the cache folder outside the build folder
 
 
 def test_tensorrt_11_kit_has_an_fp16_graph(workdir):

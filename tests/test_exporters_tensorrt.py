@@ -24,8 +24,9 @@ TOK = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
 @pytest.mark.parametrize("major, precision, qdq, fp16graph, net, setf, clear, calib, variant", [
     (10, "fp32", False, False, [], [], ["TF32"], None, "source"),
     (10, "fp16", False, False, [], ["FP16"], [], None, "source"),
-    (10, "int8", False, False, [], ["INT8", "FP16"], [], "IInt8EntropyCalibrator2", "source"),
-    (10, "int8", True, False, ["STRONGLY_TYPED"], [], [], None, "qdq"),
+    # TensorRT 10 INT8: Q/DQ placed on the host, weakly typed with FP16 fallback (never strongly typed)
+    (10, "int8", False, False, [], ["INT8", "FP16"], [], None, "qdq"),
+    (10, "int8", True, False, [], ["INT8", "FP16"], [], None, "qdq"),
     (11, "fp32", False, False, ["STRONGLY_TYPED"], [], ["TF32"], None, "source"),
     (11, "fp16", False, False, ["STRONGLY_TYPED"], [], [], None, "fp16"),
     (11, "fp16", False, True, ["STRONGLY_TYPED"], [], [], None, "source"),
@@ -36,13 +37,26 @@ def test_plan_per_version(major, precision, qdq, fp16graph, net, setf, clear, ca
     assert (p.network_flags, p.set_flags, p.clear_flags, p.calibrator, p.onnx_variant) == (net, setf, clear, calib, variant)
     if major == 11:  # the 11.x API has no precision flags and no calibrator
         assert not {"FP16", "INT8"} & set(p.set_flags) and p.calibrator is None
+    else:
+        assert "STRONGLY_TYPED" not in p.network_flags
+
+
+def test_trt10_implicit_calibrator_only_when_asked():
+    p = tb.plan_build(tb.TrtOptions(precision="int8", int8_calibrator=True), 10)
+    assert p.calibrator == "IInt8EntropyCalibrator2" and p.set_flags == ["INT8", "FP16"] and p.onnx_variant == "source"
+    # a graph that already holds Q/DQ never goes through the calibrator
+    p = tb.plan_build(tb.TrtOptions(precision="int8", int8_calibrator=True), 10, graph_has_qdq=True)
+    assert p.calibrator is None and p.onnx_variant == "qdq"
+    p = tb.plan_build(tb.TrtOptions(precision="int8", int8_calibrator=True), 11)  # 11.x: no calibrator API
+    assert p.calibrator is None and p.network_flags == ["STRONGLY_TYPED"]
 
 
 def test_plan_dla_and_errors():
     p = tb.plan_build(tb.TrtOptions(precision="int8", dla_core=1, int8_fp16_fallback=False), 10)
-    assert p.dla == {"core": 1, "gpu_fallback": True} and p.set_flags == ["INT8", "GPU_FALLBACK"]
+    assert p.dla == {"core": 1, "gpu_fallback": True, "static_batch": 1} and p.set_flags == ["INT8", "GPU_FALLBACK"]
+    assert any("GPU fallback ON" in n for n in p.notes) and any("min = opt = max" in n for n in p.notes)
     p = tb.plan_build(tb.TrtOptions(precision="fp16", dla_core=0, gpu_fallback=False), 10)
-    assert "GPU_FALLBACK" not in p.set_flags
+    assert "GPU_FALLBACK" not in p.set_flags and any("GPU fallback OFF" in n for n in p.notes)
     with pytest.raises(UserError, match="DLA runs FP16 or INT8 only"):
         tb.plan_build(tb.TrtOptions(precision="fp32", dla_core=0), 10)
     with pytest.raises(UserError, match="precisions fp32, fp16, int8"):
@@ -62,13 +76,71 @@ def _cmd(major, **kw):
 
 
 def test_trtexec_command_10x():
-    c = _cmd(10, precision="int8", calib_cache="calib.cache", workspace_mb=2048, dla_core=0, max_batch=16)
+    c = _cmd(10, precision="int8", calib_cache="calib.cache", workspace_mb=2048, max_batch=16, int8_calibrator=True)
     assert c[:4] == ["trtexec", "--onnx=m.onnx", "--saveEngine=m.engine", "--memPoolSize=workspace:2048M"]
     for flag in ("--timingCacheFile=timing.cache", "--minShapes=input:1x3x32x32", "--optShapes=input:1x3x32x32",
-                 "--maxShapes=input:16x3x32x32", "--int8", "--fp16", "--calib=calib.cache", "--useDLACore=0",
-                 "--allowGPUFallback", "--exportTimes=t.json"):
+                 "--maxShapes=input:16x3x32x32", "--int8", "--fp16", "--calib=calib.cache", "--exportTimes=t.json"):
         assert flag in c, flag
     assert "--stronglyTyped" not in c
+    qdq = _cmd(10, precision="int8", calib_cache="calib.cache")  # default: Q/DQ, no calibrator, no --calib
+    assert "--int8" in qdq and "--fp16" in qdq and not any(x.startswith("--calib") for x in qdq)
+
+
+def test_dla_build_has_a_static_profile_and_reports_fallback():
+    c = _cmd(10, precision="fp16", dla_core=0, max_batch=16, opt_batch=4)
+    # DLA: min = opt = max, or TensorRT silently runs the "DLA" engine on the GPU
+    for flag in ("--minShapes=input:4x3x32x32", "--optShapes=input:4x3x32x32", "--maxShapes=input:4x3x32x32",
+                 "--useDLACore=0", "--allowGPUFallback", "--verbose"):
+        assert flag in c, flag
+    s = tb.profile_shapes(IMG, tb.TrtOptions(dla_core=1, opt_batch=2, max_batch=32))
+    lo, opt, hi = s["input"]
+    assert lo == opt == hi == [2, 3, 32, 32]
+    assert tb.max_batch(s) == 2  # parity batches stay inside the static profile
+    nofb = _cmd(10, precision="int8", dla_core=1, gpu_fallback=False)
+    assert "--useDLACore=1" in nofb and "--allowGPUFallback" not in nofb
+
+
+def test_dla_layer_placement_from_the_build_log():
+    log = """[11/30/2026-07:00:00] [I] [TRT] ---------- Layers Running on DLA ----------
+[11/30/2026-07:00:00] [I] [TRT] [DlaLayer] {ForeignNode[/conv1/Conv.../layer3/Relu]}
+[11/30/2026-07:00:00] [I] [TRT] [DlaLayer] {ForeignNode[/fc/Gemm]}
+[11/30/2026-07:00:00] [I] [TRT] ---------- Layers Running on GPU ----------
+[11/30/2026-07:00:00] [I] [TRT] [GpuLayer] SHUFFLE: /Flatten
+[11/30/2026-07:00:00] [I] [TRT] [GpuLayer] REDUCE: /avgpool/GlobalAveragePool
+[11/30/2026-07:00:01] [I] [TRT] Total Activation Memory: 1048576
+"""
+    r = tb.parse_dla_layers(log)
+    assert r == {"dla": 2, "gpu": 2, "gpu_layers": ["SHUFFLE: /Flatten", "REDUCE: /avgpool/GlobalAveragePool"],
+                 "found": True}
+    assert tb.parse_dla_layers("[I] [TRT] Engine built in 3 s")["found"] is False
+
+
+def test_set_input_shape_is_checked():
+    class Ctx:  # TensorRT's IExecutionContext answers False for a shape outside the profile
+        def __init__(self, ok):
+            self.ok, self.calls = ok, []
+
+        def set_input_shape(self, name, shape):
+            self.calls.append((name, shape))
+            return self.ok
+
+    ok = Ctx(True)
+    tb.check_set_input_shape(ok, "input", [8, 3, 32, 32])
+    assert ok.calls == [("input", (8, 3, 32, 32))]
+    with pytest.raises(UserError, match="outside the engine's optimisation profile"):
+        tb.check_set_input_shape(Ctx(False), "input", [64, 3, 32, 32])
+
+
+def test_timing_cache_lives_outside_the_output_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("SGLP_EDGE_TRT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    p = tb.timing_cache_path("NVIDIA Jetson Orin Nano Developer Kit", "10.3.0.30")
+    assert p == tmp_path / "home" / ".cache" / "sglp-edge" / "tensorrt" / \
+        "timing-nvidia-jetson-orin-nano-developer-kit-trt10.3.0.30.cache"
+    assert tb.timing_cache_path("Orin", "10.3") != tb.timing_cache_path("Orin", "10.7")  # keyed by version
+    assert tb.timing_cache_path("Orin", "10.3") != tb.timing_cache_path("AGX Orin", "10.3")  # and by device
+    monkeypatch.setenv("SGLP_EDGE_TRT_CACHE", str(tmp_path / "c"))
+    assert tb.timing_cache_path("x", "11.0").parent == tmp_path / "c"
     fp32 = _cmd(10, precision="fp32")
     assert "--noTF32" in fp32 and "--fp16" not in fp32 and "--int8" not in fp32
 
@@ -82,11 +154,11 @@ def test_trtexec_command_11x_has_no_precision_flags():
     assert line.startswith("trtexec --onnx=m.onnx --saveEngine=m.engine")
 
 
-def test_trtexec_command_qdq_on_10x_is_strongly_typed():
+def test_trtexec_command_qdq_on_10x_is_weakly_typed_with_fp16_fallback():
     opts = tb.TrtOptions(precision="int8")
     plan = tb.plan_build(opts, 10, graph_has_qdq=True)
     c = tb.trtexec_command("q.onnx", "q.engine", plan, opts, tb.profile_shapes(TOK, opts))
-    assert "--stronglyTyped" in c and "--int8" not in c
+    assert "--stronglyTyped" not in c and "--int8" in c and "--fp16" in c
     assert "--minShapes=input_ids:1x1" in c and "--maxShapes=input_ids:32x512" in c and "--optShapes=input_ids:1x128" in c
 
 
@@ -284,3 +356,18 @@ def test_build_engine_and_calibrator_on_gpu(tmp_path):
     assert info["engine_bytes"] > 0 and (tmp_path / "tc").stat().st_size > 0
     out = tb.runner(tmp_path / "c.engine")(calib.x[:2])
     assert out.shape == (2, 8, 16, 16)
+
+
+def test_pinned_host_buffer_wrapper_views_the_allocation():
+    """The TensorRT runner's pinned buffers are numpy views of a cudaMallocHost pointer; the view
+    logic is checked here on ordinary memory (no CUDA on this machine)."""
+    import ctypes
+
+    from benchmarks.runners import _wrap_host
+
+    raw = (ctypes.c_byte * 96)()
+    arr = _wrap_host(ctypes.addressof(raw), 96, [2, 3, 4], np.dtype("float32"))
+    assert arr.shape == (2, 3, 4) and arr.dtype == np.float32
+    arr[:] = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    back = np.frombuffer(bytes(raw), dtype=np.float32)
+    np.testing.assert_array_equal(back, np.arange(24, dtype=np.float32))  # same memory, no copy

@@ -145,3 +145,55 @@ def test_the_shipped_default_config_validates():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     assert cfg.model == "default" and cfg.prune.keep and cfg.devices
+
+
+def test_jetson_without_a_board_ends_with_finish_on_board(run_dir, tmp_path):
+    """A TensorRT device and no --host: everything the host can do lands in the run folder, the
+    report says "not measured: needs the board", and the run exits 3 with the command that finishes it."""
+    d, _ = run_dir
+    shutil.copytree(d / "run", tmp_path / "run")
+    p = subprocess.run([sys.executable, "-m", "sglp_edge.cli", "run", "--config", str(d / "run.yaml"),
+                        "--device", "jetson-orin-nano", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 3, p.stderr[-3000:]
+    run = tmp_path / "run"
+    comp = run / "compile-tensorrt-fp16" / "pruned"
+    assert (comp / "model.onnx").is_file() and (comp / "trt_op_check.json").is_file()
+    script = (comp / "trtexec_build.sh").read_text()
+    assert "trtexec --onnx=model.onnx" in script and "--fp16" in script
+    assert "--minShapes=" in script and "--optShapes=" in script and "--maxShapes=" in script
+    assert '"--timingCacheFile=$TIMING_CACHE"' in script and "$HOME/.cache/sglp-edge/tensorrt" in script
+    assert not (comp / "model.engine").exists()  # never built on the workstation
+    for which in ("original", "pruned"):
+        assert (run / "bench-jetson-orin-nano" / f"bundle-{which}.tar.gz").stat().st_size > 0
+    rep = json.loads((run / "report.json").read_text())
+    t = rep["targets"][0]
+    assert rep["passed"] is None and rep["verdict"] == "not measured: needs the board"
+    assert t["needs_board"] and all(c["passed"] is None and c["note"] == "not measured: needs the board"
+                                    for c in t["constraints"])
+    assert "all constraints met" not in (run / "report.html").read_text()
+    assert "--host USER@BOARD" in p.stdout and "--device jetson-orin-nano" in p.stdout
+    assert "every measured constraint is met" not in p.stdout + p.stderr
+
+
+@pytest.mark.slow  # minutes: two models through the aarch64 runtime under emulation
+@pytest.mark.skipif(not __import__("sglp_edge.targets.arm64_env", fromlist=["x"]).ready(("onnxruntime",)),
+                    reason="emulated ARM board not set up: run `python benchmarks/arm_emulated.py` once")
+def test_emulated_arm_device_completes_with_latency_marked_emulated(run_dir, tmp_path):
+    d, _ = run_dir
+    shutil.copytree(d / "run", tmp_path / "run")
+    cfg = dict(CFG, bench={**CFG["bench"], "max_eval": 24, "eval_batch": 8})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    p = subprocess.run([sys.executable, "-m", "sglp_edge.cli", "run", "--config", str(tmp_path / "run.yaml"),
+                        "--device", "raspberry-pi-5", "--emulate", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode in (0, 1), p.stderr[-3000:]
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    t = rep["targets"][0]
+    assert t["target"]["kind"] == "emulated" and t["target"]["emulator"] == "qemu-aarch64"
+    cons = {c["metric"]: c for c in t["constraints"]}
+    assert cons["latency_p90_ms"]["passed"] is None and "emulated" in cons["latency_p90_ms"]["note"]
+    assert cons["accuracy_drop_pct"]["measured"] is not None  # accuracy on the ARM runtime is held
+    doc = json.loads((tmp_path / "run" / "bench-raspberry-pi-5_at_emulated" / "pruned" / "result.json").read_text())
+    assert doc["env"]["machine"] == "aarch64" and doc["accuracy"]["agreement"]["top1_agreement_pct"] >= 99.0
+    assert p.returncode == (1 if any(c["passed"] is False for c in t["constraints"]) else 0)

@@ -73,7 +73,7 @@ def test_every_metric_named_in_the_issue_is_accepted(tmp_path):
          r"constraints\[0\]\.limit: Input should be a valid number"),
         (MINIMAL + "constraints:\n  - latency_p90_ms < 3\n", r"constraints\[0\]: write a constraint as"),
         ("arch: riscv64\nbackend: onnxruntime\n", r"arch: Input should be 'x86_64' or 'aarch64'"),
-        ("arch: x86_64\nbackend: tflite\n", r"backend: Input should be 'openvino', 'onnxruntime' or 'tensorrt'"),
+        ("arch: x86_64\nbackend: tflite\n", r"backend: unknown backend 'tflite': use one of openvino, onnxruntime, tensorrt"),
         ("arch: x86_64\nbackend: openvino\nproviders: [CPUExecutionProvider]\n", r"providers: only applies"),
         (MINIMAL + "threads: 0\n", r"threads: Input should be greater than 0"),
         (MINIMAL + "inputs:\n  - shape: []\n", r"inputs\[0\]\.shape"),

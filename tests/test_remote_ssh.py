@@ -293,6 +293,7 @@ def test_cli_bench_on_two_remote_boards(sshd, artifacts, tmp_path):
     assert [b["label"] for b in summary["boards"]] == ["loopback@127.0.0.1", "loopback@127.0.0.1-2"]
     for b in summary["boards"]:
         assert b["ok"] and b["all_passed"]
+        assert b["target"]["kind"] == "ssh" and b["target"]["where"] == f"{sshd['host']}:{sshd['port']}"
         verdicts = {c["metric"]: c["passed"] for c in b["constraints"]}
         assert verdicts == {"latency_p90_ms": True, "accuracy_drop_pct": True, "energy_mj": None}
     assert "not measured: energy_mj" in res.output
@@ -309,3 +310,28 @@ def test_cli_bench_on_two_remote_boards(sshd, artifacts, tmp_path):
     assert "host key verification failed" in " ".join(res.output.split())
     s2 = json.loads((tmp_path / "o2" / "summary.json").read_text())
     assert s2["boards"][0]["ok"] is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulated ARM board behind the real sshd: the board's "python" is the wrapper that runs the
+# aarch64 Python (ARM ONNX Runtime) under qemu-aarch64, so the SSH path runs an ARM runtime end to end.
+def test_emulated_arm_board_behind_sshd(sshd, artifacts, tmp_path):
+    from sglp_edge.targets import arm64_env
+    from sglp_edge.targets.base import BenchJob, make_target
+
+    if not arm64_env.ready(("onnxruntime",)):
+        pytest.skip("emulated ARM board not set up here: run `python benchmarks/arm_emulated.py` once")
+    arm = PROFILE.model_copy(update={"name": "pi-emulated", "arch": "aarch64"})
+    board_python = str(arm64_env.cache_root() / "bin" / "python3")
+    tg = make_target(arm, host=sshd["host"], label="pi-emulated",
+                     ssh={"port": sshd["port"], "identity": str(sshd["key"]), "known_hosts": str(sshd["known_hosts"]),
+                          "ssh_config": "/dev/null", "remote_python": board_python,
+                          "remote_dir": str(tmp_path / "board"), "timeout": 600})
+    assert tg.kind == "ssh"
+    run = tg.bench(BenchJob(artifact=artifacts["model"], data=artifacts["data"], profile=arm, out_dir=tmp_path / "out"))
+    assert run.ok, (run.error, (tmp_path / "out" / "stderr.log").read_text()[-2000:])
+    doc = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert doc["env"]["machine"] == "aarch64"  # the board that answered over SSH is the ARM build
+    assert doc["target"]["kind"] == "ssh" and doc["target"]["machine"] == "aarch64"
+    assert doc["target"]["where"] == f"{sshd['host']}:{sshd['port']}"
+    assert doc["metrics"]["top1_pct"] == 100.0 and doc["accuracy"]["agreement"]["max_abs_diff"] < 1e-4

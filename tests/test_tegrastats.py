@@ -138,3 +138,36 @@ def test_sampler_reads_a_replayed_real_log(tmp_path: Path):
     assert all(w.rails_mw["VDD_GPU_SOC"] >= 2801 for w in window)
     res = summarize(window, duration_s=t1 - t0, inferences=10)
     assert 8000 < res["mean_power_mw"] < 13000 and res["energy_mj"] > 0
+
+
+# ------------------------------------------------------------------ Jetson memory: RAM + nvmap
+def test_nvmap_client_table(tmp_path):
+    from benchmarks.tegrastats import nvmap_client_mb
+
+    t = tmp_path / "clients"
+    t.write_text("CLIENT                        PROCESS      PID        SIZE\n"
+                 "user                          python3     4242      204800K\n"
+                 "user                          python3     4242       10240K\n"
+                 "user                     gnome-shell      900      51200K\n"
+                 "total                                             266240K\n")
+    assert nvmap_client_mb(4242, str(t)) == 210.0
+    assert nvmap_client_mb(1, str(t)) == 0.0
+    assert nvmap_client_mb(4242, str(tmp_path / "missing")) is None  # debugfs not readable: unknown
+
+
+def test_jetson_peak_memory_adds_gpu_memory():
+    from benchmarks.tegrastats import jetson_peak_memory, parse_line
+
+    # board RAM 3000 MB before the model loaded, 3900 MB at the peak; the process RSS grew 300 MB:
+    # the other 600 MB are GPU (nvmap) buffers, which the RSS never shows
+    lines = ["RAM 3000/7620MB (lfb 4x4MB) SWAP 0/3810MB CPU [5%@1510] GR3D_FREQ 0% VDD_IN 4000mW/4000mW",
+             "RAM 3900/7620MB (lfb 4x4MB) SWAP 0/3810MB CPU [50%@1510] GR3D_FREQ 99% VDD_IN 9000mW/6500mW",
+             "RAM 3850/7620MB (lfb 4x4MB) SWAP 0/3810MB CPU [50%@1510] GR3D_FREQ 99% VDD_IN 9000mW/7000mW"]
+    samples = [parse_line(l) for l in lines]
+    jm = jetson_peak_memory(400.0, 100.0, 3000, samples)
+    assert jm["board_ram_added_mb"] == 900 and jm["nvmap_mb"] == 600.0 and jm["peak_memory_mb"] == 1000.0
+    # the nvmap client table, when readable, is used as is
+    assert jetson_peak_memory(400.0, 100.0, 3000, samples, nvmap_mb=512.0)["peak_memory_mb"] == 912.0
+    # nothing known about the GPU: the RSS alone, and the record says so
+    jm = jetson_peak_memory(400.0, 100.0, None, [])
+    assert jm["peak_memory_mb"] == 400.0 and "GPU memory not counted" in jm["source"]

@@ -47,6 +47,9 @@ def register(app: typer.Typer) -> None:
         remote_dir: Optional[str] = typer.Option(None, "--remote-dir", help="parent folder for the run on the board (default /tmp)"),
         timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds per board for the whole run (default: profile's, else 1800)"),
         local: bool = typer.Option(False, "--local", help="run here even if the profile names an ssh host"),
+        emulate: bool = typer.Option(False, "--emulate", help="run on the emulated ARM board (aarch64 runtime under "
+                                     "qemu-aarch64, set up once in ~/.cache/sglp-edge/arm64): accuracy and parity on "
+                                     "the ARM build; its latency is recorded as emulated and never held"),
         keep_remote: bool = typer.Option(False, "--keep-remote", help="leave the run folder on the board"),
         threads: Optional[int] = typer.Option(None, "--threads", help="override the profile's thread count"),
         batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="override, e.g. 1,8 (first = primary)"),
@@ -87,6 +90,12 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"{len(profiles)} --device for {len(host)} --host: give one device for all hosts, or one per host")
         if local and host:
             raise UserError("--local and --host contradict each other")
+        if emulate and host:
+            raise UserError("--emulate and --host contradict each other: the emulated board runs here")
+        if emulate:
+            for p in profiles:
+                if p.arch != "aarch64":
+                    raise UserError(f"--emulate runs aarch64 boards; profile {p.name} is {p.arch}")
         if batch_sizes is not None and not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", batch_sizes):
             raise UserError(f"--batch-sizes must look like 1,8 (got {batch_sizes!r})")
 
@@ -97,7 +106,7 @@ def register(app: typer.Typer) -> None:
                 boards.append((profiles[0] if len(profiles) == 1 else profiles[i], h))
         else:
             for p in profiles:
-                h = p.ssh.host if (p.ssh and p.ssh.host and not local) else None
+                h = p.ssh.host if (p.ssh and p.ssh.host and not local and not emulate) else None
                 boards.append((p, h))
         labels: list[str] = []
         for p, h in boards:
@@ -112,10 +121,17 @@ def register(app: typer.Typer) -> None:
 
         here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
         seen_hosts: dict[str, str] = {}
-        for (p, h), lab in zip(boards, labels):
+        from sglp_edge.targets.base import make_target
+
+        targets = [make_target(p, emulate="qemu-aarch64" if emulate else None, label=lab) if h is None else None
+                   for (p, h), lab in zip(boards, labels)]
+        for (p, h), lab, tg in zip(boards, labels, targets):
+            if tg is not None and tg.emulated:
+                continue
             if h is None and p.arch != here:
                 console.print(f"[yellow]warning[/]: {lab} describes an {p.arch} board but runs here on {here}; "
-                              "pass --host to run it on the board", soft_wrap=True)
+                              "pass --host to run it on the board, or --emulate to check it on the ARM runtime",
+                              soft_wrap=True)
             if h is not None:
                 key = f"{h.split('@')[-1]}:{port if port is not None else (p.ssh.port if p.ssh else 22)}"
                 if key in seen_hosts:
@@ -127,52 +143,42 @@ def register(app: typer.Typer) -> None:
                      "max_eval": max_eval,
                      "batch_sizes": [int(x) for x in batch_sizes.split(",")] if batch_sizes else None}
         out.mkdir(parents=True, exist_ok=True)
-        runs = _run_all(console, artifact, data, out, boards, labels, overrides,
+        for tg, (p, _) in zip(targets, boards):
+            if tg is not None and tg.emulated:
+                console.print(f"[bold]{tg.label}[/]: emulated ARM board (qemu-aarch64, CPU neoverse-n1); latency "
+                              "is recorded as emulated, never held against a constraint", soft_wrap=True)
+                tg.progress = lambda m: console.print(m, soft_wrap=True)
+                tg.prepare(p.backend)  # set up once (cached), before any progress bar starts
+        runs = _run_all(console, artifact, data, out, boards, labels, overrides, targets,
                         dict(port=port, identity=identity, known_hosts=known_hosts, accept_new=accept_new_host_key,
                              ssh_config=ssh_config, remote_python=remote_python, remote_dir=remote_dir,
                              timeout=timeout, keep_remote=keep_remote))
-        failed = _report(console, out, boards, labels, runs, strict)
+        failed = _report(console, out, boards, labels, runs, strict, targets)
         if failed:
             raise typer.Exit(1)
 
 
 def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boards: list, labels: list[str],
-             overrides: dict[str, Any], ssh_opts: dict[str, Any]) -> list:
+             overrides: dict[str, Any], targets: list, ssh_opts: dict[str, Any]) -> list:
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sglp_edge.remote import RemoteJob, SSHTarget, make_bundle, run_local, run_remote
+    from sglp_edge.remote import make_bundle
 
-    # validate every SSH target before anything starts
-    jobs: dict[int, RemoteJob] = {}
-    need_bundle = any(h for _, h in boards)
-    bundle = None
-    if need_bundle:
-        bundle = make_bundle(artifact, data, out / ".bundle.tar.gz")
-    for i, ((prof, h), lab) in enumerate(zip(boards, labels)):
-        if h is None:
-            continue
-        sd = prof.ssh
-        target = SSHTarget(
-            host=h,
-            port=ssh_opts["port"] if ssh_opts["port"] is not None else (sd.port if sd else 22),
-            identity=str(ssh_opts["identity"]) if ssh_opts["identity"] else (sd.identity if sd else None),
-            known_hosts=str(ssh_opts["known_hosts"]) if ssh_opts["known_hosts"] else (sd.known_hosts if sd else None),
-            strict_host_key_checking="accept-new" if ssh_opts["accept_new"] else "yes",
-            connect_timeout_s=sd.connect_timeout_s if sd else 10,
-            ssh_config=str(ssh_opts["ssh_config"]) if ssh_opts["ssh_config"] else None,
-            python=ssh_opts["remote_python"] or (sd.python if sd else "python3"),
-            remote_dir=ssh_opts["remote_dir"] or (sd.remote_dir if sd else "/tmp"),
-            env=dict(sd.env) if sd else {},
-            label=lab,
-        ).validate()
-        args = prof.run_bench_args(artifact=bundle.artifact, out="results/result.json", data=bundle.data,
-                                   overrides=overrides)
-        jobs[i] = RemoteJob(target=target, bundle=bundle, run_args=args, out_dir=out / lab,
-                            timeout_s=ssh_opts["timeout"] if ssh_opts["timeout"] else (sd.timeout_s if sd else 1800.0),
-                            keep_remote=ssh_opts["keep_remote"], label=lab)
+    # every SSH board is a target too; all are validated before anything starts
+    from sglp_edge.targets.ssh import SSHBoardTarget
+
+    remote = [i for i, (_, h) in enumerate(boards) if h is not None]
+    for i in remote:
+        prof, h = boards[i]
+        targets[i] = SSHBoardTarget.from_profile(
+            prof, h, label=labels[i], port=ssh_opts["port"], identity=ssh_opts["identity"],
+            known_hosts=ssh_opts["known_hosts"], accept_new=ssh_opts["accept_new"], ssh_config=ssh_opts["ssh_config"],
+            remote_python=ssh_opts["remote_python"], remote_dir=ssh_opts["remote_dir"], timeout=ssh_opts["timeout"],
+            keep_remote=ssh_opts["keep_remote"])
+    bundle = make_bundle(artifact, data, out / ".bundle.tar.gz") if remote else None  # one upload bundle for all
 
     results: list = [None] * len(boards)
     lock = threading.Lock()
@@ -196,19 +202,24 @@ def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boar
             for i, ((prof, h), lab) in enumerate(zip(boards, labels)):
                 if h is not None:
                     continue
-                args = prof.run_bench_args(artifact=str(artifact.resolve()), out=str((out / lab / "result.json").resolve()),
-                                           data=str(data.resolve()) if data else None, overrides=overrides)
-                timeout = ssh_opts["timeout"] or (prof.ssh.timeout_s if prof.ssh else 1800.0)
-                results[i] = run_local(args, out / lab, label=lab, timeout_s=timeout, on_progress=on_progress)
+                from sglp_edge.targets.base import BenchJob
+
+                results[i] = targets[i].bench(BenchJob(artifact=artifact, data=data, profile=prof, out_dir=out / lab,
+                                                       overrides=overrides, timeout_s=ssh_opts["timeout"], label=lab,
+                                                       on_progress=on_progress))
                 progress.update(tasks[lab], completed=100, description="done" if results[i].ok else "failed")
 
         def remote_one(i: int) -> None:
-            results[i] = run_remote(jobs[i], on_progress)
+            from sglp_edge.targets.base import BenchJob
+
+            results[i] = targets[i].bench(BenchJob(artifact=artifact, data=data, profile=boards[i][0], out_dir=out / labels[i],
+                                                   overrides=overrides, label=labels[i], bundle=bundle,
+                                                   on_progress=on_progress))
             lab = labels[i]
             progress.update(tasks[lab], completed=100, description="done" if results[i].ok else "failed")
 
-        with ThreadPoolExecutor(max_workers=len(jobs) + 1, thread_name_prefix="bench") as pool:
-            futs = [pool.submit(remote_one, i) for i in jobs]
+        with ThreadPoolExecutor(max_workers=len(remote) + 1, thread_name_prefix="bench") as pool:
+            futs = [pool.submit(remote_one, i) for i in remote]
             futs.append(pool.submit(local_lane))
             for f in futs:
                 f.result()
@@ -228,11 +239,11 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
-def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list, strict: bool) -> bool:
+def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list, strict: bool,
+            targets: Optional[list] = None) -> bool:
     from rich.table import Table
 
     from exporters.atomic import atomic_write_json
-    from sglp_edge.profiles import evaluate_constraints
 
     rows = [("backend", None, 0), ("batch", "batch_size", 0), ("p50 ms", "latency_p50_ms", 3),
             ("p90 ms", "latency_p90_ms", 3), ("p99 ms", "latency_p99_ms", 3), ("mean ms", "latency_mean_ms", 3),
@@ -242,23 +253,30 @@ def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list
             ("perplexity", "perplexity", 3), ("energy mJ", "energy_mj", 2), ("status", "status", 0)]
     lat = Table(title="Latency (primary batch) and resources", show_lines=False)
     lat.add_column("metric")
-    for lab in labels:
-        lat.add_column(lab, justify="right", overflow="fold")
+    for k, lab in enumerate(labels):
+        emu = bool(targets and targets[k] is not None and targets[k].emulated)
+        lat.add_column(lab + (" (emulated: not a board's figures)" if emu else ""), justify="right", overflow="fold")
     columns: list[dict[str, Any]] = []
     cons = Table(title="Constraints", show_lines=False)
     for col in ("board", "constraint", "measured", "verdict"):
         cons.add_column(col)
     summary: dict[str, Any] = {"boards": []}
     any_failed = False
-    for (prof, h), lab, run in zip(boards, labels, runs):
+    from sglp_edge.targets.base import held_constraints
+
+    for k, ((prof, h), lab, run) in enumerate(zip(boards, labels, runs)):
+        tg = targets[k] if targets else None
+        emulated = bool(tg is not None and tg.emulated)
         doc = run.result or run.partial or {}
         m = dict(doc.get("metrics", {}))
         lat_entry = (doc.get("latency") or [{}])[0]
         columns.append({**m, "std_ms": lat_entry.get("std_ms"), "backend": prof.backend,
                         "status": doc.get("status") or ("failed" if not run.ok else None)})
-        results = evaluate_constraints(prof, m)
+        results = held_constraints(prof, m, emulated)
         for r in results:
-            verdict = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}.get(r.verdict, "[yellow]not measured[/]")
+            verdict = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}.get(
+                r.verdict, "[yellow]not measured: emulated[/]" if r.note.startswith("not measured: emulated")
+                else "[yellow]not measured[/]")
             cons.add_row(lab, f"{r.metric} {r.op} {r.limit:g}", _fmt(r.measured), verdict)
             if r.passed is False or (strict and r.passed is None):
                 any_failed = True
@@ -266,6 +284,7 @@ def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list
             any_failed = True
         summary["boards"].append({
             "label": lab, "profile": prof.name, "where": run.where, "ok": run.ok, "error": run.error,
+            "target": doc.get("target") or {"kind": "ssh" if h else "local", "where": run.where, "emulated": False},
             "status": doc.get("status"), "out_dir": str(run.out_dir), "metrics": m,
             "constraints": [r.model_dump() for r in results],
             "all_passed": run.ok and all(r.passed for r in results if r.passed is not None)

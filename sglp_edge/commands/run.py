@@ -19,18 +19,42 @@ def register(app: typer.Typer) -> None:
         device: Optional[List[str]] = typer.Option(None, "--device", help="device profile(s); replaces the config's list"),
         force: bool = typer.Option(False, "--force", help="re-run every stage even when finished earlier"),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads on the host (0 = default)"),
+        host: Optional[str] = typer.Option(None, "--host", help="user@board: benchmark every device on this board over SSH"),
+        emulate: bool = typer.Option(False, "--emulate", help="benchmark ARM devices on the emulated ARM board "
+                                     "(aarch64 runtime under qemu-aarch64): accuracy and parity on the ARM build; "
+                                     "latency recorded as emulated, never held"),
     ) -> None:
         """prune -> fine-tune -> export -> compile -> benchmark -> report. Exit code 1 when a
-        device's constraint fails; a re-run skips finished stages and a killed run resumes."""
+        device's constraint fails; 3 when a device's artifact must be built on its board and no --host
+        was given (everything the host can do is in the run folder; the printed command finishes it).
+        A re-run skips finished stages and a killed run resumes."""
         import sys
 
-        import torch
-
-        from ..pipeline import Pipeline, load_config
+        from ..pipeline import EXIT_FINISH_ON_BOARD, NEEDS_BOARD, Pipeline, load_config
         from ..report import print_summary
 
         overrides = {"devices": list(device)} if device else None
         cfg = load_config(config, overrides)
+        if host and emulate:
+            from ..errors import UserError
+
+            raise UserError("--host and --emulate contradict each other: the emulated board runs here")
+        if host or emulate:
+            extra = {"host": host} if host else {"emulate": "qemu-aarch64"}
+            cfg.devices = [b.model_copy(update=extra) for b in cfg.boards()]
+        if emulate:  # cheap checks before any heavy work
+            from exporters.registry import get_backend
+
+            from ..errors import UserError
+            from ..profiles import load_profile
+
+            for b in cfg.boards():
+                prof = load_profile(b.device)
+                if prof.arch != "aarch64" or not get_backend(prof.backend).emulatable:
+                    raise UserError(f"--emulate runs aarch64 boards on ONNX Runtime or OpenVINO; {prof.name} is "
+                                    f"{prof.arch} / {prof.backend} (pick an ARM profile with --device)")
+        import torch
+
         if threads or cfg.threads:
             torch.set_num_threads(threads or cfg.threads)
         run_dir = out or Path("runs") / cfg.name
@@ -41,4 +65,14 @@ def register(app: typer.Typer) -> None:
         if rep["passed"] is False:
             typer.echo("verdict: at least one constraint is NOT met (see the table above)", err=True)
             sys.exit(1)
-        typer.echo("verdict: every measured constraint is met")
+        boards = [t for t in rep["targets"] if t.get("needs_board")]
+        if boards:
+            devs = " ".join(f"--device {t['device']}" for t in boards)
+            typer.echo(f"verdict: {NEEDS_BOARD} for {', '.join(t['device'] for t in boards)}: the ONNX, the "
+                       f"operator-support report, the trtexec command and the board bundle are in {run_dir}. "
+                       "Finish on the board with:", err=True)
+            typer.echo(f"  sglp-edge run --config {config} {devs} --out {run_dir} --host USER@BOARD")
+            sys.exit(EXIT_FINISH_ON_BOARD)
+        emu = [t["device"] for t in rep["targets"] if (t.get("target") or {}).get("emulated")]
+        note = f" (latency on {', '.join(emu)} is emulated: not held)" if emu else ""
+        typer.echo(f"verdict: every measured constraint is met{note}")

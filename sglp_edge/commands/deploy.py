@@ -1,0 +1,55 @@
+"""``sglp-edge deploy RUN_DIR --device NAME --host user@board --to PATH``: install on the board the
+artifact that passed that device's constraints (hash-verified, atomic, previous version kept)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import user_errors
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("deploy")
+    @user_errors
+    def deploy_cmd(
+        run_dir: Path = typer.Argument(..., help="folder of a finished `sglp-edge run`"),
+        device: str = typer.Option(..., "--device", "-d", help="device profile whose artifact to deploy"),
+        host: str = typer.Option(..., "--host", help="user@board"),
+        to: str = typer.Option(..., "--to", help="folder on the board (releases/, current -> the live one)"),
+        force: bool = typer.Option(False, "--force", help="deploy even if a constraint failed or was not measured"),
+        rollback: bool = typer.Option(False, "--rollback", help="switch back to the previous release and exit"),
+        port: Optional[int] = typer.Option(None, "--port", help="SSH port (default: profile's, else 22)"),
+        identity: Optional[Path] = typer.Option(None, "--identity", "-i", help="SSH private key"),
+        known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", help="known_hosts to verify the board"),
+        ssh_config: Optional[Path] = typer.Option(None, "--ssh-config", help="ssh -F config file"),
+        remote_python: Optional[str] = typer.Option(None, "--remote-python", help="python on the board"),
+        no_check: bool = typer.Option(False, "--no-check", help="do not run the deployed runner once on the board"),
+    ) -> None:
+        """Install the run's pruned artifact for DEVICE on the board: verified, atomic, with rollback."""
+        from exporters.errors import UserError
+
+        from ..deploy import deploy, pick_release, rollback as do_rollback
+        from ..profiles import load_profile
+        from ..targets.ssh import SSHBoardTarget
+
+        if not to or to.startswith("-") or not to.startswith(("/", "~")):
+            raise UserError(f"--to must be an absolute folder on the board, got {to!r}")
+        prof = load_profile(device)
+        rel = None if rollback else pick_release(run_dir, prof.name, force=force)
+        tg = SSHBoardTarget.from_profile(prof, host, port=port, identity=identity, known_hosts=known_hosts,
+                                         ssh_config=ssh_config, remote_python=remote_python).ssh
+        if rollback:
+            now = do_rollback(tg, to)
+            typer.echo(f"rolled back {tg.where}:{to}/current -> {now}")
+            return
+        if rel.verdict != "passed every constraint":
+            typer.echo(f"warning: deploying with --force: {rel.verdict}", err=True)
+        res = deploy(rel, tg, to, check=not no_check)
+        typer.echo(f"deployed {rel.artifact} ({rel.verdict}) to {tg.where}:{res['path']} as release {res['release']}")
+        if "runner" in res:
+            r = res["runner"]
+            typer.echo(f"runner on the board: {r['runtime']} {r['version']} on {r['machine']}, output {r['output_shape']}, "
+                       f"top-1 {r['top1']}")
