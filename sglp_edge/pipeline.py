@@ -29,17 +29,17 @@ class _Strict(BaseModel):
 
 
 class PruneSection(_Strict):
-    keep: Optional[int] = None
-    target_macs: Optional[float] = None
-    method: str = "sglp"
-    k: Optional[int] = None
-    protocol: str = "natural"
-    calib_batches: int = 4
-    grad_batches: int = 1
-    batch_size: int = 128
-    seq_len: int = 128
-    eval_budget: int = 80
-    allocation: str = "auto"
+    keep: Optional[int] = Field(None, ge=1)
+    target_macs: Optional[float] = Field(None, gt=0, lt=1)
+    method: Literal["sglp", "random", "drop_last", "block_influence", "angular"] = "sglp"
+    k: Optional[int] = Field(None, ge=1)
+    protocol: Literal["natural", "reference"] = "natural"
+    calib_batches: int = Field(4, ge=1)
+    grad_batches: int = Field(1, ge=1)
+    batch_size: int = Field(128, ge=1)
+    seq_len: int = Field(128, ge=1)
+    eval_budget: int = Field(80, ge=0)
+    allocation: Literal["auto", "proportional", "redundancy"] = "auto"
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneSection":
@@ -50,11 +50,11 @@ class PruneSection(_Strict):
 
 class FinetuneSection(_Strict):
     enabled: bool = True
-    epochs: Optional[float] = None
-    steps: Optional[int] = None
-    minutes: Optional[float] = None
-    batch_size: int = 128
-    lr: float = 0.05
+    epochs: Optional[float] = Field(None, gt=0)
+    steps: Optional[int] = Field(None, gt=0)
+    minutes: Optional[float] = Field(None, gt=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
     alpha: float = 0.9
     temperature: float = 4.0
     feature_kd: float = 0.0
@@ -82,6 +82,7 @@ class BoardSection(_Strict):
 class RunConfig(_Strict):
     name: str = "run"
     model: str = "default"
+    units: Optional[str] = None  # layer units by module path globs, for models sglp-edge does not know
     data: str = "fashion-mnist"
     data_root: Optional[str] = None
     seed: int = 0
@@ -157,19 +158,23 @@ class Pipeline:
         if self._loaded is None:
             from .models.registry import load_model
 
-            self._loaded = load_model(self.cfg.model)
+            self._loaded = load_model(self.cfg.model, units=self.cfg.units)
         return self._loaded
 
     @property
     def data(self):
         if self._data is None:
             from .data import get_dataset
+            from .pruning_job import fixed_input_size
 
-            self._data = get_dataset(self.cfg.data, root=self.cfg.data_root, seed=self.cfg.seed)
+            self._data = get_dataset(self.cfg.data, root=self.cfg.data_root, seed=self.cfg.seed,
+                                     resize=fixed_input_size(self.loaded.model))
         return self._data
 
     def _inputs(self, stage: str, **more: Any) -> dict[str, Any]:
         base = {"model": self.cfg.model, "data": self.cfg.data, "seed": self.cfg.seed, "code": _code_hash()}
+        if self.cfg.units:
+            base["units"] = self.cfg.units
         return {**base, **more}
 
     # ---- stages -------------------------------------------------------------------------------
@@ -367,8 +372,27 @@ class Pipeline:
         return self.runner.stage(name, inputs, fn) | {"stage": name}
 
     # ---- whole run ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Cheap checks before any stage: every device profile, and the data against the model
+        (shape, labels, declared units) on two samples."""
+        from .profiles import load_profile
+        from .pruning_job import check_fit
+
+        for board in self.cfg.boards():
+            load_profile(board.device)
+        if self.loaded.adapter.modality == "image":
+            batch = self.data.calibration_batches(1, 2, seed=self.cfg.seed)[0]
+            check_fit(self.loaded, batch, data=self.cfg.data, num_classes=self.data.num_classes)
+
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.runner.close()
+
+    def _run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self.validate()
         prune = self.stage_prune()
         ft = self.stage_finetune()
         ev = self.stage_eval_data()

@@ -40,6 +40,36 @@ class PruneJob:
     num_classes: Optional[int] = None
     seed: int = 0
     threads: int = 0
+    force: bool = False
+
+    def validate(self) -> None:
+        """Cheap checks of every setting, before the model or the data are touched."""
+        from .sglp.prune import ALLOCATIONS, METHODS, PROTOCOLS
+
+        if self.keep is None and self.target_macs is None:
+            raise UserError("say how much to prune: --keep N (units to keep) or --target-macs R (fraction of MACs to remove)")
+        if self.keep is not None and self.target_macs is not None:
+            raise UserError("give exactly one of --keep N or --target-macs R")
+        if self.keep is not None and self.keep < 1:
+            raise UserError(f"--keep must be >= 1 (got {self.keep})")
+        if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
+            raise UserError(f"--target-macs is the fraction of MACs to remove, between 0 and 1; got {self.target_macs}")
+        for name, value, allowed in (("--method", self.method, METHODS), ("--protocol", self.protocol, PROTOCOLS),
+                                     ("--allocation", self.allocation, ALLOCATIONS)):
+            if value not in allowed:
+                what = name.lstrip("-")
+                raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)} ({name})")
+        for name, value, zero_ok in (("--calib-batches", self.calib_batches, False),
+                                     ("--grad-batches", self.grad_batches, False),
+                                     ("--batch-size", self.batch_size, True), ("--seq-len", self.seq_len, False),
+                                     ("--beam-width", self.beam_width, False),
+                                     ("--exhaustive-budget", self.exhaustive_budget, True),
+                                     ("--eval-budget", self.eval_budget, True), ("--k", self.k, False),
+                                     ("--threads", self.threads, True)):
+            if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+                raise UserError(f"{name} must be {'>= 0' if zero_ok else '>= 1'} (got {value})")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise UserError(f"weights file {self.weights} does not exist")
 
 
 @dataclass
@@ -63,17 +93,55 @@ def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: i
         text = D.get_text_dataset(loaded.tokenizer, data_root, seed=seed, block_size=seq_len,
                                   max_tokens=max(4 * need, 200_000))
         return text.calibration_batches(n_batches, batch_size or 8, seed=seed + offset)
-    bundle = D.get_dataset(data, root=data_root, seed=seed)
+    bundle = D.get_dataset(data, root=data_root, seed=seed, resize=fixed_input_size(loaded.model))
     return bundle.calibration_batches(n_batches, batch_size or 128, seed=seed + offset)
 
 
+def fixed_input_size(model: Any) -> Optional[int]:
+    """The square input size a fixed-resolution model insists on (a torchvision ViT's
+    ``image_size``; a user model may set ``model.image_size``), else None."""
+    size = getattr(model, "image_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
+def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] = None) -> None:
+    """Cheap checks on two samples before the heavy work: the data's shape against the model,
+    the labels against the model's outputs, and that declared units keep their input's shape."""
+    adapter, model = loaded.adapter, loaded.model
+    small = _head(batch, 2)
+    x = small[0] if isinstance(small, (tuple, list)) else small
+    try:
+        with torch.no_grad():
+            out = adapter.forward(model, small)
+    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit the model
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{loaded.source} does not take --data {data} inputs of shape {list(x.shape[1:])} "
+                        f"({type(e).__name__}: {msg}); use data of the model's input size") from None
+    if adapter.modality == "image" and isinstance(out, torch.Tensor) and out.dim() == 2:
+        n_out = int(out.shape[-1])
+        labels = small[1] if isinstance(small, (tuple, list)) and len(small) > 1 else None
+        if (num_classes and num_classes > n_out) or (labels is not None and int(labels.max()) >= n_out):
+            raise UserError(f"--data {data} has {num_classes or int(labels.max()) + 1} classes but the model has {n_out} "
+                            f"outputs: labels >= {n_out} would score 0 % top-1; give a model with --num-classes "
+                            f"{num_classes or int(labels.max()) + 1} or matching data")
+    if hasattr(adapter, "check_shapes"):
+        adapter.check_shapes(model, small)
+
+
+def _head(batch: Any, n: int) -> Any:
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(b[:n] for b in batch)
+    if isinstance(batch, dict):
+        return {k: v[:n] for k, v in batch.items()}
+    return batch[:n]
+
+
 def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = None) -> PruneResult:
-    from .models.registry import load_model, save_checkpoint
+    from .models.registry import load_model, model_spec, save_checkpoint
     from .sglp.plots import cka_heatmap_png
     from .sglp.prune import PruneConfig, analyze, apply_plan
 
-    if job.keep is None and job.target_macs is None:
-        raise UserError("say how much to prune: --keep N (units to keep) or --target-macs R (fraction of MACs to remove)")
+    job.validate()
     if job.threads:
         torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
@@ -82,6 +150,8 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
     model, adapter = loaded.model, loaded.adapter
     cka_b = calibration_batches(loaded, job.data, n_batches=job.calib_batches, batch_size=job.batch_size,
                                 seq_len=job.seq_len, seed=job.seed, data_root=job.data_root)
+    labelled = all(isinstance(b, (tuple, list)) and len(b) > 1 for b in cka_b)
+    check_fit(loaded, cka_b[0], data=job.data, num_classes=max(int(b[1].max()) for b in cka_b) + 1 if labelled else None)
     grad_b = cka_b[: job.grad_batches] if job.grad_batches <= len(cka_b) else calibration_batches(
         loaded, job.data, n_batches=job.grad_batches, batch_size=job.batch_size, seq_len=job.seq_len,
         seed=job.seed, data_root=job.data_root, offset=1)
@@ -117,7 +187,7 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         else:
             spec = loaded.meta.get("spec") if loaded.meta else None
             prior = (loaded.meta or {}).get("removal_rounds") or []
-            save_checkpoint(pruned, adapter, model_dir, spec=spec or adapter.spec(model),
+            save_checkpoint(pruned, adapter, model_dir, spec=spec or model_spec(adapter, model),
                             removed_units=[*prior, plan.removed],
                             extra={"pruned_from": str(job.model), "method": plan.method})
         (tmp / "plan.json").write_text(json.dumps(plan_d, indent=2) + "\n")

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import typer
 
-from sglp_edge.commands._common import user_errors
+from sglp_edge.commands._common import check_bench_data, guard_out_dir, user_errors
 
 _STAGE_SPAN = {"upload": (0, 5), "load": (5, 10), "latency": (10, 60), "accuracy": (60, 99), "done": (100, 100)}
 
@@ -80,6 +80,10 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"eval data not found: {data}")
         if not device:
             raise UserError("give a device profile with --device (see sglp-edge bench --list-devices)")
+        # bench updates its own folder in place (one sub-folder per board): no --force needed for that
+        guard_out_dir(out, reuse=True, inputs=(artifact, data))
+        if data is not None:
+            check_bench_data(artifact, data)
         profiles = [load_profile(d) for d in device]
         for p in profiles:
             p.check_artifact(artifact)
@@ -127,6 +131,9 @@ def register(app: typer.Typer) -> None:
                      "max_eval": max_eval,
                      "batch_sizes": [int(x) for x in batch_sizes.split(",")] if batch_sizes else None}
         out.mkdir(parents=True, exist_ok=True)
+        from exporters.atomic import mark_output
+
+        mark_output(out)
         runs = _run_all(console, artifact, data, out, boards, labels, overrides,
                         dict(port=port, identity=identity, known_hosts=known_hosts, accept_new=accept_new_host_key,
                              ssh_config=ssh_config, remote_python=remote_python, remote_dir=remote_dir,

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import user_errors
+from ._common import guard_out_dir, positive, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -29,11 +29,19 @@ def register(app: typer.Typer) -> None:
         from ..pipeline import Pipeline, load_config
         from ..report import print_summary
 
+        positive("--threads", threads, zero_ok=True)
         overrides = {"devices": list(device)} if device else None
         cfg = load_config(config, overrides)
         if threads or cfg.threads:
             torch.set_num_threads(threads or cfg.threads)
         run_dir = out or Path("runs") / cfg.name
+        # a run folder is resumed in place; anything else that is not empty is the user's and stays untouched
+        # (stages replace only their own sub-folders, so inputs kept in the run folder are safe)
+        if (run_dir / "manifest.json").is_file() and not (run_dir / ".sglp-edge").is_file():
+            from exporters.atomic import mark_output
+
+            mark_output(run_dir)  # a run folder written before the marker existed
+        guard_out_dir(run_dir, reuse=True)
         rep = Pipeline(cfg, run_dir, force=force, log=lambda m: typer.echo(m, err=True)).run()
         print_summary(rep)
         typer.echo(f"report: {run_dir / 'report.html'} (and report.json); stages run: {', '.join(rep['stages']['ran']) or 'none'}"
