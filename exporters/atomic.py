@@ -177,7 +177,7 @@ def check_out_dir(out: str | os.PathLike, *, force: bool = False, inputs: tuple 
     if out.exists():
         if not out.is_dir():
             raise UserError(f"{what} {out} is an existing file; sglp-edge writes a folder there: choose a new path")
-        if any(out.iterdir()):
+        if any(p.name != ".lock" for p in out.iterdir()):
             if not is_sglp_output(out):
                 raise UserError(f"{what} {out} is a non-empty folder that sglp-edge did not write; choose a new or "
                                 "empty folder (nothing was deleted)")

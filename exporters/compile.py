@@ -283,8 +283,9 @@ def _tensorrt(onnx_path: Path, tmp: Path, precision: str, io: dict[str, Any], ca
     if plan.calibrator:
         opts.calib_cache = opts.calib_cache or "calib.cache"
     cmd = tb.trtexec_command("model.onnx", "model.engine", plan, opts, shapes, times_json="times.json")
-    (tmp / "trtexec_build.sh").write_text("#!/bin/sh\n# build + time the engine on the board (run in this folder)\n"
-                                          f"set -e\n{tb.command_line(cmd)} | tee trtexec.log\n")
+    # pipefail: `| tee` must not hide a failed trtexec (bash: dash has no pipefail)
+    (tmp / "trtexec_build.sh").write_text("#!/usr/bin/env bash\n# build + time the engine on the board (run in this folder)\n"
+                                          f"set -eo pipefail\n{tb.command_line(cmd)} | tee trtexec.log\n")
     artifacts = [{"path": "model.onnx", "role": f"onnx-for-tensorrt ({plan.onnx_variant})"},
                  {"path": "trt_op_check.json", "role": "tensorrt-operator-check"},
                  {"path": "trtexec_build.sh", "role": "trtexec-command"}]

@@ -81,7 +81,7 @@ class PruneResult:
 
 
 def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: int, seq_len: int, seed: int,
-                        data_root: Optional[Path] = None, offset: int = 0) -> list[Any]:
+                        data_root: Optional[Path] = None, offset: int = 0, info: Optional[dict] = None) -> list[Any]:
     """Fixed calibration batches drawn from the training split of ``data`` (never the test split).
     Images: list of (x, y); token models: list of input_ids tensors of shape (batch, seq_len)."""
     from . import data as D
@@ -94,6 +94,8 @@ def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: i
                                   max_tokens=max(4 * need, 200_000))
         return text.calibration_batches(n_batches, batch_size or 8, seed=seed + offset)
     bundle = D.get_dataset(data, root=data_root, seed=seed, resize=fixed_input_size(loaded.model))
+    if info is not None:
+        info["num_classes"] = bundle.num_classes
     return bundle.calibration_batches(n_batches, batch_size or 128, seed=seed + offset)
 
 
@@ -148,10 +150,10 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
     if loaded is None:
         loaded = load_model(job.model, weights=job.weights, num_classes=job.num_classes, units=job.units)
     model, adapter = loaded.model, loaded.adapter
+    info: dict[str, Any] = {}
     cka_b = calibration_batches(loaded, job.data, n_batches=job.calib_batches, batch_size=job.batch_size,
-                                seq_len=job.seq_len, seed=job.seed, data_root=job.data_root)
-    labelled = all(isinstance(b, (tuple, list)) and len(b) > 1 for b in cka_b)
-    check_fit(loaded, cka_b[0], data=job.data, num_classes=max(int(b[1].max()) for b in cka_b) + 1 if labelled else None)
+                                seq_len=job.seq_len, seed=job.seed, data_root=job.data_root, info=info)
+    check_fit(loaded, cka_b[0], data=job.data, num_classes=info.get("num_classes"))
     grad_b = cka_b[: job.grad_batches] if job.grad_batches <= len(cka_b) else calibration_batches(
         loaded, job.data, n_batches=job.grad_batches, batch_size=job.batch_size, seq_len=job.seq_len,
         seed=job.seed, data_root=job.data_root, offset=1)

@@ -30,9 +30,10 @@ def user_errors(fn: F) -> F:
     def wrapper(*args, **kwargs):
         from exporters.errors import UserError
 
+        old = None
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
                 signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+            old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -52,6 +53,9 @@ def user_errors(fn: F) -> F:
                 typer.echo(f"interrupted: {e}", err=True)
                 sys.exit(EXIT_INTERRUPTED)
             raise
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
     return wrapper  # type: ignore[return-value]
 
