@@ -141,7 +141,7 @@ def _head(batch: Any, n: int) -> Any:
 def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = None) -> PruneResult:
     from .models.registry import load_model, model_spec, save_checkpoint
     from .sglp.plots import cka_heatmap_png
-    from .sglp.prune import PruneConfig, analyze, apply_plan
+    from . import api
 
     job.validate()
     if job.threads:
@@ -157,9 +157,9 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
     grad_b = cka_b[: job.grad_batches] if job.grad_batches <= len(cka_b) else calibration_batches(
         loaded, job.data, n_batches=job.grad_batches, batch_size=job.batch_size, seq_len=job.seq_len,
         seed=job.seed, data_root=job.data_root, offset=1)
-    cfg = PruneConfig(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
-                      exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
-                      eval_budget=job.eval_budget or None, allocation=job.allocation, seed=job.seed)
+    opts = dict(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
+                exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
+                eval_budget=job.eval_budget or None, allocation=job.allocation, seed=job.seed)
     progress = None
     if show_progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -168,11 +168,10 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
                             transient=False)
     if progress:
         with progress:
-            plan = analyze(model, adapter, cka_b, grad_b, cfg, progress=progress)
+            plan = api.analyze(model, cka_b, grad_batches=grad_b, adapter=adapter, progress=progress, **opts)
     else:
-        plan = analyze(model, adapter, cka_b, grad_b, cfg)
-    pruned = apply_plan(model, adapter, plan)
-    pruned.eval()
+        plan = api.analyze(model, cka_b, grad_batches=grad_b, adapter=adapter, **opts)
+    pruned = api.apply(model, plan, adapter=adapter)
     n_after = len(adapter.units(pruned)) if adapter.family != "generic" else plan.n_units_after
     if n_after != plan.n_units_after:  # surgery must match the plan exactly
         raise RuntimeError(f"pruned model has {n_after} units, plan says {plan.n_units_after}")

@@ -237,7 +237,7 @@ def _builtin(name: str) -> Callable[..., nn.Module] | None:
 
 
 def load_model(source: str | Path, *, weights: str | Path | None = None, num_classes: int | None = None,
-               units: str | None = None) -> LoadedModel:
+               units: str | None = None, need_adapter: bool = True) -> LoadedModel:
     """Resolve a model named on the command line.
 
     * ``default`` / ``resnet56`` - the shipped ResNet-56 trained on Fashion-MNIST;
@@ -301,7 +301,12 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
             first = str(e).strip().splitlines()[0]
             raise UserError(f"weights {weights} do not fit {src} ({first}); check --num-classes and the architecture") from None
     model.eval()
-    adapter = get_adapter(model, units)
+    try:
+        adapter = get_adapter(model, units)
+    except AdapterError:
+        if need_adapter:
+            raise
+        return LoadedModel(model, None, src, kind, {})  # type: ignore[arg-type]  # units come later (API)
     return LoadedModel(model, adapter, src, kind, {"spec": _safe_spec(adapter, model)})
 
 
