@@ -178,7 +178,9 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
     plan_d = plan.to_dict()
     plan_d.update(model_source=str(job.model), data=job.data, total_wall_s=time.perf_counter() - t0,
                   calibration={"cka_batches": len(cka_b), "grad_batches": len(grad_b),
-                               "batch_size": _batch_len(cka_b[0]), "split": "train"})
+                               "batch_size": _batch_len(cka_b[0]), "split": "train",
+                               "input_shape": list(_first(cka_b[0]).shape[1:]),
+                               "resized_to": fixed_input_size(model)})
     with atomic_dir(job.out) as tmp:
         model_dir = tmp / "model"
         if adapter.modality == "tokens":
@@ -195,6 +197,14 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         if plan.cka is not None:
             (tmp / "cka_heatmap.png").write_bytes(cka_heatmap_png(plan_d))
     return PruneResult(plan, pruned, loaded, job.out)
+
+
+def _first(b: Any) -> torch.Tensor:
+    if isinstance(b, (tuple, list)):
+        return b[0]
+    if isinstance(b, dict):
+        return b["input_ids"]
+    return b
 
 
 def _batch_len(b: Any) -> int:
