@@ -10,11 +10,19 @@ import typer
 from ._common import guard_out_dir, positive, user_errors
 
 
+def _resolve_config(config: Path) -> Path:
+    """A config path, or the name of one shipped with the package (``--config default``)."""
+    if config.is_file() or config.suffix or len(config.parts) > 1:
+        return config
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "configs" / f"{config}.yaml"
+    return shipped if shipped.is_file() else config
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     @user_errors
     def run(
-        config: Path = typer.Option(..., "--config", "-c", help="run YAML (see configs/default.yaml)"),
+        config: Path = typer.Option(..., "--config", "-c", help="run YAML, or the name of a shipped one (default)"),
         out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: runs/<name>)"),
         device: Optional[List[str]] = typer.Option(None, "--device", help="device profile(s); replaces the config's list"),
         force: bool = typer.Option(False, "--force", help="re-run every stage even when finished earlier"),
@@ -30,6 +38,7 @@ def register(app: typer.Typer) -> None:
         from ..report import print_summary
 
         positive("--threads", threads, zero_ok=True)
+        config = _resolve_config(config)
         overrides = {"devices": list(device)} if device else None
         cfg = load_config(config, overrides)
         if threads or cfg.threads:
