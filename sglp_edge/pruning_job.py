@@ -106,7 +106,8 @@ def fixed_input_size(model: Any) -> Optional[int]:
     return int(size) if isinstance(size, int) and size > 0 else None
 
 
-def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] = None) -> None:
+def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] = None,
+              batch_size: Optional[int] = None) -> None:
     """Cheap checks on two samples before the heavy work: the data's shape against the model,
     the labels against the model's outputs, and that declared units keep their input's shape."""
     adapter, model = loaded.adapter, loaded.model
@@ -128,6 +129,37 @@ def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] 
                             f"{num_classes or int(labels.max()) + 1} or matching data")
     if hasattr(adapter, "check_shapes"):
         adapter.check_shapes(model, small)
+    if batch_size:
+        check_memory(loaded, small, batch_size)
+
+
+def _mem_available() -> Optional[int]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(loaded: Any, small: Any, batch_size: int) -> None:
+    """Whether one calibration batch fits in memory: the unit outputs CKA keeps, plus the
+    activations a GradNorm backward pass holds (measured per sample on two samples, scaled)."""
+    from .models.base import capture_unit_outputs
+
+    avail = _mem_available()
+    if avail is None:
+        return
+    n = _batch_len(small)
+    units = loaded.adapter.units(loaded.model)
+    outs = capture_unit_outputs(loaded.adapter, loaded.model, units, small)
+    per_sample = sum(o.numel() * o.element_size() for o in outs) / max(1, n)
+    need = per_sample * batch_size * 3  # kept outputs + forward/backward activations of a GradNorm pass
+    if need > avail:
+        fit = max(1, int(avail / (3 * per_sample)))
+        raise UserError(f"a calibration batch of {batch_size} needs about {need / 2**30:.1f} GiB but "
+                        f"{avail / 2**30:.1f} GiB is available; use --batch-size {fit} or less")
 
 
 def _head(batch: Any, n: int) -> Any:
@@ -153,7 +185,7 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
     info: dict[str, Any] = {}
     cka_b = calibration_batches(loaded, job.data, n_batches=job.calib_batches, batch_size=job.batch_size,
                                 seq_len=job.seq_len, seed=job.seed, data_root=job.data_root, info=info)
-    check_fit(loaded, cka_b[0], data=job.data, num_classes=info.get("num_classes"))
+    check_fit(loaded, cka_b[0], data=job.data, num_classes=info.get("num_classes"), batch_size=_batch_len(cka_b[0]))
     grad_b = cka_b[: job.grad_batches] if job.grad_batches <= len(cka_b) else calibration_batches(
         loaded, job.data, n_batches=job.grad_batches, batch_size=job.batch_size, seq_len=job.seq_len,
         seed=job.seed, data_root=job.data_root, offset=1)

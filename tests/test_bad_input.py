@@ -340,3 +340,16 @@ def test_trtexec_script_fails_when_trtexec_fails(tmp_path):
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
     r = subprocess.run(["bash", "trtexec_build.sh"], cwd=out, capture_output=True, text=True, env=env)
     assert r.returncode == 3 and "cannot build" in (out / "trtexec.log").read_text()
+
+
+def test_a_calibration_batch_that_cannot_fit_in_memory_is_refused_first():
+    import torch
+
+    from sglp_edge.models.registry import load_model
+    from sglp_edge.pruning_job import check_memory
+
+    lm = load_model("cifar_resnet20")
+    small = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+    check_memory(lm, small, 16)  # fits
+    with pytest.raises(UserError, match=r"needs about .* GiB .* use --batch-size \d+"):
+        check_memory(lm, small, 10**9)
