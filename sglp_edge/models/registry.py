@@ -32,7 +32,7 @@ DEFAULT_MODEL = ASSETS / "resnet56_fmnist"
 SUPPORTED_FAMILIES = (
     "CIFAR ResNet-20/32/44/56/110 (cifar_resnet20..cifar_resnet110), "
     "torchvision ResNet-18/34/50/101, VGG-11/13/16/19-BN, MobileNetV2, EfficientNet-B0..B7, ViT-B/L, "
-    "Hugging Face LLaMA-family decoders (Llama, Qwen2, Mistral, SmolLM; folder or .gguf)"
+    "Hugging Face decoders (Llama, SmolLM, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3; folder or .gguf)"
 )
 
 
