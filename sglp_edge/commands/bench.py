@@ -81,6 +81,10 @@ def register(app: typer.Typer) -> None:
         if not device:
             raise UserError("give a device profile with --device (see sglp-edge bench --list-devices)")
         # bench updates its own folder in place (one sub-folder per board): no --force needed for that
+        if (out / "summary.json").is_file():  # a bench folder written before the .sglp-edge marker existed
+            from exporters.atomic import mark_output
+
+            mark_output(out)
         guard_out_dir(out, reuse=True, inputs=(artifact, data))
         if data is not None:
             check_bench_data(artifact, data)
