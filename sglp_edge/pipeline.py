@@ -148,6 +148,7 @@ class Pipeline:
         from .stages import StageRunner
 
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
+        self._new_dir = not self.run_dir.exists()
         self.runner = StageRunner(self.run_dir, force=force, log=log)
         self._loaded = None
         self._data = None
@@ -392,7 +393,14 @@ class Pipeline:
 
     def _run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.validate()
+        try:
+            self.validate()
+        except BaseException:
+            if self._new_dir and {p.name for p in self.run_dir.iterdir()} <= {".sglp-edge", ".lock"}:
+                import shutil
+
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # a refused run leaves no empty run folder
+            raise
         prune = self.stage_prune()
         ft = self.stage_finetune()
         ev = self.stage_eval_data()

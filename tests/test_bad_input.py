@@ -238,7 +238,7 @@ def test_run_rejects_bad_settings_before_any_stage(tmp_path, changes, extra, nee
     run = tmp_path / "run"
     code, err = cli("run", "--config", _run_cfg(tmp_path, **changes), "--out", run, *extra)
     one_line_error(code, err, needle)
-    assert not (run / "prune").exists() and not (run / "manifest.json").exists()
+    assert not run.exists()  # not even an empty run folder
 
 
 @needs_data
@@ -253,7 +253,7 @@ def test_run_checks_units_and_data_shape_before_the_prune(tmp_path):
                  " nn.Linear(16, 10))\n")
     code, err = cli("run", "--config", _run_cfg(tmp_path, model=f"{f}:build", units="2"), "--out", run)
     one_line_error(code, err, "does not take --data fashion-mnist inputs of shape [3, 32, 32]")
-    assert not (run / "prune").exists()
+    assert not run.exists()
 
 
 def test_corrupt_run_manifest_is_one_line(tmp_path):
