@@ -20,6 +20,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the user's umask
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -60,10 +61,17 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` whole.
     On failure the temporary folder is removed and any previous ``path`` is left untouched."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        from .errors import UserError
+
+        raise UserError(f"{path} is an existing file; an output folder never replaces a file: choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs follow the user's umask
     try:
         yield tmp
+        mark_output(tmp)
+        _follow_umask(tmp)
         if path.exists():
             if not overwrite:
                 raise FileExistsError(f"{path} exists")
@@ -86,3 +94,169 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ---- output folders: what sglp-edge may replace ------------------------------------------------
+#: every output folder sglp-edge writes holds this small file; only such folders are ever replaced
+MARKER = ".sglp-edge"
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def _follow_umask(root: Path) -> None:
+    """Libraries write some files 0600 (safetensors, tempfile): give every output the mode the
+    user's umask asks for (executables keep their execute bits)."""
+    mask = _umask()
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        st = p.stat().st_mode
+        want = 0o777 if (p.is_dir() or st & 0o100) else 0o666
+        with contextlib.suppress(OSError):
+            os.chmod(p, want & ~mask)
+
+
+def mark_output(folder: str | os.PathLike) -> None:
+    p = Path(folder) / MARKER
+    if not p.exists():
+        p.write_text('{"written_by": "sglp-edge"}\n')
+
+
+def is_sglp_output(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    return outer == inner or outer in inner.parents
+
+
+def check_writable(path: str | os.PathLike, *, what: str = "--out") -> None:
+    """One line before any work when ``path`` cannot be created: a parent is a file, or the
+    nearest existing parent folder cannot be written (tried for real, so it holds for root too)."""
+    from .errors import UserError
+
+    path = Path(path)
+    anc = path.parent if not path.exists() else path
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{what} {path}: {anc} is a file, not a folder; choose a path under a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sglp-edge-probe.", dir=anc)
+    except OSError as e:
+        raise UserError(f"{what} {path} is not writable ({e.strerror} in {anc}); choose a folder you can write to") \
+            from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_out_dir(out: str | os.PathLike, *, force: bool = False, inputs: tuple = (), what: str = "--out",
+                  reuse: bool = False) -> Path:
+    """Whether an output FOLDER may be written at ``out`` (call it before any heavy work).
+
+    Refused, with one line naming the fix: an existing file (never turned into a folder); a folder
+    holding one of ``inputs`` (or the current folder); a non-empty folder sglp-edge did not write;
+    one it did write unless ``force`` (or ``reuse``: commands that update their own folder in
+    place, like ``bench`` and ``run``); and a path that cannot be written. Nothing is deleted here."""
+    from .errors import UserError
+
+    out = Path(out)
+    res = out.resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        ip = Path(inp).resolve()
+        if _contains(res, ip):
+            raise UserError(f"{what} {out} holds the input {inp}; choose a new folder (nothing was deleted)")
+    if _contains(res, Path.cwd().resolve()):
+        raise UserError(f"{what} {out} is the current folder or one above it; choose a new folder (nothing was deleted)")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"{what} {out} is an existing file; sglp-edge writes a folder there: choose a new path")
+        if any(p.name != ".lock" for p in out.iterdir()):
+            if not is_sglp_output(out):
+                raise UserError(f"{what} {out} is a non-empty folder that sglp-edge did not write; choose a new or "
+                                "empty folder (nothing was deleted)")
+            if not (force or reuse):
+                raise UserError(f"{what} {out} holds an earlier sglp-edge output; pass --force to replace it")
+    check_writable(out, what=what)
+    return out
+
+
+def check_out_file(out: str | os.PathLike, *, force: bool = False, inputs: tuple = (), what: str = "--out") -> Path:
+    """Whether an output FILE may be written at ``out``: never over a folder, never over one of
+    ``inputs``, an existing file only with ``force``; the parent must be writable."""
+    from .errors import UserError
+
+    out = Path(out)
+    res = out.resolve()
+    for inp in inputs:
+        if inp is not None and Path(inp).resolve() == res:
+            raise UserError(f"{what} {out} would overwrite the input {inp}; choose another path")
+    if out.is_dir():
+        raise UserError(f"{what} {out} is a folder; give a file path (e.g. {out / 'model.onnx'})")
+    if out.exists() and not force:
+        raise UserError(f"{what} {out} exists; pass --force to replace it")
+    check_writable(out, what=what)
+    return out
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the ``.<name>.*.tmp`` folders/files a killed writer left in ``folder`` (call it only
+    while holding the folder's lock, so no live writer's temp goes)."""
+    gone = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return gone
+    for p in folder.iterdir():
+        n = p.name
+        if n.startswith(".") and (n.endswith(".tmp") or ".tmp." in n or ".old." in n) and n != MARKER:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            gone.append(p)
+    return gone
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a folder (``.lock`` file, flock): a second writer gets
+    one line instead of a corrupted folder. Released when the process ends, even by SIGKILL."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
+        self.folder, self.what, self._fd = Path(folder), what, None
+
+    def acquire(self) -> "FolderLock":
+        import fcntl
+
+        from .errors import UserError
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{self.what} {self.folder} is in use by another sglp-edge process; wait for it to "
+                            "finish or choose another folder") from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -124,11 +124,12 @@ def _script_line(cmd: Sequence[str]) -> str:
 
 
 def trtexec_script(cmd: Sequence[str], trt_version: str) -> str:
-    """A POSIX sh script that builds and times the engine on the board. Its timing cache is kept
+    """A bash script that builds and times the engine on the board (``pipefail``: ``| tee`` must not
+    hide a failed trtexec; dash has no pipefail). Its timing cache is kept
     outside the folder, keyed by the board's model and TensorRT version (the same file name as
     ``tensorrt_backend.timing_cache_path``), so the next build on that board reuses it."""
     return (
-        "#!/bin/sh\n# build + time the engine on the board (run in this folder)\nset -e\n"
+        "#!/usr/bin/env bash\n# build + time the engine on the board (run in this folder)\nset -eo pipefail\n"
         f"TRT_VERSION=$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo {trt_version})\n"
         "DEVICE=$( (tr -d '\\000' < /proc/device-tree/model) 2>/dev/null || nvidia-smi --query-gpu=name "
         "--format=csv,noheader 2>/dev/null | head -n1 || true)\n"

@@ -23,17 +23,17 @@ class _Strict(BaseModel):
 
 
 class PruneSection(_Strict):
-    keep: Optional[int] = None
-    target_macs: Optional[float] = None
-    method: str = "sglp"
-    k: Optional[int] = None
-    protocol: str = "natural"
-    calib_batches: Optional[int] = None  # task default: 4 (images), 8 (LM)
-    grad_batches: int = 1
-    batch_size: Optional[int] = None  # images per batch, or SEQUENCES per batch for an LM
-    seq_len: Optional[int] = None  # LM: tokens per calibration sequence
-    eval_budget: int = 80
-    allocation: str = "auto"
+    keep: Optional[int] = Field(None, ge=1)
+    target_macs: Optional[float] = Field(None, gt=0, lt=1)
+    method: Literal["sglp", "random", "drop_last", "block_influence", "angular", "sleb"] = "sglp"
+    k: Optional[int] = Field(None, ge=1)
+    protocol: Literal["natural", "reference", "loss"] = "natural"
+    calib_batches: Optional[int] = Field(None, ge=1)  # task default: 4 (images), 8 (LM)
+    grad_batches: int = Field(1, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1)  # images per batch, or SEQUENCES per batch for an LM
+    seq_len: Optional[int] = Field(None, ge=1)  # LM: tokens per calibration sequence
+    eval_budget: int = Field(80, ge=0)
+    allocation: Literal["auto", "proportional", "redundancy"] = "auto"
     heal: Literal["none", "linear"] = "none"
 
     @model_validator(mode="after")
@@ -45,11 +45,11 @@ class PruneSection(_Strict):
 
 class FinetuneSection(_Strict):
     enabled: bool = True
-    epochs: Optional[float] = None
-    steps: Optional[int] = None
-    minutes: Optional[float] = None
-    batch_size: Optional[int] = None  # images, or sequences of text.block_size tokens
-    lr: Optional[float] = None
+    epochs: Optional[float] = Field(None, gt=0)
+    steps: Optional[int] = Field(None, gt=0)
+    minutes: Optional[float] = Field(None, gt=0)
+    batch_size: Optional[int] = Field(None, ge=1)  # images, or sequences of text.block_size tokens
+    lr: Optional[float] = Field(None, gt=0)
     optimizer: Optional[Literal["sgd", "adamw"]] = None
     weight_decay: Optional[float] = None
     val_samples: Optional[int] = None  # cap on validation items (LM default: 16 blocks)
@@ -93,6 +93,7 @@ class RunConfig(_Strict):
     model: str = "default"
     data: str = "fashion-mnist"
     data_root: Optional[str] = None
+    units: Optional[str] = None  # layer units by module path globs, for models sglp-edge does not know
     seed: int = 0
     threads: int = 0
     prune: PruneSection

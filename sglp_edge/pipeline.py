@@ -93,6 +93,7 @@ class Pipeline:
 
         self.cfg, self.run_dir, self.log = apply_task_defaults(cfg), Path(run_dir), log
         self.task = get_task(self.cfg.task)
+        self._new_dir = not self.run_dir.exists()
         self.runner = StageRunner(self.run_dir, force=force, log=log)
         self.peak_rss_mb: dict[str, Any] = {}
         self._loaded = None
@@ -104,7 +105,7 @@ class Pipeline:
         if self._loaded is None:
             from .models.registry import load_model
 
-            self._loaded = load_model(self.cfg.model)
+            self._loaded = load_model(self.cfg.model, units=self.cfg.units)
         return self._loaded
 
     @property
@@ -117,6 +118,8 @@ class Pipeline:
         base = {"model": self.cfg.model, "data": self.cfg.data, "seed": self.cfg.seed, "code": _code_hash()}
         if self.cfg.task != "image-classification":  # (keeps the image runs' stage hashes as they were)
             base.update(task=self.cfg.task, text=self.cfg.text.model_dump())
+        if self.cfg.units:
+            base["units"] = self.cfg.units
         return {**base, **more}
 
     # ---- stages -------------------------------------------------------------------------------
@@ -377,8 +380,34 @@ class Pipeline:
         return self.runner.stage(name, inputs, fn) | {"stage": name}
 
     # ---- whole run ----------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Cheap checks before any stage: every device profile, and the data against the model
+        (shape, labels, declared units) on two samples."""
+        from .profiles import load_profile
+        from .pruning_job import check_fit
+
+        for board in self.cfg.boards():
+            load_profile(board.device)
+        if self.loaded.adapter.modality == "image":
+            batch = self.data.calibration_batches(1, 2, seed=self.cfg.seed)[0]
+            check_fit(self.loaded, batch, data=self.cfg.data, num_classes=self.data.num_classes)
+
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.runner.close()
+
+    def _run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
+        try:
+            self.validate()
+        except BaseException:
+            if self._new_dir and {p.name for p in self.run_dir.iterdir()} <= {".sglp-edge", ".lock"}:
+                import shutil
+
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # a refused run leaves no empty run folder
+            raise
         task, rss = self.task, self.peak_rss_mb
         with peak_rss(rss, "prune", self.log):
             prune = self.stage_prune()

@@ -41,6 +41,36 @@ class PruneJob:
     num_classes: Optional[int] = None
     seed: int = 0
     threads: int = 0
+    force: bool = False
+
+    def validate(self) -> None:
+        """Cheap checks of every setting, before the model or the data are touched."""
+        from .sglp.prune import ALLOCATIONS, METHODS, PROTOCOLS
+
+        if self.keep is None and self.target_macs is None:
+            raise UserError("say how much to prune: --keep N (units to keep) or --target-macs R (fraction of MACs to remove)")
+        if self.keep is not None and self.target_macs is not None:
+            raise UserError("give exactly one of --keep N or --target-macs R")
+        if self.keep is not None and self.keep < 1:
+            raise UserError(f"--keep must be >= 1 (got {self.keep})")
+        if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
+            raise UserError(f"--target-macs is the fraction of MACs to remove, between 0 and 1; got {self.target_macs}")
+        for name, value, allowed in (("--method", self.method, METHODS), ("--protocol", self.protocol, PROTOCOLS),
+                                     ("--allocation", self.allocation, ALLOCATIONS)):
+            if value not in allowed:
+                what = name.lstrip("-")
+                raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)} ({name})")
+        for name, value, zero_ok in (("--calib-batches", self.calib_batches, False),
+                                     ("--grad-batches", self.grad_batches, False),
+                                     ("--batch-size", self.batch_size, True), ("--seq-len", self.seq_len, False),
+                                     ("--beam-width", self.beam_width, False),
+                                     ("--exhaustive-budget", self.exhaustive_budget, True),
+                                     ("--eval-budget", self.eval_budget, True), ("--k", self.k, False),
+                                     ("--threads", self.threads, True)):
+            if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+                raise UserError(f"{name} must be {'>= 0' if zero_ok else '>= 1'} (got {value})")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise UserError(f"weights file {self.weights} does not exist")
 
 
 @dataclass
@@ -52,7 +82,7 @@ class PruneResult:
 
 
 def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: int, seq_len: int, seed: int,
-                        data_root: Optional[Path] = None, offset: int = 0) -> list[Any]:
+                        data_root: Optional[Path] = None, offset: int = 0, info: Optional[dict] = None) -> list[Any]:
     """Fixed calibration batches drawn from the training split of ``data`` (never the test split).
     Images: list of (x, y); token models: list of input_ids tensors of shape (batch, seq_len)."""
     from . import data as D
@@ -64,32 +94,105 @@ def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: i
         text = D.get_text_dataset(loaded.tokenizer, data_root, seed=seed, block_size=seq_len,
                                   max_tokens=max(4 * need, 200_000))
         return text.calibration_batches(n_batches, batch_size or 8, seed=seed + offset)
-    bundle = D.get_dataset(data, root=data_root, seed=seed)
+    bundle = D.get_dataset(data, root=data_root, seed=seed, resize=fixed_input_size(loaded.model))
+    if info is not None:
+        info["num_classes"] = bundle.num_classes
     return bundle.calibration_batches(n_batches, batch_size or 128, seed=seed + offset)
 
 
-def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = None) -> PruneResult:
-    from .models.registry import load_model, save_checkpoint
-    from .sglp.plots import cka_heatmap_png
-    from .sglp.prune import PruneConfig, analyze, apply_plan
+def fixed_input_size(model: Any) -> Optional[int]:
+    """The square input size a fixed-resolution model insists on (a torchvision ViT's
+    ``image_size``; a user model may set ``model.image_size``), else None."""
+    size = getattr(model, "image_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
 
-    if job.keep is None and job.target_macs is None:
-        raise UserError("say how much to prune: --keep N (units to keep) or --target-macs R (fraction of MACs to remove)")
+
+def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] = None,
+              batch_size: Optional[int] = None) -> None:
+    """Cheap checks on two samples before the heavy work: the data's shape against the model,
+    the labels against the model's outputs, and that declared units keep their input's shape."""
+    adapter, model = loaded.adapter, loaded.model
+    small = _head(batch, 2)
+    x = small[0] if isinstance(small, (tuple, list)) else small
+    try:
+        with torch.no_grad():
+            out = adapter.forward(model, small)
+    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit the model
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{loaded.source} does not take --data {data} inputs of shape {list(x.shape[1:])} "
+                        f"({type(e).__name__}: {msg}); use data of the model's input size") from None
+    if adapter.modality == "image" and isinstance(out, torch.Tensor) and out.dim() == 2:
+        n_out = int(out.shape[-1])
+        labels = small[1] if isinstance(small, (tuple, list)) and len(small) > 1 else None
+        if (num_classes and num_classes > n_out) or (labels is not None and int(labels.max()) >= n_out):
+            raise UserError(f"--data {data} has {num_classes or int(labels.max()) + 1} classes but the model has {n_out} "
+                            f"outputs: labels >= {n_out} would score 0 % top-1; give a model with --num-classes "
+                            f"{num_classes or int(labels.max()) + 1} or matching data")
+    if hasattr(adapter, "check_shapes"):
+        adapter.check_shapes(model, small)
+    if batch_size:
+        check_memory(loaded, small, batch_size)
+
+
+def _mem_available() -> Optional[int]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(loaded: Any, small: Any, batch_size: int) -> None:
+    """Whether one calibration batch fits in memory: the unit outputs CKA keeps, plus the
+    activations a GradNorm backward pass holds (measured per sample on two samples, scaled)."""
+    from .models.base import capture_unit_outputs
+
+    avail = _mem_available()
+    if avail is None:
+        return
+    n = _batch_len(small)
+    units = loaded.adapter.units(loaded.model)
+    outs = capture_unit_outputs(loaded.adapter, loaded.model, units, small)
+    per_sample = sum(o.numel() * o.element_size() for o in outs) / max(1, n)
+    need = per_sample * batch_size * 3  # kept outputs + forward/backward activations of a GradNorm pass
+    if need > avail:
+        fit = max(1, int(avail / (3 * per_sample)))
+        raise UserError(f"a calibration batch of {batch_size} needs about {need / 2**30:.1f} GiB but "
+                        f"{avail / 2**30:.1f} GiB is available; use --batch-size {fit} or less")
+
+
+def _head(batch: Any, n: int) -> Any:
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(b[:n] for b in batch)
+    if isinstance(batch, dict):
+        return {k: v[:n] for k, v in batch.items()}
+    return batch[:n]
+
+
+def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = None) -> PruneResult:
+    from .models.registry import load_model, model_spec, save_checkpoint
+    from .sglp.plots import cka_heatmap_png
+    from . import api
+
+    job.validate()
     if job.threads:
         torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
     if loaded is None:
         loaded = load_model(job.model, weights=job.weights, num_classes=job.num_classes, units=job.units)
     model, adapter = loaded.model, loaded.adapter
+    info: dict[str, Any] = {}
     cka_b = calibration_batches(loaded, job.data, n_batches=job.calib_batches, batch_size=job.batch_size,
-                                seq_len=job.seq_len, seed=job.seed, data_root=job.data_root)
+                                seq_len=job.seq_len, seed=job.seed, data_root=job.data_root, info=info)
+    check_fit(loaded, cka_b[0], data=job.data, num_classes=info.get("num_classes"), batch_size=_batch_len(cka_b[0]))
     grad_b = cka_b[: job.grad_batches] if job.grad_batches <= len(cka_b) else calibration_batches(
         loaded, job.data, n_batches=job.grad_batches, batch_size=job.batch_size, seq_len=job.seq_len,
         seed=job.seed, data_root=job.data_root, offset=1)
-    cfg = PruneConfig(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
-                      exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
-                      eval_budget=job.eval_budget or None, allocation=job.allocation, heal=job.heal,
-                      seed=job.seed)
+    opts = dict(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
+                exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
+                eval_budget=job.eval_budget or None, allocation=job.allocation, heal=job.heal, seed=job.seed)
     progress = None
     if show_progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -98,18 +201,19 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
                             transient=False)
     if progress:
         with progress:
-            plan = analyze(model, adapter, cka_b, grad_b, cfg, progress=progress)
+            plan = api.analyze(model, cka_b, grad_batches=grad_b, adapter=adapter, progress=progress, **opts)
     else:
-        plan = analyze(model, adapter, cka_b, grad_b, cfg)
-    pruned = apply_plan(model, adapter, plan, cka_b)
-    pruned.eval()
+        plan = api.analyze(model, cka_b, grad_batches=grad_b, adapter=adapter, **opts)
+    pruned = api.apply(model, plan, adapter=adapter, calib=cka_b)
     n_after = len(adapter.units(pruned)) if adapter.family != "generic" else plan.n_units_after
     if n_after != plan.n_units_after:  # surgery must match the plan exactly
         raise RuntimeError(f"pruned model has {n_after} units, plan says {plan.n_units_after}")
     plan_d = plan.to_dict()
     plan_d.update(model_source=str(job.model), data=job.data, total_wall_s=time.perf_counter() - t0,
                   calibration={"cka_batches": len(cka_b), "grad_batches": len(grad_b),
-                               "batch_size": _batch_len(cka_b[0]), "split": "train"})
+                               "batch_size": _batch_len(cka_b[0]), "split": "train",
+                               "input_shape": list(_first(cka_b[0]).shape[1:]),
+                               "resized_to": fixed_input_size(model)})
     with atomic_dir(job.out) as tmp:
         model_dir = tmp / "model"
         if adapter.modality == "tokens":
@@ -119,13 +223,21 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         else:
             spec = loaded.meta.get("spec") if loaded.meta else None
             prior = (loaded.meta or {}).get("removal_rounds") or []
-            save_checkpoint(pruned, adapter, model_dir, spec=spec or adapter.spec(model),
+            save_checkpoint(pruned, adapter, model_dir, spec=spec or model_spec(adapter, model),
                             removed_units=[*prior, plan.removed],
                             extra={"pruned_from": str(job.model), "method": plan.method})
         (tmp / "plan.json").write_text(json.dumps(plan_d, indent=2) + "\n")
         if plan.cka is not None:
             (tmp / "cka_heatmap.png").write_bytes(cka_heatmap_png(plan_d))
     return PruneResult(plan, pruned, loaded, job.out)
+
+
+def _first(b: Any) -> torch.Tensor:
+    if isinstance(b, (tuple, list)):
+        return b[0]
+    if isinstance(b, dict):
+        return b["input_ids"]
+    return b
 
 
 def _batch_len(b: Any) -> int:

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from exporters.atomic import atomic_dir, atomic_write_json, sha256_file
+from exporters.atomic import FolderLock, atomic_dir, atomic_write_json, clean_stale_temps, mark_output, sha256_file
+from exporters.errors import UserError
 
 MANIFEST = "manifest.json"
 
@@ -34,12 +35,37 @@ class StageRunner:
     def __init__(self, run_dir: Path, *, force: bool = False, log: Callable[[str], None] = print):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # one writer per run folder: a second concurrent run gets one line instead of a mixed manifest
+        self.lock = FolderLock(self.run_dir, "run folder").acquire()
+        mark_output(self.run_dir)
+        work = self.run_dir / ".work"
+        dirs = [self.run_dir, *([work, *(d for d in work.rglob("*") if d.is_dir())] if work.is_dir() else [])]
+        for p in [p for d in dirs for p in clean_stale_temps(d)]:  # left by a killed run (SIGKILL, power loss)
+            log(f"[clean] removed {p.name}, left by an interrupted run")
         self.force = force
         self.log = log
         path = self.run_dir / MANIFEST
-        self.manifest: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        self.manifest: dict[str, Any] = self._read_manifest(path)
         self.ran: list[str] = []
         self.skipped: list[str] = []
+
+    @staticmethod
+    def _read_manifest(path: Path) -> dict[str, Any]:
+        if not path.is_file():
+            return {"stages": {}}
+        try:
+            doc = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is corrupt ({type(e).__name__}); delete it (every stage re-runs) or choose "
+                            "another run folder") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("stages"), dict) or \
+                not all(isinstance(v, dict) for v in doc["stages"].values()):
+            raise UserError(f"{path} is not an sglp-edge run manifest; delete it (every stage re-runs) or choose "
+                            "another run folder")
+        return doc
+
+    def close(self) -> None:
+        self.lock.release()
 
     def _save(self) -> None:
         atomic_write_json(self.run_dir / MANIFEST, self.manifest)

@@ -92,13 +92,22 @@ def test_usage_errors_exit_2_with_one_line(setup, tmp_path, args, needle):
     assert not (tmp_path / "o" / "summary.json").exists()
 
 
-def test_a_failing_local_run_keeps_partial_results(setup, tmp_path):
+def test_wrong_shape_data_is_refused_before_the_latency_pass(setup, tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((2, 3, 16, 16), np.float32), y=np.zeros(2, np.int64))
     res = invoke(str(setup["model"]), "--device", str(setup["profile"]), "--data", str(bad),
                  "--out", str(tmp_path / "o"))
-    assert res.exit_code == 1
-    assert "expects [3, 32, 32]" in " ".join(res.output.split())
+    assert res.exit_code == 2
+    assert "takes ['N', 3, 32, 32]" in " ".join(res.output.split())
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_a_failing_local_run_keeps_partial_results(setup, tmp_path):
+    bad = tmp_path / "bad.npz"  # right inputs, but reference logits of the wrong width: fails after the latency pass
+    np.savez(bad, x=np.zeros((2, 3, 32, 32), np.float32), y=np.zeros(2, np.int64), logits=np.zeros((2, 7), np.float32))
+    res = invoke(str(setup["model"]), "--device", str(setup["profile"]), "--data", str(bad),
+                 "--out", str(tmp_path / "o"))
+    assert res.exit_code == 1, res.output
     part = json.loads((tmp_path / "o" / "fast-cpu" / "result.partial.json").read_text())
     assert part["status"] == "failed" and part["metrics"]["latency_p50_ms"] > 0
     assert (tmp_path / "o" / "fast-cpu" / "stderr.log").read_text().strip().startswith("error:")

@@ -1,23 +1,39 @@
-"""Helpers shared by the CLI commands."""
+"""Helpers shared by the CLI commands: one-line errors, the interrupt exit status, and the guard
+on ``--out`` (what may be written where; see :func:`exporters.atomic.check_out_dir`)."""
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
-from typing import Callable, TypeVar
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
 F = TypeVar("F", bound=Callable)
 
+#: exit status of an interrupted command (Ctrl-C / SIGTERM); 1 means "a constraint failed", 2 a usage error
+EXIT_INTERRUPTED = 130
+
+
+def _sigterm_as_interrupt(signum, frame):  # pragma: no cover - exercised through subprocess tests
+    raise KeyboardInterrupt
+
 
 def user_errors(fn: F) -> F:
-    """Turn a UserError (or a missing file) into one line on stderr and exit code 2."""
+    """Turn a UserError (or a missing file) into one line on stderr and exit code 2, and an
+    interruption (Ctrl-C, SIGTERM) into one line and exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from exporters.errors import UserError
 
+        old = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+                signal.SIG_DFL, None):
+            old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -26,5 +42,107 @@ def user_errors(fn: F) -> F:
         except FileNotFoundError as e:
             typer.echo(f"error: file not found: {e.filename or e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted: stopped before finishing; nothing half-written was kept, re-run the same command "
+                       "to resume", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:  # noqa: BLE001
+            from sglp_edge.train import Interrupted  # lazy: torch
+
+            if isinstance(e, Interrupted):
+                typer.echo(f"interrupted: {e}", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            raise
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
 
     return wrapper  # type: ignore[return-value]
+
+
+def guard_out_dir(out: Path, *, force: bool = False, inputs: tuple = (), reuse: bool = False) -> Path:
+    """Refuse, before any work, an ``--out`` folder whose contents would be lost (see
+    :func:`exporters.atomic.check_out_dir`)."""
+    from exporters.atomic import check_out_dir
+
+    return check_out_dir(out, force=force, inputs=tuple(_input_paths(inputs)), reuse=reuse)
+
+
+def guard_out_file(out: Path, *, force: bool = False, inputs: tuple = ()) -> Path:
+    from exporters.atomic import check_out_file
+
+    return check_out_file(out, force=force, inputs=tuple(_input_paths(inputs)))
+
+
+def _input_paths(inputs: tuple) -> list[Optional[Path]]:
+    """Inputs named on the command line that are paths on disk (model names like 'default' are not)."""
+    out: list[Optional[Path]] = []
+    for i in inputs:
+        if i is None:
+            continue
+        s = str(i)
+        if ":" in s and not Path(s).exists():  # torchvision:resnet18, file.py:fn, imagefolder:DIR
+            head, _, tail = s.partition(":")
+            s = tail if head == "imagefolder" else head
+        p = Path(s)
+        if p.exists():
+            out.append(p)
+    return out
+
+
+def positive(name: str, value: Any, *, zero_ok: bool = False) -> None:
+    """One line for a number option that must be positive (or >= 0)."""
+    from exporters.errors import UserError
+
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not zero_ok):
+        raise UserError(f"{name} must be {'>= 0' if zero_ok else '> 0'} (got {value})")
+
+
+def _artifact_io_shapes(artifact: Path) -> tuple[Optional[list], Optional[list]]:
+    """(first input shape, first output shape) of an ONNX file or OpenVINO IR, None for a dynamic
+    dimension; (None, None) when the format is not read here (TensorRT engines)."""
+    if artifact.suffix == ".onnx":
+        import onnx
+
+        g = onnx.load(str(artifact), load_external_data=False).graph
+        init = {i.name for i in g.initializer}
+        ins = [i for i in g.input if i.name not in init]
+
+        def dims(v):
+            return [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+
+        return (dims(ins[0]) if ins else None), (dims(g.output[0]) if g.output else None)
+    if artifact.suffix == ".xml":
+        import xml.etree.ElementTree as ET
+
+        for layer in ET.parse(artifact).getroot().iter("layer"):
+            if layer.get("type") == "Parameter":
+                data = layer.find("data")
+                shape = (data.get("shape") if data is not None else "") or ""
+                return [int(d) if d.strip().isdigit() else None for d in shape.split(",") if d.strip()], None
+    return None, None
+
+
+def check_bench_data(artifact: Path, data: Path) -> None:
+    """Before any latency pass: the evaluation data's shape against the artifact's input, and its
+    labels against the artifact's outputs (one line naming the fix)."""
+    from exporters.calib import load_npz
+    from exporters.errors import UserError
+
+    d = load_npz(data, what="eval data")
+    try:
+        want_in, want_out = _artifact_io_shapes(artifact)
+    except Exception:  # noqa: BLE001 - an unreadable artifact is reported by the benchmark itself
+        return
+    got = list(d.x.shape)
+    if want_in and (len(want_in) != len(got) or any(w not in (None, 0) and w != g for w, g in zip(want_in[1:], got[1:]))):
+        shown = ["N" if w in (None, 0) else w for w in want_in]
+        raise UserError(f"--data {data} holds inputs of shape {got} but {artifact.name} takes {shown}; "
+                        "make the eval data for this model (sglp-edge run writes eval_data/*.npz)")
+    if d.y is not None and want_out and len(want_out) == 2 and want_out[1]:
+        n = int(want_out[1])
+        if len(d.y) and int(d.y.max()) >= n:
+            raise UserError(f"--data {data} has labels up to {int(d.y.max())} but {artifact.name} has {n} outputs: "
+                            "those samples would score 0 % top-1; use labels of this model's classes")

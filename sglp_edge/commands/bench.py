@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import typer
 
-from sglp_edge.commands._common import user_errors
+from sglp_edge.commands._common import check_bench_data, guard_out_dir, user_errors
 
 _STAGE_SPAN = {"upload": (0, 5), "load": (5, 10), "latency": (10, 60), "accuracy": (60, 99), "done": (100, 100)}
 
@@ -83,6 +83,14 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"eval data not found: {data}")
         if not device:
             raise UserError("give a device profile with --device (see sglp-edge bench --list-devices)")
+        # bench updates its own folder in place (one sub-folder per board): no --force needed for that
+        if (out / "summary.json").is_file():  # a bench folder written before the .sglp-edge marker existed
+            from exporters.atomic import mark_output
+
+            mark_output(out)
+        guard_out_dir(out, reuse=True, inputs=(artifact, data))
+        if data is not None:
+            check_bench_data(artifact, data)
         profiles = [load_profile(d) for d in device]
         for p in profiles:
             p.check_artifact(artifact)
@@ -149,6 +157,9 @@ def register(app: typer.Typer) -> None:
                               "is recorded as emulated, never held against a constraint", soft_wrap=True)
                 tg.progress = lambda m: console.print(m, soft_wrap=True)
                 tg.prepare(p.backend)  # set up once (cached), before any progress bar starts
+        from exporters.atomic import mark_output
+
+        mark_output(out)
         runs = _run_all(console, artifact, data, out, boards, labels, overrides, targets,
                         dict(port=port, identity=identity, known_hosts=known_hosts, accept_new=accept_new_host_key,
                              ssh_config=ssh_config, remote_python=remote_python, remote_dir=remote_dir,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import user_errors
+from ._common import guard_out_dir, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -41,12 +41,14 @@ def register(app: typer.Typer) -> None:
                                                       "(default keeps them in float)"),
         int8_scheme: str = typer.Option("auto", help="int8: auto (static for images, weight-only for LMs), "
                                                      "static, weights, dynamic (onnxruntime)"),
+        force: bool = typer.Option(False, "--force", help="replace an --out folder an earlier sglp-edge command wrote"),
     ) -> None:
         """Compile an ONNX model for OpenVINO, ONNX Runtime or TensorRT; writes the artifacts and a
         manifest.json (source hash, backend + version, precision, parity figures) atomically."""
         from exporters.compile import compile_model
         from exporters.tensorrt_backend import TrtOptions
 
+        guard_out_dir(out, force=force, inputs=(onnx, calib, eval_data, timing_cache))
         opts = TrtOptions(precision=precision, workspace_mb=workspace_mb,
                           timing_cache=str(timing_cache) if timing_cache else None, dla_core=dla_core,
                           gpu_fallback=gpu_fallback, opt_batch=opt_batch, max_batch=max_batch)

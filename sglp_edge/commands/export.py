@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import user_errors
+from ._common import guard_out_file, user_errors
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         num_classes: Optional[int] = typer.Option(None, help="classes of an architecture given by name"),
         past: bool = typer.Option(True, "--past/--no-past", help="decoder LMs: one graph for prefill and decode with "
                                   "a KV cache (text-generation-with-past; --out names a folder). --no-past: logits only"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out file"),
     ) -> None:
         """Export a model to ONNX (dynamo exporter, legacy fallback), simplify it, and check parity
         against PyTorch with ONNX Runtime; the figures go into the file's metadata."""
@@ -52,6 +53,15 @@ def register(app: typer.Typer) -> None:
         from sglp_edge.export import export_onnx
 
         console = Console(stderr=True)
+        if parity_samples < 1:
+            raise UserError(f"--parity-samples must be >= 1 (got {parity_samples})")
+        if seq_len < 1:
+            raise UserError(f"--seq-len must be >= 1 (got {seq_len})")
+        if input_shape:
+            _parse_shape(input_shape)
+        if parity_data is not None and not parity_data.is_file():
+            raise UserError(f"parity data {parity_data} does not exist")
+        guard_out_file(out, force=force, inputs=(model, weights, parity_data))
         try:
             from sglp_edge.models.registry import load_model
         except ImportError as e:  # pragma: no cover - registry lands with the model loaders

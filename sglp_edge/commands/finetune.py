@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import user_errors
+from ._common import guard_out_dir, positive, user_errors
 
 
 def resolve_model_dir(src: str) -> str:
@@ -72,6 +72,7 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process"),
         state: Optional[Path] = typer.Option(None, "--state", help="resume-state file (default OUT.state.pt)"),
         no_progress: bool = typer.Option(False, "--no-progress"),
+        force: bool = typer.Option(False, "--force", help="replace an --out folder an earlier sglp-edge command wrote"),
     ) -> None:
         """Fine-tune PRUNED with knowledge distillation from --teacher; resumable (re-run after a kill)."""
         import json
@@ -89,6 +90,16 @@ def register(app: typer.Typer) -> None:
 
         if epochs is None and steps is None and minutes is None:
             raise UserError("give a training budget: --epochs N, --steps N or --minutes N")
+        for name, v, zero_ok in (("--epochs", epochs, False), ("--steps", steps, False), ("--minutes", minutes, False),
+                                 ("--batch-size", batch_size, False), ("--lr", lr, False), ("--threads", threads, True),
+                                 ("--val-samples", val_samples, False), ("--block-size", block_size, False),
+                                 ("--max-tokens", max_tokens, False), ("--weight-decay", weight_decay, True)):
+            positive(name, v, zero_ok=zero_ok)
+        if optimizer is not None and optimizer not in ("sgd", "adamw"):
+            raise UserError(f"--optimizer must be sgd or adamw, got {optimizer!r}")
+        is_main_early = int(os.environ.get("RANK", "0")) == 0
+        if is_main_early:
+            guard_out_dir(out, force=force, inputs=(pruned, teacher, data_root, data, state))
         if threads:
             torch.set_num_threads(threads)
         is_main = int(os.environ.get("RANK", "0")) == 0
@@ -105,7 +116,9 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"neither {pruned} nor {teacher} has a tokenizer; save the tokenizer with the model")
             bundle = get_dataset("text", data_root, seed=seed, tokenizer=tok, block_size=block_size, max_tokens=max_tokens)
         else:
-            bundle = get_dataset(data, data_root, seed=seed)
+            from sglp_edge.pruning_job import fixed_input_size
+
+            bundle = get_dataset(data, data_root, seed=seed, resize=fixed_input_size(student.model))
         fmap = feature_map_for(student, orig) if feature_weight > 0 else None
         cfg = FinetuneConfig(
             epochs=epochs, steps=steps, minutes=minutes, batch_size=batch_size or (8 if lm else 128),

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._common import user_errors
+from ._common import guard_out_dir, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
         num_classes: Optional[int] = typer.Option(None, "--num-classes"),
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)"),
+        force: bool = typer.Option(False, "--force", help="replace an --out folder an earlier sglp-edge command wrote"),
     ) -> None:
         """Prune whole layer units with SGLP (CKA -> Fisher segments -> GradNorm) or a baseline."""
         from ..pruning_job import PruneJob, run_prune_job
@@ -52,7 +53,9 @@ def register(app: typer.Typer) -> None:
                        method=method, k=k, protocol=protocol, calib_batches=calib_batches, grad_batches=grad_batches,
                        batch_size=batch_size, seq_len=seq_len, exhaustive_budget=exhaustive_budget,
                        beam_width=beam_width, eval_budget=eval_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, seed=seed,
-                       threads=threads)
+                       threads=threads, force=force)
+        job.validate()
+        guard_out_dir(out, force=force, inputs=(model, weights, data_root, data))
         result = run_prune_job(job, show_progress=True)
         p = result.plan
         typer.echo(

@@ -7,14 +7,22 @@ from typing import List, Optional
 
 import typer
 
-from ._common import user_errors
+from ._common import guard_out_dir, positive, user_errors
+
+
+def _resolve_config(config: Path) -> Path:
+    """A config path, or the name of one shipped with the package (``--config default``)."""
+    if config.is_file() or config.suffix or len(config.parts) > 1:
+        return config
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "configs" / f"{config}.yaml"
+    return shipped if shipped.is_file() else config
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
     @user_errors
     def run(
-        config: Path = typer.Option(..., "--config", "-c", help="run YAML (see configs/default.yaml)"),
+        config: Path = typer.Option(..., "--config", "-c", help="run YAML, or the name of a shipped one (default)"),
         out: Optional[Path] = typer.Option(None, "--out", help="run folder (default: runs/<name>)"),
         device: Optional[List[str]] = typer.Option(None, "--device", help="device profile(s); replaces the config's list"),
         force: bool = typer.Option(False, "--force", help="re-run every stage even when finished earlier"),
@@ -33,6 +41,8 @@ def register(app: typer.Typer) -> None:
         from ..pipeline import EXIT_FINISH_ON_BOARD, NEEDS_BOARD, Pipeline, load_config
         from ..report import print_summary
 
+        positive("--threads", threads, zero_ok=True)
+        config = _resolve_config(config)
         overrides = {"devices": list(device)} if device else None
         cfg = load_config(config, overrides)
         if host and emulate:
@@ -58,6 +68,13 @@ def register(app: typer.Typer) -> None:
         if threads or cfg.threads:
             torch.set_num_threads(threads or cfg.threads)
         run_dir = out or Path("runs") / cfg.name
+        # a run folder is resumed in place; anything else that is not empty is the user's and stays untouched
+        # (stages replace only their own sub-folders, so inputs kept in the run folder are safe)
+        if (run_dir / "manifest.json").is_file() and not (run_dir / ".sglp-edge").is_file():
+            from exporters.atomic import mark_output
+
+            mark_output(run_dir)  # a run folder written before the marker existed
+        guard_out_dir(run_dir, reuse=True)
         rep = Pipeline(cfg, run_dir, force=force, log=lambda m: typer.echo(m, err=True)).run()
         print_summary(rep)
         typer.echo(f"report: {run_dir / 'report.html'} (and report.json); stages run: {', '.join(rep['stages']['ran']) or 'none'}"

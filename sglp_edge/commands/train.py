@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import user_errors
+from ._common import guard_out_dir, positive, user_errors
 
 
 def reproduce_command(command: str, args: list[Any], options: dict[str, Any]) -> str:
@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is fastest on busy shared cores)"),
         state: Optional[Path] = typer.Option(None, "--state", help="resume-state file (default: OUT.state.pt next to OUT)"),
         no_progress: bool = typer.Option(False, "--no-progress"),
+        force: bool = typer.Option(False, "--force", help="replace an --out folder an earlier sglp-edge command wrote"),
     ) -> None:
         """Train MODEL from scratch on DATA; resumable (re-run the same command after a kill)."""
         import time
@@ -78,7 +79,13 @@ def register(app: typer.Typer) -> None:
 
             raise UserError("give a training budget: --epochs N, --steps N or --minutes N")
         if any(v is not None and v < 0 for v in (label_smoothing, weight_decay)) or not 0 <= label_smoothing < 1:
-            raise typer.BadParameter("--label-smoothing must be in [0, 1) and --weight-decay >= 0")
+            from sglp_edge.errors import UserError
+
+            raise UserError("--label-smoothing must be in [0, 1) and --weight-decay >= 0")
+        for name, v in (("--epochs", epochs), ("--steps", steps), ("--minutes", minutes), ("--batch-size", batch_size),
+                        ("--lr", lr), ("--val-size", val_size)):
+            positive(name, v)
+        guard_out_dir(out, force=force, inputs=(data_root, data, state))
         bundle = get_dataset(data, data_root, seed=seed, val_size=val_size)
         torch.manual_seed(seed)  # the initial weights depend on the seed only
         loaded = load_model(model, num_classes=bundle.num_classes)

@@ -79,6 +79,22 @@ def drop_modules(model: nn.Module, paths: Iterable[str]) -> nn.Module:
     return model
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy. A ``torch.export`` program (unflattened) holds fake tensors that cannot be
+    copied: it is rebuilt from its .pt2 file, its removed units mirrored, and its weights loaded."""
+    ref = getattr(model, "_sglp_builder", None)
+    if not (ref and ref.get("kind") == "pt2"):
+        return copy.deepcopy(model)
+    from .user_module import build_from_reference
+
+    fresh = build_from_reference(ref, check=False)
+    gone = [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)]
+    drop_modules(fresh, [n for n in gone if not isinstance(get_module(fresh, n), nn.Identity)])
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.train(model.training)
+    return fresh
+
+
 class ModelAdapter(ABC):
     """Knows one model family. Stateless: every method takes the model."""
 
@@ -110,7 +126,7 @@ class ModelAdapter(ABC):
         fixed = [n for n in names if not units[n].removable]
         if fixed:
             raise AdapterError(f"unit(s) {fixed} cannot be removed: {units[fixed[0]].reason}")
-        out = model if inplace else copy.deepcopy(model)
+        out = model if inplace else copy_model(model)
         drop_modules(out, self.removal_paths(out, names))
         self.after_removal(out, names)
         return out

@@ -49,11 +49,19 @@ class GenericAdapter(ModelAdapter):
             for h in hooks:
                 h.remove()
         self._shape_ok = {n: seen.get(n, False) for n in self.names}
+        self._never_called = [n for n in self.names if n not in seen]
+        if not any(self._shape_ok.values()):
+            why = (f"{self._never_called[:4]} never run in the forward pass" if len(self._never_called) == len(self.names)
+                   else "none keeps its input's shape (a removable unit must map a tensor to one of the same shape)")
+            raise AdapterError(f"--units {self.patterns!r}: no declared unit can be removed: {why}; declare the "
+                               "blocks inside a stage, e.g. 'layer1.*'")
 
     def units(self, model: nn.Module) -> list[Unit]:
         names = self.names if self._shape_ok is None else list(self._shape_ok)
         out = []
         for i, n in enumerate(names):
             ok = True if self._shape_ok is None else self._shape_ok[n]
-            out.append(Unit(n, i, ok, "" if ok else "its output shape differs from its input shape"))
+            why = "" if ok else ("it never runs in the forward pass" if n in getattr(self, "_never_called", ())
+                                 else "its output shape differs from its input shape")
+            out.append(Unit(n, i, ok, why))
         return out

@@ -51,10 +51,16 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "llama": "Llama / SmolLM",
     "qwen2": "Qwen2",
     "mistral": "Mistral",
+    "qwen3": "Qwen3",
+    "phi3": "Phi-3",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3 (text)",
 }
 #: GGUF ``general.architecture`` -> transformers model_type (SmolLM2 GGUFs say "llama").
-GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral"}
-SUPPORTED_TEXT = "Llama, SmolLM (model_type llama), Qwen2, Mistral causal LMs (XxxForCausalLM)"
+GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "qwen3": "qwen3",
+                                      "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+SUPPORTED_TEXT = ("Llama, SmolLM (model_type llama), Qwen2, Qwen3, Mistral, Phi-3, Gemma 2 and Gemma 3 (text) causal "
+                  "LMs (XxxForCausalLM)")
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers")
 PRUNE_META_FILE = "sglp_prune.json"
 PRUNE_META_FORMAT = "sglp-edge/hf-prune/1"

@@ -32,7 +32,7 @@ DEFAULT_MODEL = ASSETS / "resnet56_fmnist"
 SUPPORTED_FAMILIES = (
     "CIFAR ResNet-20/32/44/56/110 (cifar_resnet20..cifar_resnet110), "
     "torchvision ResNet-18/34/50/101, VGG-11/13/16/19-BN, MobileNetV2, EfficientNet-B0..B7, ViT-B/L, "
-    "Hugging Face LLaMA-family decoders (Llama, Qwen2, Mistral, SmolLM; folder or .gguf)"
+    "Hugging Face decoders (Llama, SmolLM, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3; folder or .gguf)"
 )
 
 
@@ -106,7 +106,7 @@ def save_checkpoint(
         from .hf_llm import save_hf  # type: ignore[attr-defined]
 
         return save_hf(model, folder, extra=extra)
-    spec = spec or adapter.spec(model)
+    spec = spec or model_spec(adapter, model)
     rounds = _as_rounds(removed_units)
     meta = {"format": CHECKPOINT_FORMAT, "family": adapter.family, "spec": spec,
             "removal_rounds": rounds, **(extra or {})}
@@ -137,11 +137,14 @@ def load_checkpoint(folder: str | Path) -> LoadedModel:
         raise UserError(f"{meta_path} is not valid JSON ({e}); re-save the checkpoint with sglp-edge") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r} (expected {CHECKPOINT_FORMAT})")
-    adapter = adapter_for_family(meta["family"])
-    model = adapter.build(meta["spec"])
+    model, adapter = build_from_spec(meta["spec"], meta.get("family"))
     rounds = _as_rounds(meta.get("removal_rounds", meta.get("removed_units", [])))
-    for r in rounds:
+    for i, r in enumerate(rounds):
+        if i and adapter.family == "generic":  # unit paths of a pruned model: glob again over it
+            adapter = _generic(model, meta["spec"]["units"])
         model = adapter.remove(model, r, inplace=True)
+    if rounds and adapter.family == "generic":
+        adapter = _generic(model, meta["spec"]["units"])
     removed = [u for r in rounds for u in r]
     try:
         state = load_file(str(folder / "model.safetensors"))
@@ -154,6 +157,48 @@ def load_checkpoint(folder: str | Path) -> LoadedModel:
         raise UserError(f"{folder}: weights do not match the architecture in sglp_model.json ({first})") from None
     model.eval()
     return LoadedModel(model, adapter, str(folder), "vision-checkpoint", meta, removed)
+
+
+def _generic(model: nn.Module, units: Any) -> ModelAdapter:
+    from .generic import GenericAdapter
+
+    return GenericAdapter(model, units)
+
+
+def model_spec(adapter: ModelAdapter, model: nn.Module) -> dict[str, Any]:
+    """How to rebuild the UNPRUNED ``model`` (JSON, no code): the family's own spec, or for a model
+    the user built (``file.py:fn``, ``.pt2``) or declared units for, the builder reference."""
+    builder = getattr(model, "_sglp_builder", None)
+    if adapter.family == "generic":
+        pats = adapter.patterns  # type: ignore[attr-defined]
+        units = pats if isinstance(pats, str) else ",".join(pats)
+        if builder is None:
+            try:
+                base = get_adapter(model).spec(model)
+            except UserError:
+                raise UserError("this model cannot be saved: sglp-edge cannot rebuild it. Give it as "
+                                "--model path/to/file.py:build_fn (or a .pt2 program) so it is rebuilt on load") from None
+        else:
+            base = builder
+        return {"family": "generic", "units": units, "base": base}
+    if builder is not None:
+        return {"family": adapter.family, "builder": builder}
+    return adapter.spec(model)
+
+
+def build_from_spec(spec: dict[str, Any], family: str | None = None) -> tuple[nn.Module, ModelAdapter]:
+    """The unpruned model and its adapter from :func:`model_spec`'s output."""
+    from .user_module import build_from_reference
+
+    fam = family or spec.get("family")
+    if fam == "generic":
+        base = spec["base"]
+        model = build_from_reference(base) if "kind" in base else adapter_for_family(base["family"]).build(base)
+        return model, _generic(model, spec["units"])
+    if "builder" in spec:
+        return build_from_reference(spec["builder"]), adapter_for_family(fam)
+    adapter = adapter_for_family(fam)
+    return adapter.build(spec), adapter
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -192,7 +237,7 @@ def _builtin(name: str) -> Callable[..., nn.Module] | None:
 
 
 def load_model(source: str | Path, *, weights: str | Path | None = None, num_classes: int | None = None,
-               units: str | None = None) -> LoadedModel:
+               units: str | None = None, need_adapter: bool = True) -> LoadedModel:
     """Resolve a model named on the command line.
 
     * ``default`` / ``resnet56`` - the shipped ResNet-56 trained on Fashion-MNIST;
@@ -203,6 +248,14 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
       init unless ``weights`` points at a state dict on disk; nothing is downloaded).
     """
     src = str(source)
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"weights file {weights} does not exist")
+    path = Path(src)
+    trained = src in ("default", "resnet56", "resnet56-fmnist", "smollm2") or path.suffix == ".gguf" or path.is_dir()
+    if trained and (weights is not None or units):
+        opt = "--weights" if weights is not None else "--units"
+        raise UserError(f"{opt} applies to an architecture given by name (torchvision:<arch>, cifar_resnet20..110, "
+                        f"file.py:build_fn, .pt2); {src} already holds its weights and layer units - drop {opt}")
     if src in ("default", "resnet56", "resnet56-fmnist"):
         if not (DEFAULT_MODEL / "sglp_model.json").is_file():
             raise UserError(f"the embedded default model is missing at {DEFAULT_MODEL}; reinstall sglp-edge "
@@ -210,19 +263,26 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
         loaded = load_checkpoint(DEFAULT_MODEL)
         loaded.kind = "builtin"
         return loaded
-    path = Path(src)
     if src == "smollm2" or path.suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
         from .hf_llm import load_hf
 
         return load_hf(src)
     if path.is_dir() and (path / "sglp_model.json").is_file():
         return load_checkpoint(path)
-    if path.exists():
+    from . import user_module
+
+    if path.exists() and not (user_module.is_file_ref(src) or user_module.is_pt2(src)):
         raise UserError(f"{src} is neither an sglp-edge checkpoint folder (sglp_model.json), a Hugging Face "
-                        "folder (config.json) nor a .gguf file")
+                        "folder (config.json), a .gguf file, a .pt2 program nor file.py:build_fn")
+
     ctor = _builtin(src)
     model: nn.Module | None = None
-    if ctor is not None:
+    kind = "torchvision" if src.startswith("torchvision:") else "builtin-arch"
+    if user_module.is_file_ref(src):
+        model, kind = user_module.load_file_builder(src, num_classes=num_classes), "user-file"
+    elif user_module.is_pt2(src):
+        model, kind = user_module.load_pt2(src), "pt2"
+    elif ctor is not None:
         model = ctor(num_classes or 10)
     elif src.startswith("torchvision:"):
         from .torchvision_adapters import build_torchvision
@@ -241,13 +301,17 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
             first = str(e).strip().splitlines()[0]
             raise UserError(f"weights {weights} do not fit {src} ({first}); check --num-classes and the architecture") from None
     model.eval()
-    adapter = get_adapter(model, units)
-    return LoadedModel(model, adapter, src, "torchvision" if src.startswith("torchvision:") else "builtin-arch",
-                       {"spec": _safe_spec(adapter, model)})
+    try:
+        adapter = get_adapter(model, units)
+    except AdapterError:
+        if need_adapter:
+            raise
+        return LoadedModel(model, None, src, kind, {})  # type: ignore[arg-type]  # units come later (API)
+    return LoadedModel(model, adapter, src, kind, {"spec": _safe_spec(adapter, model)})
 
 
 def _safe_spec(adapter: ModelAdapter, model: nn.Module) -> dict[str, Any] | None:
     try:
-        return adapter.spec(model)
+        return model_spec(adapter, model)
     except UserError:
         return None

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.base import ModelAdapter, Unit, capture_unit_outputs
-from .importance import (CandidateScorer, SegmentSelection, adjacent_redundancy, allocate_removals,
+from .importance import (PROTOCOLS, CandidateScorer, SegmentSelection, adjacent_redundancy, allocate_removals,
                          allocate_removals_by_redundancy, min_search_cost, search_cost, select_in_segment, split_budget)
 
 from .baselines import BASELINES
