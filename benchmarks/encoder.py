@@ -2,7 +2,7 @@
 encoder layers by SGLP and by each baseline, then fine-tuned briefly with embedding KD from the
 original, every method under the same budget (optimiser steps, batch, learning rate, data).
 
-    python benchmarks/encoder.py [--keep 4] [--steps 80] [--threads 1]
+    python benchmarks/encoder.py [--keep 4] [--steps 30] [--threads 1]
 
 Quality on held-out sentences (English prose of documents that neither calibration nor fine-tuning
 saw), pruned against the original: cosine agreement (mean cosine between the two embeddings of each
@@ -28,14 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", type=int, default=4)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--steps", type=int, default=80, help="KD optimiser steps per method (same for every method)")
+    ap.add_argument("--steps", type=int, default=30, help="KD optimiser steps per method (same for every method)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--calib-size", type=int, default=32, help="sentences per calibration batch")
     ap.add_argument("--max-length", type=int, default=64, help="tokens per sentence (longer ones are truncated)")
-    ap.add_argument("--test-sentences", type=int, default=1000)
-    ap.add_argument("--train-sentences", type=int, default=8000)
+    ap.add_argument("--test-sentences", type=int, default=500)
+    ap.add_argument("--train-sentences", type=int, default=3000)
+    ap.add_argument("--val-sentences", type=int, default=128, help="best-checkpoint selection during KD")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared box a second OpenMP "
                     "thread made each KD step ~6x slower under load)")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     n_before = len(adapter.units(teacher))
     data = fx.get_sentence_dataset(tok, seed=args.seed, max_length=args.max_length,
                                    max_sentences={"calibration": 4 * args.calib_batches * args.calib_size,
-                                                  "train": args.train_sentences, "val": 256,
+                                                  "train": args.train_sentences, "val": args.val_sentences,
                                                   "test": args.test_sentences})
     d = data.describe()
     print(f"MiniLM: {n_before} encoder layers, {sum(p.numel() for p in teacher.parameters()):,} params; "
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         pruned = apply_plan(teacher, adapter, plan)
         before = fx.agreement(fx.sentence_embeddings(pruned, adapter, data.test), t_emb)
         res = finetune(pruned, teacher, adapter, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       optimizer="adamw", weight_decay=0.01, warmup=0.1, val_samples=256, eval_test=False,
+                       optimizer="adamw", weight_decay=0.01, warmup=0.1, val_samples=args.val_sentences, eval_test=False,
                        seed=args.seed, progress=False)
         after = fx.agreement(fx.sentence_embeddings(res.model, adapter, data.test), t_emb)
         kept = [int(u.rsplit(".", 1)[1]) for u in plan.kept]
