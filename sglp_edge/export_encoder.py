@@ -190,3 +190,22 @@ def export_encoder_onnx(model: nn.Module, example_batch: dict[str, torch.Tensor]
                         simplify=sinfo, parity=parity, io=io_desc, size_bytes=out_path.stat().st_size,
                         sha256=sha256_file(out_path), fallback_reason=errors[0] if errors else None, warnings=notes,
                         seconds=time.perf_counter() - t0)
+
+
+def export_loaded_encoder(loaded: Any, out_path: str | Path, *, parity_samples: int = 64, batch_size: int = 16,
+                          data_root: str | Path | None = None, **kw: Any) -> ExportResult:
+    """``sglp-edge export`` for an encoder (a ``LoadedModel``): parity on real held-out sentences of
+    the English corpus, in padded batches of ``batch_size``."""
+    from .tasks.feature_extraction import get_sentence_dataset
+
+    if loaded.tokenizer is None:
+        raise UserError(f"{loaded.source}: exporting an encoder needs its tokenizer (tokenizer files next to config.json)")
+    n = max(2, int(parity_samples))
+    data = get_sentence_dataset(loaded.tokenizer, data_root, max_length=128,
+                                max_sentences={"calibration": 1, "train": 1, "val": 1, "test": n})
+    test = data.test
+    batches = [test.batch(range(i, min(i + batch_size, len(test)))) for i in range(0, len(test), batch_size)]
+    return export_encoder_onnx(loaded.model.eval(), batches[0], out_path, parity_batches=batches,
+                               parity_source=f"{len(test)} held-out English sentences ({data.source})",
+                               extra_metadata={"model": {"source": str(loaded.source), "kind": loaded.kind,
+                                                         "removed_units": list(loaded.removed_units)}}, **kw)

@@ -282,6 +282,19 @@ def test_prune_cli_on_an_encoder_folder(tmp_path, tokenizer):
     assert back.config.sglp_kept_layers == [int(u.rsplit(".", 1)[1]) for u in plan["kept"]]
     bad = CliRunner().invoke(app, ["prune", *common, "--data", "fashion-mnist", "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "use --data text" in bad.output and not (tmp_path / "o2").exists()
+    # sglp-edge export of the pruned folder: mask as an input, parity on held-out corpus sentences
+    from sglp_edge import data as D
+
+    if not D.TEXT_DOC_ROOT.is_dir():
+        pytest.skip(f"English corpus {D.TEXT_DOC_ROOT} missing (apt-get install python3.11-doc)")
+    ex = CliRunner().invoke(app, ["export", str(out / "model"), "--out", str(tmp_path / "e.onnx"), "--exporter",
+                                  "legacy", "--parity-samples", "24"])
+    assert ex.exit_code == 0, ex.output[-2000:]
+    assert "inputs=['input_ids', 'attention_mask', 'token_type_ids']" in ex.output and "passed=True" in ex.output
+    from exporters import onnx_utils as ou
+
+    par = ou.read_metadata(tmp_path / "e.onnx")["parity_vs_pytorch"]
+    assert par["samples"] == 24 and par["inputs"].startswith("24 held-out English sentences")
 
 
 def test_minilm_missing_or_bad_folder_is_one_line(tmp_path):
