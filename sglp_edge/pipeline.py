@@ -40,6 +40,7 @@ class PruneSection(_Strict):
     seq_len: int = 128
     eval_budget: int = 80
     allocation: str = "auto"
+    heal: Literal["none", "linear"] = "none"
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneSection":

@@ -35,6 +35,7 @@ class PruneJob:
     beam_width: int = 2
     eval_budget: Optional[int] = 80
     allocation: str = "auto"
+    heal: str = "none"
     units: Optional[str] = None
     weights: Optional[Path] = None
     num_classes: Optional[int] = None
@@ -98,7 +99,8 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         seed=job.seed, data_root=job.data_root, offset=1)
     cfg = PruneConfig(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
                       exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
-                      eval_budget=job.eval_budget or None, allocation=job.allocation, seed=job.seed)
+                      eval_budget=job.eval_budget or None, allocation=job.allocation, heal=job.heal,
+                      seed=job.seed)
     progress = None
     if show_progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,7 +112,7 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
             plan = analyze(model, adapter, cka_b, grad_b, cfg, progress=progress)
     else:
         plan = analyze(model, adapter, cka_b, grad_b, cfg)
-    pruned = apply_plan(model, adapter, plan)
+    pruned = apply_plan(model, adapter, plan, cka_b)
     pruned.eval()
     n_after = len(adapter.units(pruned)) if adapter.family != "generic" else plan.n_units_after
     if n_after != plan.n_units_after:  # surgery must match the plan exactly

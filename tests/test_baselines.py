@@ -133,8 +133,8 @@ def test_angular_falls_back_to_greedy_when_no_window_exists():
 
 def test_bad_requests_raise_user_error(setup):
     model, units, batches = setup
-    with pytest.raises(UserError, match="random, drop_last, block_influence, angular"):
-        select_baseline("sleb", ADAPTER, model, units, batches, 1)
+    with pytest.raises(UserError, match="random, drop_last, block_influence, angular, sleb"):
+        select_baseline("shortgpt", ADAPTER, model, units, batches, 1)
     with pytest.raises(UserError, match="at most 7"):
         select_baseline("random", ADAPTER, model, units, batches, 8)
     with pytest.raises(UserError, match="non-negative"):

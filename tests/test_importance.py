@@ -198,3 +198,20 @@ def test_k_is_raised_until_the_search_fits_the_budget():
     assert _search_need(units, fisher_segments(x, k - 1), 14, cfg) is None or \
         _search_need(units, fisher_segments(x, k - 1), 14, cfg) > 80
     assert _fit_k_to_budget(x, units, 3, 10, 14, PruneConfig(keep=14, eval_budget=None)) == (3, None)
+
+
+def test_loss_protocol_scores_the_calibration_loss_and_lowest_wins():
+    from sglp_edge.sglp.baselines import calibration_loss
+
+    m, a, b = _setup()
+    units = ["layer1.0", "layer1.1", "layer1.2"]
+    sc = CandidateScorer(m, a, b, protocol="loss")
+    assert not sc.higher_is_better
+    sel = select_in_segment(sc, 0, units, 1, exhaustive_budget=10)
+    losses = {}
+    for keep in units:
+        with a.without_units(m, [u for u in units if u != keep]):
+            losses[keep] = calibration_loss(a, m, b)
+    assert sel.keep == [min(losses, key=losses.get)]
+    assert sorted(sel.scores.values()) == pytest.approx(sorted(losses.values()), rel=1e-6)
+    assert all(p.grad is None for p in m.parameters())  # forward only

@@ -32,3 +32,27 @@ def test_cached_rows_are_found_by_equal_settings_only(tmp_path):
     assert R._cached_row(str(tmp_path), settings) == {"method": "sglp", "ppl": 83.15}
     assert R._cached_row(str(tmp_path), {**settings, "steps": 120}) is None
     assert R._cached_row(str(tmp_path), {**settings, "allocation": "redundancy"}) is None
+
+
+def test_heal_variants_are_keyed_apart_from_plain_rows():
+    assert R._variant("block_influence+heal", _args(), lm=True) == ("block_influence", "natural", "redundancy",
+                                                                   {"heal": "linear"})
+    b, p, a, extra = R._variant("sglp+heal", _args(), lm=False)
+    assert (b, p, a, extra) == ("sglp", "natural", "proportional", {"heal": "linear"}) and R._suffix(extra) == "-heal"
+    assert R._key_method("sglp-proportional+heal") == "sglp"
+
+
+def test_summary_is_mean_and_sample_std_over_seeds_and_best_healing_setting_wins():
+    rows = [{"method": m, "seed": s, "acc": a, "pruned_acc": p, "removed": []}
+            for m, s, a, p in [("sglp", 0, 90.0, 10.0), ("sglp", 1, 92.0, 12.0), ("sglp+heal", 0, 93.0, 50.0),
+                               ("sglp+heal", 1, 93.0, 52.0), ("sleb", 0, 91.0, 20.0), ("sleb", 1, 91.5, 22.0),
+                               ("sleb+heal", 0, 91.2, 60.0), ("sleb+heal", 1, 91.6, 64.0),
+                               ("sglp-reference", 0, 99.0, 0.0), ("sglp-reference", 1, 99.0, 0.0)]]
+    stats = {s["method"]: s for s in R.summarize(rows, "acc", "pruned_acc")}
+    assert stats["sglp"]["mean"] == 91.0 and stats["sglp"]["std"] == pytest.approx(2 ** 0.5)
+    assert stats["sglp"]["pruned"] == 11.0 and stats["sglp"]["seeds"] == [0, 1]
+    sg, best = R.headline(list(stats.values()), higher=True)
+    assert sg["method"] == "sglp+heal"  # the variants (sglp-reference) are not the product's SGLP
+    assert best["method"] == "sleb+heal" and best["mean"] == pytest.approx(91.4)
+    sg, best = R.headline(list(stats.values()), higher=False)  # perplexity: lower is better
+    assert sg["method"] == "sglp" and best["method"] == "sleb"

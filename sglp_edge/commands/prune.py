@@ -23,9 +23,12 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder of a local CIFAR copy"),
         keep: Optional[int] = typer.Option(None, "--keep", help="number of layer units to keep"),
         target_macs: Optional[float] = typer.Option(None, "--target-macs", help="fraction of MACs to remove (0..1)"),
-        method: str = typer.Option("sglp", "--method", help="sglp, random, drop_last, block_influence, angular"),
+        method: str = typer.Option("sglp", "--method", help="sglp, random, drop_last, block_influence, angular, sleb"),
+        heal: str = typer.Option("none", "--heal", help="training-free healing of each removed run: none | linear "
+                                                        "(a least-squares map folded into the kept layer before it)"),
         k: Optional[int] = typer.Option(None, "--k", help="number of segments (default: chosen automatically)"),
-        protocol: str = typer.Option("natural", "--protocol", help="GradNorm candidate protocol: natural | reference"),
+        protocol: str = typer.Option("natural", "--protocol", help="candidate score in a segment: natural | reference "
+                                                                        "(GradNorm) | loss (calibration loss)"),
         calib_batches: int = typer.Option(4, "--calib-batches", help="calibration batches for CKA"),
         grad_batches: int = typer.Option(1, "--grad-batches", help="fixed calibration batches for GradNorm"),
         batch_size: int = typer.Option(0, "--batch-size", help="calibration batch size (0 = 128 images / 8 sequences / 32 sentences)"),
@@ -48,7 +51,7 @@ def register(app: typer.Typer) -> None:
         job = PruneJob(model=model, out=out, data=data, data_root=data_root, keep=keep, target_macs=target_macs,
                        method=method, k=k, protocol=protocol, calib_batches=calib_batches, grad_batches=grad_batches,
                        batch_size=batch_size, seq_len=seq_len, exhaustive_budget=exhaustive_budget,
-                       beam_width=beam_width, eval_budget=eval_budget, allocation=allocation, units=units, weights=weights, num_classes=num_classes, seed=seed,
+                       beam_width=beam_width, eval_budget=eval_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, seed=seed,
                        threads=threads)
         result = run_prune_job(job, show_progress=True)
         p = result.plan

@@ -11,6 +11,11 @@ BaselineResult`` and returns the names of exactly ``n_remove`` *removable* units
 * ``block_influence`` (ShortGPT, Men et al. 2024): BI = 1 - cos(input, output) of each unit,
   averaged over examples (CNN features flattened per example) or tokens (LM hidden states);
   the ``n_remove`` removable units with the lowest BI go. Scores: BI of every unit.
+* ``sleb`` (Song et al. 2024, SLEB): iterative removal by calibration loss. At each of the
+  ``n_remove`` steps every remaining removable unit is removed in turn (temporarily, with
+  ``adapter.without_units``) and the task loss (``adapter.loss``: cross-entropy / next-token) of
+  the network left is measured on the calibration batches; the unit whose removal gives the lowest
+  loss goes, and the next step re-measures on the smaller network. Scores: the first step's losses.
 * ``angular`` (Gromov et al. 2024): for every window of n = ``n_remove`` consecutive units that
   are all removable, the angular distance arccos(cos(input of unit l, output of unit l+n-1)) / pi
   averaged over examples / tokens; the window with the smallest distance goes. Scores: the
@@ -227,6 +232,41 @@ def block_influence(adapter: ModelAdapter, model: nn.Module, units: Sequence[Uni
                           "ShortGPT block influence 1 - cos(input, output); lowest removed")
 
 
+def calibration_loss(adapter: ModelAdapter, model: nn.Module, batches: Sequence[Any]) -> float:
+    """Mean task loss (``adapter.loss``) over ``batches``; eval mode, no gradients."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return float(sum(float(adapter.loss(model, b)) for b in batches) / len(batches))
+    finally:
+        model.train(was)
+
+
+def sleb(adapter: ModelAdapter, model: nn.Module, units: Sequence[Unit], batches: Sequence[Any],
+         n_remove: int, seed: int = 0, on_evaluation: Callable[[], None] | None = None) -> BaselineResult:
+    _check(units, n_remove, batches, needs_data=True)
+    removed: list[str] = []
+    first: dict[str, float] = {}
+    steps = []
+    for _ in range(n_remove):
+        cands = [u.name for u in units if u.removable and u.name not in removed]
+        losses = {}
+        for n in cands:
+            with adapter.without_units(model, removed + [n]):
+                losses[n] = calibration_loss(adapter, model, batches)
+            if on_evaluation is not None:
+                on_evaluation()
+        if not first:
+            first = dict(losses)
+        pick = min(cands, key=lambda n: losses[n])  # first in forward order on a tie
+        removed.append(pick)
+        steps.append(f"{pick} ({losses[pick]:.4f})")
+    return BaselineResult("sleb", _in_order(units, set(removed)), first,
+                          "SLEB: iterative removal by calibration loss, re-measured after each removal: "
+                          + ", ".join(steps))
+
+
 def _angular(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.arccos(_cos_rows(a, b)) / math.pi
 
@@ -315,6 +355,7 @@ BASELINES: dict[str, BaselineFn] = {
     "drop_last": drop_last,
     "block_influence": block_influence,
     "angular": angular,
+    "sleb": sleb,
 }
 
 

@@ -16,6 +16,9 @@ Two candidate protocols (``protocol=``):
 * ``"natural"`` - the pre-trained network itself with the segment's other units removed. Here a
   removal that keeps the network close to its trained optimum leaves a small gradient, so the
   LOWEST GradNorm wins.
+* ``"loss"`` - not GradNorm: the calibration loss (``adapter.loss``, forward only) of the
+  pre-trained network with the segment's other units removed; the LOWEST loss wins. SLEB's
+  criterion, applied inside SGLP's segments and under the same search.
 
 Search: every combination while ``C(n, r)`` is within ``exhaustive_budget`` evaluations, else a
 beam search that removes one unit at a time keeping the ``beam_width`` best partial candidates,
@@ -36,7 +39,7 @@ from torch import nn
 from ..errors import UserError
 from ..models.base import ModelAdapter
 
-PROTOCOLS = ("natural", "reference")
+PROTOCOLS = ("natural", "reference", "loss")
 
 
 def gradnorm(model: nn.Module, adapter: ModelAdapter, batches: Sequence[Any]) -> float:
@@ -137,9 +140,14 @@ class CandidateScorer:
         if key in self._cache:
             return self._cache[key]
         removed = [u for u in segment_units if u not in set(kept)]
-        net = self.model if self.protocol == "natural" else self._reference_model(kept)
+        net = self._reference_model(kept) if self.protocol == "reference" else self.model
         with self.adapter.without_units(net, removed) as m:
-            value = gradnorm(m, self.adapter, self.batches)
+            if self.protocol == "loss":
+                from .baselines import calibration_loss
+
+                value = calibration_loss(self.adapter, m, self.batches)
+            else:
+                value = gradnorm(m, self.adapter, self.batches)
         self.evaluations += 1
         self._cache[key] = value
         if self.on_evaluation is not None:

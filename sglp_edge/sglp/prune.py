@@ -18,7 +18,10 @@ from ..models.base import ModelAdapter, Unit, capture_unit_outputs
 from .importance import (CandidateScorer, SegmentSelection, adjacent_redundancy, allocate_removals,
                          allocate_removals_by_redundancy, min_search_cost, search_cost, select_in_segment, split_budget)
 
-METHODS = ("sglp", "random", "drop_last", "block_influence", "angular")
+from .baselines import BASELINES
+from .heal import HEALS
+
+METHODS = ("sglp", *BASELINES)
 ALLOCATIONS = ("auto", "proportional", "redundancy")
 
 
@@ -42,6 +45,10 @@ class PruneConfig:
     # units, or by "redundancy" (where the units with the highest CKA to their predecessor lie);
     # "auto": redundancy for decoder LMs, proportional otherwise (each measured: benchmarks/recovery.py)
     allocation: str = "auto"
+    # training-free healing of each removed run: "none" or "linear" (a fitted map folded into the
+    # kept unit before the run; sglp_edge.sglp.heal)
+    heal: str = "none"
+    heal_ridge: float = 1e-2
 
 
 @dataclass
@@ -68,6 +75,7 @@ class PrunePlan:
     allocation: str | None = None  # how removals were split over segments (sglp)
     loss_table: list[float] | None = None
     selections: list[dict[str, Any]] = field(default_factory=list)
+    heal: dict[str, Any] | None = None  # the healing report, set by apply_plan
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -142,6 +150,8 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
     """Run the chosen method and return the plan (nothing is modified)."""
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.heal not in HEALS:
+        raise UserError(f"unknown --heal {cfg.heal!r}; choose one of {', '.join(HEALS)}")
     if cfg.allocation not in ALLOCATIONS:
         raise UserError(f"unknown allocation {cfg.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if (cfg.keep is None) == (cfg.target_macs is None):
@@ -251,7 +261,7 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 
 def _direction(cfg: PruneConfig) -> str:
     if cfg.direction == "auto":  # under the natural protocol a built-up partial net is far from trained: tear down
-        return "down" if cfg.protocol == "natural" else "auto"
+        return "down" if cfg.protocol in ("natural", "loss") else "auto"
     return cfg.direction
 
 
@@ -329,6 +339,17 @@ def _select_all(scorer: CandidateScorer, units: Sequence[Unit], segments: Sequen
     return out
 
 
-def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: PrunePlan) -> nn.Module:
-    """The pruned network: a deep copy with the plan's units removed."""
-    return adapter.remove(model, plan.removed)
+def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: PrunePlan, batches: Sequence[Any] = ()) -> nn.Module:
+    """The pruned network: a deep copy with the plan's units removed; with ``heal: linear`` in the
+    plan's config, each removed run is first replaced by a fitted linear map folded into the kept
+    weights (on ``batches``, calibration batches from the training split) and ``plan.heal`` records
+    what was fitted and where it helped."""
+    heal = (plan.config or {}).get("heal", "none")
+    if heal == "none" or not plan.removed:
+        return adapter.remove(model, plan.removed)
+    from .heal import heal_linear
+
+    t = time.perf_counter()
+    healed, report = heal_linear(model, adapter, plan.removed, batches, ridge=float(plan.config.get("heal_ridge", 1e-2)))
+    plan.heal = {**report.to_dict(), "wall_s": time.perf_counter() - t}
+    return adapter.remove(healed, plan.removed, inplace=True)
