@@ -246,6 +246,7 @@ def calibration_loss(adapter: ModelAdapter, model: nn.Module, batches: Sequence[
 def sleb(adapter: ModelAdapter, model: nn.Module, units: Sequence[Unit], batches: Sequence[Any],
          n_remove: int, seed: int = 0, on_evaluation: Callable[[], None] | None = None) -> BaselineResult:
     _check(units, n_remove, batches, needs_data=True)
+    batches = adapter.with_targets(model, batches)  # encoders: the unpruned model's embeddings to distil
     removed: list[str] = []
     first: dict[str, float] = {}
     steps = []
