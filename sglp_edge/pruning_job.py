@@ -87,6 +87,17 @@ def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: i
     Images: list of (x, y); token models: list of input_ids tensors of shape (batch, seq_len)."""
     from . import data as D
 
+    if loaded.adapter.modality == "sentences":  # encoders: tokenised calibration sentences with a mask
+        from .tasks.feature_extraction import get_sentence_dataset
+
+        if loaded.tokenizer is None:
+            raise UserError(f"{loaded.source}: a tokenizer is needed to draw sentence calibration data")
+        if data.strip().lower() not in ("text", "english", "python-docs"):
+            raise UserError(f"encoders calibrate on English sentences: use --data text (got {data!r})")
+        bs = batch_size or 32
+        sents = get_sentence_dataset(loaded.tokenizer, data_root, seed=seed, max_length=seq_len,
+                                     max_sentences={"train": 1, "val": 1, "test": 1})
+        return sents.calibration_batches(n_batches, bs, seed=seed + offset)
     if loaded.adapter.modality == "tokens":
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source}: a tokenizer is needed to draw text calibration data")
@@ -220,6 +231,11 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
             from .models.hf_llm import save_hf
 
             save_hf(pruned, model_dir, tokenizer=loaded.tokenizer, extra={"plan": "../plan.json", "removed": plan.removed})
+        elif adapter.modality == "sentences":
+            from .models.hf_encoder import save_hf_encoder
+
+            save_hf_encoder(pruned, model_dir, tokenizer=loaded.tokenizer,
+                            extra={"plan": "../plan.json", "removed": plan.removed})
         else:
             spec = loaded.meta.get("spec") if loaded.meta else None
             prior = (loaded.meta or {}).get("removal_rounds") or []

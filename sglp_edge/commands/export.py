@@ -68,6 +68,17 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"model loading is unavailable ({e}); reinstall sglp-edge") from None
         loaded = load_model(model, weights=weights, num_classes=num_classes)
         net = loaded.model.eval()
+        if getattr(loaded.adapter, "modality", "image") == "sentences":  # encoders: input_ids + attention_mask
+            from sglp_edge.export_encoder import export_loaded_encoder
+
+            res = export_loaded_encoder(loaded, out, parity_samples=parity_samples, opset=opset, simplify=simplify,
+                                        exporter=exporter)
+            p = res.parity or {}
+            typer.echo(f"wrote {res.path} ({res.size_bytes / 1e6:.2f} MB) exporter={res.exporter} opset={res.opset} "
+                       f"inputs={[i['name'] for i in res.io['inputs']]}; parity vs PyTorch on {p.get('samples')} "
+                       f"sentences: max_abs={p.get('max_abs', float('nan')):.3g} "
+                       f"embedding_cos_min={p.get('embedding_cos_min', float('nan')):.6f} passed={p.get('passed')}")
+            return
         kind = "tokens" if getattr(loaded.adapter, "modality", "image") == "tokens" else "image"
         gen = torch.Generator().manual_seed(0)
         if kind == "tokens" and past:

@@ -31,8 +31,8 @@ def register(app: typer.Typer) -> None:
                                                                         "(GradNorm) | loss (calibration loss)"),
         calib_batches: int = typer.Option(4, "--calib-batches", help="calibration batches for CKA"),
         grad_batches: int = typer.Option(1, "--grad-batches", help="fixed calibration batches for GradNorm"),
-        batch_size: int = typer.Option(0, "--batch-size", help="calibration batch size (0 = 128 images / 8 sequences)"),
-        seq_len: int = typer.Option(128, "--seq-len", help="tokens per calibration sequence (LMs)"),
+        batch_size: int = typer.Option(0, "--batch-size", help="calibration batch size (0 = 128 images / 8 sequences / 32 sentences)"),
+        seq_len: int = typer.Option(128, "--seq-len", help="tokens per calibration sequence (LMs; the sentence length cap for encoders)"),
         exhaustive_budget: int = typer.Option(64, "--exhaustive-budget", help="max combinations scored exhaustively per segment"),
         beam_width: int = typer.Option(2, "--beam-width"),
         eval_budget: int = typer.Option(80, "--eval-budget", help="GradNorm evaluations over all segments "

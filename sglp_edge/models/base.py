@@ -22,6 +22,11 @@ from torch import nn
 from ..errors import UserError
 
 
+#: modalities whose unit outputs are (batch, tokens, hidden) hidden states, compared token by token:
+#: "tokens" (decoder LMs: input_ids) and "sentences" (encoders: input_ids + attention_mask)
+TOKEN_MODALITIES = ("tokens", "sentences")
+
+
 class AdapterError(UserError, ValueError):
     """A model/adapter problem the user can fix; the message says how."""
 
@@ -99,7 +104,8 @@ class ModelAdapter(ABC):
     """Knows one model family. Stateless: every method takes the model."""
 
     family: str = "base"
-    #: what the model consumes: "image" (tensor NCHW, labels) or "tokens" (input_ids)
+    #: what the model consumes: "image" (tensor NCHW, labels), "tokens" (input_ids) or "sentences"
+    #: (input_ids + attention_mask, an encoder producing sentence embeddings)
     modality: str = "image"
 
     @classmethod
@@ -165,6 +171,12 @@ class ModelAdapter(ABC):
     def forward(self, model: nn.Module, batch: Any) -> Any:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return model(x)
+
+    def with_targets(self, model: nn.Module, batches: Sequence[Any]) -> list[Any]:
+        """The calibration batches ready for :meth:`loss` on ``model`` and its pruned candidates.
+        Tasks whose loss compares with the unpruned model (encoders: its sentence embeddings)
+        attach those targets here, once; a labelled or next-token loss needs nothing."""
+        return list(batches)
 
     # ---- architecture spec, to rebuild a pruned model without pickling code -----------------
     def spec(self, model: nn.Module) -> dict[str, Any]:

@@ -135,12 +135,12 @@ def _layer_index(name: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # per-layer bookkeeping (config lists + layer_idx), undoable for temporary removals
 # ---------------------------------------------------------------------------------------------
-def _reindex(model: nn.Module, kept: Sequence[int]) -> list[tuple[Any, str, Any]]:
-    """Make ``model`` consistent with its layer list, which now holds the layers that had
-    positions ``kept`` (in the current numbering, before the removal). Returns the previous values
-    as ``(object, attribute, value)`` so the change can be undone."""
+def _reindex(model: nn.Module, kept: Sequence[int], layers: nn.ModuleList | None = None) -> list[tuple[Any, str, Any]]:
+    """Make ``model`` consistent with its layer list (``layers``, default the decoder layers), which
+    now holds the layers that had positions ``kept`` (in the current numbering, before the removal).
+    Returns the previous values as ``(object, attribute, value)`` so the change can be undone."""
     cfg = model.config
-    layers = _decoder_layers(model)
+    layers = _decoder_layers(model) if layers is None else layers
     assert layers is not None
     if len(kept) != len(layers):
         raise AdapterError(f"internal: {len(layers)} layers left but {len(kept)} kept indices")
@@ -164,7 +164,7 @@ def _reindex(model: nn.Module, kept: Sequence[int]) -> list[tuple[Any, str, Any]
         for mod in layer.modules():
             if isinstance(getattr(mod, "layer_idx", None), int):
                 put(mod, "layer_idx", new_idx)
-    inner = model.model
+    inner = getattr(model, "model", None)
     types = getattr(cfg, "layer_types", None)
     if isinstance(getattr(inner, "has_sliding_layers", None), bool) and isinstance(types, (list, tuple)):
         put(inner, "has_sliding_layers", "sliding_attention" in types)
@@ -174,6 +174,52 @@ def _reindex(model: nn.Module, kept: Sequence[int]) -> list[tuple[Any, str, Any]
 def _undo(undo: list[tuple[Any, str, Any]]) -> None:
     for obj, attr, value in reversed(undo):
         setattr(obj, attr, value)
+
+
+def record_kept_layers(cfg: Any, n_before: int, kept: Sequence[int]) -> None:
+    """``config.sglp_kept_layers`` (original indices of the kept layers, composed over repeated
+    prunings) and ``config.sglp_original_num_hidden_layers``, after keeping positions ``kept`` of
+    ``n_before`` layers."""
+    prev = getattr(cfg, "sglp_kept_layers", None)
+    if not (isinstance(prev, list) and len(prev) == n_before):
+        prev = list(range(n_before))
+    cfg.sglp_kept_layers = [int(prev[i]) for i in kept]
+    orig = getattr(cfg, "sglp_original_num_hidden_layers", None)
+    cfg.sglp_original_num_hidden_layers = int(orig) if isinstance(orig, int) else n_before
+
+
+def token_inputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(input_ids, attention_mask or None)`` of a token batch (LongTensor, or a dict with
+    input_ids/attention_mask), checked against the model's vocabulary and moved to its device."""
+    mask = None
+    if isinstance(batch, dict):
+        if "input_ids" not in batch:
+            raise AdapterError(f"token batch dict has no 'input_ids' (keys: {sorted(batch)})")
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+    elif isinstance(batch, (tuple, list)) and batch:
+        ids = batch[0]
+    else:
+        ids = batch
+    if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        got = f"{ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise AdapterError(f"token models take a LongTensor of input_ids (batch, seq_len) or a dict with "
+                           f"input_ids/attention_mask; got {got}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+        mask = mask.unsqueeze(0) if isinstance(mask, torch.Tensor) and mask.dim() == 1 else mask
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise AdapterError(f"input_ids must have shape (batch, seq_len); got {tuple(ids.shape)}")
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise AdapterError(f"input_ids out of range [0, {vocab}) (got {int(ids.min())}..{int(ids.max())}); "
+                           "use the model's own tokenizer")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+        raise AdapterError(f"attention_mask must be a tensor shaped like input_ids {tuple(ids.shape)}")
+    device = next(model.parameters()).device
+    ids = ids.to(device=device, dtype=torch.long)
+    if mask is not None:
+        mask = mask.to(device=device, dtype=torch.long)
+    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +258,7 @@ class HFDecoderAdapter(ModelAdapter):
         gone = {_layer_index(n) for n in removed}
         kept = [i for i in range(n_before) if i not in gone]
         _reindex(model, kept)
-        prev = getattr(cfg, "sglp_kept_layers", None)
-        if not (isinstance(prev, list) and len(prev) == n_before):
-            prev = list(range(n_before))
-        cfg.sglp_kept_layers = [int(prev[i]) for i in kept]
-        orig = getattr(cfg, "sglp_original_num_hidden_layers", None)
-        cfg.sglp_original_num_hidden_layers = int(orig) if isinstance(orig, int) else n_before
+        record_kept_layers(cfg, n_before, kept)
 
     @contextlib.contextmanager
     def without_units(self, model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
@@ -240,35 +281,7 @@ class HFDecoderAdapter(ModelAdapter):
 
     # ---- batches ------------------------------------------------------------------------
     def _inputs(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        mask = None
-        if isinstance(batch, dict):
-            if "input_ids" not in batch:
-                raise AdapterError(f"token batch dict has no 'input_ids' (keys: {sorted(batch)})")
-            ids, mask = batch["input_ids"], batch.get("attention_mask")
-        elif isinstance(batch, (tuple, list)) and batch:
-            ids = batch[0]
-        else:
-            ids = batch
-        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            got = f"{ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise AdapterError(f"token models take a LongTensor of input_ids (batch, seq_len) or a dict with "
-                               f"input_ids/attention_mask; got {got}")
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-            mask = mask.unsqueeze(0) if isinstance(mask, torch.Tensor) and mask.dim() == 1 else mask
-        if ids.dim() != 2 or ids.shape[1] == 0:
-            raise AdapterError(f"input_ids must have shape (batch, seq_len); got {tuple(ids.shape)}")
-        vocab = getattr(model.config, "vocab_size", None)
-        if vocab and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise AdapterError(f"input_ids out of range [0, {vocab}) (got {int(ids.min())}..{int(ids.max())}); "
-                               "use the model's own tokenizer")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
-            raise AdapterError(f"attention_mask must be a tensor shaped like input_ids {tuple(ids.shape)}")
-        device = next(model.parameters()).device
-        ids = ids.to(device=device, dtype=torch.long)
-        if mask is not None:
-            mask = mask.to(device=device, dtype=torch.long)
-        return ids, mask
+        return token_inputs(model, batch)
 
     def check_shapes(self, model: nn.Module, batch: Any) -> None:
         """Called by ``analyze`` before anything runs: a bad batch fails with one clear line."""
@@ -330,14 +343,14 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
             cfg._is_quantized = False
 
 
-def prune_metadata(model: nn.Module) -> dict[str, Any]:
+def prune_metadata(model: nn.Module, family: str | None = None) -> dict[str, Any]:
     cfg = model.config
     n = int(cfg.num_hidden_layers)
     kept = getattr(cfg, "sglp_kept_layers", None) or list(range(n))
     orig = getattr(cfg, "sglp_original_num_hidden_layers", None) or n
     return {
         "format": PRUNE_META_FORMAT,
-        "family": HFDecoderAdapter.family,
+        "family": family or HFDecoderAdapter.family,
         "architecture": type(model).__name__,
         "model_type": cfg.model_type,
         "num_hidden_layers": n,
@@ -355,7 +368,11 @@ def save_hf(model: nn.Module, folder: str | Path, *, tokenizer: Any = None,
     ``extra``). Reload with ``AutoModelForCausalLM.from_pretrained(folder)`` - no sglp-edge needed."""
     _check(model)
     _drop_gguf_quantizer(model)
-    meta = {**prune_metadata(model), **(extra or {})}
+    return save_pretrained_folder(model, folder, {**prune_metadata(model), **(extra or {})}, tokenizer=tokenizer)
+
+
+def save_pretrained_folder(model: nn.Module, folder: str | Path, meta: dict[str, Any], *, tokenizer: Any = None) -> Path:
+    """``save_pretrained`` (+ tokenizer + ``sglp_prune.json`` holding ``meta``) into ``folder``, atomically."""
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp)

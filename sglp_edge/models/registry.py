@@ -32,7 +32,8 @@ DEFAULT_MODEL = ASSETS / "resnet56_fmnist"
 SUPPORTED_FAMILIES = (
     "CIFAR ResNet-20/32/44/56/110 (cifar_resnet20..cifar_resnet110), "
     "torchvision ResNet-18/34/50/101, VGG-11/13/16/19-BN, MobileNetV2, EfficientNet-B0..B7, ViT-B/L, "
-    "Hugging Face decoders (Llama, SmolLM, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3; folder or .gguf)"
+    "Hugging Face decoders (Llama, SmolLM, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3; folder or .gguf), "
+    "BERT-family sentence encoders (BERT/MiniLM, RoBERTa; folder or 'minilm')"
 )
 
 
@@ -48,6 +49,9 @@ def _adapter_classes() -> list[type[ModelAdapter]]:
         from .hf_llm import HFDecoderAdapter
 
         classes.append(HFDecoderAdapter)
+        from .hf_encoder import HFEncoderAdapter
+
+        classes.append(HFEncoderAdapter)
     except ImportError:  # pragma: no cover - transformers missing
         pass
     return classes
@@ -106,6 +110,10 @@ def save_checkpoint(
         from .hf_llm import save_hf  # type: ignore[attr-defined]
 
         return save_hf(model, folder, extra=extra)
+    if getattr(adapter, "modality", "image") == "sentences":
+        from .hf_encoder import save_hf_encoder
+
+        return save_hf_encoder(model, folder, extra=extra)
     spec = spec or model_spec(adapter, model)
     rounds = _as_rounds(removed_units)
     meta = {"format": CHECKPOINT_FORMAT, "family": adapter.family, "spec": spec,
@@ -243,6 +251,7 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     * ``default`` / ``resnet56`` - the shipped ResNet-56 trained on Fashion-MNIST;
     * a folder with ``sglp_model.json`` - a vision checkpoint written by sglp-edge;
     * a folder with ``config.json``, a ``.gguf`` file, or ``smollm2`` - a Hugging Face decoder LM;
+    * ``minilm``, or a folder whose ``config.json`` says bert/roberta - a sentence encoder;
     * ``cifar_resnet20..110`` - a CIFAR ResNet (random init unless ``weights``);
     * ``torchvision:<name>`` (e.g. ``torchvision:resnet18``) - a torchvision architecture (random
       init unless ``weights`` points at a state dict on disk; nothing is downloaded).
@@ -251,7 +260,7 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"weights file {weights} does not exist")
     path = Path(src)
-    trained = src in ("default", "resnet56", "resnet56-fmnist", "smollm2") or path.suffix == ".gguf" or path.is_dir()
+    trained = src in ("default", "resnet56", "resnet56-fmnist", "smollm2", "minilm") or path.suffix == ".gguf" or path.is_dir()
     if trained and (weights is not None or units):
         opt = "--weights" if weights is not None else "--units"
         raise UserError(f"{opt} applies to an architecture given by name (torchvision:<arch>, cifar_resnet20..110, "
@@ -263,6 +272,12 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
         loaded = load_checkpoint(DEFAULT_MODEL)
         loaded.kind = "builtin"
         return loaded
+    from .hf_encoder import is_encoder_source
+
+    if is_encoder_source(src):
+        from .hf_encoder import load_hf_encoder
+
+        return load_hf_encoder(src)
     if src == "smollm2" or path.suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
         from .hf_llm import load_hf
 
@@ -292,7 +307,7 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
         if any(sep in src for sep in ("/", "\\")) or src.endswith((".pt", ".pth", ".safetensors")):
             raise UserError(f"model path {src} does not exist")
         raise UserError(f"unknown model {src!r}; give a checkpoint folder, a Hugging Face folder or .gguf, "
-                        f"'default', cifar_resnet20..110 or torchvision:<arch>. Supported families: {SUPPORTED_FAMILIES}")
+                        f"'default', 'smollm2', 'minilm', cifar_resnet20..110 or torchvision:<arch>. Supported families: {SUPPORTED_FAMILIES}")
     if weights is not None:
         state = load_state_dict_file(weights)
         try:

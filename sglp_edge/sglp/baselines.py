@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..models.base import AdapterError, ModelAdapter, Unit, get_module
+from ..models.base import TOKEN_MODALITIES, AdapterError, ModelAdapter, Unit, get_module
 
 
 @dataclass
@@ -206,7 +206,7 @@ def block_influence_scores(adapter: ModelAdapter, model: nn.Module, units: Seque
                            batches: Sequence[Any]) -> dict[str, float]:
     """ShortGPT Block Influence 1 - E[cos(input, output)] of every unit (shape-preserving ones;
     units whose output shape differs from their input get no score)."""
-    per_token = adapter.modality == "tokens"
+    per_token = adapter.modality in TOKEN_MODALITIES
     means = [_Mean() for _ in units]
     mods = [(u.name, get_module(model, u.name)) for u in units]
     for batch in batches:
@@ -246,6 +246,7 @@ def calibration_loss(adapter: ModelAdapter, model: nn.Module, batches: Sequence[
 def sleb(adapter: ModelAdapter, model: nn.Module, units: Sequence[Unit], batches: Sequence[Any],
          n_remove: int, seed: int = 0, on_evaluation: Callable[[], None] | None = None) -> BaselineResult:
     _check(units, n_remove, batches, needs_data=True)
+    batches = adapter.with_targets(model, batches)  # encoders: the unpruned model's embeddings to distil
     removed: list[str] = []
     first: dict[str, float] = {}
     steps = []
@@ -279,7 +280,7 @@ def _window_distances(adapter: ModelAdapter, model: nn.Module, units: Sequence[U
                       n: int, modules: Sequence[tuple[str, nn.Module]] | None = None,
                       starts: Sequence[int] | None = None) -> dict[int, float]:
     """Mean angular distance between the input of unit s and the output of unit s+n-1."""
-    per_token = adapter.modality == "tokens"
+    per_token = adapter.modality in TOKEN_MODALITIES
     starts = _windows(units, n) if starts is None else list(starts)
     mods = modules or [(u.name, get_module(model, u.name)) for u in units]
     means = {s: _Mean() for s in starts}

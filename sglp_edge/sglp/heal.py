@@ -156,6 +156,7 @@ def heal_linear(model: nn.Module, adapter: ModelAdapter, removed: Sequence[str],
     if ridge <= 0:
         raise UserError(f"the healing ridge must be positive, got {ridge}")
     units = list(units) if units is not None else adapter.units(model)
+    batches = adapter.with_targets(model, batches)  # encoders: the unpruned model's embeddings to distil
     work = copy.deepcopy(model)
     orig_mods = {u.name: get_module(model, u.name) for u in units}
     work_mods = {u.name: get_module(work, u.name) for u in units}  # objects survive a temporary removal

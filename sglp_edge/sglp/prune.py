@@ -138,7 +138,8 @@ def compute_cka(model: nn.Module, adapter: ModelAdapter, units: Sequence[Unit], 
     task = progress.add_task("CKA over calibration batches", total=len(batches)) if progress else None
     model.eval()
     for b in batches:
-        acc.update(capture_unit_outputs(adapter, model, units, b))
+        mask = b.get("attention_mask") if isinstance(b, dict) else None  # padding is not an example
+        acc.update(capture_unit_outputs(adapter, model, units, b), mask=mask)
         if progress:
             progress.advance(task)
     return acc.compute()
@@ -208,7 +209,8 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         loss_table = fisher_loss_table(x, max(k, k_max))
         plan_kw.update(cka=cka.tolist(), sequence=[float(v) for v in x], segments=[list(s) for s in segments],
                        k=k, k_chosen_by=k_by, loss_table=[float(v) for v in loss_table])
-        scorer = CandidateScorer(model, adapter, grad_batches, protocol=cfg.protocol, seed=cfg.seed)
+        scorer = CandidateScorer(model, adapter, adapter.with_targets(model, grad_batches), protocol=cfg.protocol,
+                                 seed=cfg.seed)
         t = time.perf_counter()
         while True:
             selections = _select_all(scorer, units, segments, n_remove, cfg, progress, redundancy)

@@ -26,7 +26,9 @@ TASKS = {
 }
 ALIASES = {"text-generation-with-past": "causal-lm", "text-generation": "causal-lm", "lm": "causal-lm",
            "image": "image-classification", "classification": "image-classification"}
-PLANNED = {"feature-extraction": "encoders (embedding distillation, cosine on the board) are not supported yet"}
+PLANNED = {"feature-extraction": "encoders are not in `sglp-edge run` yet (the board-side cosine metrics are "
+                                "missing); prune, fine-tune and export them with `sglp-edge prune minilm --data text ...`, "
+                                "`sglp-edge finetune` and `sglp-edge export`"}
 TEXT_DATA = ("text", "english", "python-docs")
 
 
