@@ -45,11 +45,13 @@ def _lm_dims(onnx_path: Path) -> Dict[str, Any]:
         raise UserError(f"{onnx_path} is not a text-generation-with-past graph (inputs {names[:4]}); export it with "
                         "sglp_edge.export_lm.export_causal_lm")
     d = [x.dim_value or x.dim_param for x in m.graph.input[3].type.tensor_type.shape.dim]
+    vocab = m.graph.output[0].type.tensor_type.shape.dim[2].dim_value or None  # logits (batch, sequence, vocab)
     hidden = None
-    for init in m.graph.initializer:  # the embedding table: (vocab, hidden)
-        if len(init.dims) == 2 and "embed" in init.name:
+    for init in m.graph.initializer:  # the embedding / LM-head table: (vocab, hidden)
+        if len(init.dims) == 2 and vocab and int(init.dims[0]) == vocab:
             hidden = int(init.dims[1])
-    return {"inputs": names, "n_past": len(names) - 3, "kv_heads": int(d[1]), "head_dim": int(d[3]), "hidden": hidden}
+    return {"inputs": names, "n_past": len(names) - 3, "kv_heads": int(d[1]), "head_dim": int(d[3]), "hidden": hidden,
+            "vocab": vocab}
 
 
 def trtexec_command(dims: Dict[str, Any], *, precision: str, max_prompt: int, max_context: int,
@@ -109,15 +111,12 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
     if not onnx_path.is_file():
         raise UserError(f"ONNX file {onnx_path} does not exist")
     dims = _lm_dims(onnx_path)
-    if precision == "int4" and dims["hidden"] and dims["hidden"] % group_size:
-        raise UserError(f"INT4 group size {group_size} does not divide the hidden size {dims['hidden']}; "
-                        f"use a divisor such as 64 or 32")
+    if precision == "int4" and (not dims["hidden"] or dims["hidden"] % group_size):
+        raise UserError(f"INT4 group size {group_size} does not divide the hidden size {dims['hidden']} (or the "
+                        "hidden size is unknown: no (vocab, hidden) weight); use a divisor such as 64 or 32")
     import onnx
 
-    vocab = None
-    for init in onnx.load(str(onnx_path), load_external_data=False).graph.initializer:
-        if len(init.dims) == 2 and "embed" in init.name:
-            vocab = int(init.dims[0])
+    vocab = dims["vocab"]
     man: Dict[str, Any] = {"format": "sglp-edge/lm-compile/1", "task": "causal-lm", "backend": backend,
                            "precision": precision, "source": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
                            "layout": "text-generation-with-past", "kv_heads": dims["kv_heads"],
@@ -136,7 +135,11 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
             else:
                 bits = 8 if precision == "int8" else 4
                 block = 128 if bits == 8 else group_size
+                import logging
+
                 from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+                logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
                 cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
                                                        op_types_to_quantize=("MatMul",))

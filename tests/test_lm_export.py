@@ -130,3 +130,31 @@ def test_lm_bench_rejects_image_data_and_layout(exported, tmp_path):
         lm_bench.load_eval_npz(str(bad))
     with pytest.raises(UserError, match="not found"):
         lm_bench.LMSession(str(tmp_path / "nope.onnx"), "onnxruntime")
+
+
+def test_lm_compile_weight_only_and_trtexec(exported, tmp_path):
+    """ORT INT4 (MatMulNBits) and OpenVINO INT8 weight-only run the same decode loop; a group size
+    that does not divide the hidden size is refused; TensorRT gets a prefill+decode shape profile."""
+    import onnx
+
+    from exporters.errors import UserError
+    from exporters.lm_compile import compile_lm
+
+    out, _ = exported
+    m = compile_lm(out / "model.onnx", "onnxruntime", "int4", tmp_path / "ort4", group_size=32)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "ort4" / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops and m["quantization"]["quantized_matmuls"] == 3 * 7 + 1
+    assert m["size_bytes"] < 0.75 * (out / "model.onnx").stat().st_size  # tiny: the fp32 embedding table is a big share
+    assert m["parity"]["max_abs"] > 0 and m["parity"]["next_token_agreement"] >= 0.5
+    pytest.importorskip("nncf")
+    m8 = compile_lm(out / "model.onnx", "openvino", "int8", tmp_path / "ov8")
+    assert m8["parity"]["next_token_agreement"] >= 0.9
+    sess = lm_bench.LMSession(str(tmp_path / "ov8" / "model.xml"), "openvino", threads=1)
+    g = lm_bench.generate(sess, np.arange(5), 3)
+    assert len(g["tokens"]) == 4
+    with pytest.raises(UserError, match="does not divide the hidden size 64"):
+        compile_lm(out / "model.onnx", "openvino", "int4", tmp_path / "bad", group_size=48)
+    t = compile_lm(out / "model.onnx", "tensorrt", "fp16", tmp_path / "trt", max_prompt=128, max_context=512)
+    cmd = (tmp_path / "trt" / "trtexec.sh").read_text()
+    assert "--fp16" in cmd and "input_ids:1x1," in t["trtexec"] and "input_ids:1x128," in cmd
+    assert "past_key_values.2.value:1x2x511x16" in cmd and "attention_mask:1x639" in cmd
