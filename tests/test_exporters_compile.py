@@ -162,7 +162,8 @@ def test_tensorrt_kit_without_tensorrt(workdir):
 
 
 def test_trtexec_script_keys_the_timing_cache_like_the_python_side(tmp_path):
-    """Run the board script's cache-path lines with sh: the same file name as timing_cache_path()."""
+    """Run the board script's cache-path lines with bash (its interpreter: pipefail): the same file name
+    as timing_cache_path()."""
     import subprocess
 
     from exporters import tensorrt_backend as tb
@@ -172,7 +173,7 @@ def test_trtexec_script_keys_the_timing_cache_like_the_python_side(tmp_path):
     head = script.split("trtexec --onnx")[0]
     (tmp_path / "model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
     head = head.replace("/proc/device-tree/model", str(tmp_path / "model"))
-    out = subprocess.run(["sh", "-c", head + 'echo "$TIMING_CACHE"'], capture_output=True, text=True,
+    out = subprocess.run(["bash", "-c", head + 'echo "$TIMING_CACHE"'], capture_output=True, text=True,
                          env={"HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}, timeout=30)
     assert out.returncode == 0, out.stderr
     want = tb.timing_cache_path("NVIDIA Jetson Orin Nano Developer Kit", "10.3", root=tmp_path / "home" / ".cache"
