@@ -115,7 +115,7 @@ def test_lm_config_errors_are_one_line_before_heavy_work(tmp_path):
 
     with pytest.raises(UserError, match="unknown task 'speech'"):
         load(task="speech")
-    with pytest.raises(UserError, match="not supported yet"):
+    with pytest.raises(UserError, match="encoders are not in `sglp-edge run` yet"):
         load(task="feature-extraction")
     # a calibration batch that cannot fit in this machine's memory, said before anything loads
     with pytest.raises(UserError, match=r"prune\.batch_size=100000 sequences .* use prune\.batch_size: 2") as e:
