@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.base import ModelAdapter, Unit, get_module
-from .baselines import calibration_loss
+from .baselines import _stream_modules_io, calibration_loss
 
 HEALS = ("none", "linear")
 
@@ -125,24 +125,10 @@ def _fold(unit: nn.Module, kind: str, T: torch.Tensor) -> None:
 # ---- the fit ------------------------------------------------------------------------------------
 
 def _capture(adapter: ModelAdapter, model: nn.Module, mods: dict[str, nn.Module], batch: Any) -> dict[str, torch.Tensor]:
+    """The outputs of ``mods`` (name -> module) in one no-grad, eval-mode forward pass."""
+    names = list(mods)
     got: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def h(_m, _i, out):
-            if name not in got:
-                got[name] = adapter.unit_output(out).detach()
-        return h
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            adapter.forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    _stream_modules_io(adapter, model, list(mods.items()), batch, lambda i, _x, y: got.__setitem__(names[i], y))
     return got
 
 
