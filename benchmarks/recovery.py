@@ -148,11 +148,7 @@ def run_resnet56(args) -> None:
         _save_row(args.workdir, settings, rows[-1])
         print(f"  {method:22s} seed {seed}  after pruning {pruned_acc:6.2f} %  after KD {acc:6.2f} %  "
               f"MACs -{100 * res.plan.macs_reduction:.1f} %  ({rows[-1]['wall_s']:.0f} s)", flush=True)
-    stats = summarize(rows, "acc", "pruned_acc")
-    _table(stats, "top-1 %", higher=True)
-    Path(args.workdir, "recovery_resnet56.json").write_text(json.dumps({"base_acc": base, "rows": rows, "stats": stats},
-                                                                       indent=2))
-    sg, best = headline(stats, higher=True)
+    sg, best = _finish(args.workdir, "resnet56", rows, base, "acc", "top-1 %", higher=True)
     macs = [r["macs_reduction"] for r in rows if r["method"] == sg["method"]]
     print(f"recovery resnet56 seeds={len(args.seeds)} base_acc={base:.2f} pruned_acc={sg['pruned']:.2f} "
           f"sglp_acc={sg['mean']:.2f} sglp_std={sg['std']:.2f} best_other={best['method']} "
@@ -222,11 +218,7 @@ def run_smollm2(args) -> None:
         _save_row(args.workdir, settings, rows[-1])
         print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  "
               f"({ft.steps} steps, {rows[-1]['wall_s']:.0f} s)", flush=True)
-    stats = summarize(rows, "ppl", "pruned_ppl")
-    _table(stats, "perplexity", higher=False)
-    Path(args.workdir, "recovery_smollm2.json").write_text(json.dumps({"base_ppl": base, "rows": rows, "stats": stats},
-                                                                      indent=2))
-    sg, best = headline(stats, higher=False)
+    sg, best = _finish(args.workdir, "smollm2", rows, base, "ppl", "perplexity", higher=False)
     print(f"recovery smollm2 seeds={len(args.seeds)} base_ppl={base:.2f} pruned_ppl={sg['pruned']:.2f} "
           f"sglp_ppl={sg['mean']:.2f} sglp_std={sg['std']:.2f} best_other={best['method']} "
           f"best_other_ppl={best['mean']:.2f} best_other_std={best['std']:.2f}")
@@ -253,6 +245,16 @@ def _save_row(workdir: str, settings: dict, row: dict) -> None:
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps({"settings": settings, "row": row}, indent=2))
     tmp.replace(p)
+
+
+def _finish(workdir: str, model: str, rows: list[dict], base: float, key: str, label: str,
+            higher: bool) -> tuple[dict, dict]:
+    """Table of mean +- std per method, the JSON record, and (SGLP, best other) for the summary line."""
+    stats = summarize(rows, key, f"pruned_{key}")
+    _table(stats, label, higher=higher)
+    Path(workdir, f"recovery_{model}.json").write_text(json.dumps({f"base_{key}": base, "rows": rows, "stats": stats},
+                                                                  indent=2))
+    return headline(stats, higher=higher)
 
 
 def _grid(args) -> list[tuple[int, str]]:

@@ -213,6 +213,14 @@ class _KDBase(Task):
                 tap.close()
         self.s_tap = self.t_tap = None
 
+    def with_feature_loss(self, loss: torch.Tensor, shown: dict[str, float]) -> torch.Tensor:
+        """``loss`` plus the weighted feature-KD term when feature distillation is on (shown as 'feat')."""
+        fl = self.feature_loss()
+        if fl is None:
+            return loss
+        shown["feat"] = float(fl.detach())
+        return loss + self.cfg.feature_weight * fl
+
     def feature_loss(self) -> torch.Tensor | None:
         if self.s_tap is None:
             return None
@@ -242,10 +250,7 @@ class ImageKDTask(_KDBase):
         s = model(x)
         loss = kd_loss(s, t, y, self.cfg.temperature, self.cfg.alpha)
         shown = {"kd": float(loss.detach())}
-        fl = self.feature_loss()
-        if fl is not None:
-            loss = loss + self.cfg.feature_weight * fl
-            shown["feat"] = float(fl.detach())
+        loss = self.with_feature_loss(loss, shown)
         shown["acc"] = float((s.argmax(1) == y).float().mean())
         return loss, shown
 
@@ -275,10 +280,7 @@ class LMKDTask(_KDBase):
         s = _lm_logits(model, ids)[:, :-1]
         loss = kd_loss(s, t, ids[:, 1:], self.cfg.temperature, self.cfg.alpha)
         shown = {"kd": float(loss.detach())}
-        fl = self.feature_loss()
-        if fl is not None:
-            loss = loss + self.cfg.feature_weight * fl
-            shown["feat"] = float(fl.detach())
+        loss = self.with_feature_loss(loss, shown)
         return loss, shown
 
     def eval_sums(self, model, batch):

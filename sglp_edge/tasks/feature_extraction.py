@@ -248,10 +248,7 @@ class EncoderKDTask(_KDBase):
         s, t = self._pair(model, batch)
         loss = embedding_distillation_loss(s, t)
         shown = {"1-cos": float(loss.detach())}
-        fl = self.feature_loss()
-        if fl is not None:
-            loss = loss + self.cfg.feature_weight * fl
-            shown["feat"] = float(fl.detach())
+        loss = self.with_feature_loss(loss, shown)
         return loss, shown
 
     def eval_sums(self, model, batch):
