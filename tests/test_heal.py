@@ -75,6 +75,28 @@ def test_conv_bn_fold_applies_a_channel_map_per_pixel():
     assert torch.allclose(after, expect, atol=1e-4)
 
 
+def test_conv_bn_fold_with_statistics_keeps_the_function_in_training_mode():
+    """bn2 gets the statistics of the new conv output: eval mode is exact, and training mode (batch
+    statistics) gives the same function on the data the statistics came from."""
+    torch.manual_seed(0)
+    blk = BasicBlock(6, 6).eval()
+    with torch.no_grad():
+        blk.bn2.running_mean.uniform_(-1, 1)
+        blk.bn2.running_var.uniform_(0.5, 2)
+    z = torch.randn(8, 6, 5, 5)
+    T = torch.randn(6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        M = blk.bn2(blk.conv2(z)).double()
+        rows = M.permute(0, 2, 3, 1).reshape(-1, 6)
+        mean = rows.mean(0)
+        cov = rows.t() @ rows / rows.shape[0] - torch.outer(mean, mean)
+        _fold(blk, "conv_bn", T, mean, cov)
+        expect = torch.einsum("bohw,oc->bchw", M, T)
+        assert torch.allclose(blk.bn2(blk.conv2(z)).double(), expect, atol=1e-4)
+        blk.bn2.train()
+        assert torch.allclose(blk.bn2(blk.conv2(z)).double(), expect, atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def quad():
     from test_finetune import quadrant_bundle, trained_teacher

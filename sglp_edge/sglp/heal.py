@@ -97,7 +97,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _fold(unit: nn.Module, kind: str, T: torch.Tensor) -> None:
+def _fold(unit: nn.Module, kind: str, T: torch.Tensor, m_mean: torch.Tensor | None = None,
+          m_cov: torch.Tensor | None = None) -> None:
+    """Fold ``T`` into the unit's branch so that the branch outputs ``M T``. For ``conv_bn``,
+    ``m_mean`` / ``m_cov`` (per-channel mean and covariance of the branch output M on the
+    calibration data) give ``bn2`` running statistics that match the new conv output, so a
+    fine-tune in training mode (batch statistics) starts from the healed function too."""
     if kind == "linear":
         lin: nn.Linear = unit.mlp.down_proj
         Tf = T.to(lin.weight.dtype)
@@ -115,11 +120,19 @@ def _fold(unit: nn.Module, kind: str, T: torch.Tensor) -> None:
     if conv.bias is not None:
         bias = bias + conv.bias.double() @ T
         conv.bias.zero_()
-    # bn2 becomes the identity affine map plus the folded bias (eval mode: (z - 0) / sqrt(1) * 1 + b)
-    bn.running_mean.zero_()
-    bn.running_var.fill_(1.0 - bn.eps)
-    bn.weight.fill_(1.0)
-    bn.bias.copy_(bias.to(bn.bias.dtype))
+    # the new conv output u has mean (m T - bias) and variance diag(T' cov T); bn2 normalises u with
+    # those statistics and scales it back: eval mode gives u + bias = M T exactly, and training mode
+    # (batch statistics close to these) the same function up to sampling
+    if m_mean is not None and m_cov is not None:
+        mean_u = m_mean.double() @ T - bias
+        var_u = torch.einsum("oc,op,pc->c", T, m_cov.double(), T).clamp_min(1e-12)
+    else:  # no statistics: the identity affine map plus the bias (exact in eval mode only)
+        mean_u = torch.zeros_like(bias)
+        var_u = torch.full_like(bias, 1.0 - bn.eps)
+    bn.running_mean.copy_(mean_u.to(bn.running_mean.dtype))
+    bn.running_var.copy_(var_u.to(bn.running_var.dtype))
+    bn.weight.copy_(torch.sqrt(var_u + bn.eps).to(bn.weight.dtype))
+    bn.bias.copy_((mean_u + bias).to(bn.bias.dtype))
 
 
 # ---- the fit ------------------------------------------------------------------------------------
@@ -160,7 +173,8 @@ def heal_linear(model: nn.Module, adapter: ModelAdapter, removed: Sequence[str],
                 continue
             branch, kind = br
             feats = None
-            MtM = MtR = None
+            MtM = MtR = Msum = None
+            n_rows = 0
             err0 = den = 0.0
             for b in batches:
                 w = _capture(adapter, work, {"M": branch, "out": work_mods[p]}, b)
@@ -172,6 +186,8 @@ def heal_linear(model: nn.Module, adapter: ModelAdapter, removed: Sequence[str],
                 feats = M.shape[1]
                 MtM = M.t() @ M if MtM is None else MtM + M.t() @ M
                 MtR = M.t() @ R if MtR is None else MtR + M.t() @ R
+                Msum = M.sum(0) if Msum is None else Msum + M.sum(0)
+                n_rows += M.shape[0]
                 err0 += float((M - R).pow(2).sum())
                 den += float(R.pow(2).sum())
             eye = torch.eye(feats, dtype=torch.float64)
@@ -181,7 +197,8 @@ def heal_linear(model: nn.Module, adapter: ModelAdapter, removed: Sequence[str],
             err1 = float(torch.trace(T.t() @ MtM @ T) - 2 * torch.trace(T.t() @ MtR)) + den
             loss0 = calibration_loss(adapter, work, batches)
             saved = {k: v.detach().clone() for k, v in work_mods[p].state_dict().items()}
-            _fold(work_mods[p], kind, T)
+            m_mean = Msum / n_rows
+            _fold(work_mods[p], kind, T, m_mean, MtM / n_rows - torch.outer(m_mean, m_mean))
             loss1 = calibration_loss(adapter, work, batches)
             helps = loss1 < loss0
             if not helps:
