@@ -154,8 +154,12 @@ class Pipeline:
             teacher = self.loaded
             work = self.run_dir / ".work" / "finetune"
             work.mkdir(parents=True, exist_ok=True)
-            # the state file is keyed by the pruned weights, so a new prune never resumes an old fine-tune
-            state = work / f"state-{prune_hash[:12]}.pt"
+            # the state file is keyed by the pruned weights and the fine-tune settings: a new prune or a
+            # changed fine-tune starts afresh, and an older state stays on disk for its own settings
+            import hashlib
+
+            key = hashlib.sha256(json.dumps([prune_hash, f.model_dump()], sort_keys=True, default=str).encode())
+            state = work / f"state-{key.hexdigest()[:12]}.pt"
             fmap = None
             if f.feature_kd > 0:
                 prior = (teacher.meta or {}).get("removal_rounds") or []
