@@ -100,8 +100,12 @@ def _parity(art: Path, backend: str, ref_onnx: Path, dims: Dict[str, Any], vocab
 
 
 def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str | Path, *, group_size: int = 64,
-               max_prompt: int = 128, max_context: int = 512, parity: bool = True) -> Dict[str, Any]:
-    """Compile the LM graph into ``out_dir`` (replaced whole on success); returns the manifest."""
+               max_prompt: int = 128, max_context: int = 512, parity: bool = True,
+               accuracy_level: Optional[int] = None) -> Dict[str, Any]:
+    """Compile the LM graph into ``out_dir`` (replaced whole on success); returns the manifest.
+
+    ``accuracy_level`` (ONNX Runtime INT8/INT4 only): MatMulNBits' compute type, ORT's scale: 0 unset,
+    1 fp32, 2 fp16, 3 bf16, 4 int8 (activations quantised per block at run time: the fast CPU path)."""
     t0 = time.perf_counter()
     onnx_path = Path(onnx_path)
     if backend not in BACKEND_PRECISIONS:
@@ -114,6 +118,9 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
     if precision == "int4" and (not dims["hidden"] or dims["hidden"] % group_size):
         raise UserError(f"INT4 group size {group_size} does not divide the hidden size {dims['hidden']} (or the "
                         "hidden size is unknown: no (vocab, hidden) weight); use a divisor such as 64 or 32")
+    if accuracy_level is not None and (backend != "onnxruntime" or precision not in ("int8", "int4")
+                                       or accuracy_level not in (0, 1, 2, 3, 4)):
+        raise UserError("accuracy_level (0-4) applies to ONNX Runtime INT8/INT4 weight-only only")
     import onnx
 
     vocab = dims["vocab"]
@@ -142,15 +149,17 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
                 logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
                 cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
-                                                       op_types_to_quantize=("MatMul",))
+                                                       accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
                 qz = mnb.MatMulNBitsQuantizer(onnx.load(str(onnx_path)), bits=bits, block_size=block, is_symmetric=True,
-                                              algo_config=cfg, op_types_to_quantize=("MatMul",))
+                                              accuracy_level=accuracy_level, algo_config=cfg,
+                                              op_types_to_quantize=("MatMul",))
                 with contextlib.redirect_stdout(io.StringIO()):
                     qz.process()
                 qz.model.save_model_to_file(str(art), use_external_data_format=False)
                 n = sum(1 for nd in onnx.load(str(art), load_external_data=False).graph.node if nd.op_type == "MatMulNBits")
                 man["quantization"] = {"method": f"onnxruntime MatMulNBitsQuantizer ({bits} bits, weight-only)",
-                                       "bits": bits, "block_size": block, "symmetric": True, "quantized_matmuls": n}
+                                       "bits": bits, "block_size": block, "symmetric": True, "quantized_matmuls": n,
+                                       "accuracy_level": accuracy_level}
             if backend == "tensorrt":
                 cmd = trtexec_command(dims, precision=precision, max_prompt=max_prompt, max_context=max_context)
                 (tmp / "trtexec.sh").write_text("#!/bin/sh\n# build on the board (engines are GPU/TensorRT specific)\n"
@@ -193,9 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:  # python -m exporters.lm_com
     p.add_argument("precision")
     p.add_argument("out")
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--accuracy-level", type=int, default=None, help="ORT MatMulNBits compute type (4: int8)")
     a = p.parse_args(argv)
     try:
-        man = compile_lm(a.onnx, a.backend, a.precision, a.out, group_size=a.group_size)
+        man = compile_lm(a.onnx, a.backend, a.precision, a.out, group_size=a.group_size,
+                         accuracy_level=a.accuracy_level)
     except UserError as e:
         print(f"error: {e}")
         return 2

@@ -146,6 +146,13 @@ def test_lm_compile_weight_only_and_trtexec(exported, tmp_path):
     assert "MatMulNBits" in ops and m["quantization"]["quantized_matmuls"] == 3 * 7 + 1
     assert m["size_bytes"] < 0.75 * (out / "model.onnx").stat().st_size  # tiny: the fp32 embedding table is a big share
     assert m["parity"]["max_abs"] > 0 and m["parity"]["next_token_agreement"] >= 0.5
+    # accuracy_level 4 (int8 compute) is written into every MatMulNBits node and the manifest
+    m84 = compile_lm(out / "model.onnx", "onnxruntime", "int8", tmp_path / "ort8a4", accuracy_level=4)
+    nodes = [n for n in onnx.load(str(tmp_path / "ort8a4" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert nodes and all(any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute) for n in nodes)
+    assert m84["quantization"]["accuracy_level"] == 4 and m84["parity"]["next_token_agreement"] >= 0.5
+    with pytest.raises(UserError, match="accuracy_level"):
+        compile_lm(out / "model.onnx", "openvino", "int8", tmp_path / "bad", accuracy_level=4)
     pytest.importorskip("nncf")
     m8 = compile_lm(out / "model.onnx", "openvino", "int8", tmp_path / "ov8")
     assert m8["parity"]["next_token_agreement"] >= 0.9
