@@ -36,8 +36,8 @@ from torch import nn
 
 from ..errors import UserError
 from .base import AdapterError, ModelAdapter, Unit
-from .hf_llm import (PRUNE_META_FILE, _first_line, _load_tokenizer, _offline, _reindex, _undo, prune_metadata,
-                     record_kept_layers, save_pretrained_folder, token_inputs)
+from .hf_llm import (PRUNE_META_FILE, _first_line, _load_tokenizer, _offline, _reindex, _undo, checked_layers,
+                     prune_metadata, record_kept_layers, save_pretrained_folder, token_inputs, unit_index)
 
 #: config.model_type -> family name, for the encoders this adapter is tested on
 SUPPORTED_MODEL_TYPES: dict[str, str] = {"bert": "BERT / MiniLM", "roberta": "RoBERTa"}
@@ -84,20 +84,11 @@ def unsupported_reason(model: Any) -> str | None:
 
 
 def _check(model: nn.Module) -> nn.ModuleList:
-    why = unsupported_reason(model)
-    if why:
-        raise AdapterError(f"{why}; supported: {SUPPORTED_TEXT}")
-    layers = _encoder_layers(model)
-    assert layers is not None
-    return layers
+    return checked_layers(model, unsupported_reason, _encoder_layers, SUPPORTED_TEXT)
 
 
 def _layer_index(name: str) -> int:
-    prefix = "encoder.layer."
-    tail = name[len(prefix):] if name.startswith(prefix) else ""
-    if not tail.isdigit():
-        raise AdapterError(f"{name!r} is not an encoder-layer unit (expected encoder.layer.<i>)")
-    return int(tail)
+    return unit_index(name, "encoder.layer.", "an encoder-layer")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -115,21 +115,30 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
-def _check(model: nn.Module) -> nn.ModuleList:
-    why = unsupported_reason(model)
+def checked_layers(model: nn.Module, reason: Any, layers_of: Any, supported: str) -> nn.ModuleList:
+    """The layer list ``layers_of(model)``, or AdapterError with ``reason(model)`` and what is supported."""
+    why = reason(model)
     if why:
-        raise AdapterError(f"{why}; supported: {SUPPORTED_TEXT}")
-    layers = _decoder_layers(model)
+        raise AdapterError(f"{why}; supported: {supported}")
+    layers = layers_of(model)
     assert layers is not None
     return layers
 
 
-def _layer_index(name: str) -> int:
-    prefix = "model.layers."
+def unit_index(name: str, prefix: str, what: str) -> int:
+    """``i`` of a unit named ``<prefix><i>``; AdapterError for any other name (``what``: "a decoder-layer")."""
     tail = name[len(prefix):] if name.startswith(prefix) else ""
     if not tail.isdigit():
-        raise AdapterError(f"{name!r} is not a decoder-layer unit (expected model.layers.<i>)")
+        raise AdapterError(f"{name!r} is not {what} unit (expected {prefix}<i>)")
     return int(tail)
+
+
+def _check(model: nn.Module) -> nn.ModuleList:
+    return checked_layers(model, unsupported_reason, _decoder_layers, SUPPORTED_TEXT)
+
+
+def _layer_index(name: str) -> int:
+    return unit_index(name, "model.layers.", "a decoder-layer")
 
 
 # ---------------------------------------------------------------------------------------------
