@@ -52,7 +52,8 @@ class FinetuneSection(_Strict):
     lr: Optional[float] = Field(None, gt=0)
     optimizer: Optional[Literal["sgd", "adamw"]] = None
     weight_decay: Optional[float] = None
-    val_samples: Optional[int] = None  # cap on validation items (LM default: 16 blocks)
+    val_samples: Optional[int] = Field(None, ge=1)  # cap on validation items (LM default: 16 blocks)
+    test_samples: Optional[int] = Field(None, ge=1)  # cap on the held-out items scored once at the end (LM: 64)
     alpha: float = 0.9
     temperature: float = 4.0
     feature_kd: float = 0.0

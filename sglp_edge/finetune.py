@@ -156,6 +156,8 @@ class FinetuneConfig(LoopConfig):
     state_path: str | None = None  # resume-state file; None: no checkpointing
     progress: bool = True
     eval_before: bool = True  # measure the student's val metric before fine-tuning (fresh runs)
+    test_samples: int | None = None  # score the selected weights on the first N held-out items; None: all
+
 
     def check(self) -> None:
         super().check()
@@ -163,6 +165,8 @@ class FinetuneConfig(LoopConfig):
             raise UserError(f"--temperature must be positive, got {self.temperature}")
         if not 0 <= self.alpha <= 1:
             raise UserError(f"--alpha (KD weight) must be in [0, 1], got {self.alpha}")
+        if self.test_samples is not None and self.test_samples < 1:
+            raise UserError(f"--test-samples must be >= 1, got {self.test_samples}")
         if self.feature_weight < 0:
             raise UserError(f"--feature-weight must be >= 0, got {self.feature_weight}")
         if self.feature_weight > 0 and not self.feature_map:
@@ -333,6 +337,9 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
     cfg.check()
     train_set, val_set, test_set, modality = _splits(data)
     val_set = capped(val_set, cfg.val_samples)
+    # the held-out split of a text corpus runs to thousands of blocks: a forward pass of each through
+    # an LM takes longer than the fine-tune itself, so LM runs cap it (finetune.test_samples)
+    test_set = capped(test_set, cfg.test_samples)
     if modality == "tokens" and cfg.eval_batch_size > cfg.batch_size:
         cfg.eval_batch_size = cfg.batch_size  # (batch, block, vocab) logits get large quickly
     am = getattr(adapter, "modality", "image")

@@ -166,6 +166,7 @@ class Pipeline:
                 fmap = kept_unit_map(teacher.model, teacher.adapter, student.meta["removal_rounds"][len(prior):])
             fcfg = FinetuneConfig(epochs=f.epochs, steps=f.steps, minutes=f.minutes, batch_size=f.batch_size, lr=f.lr,
                                   optimizer=f.optimizer, weight_decay=f.weight_decay, val_samples=f.val_samples,
+                                  test_samples=f.test_samples,
                                   alpha=f.alpha, temperature=f.temperature, feature_weight=f.feature_kd,
                                   feature_map=fmap, seed=self.cfg.seed, state_path=str(state))
             res = finetune(student.model, teacher.model, student.adapter, self.data, fcfg)

@@ -46,7 +46,7 @@ def lm_cfg(model: Path) -> dict:
     return {"name": "lm", "model": str(model), "data": "text",
             "text": {"block_size": 32, "max_tokens": 12000},
             "prune": {"keep": 3, "calib_batches": 2, "batch_size": 2, "seq_len": 32},
-            "finetune": {"steps": 2, "batch_size": 2, "val_samples": 2},
+            "finetune": {"steps": 2, "batch_size": 2, "val_samples": 2, "test_samples": 3},
             "eval": {"samples": 2, "prompt_tokens": 16, "gen_tokens": 8, "greedy_prompts": 2, "greedy_tokens": 4},
             "devices": ["local-cpu-ort-lm", "local-cpu-openvino-lm"]}
 
@@ -91,6 +91,7 @@ def test_lm_run_all_stages_and_report(lm_run):
         inc = 100 * (t["lm"]["pruned"]["perplexity"] / t["lm"]["original"]["perplexity"] - 1)
         assert cons["perplexity_increase_pct"]["measured"] == pytest.approx(inc)
         assert cons["decode_tokens_per_s"]["measured"] == t["lm"]["pruned"]["decode_tokens_per_s"]
+    assert rep["finetune"]["test"]["tokens"] == 3 * 31  # finetune.test_samples: 3 held-out blocks, 31 targets each
     assert set(rep["peak_rss_mb"]["host_stages"]) >= {"prune", "finetune", "eval_data", "export"}
     assert all(isinstance(v, float) and v > 50 for v in rep["peak_rss_mb"]["host_stages"].values())
     html = (run / "report.html").read_text()
@@ -133,3 +134,4 @@ def test_image_config_keeps_its_defaults_and_smollm2_config_validates():
     assert img.task == "image-classification" and img.prune.calib_batches == 4 and img.finetune.optimizer == "sgd"
     lm = load_config(root / "configs" / "smollm2.yaml")
     assert lm.task == "causal-lm" and lm.prune.batch_size == 2 and lm.finetune.val_samples == 16
+    assert lm.finetune.test_samples == 64 and img.finetune.test_samples is None  # LM: held-out blocks capped

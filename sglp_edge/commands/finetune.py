@@ -68,6 +68,8 @@ def register(app: typer.Typer) -> None:
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="LMs: cap the tokens per text split"),
         val_samples: Optional[int] = typer.Option(None, "--val-samples",
                                                   help="select on the first N validation images/blocks only (quicker)"),
+        test_samples: Optional[int] = typer.Option(None, "--test-samples",
+                                                   help="score the result on the first N held-out images/blocks only"),
         seed: int = typer.Option(0, "--seed"),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process"),
         state: Optional[Path] = typer.Option(None, "--state", help="resume-state file (default OUT.state.pt)"),
@@ -92,7 +94,8 @@ def register(app: typer.Typer) -> None:
             raise UserError("give a training budget: --epochs N, --steps N or --minutes N")
         for name, v, zero_ok in (("--epochs", epochs, False), ("--steps", steps, False), ("--minutes", minutes, False),
                                  ("--batch-size", batch_size, False), ("--lr", lr, False), ("--threads", threads, True),
-                                 ("--val-samples", val_samples, False), ("--block-size", block_size, False),
+                                 ("--val-samples", val_samples, False), ("--test-samples", test_samples, False),
+                                 ("--block-size", block_size, False),
                                  ("--max-tokens", max_tokens, False), ("--weight-decay", weight_decay, True)):
             positive(name, v, zero_ok=zero_ok)
         if optimizer is not None and optimizer not in ("sgd", "adamw"):
@@ -125,7 +128,7 @@ def register(app: typer.Typer) -> None:
             lr=lr if lr is not None else (1e-4 if lm else 0.01), optimizer=optimizer or ("adamw" if lm else "sgd"),
             weight_decay=weight_decay if weight_decay is not None else (0.01 if lm else 5e-4), warmup=warmup,
             temperature=temperature, alpha=alpha, feature_weight=feature_weight, feature_map=fmap, seed=seed,
-            threads=threads, val_samples=val_samples, state_path=str(state or out.with_name(out.name + ".state.pt")),
+            threads=threads, val_samples=val_samples, test_samples=test_samples, state_path=str(state or out.with_name(out.name + ".state.pt")),
             progress=not no_progress)
         cfg.check()
         try:
@@ -147,7 +150,8 @@ def register(app: typer.Typer) -> None:
                        "--steps": steps, "--minutes": minutes, "--batch-size": cfg.batch_size, "--lr": cfg.lr,
                        "--optimizer": cfg.optimizer, "--weight-decay": cfg.weight_decay, "--warmup": warmup,
                        "--temperature": temperature, "--alpha": alpha, "--feature-weight": feature_weight or None,
-                       "--block-size": block_size if lm else None, "--max-tokens": max_tokens, "--val-samples": val_samples, "--seed": seed,
+                       "--block-size": block_size if lm else None, "--max-tokens": max_tokens, "--val-samples": val_samples,
+                       "--test-samples": test_samples, "--seed": seed,
                        "--out": out})}
         if lm:
             from sglp_edge.models.hf_llm import save_hf
