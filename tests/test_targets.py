@@ -29,7 +29,7 @@ ARM = DeviceProfile.model_validate({
 })
 needs_arm = pytest.mark.skipif(not arm64_env.ready(("onnxruntime",)),
                                reason="emulated ARM board not set up here: run `python benchmarks/arm_emulated.py` "
-                                      "or `sglp-edge bench --emulate` once (or pytest -m slow)")
+                                      "or `sglp-edge bench --emulate` once, or `make arm64-env`")
 
 
 def _eval(model: Path, path: Path, n: int = 16) -> Path:
