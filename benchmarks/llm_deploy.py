@@ -52,34 +52,6 @@ def decode_macs(model, context: int) -> int:
     return int(lin + attn)
 
 
-def torch_ppl(model, blocks) -> float:
-    import torch
-
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for b in blocks:
-            b = b[None]
-            lp = torch.log_softmax(model(b).logits[:, :-1].double(), -1)
-            nll += -lp.gather(-1, b[:, 1:, None]).sum().item()
-            n += b.shape[1] - 1
-    import math
-
-    return math.exp(nll / n)
-
-
-def torch_greedy(model, prompts, n: int):
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = p[None]
-            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                               use_cache=True, pad_token_id=0, eos_token_id=None)
-            out.append(g[0, ids.shape[1]:])
-    return torch.stack(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pruned", type=Path, help="pruned model folder to reuse (default: prune now)")
@@ -105,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from sglp_edge.data import get_text_dataset
     from sglp_edge.export_lm import export_causal_lm, read_lm_meta
     from sglp_edge.models.hf_llm import load_hf
+    from sglp_edge.tasks.causal_lm import torch_greedy_and_ppl
 
     torch.set_num_threads(args.threads)
     work = args.work
@@ -142,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     sessions: dict = {}
     for name, m in models.items():
         t0 = time.perf_counter()
-        ref = torch_greedy(m, prompts, args.greedy_tokens)
-        ppl_t = torch_ppl(m, ppl_blocks)
+        ref, ppl_t = torch_greedy_and_ppl(m, prompts, args.greedy_tokens, ppl_blocks)
         exp_dir = work / f"onnx-{m.config.num_hidden_layers}"
         if args.reuse_exports and (exp_dir / "lm.json").is_file():
             meta = read_lm_meta(exp_dir)

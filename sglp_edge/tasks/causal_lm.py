@@ -167,7 +167,7 @@ class CausalLM(Task):
                                    "prompt_tokens": e.prompt_tokens, "gen_tokens": e.gen_tokens, "torch_ppl": {}}
             for which, model in self._models(pipe):
                 model.eval()
-                ref, ppl = _torch_greedy_and_ppl(model, prompts, e.greedy_tokens, ppl_blocks)
+                ref, ppl = torch_greedy_and_ppl(model, prompts, e.greedy_tokens, ppl_blocks)
                 out["torch_ppl"][which] = ppl
                 write_eval_npz(str(tmp / f"eval_{which}.npz"), bench_prompt=bench_prompt.numpy(),
                                gen_tokens=e.gen_tokens, greedy_prompts=prompts.numpy(), greedy_reference=ref.numpy(),
@@ -240,7 +240,9 @@ class CausalLM(Task):
         return build_lm_report(pipe, prune, ft, ev, ex, targets)
 
 
-def _torch_greedy_and_ppl(model: Any, prompts: Any, n_new: int, blocks: Any) -> tuple[Any, float]:
+def torch_greedy_and_ppl(model: Any, prompts: Any, n_new: int, blocks: Any) -> tuple[Any, float]:
+    """PyTorch's reference: greedy continuations (``n_new`` tokens after each of ``prompts``, KV cache on)
+    and the perplexity over ``blocks`` (each scored on its own, log-softmax in float64)."""
     import math
 
     import torch
