@@ -127,20 +127,33 @@ class Pipeline:
         from .pruning_job import PruneJob, run_prune_job
 
         p = self.cfg.prune
+        more: dict[str, Any] = {}
+        extra_inputs: dict[str, Any] = {}
+        if p.keep == "auto":  # the budget is the first device's (several devices at once: not yet)
+            from .profiles import load_profile
+
+            dev = self.cfg.boards()[0].device
+            more = dict(device=dev, bench=_bench_overrides(self.cfg), export_opset=self.cfg.export.opset,
+                        export_simplify=self.cfg.export.simplify, log=self.log)
+            extra_inputs = {"budget_device": load_profile(dev).model_dump(mode="json"), "bench": more["bench"],
+                            "export": self.cfg.export.model_dump()}
 
         def fn(tmp: Path) -> dict[str, Any]:
             job = PruneJob(model=self.cfg.model, out=tmp / "out", data=self.cfg.data,
                            data_root=Path(self.cfg.data_root) if self.cfg.data_root else None, seed=self.cfg.seed,
-                           **p.model_dump())  # every prune: field of the config is a PruneJob field
+                           **p.model_dump(), **more)  # every prune: field of the config is a PruneJob field
             res = run_prune_job(job, loaded=self.loaded, show_progress=True)
             for f in (tmp / "out").iterdir():  # flatten: prune/{model,plan.json,cka_heatmap.png}
                 f.rename(tmp / f.name)
             (tmp / "out").rmdir()
             pl = res.plan
-            return {"removed": pl.removed, "kept": pl.kept, "units": f"{pl.n_units_before}->{pl.n_units_after}",
-                    "macs_reduction": pl.macs_reduction, "evaluations": pl.evaluations}
+            out = {"removed": pl.removed, "kept": pl.kept, "units": f"{pl.n_units_before}->{pl.n_units_after}",
+                   "macs_reduction": pl.macs_reduction, "evaluations": pl.evaluations}
+            if pl.search:
+                out["latency_search"] = {k: pl.search[k] for k in ("device", "budget_ms", "margin", "rounds", "chosen")}
+            return out
 
-        return self.runner.stage("prune", self._inputs("prune", prune=p.model_dump()), fn)
+        return self.runner.stage("prune", self._inputs("prune", prune=p.model_dump(), **extra_inputs), fn)
 
     def stage_finetune(self) -> dict[str, Any]:
         from .finetune import FinetuneConfig, finetune, kept_unit_map
@@ -429,6 +442,10 @@ class Pipeline:
                 b = task.stage_bench(self, board, comp["stage"])
             targets.append((board, comp, b))
         report = task.build_report(self, prune, ft, ev, ex, targets)
+        if self.cfg.prune.keep == "auto":
+            from .budget.report import search_report
+
+            report["latency_search"] = search_report(self.run_dir / "prune" / "plan.json", report)
         report["wall_s"] = time.perf_counter() - t0
         report["task"] = task.name
         report["peak_rss_mb"] = {"host_stages": dict(rss), "bench_children": {
