@@ -129,14 +129,10 @@ class Pipeline:
         p = self.cfg.prune
         more: dict[str, Any] = {}
         extra_inputs: dict[str, Any] = {}
-        if p.keep == "auto":  # the budget is the first device's (several devices at once: not yet)
-            from .profiles import load_profile
+        if p.keep == "auto":  # a latency budget on the first device (sglp_edge.budget)
+            from .budget.run import prune_settings
 
-            dev = self.cfg.boards()[0].device
-            more = dict(device=dev, bench=_bench_overrides(self.cfg), export_opset=self.cfg.export.opset,
-                        export_simplify=self.cfg.export.simplify, log=self.log)
-            extra_inputs = {"budget_device": load_profile(dev).model_dump(mode="json"), "bench": more["bench"],
-                            "export": self.cfg.export.model_dump()}
+            more, extra_inputs = prune_settings(self.cfg, _bench_overrides(self.cfg), self.log)
 
         def fn(tmp: Path) -> dict[str, Any]:
             job = PruneJob(model=self.cfg.model, out=tmp / "out", data=self.cfg.data,
@@ -443,7 +439,7 @@ class Pipeline:
             targets.append((board, comp, b))
         report = task.build_report(self, prune, ft, ev, ex, targets)
         if self.cfg.prune.keep == "auto":
-            from .budget.report import search_report
+            from .budget.run import search_report
 
             report["latency_search"] = search_report(self.run_dir / "prune" / "plan.json", report)
         report["wall_s"] = time.perf_counter() - t0

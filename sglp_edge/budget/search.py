@@ -191,7 +191,7 @@ def make_search(loaded: Any, batches: Sequence[Any], *, device: Optional[str], b
         calib = save_npz(Path(work) / "calib.npz", x)
     log = log or (lambda m: None)
     lm = measure_latency_model(loaded.model, loaded.adapter, example, prof, target, Path(work) / "model", opset=opset,
-                               simplify=simplify, calib=calib, seed=seed, use_cache=use_cache, log=log)
+                               simplify=simplify, calib=calib, seed=seed, use_cache=use_cache, log=log, overrides=bench)
     s = BudgetSearch(loaded.model, loaded.adapter, example, prof, target, lm, budget, margin=margin, max_rounds=rounds,
                      work=Path(work) / "search", opset=opset, simplify=simplify, calib=calib,
                      overrides={k: v for k, v in (bench or {}).items() if k not in ("max_eval", "eval_batch")},

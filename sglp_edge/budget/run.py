@@ -1,12 +1,24 @@
-"""The latency-budget search as report.json shows it: the plan's search record (candidates,
-predicted against measured p90, the chosen one and why) and what the run's own benchmark of the
-fine-tuned network measured on the budget device afterwards."""
+"""``keep: auto`` inside ``sglp-edge run``: what the prune stage needs (the budget device, the
+bench and export settings, all part of the stage's input hash), and the search as report.json
+shows it: the plan's search record (candidates, predicted against measured p90, the one chosen
+and why) with what the run's own benchmark of the fine-tuned network measured afterwards."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+
+def prune_settings(cfg: Any, bench: dict[str, Any], log: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """PruneJob fields for ``keep: auto`` and the extra prune-stage inputs. The budget is the first
+    device's (several devices at once: not yet)."""
+    from ..profiles import load_profile
+
+    dev = cfg.boards()[0].device
+    more = dict(device=dev, bench=bench, export_opset=cfg.export.opset, export_simplify=cfg.export.simplify, log=log)
+    return more, {"budget_device": load_profile(dev).model_dump(mode="json"), "bench": bench,
+                  "export": cfg.export.model_dump()}
 
 
 def search_report(plan_json: Path, report: dict[str, Any]) -> dict[str, Any]:
