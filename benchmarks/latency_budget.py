@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checks: measured p90 within budget {fb['latency_p90_ms'] <= budget}; prediction error <= 0.10 "
               f"{fb['prediction_error'] <= 0.10}; rounds <= 3 {s['rounds'] <= 3}; accuracy drop {acc:.2f} within "
               f"{lim} {acc <= lim if lim is not None else 'n/a'}")
+        import os
+
+        load = os.getloadavg()
+        print(f"load average at the end (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on "
+              f"{os.cpu_count()} cores{' -- figures measured under load' if load[1] > 0.5 * (os.cpu_count() or 1) else ''}")
         (args.out / "latency_budget_bench.json").write_text(json.dumps(
             {"unpruned_p90_ms": full, "budget_ms": budget, "search": s, "sweep": None if args.no_sweep else rows},
             indent=2, default=str) + "\n")
