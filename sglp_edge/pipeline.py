@@ -439,9 +439,10 @@ class Pipeline:
             targets.append((board, comp, b))
         report = task.build_report(self, prune, ft, ev, ex, targets)
         if self.cfg.prune.keep == "auto":
-            from .budget.run import search_report
+            from .budget.run import search_html, search_report
 
             report["latency_search"] = search_report(self.run_dir / "prune" / "plan.json", report)
+            report.setdefault("extra_html", []).append(search_html(report["latency_search"]))
         report["wall_s"] = time.perf_counter() - t0
         report["task"] = task.name
         report["peak_rss_mb"] = {"host_stages": dict(rss), "bench_children": {

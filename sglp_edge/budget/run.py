@@ -41,3 +41,28 @@ def search_report(plan_json: Path, report: dict[str, Any]) -> dict[str, Any]:
         }
         break
     return search
+
+
+def search_html(search: dict[str, Any]) -> dict[str, str]:
+    """The search as a report.html section: budget, latency model, every candidate, the choice."""
+    import html
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+    lm = search.get("latency_model") or {}
+    val = lm.get("validation") or {}
+    fb = search.get("final_bench") or {}
+    rows = "".join(f"<tr><td>{f(c.get('kept'))}</td><td>{f(c.get('n_removed'))}</td><td>{f(c.get('predicted_p90_ms'))}</td>"
+                   f"<td>{f(c.get('measured_p90_ms'))}</td><td>{f(c.get('verdict'))}</td></tr>"
+                   for c in search.get("candidates", []))
+    body = (f"<p>Budget {f(search.get('budget_ms'))} ms p90 on {f(search.get('device'))} ({f(search.get('budget_source'))}); "
+            f"margin {f(search.get('margin'))}: predicted target {f(search.get('predicted_target_ms'))} ms; "
+            f"{f(search.get('rounds'))} measured round(s) of at most {f(search.get('max_rounds'))}. Latency model: "
+            f"{f(lm.get('constant_ms'))} ms + unit costs over {len(lm.get('groups') or [])} group(s), validation on "
+            f"{f(val.get('subsets'))} unseen subsets: mean error {f(val.get('mean_rel_error'))}, max "
+            f"{f(val.get('max_rel_error'))}. After the fine-tune the run's benchmark measured p90 "
+            f"{f(fb.get('latency_p90_ms'))} ms (prediction error {f(fb.get('prediction_error'))}).</p>"
+            "<table id='latency-search'><tr><th>kept</th><th>removed</th><th>predicted p90 ms</th>"
+            f"<th>measured p90 ms</th><th>verdict</th></tr>{rows}</table>")
+    return {"title": "Latency budget search (keep: auto)", "html": body}
