@@ -161,6 +161,7 @@ def test_run_with_keep_auto_meets_a_loose_budget(tmp_path, cache):
     ls = rep["latency_search"]
     assert ls["chosen"]["kept"] == c["kept"] and ls["final_bench"]["latency_p90_ms"] > 0
     assert ls["final_bench"]["meets_budget"] is True
+    assert "id='latency-search'" in (tmp_path / "run" / "report.html").read_text()
 
 
 @needs_fmnist
