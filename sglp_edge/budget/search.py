@@ -8,8 +8,10 @@ each selection:
 * predicted p90 (the target's :class:`~sglp_edge.budget.latency_model.LatencyModel`) above
   ``budget * (1 - margin)`` -> not measured, one more removal;
 * otherwise the network is exported, compiled and benchmarked on the target with the profile's
-  own bench settings (one *round*); a measured p90 within the budget is chosen, a miss takes one
-  more removal;
+  own bench settings (one *round*); a miss takes one more removal. A measured p90 within the
+  budget ends the search, after a *step back*: earlier steps the margin passed over although their
+  prediction is within the budget itself are measured too while rounds are left, so the margin
+  never costs a unit the device could have kept;
 * after ``max_rounds`` measured misses, or when no further removal can be placed, a one-line
   "cannot be met" :class:`UserError`. It is raised before the analysis when even the smallest
   network that could be built is predicted far above the budget.
@@ -83,6 +85,7 @@ class BudgetSearch:
         self.candidates: list[dict[str, Any]] = []
         self.rounds = 0
         self.chosen: Optional[dict[str, Any]] = None
+        self.chosen_n: Optional[int] = None
         self.start = max(1, fewest_removals(lm, self.target_ms))
 
     # ---- checks before the analysis ------------------------------------------------------------
@@ -113,9 +116,12 @@ class BudgetSearch:
         self.log(f"budget: round {self.rounds}: keep {cand['kept']}: predicted {pred:.3f} ms, measured p90 "
                  f"{meas['p90_ms']:.3f} ms (budget {self.budget_ms:.3f} ms)")
         if meas["p90_ms"] <= self.budget_ms:
-            cand["verdict"] = (f"chosen: the fewest removals whose predicted p90 meets {self.target_ms:.3f} ms and "
-                               f"whose measured p90 {meas['p90_ms']:.3f} ms meets the budget {self.budget_ms:.3f} ms")
-            self.chosen = cand
+            cand["verdict"] = (f"met: predicted p90 within {self.target_ms:.3f} ms, measured p90 {meas['p90_ms']:.3f} ms "
+                               f"within the budget {self.budget_ms:.3f} ms")
+            best = self._step_back(cand)
+            if best is not cand:
+                cand["verdict"] += "; not chosen: fewer removals also measured within the budget"
+            self._choose(best)
             return True
         if self.rounds >= self.max_rounds:
             cand["verdict"] = "measured above the budget; no rounds left"
@@ -125,6 +131,33 @@ class BudgetSearch:
                             f"{self.lm.smallest_ms():.4g} ms); raise the budget or --latency-rounds")
         cand["verdict"] = f"measured {meas['p90_ms']:.3f} ms > budget {self.budget_ms:.3f} ms: one more removal"
         return False
+
+    def _step_back(self, met: dict[str, Any]) -> dict[str, Any]:
+        """With rounds left, measure the earlier steps (fewer removals) that the margin passed over
+        although their prediction is within the budget itself; the fewest removals measured within
+        the budget wins."""
+        best = met
+        for c in reversed(self.candidates[:-1]):
+            if self.rounds >= self.max_rounds or c["predicted_p90_ms"] > self.budget_ms or c.get("measured_p90_ms"):
+                break
+            self.rounds += 1
+            c["round"] = self.rounds
+            meas = self.measure(c["removed"], f"round{self.rounds}")
+            c.update(measured_p90_ms=meas["p90_ms"], measured=meas,
+                     prediction_error=abs(c["predicted_p90_ms"] - meas["p90_ms"]) / meas["p90_ms"])
+            self.log(f"budget: round {self.rounds} (a step back inside the margin): keep {c['kept']}: predicted "
+                     f"{c['predicted_p90_ms']:.3f} ms, measured p90 {meas['p90_ms']:.3f} ms")
+            if meas["p90_ms"] > self.budget_ms:
+                c["verdict"] += f"; measured {meas['p90_ms']:.3f} ms > budget on a step back"
+                break
+            c["verdict"] += f"; measured {meas['p90_ms']:.3f} ms within the budget on a step back"
+            best = c
+        return best
+
+    def _choose(self, c: dict[str, Any]) -> None:
+        c["verdict"] = (f"chosen: the fewest removals measured within the budget {self.budget_ms:.3f} ms "
+                        f"(p90 {c['measured_p90_ms']:.3f} ms, predicted {c['predicted_p90_ms']:.3f} ms)")
+        self.chosen, self.chosen_n = c, c["n_removed"]
 
     def exhausted(self, n_remove: int) -> None:
         measured = [c for c in self.candidates if c.get("measured_p90_ms") is not None]

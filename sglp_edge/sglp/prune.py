@@ -223,9 +223,10 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         scorer = CandidateScorer(model, adapter, adapter.with_targets(model, grad_batches), protocol=cfg.protocol,
                                  seed=cfg.seed)
         t = time.perf_counter()
+        tried: dict[int, list[SegmentSelection]] = {}
         while True:
             try:
-                selections = _select_all(scorer, units, segments, n_remove, cfg, progress, redundancy)
+                selections = tried[n_remove] = _select_all(scorer, units, segments, n_remove, cfg, progress, redundancy)
             except UserError:
                 if removal_search is None:
                     raise
@@ -233,6 +234,9 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
             removed = [u for s in selections for u in s.remove]
             if removal_search is not None:
                 if removal_search.accept([u.name for u in units if u.name in set(removed)]):
+                    # the search may settle on an earlier step (fewer removals, measured within budget)
+                    selections = tried.get(getattr(removal_search, "chosen_n", n_remove), selections)
+                    removed = [u for s in selections for u in s.remove]
                     break
                 n_remove += 1
                 continue
