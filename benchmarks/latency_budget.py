@@ -8,9 +8,9 @@ against a sweep of ``keep`` by hand.
 2. ``sglp-edge run`` on configs/default.yaml with ``prune.keep: auto`` and that budget (this one
    device): latency model (cached), SGLP once, measured rounds, the brief KD fine-tune, export,
    compile, benchmark with the profile's settings, accuracy on held-out images.
-3. The sweep by hand: SGLP with ``--keep k`` for every k above the chosen one, each network
-   exported, compiled and timed the same way; none of them may meet the budget (else the search
-   kept too few units).
+3. The sweep by hand: SGLP with ``--keep k`` for each k above the chosen one (upwards, until one
+   misses by more than ``--sweep-stop``), each network exported, compiled and timed the same way;
+   none of them may meet the budget (else the search kept too few units).
 
 Host-side script (torch); the on-device harness it drives is benchmarks/run_bench.py. The summary
 line is printed last. Timings on a shared machine are noisy: figures measured under load say so.
@@ -40,8 +40,10 @@ def _unpruned_p90(loaded, prof, target, bench: dict, tmp: Path, rounds: int) -> 
     return t["p90_ms"]
 
 
-def _sweep(loaded, cfg, prof, target, bench: dict, kept: int, budget: float, tmp: Path) -> list[dict]:
-    """SGLP at every keep above ``kept`` (the user's hand sweep), each timed once like a search round."""
+def _sweep(loaded, cfg, prof, target, bench: dict, kept: int, budget: float, tmp: Path, stop: float) -> list[dict]:
+    """SGLP at each keep above ``kept`` (the user's hand sweep, upwards), each timed once like a
+    search round; it stops once a keep misses the budget by more than ``stop`` (a larger network
+    only adds layers, so it is slower still)."""
     import torch
 
     from sglp_edge.budget.latency_model import build_artifact, time_artifacts
@@ -50,7 +52,7 @@ def _sweep(loaded, cfg, prof, target, bench: dict, kept: int, budget: float, tmp
     n = len(loaded.adapter.units(loaded.model))
     p = cfg.prune
     rows = []
-    for k in range(n - 1, kept, -1):
+    for k in range(kept + 1, n):
         res = run_prune_job(PruneJob(model=cfg.model, out=tmp / f"keep{k}", data=cfg.data, keep=k, method=p.method,
                                      protocol=p.protocol, calib_batches=p.calib_batches, batch_size=p.batch_size,
                                      eval_budget=p.eval_budget, seed=cfg.seed), loaded=loaded)
@@ -60,6 +62,10 @@ def _sweep(loaded, cfg, prof, target, bench: dict, kept: int, budget: float, tmp
         rows.append({"keep": k, "p90_ms": t["p90_ms"], "meets": t["p90_ms"] <= budget})
         print(f"sweep: keep {k}: measured p90 {t['p90_ms']:.3f} ms ({'meets' if rows[-1]['meets'] else 'misses'} "
               f"the budget {budget:.3f} ms)")
+        if t["p90_ms"] > budget * (1 + stop):
+            print(f"sweep: keep {k} misses by {t['p90_ms'] / budget - 1:.1%} (> {stop:.0%}); keeps {k + 1}..{n - 1} "
+                  "add layers to it and are not measured")
+            break
     return rows
 
 
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margin", type=float, default=0.05)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "latency-budget")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds timing the unpruned model")
+    ap.add_argument("--sweep-stop", type=float, default=0.15, help="end the sweep once a keep misses by this fraction")
     ap.add_argument("--no-sweep", action="store_true", help="skip the hand sweep (the check is then not made)")
     args = ap.parse_args(argv)
 
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
               f"in {s['latency_model']['measure_s']:.0f} s")
         ok = True
         if not args.no_sweep:
-            rows = _sweep(loaded, cfg, prof, target, bench, c["kept"], budget, tmp)
+            rows = _sweep(loaded, cfg, prof, target, bench, c["kept"], budget, tmp, args.sweep_stop)
             larger = [r["keep"] for r in rows if r["meets"]]
             largest = max(larger) if larger else None
             if larger:
