@@ -99,7 +99,13 @@ def main(argv: list[str] | None = None) -> int:
               f"(batch {prof.bench.batch_sizes[0]}, {prof.precision}, {prof.threads} threads)")
         cfg = load_config(args.config, {"prune.keep": "auto", "prune.target_macs": None, "prune.latency_budget_ms": budget,
                                         "prune.latency_margin": args.margin, "devices": [args.device]})
-        rep = Pipeline(cfg, args.out, log=lambda m: print(m, file=sys.stderr)).run()
+        from sglp_edge.errors import UserError
+
+        try:
+            rep = Pipeline(cfg, args.out, log=lambda m: print(m, file=sys.stderr)).run()
+        except UserError as e:
+            print(f"error: {e}")
+            return 2
         s = rep["latency_search"]
         c, fb = s["chosen"], s["final_bench"]
         for cand in s["candidates"]:
