@@ -33,6 +33,19 @@ CFG = {
 
 
 @pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A seeded ResNet-20 checkpoint: one set of weights, so its latency model is measured once
+    (test_latency_model_on_onnx_runtime) and the runs below find it in the cache."""
+    from sglp_edge.models.registry import load_model, model_spec, save_checkpoint
+
+    torch.manual_seed(0)
+    loaded = load_model("cifar_resnet20")
+    d = tmp_path_factory.mktemp("tiny") / "resnet20"
+    save_checkpoint(loaded.model, loaded.adapter, d, spec=model_spec(loaded.adapter, loaded.model))
+    return d
+
+
+@pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """One latency cache for this module: the model is measured once, later tests read it."""
     d = tmp_path_factory.mktemp("latency-cache")
@@ -117,15 +130,14 @@ def test_search_takes_the_fewest_removals_that_meet_the_predicted_budget():
     assert plan.search == {"seen": search.seen}
 
 
-def test_latency_model_on_onnx_runtime(tmp_path, cache):
+def test_latency_model_on_onnx_runtime(tmp_path, cache, tiny):
     """Real ONNX Runtime timing, through the local Target: a fit, a validation on unseen subsets, a cache."""
     from sglp_edge.budget.latency_model import measure_latency_model
     from sglp_edge.models.registry import load_model
     from sglp_edge.profiles import load_profile
     from sglp_edge.targets.base import make_target
 
-    torch.manual_seed(0)
-    loaded = load_model("cifar_resnet20")
+    loaded = load_model(str(tiny))
     prof = load_profile("local-cpu-ort")
     target = make_target(prof)
     kw = dict(simplify="none", rounds=1, n_val=2, overrides=QUICK)
@@ -146,10 +158,10 @@ def test_latency_model_on_onnx_runtime(tmp_path, cache):
 
 
 @needs_fmnist
-def test_run_with_keep_auto_meets_a_loose_budget(tmp_path, cache):
+def test_run_with_keep_auto_meets_a_loose_budget(tmp_path, cache, tiny):
     from sglp_edge.pipeline import Pipeline, load_config
 
-    cfg = dict(CFG, prune={**CFG["prune"], "latency_budget_ms": 1000.0})
+    cfg = dict(CFG, model=str(tiny), prune={**CFG["prune"], "latency_budget_ms": 1000.0})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     rep = Pipeline(load_config(tmp_path / "run.yaml"), tmp_path / "run", log=lambda m: None).run()
     plan = json.loads((tmp_path / "run" / "prune" / "plan.json").read_text())
@@ -165,10 +177,10 @@ def test_run_with_keep_auto_meets_a_loose_budget(tmp_path, cache):
 
 
 @needs_fmnist
-def test_impossible_budget_ends_with_cannot_be_met(tmp_path, cache):
+def test_impossible_budget_ends_with_cannot_be_met(tmp_path, cache, tiny):
     """The budget is below what the smallest buildable network reaches: one line, exit status non-zero,
     before any fine-tune, and no run folder left half-written."""
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(CFG))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(dict(CFG, model=str(tiny))))
     env = {**os.environ, "SGLP_EDGE_CACHE": str(cache)}
     p = subprocess.run([sys.executable, "-m", "sglp_edge.cli", "run", "--config", str(tmp_path / "run.yaml"),
                         "--out", str(tmp_path / "run"), "--latency-budget", "0.001"],
