@@ -57,12 +57,13 @@ class PruneJob:
         """Cheap checks of every setting, before the model or the data are touched."""
         from .sglp.prune import ALLOCATIONS, METHODS, PROTOCOLS
 
-        if self.keep is None and self.target_macs is None:
-            raise UserError("say how much to prune: --keep N (units to keep) or --target-macs R (fraction of MACs to remove)")
-        if self.keep is not None and self.target_macs is not None:
-            raise UserError("give exactly one of --keep N or --target-macs R")
         if self.keep == "auto" or self.latency_budget_ms is not None:
             self._validate_auto()
+        elif self.keep is None and self.target_macs is None:
+            raise UserError("say how much to prune: --keep N (units to keep), --target-macs R (fraction of MACs to "
+                            "remove) or --latency-budget MS (keep auto)")
+        elif self.keep is not None and self.target_macs is not None:
+            raise UserError("give exactly one of --keep N or --target-macs R")
         elif isinstance(self.keep, str):
             raise UserError(f"--keep is a number of units or 'auto' (got {self.keep!r})")
         elif self.keep is not None and self.keep < 1:
