@@ -3,8 +3,9 @@ against a sweep of ``keep`` by hand.
 
     python benchmarks/latency_budget.py [--device local-cpu-ort] [--fraction 0.6] [--out runs/latency-budget]
 
-1. The unpruned model is exported, compiled and timed on the device (the profile's batch,
-   precision and threads; alternating rounds, median p90); the budget is ``--fraction`` of that p90.
+1. The latency model of the unpruned model is measured on the device (the profile's batch,
+   precision and threads; the full network and networks with units removed, in alternating
+   rounds); the budget is ``--fraction`` of the full network's median p90 there.
 2. ``sglp-edge run`` on configs/default.yaml with ``prune.keep: auto`` and that budget (this one
    device): latency model (cached), SGLP once, measured rounds, the brief KD fine-tune, export,
    compile, benchmark with the profile's settings, accuracy on held-out images.
@@ -28,16 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _unpruned_p90(loaded, prof, target, bench: dict, tmp: Path, rounds: int) -> float:
+def _unpruned_p90(loaded, cfg, prof, target, bench: dict, tmp: Path) -> float:
+    """The unpruned model's p90 as the latency model measured it (the full network among its
+    alternating rounds): the budget then rests on the same timings the search predicts from; the
+    run below finds this latency model in the cache."""
     import torch
 
-    from sglp_edge.budget.latency_model import build_artifact, time_artifacts
+    from sglp_edge.budget.latency_model import measure_latency_model
 
-    art = build_artifact(loaded.model, torch.zeros(1, *prof.inputs[0].shape[1:]) if prof.inputs else
-                         torch.zeros(1, 3, 32, 32), prof, tmp / "full", opset=None, simplify="onnxslim")
-    t = time_artifacts(target, prof, {"full": art}, tmp / "full-bench", rounds=rounds, overrides=bench)["full"]
-    print(f"unpruned p90 per round: {', '.join(f'{v:.3f}' for v in t['rounds_p90_ms'])} ms -> median {t['p90_ms']:.3f} ms")
-    return t["p90_ms"]
+    lm = measure_latency_model(loaded.model, loaded.adapter, torch.zeros(1, 3, 32, 32), prof, target, tmp / "lm",
+                               opset=cfg.export.opset, simplify=cfg.export.simplify, seed=cfg.seed, overrides=bench,
+                               log=lambda m: print(m, file=sys.stderr))
+    full = next(p for p in lm.points if not p["removed"])
+    print(f"unpruned p90 per round: {', '.join(f'{v:.3f}' for v in full['rounds_p90_ms'])} ms -> median "
+          f"{full['measured_p90_ms']:.3f} ms ({'cached' if lm.cached else 'measured now'}, latency model passes)")
+    return full["measured_p90_ms"]
 
 
 def _sweep(loaded, cfg, prof, target, bench: dict, kept: int, budget: float, tmp: Path, stop: float) -> list[dict]:
@@ -76,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.6, help="budget = this fraction of the unpruned p90")
     ap.add_argument("--margin", type=float, default=0.05)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "latency-budget")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds timing the unpruned model")
     ap.add_argument("--sweep-stop", type=float, default=0.15, help="end the sweep once a keep misses by this fraction")
     ap.add_argument("--no-sweep", action="store_true", help="skip the hand sweep (the check is then not made)")
     args = ap.parse_args(argv)
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(cfg0.model)
     with tempfile.TemporaryDirectory(prefix="sglp-budget-") as t:
         tmp = Path(t)
-        full = _unpruned_p90(loaded, prof, target, bench, tmp, args.rounds)
+        full = _unpruned_p90(loaded, cfg0, prof, target, bench, tmp)
         budget = round(args.fraction * full, 4)
         print(f"budget: {args.fraction:g} x {full:.3f} ms = {budget:.3f} ms p90 on {prof.name} "
               f"(batch {prof.bench.batch_sizes[0]}, {prof.precision}, {prof.threads} threads)")
