@@ -67,11 +67,12 @@ def analyze(model: nn.Module, calib: Any, *, units: str | Sequence[str] | None =
     cka_b = _batches(calib)
     grad_b = _batches(grad_batches) if grad_batches is not None else cka_b[:1]
     adapter = adapter or _adapter(model, units)
+    search = options.pop("removal_search", None)  # keep: auto (sglp_edge.budget.search.BudgetSearch)
     try:
         cfg = PruneConfig(keep=keep, target_macs=target_macs, method=method, **options)
     except TypeError as e:
         raise UserError(f"unknown analyze() option ({e}); see sglp_edge.sglp.prune.PruneConfig") from None
-    plan = _analyze(model, adapter, cka_b, grad_b, cfg, progress=progress)
+    plan = _analyze(model, adapter, cka_b, grad_b, cfg, progress=progress, removal_search=search)
     plan._sglp_adapter = adapter  # type: ignore[attr-defined]  # apply() removes with the same units
     return plan
 

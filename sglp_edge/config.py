@@ -10,10 +10,10 @@ cheaply (unknown task, a batch that cannot fit in this machine's memory) before 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -23,7 +23,12 @@ class _Strict(BaseModel):
 
 
 class PruneSection(_Strict):
-    keep: Optional[int] = Field(None, ge=1)
+    keep: Optional[Union[int, str]] = None  # units to keep, or "auto": the fewest removals meeting a latency budget
+    # keep: auto -- the p90 budget on the first device (default: its profile's latency_p90_ms limit),
+    # the fraction kept in reserve below it for the prediction, and the measured rounds allowed
+    latency_budget_ms: Optional[float] = Field(None, gt=0)
+    latency_margin: float = Field(0.05, ge=0, lt=0.9)
+    latency_rounds: int = Field(3, ge=1, le=10)
     target_macs: Optional[float] = Field(None, gt=0, lt=1)
     method: Literal["sglp", "random", "drop_last", "block_influence", "angular", "sleb"] = "sglp"
     k: Optional[int] = Field(None, ge=1)
@@ -36,8 +41,19 @@ class PruneSection(_Strict):
     allocation: Literal["auto", "proportional", "redundancy"] = "auto"
     heal: Literal["none", "linear"] = "none"
 
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _keep(cls, v: Any) -> Any:
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"keep is a number of units (>= 1) or auto, got {v!r}")
+
     @model_validator(mode="after")
     def _one_target(self) -> "PruneSection":
+        if self.latency_budget_ms is not None and self.keep is None and self.target_macs is None:
+            self.keep = "auto"
+        if self.latency_budget_ms is not None and self.keep != "auto":
+            raise ValueError("prune.latency_budget_ms goes with prune.keep: auto (not a fixed keep or target_macs)")
         if (self.keep is None) == (self.target_macs is None):
             raise ValueError("give exactly one of prune.keep or prune.target_macs")
         return self
@@ -120,6 +136,9 @@ def apply_task_defaults(cfg: RunConfig) -> RunConfig:
         for k, v in values.items():
             if getattr(sec, k) is None:
                 setattr(sec, k, v)
+    if cfg.prune.keep == "auto" and task.name != "image-classification":
+        raise UserError(f"prune.keep: auto (a latency budget) is not yet available for the {task.name} task "
+                        "(decode tokens/s and TTFT budgets come with the LM deploy path); give prune.keep N")
     task.check_config(cfg)
     return cfg
 

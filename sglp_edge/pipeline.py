@@ -127,20 +127,29 @@ class Pipeline:
         from .pruning_job import PruneJob, run_prune_job
 
         p = self.cfg.prune
+        more: dict[str, Any] = {}
+        extra_inputs: dict[str, Any] = {}
+        if p.keep == "auto":  # a latency budget on the first device (sglp_edge.budget)
+            from .budget.run import prune_settings
+
+            more, extra_inputs = prune_settings(self.cfg, _bench_overrides(self.cfg), self.log)
 
         def fn(tmp: Path) -> dict[str, Any]:
             job = PruneJob(model=self.cfg.model, out=tmp / "out", data=self.cfg.data,
                            data_root=Path(self.cfg.data_root) if self.cfg.data_root else None, seed=self.cfg.seed,
-                           **p.model_dump())  # every prune: field of the config is a PruneJob field
+                           **p.model_dump(), **more)  # every prune: field of the config is a PruneJob field
             res = run_prune_job(job, loaded=self.loaded, show_progress=True)
             for f in (tmp / "out").iterdir():  # flatten: prune/{model,plan.json,cka_heatmap.png}
                 f.rename(tmp / f.name)
             (tmp / "out").rmdir()
             pl = res.plan
-            return {"removed": pl.removed, "kept": pl.kept, "units": f"{pl.n_units_before}->{pl.n_units_after}",
-                    "macs_reduction": pl.macs_reduction, "evaluations": pl.evaluations}
+            out = {"removed": pl.removed, "kept": pl.kept, "units": f"{pl.n_units_before}->{pl.n_units_after}",
+                   "macs_reduction": pl.macs_reduction, "evaluations": pl.evaluations}
+            if pl.search:
+                out["latency_search"] = {k: pl.search[k] for k in ("device", "budget_ms", "margin", "rounds", "chosen")}
+            return out
 
-        return self.runner.stage("prune", self._inputs("prune", prune=p.model_dump()), fn)
+        return self.runner.stage("prune", self._inputs("prune", prune=p.model_dump(), **extra_inputs), fn)
 
     def stage_finetune(self) -> dict[str, Any]:
         from .finetune import FinetuneConfig, finetune, kept_unit_map
@@ -430,6 +439,11 @@ class Pipeline:
                 b = task.stage_bench(self, board, comp["stage"])
             targets.append((board, comp, b))
         report = task.build_report(self, prune, ft, ev, ex, targets)
+        if self.cfg.prune.keep == "auto":
+            from .budget.run import search_html, search_report
+
+            report["latency_search"] = search_report(self.run_dir / "prune" / "plan.json", report)
+            report.setdefault("extra_html", []).append(search_html(report["latency_search"]))
         report["wall_s"] = time.perf_counter() - t0
         report["task"] = task.name
         report["peak_rss_mb"] = {"host_stages": dict(rss), "bench_children": {

@@ -8,7 +8,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -22,7 +22,7 @@ class PruneJob:
     out: Path
     data: str = "fashion-mnist"
     data_root: Optional[Path] = None
-    keep: Optional[int] = None
+    keep: Optional[Union[int, str]] = None  # units to keep, or "auto": the fewest removals meeting a latency budget
     target_macs: Optional[float] = None
     method: str = "sglp"
     k: Optional[int] = None
@@ -42,16 +42,31 @@ class PruneJob:
     seed: int = 0
     threads: int = 0
     force: bool = False
+    # keep: "auto" (sglp_edge.budget): the device whose p90 budget is met, the budget (default: the
+    # profile's latency_p90_ms limit), the reserve kept below it for the prediction, measured rounds
+    device: Optional[str] = None
+    latency_budget_ms: Optional[float] = None
+    latency_margin: float = 0.05
+    latency_rounds: int = 3
+    bench: Optional[dict] = None  # bench setting overrides for the measured rounds
+    export_opset: Optional[int] = None
+    export_simplify: str = "onnxslim"
+    log: Optional[Callable[[str], None]] = None
 
     def validate(self) -> None:
         """Cheap checks of every setting, before the model or the data are touched."""
         from .sglp.prune import ALLOCATIONS, METHODS, PROTOCOLS
 
-        if self.keep is None and self.target_macs is None:
-            raise UserError("say how much to prune: --keep N (units to keep) or --target-macs R (fraction of MACs to remove)")
-        if self.keep is not None and self.target_macs is not None:
+        if self.keep == "auto" or self.latency_budget_ms is not None:
+            self._validate_auto()
+        elif self.keep is None and self.target_macs is None:
+            raise UserError("say how much to prune: --keep N (units to keep), --target-macs R (fraction of MACs to "
+                            "remove) or --latency-budget MS (keep auto)")
+        elif self.keep is not None and self.target_macs is not None:
             raise UserError("give exactly one of --keep N or --target-macs R")
-        if self.keep is not None and self.keep < 1:
+        elif isinstance(self.keep, str):
+            raise UserError(f"--keep is a number of units or 'auto' (got {self.keep!r})")
+        elif self.keep is not None and self.keep < 1:
             raise UserError(f"--keep must be >= 1 (got {self.keep})")
         if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
             raise UserError(f"--target-macs is the fraction of MACs to remove, between 0 and 1; got {self.target_macs}")
@@ -71,6 +86,20 @@ class PruneJob:
                 raise UserError(f"{name} must be {'>= 0' if zero_ok else '>= 1'} (got {value})")
         if self.weights is not None and not Path(self.weights).is_file():
             raise UserError(f"weights file {self.weights} does not exist")
+
+
+    def _validate_auto(self) -> None:
+        from .budget.search import budget_from_profile, check_budget_settings
+        from .profiles import load_profile
+
+        if self.keep not in (None, "auto") or self.target_macs is not None:
+            raise UserError("a latency budget chooses how many units to keep: give --latency-budget (keep: auto) "
+                            "or --keep N / --target-macs R, not both")
+        self.keep = "auto"
+        if self.method != "sglp":
+            raise UserError(f"a latency budget (keep: auto) searches with SGLP; --method {self.method} takes --keep N")
+        check_budget_settings(self.latency_margin, self.latency_rounds)
+        budget_from_profile(load_profile(self.device or "local-cpu-ort"), self.latency_budget_ms)
 
 
 @dataclass
@@ -204,6 +233,35 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
     opts = dict(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
                 exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
                 eval_budget=job.eval_budget or None, allocation=job.allocation, heal=job.heal, seed=job.seed)
+    search = None
+    if job.keep == "auto":
+        if adapter.modality != "image":
+            raise UserError("keep: auto (a latency budget) is not yet available for LMs and encoders (decode tokens/s "
+                            "and TTFT budgets come with the LM deploy path); give --keep N")
+        import shutil
+        import tempfile
+
+        from .budget.search import make_search
+
+        work = Path(tempfile.mkdtemp(prefix="sglp-latency-"))
+        try:
+            search = make_search(loaded, cka_b, device=job.device, budget_ms=job.latency_budget_ms,
+                                 margin=job.latency_margin, rounds=job.latency_rounds, work=work, opset=job.export_opset,
+                                 simplify=job.export_simplify, bench=job.bench, seed=job.seed, log=job.log or print)
+            opts.update(keep=None, unit_costs=search.lm.unit_costs_ms, removal_search=search)
+            return _finish(job, loaded, cka_b, grad_b, opts, show_progress, t0, search)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return _finish(job, loaded, cka_b, grad_b, opts, show_progress, t0, None)
+
+
+def _finish(job: PruneJob, loaded: Any, cka_b: list, grad_b: list, opts: dict, show_progress: bool, t0: float,
+            search: Any) -> PruneResult:
+    from .models.registry import model_spec, save_checkpoint
+    from .sglp.plots import cka_heatmap_png
+    from . import api
+
+    model, adapter = loaded.model, loaded.adapter
     progress = None
     if show_progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -242,6 +300,9 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
             save_checkpoint(pruned, adapter, model_dir, spec=spec or model_spec(adapter, model),
                             removed_units=[*prior, plan.removed],
                             extra={"pruned_from": str(job.model), "method": plan.method})
+        if search is not None:
+            plan_d["config"]["keep"] = "auto"
+            (tmp / "latency_model.json").write_text(json.dumps(search.lm.to_dict(), indent=2) + "\n")
         (tmp / "plan.json").write_text(json.dumps(plan_d, indent=2) + "\n")
         if plan.cka is not None:
             (tmp / "cka_heatmap.png").write_bytes(cka_heatmap_png(plan_d))

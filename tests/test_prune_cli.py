@@ -62,6 +62,10 @@ def test_baseline_method_and_macs_target(tmp_path):
     (["cifar_resnet20", "--keep", "1"], "cannot be removed"),
     (["cifar_resnet20"], "--keep N"),
     (["cifar_resnet20", "--keep", "6", "--method", "magic"], "unknown method"),
+    (["cifar_resnet20", "--keep", "many"], "number of units or 'auto'"),
+    (["cifar_resnet20", "--latency-budget", "-1"], "--latency-budget must be a positive"),
+    (["cifar_resnet20", "--keep", "6", "--latency-budget", "5"], "not both"),
+    (["cifar_resnet20", "--keep", "auto", "--device", "local-cpu-ort-lm"], "no latency_p90_ms constraint"),
     (["cifar_resnet20", "--keep", "6", "--data", "cifar10", "--data-root", "/nonexistent"], "cifar"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):

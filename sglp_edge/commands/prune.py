@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option("fashion-mnist", "--data", help="calibration data: fashion-mnist, mnist5k, cifar10, "
                                                                 "cifar100, imagefolder:<dir>, text"),
         data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder of a local CIFAR copy"),
-        keep: Optional[int] = typer.Option(None, "--keep", help="number of layer units to keep"),
+        keep: Optional[str] = typer.Option(None, "--keep", help="number of layer units to keep, or 'auto': the fewest "
+                                           "removals meeting --device's latency budget"),
         target_macs: Optional[float] = typer.Option(None, "--target-macs", help="fraction of MACs to remove (0..1)"),
         method: str = typer.Option("sglp", "--method", help="sglp, random, drop_last, block_influence, angular, sleb"),
         heal: str = typer.Option("none", "--heal", help="training-free healing of each removed run: none | linear "
@@ -45,15 +46,31 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)"),
         force: bool = typer.Option(False, "--force", help="replace an --out folder an earlier sglp-edge command wrote"),
+        latency_budget: Optional[float] = typer.Option(None, "--latency-budget", help="p90 latency budget in ms on "
+                                                       "--device (implies --keep auto; default with --keep auto: the "
+                                                       "profile's latency_p90_ms limit)"),
+        latency_margin: float = typer.Option(0.05, "--latency-margin", help="fraction of the budget kept in reserve "
+                                             "for the latency model's prediction"),
+        latency_rounds: int = typer.Option(3, "--latency-rounds", help="measured rounds before giving up"),
+        device: str = typer.Option("local-cpu-ort", "--device", help="device profile whose latency budget --keep auto meets"),
     ) -> None:
         """Prune whole layer units with SGLP (CKA -> Fisher segments -> GradNorm) or a baseline."""
         from ..pruning_job import PruneJob, run_prune_job
 
+        from ..errors import UserError
+
+        if keep is not None and keep != "auto":
+            try:
+                keep = int(keep)  # type: ignore[assignment]
+            except ValueError:
+                raise UserError(f"--keep is a number of units or 'auto' (got {keep!r})") from None
         job = PruneJob(model=model, out=out, data=data, data_root=data_root, keep=keep, target_macs=target_macs,
                        method=method, k=k, protocol=protocol, calib_batches=calib_batches, grad_batches=grad_batches,
                        batch_size=batch_size, seq_len=seq_len, exhaustive_budget=exhaustive_budget,
                        beam_width=beam_width, eval_budget=eval_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, seed=seed,
-                       threads=threads, force=force)
+                       threads=threads, force=force, device=device, latency_budget_ms=latency_budget,
+                       latency_margin=latency_margin, latency_rounds=latency_rounds,
+                       log=lambda m: typer.echo(m, err=True))
         job.validate()
         guard_out_dir(out, force=force, inputs=(model, weights, data_root, data))
         result = run_prune_job(job, show_progress=True)
@@ -63,3 +80,8 @@ def register(app: typer.Typer) -> None:
             f"{p.params_after:,} (-{100 * p.params_reduction:.1f}%), MACs {p.macs_before:,} -> {p.macs_after:,} "
             f"(-{100 * p.macs_reduction:.1f}%), {p.evaluations} GradNorm evaluations, {p.wall_s:.1f} s -> {out}"
         )
+        if p.search and p.search.get("chosen"):
+            c = p.search["chosen"]
+            typer.echo(f"latency budget {p.search['budget_ms']:.3f} ms on {p.search['device']}: keep {c['kept']}, "
+                       f"predicted p90 {c['predicted_p90_ms']:.3f} ms, measured p90 {c['measured_p90_ms']:.3f} ms, "
+                       f"{p.search['rounds']} measured round(s) (search in {out / 'plan.json'})")

@@ -31,6 +31,10 @@ def register(app: typer.Typer) -> None:
         emulate: bool = typer.Option(False, "--emulate", help="benchmark ARM devices on the emulated ARM board "
                                      "(aarch64 runtime under qemu-aarch64): accuracy and parity on the ARM build; "
                                      "latency recorded as emulated, never held"),
+        latency_budget: Optional[float] = typer.Option(None, "--latency-budget", help="p90 latency budget in ms on the "
+                                                       "first device: sets prune.keep auto (the fewest removals meeting it)"),
+        latency_margin: Optional[float] = typer.Option(None, "--latency-margin", help="fraction of the budget kept in "
+                                                       "reserve for the prediction (default 0.05)"),
     ) -> None:
         """prune -> fine-tune -> export -> compile -> benchmark -> report. Exit code 1 when a
         device's constraint fails; 3 when a device's artifact must be built on its board and no --host
@@ -43,8 +47,12 @@ def register(app: typer.Typer) -> None:
 
         positive("--threads", threads, zero_ok=True)
         config = _resolve_config(config)
-        overrides = {"devices": list(device)} if device else None
-        cfg = load_config(config, overrides)
+        overrides = {"devices": list(device)} if device else {}
+        if latency_budget is not None:
+            overrides.update({"prune.keep": "auto", "prune.target_macs": None, "prune.latency_budget_ms": latency_budget})
+        if latency_margin is not None:
+            overrides["prune.latency_margin"] = latency_margin
+        cfg = load_config(config, overrides or None)
         if host and emulate:
             from ..errors import UserError
 

@@ -339,15 +339,19 @@ def adjacent_redundancy(cka: Any) -> list[float]:
     return [float(cka[i - 1][i]) if i else float(cka[0][1]) for i in range(n)]
 
 
-def allocate_removals(segment_removables: Sequence[int], segment_sizes: Sequence[int], n_remove: int) -> list[int]:
+def allocate_removals(segment_removables: Sequence[int], segment_sizes: Sequence[int], n_remove: int,
+                      weights: Sequence[float] | None = None) -> list[int]:
     """Split a global number of removals over segments in proportion to their removable units
-    (largest remainder), never emptying a segment (each keeps >= 1 unit, removable or not)."""
+    (largest remainder), never emptying a segment (each keeps >= 1 unit, removable or not).
+    ``weights`` (e.g. each segment's measured latency of its removable units) replace the counts
+    as the proportions; the caps stay."""
     caps = [min(r, s - 1) for r, s in zip(segment_removables, segment_sizes)]
     if n_remove > sum(caps):
         raise UserError(f"cannot remove {n_remove} units while keeping one unit per segment "
                         f"(at most {sum(caps)}); ask for fewer segments (--k) or keep more units")
-    total = sum(segment_removables) or 1
-    exact = [n_remove * r / total for r in segment_removables]
+    w = [float(x) for x in (weights if weights is not None else segment_removables)]
+    total = sum(w) or 1.0
+    exact = [n_remove * r / total for r in w]
     alloc = [min(int(math.floor(e)), c) for e, c in zip(exact, caps)]
     order = sorted(range(len(exact)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
     while sum(alloc) < n_remove:

@@ -49,6 +49,9 @@ class PruneConfig:
     # kept unit before the run; sglp_edge.sglp.heal)
     heal: str = "none"
     heal_ridge: float = 1e-2
+    # measured latency of each removable unit on the target (sglp_edge.budget): removals are then
+    # split over segments in proportion to the latency their removable units cost
+    unit_costs: dict[str, float] | None = None
 
 
 @dataclass
@@ -75,6 +78,7 @@ class PrunePlan:
     allocation: str | None = None  # how removals were split over segments (sglp)
     loss_table: list[float] | None = None
     selections: list[dict[str, Any]] = field(default_factory=list)
+    search: dict[str, Any] | None = None  # the latency-budget search (sglp_edge.budget), when keep is "auto"
     heal: dict[str, Any] | None = None  # the healing report, set by apply_plan
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -146,8 +150,15 @@ def compute_cka(model: nn.Module, adapter: ModelAdapter, units: Sequence[Unit], 
 
 
 def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any], grad_batches: Sequence[Any],
-            cfg: PruneConfig, progress: Any = None) -> PrunePlan:
-    """Run the chosen method and return the plan (nothing is modified)."""
+            cfg: PruneConfig, progress: Any = None, removal_search: Any = None) -> PrunePlan:
+    """Run the chosen method and return the plan (nothing is modified). ``removal_search`` (SGLP
+    only; see :class:`sglp_edge.budget.search.BudgetSearch`) replaces keep/target_macs: starting at
+    its ``start`` removals, one more each step until its ``accept(removed)`` says yes; its
+    ``exhausted(n)`` is called (and raises) when ``n`` removals can no longer be placed."""
+    if removal_search is not None:
+        if cfg.method != "sglp":
+            raise UserError(f"a latency budget (keep: auto) searches with SGLP; --method {cfg.method} takes --keep N")
+        cfg.keep = len(adapter.units(model)) - removal_search.start  # the first step; the search goes on from it
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
     if cfg.heal not in HEALS:
@@ -212,9 +223,23 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         scorer = CandidateScorer(model, adapter, adapter.with_targets(model, grad_batches), protocol=cfg.protocol,
                                  seed=cfg.seed)
         t = time.perf_counter()
+        tried: dict[int, list[SegmentSelection]] = {}
         while True:
-            selections = _select_all(scorer, units, segments, n_remove, cfg, progress, redundancy)
+            try:
+                selections = tried[n_remove] = _select_all(scorer, units, segments, n_remove, cfg, progress, redundancy)
+            except UserError:
+                if removal_search is None:
+                    raise
+                removal_search.exhausted(n_remove)  # raises: no network with n_remove removals can be built
             removed = [u for s in selections for u in s.remove]
+            if removal_search is not None:
+                if removal_search.accept([u.name for u in units if u.name in set(removed)]):
+                    # the search may settle on an earlier step (fewer removals, measured within budget)
+                    selections = tried.get(getattr(removal_search, "chosen_n", n_remove), selections)
+                    removed = [u for s in selections for u in s.remove]
+                    break
+                n_remove += 1
+                continue
             got = sum(unit_macs[u] for u in removed) / macs_before if macs_before else 0.0
             if cfg.target_macs is None or got >= cfg.target_macs or n_remove >= len(removable):
                 break
@@ -222,6 +247,8 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         timings["gradnorm_s"] = time.perf_counter() - t
         evaluations = scorer.evaluations
         plan_kw["selections"] = [asdict(s) for s in selections]
+        if removal_search is not None:
+            plan_kw["search"] = removal_search.record()
     else:
         from .baselines import select_baseline
 
@@ -278,8 +305,14 @@ def _allocation_mode(cfg: PruneConfig, adapter: ModelAdapter) -> str:
 
 
 def _allocate(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
-              redundancy: Sequence[float] | None) -> list[int]:
-    """Removals per segment: by redundancy when given, else in proportion to removable units."""
+              redundancy: Sequence[float] | None, costs: dict[str, float] | None = None) -> list[int]:
+    """Removals per segment: by redundancy when given, else in proportion to removable units (or
+    to their measured latency, with ``costs``)."""
+    if costs is not None:
+        return allocate_removals([sum(u.removable for u in units[a:b]) for a, b in segments],
+                                 [b - a for a, b in segments], n_remove,
+                                 weights=[sum(costs.get(u.name, 0.0) for u in units[a:b] if u.removable)
+                                          for a, b in segments])
     if redundancy is not None:
         return allocate_removals_by_redundancy([range(a, b) for a, b in segments], [u.removable for u in units],
                                                redundancy, n_remove)
@@ -293,7 +326,7 @@ def _search_need(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_r
     the removals cannot be placed (a segment would be emptied)."""
     seg_removable = [[u for u in units[a:b] if u.removable] for a, b in segments]
     try:
-        alloc = _allocate(units, segments, n_remove, redundancy)
+        alloc = _allocate(units, segments, n_remove, redundancy, cfg.unit_costs)
     except UserError:
         return None
     return sum(search_cost(len(r), len(r) - a, cfg.exhaustive_budget, cfg.beam_width, _direction(cfg))
@@ -319,7 +352,7 @@ def _fit_k_to_budget(x: np.ndarray, units: Sequence[Unit], k: int, k_max: int, n
 def _select_all(scorer: CandidateScorer, units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
                  cfg: PruneConfig, progress: Any, redundancy: Sequence[float] | None = None) -> list[SegmentSelection]:
     seg_removable = [[u.name for u in units[a:b] if u.removable] for a, b in segments]
-    alloc = _allocate(units, segments, n_remove, redundancy)
+    alloc = _allocate(units, segments, n_remove, redundancy, cfg.unit_costs)
     direction = _direction(cfg)
     shape = [(len(r), len(r) - a) for r, a in zip(seg_removable, alloc)]
     needs = [search_cost(n, r, cfg.exhaustive_budget, cfg.beam_width, direction) for n, r in shape]
