@@ -37,6 +37,9 @@ def register(app: typer.Typer) -> None:
         beam_width: int = typer.Option(2, "--beam-width"),
         eval_budget: int = typer.Option(80, "--eval-budget", help="GradNorm evaluations over all segments "
                                                                   "(0 = unbounded: exhaustive/beam everywhere)"),
+        k_budget: str = typer.Option("search", "--k-budget", help="search: keep the k the CKA structure supports "
+                                     "(elbow) and spend --eval-budget inside its segments | raise: raise k until "
+                                     "every segment's exhaustive/beam search fits --eval-budget (the old default)"),
         allocation: str = typer.Option("auto", "--allocation", help="removals per segment: proportional (to removable "
                                        "units) | redundancy (where adjacent-CKA is highest) | auto (redundancy for LMs)"),
         units: Optional[str] = typer.Option(None, "--units", help="declare layer units by module path globs, e.g. 'layer1.*,layer2.*'"),
@@ -52,7 +55,7 @@ def register(app: typer.Typer) -> None:
         job = PruneJob(model=model, out=out, data=data, data_root=data_root, keep=keep, target_macs=target_macs,
                        method=method, k=k, protocol=protocol, calib_batches=calib_batches, grad_batches=grad_batches,
                        batch_size=batch_size, seq_len=seq_len, exhaustive_budget=exhaustive_budget,
-                       beam_width=beam_width, eval_budget=eval_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, seed=seed,
+                       beam_width=beam_width, eval_budget=eval_budget, k_budget=k_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, seed=seed,
                        threads=threads, force=force)
         job.validate()
         guard_out_dir(out, force=force, inputs=(model, weights, data_root, data))
