@@ -349,6 +349,8 @@ def _choose_k(x: np.ndarray, units: Sequence[Unit], k_max: int, n_remove: int, c
             rec["note"] = (f"k raised from {raised} ({cfg.k_rule}) to {k}: the smallest number of segments whose "
                            f"GradNorm search (exhaustive or beam) fits --eval-budget {cfg.eval_budget} (--k-budget raise)")
             why += f"; raised to {k} so that exhaustive/beam search fits the budget of {cfg.eval_budget} (--k-budget raise)"
+        else:
+            why += "; kept: its searches fit the evaluation budget"
     else:  # (more segments never help placing the removals: each segment keeps a unit)
         need = needs[k]
         if need is not None and cfg.eval_budget is not None and need > cfg.eval_budget:
