@@ -15,8 +15,9 @@ def register(app: typer.Typer) -> None:
     @app.command("prune")
     @user_errors
     def prune(
-        model: str = typer.Argument(..., help="'default' (shipped ResNet-56), a checkpoint folder, an HF folder / .gguf / "
-                                              "'smollm2', cifar_resnet20..110 or torchvision:<arch>"),
+        model: str = typer.Argument(..., help="'default' (shipped ResNet-56), 'mobilenetv2' (shipped small MobileNetV2), "
+                                              "a checkpoint folder, an HF folder / .gguf / 'smollm2', "
+                                              "cifar_resnet20..110 or torchvision:<arch>"),
         out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
         data: str = typer.Option("fashion-mnist", "--data", help="calibration data: fashion-mnist, mnist5k, cifar10, "
                                                                 "cifar100, imagefolder:<dir>, text"),
