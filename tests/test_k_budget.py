@@ -50,7 +50,7 @@ def test_plan_records_why_k_and_how_the_budget_was_spent():
     m = cifar_resnet(20).eval()
     a = get_adapter(m)
     g = torch.Generator().manual_seed(1)
-    b = [(torch.randn(16, 3, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))]
+    b = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))]
     plan = analyze(m, a, b, b, PruneConfig(keep=5, eval_budget=12))
     kc, bud = plan.k_choice, plan.budget
     assert plan.k == kc["k"] == choose_k(plan.sequence, kc["k_max"])  # the rule's k, not the budget's
