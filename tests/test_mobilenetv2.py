@@ -107,3 +107,29 @@ def test_prune_job_on_the_shipped_model(tmp_path):
     assert back.removed_units == plan["removed"] and len(back.model.blocks) == 10
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(back.model(x), res.pruned.eval()(x))
+
+
+def test_heal_folds_into_the_inverted_residual_projection():
+    """--heal linear works on this family: the channel map folds into the kept block's 1x1
+    projection + BN (the branch output becomes M T), and healing never raises the calibration loss."""
+    from sglp_edge.sglp.baselines import calibration_loss
+    from sglp_edge.sglp.heal import _fold, heal_linear
+
+    m = _net(2)
+    blk = m.blocks[4]
+    z = torch.randn(2, 24, 6, 6)
+    T = torch.randn(24, 24, dtype=torch.float64)
+    with torch.no_grad():
+        before = blk.conv(z).double()
+        _fold(blk, "conv_bn", T)
+        after = blk.conv(z).double()
+    assert torch.allclose(after, torch.einsum("bohw,oc->bchw", before, T), atol=1e-4)
+    m = _net(3)
+    a = get_adapter(m)
+    g = torch.Generator().manual_seed(0)
+    b = [(torch.randn(16, 1, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g))]
+    removed = ["blocks.7", "blocks.8", "blocks.11"]
+    healed, rep = heal_linear(m, a, removed, b)
+    assert [r.before for r in rep.runs] == ["blocks.6", "blocks.10"]
+    assert all(r.loss_before is not None for r in rep.runs)  # a map was fitted for every run
+    assert calibration_loss(a, a.remove(healed, removed), b) <= calibration_loss(a, a.remove(m, removed), b) + 1e-6
