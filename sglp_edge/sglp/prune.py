@@ -330,8 +330,9 @@ def _choose_k(x: np.ndarray, units: Sequence[Unit], k_max: int, n_remove: int, c
               redundancy: Sequence[float] | None) -> tuple[int, str, dict[str, Any]]:
     """(k, how it was chosen, the record of why) for an automatic k. The k rule reads the CKA
     structure; under ``k_budget="search"`` that k stays and the evaluation budget goes to the
-    search inside its segments; under
-    ``"raise"`` k is raised to the smallest whose exhaustive/beam searches fit the budget."""
+    search inside its segments; under ``"raise"`` k is raised to the smallest whose
+    exhaustive/beam searches fit the budget. The record holds the loss and elbow distance per k
+    and the evaluations each k's exhaustive/beam search would need."""
     from .segmentation import choose_k, elbow_curve, fisher_segments
 
     rule_k = choose_k(x, k_max=k_max, rule=cfg.k_rule)
