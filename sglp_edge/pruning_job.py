@@ -34,7 +34,7 @@ class PruneJob:
     exhaustive_budget: int = 64
     beam_width: int = 2
     eval_budget: Optional[int] = 80
-    k_budget: str = "search"
+    k_budget: str = "raise"
     allocation: str = "auto"
     heal: str = "none"
     units: Optional[str] = None

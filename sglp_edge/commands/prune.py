@@ -38,9 +38,9 @@ def register(app: typer.Typer) -> None:
         beam_width: int = typer.Option(2, "--beam-width"),
         eval_budget: int = typer.Option(80, "--eval-budget", help="GradNorm evaluations over all segments "
                                                                   "(0 = unbounded: exhaustive/beam everywhere)"),
-        k_budget: str = typer.Option("search", "--k-budget", help="search: keep the k the CKA structure supports "
-                                     "(elbow) and spend --eval-budget inside its segments | raise: raise k until "
-                                     "every segment's exhaustive/beam search fits --eval-budget (the old default)"),
+        k_budget: str = typer.Option("raise", "--k-budget", help="raise: raise k until every segment's exhaustive/beam "
+                                     "search fits --eval-budget | search: keep the k the CKA structure supports "
+                                     "(elbow) and spend --eval-budget on a budgeted search inside its segments"),
         allocation: str = typer.Option("auto", "--allocation", help="removals per segment: proportional (to removable "
                                        "units) | redundancy (where adjacent-CKA is highest) | auto (redundancy for LMs)"),
         units: Optional[str] = typer.Option(None, "--units", help="declare layer units by module path globs, e.g. 'layer1.*,layer2.*'"),
