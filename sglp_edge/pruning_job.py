@@ -34,6 +34,7 @@ class PruneJob:
     exhaustive_budget: int = 64
     beam_width: int = 2
     eval_budget: Optional[int] = 80
+    k_budget: str = "raise"
     allocation: str = "auto"
     heal: str = "none"
     units: Optional[str] = None
@@ -55,7 +56,7 @@ class PruneJob:
 
     def validate(self) -> None:
         """Cheap checks of every setting, before the model or the data are touched."""
-        from .sglp.prune import ALLOCATIONS, METHODS, PROTOCOLS
+        from .sglp.prune import ALLOCATIONS, K_BUDGETS, METHODS, PROTOCOLS
 
         if self.keep == "auto" or self.latency_budget_ms is not None:
             self._validate_auto()
@@ -71,7 +72,8 @@ class PruneJob:
         if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
             raise UserError(f"--target-macs is the fraction of MACs to remove, between 0 and 1; got {self.target_macs}")
         for name, value, allowed in (("--method", self.method, METHODS), ("--protocol", self.protocol, PROTOCOLS),
-                                     ("--allocation", self.allocation, ALLOCATIONS)):
+                                     ("--allocation", self.allocation, ALLOCATIONS),
+                                     ("--k-budget", self.k_budget, K_BUDGETS)):
             if value not in allowed:
                 what = name.lstrip("-")
                 raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)} ({name})")
@@ -134,7 +136,8 @@ def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: i
         text = D.get_text_dataset(loaded.tokenizer, data_root, seed=seed, block_size=seq_len,
                                   max_tokens=max(4 * need, 200_000))
         return text.calibration_batches(n_batches, batch_size or 8, seed=seed + offset)
-    bundle = D.get_dataset(data, root=data_root, seed=seed, resize=fixed_input_size(loaded.model))
+    bundle = D.get_dataset(data, root=data_root, seed=seed, resize=fixed_input_size(loaded.model),
+                           channels=input_channels(loaded.model))
     if info is not None:
         info["num_classes"] = bundle.num_classes
     return bundle.calibration_batches(n_batches, batch_size or 128, seed=seed + offset)
@@ -145,6 +148,12 @@ def fixed_input_size(model: Any) -> Optional[int]:
     ``image_size``; a user model may set ``model.image_size``), else None."""
     size = getattr(model, "image_size", None)
     return int(size) if isinstance(size, int) and size > 0 else None
+
+
+def input_channels(model: Any) -> int:
+    """The image channels a model takes: 1 for a grey-scale model that says so
+    (``model.in_channels == 1``, e.g. the shipped MobileNetV2), else 3 (grey data repeated)."""
+    return 1 if getattr(model, "in_channels", None) == 1 else 3
 
 
 def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] = None,
@@ -232,7 +241,7 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         seed=job.seed, data_root=job.data_root, offset=1)
     opts = dict(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
                 exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
-                eval_budget=job.eval_budget or None, allocation=job.allocation, heal=job.heal, seed=job.seed)
+                eval_budget=job.eval_budget or None, k_budget=job.k_budget, allocation=job.allocation, heal=job.heal, seed=job.seed)
     search = None
     if job.keep == "auto":
         if adapter.modality != "image":

@@ -9,7 +9,7 @@ from benchmarks import recovery as R
 
 
 def _args(**kw):
-    return SimpleNamespace(**{"protocol": "natural", "allocation": "auto", "grad_batches": 1, **kw})
+    return SimpleNamespace(**{"protocol": "natural", "allocation": "auto", "grad_batches": 1, "k_budget": "raise", **kw})
 
 
 def test_variants_name_protocol_and_allocation():
@@ -23,6 +23,16 @@ def test_variants_name_protocol_and_allocation():
     assert gb == {"allocation": "redundancy", "grad_batches": 4} and R._suffix(gb) == "-redundancy-gb4"
     with pytest.raises(SystemExit, match="unknown SGLP variant"):
         R._variant("sglp-magic", _args(), lm=False)
+
+
+def test_k_budget_variants_are_keyed_apart_and_old_rows_are_raise():
+    # rows cached before --k-budget existed were made with k raised to fit the budget: no key
+    assert R._variant("sglp-raise", _args(k_budget="search"), lm=False) == ("sglp", "natural", "proportional", {})
+    b, p, a, extra = R._variant("sglp", _args(k_budget="search"), lm=False)
+    assert extra == {"k_budget": "search"} and R._suffix(extra) == "-search"
+    assert R._variant("sglp-search+heal", _args(), lm=False)[3] == {"k_budget": "search", "heal": "linear"}
+    assert R._key_method("sglp-raise") == R._key_method("sglp-search+heal") == "sglp"
+    assert R._variant("sleb", _args(k_budget="search"), lm=False)[3] == {}  # baselines have no k
 
 
 def test_cached_rows_are_found_by_equal_settings_only(tmp_path):

@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         else:
             if input_shape:
                 shape = _parse_shape(input_shape)
-            elif hasattr(net, "in_channels") and type(net).__name__ == "CifarResNet":
+            elif hasattr(net, "in_channels") and type(net).__name__ in ("CifarResNet", "SmallMobileNetV2"):
                 shape = (int(net.in_channels), 32, 32)
             else:
                 shape = (3, 224, 224)
@@ -110,11 +110,12 @@ def register(app: typer.Typer) -> None:
         if parity_data is not None:
             d = load_npz(parity_data, what="parity data").head(parity_samples)
             px, py, source = d.x, d.y, f"{parity_data} ({len(d)} samples)"
-        elif kind == "image" and tuple(example.shape[1:]) == (3, 32, 32):
+        elif kind == "image" and tuple(example.shape[1:]) in ((3, 32, 32), (1, 32, 32)):
             from benchmarks.parity import FMNIST_DIR, load_fashion_mnist
 
             try:
                 px, py = load_fashion_mnist("test", parity_samples)
+                px = px[:, : example.shape[1]].copy()  # grey repeated to 3 channels: a grey model takes one
                 source = f"Fashion-MNIST test images ({parity_samples}, {FMNIST_DIR})"
             except UserError as e:
                 console.print(f"[yellow]note:[/] {e}; parity on random inputs (pass --parity-data)")

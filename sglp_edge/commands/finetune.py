@@ -119,9 +119,10 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"neither {pruned} nor {teacher} has a tokenizer; save the tokenizer with the model")
             bundle = get_dataset("text", data_root, seed=seed, tokenizer=tok, block_size=block_size, max_tokens=max_tokens)
         else:
-            from sglp_edge.pruning_job import fixed_input_size
+            from sglp_edge.pruning_job import fixed_input_size, input_channels
 
-            bundle = get_dataset(data, data_root, seed=seed, resize=fixed_input_size(student.model))
+            bundle = get_dataset(data, data_root, seed=seed, resize=fixed_input_size(student.model),
+                                 channels=input_channels(student.model))
         fmap = feature_map_for(student, orig) if feature_weight > 0 else None
         cfg = FinetuneConfig(
             epochs=epochs, steps=steps, minutes=minutes, batch_size=batch_size or (8 if lm else 128),

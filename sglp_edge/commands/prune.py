@@ -15,8 +15,9 @@ def register(app: typer.Typer) -> None:
     @app.command("prune")
     @user_errors
     def prune(
-        model: str = typer.Argument(..., help="'default' (shipped ResNet-56), a checkpoint folder, an HF folder / .gguf / "
-                                              "'smollm2', cifar_resnet20..110 or torchvision:<arch>"),
+        model: str = typer.Argument(..., help="'default' (shipped ResNet-56), 'mobilenetv2' (shipped small MobileNetV2), "
+                                              "a checkpoint folder, an HF folder / .gguf / 'smollm2', "
+                                              "cifar_resnet20..110 or torchvision:<arch>"),
         out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
         data: str = typer.Option("fashion-mnist", "--data", help="calibration data: fashion-mnist, mnist5k, cifar10, "
                                                                 "cifar100, imagefolder:<dir>, text"),
@@ -38,6 +39,9 @@ def register(app: typer.Typer) -> None:
         beam_width: int = typer.Option(2, "--beam-width"),
         eval_budget: int = typer.Option(80, "--eval-budget", help="GradNorm evaluations over all segments "
                                                                   "(0 = unbounded: exhaustive/beam everywhere)"),
+        k_budget: str = typer.Option("raise", "--k-budget", help="raise: raise k until every segment's exhaustive/beam "
+                                     "search fits --eval-budget | search: keep the k the CKA structure supports "
+                                     "(elbow) and spend --eval-budget on a budgeted search inside its segments"),
         allocation: str = typer.Option("auto", "--allocation", help="removals per segment: proportional (to removable "
                                        "units) | redundancy (where adjacent-CKA is highest) | auto (redundancy for LMs)"),
         units: Optional[str] = typer.Option(None, "--units", help="declare layer units by module path globs, e.g. 'layer1.*,layer2.*'"),
@@ -67,7 +71,7 @@ def register(app: typer.Typer) -> None:
         job = PruneJob(model=model, out=out, data=data, data_root=data_root, keep=keep, target_macs=target_macs,
                        method=method, k=k, protocol=protocol, calib_batches=calib_batches, grad_batches=grad_batches,
                        batch_size=batch_size, seq_len=seq_len, exhaustive_budget=exhaustive_budget,
-                       beam_width=beam_width, eval_budget=eval_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, seed=seed,
+                       beam_width=beam_width, eval_budget=eval_budget, k_budget=k_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, seed=seed,
                        threads=threads, force=force, device=device, latency_budget_ms=latency_budget,
                        latency_margin=latency_margin, latency_rounds=latency_rounds,
                        log=lambda m: typer.echo(m, err=True))

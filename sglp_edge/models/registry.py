@@ -24,13 +24,19 @@ from exporters.atomic import atomic_dir
 from ..errors import UserError
 from .base import AdapterError, ModelAdapter
 from .cifar_resnet import CifarResNetAdapter, cifar_resnet
+from .mobilenet_small import SmallMobileNetV2Adapter, mobilenetv2_fmnist
 
 CHECKPOINT_FORMAT = "sglp-edge/vision-checkpoint/1"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_MODEL = ASSETS / "resnet56_fmnist"
+MOBILENET_MODEL = ASSETS / "mobilenetv2_fmnist"
+#: names of the shipped trained vision models -> their asset folder
+SHIPPED = {"default": DEFAULT_MODEL, "resnet56": DEFAULT_MODEL, "resnet56-fmnist": DEFAULT_MODEL,
+           "mobilenetv2": MOBILENET_MODEL, "mobilenetv2-fmnist": MOBILENET_MODEL}
 
 SUPPORTED_FAMILIES = (
     "CIFAR ResNet-20/32/44/56/110 (cifar_resnet20..cifar_resnet110), "
+    "a small MobileNetV2 for 28x28 grey images (mobilenetv2_fmnist), "
     "torchvision ResNet-18/34/50/101, VGG-11/13/16/19-BN, MobileNetV2, EfficientNet-B0..B7, ViT-B/L, "
     "Hugging Face decoders (Llama, SmolLM, Qwen2, Qwen3, Mistral, Phi-3, Gemma 2/3; folder or .gguf), "
     "BERT-family sentence encoders (BERT/MiniLM, RoBERTa; folder or 'minilm')"
@@ -38,7 +44,7 @@ SUPPORTED_FAMILIES = (
 
 
 def _adapter_classes() -> list[type[ModelAdapter]]:
-    classes: list[type[ModelAdapter]] = [CifarResNetAdapter]
+    classes: list[type[ModelAdapter]] = [CifarResNetAdapter, SmallMobileNetV2Adapter]
     try:
         from .torchvision_adapters import ADAPTERS as TV
 
@@ -241,6 +247,8 @@ def _builtin(name: str) -> Callable[..., nn.Module] | None:
     for d in (20, 32, 44, 56, 110):
         if n in (f"cifar_resnet{d}", f"resnet{d}_cifar"):
             return lambda num_classes=10, d=d: cifar_resnet(d, num_classes=num_classes)
+    if n in ("mobilenetv2_fmnist", "mobilenetv2_small"):
+        return lambda num_classes=10: mobilenetv2_fmnist(num_classes=num_classes)
     return None
 
 
@@ -249,10 +257,12 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     """Resolve a model named on the command line.
 
     * ``default`` / ``resnet56`` - the shipped ResNet-56 trained on Fashion-MNIST;
+    * ``mobilenetv2`` - the shipped small MobileNetV2 trained on Fashion-MNIST (1 x 32 x 32 input);
     * a folder with ``sglp_model.json`` - a vision checkpoint written by sglp-edge;
     * a folder with ``config.json``, a ``.gguf`` file, or ``smollm2`` - a Hugging Face decoder LM;
     * ``minilm``, or a folder whose ``config.json`` says bert/roberta - a sentence encoder;
     * ``cifar_resnet20..110`` - a CIFAR ResNet (random init unless ``weights``);
+    * ``mobilenetv2_fmnist`` - the small MobileNetV2 architecture (random init unless ``weights``);
     * ``torchvision:<name>`` (e.g. ``torchvision:resnet18``) - a torchvision architecture (random
       init unless ``weights`` points at a state dict on disk; nothing is downloaded).
     """
@@ -260,16 +270,18 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"weights file {weights} does not exist")
     path = Path(src)
-    trained = src in ("default", "resnet56", "resnet56-fmnist", "smollm2", "minilm") or path.suffix == ".gguf" or path.is_dir()
+    trained = src in (*SHIPPED, "smollm2", "minilm") or path.suffix == ".gguf" or path.is_dir()
     if trained and (weights is not None or units):
         opt = "--weights" if weights is not None else "--units"
         raise UserError(f"{opt} applies to an architecture given by name (torchvision:<arch>, cifar_resnet20..110, "
                         f"file.py:build_fn, .pt2); {src} already holds its weights and layer units - drop {opt}")
-    if src in ("default", "resnet56", "resnet56-fmnist"):
-        if not (DEFAULT_MODEL / "sglp_model.json").is_file():
-            raise UserError(f"the embedded default model is missing at {DEFAULT_MODEL}; reinstall sglp-edge "
-                            "or train it with `sglp-edge train` (see README)")
-        loaded = load_checkpoint(DEFAULT_MODEL)
+    if src in SHIPPED:
+        folder = SHIPPED[src]
+        if not (folder / "sglp_model.json").is_file():
+            how = "python scripts/train_mobilenetv2.py" if folder == MOBILENET_MODEL else "`sglp-edge train`"
+            raise UserError(f"the embedded model {src} is missing at {folder}; reinstall sglp-edge "
+                            f"or train it with {how} (see README)")
+        loaded = load_checkpoint(folder)
         loaded.kind = "builtin"
         return loaded
     from .hf_encoder import is_encoder_source
@@ -307,7 +319,7 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
         if any(sep in src for sep in ("/", "\\")) or src.endswith((".pt", ".pth", ".safetensors")):
             raise UserError(f"model path {src} does not exist")
         raise UserError(f"unknown model {src!r}; give a checkpoint folder, a Hugging Face folder or .gguf, "
-                        f"'default', 'smollm2', 'minilm', cifar_resnet20..110 or torchvision:<arch>. Supported families: {SUPPORTED_FAMILIES}")
+                        f"'default', 'mobilenetv2', 'smollm2', 'minilm', cifar_resnet20..110, mobilenetv2_fmnist or torchvision:<arch>. Supported families: {SUPPORTED_FAMILIES}")
     if weights is not None:
         state = load_state_dict_file(weights)
         try:

@@ -15,7 +15,7 @@ pixel (CNNs, a 1x1 channel map), by ridge least squares in float64 pulled toward
 
 ``T`` folds into the branch's last linear map: ``down_proj`` (``W <- T' W``, ``b <- b T``) or
 ``conv2`` + ``bn2`` (BN folded into the conv, then ``T`` applied; ``bn2`` left as the identity
-affine map with the folded bias). Runs are healed in forward order on the pruned network, so each
+affine map with the folded bias), or an inverted-residual block's projection conv + BN the same way. Runs are healed in forward order on the pruned network, so each
 fit sees what earlier removals and heals left. A fit is kept only where it helps: when it lowers
 the calibration loss of the network (``adapter.loss`` on the calibration batches); otherwise the
 run stays un-healed, and the report says so. A run with no foldable kept unit before it (e.g.
@@ -77,15 +77,26 @@ def removed_runs(units: Sequence[Unit], removed: Sequence[str]) -> list[tuple[in
 
 # ---- where a map can be folded ----------------------------------------------------------------
 
+def _conv_bn(unit: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+    """The last conv + BN of a CNN block's branch: ``conv2``/``bn2`` of a ResNet basic block, or
+    the 1x1 linear projection + BN ending an inverted-residual block's ``conv`` sequence (MobileNetV2)."""
+    conv2, bn2 = getattr(unit, "conv2", None), getattr(unit, "bn2", None)
+    if isinstance(conv2, nn.Conv2d) and isinstance(bn2, nn.BatchNorm2d) and conv2.groups == 1:
+        return conv2, bn2
+    seq = getattr(unit, "conv", None)
+    if isinstance(seq, nn.Sequential) and len(seq) >= 2 and isinstance(seq[-2], nn.Conv2d) \
+            and isinstance(seq[-1], nn.BatchNorm2d) and seq[-2].groups == 1:
+        return seq[-2], seq[-1]
+    return None
+
+
 def _branch(unit: nn.Module) -> tuple[nn.Module, str] | None:
     """(module whose output is the residual branch M, fold kind) of a kept unit, or None."""
     mlp = getattr(unit, "mlp", None)
     if isinstance(mlp, nn.Module) and isinstance(getattr(mlp, "down_proj", None), nn.Linear):
         return mlp, "linear"
-    conv2, bn2 = getattr(unit, "conv2", None), getattr(unit, "bn2", None)
-    if isinstance(conv2, nn.Conv2d) and isinstance(bn2, nn.BatchNorm2d) and conv2.groups == 1:
-        return bn2, "conv_bn"
-    return None
+    cb = _conv_bn(unit)
+    return (cb[1], "conv_bn") if cb is not None else None
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +121,7 @@ def _fold(unit: nn.Module, kind: str, T: torch.Tensor, m_mean: torch.Tensor | No
         if lin.bias is not None:
             lin.bias.copy_(lin.bias @ Tf)
         return
-    conv, bn = unit.conv2, unit.bn2
+    conv, bn = _conv_bn(unit)  # type: ignore[misc]
     scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).double()
     shift = bn.bias.double() - bn.running_mean.double() * scale
     w = conv.weight.double() * scale[:, None, None, None]  # BN folded into the conv

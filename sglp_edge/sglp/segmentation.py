@@ -126,6 +126,21 @@ def default_k_max(n: int) -> int:
     return max(1, min(10, n // 2))
 
 
+def elbow_curve(x: np.ndarray | list[float], k_max: int | None = None) -> dict[str, list[float]]:
+    """The curve :func:`choose_k`'s elbow rule reads, for the record: the optimal loss L(k) for
+    k = 1..k_max and each k's distance below the normalised chord (the elbow rule takes the
+    largest; all zero when the curve has no span)."""
+    a = _as_sequence(x)
+    k_max = default_k_max(a.size) if k_max is None else _check_k(k_max, a.size, "k_max")
+    L = fisher_loss_table(a, k_max)
+    span = L[0] - L[-1]
+    if k_max < 2 or span <= 1e-12 * max(L[0], np.finfo(float).tiny):
+        dist = np.zeros(k_max)
+    else:
+        dist = 1.0 - np.arange(k_max) / (k_max - 1) - (L - L[-1]) / span
+    return {"loss_by_k": [float(v) for v in L], "elbow_distance_by_k": [float(v) for v in dist]}
+
+
 def choose_k(x: np.ndarray | list[float], k_max: int | None = None, rule: str = "elbow",
              frac: float = 0.1) -> int:
     """Choose the number of segments from the optimal loss curve L(1..k_max).

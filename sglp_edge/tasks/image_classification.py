@@ -23,11 +23,11 @@ class ImageClassification(Task):
 
     def load_data(self, pipe: Any) -> Any:
         from ..data import get_dataset
-        from ..pruning_job import fixed_input_size
+        from ..pruning_job import fixed_input_size, input_channels
 
-        # fixed-resolution models (ViTs) get their data at their own input size
+        # fixed-resolution models (ViTs) get their data at their own input size; grey models, 1 channel
         return get_dataset(pipe.cfg.data, root=pipe.cfg.data_root, seed=pipe.cfg.seed,
-                           resize=fixed_input_size(pipe.loaded.model))
+                           resize=fixed_input_size(pipe.loaded.model), channels=input_channels(pipe.loaded.model))
 
     def save_model(self, pipe: Any, loaded: Any, model: Any, folder: Path, extra: dict[str, Any]) -> None:
         from ..models.registry import save_checkpoint
