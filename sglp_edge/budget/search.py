@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import UserError
-from .latency_model import LatencyModel, build_artifact, time_artifacts
+from .latency_model import CANDIDATE_ROUNDS, LatencyModel, build_artifact, time_artifacts
 
 #: raise before the analysis when the smallest buildable network is predicted this far above budget
 FAR_ABOVE = 1.25
@@ -174,12 +174,13 @@ class BudgetSearch:
                         "a unit; raise the budget (--latency-budget) or pick a faster device")
 
     def measure(self, removed: Sequence[str], name: str) -> dict[str, Any]:
-        """Export, compile and benchmark one candidate on the target with the profile's bench settings."""
+        """Export, compile and benchmark one candidate on the target: the median p90 of
+        :data:`CANDIDATE_ROUNDS` passes."""
         net = self.adapter.remove(self.model, list(removed)) if removed else self.model
         art = build_artifact(net, self.example, self.profile, self.work / name, opset=self.opset,
                              simplify=self.simplify, calib=self.calib)
-        return time_artifacts(self.target, self.profile, {name: art}, self.work / name / "bench", rounds=1,
-                              overrides=self.overrides)[name]
+        return time_artifacts(self.target, self.profile, {name: art}, self.work / name / "bench",
+                              rounds=CANDIDATE_ROUNDS, overrides=self.overrides)[name]
 
     def record(self) -> dict[str, Any]:
         lm = self.lm
