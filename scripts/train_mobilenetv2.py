@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from sglp_edge.commands.train import write_trained_checkpoint
     from sglp_edge.data import get_dataset
     from sglp_edge.models.mobilenet_small import SmallMobileNetV2Adapter, mobilenetv2_fmnist
-    from sglp_edge.train import BASELINE_RECIPE, LoopConfig, train_classifier
+    from sglp_edge.train import BASELINE_RECIPE, LoopConfig, train_classifier, training_manifest
 
     bundle = get_dataset("fashion-mnist", seed=args.seed, channels=1)
     torch.manual_seed(args.seed)  # the initial weights depend on the seed only
@@ -54,17 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python scripts/train_mobilenetv2.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
         if k not in ("out", "no_progress") and v != ap.get_default(k))
-    manifest = {
-        "model": "mobilenetv2_fmnist", "dataset": bundle.describe(), "seed": args.seed,
-        "epochs": round(res.fit.epochs, 3), "steps": res.fit.steps, "recipe": res.recipe,
-        "selected": res.fit.selected, "val_acc": round(res.val_acc, 5),
-        "test_acc": None if res.test_acc is None else round(res.test_acc, 5),
-        "train_minutes": round(res.fit.train_seconds / 60, 2), "wall_minutes_this_run": round((time.time() - t0) / 60, 2),
-        "resumed_from_step": res.fit.resumed_from_step,
-        "history": [{"epoch": h["epoch"], "step": h["step"], "val_acc": round(h.get("val", {}).get("acc", float("nan")), 5)}
-                    for h in res.fit.history],
-        "reproduce": cmd, "torch": torch.__version__,
-    }
+    manifest = training_manifest("mobilenetv2_fmnist", bundle, args.seed, res, t0, cmd)
     write_trained_checkpoint(res.model, SmallMobileNetV2Adapter(), args.out, manifest)
     state.unlink(missing_ok=True)
     test = "n/a" if res.test_acc is None else f"{res.test_acc:.2%}"

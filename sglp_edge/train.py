@@ -617,6 +617,22 @@ class TrainResult:
     recipe: dict[str, Any]
 
 
+def training_manifest(model: str, bundle: Any, seed: int, res: TrainResult, started: float,
+                      reproduce: str) -> dict[str, Any]:
+    """What a trained checkpoint's manifest records: data, recipe, selection, accuracies, time, history."""
+    return {
+        "model": model, "dataset": bundle.describe(), "seed": seed,
+        "epochs": round(res.fit.epochs, 3), "steps": res.fit.steps, "recipe": res.recipe,
+        "selected": res.fit.selected, "val_acc": round(res.val_acc, 5),
+        "test_acc": None if res.test_acc is None else round(res.test_acc, 5),
+        "train_minutes": round(res.fit.train_seconds / 60, 2), "wall_minutes_this_run": round((time.time() - started) / 60, 2),
+        "resumed_from_step": res.fit.resumed_from_step,
+        "history": [{"epoch": h["epoch"], "step": h["step"], "val_acc": round(h.get("val", {}).get("acc", float("nan")), 5)}
+                    for h in res.fit.history],
+        "reproduce": reproduce, "torch": torch.__version__,
+    }
+
+
 def train_classifier(model: nn.Module, data: Any, cfg: LoopConfig, *, state_path: str | Path | None = None,
                      label_smoothing: float = 0.0, progress: bool = True, desc: str = "train") -> TrainResult:
     """Plain supervised training of an image classifier on ``data`` (an ImageDataBundle):

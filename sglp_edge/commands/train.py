@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
 
         from sglp_edge.data import get_dataset
         from sglp_edge.models.registry import load_model
-        from sglp_edge.train import BASELINE_RECIPE, Interrupted, LoopConfig, train_classifier
+        from sglp_edge.train import BASELINE_RECIPE, Interrupted, LoopConfig, train_classifier, training_manifest
 
         if epochs is None and steps is None and minutes is None:
             from sglp_edge.errors import UserError
@@ -106,22 +106,11 @@ def register(app: typer.Typer) -> None:
         except Interrupted as e:
             typer.echo(f"interrupted: {e}", err=True)
             raise typer.Exit(130)
-        manifest = {
-            "model": model, "dataset": bundle.describe(), "seed": seed,
-            "epochs": round(res.fit.epochs, 3), "steps": res.fit.steps, "recipe": res.recipe,
-            "selected": res.fit.selected, "val_acc": round(res.val_acc, 5),
-            "test_acc": None if res.test_acc is None else round(res.test_acc, 5),
-            "train_minutes": round(res.fit.train_seconds / 60, 2), "wall_minutes_this_run": round((time.time() - t0) / 60, 2),
-            "resumed_from_step": res.fit.resumed_from_step,
-            "history": [{"epoch": h["epoch"], "step": h["step"], "val_acc": round(h.get("val", {}).get("acc", float("nan")), 5)}
-                        for h in res.fit.history],
-            "reproduce": reproduce_command("train", [model], {
+        manifest = training_manifest(model, bundle, seed, res, t0, reproduce_command("train", [model], {
                 "--data": data, "--data-root": data_root, "--epochs": epochs, "--steps": steps, "--minutes": minutes,
                 "--batch-size": batch_size, "--lr": lr, "--weight-decay": weight_decay, "--warmup": warmup,
                 "--label-smoothing": label_smoothing or None, "--seed": seed, "--val-size": val_size,
-                "--threads": threads, "--out": out}),
-            "torch": torch.__version__,
-        }
+                "--threads": threads, "--out": out}))
         write_trained_checkpoint(res.model, loaded.adapter, out, manifest)
         state_path.unlink(missing_ok=True)
         test = "n/a" if res.test_acc is None else f"{res.test_acc:.2%}"
