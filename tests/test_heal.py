@@ -20,12 +20,7 @@ from sglp_edge.sglp.heal import _fold, heal_linear, removed_runs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _units(n: int, fixed=()) -> list[Unit]:
