@@ -37,7 +37,8 @@ from torch import nn
 from ..errors import UserError
 from .base import AdapterError, ModelAdapter, Unit
 from .hf_llm import (PRUNE_META_FILE, _first_line, _load_tokenizer, _offline, _reindex, _undo, checked_layers,
-                     prune_metadata, record_kept_layers, save_pretrained_folder, token_inputs, unit_index)
+                     not_pretrained_reason, prune_metadata, record_kept_layers, save_pretrained_folder,
+                     token_inputs, unit_index)
 
 #: config.model_type -> family name, for the encoders this adapter is tested on
 SUPPORTED_MODEL_TYPES: dict[str, str] = {"bert": "BERT / MiniLM", "roberta": "RoBERTa"}
@@ -60,12 +61,9 @@ def _encoder_layers(model: Any) -> nn.ModuleList | None:
 def unsupported_reason(model: Any) -> str | None:
     """Why ``model`` is not a supported sentence encoder (``None`` when it is). Never raises."""
     name = type(model).__name__
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return "transformers is not installed (pip install 'sglp-edge[llm]')"
-    if not isinstance(model, PreTrainedModel):
-        return f"{name} is not a transformers PreTrainedModel"
+    why = not_pretrained_reason(model)
+    if why:
+        return why
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:

@@ -78,15 +78,23 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return layers if isinstance(layers, nn.ModuleList) else None
 
 
-def unsupported_reason(model: Any) -> str | None:
-    """Why ``model`` is not a supported decoder LM (``None`` when it is). Cheap; never raises."""
-    name = type(model).__name__
+def not_pretrained_reason(model: Any) -> str | None:
+    """Why ``model`` is not a transformers model at all (``None`` when it is); never raises."""
     try:
         from transformers import PreTrainedModel
     except ImportError:
         return "transformers is not installed (pip install 'sglp-edge[llm]')"
     if not isinstance(model, PreTrainedModel):
-        return f"{name} is not a transformers PreTrainedModel"
+        return f"{type(model).__name__} is not a transformers PreTrainedModel"
+    return None
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why ``model`` is not a supported decoder LM (``None`` when it is). Cheap; never raises."""
+    name = type(model).__name__
+    why = not_pretrained_reason(model)
+    if why:
+        return why
     layers = _decoder_layers(model)
     if layers is None:
         return f"{name} has no decoder layers at model.model.layers (an nn.ModuleList)"
