@@ -5,6 +5,7 @@ tune each with KD from the original under the same budget, and compare held-out 
     python benchmarks/recovery.py mobilenetv2 [--keep 8] [--epochs 3] [--seeds 3]
     python benchmarks/recovery.py resnet56 --steps 0     # training-free only: no KD (after-KD = pruned)
     python benchmarks/recovery.py smollm2  [--keep 22] [--lm-steps 120] [--seeds 3]
+    python benchmarks/recovery.py smollm2 --lm-steps 0   # training-free only
 
 Methods: sglp and its variants (sglp-reference, sglp-proportional, ...), the baselines random,
 drop_last, block_influence, angular, sleb; any of them with ``+heal`` (training-free linear healing
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular", "sleb")
 
 
-PROTOCOLS = ("natural", "reference", "loss")
+PROTOCOLS = ("natural", "reference", "loss", "healed")
 ALLOCATIONS = ("proportional", "redundancy")
 K_BUDGETS = ("search", "raise")
 VISION = {"resnet56": ("ResNet-56", "r56", 14), "mobilenetv2": ("MobileNetV2", "mnv2", 8)}
@@ -184,13 +185,13 @@ def run_smollm2(args) -> None:
     test = text.split("test")[: args.eval_blocks]
     base = _perplexity(teacher.model, test)
     print(f"baseline SmolLM2-135M held-out perplexity {base:.2f} on {len(test)} blocks of {args.seq_len} tokens; "
-          "budget per method: " + (f"{args.lm_steps} steps" if args.lm_steps else f"{args.minutes} min")
+          "budget per method: " + (f"{args.lm_steps} steps" if args.lm_steps is not None else f"{args.minutes} min")
           + f" of KD fine-tune, keep {args.keep}/30")
     rows = []
     for seed, method in _grid(args):
         base_method, protocol, allocation, extra = _variant(method, args, lm=True)
         settings = {"model": "smollm2", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
-                    "minutes": None if args.lm_steps else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
+                    "minutes": None if args.lm_steps is not None else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
                     "seq_len": args.seq_len, "max_tokens": args.max_tokens,
                     "eval_blocks": args.eval_blocks, "seed": seed, **extra}
         cached = _cached_row(args.workdir, settings)
@@ -220,6 +221,13 @@ def run_smollm2(args) -> None:
                                          heal=extra.get("heal", "none"), seed=seed), loaded=teacher)
             pruned, removed = res.pruned, res.plan.removed
         pruned_ppl = _perplexity(pruned, test)
+        if args.lm_steps == 0:  # training-free only: the after-KD fields repeat the pruned figure
+            rows.append({"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": pruned_ppl,
+                         "steps": 0, "wall_s": time.perf_counter() - t0})
+            _save_row(args.workdir, settings, rows[-1])
+            print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  (no KD, "
+                  f"{rows[-1]['wall_s']:.0f} s)", flush=True)
+            continue
         cfg = FinetuneConfig(minutes=None if args.lm_steps else args.minutes, steps=args.lm_steps, batch_size=4,
                              lr=args.lm_lr, optimizer="adamw", weight_decay=0.0,
                              alpha=0.9, temperature=2.0, seed=seed, progress=sys.stderr.isatty(),
@@ -342,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--minutes", type=float, default=10.0, help="LM fine-tune budget per method")
     ap.add_argument("--lm-steps", type=int, default=None,
-                    help="LM fine-tune budget in steps instead of minutes (equal work per method on a loaded machine)")
+                    help="LM fine-tune budget in steps instead of minutes (equal work per method on a loaded machine); "
+                         "0 = training-free only (after-KD = pruned)")
     ap.add_argument("--lm-lr", type=float, default=5e-5)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=400_000)

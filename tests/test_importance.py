@@ -215,3 +215,29 @@ def test_loss_protocol_scores_the_calibration_loss_and_lowest_wins():
     assert sel.keep == [min(losses, key=losses.get)]
     assert sorted(sel.scores.values()) == pytest.approx(sorted(losses.values()), rel=1e-6)
     assert all(p.grad is None for p in m.parameters())  # forward only
+
+
+def test_healed_protocol_scores_the_loss_after_linear_healing_and_lowest_wins():
+    from sglp_edge.sglp.baselines import calibration_loss
+    from sglp_edge.sglp.heal import heal_linear
+
+    m, a, b = _setup()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    units = ["layer2.1", "layer2.2", "layer3.1"]
+    sc = CandidateScorer(m, a, b, protocol="healed")
+    assert not sc.higher_is_better
+    sel = select_in_segment(sc, 1, units, 1, exhaustive_budget=10)
+    healed_loss, plain_loss = {}, {}
+    for keep in units:
+        removed = [u for u in units if u != keep]
+        healed, _ = heal_linear(m, a, removed, b)
+        with a.without_units(healed, removed):
+            healed_loss[keep] = calibration_loss(a, healed, b)
+        with a.without_units(m, removed):
+            plain_loss[keep] = calibration_loss(a, m, b)
+    assert sel.keep == [min(healed_loss, key=healed_loss.get)]
+    assert sorted(sel.scores.values()) == pytest.approx(sorted(healed_loss.values()), rel=1e-6)
+    # a heal is kept only where it lowers the calibration loss: never above the un-healed loss
+    assert all(healed_loss[k] <= plain_loss[k] + 1e-6 for k in units)
+    # every fit works on a copy: the scorer's network is untouched
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

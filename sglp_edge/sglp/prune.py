@@ -300,7 +300,7 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 
 def _direction(cfg: PruneConfig) -> str:
     if cfg.direction == "auto":  # under the natural protocol a built-up partial net is far from trained: tear down
-        return "down" if cfg.protocol in ("natural", "loss") else "auto"
+        return "down" if cfg.protocol in ("natural", "loss", "healed") else "auto"
     return cfg.direction
 
 
