@@ -173,6 +173,8 @@ def test_run_with_keep_auto_meets_a_loose_budget(tmp_path, cache, tiny):
     ls = rep["latency_search"]
     assert ls["chosen"]["kept"] == c["kept"] and ls["final_bench"]["latency_p90_ms"] > 0
     assert ls["final_bench"]["meets_budget"] is True
+    assert c["raw_p90_ms"] > 0 and c["measured_p90_ms"] == pytest.approx(c["ratio"] * s["anchor_full_p90_ms"])
+    assert ls["final_bench"]["raw_latency_p90_ms"] > 0 and ls["final_bench"]["ratio_to_original"] > 0
     assert "id='latency-search'" in (tmp_path / "run" / "report.html").read_text()
 
 
@@ -197,3 +199,83 @@ def test_lm_budgets_are_not_yet(tmp_path):
     (tmp_path / "lm.yaml").write_text(yaml.safe_dump({"model": "smollm2", "data": "text", "prune": {"keep": "auto"}}))
     with pytest.raises(UserError, match="not yet available"):
         load_config(tmp_path / "lm.yaml")
+
+
+def test_search_report_anchors_the_final_bench_to_the_original(tmp_path):
+    """The run's bench times original and pruned: anchored = pruned / original x the latency model's
+    unpruned p90; the verdict and error use it, the raw figures stay beside it."""
+    from sglp_edge.budget.run import search_html, search_report
+
+    search = {"device": "dev", "budget_ms": 1.2, "anchor_full_p90_ms": 2.0,
+              "chosen": {"kept": 16, "predicted_p90_ms": 1.0}, "candidates": []}
+    (tmp_path / "plan.json").write_text(json.dumps({"search": search}))
+    report = {"targets": [{"device": "dev", "constraints": [
+        {"metric": "latency_p90_ms", "measured": 2.2}, {"metric": "accuracy_drop_pct", "measured": 0.5, "passed": True}],
+        "results": {"original": {"latency_ms": {"p90": 4.0}}, "pruned": {"latency_ms": {"p90": 2.2}}}}]}
+    fb = search_report(tmp_path / "plan.json", report)["final_bench"]
+    assert fb["ratio_to_original"] == pytest.approx(0.55) and fb["latency_p90_ms"] == pytest.approx(1.1)
+    assert fb["meets_budget"] is True and fb["prediction_error"] == pytest.approx(0.1 / 1.1)
+    assert fb["raw_latency_p90_ms"] == 2.2 and fb["raw_meets_budget"] is False
+    assert fb["raw_prediction_error"] == pytest.approx(1.2 / 2.2) and fb["original_p90_ms"] == 4.0
+    assert "anchored" in search_html({**search, "final_bench": fb})["html"]
+
+
+def _artifact(tiny, tmp_path, removed=()):
+    from sglp_edge.budget.latency_model import build_artifact
+    from sglp_edge.models.registry import load_model
+    from sglp_edge.profiles import load_profile
+
+    loaded = load_model(str(tiny))
+    net = loaded.adapter.remove(loaded.model, list(removed)) if removed else loaded.model
+    return loaded, build_artifact(net, torch.randn(1, 3, 32, 32), load_profile("local-cpu-ort"), tmp_path,
+                                  opset=None, simplify="none")
+
+
+def test_time_artifacts_with_a_reference_gives_per_round_ratios(tmp_path, tiny):
+    """Real ONNX Runtime through the local Target: a network timed against itself is ~1x (a loose
+    bound: passes on a shared CPU move); raw figures are kept beside the ratio."""
+    from sglp_edge.budget.latency_model import time_artifacts
+    from sglp_edge.profiles import load_profile
+    from sglp_edge.targets.base import make_target
+
+    _, art = _artifact(tiny, tmp_path / "a")
+    prof = load_profile("local-cpu-ort")
+    t = time_artifacts(make_target(prof), prof, {"self": art}, tmp_path / "bench", rounds=2, overrides=QUICK,
+                       reference=art)["self"]
+    assert len(t["rounds_p90_ms"]) == len(t["reference_rounds_p90_ms"]) == len(t["rounds_ratio"]) == 2
+    assert all(r == pytest.approx(a / b) for r, a, b in zip(t["rounds_ratio"], t["rounds_p90_ms"],
+                                                             t["reference_rounds_p90_ms"]))
+    assert 0.5 < t["ratio"] < 2.0 and t["p90_ms"] > 0 and t["reference_p90_ms"] > 0
+    with pytest.raises(UserError, match="may not be named"):
+        time_artifacts(make_target(prof), prof, {"__reference__": art}, tmp_path / "b", rounds=1, overrides=QUICK,
+                       reference=art)
+
+
+def test_search_decides_on_the_anchored_p90(tmp_path, tiny):
+    """The candidate's p90 is its ratio to the unpruned network timed alongside, times the latency
+    model's unpruned p90: with that anchor at 10 s, a ~1 ms network misses a 50 ms budget (raw, it
+    would meet it); with the anchor at 1 us it meets a 0.01 ms budget (raw, it would miss)."""
+    from sglp_edge.budget.latency_model import LatencyModel
+    from sglp_edge.budget.search import BudgetSearch
+    from sglp_edge.profiles import load_profile
+    from sglp_edge.targets.base import make_target
+
+    loaded, _ = _artifact(tiny, tmp_path / "unused")
+    prof = load_profile("local-cpu-ort")
+    removable = [u.name for u in loaded.adapter.units(loaded.model) if u.removable]
+    removed = removable[:1]
+    kw = dict(margin=0.0, max_rounds=2, simplify="none", overrides=QUICK)
+    for anchor, budget, met in ((1e4, 50.0, False), (1e-3, 1e-2, True)):
+        lm = LatencyModel(constant_ms=0.0, unit_costs_ms={u: 0.0 for u in removable}, groups=[], key={},
+                          points=[{"removed": [], "measured_p90_ms": anchor}])
+        s = BudgetSearch(loaded.model, loaded.adapter, torch.randn(1, 3, 32, 32), prof, make_target(prof), lm, budget,
+                         work=tmp_path / f"s{anchor}", **kw)
+        assert s.full_ms == anchor
+        assert s.accept(removed) is met
+        c = s.candidates[-1]
+        assert c["measured_p90_ms"] == c["anchored_p90_ms"] == pytest.approx(c["ratio"] * anchor)
+        assert c["raw_p90_ms"] > 0 and c["reference_p90_ms"] > 0 and 0.2 < c["ratio"] < 2.0
+        assert (c["raw_p90_ms"] <= budget) is not met  # the raw figure alone would have decided the other way
+        assert c["prediction_error"] == pytest.approx(abs(c["predicted_p90_ms"] - c["measured_p90_ms"])
+                                                      / c["measured_p90_ms"])
+        assert (s.chosen is c) is met and s.record()["anchor_full_p90_ms"] == anchor

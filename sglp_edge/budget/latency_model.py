@@ -14,6 +14,13 @@ benchmark. The method is cheap and honest:
   least squares, then validated on further random subsets that took no part in the fit: the
   report gives each one's predicted against measured p90 and the relative error.
 
+Candidates measured later (:mod:`sglp_edge.budget.search`) are *anchored* to this model: each is
+timed in alternating rounds with the unpruned network (``time_artifacts(..., reference=...)``) and
+its p90 is expressed as ``ratio x`` :meth:`LatencyModel.full_p90_ms`. On a stable board the factor
+between then and now is ~1 and changes nothing; on a shared machine whose speed drifts by tens of
+per cent over minutes it expresses every candidate at the speed the model was measured at, so
+predictions, budget and measurements stay comparable.
+
 The result is cached as JSON under ``~/.cache/sglp-edge/latency/`` (``SGLP_EDGE_CACHE`` moves it),
 keyed by the model's weights, the device profile, backend, precision, threads, the runtime's
 version and where it ran.
@@ -61,6 +68,13 @@ class LatencyModel:
     def predict(self, removed: Sequence[str]) -> float:
         gone = set(removed)
         return self.constant_ms + sum(c for u, c in self.unit_costs_ms.items() if u not in gone)
+
+    def full_p90_ms(self) -> float:
+        """The anchor: the unpruned network's p90 as measured among the model's own alternating
+        rounds (the figure a budget set as a fraction of the unpruned p90 rests on); the fit's
+        prediction for it where no such point was kept."""
+        full = next((p for p in self.points if not p.get("removed")), None)
+        return float(full["measured_p90_ms"]) if full else self.predict([])
 
     def smallest_ms(self) -> float:
         """The prediction with every removable unit gone: a floor no buildable network goes below."""
@@ -173,20 +187,31 @@ def build_artifact(model: torch.nn.Module, example: torch.Tensor, profile: Any, 
 
 
 def time_artifacts(target: Any, profile: Any, artifacts: dict[str, Path], work: Path, *, rounds: int,
-                   overrides: dict[str, Any], seed: int = 0, log: Optional[Callable[[str], None]] = None) -> dict[str, dict]:
+                   overrides: dict[str, Any], seed: int = 0, reference: Optional[Path] = None,
+                   log: Optional[Callable[[str], None]] = None) -> dict[str, dict]:
     """Time every artifact ``rounds`` times in alternating, shuffled rounds on ``target``; per
-    artifact the median over rounds of each round's p90 (and every round's figures)."""
+    artifact the median over rounds of each round's p90 (and every round's figures).
+
+    With ``reference`` (the unpruned network's artifact) every round times it too, in the same
+    shuffled order, and each artifact's result adds ``ratio``: the median over rounds of its p90
+    divided by the reference's p90 in the same round (with the per-round ratios and the
+    reference's raw p90s). A machine whose speed drifts moves both alike, so the ratio holds
+    where the milliseconds do not."""
     from ..targets.base import BenchJob
 
+    ref = "__reference__"
+    if reference is not None and ref in artifacts:
+        raise UserError(f"an artifact may not be named {ref}")
+    arts = {**artifacts, **({ref: reference} if reference is not None else {})}
     rng = random.Random(seed)
-    per: dict[str, list[float]] = {n: [] for n in artifacts}
-    p50: dict[str, list[float]] = {n: [] for n in artifacts}
-    names = list(artifacts)
+    per: dict[str, list[float]] = {n: [] for n in arts}
+    p50: dict[str, list[float]] = {n: [] for n in arts}
+    names = list(arts)
     ov = {**overrides, "batch_sizes": [profile.bench.batch_sizes[0]]}
     for r in range(rounds):
         rng.shuffle(names)
         for i, n in enumerate(names):
-            run = target.bench(BenchJob(artifact=artifacts[n], data=None, profile=profile, out_dir=work / f"r{r}-{n}",
+            run = target.bench(BenchJob(artifact=arts[n], data=None, profile=profile, out_dir=work / f"r{r}-{n}",
                                         overrides=ov, label=f"latency:{n}"))
             if not run.ok:
                 raise UserError(f"timing {n} on {target.label or profile.name} failed: {run.error} (logs in {work})")
@@ -195,7 +220,13 @@ def time_artifacts(target: Any, profile: Any, artifacts: dict[str, Path], work: 
             p50[n].append(float(m.get("latency_p50_ms", float("nan"))))
             if log:
                 log(f"latency round {r + 1}/{rounds}, network {i + 1}/{len(names)}: {n} p90 {per[n][-1]:.3f} ms")
-    return {n: {"p90_ms": float(np.median(per[n])), "rounds_p90_ms": per[n], "rounds_p50_ms": p50[n]} for n in artifacts}
+    out = {n: {"p90_ms": float(np.median(per[n])), "rounds_p90_ms": per[n], "rounds_p50_ms": p50[n]} for n in artifacts}
+    if reference is not None:
+        for n in artifacts:
+            ratios = [a / b for a, b in zip(per[n], per[ref])]
+            out[n].update(ratio=float(np.median(ratios)), rounds_ratio=ratios, reference_p90_ms=float(np.median(per[ref])),
+                          reference_rounds_p90_ms=per[ref])
+    return out
 
 
 def _design(groups: list[list[str]], n_fit: int, n_val: int, seed: int) -> tuple[list[list[str]], list[list[str]]]:

@@ -8,13 +8,25 @@ each selection:
 * predicted p90 (the target's :class:`~sglp_edge.budget.latency_model.LatencyModel`) above
   ``budget * (1 - margin)`` -> not measured, one more removal;
 * otherwise the network is exported, compiled and benchmarked on the target with the profile's
-  own bench settings (one *round*); a miss takes one more removal. A measured p90 within the
+  own bench settings (one *round*), in alternating passes with the unpruned network; a miss takes
+  one more removal. A measured p90 within the
   budget ends the search, after a *step back*: earlier steps the margin passed over although their
   prediction is within the budget itself are measured too while rounds are left, so the margin
   never costs a unit the device could have kept;
 * after ``max_rounds`` measured misses, or when no further removal can be placed, a one-line
   "cannot be met" :class:`UserError`. It is raised before the analysis when even the smallest
   network that could be built is predicted far above the budget.
+
+*Anchored* p90: a candidate's figure is ``ratio x full``, where ``ratio`` is the median over
+:data:`~sglp_edge.budget.latency_model.CANDIDATE_ROUNDS` alternating passes of its p90 over the
+unpruned network's p90 in the same pass, and ``full`` is the unpruned p90 the latency model
+measured (:meth:`LatencyModel.full_p90_ms`, the figure a budget set as a fraction of the unpruned
+p90 rests on). On a stable board the unpruned network times now as it did then and the factor is
+~1; on a shared machine whose speed drifts by 30-50 % over minutes the anchored figure expresses
+every candidate at the speed the latency model was measured at, so the prediction, the budget and
+the measurement compare like with like. Decisions (met, miss, step back) and the prediction error
+use the anchored figure; each candidate record keeps the raw p90, the unpruned p90 measured
+alongside, the ratio and the anchored figure.
 
 Every candidate (predicted, measured, why taken or passed over) is recorded for plan.json and
 report.json.
@@ -87,6 +99,8 @@ class BudgetSearch:
         self.chosen: Optional[dict[str, Any]] = None
         self.chosen_n: Optional[int] = None
         self.start = max(1, fewest_removals(lm, self.target_ms))
+        self.full_ms = lm.full_p90_ms()  # the anchor (see the module docstring)
+        self._reference: Optional[Path] = None
 
     # ---- checks before the analysis ------------------------------------------------------------
     def check_feasible(self) -> None:
@@ -110,11 +124,10 @@ class BudgetSearch:
             return False
         self.rounds += 1
         cand["round"] = self.rounds
-        meas = self.measure(removed, f"round{self.rounds}")
-        cand.update(measured_p90_ms=meas["p90_ms"], measured=meas,
-                    prediction_error=abs(pred - meas["p90_ms"]) / meas["p90_ms"])
+        meas = self._measured(cand, self.measure(removed, f"round{self.rounds}"))
         self.log(f"budget: round {self.rounds}: keep {cand['kept']}: predicted {pred:.3f} ms, measured p90 "
-                 f"{meas['p90_ms']:.3f} ms (budget {self.budget_ms:.3f} ms)")
+                 f"{meas['p90_ms']:.3f} ms anchored (raw {meas['raw_p90_ms']:.3f} ms, x {meas['ratio']:.3f} of the "
+                 f"unpruned {meas['reference_p90_ms']:.3f} ms now; budget {self.budget_ms:.3f} ms)")
         if meas["p90_ms"] <= self.budget_ms:
             cand["verdict"] = (f"met: predicted p90 within {self.target_ms:.3f} ms, measured p90 {meas['p90_ms']:.3f} ms "
                                f"within the budget {self.budget_ms:.3f} ms")
@@ -127,7 +140,7 @@ class BudgetSearch:
             cand["verdict"] = "measured above the budget; no rounds left"
             raise UserError(f"latency budget {self.budget_ms:.4g} ms on {self.profile.name} cannot be met in "
                             f"{self.max_rounds} rounds: the smallest network tried (keep {cand['kept']}) reaches "
-                            f"{meas['p90_ms']:.4g} ms p90 (measured; the smallest buildable one is predicted at "
+                            f"{meas['p90_ms']:.4g} ms p90 (measured, anchored; the smallest buildable one is predicted at "
                             f"{self.lm.smallest_ms():.4g} ms); raise the budget or --latency-rounds")
         cand["verdict"] = f"measured {meas['p90_ms']:.3f} ms > budget {self.budget_ms:.3f} ms: one more removal"
         return False
@@ -142,11 +155,10 @@ class BudgetSearch:
                 break
             self.rounds += 1
             c["round"] = self.rounds
-            meas = self.measure(c["removed"], f"round{self.rounds}")
-            c.update(measured_p90_ms=meas["p90_ms"], measured=meas,
-                     prediction_error=abs(c["predicted_p90_ms"] - meas["p90_ms"]) / meas["p90_ms"])
+            meas = self._measured(c, self.measure(c["removed"], f"round{self.rounds}"))
             self.log(f"budget: round {self.rounds} (a step back inside the margin): keep {c['kept']}: predicted "
-                     f"{c['predicted_p90_ms']:.3f} ms, measured p90 {meas['p90_ms']:.3f} ms")
+                     f"{c['predicted_p90_ms']:.3f} ms, measured p90 {meas['p90_ms']:.3f} ms anchored (raw "
+                     f"{meas['raw_p90_ms']:.3f} ms, x {meas['ratio']:.3f})")
             if meas["p90_ms"] > self.budget_ms:
                 c["verdict"] += f"; measured {meas['p90_ms']:.3f} ms > budget on a step back"
                 break
@@ -173,14 +185,31 @@ class BudgetSearch:
                         f"network reaches {how}; {n_remove} removals cannot be placed while every SGLP segment keeps "
                         "a unit; raise the budget (--latency-budget) or pick a faster device")
 
+    def _measured(self, cand: dict[str, Any], meas: dict[str, Any]) -> dict[str, Any]:
+        """Record a measurement on its candidate: the anchored p90 as ``measured_p90_ms`` (what
+        the decisions and the prediction error use) with the raw figures beside it."""
+        cand.update(measured_p90_ms=meas["p90_ms"], anchored_p90_ms=meas["p90_ms"], raw_p90_ms=meas["raw_p90_ms"],
+                    reference_p90_ms=meas["reference_p90_ms"], ratio=meas["ratio"], measured=meas,
+                    prediction_error=abs(cand["predicted_p90_ms"] - meas["p90_ms"]) / meas["p90_ms"])
+        return meas
+
+    def reference(self) -> Path:
+        """The unpruned network's artifact, built once (on the first measured round)."""
+        if self._reference is None:
+            self._reference = build_artifact(self.model, self.example, self.profile, self.work / "reference",
+                                             opset=self.opset, simplify=self.simplify, calib=self.calib)
+        return self._reference
+
     def measure(self, removed: Sequence[str], name: str) -> dict[str, Any]:
-        """Export, compile and benchmark one candidate on the target: the median p90 of
-        :data:`CANDIDATE_ROUNDS` passes."""
+        """Export, compile and benchmark one candidate on the target in :data:`CANDIDATE_ROUNDS`
+        alternating passes with the unpruned network: ``p90_ms`` is the anchored figure (median
+        ratio x the latency model's unpruned p90), ``raw_p90_ms`` the median of its own p90s."""
         net = self.adapter.remove(self.model, list(removed)) if removed else self.model
         art = build_artifact(net, self.example, self.profile, self.work / name, opset=self.opset,
                              simplify=self.simplify, calib=self.calib)
-        return time_artifacts(self.target, self.profile, {name: art}, self.work / name / "bench",
-                              rounds=CANDIDATE_ROUNDS, overrides=self.overrides)[name]
+        t = time_artifacts(self.target, self.profile, {name: art}, self.work / name / "bench", rounds=CANDIDATE_ROUNDS,
+                           overrides=self.overrides, reference=self.reference())[name]
+        return {**t, "raw_p90_ms": t["p90_ms"], "p90_ms": t["ratio"] * self.full_ms, "anchor_full_p90_ms": self.full_ms}
 
     def record(self) -> dict[str, Any]:
         lm = self.lm
@@ -189,6 +218,10 @@ class BudgetSearch:
             "threads": self.profile.threads, "batch": self.profile.bench.batch_sizes[0],
             "budget_ms": self.budget_ms, "budget_source": self.budget_source, "margin": self.margin,
             "predicted_target_ms": self.target_ms, "max_rounds": self.max_rounds, "rounds": self.rounds,
+            "anchor_full_p90_ms": self.full_ms,
+            "anchoring": "measured_p90_ms = median over alternating passes of (candidate p90 / unpruned p90 in the "
+                         "same pass) x anchor_full_p90_ms (the unpruned p90 the latency model measured); raw_p90_ms "
+                         "is the candidate's own median p90",
             "start_removals": self.start, "candidates": self.candidates, "chosen": self.chosen,
             "why": (self.chosen or {}).get("verdict"),
             "latency_model": {"constant_ms": lm.constant_ms, "unit_costs_ms": lm.unit_costs_ms, "groups": lm.groups,
