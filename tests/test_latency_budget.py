@@ -279,3 +279,15 @@ def test_search_decides_on_the_anchored_p90(tmp_path, tiny):
         assert c["prediction_error"] == pytest.approx(abs(c["predicted_p90_ms"] - c["measured_p90_ms"])
                                                       / c["measured_p90_ms"])
         assert (s.chosen is c) is met and s.record()["anchor_full_p90_ms"] == anchor
+
+
+def test_several_devices_search_on_the_first_and_say_so():
+    from sglp_edge.budget.run import prune_settings
+    from sglp_edge.pipeline import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "default.yaml", {"prune.keep": "auto"})
+    lines = []
+    more, extra = prune_settings(cfg, {}, lines.append)
+    assert more["device"] == "local-cpu-ort" and extra["budget_device"]["name"] == "local-cpu-ort"
+    assert len(lines) == 1 and "local-cpu-openvino" in lines[0] and "not yet" in lines[0]

@@ -15,7 +15,12 @@ def prune_settings(cfg: Any, bench: dict[str, Any], log: Any) -> tuple[dict[str,
     device's (several devices at once: not yet)."""
     from ..profiles import load_profile
 
-    dev = cfg.boards()[0].device
+    boards = cfg.boards()
+    dev = boards[0].device
+    if len(boards) > 1 and log:
+        log(f"keep: auto: the latency budget is searched on {dev}, the first device; the others "
+            f"({', '.join(b.device for b in boards[1:])}) get the same model and are checked against their own "
+            "constraints (one model for the tightest of several budgets, or --per-device, is not yet available)")
     more = dict(device=dev, bench=bench, export_opset=cfg.export.opset, export_simplify=cfg.export.simplify, log=log)
     return more, {"budget_device": load_profile(dev).model_dump(mode="json"), "bench": bench,
                   "export": cfg.export.model_dump()}
