@@ -175,6 +175,8 @@ def test_run_with_keep_auto_meets_a_loose_budget(tmp_path, cache, tiny):
     assert ls["final_bench"]["meets_budget"] is True
     assert c["raw_p90_ms"] > 0 and c["measured_p90_ms"] == pytest.approx(c["ratio"] * s["anchor_full_p90_ms"])
     assert ls["final_bench"]["raw_latency_p90_ms"] > 0 and ls["final_bench"]["ratio_to_original"] > 0
+    v = ls["final_bench"]["verification"]  # the final check: original and pruned in alternating passes
+    assert v["rounds"] == 5 and len(v["ratios"]) == 5 and ls["final_bench"]["ratio_to_original"] == v["ratio"]
     assert "id='latency-search'" in (tmp_path / "run" / "report.html").read_text()
 
 
@@ -218,6 +220,13 @@ def test_search_report_anchors_the_final_bench_to_the_original(tmp_path):
     assert fb["raw_latency_p90_ms"] == 2.2 and fb["raw_meets_budget"] is False
     assert fb["raw_prediction_error"] == pytest.approx(1.2 / 2.2) and fb["original_p90_ms"] == 4.0
     assert "anchored" in search_html({**search, "final_bench": fb})["html"]
+    # with the final check's alternating passes, their median ratio decides; the bench pair stays beside it
+    ver = {"rounds": 5, "ratio": 0.5, "ratios": [0.5] * 5, "pruned_p90_ms": [1.0] * 5, "original_p90_ms": [2.0] * 5,
+           "measured_p90_ms": 1.0}
+    fb = search_report(tmp_path / "plan.json", report, ver)["final_bench"]
+    assert fb["latency_p90_ms"] == pytest.approx(1.0) and fb["ratio_to_original"] == 0.5
+    assert fb["bench_pair_ratio"] == pytest.approx(0.55) and fb["verification"] == ver
+    assert "median of 5 alternating passes" in search_html({**search, "final_bench": fb})["html"]
 
 
 def _artifact(tiny, tmp_path, removed=()):
