@@ -32,6 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.recovery_rows import (_cached_row, _device_name, _mean_std, _reuse_pruned,  # noqa: E402,F401
+                                      _row_path, _save_row, _table, headline, summarize)
+
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular", "sleb")
 
 
@@ -88,15 +91,21 @@ def _key_method(method: str) -> str:
     return "sglp" if method.startswith("sglp-") and method.split("-", 1)[1] in ALLOCATIONS + K_BUDGETS else method
 
 
+EVAL_DEVICE = "cpu"  # main() sets "cuda" when the fine-tunes run on a GPU
+
+
 def _accuracy(model, data, batch_size: int = 256) -> float:
+    """Top-1 % on the official test split, computed on EVAL_DEVICE; the model is left where it was."""
     import torch
 
-    model.eval()
+    was = next(model.parameters()).device
+    model.to(EVAL_DEVICE).eval()
     correct = total = 0
     with torch.no_grad():
         for x, y in data.loader("test", batch_size):
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((model(x.to(EVAL_DEVICE)).argmax(1).cpu() == y).sum())
             total += int(y.numel())
+    model.to(was)
     return 100.0 * correct / total
 
 
@@ -146,20 +155,24 @@ def run_vision(args) -> None:
             continue
         t0 = time.perf_counter()
         out = Path(args.workdir) / (f"{prefix}-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else ""))
-        res = run_prune_job(PruneJob(model=name, out=out, keep=args.keep, method=base_method, protocol=protocol,
-                                     allocation=allocation, k_budget=extra.get("k_budget", "raise"),
-                                     grad_batches=args.grad_batches, heal=extra.get("heal", "none"), seed=seed),
-                            loaded=teacher)
+        job = PruneJob(model=name, out=out, keep=args.keep, method=base_method, protocol=protocol,
+                       allocation=allocation, k_budget=extra.get("k_budget", "raise"),
+                       grad_batches=args.grad_batches, heal=extra.get("heal", "none"), seed=seed)
+        res = _reuse_pruned(job, str(SHIPPED[name])) or run_prune_job(job, loaded=teacher)
         pruned_acc = _accuracy(res.pruned, data)
         if args.steps == 0:  # training-free comparison: no fine-tune
             acc = pruned_acc
         else:
             cfg = FinetuneConfig(epochs=None if args.steps else args.epochs, steps=args.steps, batch_size=128, lr=args.lr,
-                                 alpha=0.9, temperature=4.0, seed=seed, progress=sys.stderr.isatty())
-            acc = _accuracy(finetune(res.pruned, teacher.model, teacher.adapter, data, cfg).model, data)
+                                 alpha=0.9, temperature=4.0, seed=seed, progress=sys.stderr.isatty(),
+                                 device=args.device)
+            student = finetune(res.pruned, teacher.model, teacher.adapter, data, cfg).model
+            teacher.model.cpu()  # pruning (and the next method's analysis) runs on the CPU
+            acc = _accuracy(student, data)
         rows.append({"method": method, "seed": seed, "removed": res.plan.removed, "pruned_acc": pruned_acc, "acc": acc,
                      "macs_reduction": res.plan.macs_reduction, "params_reduction": res.plan.params_reduction,
                      "evaluations": res.plan.evaluations, "heal": res.plan.heal, "k": res.plan.k,
+                     "ft_device": _device_name(args.device) if args.steps != 0 else None,
                      "wall_s": time.perf_counter() - t0})
         _save_row(args.workdir, settings, rows[-1])
         print(f"  {method:22s} seed {seed}  after pruning {pruned_acc:6.2f} %  after KD {acc:6.2f} %  "
@@ -203,23 +216,13 @@ def run_smollm2(args) -> None:
             continue
         t0 = time.perf_counter()
         out = Path(args.workdir) / (f"smol-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else ""))
-        plan_file = out / "plan.json"
-        old_plan = json.loads(plan_file.read_text()) if plan_file.is_file() else {}
-        if old_plan and old_plan.get("config", {}).get("protocol") == protocol and old_plan.get("method") == base_method \
-                and old_plan.get("config", {}).get("heal", "none") == extra.get("heal", "none") \
-                and (base_method != "sglp" or (old_plan.get("allocation") or "proportional") == allocation):
-            # the pruned model an interrupted run already wrote (prune output is written atomically)
-            from sglp_edge.models.registry import load_model
-
-            pruned, removed = load_model(str(out / "model")).model, old_plan["removed"]
-            print(f"  {method}: reusing the pruned model in {out}", flush=True)
-        else:
-            res = run_prune_job(PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
-                                         protocol=protocol, allocation=allocation,
-                                         k_budget=extra.get("k_budget", "raise"), calib_batches=max(4, args.grad_batches),
-                                         grad_batches=args.grad_batches, batch_size=4, seq_len=args.seq_len,
-                                         heal=extra.get("heal", "none"), seed=seed), loaded=teacher)
-            pruned, removed = res.pruned, res.plan.removed
+        job = PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
+                       protocol=protocol, allocation=allocation,
+                       k_budget=extra.get("k_budget", "raise"), calib_batches=max(4, args.grad_batches),
+                       grad_batches=args.grad_batches, batch_size=4, seq_len=args.seq_len,
+                       heal=extra.get("heal", "none"), seed=seed)
+        res = _reuse_pruned(job) or run_prune_job(job, loaded=teacher)
+        pruned, removed = res.pruned, res.plan.removed
         pruned_ppl = _perplexity(pruned, test)
         if args.lm_steps == 0:  # training-free only: the after-KD fields repeat the pruned figure
             rows.append({"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": pruned_ppl,
@@ -234,11 +237,12 @@ def run_smollm2(args) -> None:
                              eval_before=False, eval_test=False,  # held-out perplexity is measured here, once
                              # one val point (the end of a budget shorter than an epoch), so selection
                              # is trivial: a small val slice keeps the pass short without changing the result
-                             val_samples=args.eval_blocks)
+                             val_samples=args.eval_blocks, device=args.device)
         ft = finetune(pruned, teacher.model, teacher.adapter, text, cfg)
-        ppl = _perplexity(ft.model, test)
+        teacher.model.cpu()
+        ppl = _perplexity(ft.model.cpu(), test)
         rows.append({"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
-                     "steps": ft.steps, "wall_s": time.perf_counter() - t0})
+                     "steps": ft.steps, "ft_device": _device_name(args.device), "wall_s": time.perf_counter() - t0})
         _save_row(args.workdir, settings, rows[-1])
         print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  "
               f"({ft.steps} steps, {rows[-1]['wall_s']:.0f} s)", flush=True)
@@ -246,29 +250,6 @@ def run_smollm2(args) -> None:
     print(f"recovery smollm2 seeds={len(args.seeds)} base_ppl={base:.2f} pruned_ppl={sg['pruned']:.2f} "
           f"sglp_ppl={sg['mean']:.2f} sglp_std={sg['std']:.2f} best_other={best['method']} "
           f"best_other_ppl={best['mean']:.2f} best_other_std={best['std']:.2f}")
-
-
-def _row_path(workdir: str, settings: dict) -> Path:
-    import hashlib
-
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(workdir) / f"row-{settings['model']}-{settings['method']}-{key}.json"
-
-
-def _cached_row(workdir: str, settings: dict) -> dict | None:
-    """A finished method's row from an earlier (possibly interrupted) run with identical settings."""
-    p = _row_path(workdir, settings)
-    if not p.is_file():
-        return None
-    d = json.loads(p.read_text())
-    return d["row"] if d.get("settings") == settings else None
-
-
-def _save_row(workdir: str, settings: dict, row: dict) -> None:
-    p = _row_path(workdir, settings)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "row": row}, indent=2))
-    tmp.replace(p)
 
 
 def _finish(workdir: str, model: str, rows: list[dict], base: float, key: str, label: str,
@@ -286,49 +267,6 @@ def _grid(args) -> list[tuple[int, str]]:
     return [(seed, m) for seed in args.seeds for m in args.methods]
 
 
-def _mean_std(v: list[float]) -> tuple[float, float]:
-    m = sum(v) / len(v)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0)
-
-
-def summarize(rows: list[dict], key: str, pruned_key: str) -> list[dict]:
-    """Per method: mean and sample standard deviation over seeds, after KD and right after pruning."""
-    out = []
-    for method in dict.fromkeys(r["method"] for r in rows):
-        rs = [r for r in rows if r["method"] == method]
-        m, sd = _mean_std([r[key] for r in rs])
-        pm, psd = _mean_std([r[pruned_key] for r in rs])
-        out.append({"method": method, "seeds": sorted(r.get("seed", 0) for r in rs), "mean": m, "std": sd,
-                    "pruned": pm, "pruned_std": psd, "removed": [r["removed"] for r in rs]})
-    return out
-
-
-def headline(stats: list[dict], higher: bool) -> tuple[dict, dict]:
-    """(SGLP, best other method), each at its best healing setting (with or without '+heal'); the
-    SGLP row is the default SGLP ('sglp' or 'sglp+heal'), not a protocol/allocation variant."""
-    def better(a, b):
-        return a if (a["mean"] > b["mean"]) == higher else b
-
-    sg = [s for s in stats if s["method"] in ("sglp", "sglp+heal")]
-    others = [s for s in stats if not s["method"].startswith("sglp")]
-    if not sg:
-        raise SystemExit("error: no SGLP row to compare")
-    nan = {"method": "none", "mean": float("nan"), "std": float("nan"), "pruned": float("nan")}
-    best_sg = sg[0] if len(sg) == 1 else better(sg[0], sg[1])
-    best = nan
-    for s in others:
-        best = s if best is nan else better(s, best)
-    return best_sg, best
-
-
-def _table(stats: list[dict], label: str, higher: bool) -> None:
-    print(f"\n{'method':22s} {label + ' (pruned)':>26s} {label + ' (after KD)':>26s}  seeds")
-    for s in sorted(stats, key=lambda s: s["mean"], reverse=higher):
-        print(f"{s['method']:22s} {s['pruned']:15.2f} ± {s['pruned_std']:8.2f} {s['mean']:15.2f} ± {s['std']:8.2f}  "
-              f"{','.join(map(str, s['seeds']))}")
-    print()
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", choices=[*VISION, "smollm2"])
@@ -336,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma list of " + ", ".join(METHODS) + ", sglp-natural, sglp-reference, "
                          "sglp-proportional, sglp-redundancy")
-    ap.add_argument("--protocol", default="natural", help="GradNorm candidate protocol for SGLP")
+    ap.add_argument("--protocol", default="auto", choices=("auto",) + PROTOCOLS,
+                    help="SGLP's candidate score inside a segment (auto: loss for the LM, natural GradNorm for CNNs)")
     ap.add_argument("--grad-batches", type=int, default=1,
                     help="fixed calibration batches GradNorm averages over (SGLP)")
     ap.add_argument("--allocation", default="auto", choices=("auto",) + ALLOCATIONS,
@@ -362,7 +301,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="working folder; each finished method's result is kept there and reused by a re-run "
                          "with the same settings (an interrupted run loses at most the method in progress)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where the KD fine-tunes run (auto: a CUDA GPU when there is one); the layer analysis, "
+                         "healing and evaluation run on the CPU")
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but torch sees no CUDA GPU; use --device cpu")
+    args.device = None if args.device == "auto" else args.device
+    if args.device != "cpu" and args.model in VISION:
+        import torch
+
+        global EVAL_DEVICE
+        EVAL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads:
         import torch
 
@@ -376,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.steps is not None and args.steps < 0:
         raise SystemExit("error: --steps must be >= 0 (0: no fine-tune)")
+    from sglp_edge.sglp.prune import resolve_protocol
+
+    args.protocol = resolve_protocol(args.protocol, "image" if args.model in VISION else "tokens")
     if args.model in VISION:
         args.keep = args.keep or VISION[args.model][2]
         run_vision(args)

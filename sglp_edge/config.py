@@ -32,7 +32,7 @@ class PruneSection(_Strict):
     target_macs: Optional[float] = Field(None, gt=0, lt=1)
     method: Literal["sglp", "random", "drop_last", "block_influence", "angular", "sleb"] = "sglp"
     k: Optional[int] = Field(None, ge=1)
-    protocol: Literal["natural", "reference", "loss", "healed"] = "natural"
+    protocol: Literal["auto", "natural", "reference", "loss", "healed"] = "auto"
     calib_batches: Optional[int] = Field(None, ge=1)  # task default: 4 (images), 8 (LM)
     grad_batches: int = Field(1, ge=1)
     batch_size: Optional[int] = Field(None, ge=1)  # images per batch, or SEQUENCES per batch for an LM

@@ -26,7 +26,7 @@ class PruneJob:
     target_macs: Optional[float] = None
     method: str = "sglp"
     k: Optional[int] = None
-    protocol: str = "natural"
+    protocol: str = "auto"
     calib_batches: int = 4
     grad_batches: int = 1
     batch_size: int = 0
@@ -71,7 +71,7 @@ class PruneJob:
             raise UserError(f"--keep must be >= 1 (got {self.keep})")
         if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
             raise UserError(f"--target-macs is the fraction of MACs to remove, between 0 and 1; got {self.target_macs}")
-        for name, value, allowed in (("--method", self.method, METHODS), ("--protocol", self.protocol, PROTOCOLS),
+        for name, value, allowed in (("--method", self.method, METHODS), ("--protocol", self.protocol, ("auto", *PROTOCOLS)),
                                      ("--allocation", self.allocation, ALLOCATIONS),
                                      ("--k-budget", self.k_budget, K_BUDGETS)):
             if value not in allowed:

@@ -132,6 +132,41 @@ def test_unknown_protocol():
     m, a, b = _setup()
     with pytest.raises(UserError, match="protocol"):
         CandidateScorer(m, a, b, protocol="magic")
+    from sglp_edge.sglp.prune import PruneConfig, analyze
+
+    with pytest.raises(UserError, match="unknown protocol 'magic'"):
+        analyze(m, a, b, b, PruneConfig(keep=8, protocol="magic"))
+
+
+def test_protocol_auto_is_the_loss_score_for_decoder_lms_and_natural_gradnorm_for_cnns():
+    transformers = pytest.importorskip("transformers")
+    from sglp_edge.models.hf_llm import HFDecoderAdapter
+    from sglp_edge.sglp.prune import PruneConfig, analyze, resolve_protocol
+
+    assert PruneConfig().protocol == "auto"
+    assert [resolve_protocol("auto", m) for m in ("tokens", "image", "sentences")] == ["loss", "natural", "natural"]
+    assert resolve_protocol("reference", "tokens") == "reference"
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64)).eval()
+    ids = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    ad = HFDecoderAdapter()
+    auto = analyze(lm, ad, ids, ids[:1], PruneConfig(keep=4, k=1, eval_budget=None))
+    loss = analyze(lm, ad, ids, ids[:1], PruneConfig(keep=4, k=1, eval_budget=None, protocol="loss"))
+    assert auto.config["protocol"] == "loss" and auto.removed == loss.removed
+    # one segment, exhaustive: the kept pair is the one with the lowest calibration loss
+    import itertools
+
+    from sglp_edge.sglp.importance import CandidateScorer as CS
+
+    scorer = CS(lm, ad, ad.with_targets(lm, ids[:1]), protocol="loss")
+    names = [u.name for u in ad.units(lm)]
+    best = min(itertools.combinations(names, 4), key=lambda kept: scorer.score(names, list(kept)))
+    assert set(auto.removed) == set(names) - set(best)
+    m, a, b = _setup()
+    assert analyze(m, a, b, b, PruneConfig(keep=8, k=3, eval_budget=None)).config["protocol"] == "natural"
 
 
 def test_build_up_beam_when_few_units_are_kept():
@@ -201,7 +236,6 @@ def test_k_is_raised_until_the_search_fits_the_budget():
 
 
 def test_loss_protocol_scores_the_calibration_loss_and_lowest_wins():
-    from sglp_edge.sglp.baselines import calibration_loss
 
     m, a, b = _setup()
     units = ["layer1.0", "layer1.1", "layer1.2"]
@@ -218,7 +252,6 @@ def test_loss_protocol_scores_the_calibration_loss_and_lowest_wins():
 
 
 def test_healed_protocol_scores_the_loss_after_linear_healing_and_lowest_wins():
-    from sglp_edge.sglp.baselines import calibration_loss
     from sglp_edge.sglp.heal import heal_linear
 
     m, a, b = _setup()

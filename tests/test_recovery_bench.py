@@ -66,3 +66,31 @@ def test_summary_is_mean_and_sample_std_over_seeds_and_best_healing_setting_wins
     assert best["method"] == "sleb+heal" and best["mean"] == pytest.approx(91.4)
     sg, best = R.headline(list(stats.values()), higher=False)  # perplexity: lower is better
     assert sg["method"] == "sglp" and best["method"] == "sleb"
+
+
+def test_an_earlier_runs_pruned_model_is_reused_only_for_the_same_prune_settings(tmp_path):
+    import json
+    import shutil
+
+    from sglp_edge.models.registry import SHIPPED
+    from sglp_edge.pruning_job import PruneJob
+
+    out = tmp_path / "mnv2-sleb-heal"
+    shutil.copytree(SHIPPED["mobilenetv2"], out / "model")  # stands in for the pruned network
+    plan = {"method": "sleb", "model_source": "mobilenetv2", "removed": ["features.3"], "macs_reduction": 0.1,
+            "params_reduction": 0.2, "evaluations": 7, "heal": {"runs": []}, "k": None,
+            "config": {"keep": 8, "method": "sleb", "protocol": "natural", "seed": 1, "heal": "linear",
+                       "k_budget": "raise", "eval_budget": 80, "allocation": "proportional"}}
+    (out / "plan.json").write_text(json.dumps(plan))
+    job = PruneJob(model="mobilenetv2", out=out, keep=8, method="sleb", heal="linear", seed=1, protocol="loss")
+    res = R._reuse_pruned(job)  # a baseline does not read the protocol
+    assert res is not None and res.plan.removed == ["features.3"] and res.plan.evaluations == 7
+    assert sum(p.numel() for p in res.pruned.parameters()) > 0
+    for other in ({"seed": 2}, {"heal": "none"}, {"keep": 9}, {"method": "block_influence"}, {"grad_batches": 4}):
+        assert R._reuse_pruned(PruneJob(**{**job.__dict__, **other})) is None, other
+    plan.update(method="sglp", config={**plan["config"], "method": "sglp"})
+    (out / "plan.json").write_text(json.dumps(plan))
+    sglp = {**job.__dict__, "method": "sglp", "allocation": "proportional"}
+    assert R._reuse_pruned(PruneJob(**{**sglp, "protocol": "natural"})) is not None
+    assert R._reuse_pruned(PruneJob(**{**sglp, "protocol": "loss"})) is None  # SGLP's choice depends on it
+    assert R._reuse_pruned(PruneJob(**{**sglp, "protocol": "natural", "allocation": "redundancy"})) is None

@@ -29,9 +29,10 @@ def register(app: typer.Typer) -> None:
         heal: str = typer.Option("none", "--heal", help="training-free healing of each removed run: none | linear "
                                                         "(a least-squares map folded into the kept layer before it)"),
         k: Optional[int] = typer.Option(None, "--k", help="number of segments (default: chosen automatically)"),
-        protocol: str = typer.Option("natural", "--protocol", help="candidate score in a segment: natural | reference "
-                                                                        "(GradNorm) | loss (calibration loss) | healed "
-                                                                        "(calibration loss after --heal linear)"),
+        protocol: str = typer.Option("auto", "--protocol", help="candidate score in a segment: auto (loss for decoder "
+                                                                     "LMs, natural otherwise) | natural | reference "
+                                                                     "(GradNorm) | loss (calibration loss) | healed "
+                                                                     "(calibration loss after --heal linear)"),
         calib_batches: int = typer.Option(4, "--calib-batches", help="calibration batches for CKA"),
         grad_batches: int = typer.Option(1, "--grad-batches", help="fixed calibration batches for GradNorm"),
         batch_size: int = typer.Option(0, "--batch-size", help="calibration batch size (0 = 128 images / 8 sequences / 32 sentences)"),
