@@ -124,6 +124,10 @@ def _perplexity(model, blocks, batch_size: int = 8) -> float:
     return math.exp(nll / n)
 
 
+def _partial(args) -> str:
+    return f" (partial: the last {args.train_last} kept units and the head train)" if args.train_last else ""
+
+
 def run_vision(args) -> None:
     from sglp_edge.data import get_dataset
     from sglp_edge.finetune import FinetuneConfig, finetune
@@ -139,13 +143,14 @@ def run_vision(args) -> None:
     n_units = len(teacher.adapter.units(teacher.model))
     budget = "no KD fine-tune (--steps 0: after-KD figures are the pruned ones)" if args.steps == 0 else \
         (f"{args.steps} steps" if args.steps else f"{args.epochs} epochs") + " of KD fine-tune"
-    print(f"baseline {title} held-out top-1 {base:.2f} %; budget per method: {budget}, keep {args.keep}/{n_units}")
+    print(f"baseline {title} held-out top-1 {base:.2f} %; budget per method: {budget}{_partial(args)}, "
+          f"keep {args.keep}/{n_units}")
     rows = []
     for seed, method in _grid(args):
         base_method, protocol, allocation, extra = _variant(method, args, lm=False)
         settings = {"model": name, "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
                     "epochs": None if args.steps else args.epochs, "steps": args.steps, "lr": args.lr, "seed": seed,
-                    **extra}
+                    **extra, **({"train_last": args.train_last} if args.train_last else {})}
         cached = _cached_row(args.workdir, settings)
         if cached:
             cached = {**cached, "method": method, "seed": seed}
@@ -165,7 +170,7 @@ def run_vision(args) -> None:
         else:
             cfg = FinetuneConfig(epochs=None if args.steps else args.epochs, steps=args.steps, batch_size=128, lr=args.lr,
                                  alpha=0.9, temperature=4.0, seed=seed, progress=sys.stderr.isatty(),
-                                 device=args.device)
+                                 device=args.device, train_last=args.train_last)
             student = finetune(res.pruned, teacher.model, teacher.adapter, data, cfg).model
             teacher.model.cpu()  # pruning (and the next method's analysis) runs on the CPU
             acc = _accuracy(student, data)
@@ -199,14 +204,15 @@ def run_smollm2(args) -> None:
     base = _perplexity(teacher.model, test)
     print(f"baseline SmolLM2-135M held-out perplexity {base:.2f} on {len(test)} blocks of {args.seq_len} tokens; "
           "budget per method: " + (f"{args.lm_steps} steps" if args.lm_steps is not None else f"{args.minutes} min")
-          + f" of KD fine-tune, keep {args.keep}/30")
+          + f" of KD fine-tune{_partial(args)}, keep {args.keep}/30")
     rows = []
     for seed, method in _grid(args):
         base_method, protocol, allocation, extra = _variant(method, args, lm=True)
         settings = {"model": "smollm2", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
                     "minutes": None if args.lm_steps is not None else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
                     "seq_len": args.seq_len, "max_tokens": args.max_tokens,
-                    "eval_blocks": args.eval_blocks, "seed": seed, **extra}
+                    "eval_blocks": args.eval_blocks, "seed": seed, **extra,
+                    **({"train_last": args.train_last} if args.train_last else {})}
         cached = _cached_row(args.workdir, settings)
         if cached:
             cached = {**cached, "method": method, "seed": seed}
@@ -237,7 +243,7 @@ def run_smollm2(args) -> None:
                              eval_before=False, eval_test=False,  # held-out perplexity is measured here, once
                              # one val point (the end of a budget shorter than an epoch), so selection
                              # is trivial: a small val slice keeps the pass short without changing the result
-                             val_samples=args.eval_blocks, device=args.device)
+                             val_samples=args.eval_blocks, device=args.device, train_last=args.train_last)
         ft = finetune(pruned, teacher.model, teacher.adapter, text, cfg)
         teacher.model.cpu()
         ppl = _perplexity(ft.model.cpu(), test)
@@ -300,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="runs/recovery",
                     help="working folder; each finished method's result is kept there and reused by a re-run "
                          "with the same settings (an interrupted run loses at most the method in progress)")
+    ap.add_argument("--train-last", type=int, default=None,
+                    help="partial fine-tune (Lu et al. 2024) for every method: only the last N kept units and the "
+                         "head train")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where the KD fine-tunes run (auto: a CUDA GPU when there is one); the layer analysis, "

@@ -157,6 +157,7 @@ class FinetuneConfig(LoopConfig):
     progress: bool = True
     eval_before: bool = True  # measure the student's val metric before fine-tuning (fresh runs)
     test_samples: int | None = None  # score the selected weights on the first N held-out items; None: all
+    train_last: int | None = None  # partial fine-tune: only the last N units and the head train (sglp_edge.partial)
 
 
     def check(self) -> None:
@@ -167,6 +168,8 @@ class FinetuneConfig(LoopConfig):
             raise UserError(f"--alpha (KD weight) must be in [0, 1], got {self.alpha}")
         if self.test_samples is not None and self.test_samples < 1:
             raise UserError(f"--test-samples must be >= 1, got {self.test_samples}")
+        if self.train_last is not None and self.train_last < 1:
+            raise UserError(f"--train-last must be >= 1 (units to train), got {self.train_last}")
         if self.feature_weight < 0:
             raise UserError(f"--feature-weight must be >= 0, got {self.feature_weight}")
         if self.feature_weight > 0 and not self.feature_map:
@@ -351,6 +354,10 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
     student.to(info.device)
     if not any(p.requires_grad for p in student.parameters()):  # e.g. copied from a frozen model
         student.requires_grad_(True)
+    if cfg.train_last is not None:
+        from .partial import train_only_last
+
+        train_only_last(student, adapter, cfg.train_last)
     task: _KDBase = LMKDTask(teacher, adapter, cfg) if modality == "tokens" else ImageKDTask(teacher, adapter, cfg)
     if modality == "sentences":
         from .tasks.feature_extraction import EncoderKDTask

@@ -302,3 +302,45 @@ def test_finetune_command_writes_the_pruned_architecture_with_a_summary(tmp_path
     bad = CliRunner().invoke(app, ["finetune", str(tmp_path / "prune"), "--teacher", str(tmp_path / "teacher"),
                                    "--data", "mnist5k", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "budget" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_partial_finetune_trains_only_the_last_units_and_the_head():
+    import transformers
+
+    from sglp_edge.errors import UserError
+    from sglp_edge.models.hf_llm import HFDecoderAdapter
+    from sglp_edge.models.registry import load_model
+    from sglp_edge.partial import train_only_last
+
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, tie_word_embeddings=True))
+    trainable, total = train_only_last(lm, HFDecoderAdapter(), 1)
+    on = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("model.layers.3.", "model.norm.", "model.embed_tokens.")) for n in on)
+    assert any(n.startswith("model.layers.3.") for n in on) and "model.norm.weight" in on
+    assert "model.embed_tokens.weight" in on  # tied: the LM head trains
+    assert not any(p.requires_grad for n, p in lm.named_parameters() if n.startswith("model.layers.2."))
+    assert 0 < trainable < total
+    cnn = load_model("default")
+    train_only_last(cnn.model, cnn.adapter, 2)
+    on = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("layer") else "")
+          for n, p in cnn.model.named_parameters() if p.requires_grad}
+    assert on == {"layer3.7", "layer3.8", "linear"} or on == {"layer3.7", "layer3.8", "fc"}, on
+    with pytest.raises(UserError, match="--train-last 99"):
+        train_only_last(cnn.model, cnn.adapter, 99)
+
+
+def test_partial_finetune_leaves_the_frozen_layers_as_they_were(data, teacher):
+    ad = CifarResNetAdapter()
+    student = ad.remove(teacher, ["layer1.1", "layer2.1"])
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    finetune(student, teacher, ad, data, FinetuneConfig(steps=5, batch_size=32, lr=0.05, progress=False,
+                                                        eval_test=False, eval_before=False, train_last=1))
+    last = ad.units(student)[-1].name + "."
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and any(n.startswith(last) for n in changed)
+    assert all(n.startswith(last) or n.startswith(("linear", "fc")) for n in changed), changed
+    with pytest.raises(UserError, match="train-last"):
+        FinetuneConfig(steps=1, train_last=0).check()

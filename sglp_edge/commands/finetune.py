@@ -64,6 +64,8 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(4.0, "--temperature", "-T", help="KD temperature"),
         alpha: float = typer.Option(0.9, "--alpha", help="weight of the KD term (1-alpha on cross-entropy)"),
         feature_weight: float = typer.Option(0.0, "--feature-weight", help="weight of feature KD (MSE on kept units); 0 = off"),
+        train_last: Optional[int] = typer.Option(None, "--train-last", help="partial fine-tune (Lu et al. 2024): train only "
+                                                 "the last N units and the head (LM head + final norm), freeze the rest"),
         block_size: int = typer.Option(256, "--block-size", help="LMs: tokens per packed block"),
         max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="LMs: cap the tokens per text split"),
         val_samples: Optional[int] = typer.Option(None, "--val-samples",
@@ -95,7 +97,7 @@ def register(app: typer.Typer) -> None:
         for name, v, zero_ok in (("--epochs", epochs, False), ("--steps", steps, False), ("--minutes", minutes, False),
                                  ("--batch-size", batch_size, False), ("--lr", lr, False), ("--threads", threads, True),
                                  ("--val-samples", val_samples, False), ("--test-samples", test_samples, False),
-                                 ("--block-size", block_size, False),
+                                 ("--block-size", block_size, False), ("--train-last", train_last, False),
                                  ("--max-tokens", max_tokens, False), ("--weight-decay", weight_decay, True)):
             positive(name, v, zero_ok=zero_ok)
         if optimizer is not None and optimizer not in ("sgd", "adamw"):
@@ -129,6 +131,7 @@ def register(app: typer.Typer) -> None:
             lr=lr if lr is not None else (1e-4 if lm else 0.01), optimizer=optimizer or ("adamw" if lm else "sgd"),
             weight_decay=weight_decay if weight_decay is not None else (0.01 if lm else 5e-4), warmup=warmup,
             temperature=temperature, alpha=alpha, feature_weight=feature_weight, feature_map=fmap, seed=seed,
+            train_last=train_last,
             threads=threads, val_samples=val_samples, test_samples=test_samples, state_path=str(state or out.with_name(out.name + ".state.pt")),
             progress=not no_progress)
         cfg.check()
