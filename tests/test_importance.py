@@ -236,6 +236,7 @@ def test_k_is_raised_until_the_search_fits_the_budget():
 
 
 def test_loss_protocol_scores_the_calibration_loss_and_lowest_wins():
+    from sglp_edge.sglp.baselines import calibration_loss
 
     m, a, b = _setup()
     units = ["layer1.0", "layer1.1", "layer1.2"]
@@ -252,6 +253,7 @@ def test_loss_protocol_scores_the_calibration_loss_and_lowest_wins():
 
 
 def test_healed_protocol_scores_the_loss_after_linear_healing_and_lowest_wins():
+    from sglp_edge.sglp.baselines import calibration_loss
     from sglp_edge.sglp.heal import heal_linear
 
     m, a, b = _setup()

@@ -377,3 +377,18 @@ def allocate_removals(segment_removables: Sequence[int], segment_sizes: Sequence
             break
     return alloc
 
+
+def resolve_protocol(protocol: str, modality: str) -> str:
+    """The protocol "auto" stands for: the calibration-loss score ("loss") for token models (decoder
+    LMs), GradNorm under the "natural" protocol otherwise; any other value is itself."""
+    if protocol == "auto":
+        return "loss" if modality == "tokens" else "natural"
+    return protocol
+
+
+def resolve_allocation(allocation: str, modality: str) -> str:
+    """The allocation "auto" stands for: redundancy for token models (decoder LMs), proportional
+    otherwise; any other value is itself."""
+    if allocation == "auto":
+        return "redundancy" if modality == "tokens" else "proportional"
+    return allocation

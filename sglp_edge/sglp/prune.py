@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import UserError
 from ..models.base import ModelAdapter, Unit, capture_unit_outputs
 from .importance import (PROTOCOLS, CandidateScorer, SegmentSelection, adjacent_redundancy, allocate_removals,
+                         resolve_allocation, resolve_protocol,
                          allocate_removals_by_redundancy, min_search_cost, search_cost, select_in_segment, split_budget)
 
 from .baselines import BASELINES
@@ -176,6 +177,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         raise UserError(f"unknown --heal {cfg.heal!r}; choose one of {', '.join(HEALS)}")
     if cfg.protocol not in ("auto", *PROTOCOLS):
         raise UserError(f"unknown protocol {cfg.protocol!r}; choose one of auto, {', '.join(PROTOCOLS)}")
+    protocol_by = "--protocol auto: " if cfg.protocol == "auto" else ""
     cfg.protocol = resolve_protocol(cfg.protocol, getattr(adapter, "modality", "image"))
     if cfg.allocation not in ALLOCATIONS:
         raise UserError(f"unknown allocation {cfg.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
@@ -201,6 +203,9 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
     timings: dict[str, float] = {}
     plan_kw: dict[str, Any] = {}
     notes: list[str] = []
+    if protocol_by and cfg.method == "sglp":
+        notes.append(protocol_by + ("the calibration-loss score (loss) for a decoder LM: it measured best there"
+                                    if cfg.protocol == "loss" else "natural GradNorm (the paper's criterion)"))
 
     # how many units to remove
     if cfg.keep is not None:
@@ -308,22 +313,6 @@ def _direction(cfg: PruneConfig) -> str:
     if cfg.direction == "auto":  # under the natural protocol a built-up partial net is far from trained: tear down
         return "down" if cfg.protocol in ("natural", "loss", "healed") else "auto"
     return cfg.direction
-
-
-def resolve_protocol(protocol: str, modality: str) -> str:
-    """The protocol "auto" stands for: the calibration-loss score ("loss") for token models (decoder
-    LMs), GradNorm under the "natural" protocol otherwise; any other value is itself."""
-    if protocol == "auto":
-        return "loss" if modality == "tokens" else "natural"
-    return protocol
-
-
-def resolve_allocation(allocation: str, modality: str) -> str:
-    """The allocation "auto" stands for: redundancy for token models (decoder LMs), proportional
-    otherwise; any other value is itself."""
-    if allocation == "auto":
-        return "redundancy" if modality == "tokens" else "proportional"
-    return allocation
 
 
 def _allocation_mode(cfg: PruneConfig, adapter: ModelAdapter) -> str:
