@@ -11,7 +11,9 @@ Methods: sglp and its variants (sglp-reference, sglp-proportional, ...), the bas
 drop_last, block_influence, angular, sleb; any of them with ``+heal`` (training-free linear healing
 of each removed run, sglp_edge.sglp.heal). ``--seeds N`` repeats every method with seeds
 ``--seed .. --seed+N-1``; a seed changes the calibration draw, the fine-tune's data order and the
-random baseline's choice. Every figure is given right after pruning and after KD, as mean and
+random baseline's choice, and for the LM also the document split (its held-out documents are a
+seeded draw: each seed's figures are compared on that seed's held-out set, and base_ppl is the mean
+of the unpruned model's). Every figure is given right after pruning and after KD, as mean and
 standard deviation over the seeds.
 
 resnet56 / mobilenetv2: the shipped ResNet-56 / small MobileNetV2 (Fashion-MNIST); held-out top-1
@@ -199,14 +201,26 @@ def run_smollm2(args) -> None:
     from sglp_edge.pruning_job import PruneJob, run_prune_job
 
     teacher = load_hf("smollm2")
-    text = get_text_dataset(teacher.tokenizer, seed=args.seed, block_size=args.seq_len, max_tokens=args.max_tokens)
-    test = text.split("test")[: args.eval_blocks]
-    base = _perplexity(teacher.model, test)
-    print(f"baseline SmolLM2-135M held-out perplexity {base:.2f} on {len(test)} blocks of {args.seq_len} tokens; "
-          "budget per method: " + (f"{args.lm_steps} steps" if args.lm_steps is not None else f"{args.minutes} min")
-          + f" of KD fine-tune{_partial(args)}, keep {args.keep}/30")
+    print("SmolLM2-135M; budget per method: " + (f"{args.lm_steps} steps" if args.lm_steps is not None else
+                                                  f"{args.minutes} min") + f" of KD fine-tune{_partial(args)}, keep {args.keep}/30")
+    splits: dict[int, tuple] = {}
+
+    def split_for(seed: int) -> tuple:
+        """The seed's document split of the corpus (calibration / fine-tune / held-out documents: the
+        prune job draws its calibration from the same split) and the unpruned model's held-out
+        perplexity on it. Unlike the images' official test split, the LM's held-out documents are a
+        seeded draw, so a seed changes them too, and every figure is compared within its seed."""
+        if seed not in splits:
+            text = get_text_dataset(teacher.tokenizer, seed=seed, block_size=args.seq_len, max_tokens=args.max_tokens)
+            test = text.split("test")[: args.eval_blocks]
+            splits[seed] = (text, test, _perplexity(teacher.model, test))
+            print(f"seed {seed}: unpruned held-out perplexity {splits[seed][2]:.2f} on {len(test)} blocks of "
+                  f"{args.seq_len} tokens", flush=True)
+        return splits[seed]
+
     rows = []
     for seed, method in _grid(args):
+        text, test, base_s = split_for(seed)
         base_method, protocol, allocation, extra = _variant(method, args, lm=True)
         settings = {"model": "smollm2", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
                     "minutes": None if args.lm_steps is not None else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
@@ -215,7 +229,7 @@ def run_smollm2(args) -> None:
                     **({"train_last": args.train_last} if args.train_last else {})}
         cached = _cached_row(args.workdir, settings)
         if cached:
-            cached = {**cached, "method": method, "seed": seed}
+            cached = {**cached, "method": method, "seed": seed, "base_ppl": base_s}
             rows.append(cached)
             print(f"  {method:22s} seed {seed}  after pruning ppl {cached['pruned_ppl']:10.2f}  after KD ppl "
                   f"{cached['ppl']:8.2f}  (cached result of an earlier run)", flush=True)
@@ -232,7 +246,7 @@ def run_smollm2(args) -> None:
         pruned_ppl = _perplexity(pruned, test)
         if args.lm_steps == 0:  # training-free only: the after-KD fields repeat the pruned figure
             rows.append({"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": pruned_ppl,
-                         "steps": 0, "wall_s": time.perf_counter() - t0})
+                         "base_ppl": base_s, "steps": 0, "wall_s": time.perf_counter() - t0})
             _save_row(args.workdir, settings, rows[-1])
             print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  (no KD, "
                   f"{rows[-1]['wall_s']:.0f} s)", flush=True)
@@ -248,11 +262,17 @@ def run_smollm2(args) -> None:
         teacher.model.cpu()
         ppl = _perplexity(ft.model.cpu(), test)
         rows.append({"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
-                     "steps": ft.steps, "ft_device": _device_name(args.device), "wall_s": time.perf_counter() - t0})
+                     "base_ppl": base_s, "steps": ft.steps, "ft_device": _device_name(args.device), "wall_s": time.perf_counter() - t0})
         _save_row(args.workdir, settings, rows[-1])
         print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  "
               f"({ft.steps} steps, {rows[-1]['wall_s']:.0f} s)", flush=True)
+    base = sum(splits[s_][2] for s_ in args.seeds) / len(args.seeds)  # the mean over the seeds' held-out sets
     sg, best = _finish(args.workdir, "smollm2", rows, base, "ppl", "perplexity", higher=False)
+    for st in (sg, best):
+        ratios = [r["ppl"] / r["base_ppl"] for r in rows if r["method"] == st["method"]]
+        if ratios:
+            print(f"{st['method']}: perplexity / unpruned, per seed {', '.join(f'{x:.3f}' for x in ratios)}; "
+                  f"mean {sum(ratios) / len(ratios):.3f}")
     print(f"recovery smollm2 seeds={len(args.seeds)} base_ppl={base:.2f} pruned_ppl={sg['pruned']:.2f} "
           f"sglp_ppl={sg['mean']:.2f} sglp_std={sg['std']:.2f} best_other={best['method']} "
           f"best_other_ppl={best['mean']:.2f} best_other_std={best['std']:.2f}")
