@@ -99,11 +99,9 @@ def test_allocate_removals_by_redundancy_follows_the_most_redundant_units():
     assert adjacent_redundancy(cka) == [0.3, 0.3, 0.8]
 
 
-def test_allocation_auto_is_redundancy_for_decoder_lms_and_proportional_for_cnns():
-    transformers = pytest.importorskip("transformers")
+def _tiny_llama(transformers):
+    """A 6-layer random Llama, two fixed calibration batches of token ids, and its adapter."""
     from sglp_edge.models.hf_llm import HFDecoderAdapter
-    from sglp_edge.sglp.importance import allocate_removals_by_redundancy as by_red
-    from sglp_edge.sglp.prune import PruneConfig, analyze
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -111,7 +109,15 @@ def test_allocation_auto_is_redundancy_for_decoder_lms_and_proportional_for_cnns
         hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=64)).eval()
     ids = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    ad = HFDecoderAdapter()
+    return lm, ids, HFDecoderAdapter()
+
+
+def test_allocation_auto_is_redundancy_for_decoder_lms_and_proportional_for_cnns():
+    transformers = pytest.importorskip("transformers")
+    from sglp_edge.sglp.importance import allocate_removals_by_redundancy as by_red
+    from sglp_edge.sglp.prune import PruneConfig, analyze
+
+    lm, ids, ad = _tiny_llama(transformers)
     plan = analyze(lm, ad, ids, ids[:1], PruneConfig(keep=4, k=2, eval_budget=None))
     assert plan.allocation == "redundancy"
     removed = set(plan.removed)
@@ -140,19 +146,12 @@ def test_unknown_protocol():
 
 def test_protocol_auto_is_the_loss_score_for_decoder_lms_and_natural_gradnorm_for_cnns():
     transformers = pytest.importorskip("transformers")
-    from sglp_edge.models.hf_llm import HFDecoderAdapter
     from sglp_edge.sglp.prune import PruneConfig, analyze, resolve_protocol
 
     assert PruneConfig().protocol == "auto"
     assert [resolve_protocol("auto", m) for m in ("tokens", "image", "sentences")] == ["loss", "natural", "natural"]
     assert resolve_protocol("reference", "tokens") == "reference"
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64)).eval()
-    ids = [torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    ad = HFDecoderAdapter()
+    lm, ids, ad = _tiny_llama(transformers)
     auto = analyze(lm, ad, ids, ids[:1], PruneConfig(keep=4, k=1, eval_budget=None))
     loss = analyze(lm, ad, ids, ids[:1], PruneConfig(keep=4, k=1, eval_budget=None, protocol="loss"))
     assert auto.config["protocol"] == "loss" and auto.removed == loss.removed
