@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.recovery_rows import (_cached_row, _device_name, _mean_std, _reuse_pruned,  # noqa: E402,F401
-                                      _row_path, _save_row, _table, headline, summarize)
+from benchmarks.recovery_rows import (_cached_row, _device_name, _reuse_pruned, _save_row,  # noqa: E402
+                                      _table, headline, summarize)
 
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular", "sleb")
 
