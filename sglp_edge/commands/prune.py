@@ -84,7 +84,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(
             f"pruned {p.family}: units {p.n_units_before} -> {p.n_units_after}, params {p.params_before:,} -> "
             f"{p.params_after:,} (-{100 * p.params_reduction:.1f}%), MACs {p.macs_before:,} -> {p.macs_after:,} "
-            f"(-{100 * p.macs_reduction:.1f}%), {p.evaluations} GradNorm evaluations, {p.wall_s:.1f} s -> {out}"
+            f"(-{100 * p.macs_reduction:.1f}%), {p.evaluations} candidate evaluations"
+            + (f" ({p.config.get('protocol')} score)" if p.method == "sglp" else "") + f", {p.wall_s:.1f} s -> {out}"
         )
         if p.search and p.search.get("chosen"):
             c = p.search["chosen"]

@@ -412,7 +412,7 @@ def _select_all(scorer: CandidateScorer, units: Sequence[Unit], segments: Sequen
     shares = split_budget(needs, [min_search_cost(n, r) for n, r in shape], cfg.eval_budget)
     total = sum(search_cost(n, r, cfg.exhaustive_budget, cfg.beam_width, direction, sh)
                 for (n, r), sh in zip(shape, shares))
-    task = progress.add_task(f"GradNorm ({cfg.protocol}) over {len(segments)} segments", total=total) if progress else None
+    task = progress.add_task(f"{'GradNorm' if cfg.protocol in ('natural', 'reference') else 'candidate loss'} ({cfg.protocol}) over {len(segments)} segments", total=total) if progress else None
     if progress:
         scorer.on_evaluation = lambda: progress.advance(task)
     out = []
