@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         minutes: Optional[float] = typer.Option(None, "--minutes", help="budget in minutes of training"),
         data_root: Optional[Path] = typer.Option(None, "--data-root", help="where the data set lives"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="global batch (default 128 images / 8 blocks)"),
-        lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default 0.01 SGD for images, 1e-4 AdamW for LMs)"),
+        lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default 0.01 SGD for images, 3e-4 AdamW for LMs)"),
         optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd | adamw"),
         weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
         warmup: float = typer.Option(0.05, "--warmup", help="fraction of the budget spent warming up (then cosine)"),
@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
         fmap = feature_map_for(student, orig) if feature_weight > 0 else None
         cfg = FinetuneConfig(
             epochs=epochs, steps=steps, minutes=minutes, batch_size=batch_size or (8 if lm else 128),
-            lr=lr if lr is not None else (1e-4 if lm else 0.01), optimizer=optimizer or ("adamw" if lm else "sgd"),
+            lr=lr if lr is not None else (3e-4 if lm else 0.01), optimizer=optimizer or ("adamw" if lm else "sgd"),
             weight_decay=weight_decay if weight_decay is not None else (0.01 if lm else 5e-4), warmup=warmup,
             temperature=temperature, alpha=alpha, feature_weight=feature_weight, feature_map=fmap, seed=seed,
             train_last=train_last,

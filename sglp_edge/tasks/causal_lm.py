@@ -89,7 +89,7 @@ class CausalLM(Task):
     modality = "tokens"
     defaults = {
         "prune": {"calib_batches": 8, "batch_size": 2, "seq_len": 128},
-        "finetune": {"batch_size": 4, "lr": 5e-5, "optimizer": "adamw", "weight_decay": 0.0, "val_samples": 16,
+        "finetune": {"batch_size": 4, "lr": 3e-4, "optimizer": "adamw", "weight_decay": 0.0, "val_samples": 16,
                      "test_samples": 64},
         "eval": {"samples": 16},
     }
