@@ -125,7 +125,7 @@ def test_lm_config_errors_are_one_line_before_heavy_work(tmp_path):
     with pytest.raises(UserError, match=r"finetune\.batch_size=100000"):
         load(finetune__batch_size=100000)
     cfg = load()
-    assert cfg.task == "causal-lm" and cfg.finetune.optimizer == "adamw" and cfg.finetune.lr == 5e-5
+    assert cfg.task == "causal-lm" and cfg.finetune.optimizer == "adamw" and cfg.finetune.lr == 3e-4
 
 
 def test_image_config_keeps_its_defaults_and_smollm2_config_validates():
