@@ -135,3 +135,22 @@ def test_image_config_keeps_its_defaults_and_smollm2_config_validates():
     lm = load_config(root / "configs" / "smollm2.yaml")
     assert lm.task == "causal-lm" and lm.prune.batch_size == 2 and lm.finetune.val_samples == 16
     assert lm.finetune.test_samples == 64 and img.finetune.test_samples is None  # LM: held-out blocks capped
+
+
+def test_finetune_cli_uses_the_causal_lm_task_default_lr(tmp_path):
+    """`sglp-edge finetune` on a decoder LM without --lr takes the causal-LM task's default, the one
+    `sglp-edge run` uses (one place to change it), and records it in the saved summary."""
+    from typer.testing import CliRunner
+
+    from sglp_edge.cli import app
+    from sglp_edge.tasks.causal_lm import CausalLM
+
+    folder = tiny_lm_folder(tmp_path)
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(app, ["finetune", str(folder), "--teacher", str(folder), "--data", "text", "--steps", "1",
+                                 "--batch-size", "2", "--block-size", "32", "--max-tokens", "6000", "--val-samples", "2",
+                                 "--test-samples", "2", "--no-progress", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    saved = "\n".join(p.read_text() for p in out.glob("*.json"))
+    lr = CausalLM.defaults["finetune"]["lr"]
+    assert f'"lr": {lr}' in saved and "--lr " + str(lr) in saved

@@ -126,9 +126,13 @@ def register(app: typer.Typer) -> None:
             bundle = get_dataset(data, data_root, seed=seed, resize=fixed_input_size(student.model),
                                  channels=input_channels(student.model))
         fmap = feature_map_for(student, orig) if feature_weight > 0 else None
+        if lr is None and lm:  # the causal-LM task's default, the one `sglp-edge run` uses
+            from sglp_edge.tasks.causal_lm import CausalLM
+
+            lr = CausalLM.defaults["finetune"]["lr"]
         cfg = FinetuneConfig(
             epochs=epochs, steps=steps, minutes=minutes, batch_size=batch_size or (8 if lm else 128),
-            lr=lr if lr is not None else (3e-4 if lm else 0.01), optimizer=optimizer or ("adamw" if lm else "sgd"),
+            lr=lr if lr is not None else 0.01, optimizer=optimizer or ("adamw" if lm else "sgd"),
             weight_decay=weight_decay if weight_decay is not None else (0.01 if lm else 5e-4), warmup=warmup,
             temperature=temperature, alpha=alpha, feature_weight=feature_weight, feature_map=fmap, seed=seed,
             train_last=train_last,
