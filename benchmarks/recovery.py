@@ -317,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-steps", type=int, default=None,
                     help="LM fine-tune budget in steps instead of minutes (equal work per method on a loaded machine); "
                          "0 = training-free only (after-KD = pruned)")
-    ap.add_argument("--lm-lr", type=float, default=3e-4,
-                    help="LM KD peak learning rate (AdamW, warmup + cosine); README: 3e-4 against 5e-5 and 1e-3")
+    ap.add_argument("--lm-lr", type=float, default=None,
+                    help="LM KD peak learning rate (AdamW, warmup + cosine); default: the causal-LM task's "
+                         "(sglp_edge.tasks.causal_lm, 3e-4; README: against 5e-5 and 1e-3)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=400_000)
     ap.add_argument("--eval-blocks", type=int, default=64)
@@ -367,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         run_vision(args)
     else:
         args.keep = args.keep or 22
+        if args.lm_lr is None:
+            from sglp_edge.tasks.causal_lm import CausalLM
+
+            args.lm_lr = CausalLM.defaults["finetune"]["lr"]
         run_smollm2(args)
     return 0
 
