@@ -137,9 +137,10 @@ def test_image_config_keeps_its_defaults_and_smollm2_config_validates():
     assert lm.finetune.test_samples == 64 and img.finetune.test_samples is None  # LM: held-out blocks capped
 
 
-def test_finetune_cli_uses_the_causal_lm_task_default_lr(tmp_path):
-    """`sglp-edge finetune` on a decoder LM without --lr takes the causal-LM task's default, the one
-    `sglp-edge run` uses (one place to change it), and records it in the saved summary."""
+def test_finetune_cli_uses_the_causal_lm_task_defaults(tmp_path):
+    """`sglp-edge finetune` on a decoder LM without --lr / --batch-size / --weight-decay / --optimizer
+    takes the causal-LM task's defaults, the ones `sglp-edge run` uses (one place to change them), and
+    records them in the saved summary."""
     from typer.testing import CliRunner
 
     from sglp_edge.cli import app
@@ -148,9 +149,11 @@ def test_finetune_cli_uses_the_causal_lm_task_default_lr(tmp_path):
     folder = tiny_lm_folder(tmp_path)
     out = tmp_path / "ft"
     r = CliRunner().invoke(app, ["finetune", str(folder), "--teacher", str(folder), "--data", "text", "--steps", "1",
-                                 "--batch-size", "2", "--block-size", "32", "--max-tokens", "6000", "--val-samples", "2",
+                                 "--block-size", "32", "--max-tokens", "6000", "--val-samples", "2",
                                  "--test-samples", "2", "--no-progress", "--out", str(out)])
     assert r.exit_code == 0, r.output
     saved = "\n".join(p.read_text() for p in out.glob("*.json"))
-    lr = CausalLM.defaults["finetune"]["lr"]
-    assert f'"lr": {lr}' in saved and "--lr " + str(lr) in saved
+    d = CausalLM.defaults["finetune"]
+    assert f'"lr": {d["lr"]}' in saved and "--lr " + str(d["lr"]) in saved
+    for flag in ("batch-size", "weight-decay", "optimizer"):
+        assert f"--{flag} {d[flag.replace('-', '_')]} " in saved, flag

@@ -56,10 +56,10 @@ def register(app: typer.Typer) -> None:
         steps: Optional[int] = typer.Option(None, "--steps", help="budget in optimiser steps"),
         minutes: Optional[float] = typer.Option(None, "--minutes", help="budget in minutes of training"),
         data_root: Optional[Path] = typer.Option(None, "--data-root", help="where the data set lives"),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="global batch (default 128 images / 8 blocks)"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="global batch (default 128 images / 4 blocks)"),
         lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default 0.01 SGD for images, 3e-4 AdamW for LMs)"),
         optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd | adamw"),
-        weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+        weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="default 5e-4 for images, 0 for LMs"),
         warmup: float = typer.Option(0.05, "--warmup", help="fraction of the budget spent warming up (then cosine)"),
         temperature: float = typer.Option(4.0, "--temperature", "-T", help="KD temperature"),
         alpha: float = typer.Option(0.9, "--alpha", help="weight of the KD term (1-alpha on cross-entropy)"),
@@ -126,14 +126,16 @@ def register(app: typer.Typer) -> None:
             bundle = get_dataset(data, data_root, seed=seed, resize=fixed_input_size(student.model),
                                  channels=input_channels(student.model))
         fmap = feature_map_for(student, orig) if feature_weight > 0 else None
-        if lr is None and lm:  # the causal-LM task's default, the one `sglp-edge run` uses
+        if lm:  # the causal-LM task's defaults, the ones `sglp-edge run` and benchmarks/recovery.py use
             from sglp_edge.tasks.causal_lm import CausalLM
 
-            lr = CausalLM.defaults["finetune"]["lr"]
+            dflt = CausalLM.defaults["finetune"]
+        else:
+            dflt = {"batch_size": 128, "lr": 0.01, "optimizer": "sgd", "weight_decay": 5e-4}
         cfg = FinetuneConfig(
-            epochs=epochs, steps=steps, minutes=minutes, batch_size=batch_size or (8 if lm else 128),
-            lr=lr if lr is not None else 0.01, optimizer=optimizer or ("adamw" if lm else "sgd"),
-            weight_decay=weight_decay if weight_decay is not None else (0.01 if lm else 5e-4), warmup=warmup,
+            epochs=epochs, steps=steps, minutes=minutes, batch_size=batch_size or dflt["batch_size"],
+            lr=lr if lr is not None else dflt["lr"], optimizer=optimizer or dflt["optimizer"],
+            weight_decay=weight_decay if weight_decay is not None else dflt["weight_decay"], warmup=warmup,
             temperature=temperature, alpha=alpha, feature_weight=feature_weight, feature_map=fmap, seed=seed,
             train_last=train_last,
             threads=threads, val_samples=val_samples, test_samples=test_samples, state_path=str(state or out.with_name(out.name + ".state.pt")),
