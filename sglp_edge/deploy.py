@@ -146,7 +146,7 @@ echo "SGLP_DEPLOY=ok $prev"
 
 
 def _ssh(target: Any, script: str, stdin: Optional[bytes] = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    from .remote import sh_c
+    from .ssh_transport import sh_c
 
     try:
         return subprocess.run(target.ssh_argv(sh_c(script)), input=stdin if stdin is not None else b"",
@@ -157,7 +157,7 @@ def _ssh(target: Any, script: str, stdin: Optional[bytes] = None, timeout: float
 
 
 def _fail(target: Any, p: subprocess.CompletedProcess, what: str) -> UserError:
-    from .remote import _classify_ssh_error
+    from .ssh_transport import _classify_ssh_error
 
     err = p.stderr.decode(errors="replace")
     if p.returncode == 255:

@@ -375,7 +375,7 @@ class Pipeline:
         """No board given for an artifact built on the board: bundle what the board needs (harness,
         prepared ONNX, eval data) into the run folder and record every constraint as not measured."""
         from .profiles import ConstraintResult
-        from .remote import make_bundle
+        from .bundle import make_bundle
 
         def fn(tmp: Path) -> dict[str, Any]:
             bundles = {}

@@ -176,7 +176,7 @@ def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boar
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sglp_edge.remote import make_bundle
+    from sglp_edge.bundle import make_bundle
 
     # every SSH board is a target too; all are validated before anything starts
     from sglp_edge.targets.ssh import SSHBoardTarget

@@ -1,7 +1,7 @@
 """Where a benchmark runs: one interface, three kinds.
 
     target = make_target(profile, host=None, emulate=False)       # local | ssh | emulated
-    run = target.bench(BenchJob(artifact, data, profile, out_dir))  # a remote.BoardRun
+    run = target.bench(BenchJob(artifact, data, profile, out_dir))  # a board_run.BoardRun
     cons = target.constraints(profile, metrics)                    # emulated: latency never held
 
 The pipeline and ``sglp-edge bench`` say "benchmark this artifact on that target" and know nothing
@@ -36,7 +36,7 @@ class BenchJob:
     timeout_s: Optional[float] = None
     label: str = ""
     bundle_path: Optional[Path] = None  # where an SSH target writes its upload bundle
-    bundle: Any = None  # a ready remote.Bundle to upload as is (several boards share one)
+    bundle: Any = None  # a ready bundle.Bundle to upload as is (several boards share one)
     on_progress: Optional[Callable[[str, dict[str, Any]], None]] = None
 
 

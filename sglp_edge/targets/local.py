@@ -15,7 +15,7 @@ class LocalTarget(Target):
         self.python, self.env = python, env
 
     def bench(self, job: BenchJob) -> Any:
-        from sglp_edge.remote import run_local
+        from sglp_edge.board_run import run_local
 
         out = job.out_dir.resolve()
         args = job.profile.run_bench_args(artifact=str(job.artifact.resolve()), out=str(out / "result.json"),

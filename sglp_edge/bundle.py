@@ -1,0 +1,78 @@
+"""The upload bundle for a board: a self-contained ``.tar.gz`` with the board harness
+(``benchmarks/``, ``exporters/``), the artifact with its side files, the eval data and a
+``MANIFEST.json``. :mod:`sglp_edge.remote` pushes it on the SSH session's stdin.
+
+Layout inside the bundle::
+
+    benchmarks/ exporters/ artifact/<files> data/<eval.npz> MANIFEST.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from exporters.atomic import atomic_path, sha256_file
+from exporters.errors import UserError
+
+from .board_run import REPO_ROOT
+
+
+@dataclass
+class Bundle:
+    path: Path
+    artifact: str  # path of the artifact inside the bundle (relative)
+    data: Optional[str]  # path of the eval data inside the bundle (relative) or None
+    sha256: str
+    size_bytes: int
+
+
+def _py_files(pkg: Path) -> list[Path]:
+    return sorted(p for p in pkg.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def make_bundle(artifact: str | os.PathLike, data: str | os.PathLike | None, dest: str | os.PathLike,
+                *, artifact_files: Sequence[str | os.PathLike] | None = None) -> Bundle:
+    """Write a self-contained ``.tar.gz``: ``benchmarks/``, ``exporters/`` (the board may need to
+    build its engine), the artifact (with its side files, e.g. the IR ``.bin``) and the eval
+    ``.npz``. Written atomically."""
+    from benchmarks.runners import artifact_files as _files
+
+    art = Path(artifact)
+    if not art.is_file():
+        raise UserError(f"artifact not found: {art}")
+    files = [Path(f) for f in (artifact_files or _files(art, ""))]
+    d = Path(data) if data else None
+    if d is not None and not d.is_file():
+        raise UserError(f"eval data not found: {d}")
+    dest = Path(dest)
+    manifest = {
+        "artifact": f"artifact/{art.name}",
+        "artifact_files": [f"artifact/{f.name}" for f in files],
+        "data": f"data/{d.name}" if d else None,
+        "artifact_sha256": sha256_file(art),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    with atomic_path(dest) as tmp:
+        with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+            for pkg in ("benchmarks", "exporters"):
+                for f in _py_files(REPO_ROOT / pkg):
+                    tar.add(f, arcname=str(f.relative_to(REPO_ROOT)), recursive=False)
+            for f in files:
+                tar.add(f, arcname=f"artifact/{f.name}", recursive=False)
+            if d is not None:
+                tar.add(d, arcname=f"data/{d.name}", recursive=False)
+            blob = json.dumps(manifest, indent=2).encode()
+            info = tarfile.TarInfo("MANIFEST.json")
+            info.size = len(blob)
+            info.mtime = int(time.time())
+            import io
+
+            tar.addfile(info, io.BytesIO(blob))
+    return Bundle(path=dest, artifact=manifest["artifact"], data=manifest["data"], sha256=sha256_file(dest),
+                  size_bytes=dest.stat().st_size)
