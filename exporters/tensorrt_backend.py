@@ -509,7 +509,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, plan: TrtPlan, 
 
 def runner(engine_path: str | Path, precision: str = "fp16", max_batch: int = 64) -> Any:
     """``f(x) -> first output`` for a serialized engine, through the board harness's TensorRTRunner
-    (benchmarks/runners.py: pinned buffers, checked shapes): one runner stack for parity and bench."""
+    (benchmarks/runner_tensorrt.py: pinned buffers, checked shapes): one runner stack for parity and bench."""
     from .stack import stack_runner
 
     return stack_runner("tensorrt", engine_path, precision, max_batch=max_batch)

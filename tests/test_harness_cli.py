@@ -123,6 +123,7 @@ def test_list_devices():
 def test_board_side_packages_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import benchmarks, benchmarks.harness, benchmarks.runners, benchmarks.accuracy, benchmarks.tegrastats, "
+            "benchmarks.runner_openvino, benchmarks.runner_onnxruntime, benchmarks.runner_tensorrt, "
             "benchmarks.run_bench, benchmarks.harness_fidelity, exporters.atomic, exporters.errors\n"
             "print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
