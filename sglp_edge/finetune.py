@@ -38,9 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from .distributed import DistInfo, init_distributed
 from .errors import UserError
 from .models.base import ModelAdapter, get_module
-from .train import DistInfo, FitResult, LoopConfig, Task, capped, evaluate, fit, init_distributed
+from .train import fit
+from .train_config import FitResult, LoopConfig
+from .train_tasks import Task, capped, evaluate
 
 
 # ---------------------------------------------------------------------------------------------

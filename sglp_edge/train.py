@@ -16,375 +16,43 @@ evaluation) with
 * DistributedDataParallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1): gloo on CPU, nccl on
   CUDA, a DistributedSampler shard per rank, the global batch split across ranks, sharded
   evaluation summed with all_reduce, and only rank 0 writing files.
+
+The engine's parts live in :mod:`sglp_edge.distributed` (process group), :mod:`sglp_edge.train_tasks`
+(tasks, evaluation), :mod:`sglp_edge.train_config` (config, results, schedule, optimiser) and
+:mod:`sglp_edge.train_state` (resume state, RNG, stop flag, progress); their public names are
+re-exported here, so ``from sglp_edge.train import ...`` keeps working.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
-import os
-import signal
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
+from .distributed import DistInfo, _all_reduce, init_distributed
 from .errors import UserError
+from .train_config import FitResult, Interrupted, LoopConfig, lr_at, make_optimizer
+from .train_state import (STATE_FORMAT, _Progress, _rank_seed, _rng_state, _set_rng_state, _StopFlag, load_state,
+                          save_state)
+from .train_tasks import ClassificationTask, Task, capped, evaluate, to_device
 
-STATE_FORMAT = "sglp-edge/train-state/1"
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed helpers
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else run alone.
-    gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
-    if world <= 1:
-        dev = torch.device(device) if device else torch.device("cuda" if want_cuda else "cpu")
-        return DistInfo(0, 1, 0, dev)
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev)
-
-
-def _all_reduce(values: list[float], info: DistInfo, op: str = "sum") -> list[float]:
-    if not info.distributed:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-# tasks
-# ---------------------------------------------------------------------------------------------
-class Task:
-    """What is trained and how it is measured. ``train_loss`` returns the loss to minimise plus
-    scalars to display; ``eval_sums`` returns additive sums over a batch, which
-    ``finalize`` turns into metrics including ``score`` (higher is better, used for selection)."""
-
-    def train_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
-
-    def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, float]:
-        raise NotImplementedError
-
-    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
-        raise NotImplementedError
-
-    def train_mode(self, model: nn.Module) -> None:
-        model.train()
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-class ClassificationTask(Task):
-    def __init__(self, label_smoothing: float = 0.0):
-        self.label_smoothing = label_smoothing
-
-    def train_loss(self, model, batch):
-        x, y = batch
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        return loss, {"loss": float(loss.detach()), "acc": float((logits.argmax(1) == y).float().mean())}
-
-    def eval_sums(self, model, batch):
-        x, y = batch
-        logits = model(x)
-        return {"n": float(len(y)), "correct": float((logits.argmax(1) == y).sum()),
-                "loss_sum": float(nn.functional.cross_entropy(logits, y, reduction="sum"))}
-
-    def finalize(self, sums):
-        n = max(sums.get("n", 0.0), 1.0)
-        acc = sums.get("correct", 0.0) / n
-        return {"acc": acc, "loss": sums.get("loss_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": acc}
-
-
-def capped(dataset: Dataset | None, n: int | None) -> Dataset | None:
-    """The first ``n`` items of ``dataset`` (deterministic), or the data set itself."""
-    if dataset is None or n is None or len(dataset) <= n:
-        return dataset
-    return Subset(dataset, range(n))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, task: Task, dataset: Dataset, *, batch_size: int = 256,
-             info: DistInfo | None = None) -> dict[str, float]:
-    """Metrics of ``model`` on ``dataset`` (eval mode). Under DDP each rank takes a strided shard
-    and the sums are all-reduced, so every rank gets the full-set metrics."""
-    info = info or DistInfo()
-    was = model.training
-    model.eval()
-    idx = list(range(info.rank, len(dataset), info.world))
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=idx, num_workers=0)
-    sums: dict[str, float] = {}
-    for batch in loader:
-        for k, v in task.eval_sums(model, to_device(batch, info.device)).items():
-            sums[k] = sums.get(k, 0.0) + v
-    keys = sorted(sums) if sums else []
-    if info.distributed:
-        keys = _common_keys(keys, task, model, dataset, info)
-        sums = dict(zip(keys, _all_reduce([sums.get(k, 0.0) for k in keys], info)))
-    model.train(was)
-    return task.finalize(sums)
-
-
-def _common_keys(keys, task, model, dataset, info):  # every rank needs the same key list
-    if keys:
-        return keys
-    batch = next(iter(DataLoader(dataset, batch_size=1)))
-    return sorted(task.eval_sums(model, to_device(batch, info.device)))
-
-
-# ---------------------------------------------------------------------------------------------
-# configuration and results
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class LoopConfig:
-    epochs: float | None = None
-    steps: int | None = None
-    minutes: float | None = None
-    batch_size: int = 128  # global batch (split across DDP ranks)
-    lr: float = 0.1
-    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    warmup: float = 0.05  # fraction of the budget spent warming up linearly from lr*warmup_start
-    warmup_start: float = 0.04
-    final_lr_frac: float = 0.0  # cosine floor, as a fraction of lr
-    grad_clip: float | None = None
-    seed: int = 0
-    eval_batch_size: int = 256
-    val_samples: int | None = None  # evaluate on the first N validation items only (quick runs); None: all
-    ckpt_minutes: float = 5.0
-    select_best: bool = True
-    eval_test: bool = True
-    log_every: int = 50
-    threads: int | None = None
-    device: str | None = None
-
-    def check(self) -> None:
-        given = [k for k in ("epochs", "steps", "minutes") if getattr(self, k) is not None]
-        if not given:
-            raise UserError("give a training budget: --epochs N, --steps N or --minutes N")
-        for k in given:
-            if getattr(self, k) <= 0:
-                raise UserError(f"--{k} must be positive, got {getattr(self, k)}")
-        if self.batch_size < 1:
-            raise UserError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.val_samples is not None and self.val_samples < 1:
-            raise UserError(f"--val-samples must be >= 1, got {self.val_samples}")
-        if self.lr <= 0:
-            raise UserError(f"learning rate must be positive, got {self.lr}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise UserError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if not 0 <= self.warmup < 1:
-            raise UserError(f"warmup is a fraction of the budget in [0, 1), got {self.warmup}")
-
-
-@dataclass
-class FitResult:
-    model: nn.Module  # the selected weights (best on val, or last), unwrapped from DDP
-    val: dict[str, float]
-    test: dict[str, float] | None
-    history: list[dict[str, Any]]
-    steps: int
-    epochs: float
-    train_seconds: float
-    selected: str  # "best-val@epoch N" or "last"
-    resumed_from_step: int = 0
-    stopped_early: bool = False  # interrupted (state saved; resume to continue)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGTERM / Ctrl-C after its state was saved."""
-
-    def __init__(self, state_path: Path | None, step: int):
-        super().__init__(f"interrupted at step {step}; state saved to {state_path}; re-run the same command to resume")
-        self.state_path, self.step = state_path, step
-
-
-# ---------------------------------------------------------------------------------------------
-# learning-rate schedule
-# ---------------------------------------------------------------------------------------------
-def lr_at(progress: float, cfg: LoopConfig) -> float:
-    """Linear warmup from ``lr*warmup_start`` to ``lr`` over the first ``warmup`` of the budget,
-    then cosine down to ``lr*final_lr_frac`` at the end."""
-    p = min(max(progress, 0.0), 1.0)
-    if cfg.warmup > 0 and p < cfg.warmup:
-        return cfg.lr * (cfg.warmup_start + (1 - cfg.warmup_start) * p / cfg.warmup)
-    q = (p - cfg.warmup) / max(1e-12, 1 - cfg.warmup)
-    lo = cfg.lr * cfg.final_lr_frac
-    return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * q))
-
-
-def make_optimizer(params, cfg: LoopConfig) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay)
-
-
-# ---------------------------------------------------------------------------------------------
-# state files
-# ---------------------------------------------------------------------------------------------
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    from exporters.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt file
-        raise UserError(f"cannot read the resume state {path} ({type(e).__name__}); delete it to start over") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise UserError(f"{path} is not an sglp-edge training state; delete it to start over")
-    return state
-
-
-class _StopFlag:
-    """Turns SIGTERM / SIGINT into a flag checked after every step (main thread only)."""
-
-    def __init__(self):
-        self.stop = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        if sys.platform != "win32":
-            import threading
-
-            if threading.current_thread() is threading.main_thread():
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop:  # second signal: give up immediately
-            raise KeyboardInterrupt
-        self.stop = True
-
-    def __exit__(self, *exc):
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
-
-
-# ---------------------------------------------------------------------------------------------
-# progress display
-# ---------------------------------------------------------------------------------------------
-class _Progress:
-    def __init__(self, total: int | None, desc: str, enabled: bool, log_every: int):
-        self.enabled, self.log_every, self.total = enabled, log_every, total
-        self.progress = None
-        self.task_id = None
-        self.t0 = time.perf_counter()
-        if not enabled:
-            return
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.live = self.console.is_terminal
-        if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                     console=self.console, transient=False)
-            self.task_id = self.progress.add_task(desc, total=total, info="")
-            self.progress.start()
-
-    def update(self, step: int, info: str) -> None:
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.update(self.task_id, completed=step, info=info)
-        elif self.log_every and step % self.log_every == 0:
-            tot = f"/{self.total}" if self.total else ""
-            self.console.print(f"step {step}{tot} {info} [{time.perf_counter() - self.t0:.0f}s]", highlight=False)
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text, highlight=False)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+__all__ = [
+    # re-exported from the engine's parts
+    "DistInfo", "init_distributed", "Task", "ClassificationTask", "to_device", "capped", "evaluate",
+    "LoopConfig", "FitResult", "Interrupted", "lr_at", "make_optimizer", "STATE_FORMAT", "save_state", "load_state",
+    # defined here
+    "fit", "BASELINE_RECIPE", "TrainResult", "training_manifest", "train_classifier",
+]
 
 
 # ---------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
-
-
-def _rank_seed(seed: int, rank: int, step: int) -> int:
-    """Rank 0 keeps ``seed`` (one process trains exactly as before); other ranks get streams of
-    their own that no other seed's rank 0 shares."""
-    return seed if rank == 0 else (seed * 1_000_003 + rank * 7919 + step * 104_729) % (2 ** 63)
-
-
-def _rng_state() -> dict[str, Any]:
-    import random
-
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    import random
-
-    torch.set_rng_state(s["torch"])
-    random.setstate(tuple(s["python"]) if not isinstance(s["python"], tuple) else s["python"])
-
-
 def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | None, test_set: Dataset | None,
         cfg: LoopConfig, *, state_path: str | Path | None = None, desc: str = "train",
         progress: bool = True, extra_state: dict[str, Any] | None = None,
