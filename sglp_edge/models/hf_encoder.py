@@ -15,11 +15,11 @@ Calibration batches get the teacher's embeddings attached once (:meth:`HFEncoder
 called by ``analyze`` before any candidate is scored), so every candidate is compared with the
 same unpruned model.
 
-Surgery and saving reuse the decoder adapter's helpers (:mod:`.hf_llm`): the layers are dropped
-from ``encoder.layer``, ``config.num_hidden_layers`` and every ``layer_idx`` are renumbered,
-``config.sglp_kept_layers`` records the original indices, and :func:`save_hf_encoder` writes a
-standard ``save_pretrained`` folder (safetensors + tokenizer) that ``AutoModel.from_pretrained``
-reloads without sglp-edge.
+Surgery and saving reuse the helpers shared with the decoder adapter (:mod:`.hf_common`): the
+layers are dropped from ``encoder.layer``, ``config.num_hidden_layers`` and every ``layer_idx``
+are renumbered, ``config.sglp_kept_layers`` records the original indices, and
+:func:`save_hf_encoder` writes a standard ``save_pretrained`` folder (safetensors + tokenizer)
+that ``AutoModel.from_pretrained`` reloads without sglp-edge.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from torch import nn
 
 from ..errors import UserError
 from .base import AdapterError, ModelAdapter, Unit
-from .hf_llm import (PRUNE_META_FILE, _first_line, _load_tokenizer, _offline, _reindex, _undo, checked_layers,
-                     not_pretrained_reason, prune_metadata, record_kept_layers, save_pretrained_folder,
-                     token_inputs, unit_index)
+from .hf_common import (PRUNE_META_FILE, _first_line, _load_tokenizer, _offline, _reindex, _undo, checked_layers,
+                        not_pretrained_reason, record_kept_layers, save_pretrained_folder, token_inputs,
+                        unit_index)
+from .hf_llm import prune_metadata
 
 #: config.model_type -> family name, for the encoders this adapter is tested on
 SUPPORTED_MODEL_TYPES: dict[str, str] = {"bert": "BERT / MiniLM", "roberta": "RoBERTa"}
