@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 if __package__ in (None, ""):  # run as a file: the bundle (or repository) root holds exporters/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.trt_build import build_trt_engine  # noqa: E402,F401
 from exporters.registry import NAMES as BACKEND_NAMES  # noqa: E402
 
 SCHEMA = "sglp-edge.bench/1"
@@ -115,55 +116,6 @@ def _parse_batches(text: str) -> list[int]:
     if not out or any(b < 1 for b in out):
         raise UserError(f"--batch-sizes must be positive integers, got {text!r}")
     return list(dict.fromkeys(out))
-
-
-def build_trt_engine(onnx_path: Path, precision: str, batches: list[int],
-                     shapes: dict[str, list[int]]) -> dict[str, Any]:
-    """Build a TensorRT engine from ONNX on this board with ``exporters.tensorrt_backend`` (shipped
-    in the bundle): engines are tied to the GPU and TensorRT version, so they are built where they
-    run. The optimisation profile spans the batch sizes benchmarked."""
-    from exporters import tensorrt_backend as tb
-    from exporters.errors import UserError
-
-    trt = tb.import_tensorrt()
-    major = tb.version_major(trt.__version__)
-    traits = {"has_qdq": False, "is_fp16": False}
-    inputs = None
-    try:
-        import onnx
-
-        model = onnx.load(str(onnx_path), load_external_data=False)
-        traits = tb.graph_traits(model)
-        inits = {i.name for i in model.graph.initializer}
-        inputs = []
-        for i in model.graph.input:
-            if i.name in inits:
-                continue
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
-            dt = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
-            inputs.append({"name": i.name, "shape": dims, "dtype": dt})
-    except ImportError:  # no onnx on the board: the input shapes must be given
-        named = {k: v for k, v in shapes.items() if k}
-        if not named:
-            raise UserError("building a TensorRT engine here needs the onnx package (pip install onnx) or "
-                            "--input-shape NAME=1x... naming every input") from None
-        inputs = [{"name": k, "shape": [None] + list(v[1:]), "dtype": "float32"} for k, v in named.items()]
-    # the timing cache outlives this run's fresh folder: keyed by board and TensorRT version, reused
-    opts = tb.TrtOptions(precision=precision, opt_batch=batches[0], max_batch=max(batches),
-                         timing_cache=str(tb.timing_cache_path(tb.device_key(), trt.__version__)))
-    plan = tb.plan_build(opts, major, graph_has_qdq=traits["has_qdq"], graph_is_fp16=traits["is_fp16"])
-    unprepared = ((plan.onnx_variant == "fp16" and not traits["is_fp16"])
-                  or (plan.onnx_variant == "qdq" and not traits["has_qdq"]))
-    if unprepared or plan.calibrator:
-        raise UserError(
-            f"TensorRT {trt.__version__} needs a prepared ONNX graph (FP16 or Q/DQ INT8) for {precision}: make it on "
-            "the host with `sglp-edge compile --backend tensorrt --trtexec-only` and bench that ONNX"
-        )
-    engine = onnx_path.with_suffix(".engine")
-    t0 = time.monotonic()
-    info = tb.build_engine(onnx_path, engine, plan, opts, tb.profile_shapes(inputs, opts))
-    return {**info, "engine": str(engine), "onnx": onnx_path.name, "plan": plan.to_dict(),
-            "build_s": time.monotonic() - t0}
 
 
 class _Interrupted(Exception):

@@ -56,8 +56,8 @@ def test_board_harness_runs_on_python_38():
     # the harness, its runners and the TensorRT build path it ships are all in the closure
     assert {"benchmarks/run_bench.py", "benchmarks/runners.py", "benchmarks/runner_openvino.py",
             "benchmarks/runner_onnxruntime.py", "benchmarks/runner_tensorrt.py", "benchmarks/harness.py",
-            "benchmarks/run_model.py", "exporters/tensorrt_backend.py", "exporters/tensorrt_plan.py",
-            "exporters/errors.py"} <= rel
+            "benchmarks/run_model.py", "benchmarks/trt_build.py", "exporters/tensorrt_backend.py",
+            "exporters/tensorrt_plan.py", "exporters/errors.py"} <= rel
     assert not any(r.startswith("sglp_edge/") for r in rel)  # the host package never goes to a board
     r = vermin(files)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -124,8 +124,8 @@ def test_board_side_packages_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import benchmarks, benchmarks.harness, benchmarks.runners, benchmarks.accuracy, benchmarks.tegrastats, "
             "benchmarks.runner_openvino, benchmarks.runner_onnxruntime, benchmarks.runner_tensorrt, "
-            "benchmarks.run_bench, benchmarks.harness_fidelity, exporters.atomic, exporters.errors, "
-            "exporters.tensorrt_backend, exporters.tensorrt_plan\n"
+            "benchmarks.run_bench, benchmarks.trt_build, benchmarks.harness_fidelity, exporters.atomic, "
+            "exporters.errors, exporters.tensorrt_backend, exporters.tensorrt_plan\n"
             "print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
