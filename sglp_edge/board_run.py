@@ -162,10 +162,16 @@ def run_local(run_args: list[str], out_dir: str | os.PathLike, *, label: str = "
         run.error = f"locally: no result within the {timeout_s:g} s timeout; the run was stopped"
     elif code != 0:
         run.error = _bench_error(code, err, "this machine", py[0])
+    return finish_run(run, out, t0)
+
+
+def finish_run(run: BoardRun, out: Path, t0: float, where: str = "") -> BoardRun:
+    """Read the result / partial JSON the harness left in ``out``, settle ``ok`` and the duration
+    (from ``time.monotonic()`` ``t0``), and record the run in ``out/remote.json``."""
     run.result = _load_json(out / RESULT_NAME)
     run.partial = _load_json(out / PARTIAL_NAME)
     if run.error is None and run.result is None:
-        run.error = f"the benchmark finished but wrote no {RESULT_NAME}"
+        run.error = f"{where}the benchmark finished but wrote no {RESULT_NAME}"
     run.ok = run.error is None
     run.duration_s = time.monotonic() - t0
     atomic_write_json(out / "remote.json", run.to_json())

@@ -51,10 +51,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from exporters.atomic import atomic_write_bytes, atomic_write_json
+from exporters.atomic import atomic_write_bytes
 
 from .board_run import (EXIT_MARKER, PARTIAL_NAME, PROGRESS_PREFIX, REPO_ROOT, RESULT_NAME, BoardRun, ProgressFn,
-                        _bench_error, _load_json, _progress_parser, _stream, run_local)
+                        _bench_error, _load_json, _progress_parser, _stream, finish_run, run_local)
 from .bundle import Bundle, make_bundle
 from .ssh_transport import SSHTarget, _classify_ssh_error, sh_c
 
@@ -183,13 +183,7 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
                                    stdin=subprocess.DEVNULL, stdout_log=None, stderr_log=None,
                                    timeout_s=max(15.0, float(t.connect_timeout_s) * 3))
                 note("cleanup", exit_code=rc)
-        run.result = _load_json(out / RESULT_NAME)
-        run.partial = _load_json(out / PARTIAL_NAME)
-        if run.error is None and run.result is None:
-            run.error = f"on {t.where}: the benchmark finished but wrote no {RESULT_NAME}"
-        run.ok = run.error is None
-        run.duration_s = time.monotonic() - t_start
-        atomic_write_json(out / "remote.json", run.to_json())
+        finish_run(run, out, t_start, where=f"on {t.where}: ")
     return run
 
 
