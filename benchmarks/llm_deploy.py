@@ -13,8 +13,10 @@ batch 1) and measure decode speed, quality and parity with PyTorch. Host-side sc
    load from other processes hits both alike; a round's rate is 1 / its median step time, and the
    speedup is the median of per-round ratios. A speedup above the layer-count ratio (n0/n1, what a
    free LM head would give) is flagged as a measuring fault.
-   OpenVINO computes in f32 (``INFERENCE_PRECISION_HINT=f32``; the stateless graph keeps its KV
-   cache as f32 tensors, so no KV-cache precision applies).
+   OpenVINO runs the stateful IR of ``sglp_edge.export_lm_openvino`` (what ``sglp-edge run``
+   compiles for OpenVINO: fused attention, KV cache as state) in f32 with an f32 KV cache
+   (``INFERENCE_PRECISION_HINT=f32``, ``KV_CACHE_PRECISION=f32``); ``openvino-onnx`` is OpenVINO
+   reading the ONNX graph (the route before), measured alongside.
 4. Quality: perplexity on held-out text blocks (PyTorch, ORT, OpenVINO) and greedy agreement with
    PyTorch over 8 prompts x 32 tokens, both models, both runtimes (``greedy_agree`` = the lowest).
 5. ``ideal_speedup``: per-token decode MACs original / pruned: every ``nn.Linear`` (so the LM head
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import lm_bench
     from sglp_edge.data import get_text_dataset
     from sglp_edge.export_lm import export_causal_lm, read_lm_meta
+    from sglp_edge.export_lm_openvino import export_causal_lm_openvino
     from sglp_edge.models.hf_llm import load_hf
     from sglp_edge.tasks.causal_lm import torch_greedy_and_ppl
 
@@ -129,8 +132,17 @@ def main(argv: list[str] | None = None) -> int:
                                 "decode_macs": decode_macs(m, args.prompt + args.gen // 2), "ref": ref.numpy()}
         print(f"{name}: torch ppl {ppl_t:.3f}; export parity max_abs {meta['parity_vs_pytorch']['max_abs']:.2e} "
               f"greedy_equal={meta['parity_vs_pytorch']['greedy_equal']}; {time.perf_counter() - t0:.0f} s", flush=True)
-        for be in ("onnxruntime", "openvino"):
-            sessions[(name, be)] = lm_bench.LMSession(str(exp_dir / "model.onnx"), be, threads=args.threads)
+        ov_dir = work / f"openvino-{m.config.num_hidden_layers}"
+        if not (args.reuse_exports and (ov_dir / "lm.json").is_file()):
+            ov_meta = export_causal_lm_openvino(m, ov_dir, parity_ids=prompts[:2, :24])
+            print(f"{name}: OpenVINO stateful export parity max_abs {ov_meta['parity_vs_pytorch']['max_abs']:.2e} "
+                  f"greedy_equal={ov_meta['parity_vs_pytorch']['greedy_equal']}", flush=True)
+        sessions[(name, "onnxruntime")] = lm_bench.LMSession(str(exp_dir / "model.onnx"), "onnxruntime",
+                                                             threads=args.threads)
+        sessions[(name, "openvino")] = lm_bench.LMSession(str(ov_dir / "openvino_model.xml"), "openvino",
+                                                          threads=args.threads)
+        sessions[(name, "openvino-onnx")] = lm_bench.LMSession(str(exp_dir / "model.onnx"), "openvino",
+                                                               threads=args.threads)
     del loaded, orig, pruned, models
     import gc
 
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k[0]}/{k[1]} {tps[k][-1]:.1f} tok/s" for k in order),
               flush=True)
     speedup = {}
-    for be in ("onnxruntime", "openvino"):
+    for be in ("onnxruntime", "openvino", "openvino-onnx"):
         ratios = [p / o for p, o in zip(tps[("pruned", be)], tps[("original", be)])]
         speedup[be] = statistics.median(ratios)
         for name in ("original", "pruned"):
@@ -174,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"pp{len(bp)} {len(bp) / (statistics.median(ttft[k]) / 1e3):.0f} tok/s "
                   f"(TTFT {statistics.median(ttft[k]):.1f} ms)")
         print(f"{be}: per-round decode speedups {', '.join(f'{x:.3f}' for x in ratios)}")
+    route = {name: statistics.median(a / b for a, b in zip(tps[(name, "openvino")], tps[(name, "openvino-onnx")]))
+             for name in ("original", "pruned")}
+    print("OpenVINO stateful IR / OpenVINO on the ONNX graph, decode tok/s, median per-round ratio: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in route.items()))
     ideal = info["models"]["original"]["decode_macs"] / info["models"]["pruned"]["decode_macs"]
     # no depth-pruned model decodes faster than the layer-count ratio (what a free LM head would give):
     # a speedup above it is a measuring fault, not a result
@@ -186,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ppl_torch = info["models"]["pruned"]["ppl_torch"]
     for m in info["models"].values():
         m.pop("ref")
-    info.update(quality=quality, tokens_per_s={f"{k[0]}/{k[1]}": v for k, v in tg.items()},
+    info.update(quality=quality, openvino_route_ratio=route, tokens_per_s={f"{k[0]}/{k[1]}": v for k, v in tg.items()},
                 tokens_per_s_p50={f"{k[0]}/{k[1]}": v for k, v in tps.items()},
                 ttft_ms={f"{k[0]}/{k[1]}": v for k, v in ttft.items()}, speedup=speedup, ideal_speedup=ideal,
                 loadavg=list(os.getloadavg()), wall_s=time.perf_counter() - t_start)

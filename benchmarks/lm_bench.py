@@ -7,7 +7,9 @@
 The artifact is a graph in Optimum's ``text-generation-with-past`` layout (``sglp_edge.export_lm``):
 ``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_values.{i}.key/value`` in;
 ``logits``, ``present.{i}.key/value`` out. ONNX Runtime runs the ``.onnx``; OpenVINO runs the
-``.onnx`` or a compiled ``.xml`` (FP32/FP16/INT8/INT4 weights).
+``.onnx`` or a compiled ``.xml`` (FP32/FP16/INT8/INT4 weights), including the stateful IR of
+``sglp_edge.export_lm_openvino`` (``beam_idx`` input, KV cache as state, fused attention), which it
+runs with an f32 KV cache unless ``--precision bf16``.
 
 The eval ``.npz`` (written on the host, :func:`write_eval_npz`) carries token ids only:
 ``task`` = ``"causal-lm"``, ``bench_prompt`` (P,), ``gen_tokens`` (G), ``greedy_prompts`` (N, Pg),
@@ -49,6 +51,7 @@ class LMSession:
         from exporters.errors import UserError
 
         self.backend = backend
+        self.stateful = False
         self.artifact = Path(artifact)
         if not self.artifact.is_file():
             raise UserError(f"LM artifact not found: {artifact}")
@@ -71,9 +74,12 @@ class LMSession:
 
             core = ov.Core()
             model = core.read_model(str(self.artifact))
+            self.stateful = len(model.get_sinks()) > 0  # sglp_edge.export_lm_openvino: KV cache as state
             cfg = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
                    # this CPU computes in bf16 by default; FP32 parity needs f32 explicitly
                    "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+            if self.stateful and precision != "bf16":
+                cfg["KV_CACHE_PRECISION"] = "f32"  # the fused stateful attention keeps a u8 cache by default
             if threads:
                 cfg["INFERENCE_NUM_THREADS"] = int(threads)
             self._compiled = core.compile_model(model, device, cfg)
@@ -82,8 +88,16 @@ class LMSession:
             self.output_names = [o.get_any_name() for o in self._compiled.outputs]
             ps = model.inputs[3].get_partial_shape() if len(model.inputs) > 3 else None
             shape = [d.get_length() if d.is_static else None for d in ps] if ps is not None else None
-            self.settings = {"device": device, "threads": threads,
+            self.settings = {"device": device, "threads": threads, "stateful": self.stateful,
                              "inference_precision": str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))}
+            if self.stateful:
+                kv = self._compiled.get_property("KV_CACHE_PRECISION")
+                self.settings["kv_cache_precision"] = kv.to_string() if hasattr(kv, "to_string") else str(kv)
+                if self.input_names != ["input_ids", "attention_mask", "position_ids", "beam_idx"]:
+                    raise UserError(f"{artifact} is stateful but its inputs are {self.input_names}, not input_ids, "
+                                    "attention_mask, position_ids, beam_idx; export it with sglp_edge.export_lm_openvino")
+                self.n_past, self.kv_heads, self.head_dim = 0, None, None
+                return
         else:
             raise UserError(f"the LM benchmark runs on onnxruntime or openvino, not {backend!r} "
                             "(TensorRT: build the engine with the printed trtexec command)")
@@ -94,6 +108,8 @@ class LMSession:
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
 
     def empty_past(self, batch: int = 1) -> List[np.ndarray]:
+        if self.stateful:  # the cache lives in the infer request; step(.., start=0) resets it
+            return []
         return [np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for _ in range(self.n_past)]
 
     def step(self, ids: np.ndarray, past: List[np.ndarray], start: int) -> Tuple[np.ndarray, List[np.ndarray]]:
@@ -106,6 +122,10 @@ class LMSession:
         if self.backend == "onnxruntime":
             out = self._sess.run(None, feed)
             return out[0], out[1:]
+        if self.stateful:
+            if start == 0:
+                self._req.reset_state()
+            feed["beam_idx"] = np.arange(b, dtype=np.int32)
         res = self._req.infer(feed)
         out = [res[o] for o in self._compiled.outputs]
         return out[0], out[1:]

@@ -5,7 +5,10 @@ for a backend and precision. No torch: this can run on the board.
                  int8  weight-only: every constant-weight MatMul -> MatMulNBits, 8 bits, blocks of 128
                  int4  weight-only: MatMulNBits, 4 bits, symmetric blocks of ``group_size``
                        (both with ``accuracy_level`` 4, int8 compute: ORT's fast CPU path)
-    openvino     fp32 / fp16  IR (``compress_to_fp16`` for fp16 weights; the CPU still computes in f32)
+    openvino     fp32 / fp16  IR (``compress_to_fp16`` for fp16 weights; the CPU still computes in f32).
+                 The source may be the ``.onnx`` or, faster, the stateful ``openvino_model.xml`` of
+                 ``sglp_edge.export_lm_openvino`` (fused attention, KV cache as state); either way
+                 the weight compression below applies
                  int8  ``nncf.compress_weights`` INT8_ASYM (weight-only; activations stay float)
                  int4  ``nncf.compress_weights`` INT4_SYM, ``group_size`` (must divide the hidden size:
                        64 for SmolLM2's 576), ratio 1.0, the LM head kept INT8 (NNCF's default)
@@ -72,31 +75,59 @@ def trtexec_command(dims: Dict[str, Any], *, precision: str, max_prompt: int, ma
             f"--maxShapes={shapes(max_prompt, max_context - 1)}")
 
 
-def _parity(art: Path, backend: str, ref_onnx: Path, dims: Dict[str, Any], vocab: int) -> Dict[str, Any]:
-    """Prefill of 3 random 16-token prompts: max |logits - fp32 ORT| and next-token agreement."""
-    import onnxruntime as ort
+def _ir_dims(xml: Path) -> Dict[str, Any]:
+    """Dims of a stateful IR from the ``lm.json`` its export wrote beside it."""
+    meta_path = xml.parent / "lm.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("layout") != "openvino-stateful":
+        raise UserError(f"{xml} has no lm.json of a stateful OpenVINO export beside it; export it with "
+                        "sglp_edge.export_lm_openvino (or pass the .onnx of sglp_edge.export_lm)")
+    return {"inputs": meta["inputs"], "n_past": 2 * int(meta["num_layers"]), "kv_heads": int(meta["kv_heads"]),
+            "head_dim": int(meta["head_dim"]), "hidden": meta.get("hidden_size"), "vocab": meta.get("vocab_size")}
 
+
+def _openvino_logits(path: Path, ids: np.ndarray, dims: Dict[str, Any]) -> np.ndarray:
+    """Prefill logits on OpenVINO in f32 (stateful IR: fresh state, ``beam_idx``, f32 KV cache)."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    stateful = len(model.get_sinks()) > 0
+    cfg = {"INFERENCE_PRECISION_HINT": "f32", **({"KV_CACHE_PRECISION": "f32"} if stateful else {})}
+    req = core.compile_model(model, "CPU", cfg).create_infer_request()
+    b, t = ids.shape
+    feed: Dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                   "position_ids": np.tile(np.arange(t), (b, 1))}
+    if stateful:
+        feed["beam_idx"] = np.arange(b, dtype=np.int32)
+    else:
+        for n in [i.get_any_name() for i in model.inputs][3:]:
+            feed[n] = np.zeros((b, dims["kv_heads"], 0, dims["head_dim"]), np.float32)
+    return req.infer(feed)["logits"]
+
+
+def _parity(art: Path, backend: str, ref_path: Path, dims: Dict[str, Any], vocab: int) -> Dict[str, Any]:
+    """Prefill of 3 random 16-token prompts: max |logits - the FP32 source's| and next-token agreement.
+    The source runs on ONNX Runtime (an .onnx) or on OpenVINO in f32 (a stateful .xml)."""
     rng = np.random.default_rng(0)
     ids = rng.integers(0, vocab, (3, 16)).astype(np.int64)
-
-    def feed(n_names: List[str]) -> Dict[str, np.ndarray]:
-        f = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(16), (3, 1))}
-        for n in n_names[3:]:
-            f[n] = np.zeros((3, dims["kv_heads"], 0, dims["head_dim"]), np.float32)
-        return f
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(ref_onnx), so, providers=["CPUExecutionProvider"]).run(["logits"], feed(dims["inputs"]))[0]
-    if backend == "onnxruntime":
-        out = ort.InferenceSession(str(art), so, providers=["CPUExecutionProvider"]).run(["logits"], feed(dims["inputs"]))[0]
+    if ref_path.suffix == ".xml":
+        ref, label = _openvino_logits(ref_path, ids, dims), "openvino f32 on the exported stateful IR"
     else:
-        import openvino as ov
+        import onnxruntime as ort
 
-        c = ov.Core().compile_model(str(art), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        out = c(feed([i.get_any_name() for i in c.inputs]))[c.outputs[0]]
-    return {"reference": "onnxruntime fp32 on the exported graph", "prompts": 3, "tokens": 16,
-            "max_abs": float(np.abs(out - ref).max()),
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(16), (3, 1))}
+        for n in dims["inputs"][3:]:
+            feed[n] = np.zeros((3, dims["kv_heads"], 0, dims["head_dim"]), np.float32)
+        ref = ort.InferenceSession(str(ref_path), so, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+        label = "onnxruntime fp32 on the exported graph"
+        if backend == "onnxruntime":
+            out = ort.InferenceSession(str(art), so, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    if backend == "openvino":
+        out = _openvino_logits(art, ids, dims)
+    return {"reference": label, "prompts": 3, "tokens": 16, "max_abs": float(np.abs(out - ref).max()),
             "next_token_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean())}
 
 
@@ -116,8 +147,11 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
     if precision not in BACKEND_PRECISIONS[backend]:
         raise UserError(f"{backend} compiles LMs in {', '.join(BACKEND_PRECISIONS[backend])}, not {precision}")
     if not onnx_path.is_file():
-        raise UserError(f"ONNX file {onnx_path} does not exist")
-    dims = _lm_dims(onnx_path)
+        raise UserError(f"LM graph {onnx_path} does not exist")
+    if onnx_path.suffix == ".xml" and backend != "openvino":
+        raise UserError(f"{onnx_path} is an OpenVINO IR: it compiles for openvino only; pass the .onnx of "
+                        f"sglp_edge.export_lm for {backend}")
+    dims = _ir_dims(onnx_path) if onnx_path.suffix == ".xml" else _lm_dims(onnx_path)
     if precision == "int4" and (not dims["hidden"] or dims["hidden"] % group_size):
         raise UserError(f"INT4 group size {group_size} does not divide the hidden size {dims['hidden']} (or the "
                         "hidden size is unknown: no (vocab, hidden) weight); use a divisor such as 64 or 32")
@@ -131,7 +165,8 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
     vocab = dims["vocab"]
     man: Dict[str, Any] = {"format": "sglp-edge/lm-compile/1", "task": "causal-lm", "backend": backend,
                            "precision": precision, "source": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
-                           "layout": "text-generation-with-past", "kv_heads": dims["kv_heads"],
+                           "layout": "openvino-stateful" if onnx_path.suffix == ".xml" else "text-generation-with-past",
+                           "kv_heads": dims["kv_heads"],
                            "head_dim": dims["head_dim"], "num_layers": dims["n_past"] // 2}
     with atomic_dir(Path(out_dir)) as tmp:
         art = tmp / ARTIFACT[backend]

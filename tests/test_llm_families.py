@@ -62,3 +62,21 @@ def test_family_prune_matches_a_model_built_with_the_kept_layers(tmp_path, model
     cached = again.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
     plain = again.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def test_openvino_stateful_route_takes_full_attention_families_and_refuses_sliding_windows(tmp_path):
+    """Phi-3 exports to the stateful OpenVINO IR and decodes like PyTorch; Gemma 2 (sliding-window
+    layers) is refused up front with the reason, so `sglp-edge run` compiles its ONNX graph instead."""
+    pytest.importorskip("openvino")
+    from exporters.errors import UserError
+    from sglp_edge.export_lm_openvino import export_causal_lm_openvino, stateful_unsupported
+
+    phi = tiny("phi3")
+    assert stateful_unsupported(phi) is None
+    meta = export_causal_lm_openvino(phi, tmp_path / "phi3", parity_ids=torch.randint(2, 64, (2, 12)))
+    assert meta["parity_vs_pytorch"]["passed"] and meta["parity_vs_pytorch"]["greedy_equal"]
+    gemma = tiny("gemma2")
+    assert "sliding-window" in stateful_unsupported(gemma)
+    with pytest.raises(UserError, match="full-attention decoders only"):
+        export_causal_lm_openvino(gemma, tmp_path / "gemma2")
+    assert not (tmp_path / "gemma2").exists()

@@ -170,3 +170,74 @@ def test_lm_compile_weight_only_and_trtexec(exported, tmp_path):
     cmd = (tmp_path / "trt" / "trtexec.sh").read_text()
     assert "--fp16" in cmd and "input_ids:1x1," in t["trtexec"] and "input_ids:1x128," in cmd
     assert "past_key_values.2.value:1x2x511x16" in cmd and "attention_mask:1x639" in cmd
+
+
+@pytest.fixture(scope="module")
+def exported_ov(tiny_llama, tmp_path_factory):
+    """`sglp-edge export FOLDER --out X --openvino`: the ONNX folder plus X/openvino, the stateful IR."""
+    pytest.importorskip("openvino")
+    from typer.testing import CliRunner
+
+    from sglp_edge.cli import app
+    from sglp_edge.models.hf_llm import save_hf
+
+    d = tmp_path_factory.mktemp("lmov")
+    save_hf(tiny_llama, d / "hf")
+    r = CliRunner().invoke(app, ["export", str(d / "hf"), "--out", str(d / "export"), "--openvino"])
+    assert r.exit_code == 0, r.output
+    assert "stateful, beam_idx input" in r.output and r.output.count("passed=True") == 2
+    return d / "export"
+
+
+def test_openvino_stateful_export_decodes_like_pytorch(exported_ov, tiny_llama):
+    """The stateful IR: KV cache as state behind beam_idx, attention fused with the cache by the CPU
+    plugin, and prefill + token-by-token decode equal to PyTorch's full recompute (batch 1 and 3)."""
+    import openvino as ov
+
+    xml = exported_ov / "openvino" / "openvino_model.xml"
+    meta = json.loads((xml.parent / "lm.json").read_text())
+    assert meta["layout"] == "openvino-stateful" and meta["num_layers"] == TINY["num_hidden_layers"]
+    assert meta["parity_vs_pytorch"]["passed"] and meta["parity_vs_pytorch"]["max_abs"] < 1e-4
+    sess = lm_bench.LMSession(str(xml), "openvino", threads=1)
+    assert sess.stateful and sess.input_names == ["input_ids", "attention_mask", "position_ids", "beam_idx"]
+    assert "f32" in sess.settings["kv_cache_precision"]
+    layers = {op.get_rt_info()["layerType"].astype(str) for op in sess._compiled.get_runtime_model().get_ops()}
+    assert "ScaledDotProductAttention" in layers and "MemoryInput" in layers and "Softmax" not in layers
+    assert len(ov.Core().read_model(str(xml)).get_sinks()) == 2 * TINY["num_hidden_layers"]
+    ids = np.random.default_rng(5).integers(0, TINY["vocab_size"], (1, 11))
+    with torch.no_grad():
+        ref = tiny_llama(torch.from_numpy(ids)).logits.numpy()
+    for _ in range(2):  # the second pass starts a new sequence: step(.., start=0) must reset the state
+        logits, past = sess.step(ids[:, :4], sess.empty_past(1), 0)
+        got = [logits]
+        for t in range(4, ids.shape[1]):
+            logits, past = sess.step(ids[:, t:t + 1], past, t)
+            got.append(logits)
+        np.testing.assert_allclose(np.concatenate(got, 1), ref, atol=1e-4, rtol=1e-4)
+    ids3 = np.random.default_rng(6).integers(0, TINY["vocab_size"], (3, 6))
+    with torch.no_grad():
+        ref3 = tiny_llama(torch.from_numpy(ids3)).logits.numpy()
+    np.testing.assert_allclose(sess.step(ids3, sess.empty_past(3), 0)[0], ref3, atol=1e-4, rtol=1e-4)
+    prompt = np.arange(5)
+    assert lm_bench.generate(sess, prompt, 6)["tokens"] == list(_torch_greedy(tiny_llama, prompt, 7))
+
+
+def test_lm_compile_from_the_stateful_ir(exported_ov, tmp_path):
+    from exporters.errors import UserError
+    from exporters.lm_compile import compile_lm
+
+    xml = exported_ov / "openvino" / "openvino_model.xml"
+    m = compile_lm(xml, "openvino", "fp32", tmp_path / "ov32")
+    assert m["layout"] == "openvino-stateful" and m["parity"]["reference"].startswith("openvino f32")
+    assert m["parity"]["max_abs"] < 1e-5 and m["parity"]["next_token_agreement"] == 1.0
+    pytest.importorskip("nncf")
+    m8 = compile_lm(xml, "openvino", "int8", tmp_path / "ov8")
+    assert 0 < m8["parity"]["max_abs"] and m8["parity"]["next_token_agreement"] >= 0.9
+    assert m8["size_bytes"] < 0.75 * m["size_bytes"]
+    sess = lm_bench.LMSession(str(tmp_path / "ov8" / "model.xml"), "openvino", threads=1)
+    assert sess.stateful and len(lm_bench.generate(sess, np.arange(5), 3)["tokens"]) == 4
+    with pytest.raises(UserError, match="compiles for openvino only"):
+        compile_lm(xml, "onnxruntime", "fp32", tmp_path / "bad")
+    with pytest.raises(UserError, match="no lm.json of a stateful OpenVINO export"):
+        compile_lm(tmp_path / "ov8" / "model.xml", "openvino", "fp32", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -78,6 +78,13 @@ def test_lm_run_all_stages_and_report(lm_run):
     meta = json.loads((run / "export" / "pruned" / "lm.json").read_text())
     assert meta["num_layers"] == 3 and meta["parity_vs_pytorch"]["passed"]
     assert (run / "compile-openvino-fp32" / "pruned" / "model.xml").is_file()
+    # OpenVINO compiles the stateful IR of its PyTorch frontend, checked against PyTorch at export
+    ov_meta = json.loads((run / "export-openvino" / "pruned" / "lm.json").read_text())
+    assert ov_meta["layout"] == "openvino-stateful" and ov_meta["num_layers"] == 3
+    assert ov_meta["parity_vs_pytorch"]["passed"]
+    import openvino as ov
+
+    assert len(ov.Core().read_model(str(run / "compile-openvino-fp32" / "pruned" / "model.xml")).get_sinks()) == 6
     assert len(rep["targets"]) == 2
     for t in rep["targets"]:
         for which in ("original", "pruned"):

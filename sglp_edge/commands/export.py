@@ -41,6 +41,9 @@ def register(app: typer.Typer) -> None:
         num_classes: Optional[int] = typer.Option(None, help="classes of an architecture given by name"),
         past: bool = typer.Option(True, "--past/--no-past", help="decoder LMs: one graph for prefill and decode with "
                                   "a KV cache (text-generation-with-past; --out names a folder). --no-past: logits only"),
+        openvino: bool = typer.Option(False, "--openvino", help="decoder LMs: also write FOLDER/openvino, a stateful "
+                                      "OpenVINO IR with fused attention (OpenVINO's PyTorch frontend; what "
+                                      "exporters.lm_compile compiles fastest for openvino)"),
         force: bool = typer.Option(False, "--force", help="replace an existing --out file"),
     ) -> None:
         """Export a model to ONNX (dynamo exporter, legacy fallback), simplify it, and check parity
@@ -91,7 +94,17 @@ def register(app: typer.Typer) -> None:
                        f"{meta['num_layers']} layers, dynamic batch / sequence / past)")
             typer.echo(f"cache parity vs PyTorch (prefill {p['prefill_tokens']} + decode {p['decode_tokens']} tokens, "
                        f"random ids): max_abs={p['max_abs']:.3g} greedy_equal={p['greedy_equal']} passed={p['passed']}")
+            if openvino:
+                from sglp_edge.export_lm_openvino import export_causal_lm_openvino
+
+                meta = export_causal_lm_openvino(net, folder / "openvino")
+                p = meta["parity_vs_pytorch"]
+                typer.echo(f"wrote {meta['path']} ({meta['size_bytes'] / 1e6:.2f} MB; stateful, beam_idx input); "
+                           f"parity vs PyTorch on OpenVINO f32: max_abs={p['max_abs']:.3g} "
+                           f"greedy_equal={p['greedy_equal']} passed={p['passed']}")
             return
+        if openvino:
+            raise UserError("--openvino applies to decoder LMs exported with their KV cache (--past) only")
         if kind == "tokens":
             vocab = int(getattr(getattr(net, "config", None), "vocab_size", 0) or 0)
             if vocab <= 0:
