@@ -237,7 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:  # python -m exporters.lm_com
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m exporters.lm_compile")
-    p.add_argument("onnx")
+    p.add_argument("onnx", help="model.onnx of sglp_edge.export_lm, or (openvino only) openvino_model.xml of "
+                                "sglp_edge.export_lm_openvino")
     p.add_argument("backend")
     p.add_argument("precision")
     p.add_argument("out")
