@@ -9,7 +9,9 @@ The artifact is a graph in Optimum's ``text-generation-with-past`` layout (``sgl
 ``logits``, ``present.{i}.key/value`` out. ONNX Runtime runs the ``.onnx``; OpenVINO runs the
 ``.onnx`` or a compiled ``.xml`` (FP32/FP16/INT8/INT4 weights), including the stateful IR of
 ``sglp_edge.export_lm_openvino`` (``beam_idx`` input, KV cache as state, fused attention), which it
-runs with an f32 KV cache unless ``--precision bf16``.
+runs with an f32 KV cache unless ``--precision bf16``. ``--backend onnxruntime-genai`` runs a folder
+of ``sglp_edge.export_lm_genai`` (``genai_config.json`` + the builder's graph) through
+onnxruntime-genai's generator (:mod:`benchmarks.lm_genai`; batch 1), picked by default for such a folder.
 
 The eval ``.npz`` (written on the host, :func:`write_eval_npz`) carries token ids only:
 ``task`` = ``"causal-lm"``, ``bench_prompt`` (P,), ``gen_tokens`` (G), ``greedy_prompts`` (N, Pg),
@@ -99,7 +101,7 @@ class LMSession:
                 self.n_past, self.kv_heads, self.head_dim = 0, None, None
                 return
         else:
-            raise UserError(f"the LM benchmark runs on onnxruntime or openvino, not {backend!r} "
+            raise UserError(f"the LM benchmark runs on onnxruntime, openvino or onnxruntime-genai, not {backend!r} "
                             "(TensorRT: build the engine with the printed trtexec command)")
         if self.input_names[:3] != ["input_ids", "attention_mask", "position_ids"] or not shape or len(shape) != 4:
             raise UserError(f"{artifact} is not in the text-generation-with-past layout (inputs "
@@ -129,6 +131,15 @@ class LMSession:
         res = self._req.infer(feed)
         out = [res[o] for o in self._compiled.outputs]
         return out[0], out[1:]
+
+
+def open_session(artifact: str, backend: str, **kw: Any) -> Any:
+    """LMSession, or for onnxruntime-genai a :class:`benchmarks.lm_genai.GenaiSession` (same ``step``)."""
+    if backend == "onnxruntime-genai":
+        from benchmarks.lm_genai import GenaiSession
+
+        return GenaiSession(artifact, threads=kw.get("threads"))
+    return LMSession(artifact, backend, **kw)
 
 
 def generate(sess: LMSession, prompt: np.ndarray, n_new: int) -> Dict[str, Any]:
@@ -242,7 +253,12 @@ def write_eval_npz(path: str, *, bench_prompt: np.ndarray, gen_tokens: int, gree
 
 
 def artifact_size(path: Path) -> int:
-    """Bytes on disk: the graph plus its weights (.bin next to an .xml, external data of an .onnx)."""
+    """Bytes on disk: the graph plus its weights (.bin next to an .xml, external data of an .onnx;
+    model.onnx* of an onnxruntime-genai folder)."""
+    if path.is_dir():
+        from benchmarks.lm_genai import genai_files
+
+        return sum(f.stat().st_size for f in genai_files(path))
     files = [path]
     if path.suffix == ".xml":
         files.append(path.with_suffix(".bin"))
@@ -260,14 +276,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     if not args.data:
         raise UserError("the LM benchmark needs --data (the LM eval .npz with token ids, written on the host)")
+    from benchmarks.lm_genai import is_genai_folder
+
     artifact = Path(args.artifact)
-    if not artifact.is_file():
-        raise UserError(f"artifact not found: {artifact}")
+    if not artifact.is_file() and not is_genai_folder(artifact):
+        raise UserError(f"artifact not found: {artifact}" + (" (a folder: only an onnxruntime-genai folder with "
+                                                             "genai_config.json is an artifact)" if artifact.is_dir() else ""))
     data = load_eval_npz(args.data)
-    backend = args.backend or ("openvino" if artifact.suffix == ".xml" else "onnxruntime")
+    backend = args.backend or ("onnxruntime-genai" if artifact.is_dir() else
+                               "openvino" if artifact.suffix == ".xml" else "onnxruntime")
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if getattr(args, "providers", None) else None
     t0 = time.perf_counter()
-    sess = LMSession(str(artifact), backend, threads=args.threads, precision=getattr(args, "precision", "fp32"),
+    sess = open_session(str(artifact), backend, threads=args.threads, precision=getattr(args, "precision", "fp32"),
                      device=getattr(args, "device", "CPU"), providers=providers)
     load_s = time.perf_counter() - t0
     sp = speed(sess, data["bench_prompt"], data["gen_tokens"], rounds=getattr(args, "gen_rounds", 3) or 3)
@@ -296,8 +316,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lm_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--artifact", required=True, help="text-generation-with-past .onnx, or OpenVINO .xml")
-    p.add_argument("--backend", choices=["onnxruntime", "openvino"], help="default: from the file suffix")
+    p.add_argument("--artifact", required=True, help="text-generation-with-past .onnx, OpenVINO .xml, or an "
+                   "onnxruntime-genai folder")
+    p.add_argument("--backend", choices=["onnxruntime", "openvino", "onnxruntime-genai"],
+                   help="default: from the file suffix (a folder: onnxruntime-genai)")
     p.add_argument("--data", required=True, help="LM eval .npz (token ids; see write_eval_npz)")
     p.add_argument("--out", help="result JSON path")
     p.add_argument("--threads", type=int)

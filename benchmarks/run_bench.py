@@ -62,7 +62,8 @@ def partial_path(out: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--artifact", required=True, help="OpenVINO .xml, ONNX .onnx or TensorRT .engine")
-    p.add_argument("--backend", choices=list(BACKEND_NAMES), help="default: from the file suffix")
+    p.add_argument("--backend", choices=list(BACKEND_NAMES) + ["onnxruntime-genai"],
+                   help="default: from the file suffix (onnxruntime-genai: causal-lm only, benchmarks/lm_bench.py)")
     p.add_argument("--out", required=True, help="result JSON path")
     p.add_argument("--data", help="evaluation .npz (see benchmarks/accuracy.py for its keys)")
     p.add_argument("--threads", type=int, help="inference threads (fixed and recorded)")
@@ -143,6 +144,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from benchmarks import lm_bench
 
         return lm_bench.run(args)
+    if args.backend == "onnxruntime-genai":
+        from exporters.errors import UserError
+
+        raise UserError("backend onnxruntime-genai runs decoder LMs only: pass --data with the LM eval .npz "
+                        "(--task causal-lm)")
     from benchmarks import accuracy as acc
     from benchmarks.harness import MeasureConfig, capture_env, measure, now_iso, peak_memory
     from benchmarks.runners import (UnsupportedBatch, artifact_files, guess_backend, open_runner,
