@@ -145,6 +145,10 @@ class DeviceProfile(_Strict):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
+        if v == "onnxruntime-genai":
+            raise ValueError("backend onnxruntime-genai is not yet supported in device profiles or sglp-edge run; "
+                             "export with `sglp-edge export MODEL --out DIR --genai` and measure with "
+                             "`python -m benchmarks.lm_bench --backend onnxruntime-genai --artifact DIR/genai`")
         if v not in _REGISTRY:
             raise ValueError(f"unknown backend {v!r}: use one of {', '.join(_REGISTRY)}")
         return v

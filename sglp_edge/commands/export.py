@@ -22,6 +22,24 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _export_genai(model: str, weights: Optional[Path], net, tokenizer, out: Path, precision: str, console) -> None:
+    """FOLDER/genai: from the Hugging Face folder itself when MODEL is one (or a prune output holding
+    model/), else from the loaded model saved with its tokenizer."""
+    from sglp_edge.export_lm_genai import export_causal_lm_genai, export_model_genai
+
+    src = Path(model)
+    hf = next((d for d in (src, src / "model") if (d / "config.json").is_file()), None) if weights is None else None
+    meta = (export_causal_lm_genai(hf, out, precision=precision) if hf is not None
+            else export_model_genai(net, tokenizer, out, precision=precision))
+    p = meta["parity_vs_pytorch"]
+    typer.echo(f"wrote {meta['path']} ({meta['size_bytes'] / 1e6:.2f} MB; onnxruntime-genai {precision}); greedy vs "
+               f"transformers over {p['prompts']} prompts x {p['new_tokens']} tokens: agreement="
+               f"{p['greedy_agreement']:.4f} prefill max_abs={p['max_abs']:.3g} passed={p['passed']}")
+    if p["passed"] is False:
+        console.print("[yellow]note:[/] the fp32 onnxruntime-genai export does not reproduce transformers; "
+                      f"see {out}/lm.json (parity_vs_pytorch.per_prompt)")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("export")
     @user_errors
@@ -44,6 +62,10 @@ def register(app: typer.Typer) -> None:
         openvino: bool = typer.Option(False, "--openvino", help="decoder LMs: also write FOLDER/openvino, a stateful "
                                       "OpenVINO IR with fused attention (OpenVINO's PyTorch frontend; what "
                                       "exporters.lm_compile compiles fastest for openvino)"),
+        genai: bool = typer.Option(False, "--genai", help="decoder LMs: also write FOLDER/genai, an onnxruntime-genai "
+                                   "folder (its model builder; genai_config.json + tokenizer), greedy-checked "
+                                   "against transformers"),
+        genai_precision: str = typer.Option("fp32", help="--genai weights: fp32 | int8 | int4 (MatMulNBits)"),
         force: bool = typer.Option(False, "--force", help="replace an existing --out file"),
     ) -> None:
         """Export a model to ONNX (dynamo exporter, legacy fallback), simplify it, and check parity
@@ -64,6 +86,12 @@ def register(app: typer.Typer) -> None:
             _parse_shape(input_shape)
         if parity_data is not None and not parity_data.is_file():
             raise UserError(f"parity data {parity_data} does not exist")
+        if genai_precision not in ("fp32", "int8", "int4"):
+            raise UserError(f"--genai-precision must be fp32, int8 or int4 (got {genai_precision!r})")
+        if genai:
+            from sglp_edge.export_lm_genai import require_genai
+
+            require_genai()  # before the long ONNX export, not after it
         guard_out_file(out, force=force, inputs=(model, weights, parity_data))
         try:
             from sglp_edge.models.registry import load_model
@@ -102,9 +130,12 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"wrote {meta['path']} ({meta['size_bytes'] / 1e6:.2f} MB; stateful, beam_idx input); "
                            f"parity vs PyTorch on OpenVINO f32: max_abs={p['max_abs']:.3g} "
                            f"greedy_equal={p['greedy_equal']} passed={p['passed']}")
+            if genai:
+                _export_genai(model, weights, net, loaded.tokenizer, folder / "genai", genai_precision, console)
             return
-        if openvino:
-            raise UserError("--openvino applies to decoder LMs exported with their KV cache (--past) only")
+        if openvino or genai:
+            raise UserError(f"--{'openvino' if openvino else 'genai'} applies to decoder LMs exported with their KV "
+                            "cache (--past) only")
         if kind == "tokens":
             vocab = int(getattr(getattr(net, "config", None), "vocab_size", 0) or 0)
             if vocab <= 0:
