@@ -41,7 +41,7 @@ from .export_lm import META_FILE, PARITY_ATOL, TASK
 LAYOUT = "onnxruntime-genai"
 GENAI_CONFIG = "genai_config.json"
 PRECISIONS = ("fp32", "int8", "int4")
-INSTALL = "pip install 'onnxruntime-genai>=0.18' onnx-ir  (or: pip install 'sglp-edge[llm]')"
+INSTALL = "pip install 'onnxruntime-genai>=0.18' 'onnx-ir>=1.0' (or: pip install 'sglp-edge[llm]')"
 #: config.architectures[0] this route was checked on (tests: tiny random models; SmolLM2-135M by hand)
 TESTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 #: what onnxruntime-genai 0.18's builder also converts; the parity check decides whether it worked
