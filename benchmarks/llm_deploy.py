@@ -19,7 +19,12 @@ batch 1) and measure decode speed, quality and parity with PyTorch. Host-side sc
    reading the ONNX graph (the route before), measured alongside.
 4. Quality: perplexity on held-out text blocks (PyTorch, ORT, OpenVINO) and greedy agreement with
    PyTorch over 8 prompts x 32 tokens, both models, both runtimes (``greedy_agree`` = the lowest).
-5. ``ideal_speedup``: per-token decode MACs original / pruned: every ``nn.Linear`` (so the LM head
+5. ``--genai``: a third runtime, onnxruntime-genai (``sglp_edge.export_lm_genai``: its model builder's
+   graph, ``--genai-precision`` fp32 by default), run through the same harness loop
+   (``benchmarks.lm_genai.GenaiSession``: ``append_tokens`` + logits + numpy argmax, like the other
+   sessions) in the same alternating rounds; the summary adds ``genai_decode_speedup`` and
+   ``genai_vs_ort`` (pruned model, median per-round decode ratio genai / ONNX Runtime).
+6. ``ideal_speedup``: per-token decode MACs original / pruned: every ``nn.Linear`` (so the LM head
    is in, the embedding lookup out) plus attention's QK^T and AV at the mean context of the speed
    run (prompt + half the generated tokens). It assumes time in proportion to MACs; at batch 1 a
    decoder layer costs more time per MAC than the LM-head GEMV, so the measured speedup can lie
@@ -68,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--greedy-prompts", type=int, default=8)
     ap.add_argument("--greedy-tokens", type=int, default=32)
     ap.add_argument("--reuse-exports", action="store_true", help="keep existing exports in --work")
+    ap.add_argument("--genai", action="store_true", help="also measure onnxruntime-genai (sglp_edge.export_lm_genai)")
+    ap.add_argument("--genai-precision", default="fp32", choices=["fp32", "int8", "int4"])
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -143,6 +150,19 @@ def main(argv: list[str] | None = None) -> int:
                                                           threads=args.threads)
         sessions[(name, "openvino-onnx")] = lm_bench.LMSession(str(exp_dir / "model.onnx"), "openvino",
                                                                threads=args.threads)
+        if args.genai:
+            from benchmarks.lm_genai import GenaiSession
+            from sglp_edge.export_lm_genai import export_model_genai
+
+            g_dir = work / f"genai-{args.genai_precision}-{m.config.num_hidden_layers}"
+            if not (args.reuse_exports and (g_dir / "lm.json").is_file()):
+                g_meta = export_model_genai(m, tok, g_dir, precision=args.genai_precision,
+                                            parity_prompts_ids=prompts[:2, :24].tolist())
+                gp = g_meta["parity_vs_pytorch"]
+                print(f"{name}: onnxruntime-genai {args.genai_precision} export: greedy agreement "
+                      f"{gp['greedy_agreement']:.4f}, prefill max_abs {gp['max_abs']:.2e}, passed={gp['passed']}",
+                      flush=True)
+            sessions[(name, "onnxruntime-genai")] = GenaiSession(str(g_dir), threads=args.threads)
     del loaded, orig, pruned, models
     import gc
 
@@ -176,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k[0]}/{k[1]} {tps[k][-1]:.1f} tok/s" for k in order),
               flush=True)
     speedup = {}
-    for be in ("onnxruntime", "openvino", "openvino-onnx"):
+    backends = ("onnxruntime", "openvino", "openvino-onnx") + (("onnxruntime-genai",) if args.genai else ())
+    for be in backends:
         ratios = [p / o for p, o in zip(tps[("pruned", be)], tps[("original", be)])]
         speedup[be] = statistics.median(ratios)
         for name in ("original", "pruned"):
@@ -198,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         if x > bound:
             print(f"WARNING: {be} speedup {x:.3f} exceeds the layer-count bound {bound:.3f}: a measuring fault "
                   "(load from other processes?); re-run on an idle machine", file=sys.stderr)
+    genai = ""
+    if args.genai:
+        info["genai_vs_ort"] = {name: statistics.median(
+            a / b for a, b in zip(tps[(name, "onnxruntime-genai")], tps[(name, "onnxruntime")]))
+            for name in ("original", "pruned")}
+        print("onnxruntime-genai / ONNX Runtime (our graph), decode tok/s, median per-round ratio: "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in info["genai_vs_ort"].items()))
+        genai = (f" genai_{args.genai_precision}_decode_speedup={speedup['onnxruntime-genai']:.3f}"
+                 f" genai_vs_ort={info['genai_vs_ort']['pruned']:.3f}"
+                 f" ppl_genai={quality['pruned/onnxruntime-genai']['ppl']:.3f}")
     greedy = min(q["greedy"]["agreement"] for q in quality.values())
     ppl_torch = info["models"]["pruned"]["ppl_torch"]
     for m in info["models"].values():
@@ -211,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"llm smollm2 layers={n0}->{n1} ort_decode_speedup={speedup['onnxruntime']:.3f} "
           f"openvino_decode_speedup={speedup['openvino']:.3f} ideal_speedup={ideal:.3f} greedy_agree={greedy:.4f} "
           f"ppl_torch={ppl_torch:.3f} ppl_ort={quality['pruned/onnxruntime']['ppl']:.3f} "
-          f"ppl_openvino={quality['pruned/openvino']['ppl']:.3f}")
+          f"ppl_openvino={quality['pruned/openvino']['ppl']:.3f}{genai}")
     return 0
 
 
