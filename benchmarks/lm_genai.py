@@ -74,6 +74,12 @@ class GenaiSession:
         self.settings = {"threads": threads, "provider": "cpu", "max_length": self.max_length,
                          "onnxruntime_genai": getattr(og, "__version__", None),
                          "decode_loop": "harness (append_tokens + get_output('logits') + numpy argmax)"}
+        manifest = folder / "lm.json"  # sglp_edge.export_lm_genai's record: the weights' precision
+        if manifest.is_file():
+            try:
+                self.settings["export_precision"] = json.loads(manifest.read_text()).get("precision")
+            except ValueError:
+                pass
 
     def empty_past(self, batch: int = 1) -> List[np.ndarray]:
         if batch != 1:

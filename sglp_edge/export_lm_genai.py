@@ -86,8 +86,10 @@ def check_source(src: str | Path) -> dict[str, Any]:
 def build(src: Path, out: Path, precision: str, *, extra_options: Sequence[str] = ()) -> str:
     """Run onnxruntime-genai's builder (its Python API: parse_extra_options + create_model) from ``src``
     into the existing empty folder ``out``; returns the builder's printed log. CPU execution provider."""
-    from onnxruntime_genai.models import builder as ob
-
+    try:
+        from onnxruntime_genai.models import builder as ob
+    except ImportError as e:
+        raise UserError(f"onnxruntime-genai's model builder does not import ({e}): {INSTALL}") from None
     if not (hasattr(ob, "parse_extra_options") and hasattr(ob, "create_model")):
         raise UserError("this onnxruntime-genai has no builder parse_extra_options/create_model API; "
                         "install onnxruntime-genai 0.18 (pip install 'onnxruntime-genai>=0.18,<0.19')")
