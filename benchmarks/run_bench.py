@@ -62,7 +62,7 @@ def partial_path(out: Path) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--artifact", required=True, help="OpenVINO .xml, ONNX .onnx or TensorRT .engine")
-    p.add_argument("--backend", choices=list(BACKEND_NAMES) + ["onnxruntime-genai"],
+    p.add_argument("--backend", choices=list(BACKEND_NAMES),
                    help="default: from the file suffix (onnxruntime-genai: causal-lm only, benchmarks/lm_bench.py)")
     p.add_argument("--out", required=True, help="result JSON path")
     p.add_argument("--data", help="evaluation .npz (see benchmarks/accuracy.py for its keys)")

@@ -31,7 +31,7 @@ from .registry import BACKENDS as _REGISTRY
 from .registry import get_backend
 from .stack import CompileRequest, stack_runner
 
-BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {n: b.precisions for n, b in _REGISTRY.items()}
+BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {n: b.precisions for n, b in _REGISTRY.items() if b.image}
 
 
 def _tool_version() -> str:
@@ -57,6 +57,9 @@ def _host() -> dict[str, Any]:
 
 
 def check_request(backend: str, precision: str) -> None:
+    if backend in _REGISTRY and not _REGISTRY[backend].image:
+        raise UserError(f"backend {backend} runs decoder LMs only: build it with `sglp-edge export MODEL --genai` "
+                        f"or an LM `sglp-edge run`, not sglp-edge compile ({', '.join(BACKEND_PRECISIONS)})")
     if backend not in BACKEND_PRECISIONS:
         raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_PRECISIONS)}")
     if precision not in BACKEND_PRECISIONS[backend]:

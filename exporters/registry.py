@@ -2,7 +2,11 @@
 about a backend without importing its runtime.
 
     b = get_backend("openvino")
-    b.precisions, b.int8_schemes(), b.artifact, b.builds_on, b.suffixes, b.runtime_dist
+    b.precisions, b.int8_schemes(), b.artifact, b.builds_on, b.suffixes, b.runtime_dist, b.tasks
+
+An LM-only backend (``tasks == ("causal-lm",)``, e.g. onnxruntime-genai) has no image ``compile``
+module: its artifact is a folder (``folder_artifact``) that the causal-LM task builds itself
+(sglp_edge/tasks/lm_routes.py).
 
 ``compile`` (exporters/compile.py), ``bench`` and profile validation (sglp_edge/profiles.py), the
 pipeline and the targets read this registry; a new backend is one module plus one entry here.
@@ -32,6 +36,14 @@ class BackendSpec:
     run_only_precisions: Tuple[str, ...] = ()  # a runtime setting, not a compile target (OpenVINO's bf16 hint)
     accuracy_control: bool = False  # INT8 with an accuracy-drop limit (NNCF accuracy control)
     int8_from_qdq_graph: bool = False  # INT8 straight from a Q/DQ graph, without calibration data
+    tasks: Tuple[str, ...] = ("image-classification", "causal-lm")  # what a device profile may run on it
+    folder_artifact: bool = False  # the artifact is the compile folder itself (``artifact`` marks it)
+    runtime_deps: Tuple[str, ...] = ()  # further pip distributions its aarch64 runtime imports
+
+    @property
+    def image(self) -> bool:
+        """It compiles image models (``exporters.compile``): it has a compile module."""
+        return "image-classification" in self.tasks
 
     @property
     def run_precisions(self) -> Tuple[str, ...]:
@@ -39,10 +51,15 @@ class BackendSpec:
         return self.precisions + self.run_only_precisions
 
     def int8_schemes(self) -> Tuple[str, ...]:
+        if not self.module:
+            return ()
         mod = importlib.import_module(f"exporters.{self.module}")
         return tuple(getattr(mod, "INT8_SCHEMES", ("auto",)))
 
     def impl(self):
+        if not self.module:
+            raise UserError(f"backend {self.name} runs decoder LMs only ({', '.join(self.tasks)}); "
+                            "it has no image compile step")
         return importlib.import_module(f"exporters.{self.module}")
 
     @property
@@ -58,8 +75,15 @@ BACKENDS: Dict[str, BackendSpec] = {b.name: b for b in (
                 "onnxruntime", True),
     BackendSpec("tensorrt", ("fp32", "fp16", "int8"), "model.onnx", (".engine", ".plan", ".trt", ".onnx"), "board",
                 "tensorrt_compile", "tensorrt", False, board_artifact="model.engine", int8_from_qdq_graph=True),
+    # onnxruntime-genai's model builder + generator (sglp_edge.export_lm_genai, benchmarks/lm_genai.py):
+    # a folder (model.onnx, genai_config.json, tokenizer); weight-only int8/int4 are builder options
+    BackendSpec("onnxruntime-genai", ("fp32", "int8", "int4"), "genai_config.json", (), "host", "",
+                "onnxruntime-genai", True, tasks=("causal-lm",), folder_artifact=True,
+                runtime_deps=("onnxruntime",)),
 )}
 NAMES: Tuple[str, ...] = tuple(BACKENDS)
+#: backends with an image compile step (exporters/compile.py, sglp-edge compile)
+IMAGE_NAMES: Tuple[str, ...] = tuple(n for n, b in BACKENDS.items() if b.image)
 
 
 def get_backend(name: str) -> BackendSpec:

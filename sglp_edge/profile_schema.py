@@ -145,17 +145,17 @@ class DeviceProfile(_Strict):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
-        if v == "onnxruntime-genai":
-            raise ValueError("backend onnxruntime-genai is not yet supported in device profiles or sglp-edge run; "
-                             "export with `sglp-edge export MODEL --out DIR --genai` and measure with "
-                             "`python -m benchmarks.lm_bench --backend onnxruntime-genai --artifact DIR/genai`")
         if v not in _REGISTRY:
             raise ValueError(f"unknown backend {v!r}: use one of {', '.join(_REGISTRY)}")
         return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "DeviceProfile":
-        allowed = _REGISTRY[self.backend].run_precisions
+        be = _REGISTRY[self.backend]
+        if self.task not in be.tasks:  # an LM-only runtime (onnxruntime-genai) on an image profile
+            raise ValueError(f"backend {self.backend} runs {' / '.join(be.tasks)} only; this profile is task "
+                             f"{self.task} (use onnxruntime or openvino, or set task: causal-lm)")
+        allowed = be.run_precisions
         if self.precision not in allowed:
             raise ValueError(f"precision {self.precision} is not available on {self.backend}: use {', '.join(allowed)}")
         if self.providers is not None and self.backend != "onnxruntime":
@@ -174,6 +174,12 @@ class DeviceProfile(_Strict):
 
     # -- helpers used by the bench command -------------------------------------------------------
     def check_artifact(self, artifact: str | os.PathLike) -> None:
+        be = _REGISTRY[self.backend]
+        if be.folder_artifact:
+            if not (Path(artifact) / be.artifact).is_file():
+                raise UserError(f"profile {self.name} runs {self.backend}, which takes a folder holding "
+                                f"{be.artifact}, not {Path(artifact).name!r}")
+            return
         suffix = Path(artifact).suffix.lower()
         ok = BACKEND_SUFFIXES[self.backend]
         if suffix not in ok:

@@ -188,15 +188,6 @@ def test_harness_rejects_what_it_cannot_run(exported, tmp_path):
         run_bench.run(args)
 
 
-def test_device_profile_with_genai_backend_says_not_yet(tmp_path):
-    from sglp_edge.profiles import load_profile
-
-    p = tmp_path / "board-genai.yaml"
-    p.write_text("name: board-genai\narch: x86_64\ntask: causal-lm\nbackend: onnxruntime-genai\n")
-    with pytest.raises(UserError, match="onnxruntime-genai is not yet supported"):
-        load_profile(p)
-
-
 def test_export_cli_genai_flag(tiny_llama, tmp_path):
     """`sglp-edge export FOLDER --out X --genai` writes X/genai next to X/model.onnx, from the folder itself."""
     from typer.testing import CliRunner

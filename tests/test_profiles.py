@@ -158,3 +158,32 @@ def test_artifact_must_suit_the_backend():
     load_profile("jetson-orin-nano").check_artifact("m.onnx")  # the engine is built on the board
     with pytest.raises(UserError, match="tensorrt, which takes .engine/.plan/.trt/.onnx files, not 'm.xml'"):
         load_profile("jetson-orin-nano").check_artifact("m.xml")
+
+
+def test_genai_backend_is_for_causal_lm_profiles_only(tmp_path):
+    """onnxruntime-genai is an LM-only entry of the backend registry: a causal-lm profile may name it
+    (fp32/int8/int4, artifact = a folder with genai_config.json); an image profile gets one line."""
+    g = load_profile("local-cpu-genai-lm")
+    assert (g.task, g.backend, g.precision, g.threads) == ("causal-lm", "onnxruntime-genai", "fp32", 2)
+    assert {c.metric for c in g.constraints} == {c.metric for c in load_profile("local-cpu-ort-lm").constraints}
+    for prec in ("int8", "int4"):
+        body = f"name: g-{prec}\narch: aarch64\ntask: causal-lm\nbackend: onnxruntime-genai\nprecision: {prec}\n"
+        assert load_profile(write(tmp_path, f"g-{prec}", body)).precision == prec
+    with pytest.raises(UserError, match="precision fp16 is not available on onnxruntime-genai") as e:
+        load_profile(write(tmp_path, "g16", "name: g16\narch: x86_64\ntask: causal-lm\nbackend: onnxruntime-genai\n"
+                                             "precision: fp16\n"))
+    with pytest.raises(UserError, match="backend onnxruntime-genai runs causal-lm only; this profile is task "
+                                        "image-classification") as e:
+        load_profile(write(tmp_path, "img", "name: img\narch: x86_64\nbackend: onnxruntime-genai\n"))
+    assert "\n" not in str(e.value)
+    # the artifact is a folder holding genai_config.json
+    (tmp_path / "genai").mkdir()
+    with pytest.raises(UserError, match="takes a folder holding genai_config.json"):
+        g.check_artifact(tmp_path / "genai")
+    (tmp_path / "genai" / "genai_config.json").write_text("{}")
+    g.check_artifact(tmp_path / "genai")
+    # and the image compile step refuses it in one line
+    from exporters.compile import check_request
+
+    with pytest.raises(UserError, match="runs decoder LMs only"):
+        check_request("onnxruntime-genai", "fp32")
