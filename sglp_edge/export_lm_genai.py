@@ -48,6 +48,8 @@ TESTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 BUILDER_ARCHITECTURES = TESTED_ARCHITECTURES + (
     "MistralForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM",
     "GraniteForCausalLM", "OlmoForCausalLM", "SmolLM3ForCausalLM", "NemotronForCausalLM")
+#: ONNX Runtime's CPU GroupQueryAttention (the builder's attention) refuses other head sizes at run time
+GQA_HEAD_MULTIPLE = 16
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 #: parity prompts (text); random ids when the folder's tokenizer does not cover them
 PARITY_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ")
@@ -77,6 +79,14 @@ def check_source(src: str | Path) -> dict[str, Any]:
     if arch not in BUILDER_ARCHITECTURES:
         raise UserError(f"onnxruntime-genai's builder does not convert {arch} (model_type {cfg.get('model_type')!r}); "
                         f"supported: {', '.join(BUILDER_ARCHITECTURES)}. Use the ONNX route: sglp-edge export")
+    try:
+        head = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        head = None
+    if head is not None and head % GQA_HEAD_MULTIPLE:
+        raise UserError(f"onnxruntime-genai's CPU attention (GroupQueryAttention) needs a head size that is a multiple "
+                        f"of {GQA_HEAD_MULTIPLE}; {src.name} has {head} (hidden_size / num_attention_heads). Use the "
+                        "ONNX route: sglp-edge export, or an onnxruntime / openvino profile")
     if not any((src / f).is_file() for f in _TOKENIZER_FILES):
         raise UserError(f"{src} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); the genai folder ships one: "
                         "save the tokenizer next to the model (save_hf(..., tokenizer=tok))")

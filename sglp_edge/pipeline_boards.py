@@ -57,9 +57,21 @@ class BoardStages:
 
         be = get_backend(backend)
         d = self.run_dir / compile_stage / which
+        if be.folder_artifact:  # the folder is the artifact (onnxruntime-genai: model.onnx + genai_config.json)
+            return d
         if be.board_artifact and (d / be.board_artifact).is_file():
             return d / be.board_artifact
         return d / be.artifact
+
+    def _artifact_hash(self, compile_stage: str, art: Path) -> str:
+        """The recorded hash of an artifact file, or for a folder artifact one hash over all its files."""
+        from .stages import stable_hash
+
+        rel = str(art.relative_to(self.run_dir / compile_stage))
+        if not art.is_dir():
+            return self.runner.file_hash(compile_stage, rel)
+        files = self.runner.manifest["stages"][compile_stage]["files"]
+        return stable_hash({k: v for k, v in files.items() if k.startswith(rel + "/")})
 
     def stage_bench(self, board: BoardSection, compile_stage: str) -> dict[str, Any]:
         from exporters.registry import get_backend
@@ -76,8 +88,7 @@ class BoardStages:
         arts = {w: self._artifact(compile_stage, w, prof.backend) for w in ("original", "pruned")}
         inputs = self._inputs(name, profile=prof.model_dump(mode="json"), host=board.model_dump(),
                               bench=_bench_overrides(self.cfg),
-                              artifacts={w: self.runner.file_hash(compile_stage, str(a.relative_to(self.run_dir / compile_stage)))
-                                         for w, a in arts.items()})
+                              artifacts={w: self._artifact_hash(compile_stage, a) for w, a in arts.items()})
         head = {"device": prof.name, "backend": prof.backend, "precision": prof.precision, "threads": prof.threads}
         if be.builds_on == "board" and not host:
             if emulate:

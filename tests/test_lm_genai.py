@@ -203,3 +203,17 @@ def test_export_cli_genai_flag(tiny_llama, tmp_path):
     assert (tmp_path / "x" / "model.onnx").is_file()
     r = CliRunner().invoke(app, ["export", str(src), "--out", str(tmp_path / "y"), "--genai", "--no-past"])
     assert r.exit_code != 0 and "--genai applies to decoder LMs" in r.output
+
+
+def test_head_size_not_a_multiple_of_16_is_refused_before_building(tmp_path):
+    """ONNX Runtime's CPU GroupQueryAttention fails at run time on head size 8: said in one line up front."""
+    from sglp_edge.export_lm_genai import check_source
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 32,
+                                                      "num_attention_heads": 4}))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(UserError, match="head size that is a multiple of 16; .* has 8"):
+        check_source(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 32,
+                                                      "num_attention_heads": 2}))
+    assert check_source(tmp_path)["num_attention_heads"] == 2

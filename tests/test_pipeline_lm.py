@@ -37,8 +37,9 @@ def tiny_lm_folder(d: Path) -> Path:
     from sglp_edge.models.hf_llm import save_hf
 
     torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=128, eos_token_id=1)).eval()
+    # head size 16: onnxruntime-genai's CPU attention takes multiples of 16 only (the genai profile's test)
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                     num_key_value_heads=1, vocab_size=128, eos_token_id=1)).eval()
     return save_hf(m, d / "tiny-llama", tokenizer=char_tokenizer())
 
 
@@ -164,3 +165,57 @@ def test_finetune_cli_uses_the_causal_lm_task_defaults(tmp_path):
     assert f'"lr": {d["lr"]}' in saved and "--lr " + str(d["lr"]) in saved
     for flag in ("batch-size", "weight-decay", "optimizer"):
         assert f"--{flag} {d[flag.replace('-', '_')]} " in saved, flag
+
+
+def test_lm_run_genai_profile_reuses_the_run_and_measures_genai(lm_run):
+    """The same run with `devices: [local-cpu-genai-lm]` (a copy of the run folder): prune, fine-tune,
+    eval data and export are reused; compile builds both onnxruntime-genai folders (fp32 parity against
+    PyTorch) and the board stage runs lm_bench --backend onnxruntime-genai on them in a child process."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'sglp-edge[llm]')")
+    pytest.importorskip("onnx_ir", reason="onnxruntime-genai's builder needs onnx-ir")
+    import shutil
+
+    import torch
+
+    from sglp_edge.pipeline import Pipeline
+
+    d, _ = lm_run
+    shutil.copytree(d / "run", d / "run-genai")
+    cfg = yaml.safe_load((d / "run.yaml").read_text())
+    cfg["devices"] = ["local-cpu-genai-lm"]
+    (d / "genai.yaml").write_text(yaml.safe_dump(cfg))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = Pipeline(load_config(d / "genai.yaml"), d / "run-genai", log=lambda m: None)
+        rep = pipe.run()
+    finally:
+        torch.set_num_threads(n)
+    run = d / "run-genai"
+    stage = "compile-onnxruntime-genai-fp32"
+    assert pipe.runner.ran == [stage, "bench-local-cpu-genai-lm"], pipe.runner.ran
+    for which in ("original", "pruned"):
+        folder = run / stage / which
+        assert {"model.onnx", "genai_config.json", "lm.json"} <= {f.name for f in folder.iterdir()}
+        meta = json.loads((folder / "lm.json").read_text())
+        assert meta["layout"] == "onnxruntime-genai" and meta["parity_vs_pytorch"]["passed"] is True
+        assert meta["num_layers"] == (3 if which == "pruned" else 4)
+    [t] = rep["targets"]
+    assert (t["device"], t["backend"], t["precision"]) == ("local-cpu-genai-lm", "onnxruntime-genai", "fp32")
+    res = json.loads((run / "bench-local-cpu-genai-lm" / "pruned" / "result.json").read_text())
+    assert res["backend"] == "onnxruntime-genai" and res["settings"]["onnxruntime_genai"]
+    assert res["settings"]["export_precision"] == "fp32" and res["target"]["kind"] == "local"
+    for which in ("original", "pruned"):
+        m = t["lm"][which]
+        assert m["decode_tokens_per_s"] > 0 and m["ttft_ms"] > 0 and m["model_size_mb"] > 0
+        # fp32 through onnxruntime-genai: PyTorch's greedy tokens and perplexity
+        assert m["greedy_agreement_pct"] == 100.0, which
+        assert abs(m["perplexity"] / m["torch_perplexity"] - 1) < 1e-3
+    cons = {c["metric"]: c for c in t["constraints"]}
+    assert set(cons) == {"decode_tokens_per_s", "ttft_ms", "perplexity_increase_pct", "greedy_agreement_pct",
+                         "model_size_mb", "peak_memory_mb"}
+    assert all(c["measured"] is not None for c in cons.values())
+    assert cons["greedy_agreement_pct"]["measured"] == 100.0 and cons["greedy_agreement_pct"]["passed"] is True
+    inc = 100 * (t["lm"]["pruned"]["perplexity"] / t["lm"]["original"]["perplexity"] - 1)
+    assert cons["perplexity_increase_pct"]["measured"] == pytest.approx(inc)
+    assert "onnxruntime-genai" in (run / "report.html").read_text()

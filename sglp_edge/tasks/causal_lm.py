@@ -5,7 +5,9 @@
 - loss: next-token cross-entropy (GradNorm), KD on the next-token distribution (fine-tune), AdamW,
   a budget in steps or minutes, validation capped at ``finetune.val_samples`` blocks;
 - export: one graph for prefill and decode with past key/values (:mod:`sglp_edge.export_lm`);
-- compile: :mod:`exporters.lm_compile` (ORT fp32/int8/int4, OpenVINO fp32/fp16/int8/int4);
+- compile: one route per backend (:mod:`sglp_edge.tasks.lm_routes`): :mod:`exporters.lm_compile` (ORT
+  fp32/int8/int4, OpenVINO fp32/fp16/int8/int4 from its stateful IR, TensorRT's build command), or
+  onnxruntime-genai's model builder (:mod:`sglp_edge.export_lm_genai`, fp32/int8/int4);
 - board data: token ids only (:func:`benchmarks.lm_bench.write_eval_npz`): the TTFT prompt,
   held-out perplexity blocks, greedy prompts and PyTorch's greedy continuations;
 - metrics: TTFT, decode tokens/s (p50/p90 per token), perplexity (and its increase over the
@@ -203,68 +205,25 @@ class CausalLM(Task):
 
     def stage_export_openvino(self, pipe: Any) -> dict[str, Any]:
         """The stateful OpenVINO IR of both models (sglp_edge.export_lm_openvino), once per run."""
-        import numpy as np
-        import torch
+        from .lm_routes import stage_export_openvino
 
-        from ..export_lm_openvino import export_causal_lm_openvino
-
-        final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
-
-        def fn(tmp: Path) -> dict[str, Any]:
-            with np.load(pipe.run_dir / "eval_data" / "eval_original.npz") as z:
-                ids = torch.from_numpy(z["greedy_prompts"][:2, :24])
-            res = {}
-            for which, model in self._models(pipe):
-                meta = export_causal_lm_openvino(model, tmp / which, parity_ids=ids)
-                res[which] = {k: meta[k] for k in ("layout", "num_layers", "size_bytes", "sha256", "converter",
-                                                   "seconds")}
-                res[which]["parity"] = meta["parity_vs_pytorch"]
-                if not meta["parity_vs_pytorch"]["passed"]:
-                    raise UserError(f"the OpenVINO export of the {which} model does not reproduce PyTorch "
-                                    f"({meta['parity_vs_pytorch']}); use an onnxruntime profile")
-            return res
-
-        return pipe.runner.stage("export-openvino", pipe._inputs("export-openvino", task=self.name, final=final_hash),
-                                 fn)
+        return stage_export_openvino(self, pipe)
 
     def stage_compile(self, pipe: Any, board: Any) -> dict[str, Any]:
-        from exporters.lm_compile import compile_lm
-
+        """The profile's backend route (sglp_edge/tasks/lm_routes.py: ONNX, stateful OpenVINO, onnxruntime-genai)."""
         from ..profiles import load_profile
+        from .lm_routes import LM_ROUTES
 
         prof = load_profile(board.device)
         if prof.task != self.name:
             raise UserError(f"device profile {prof.name} is for {prof.task}, not a causal LM; use an LM profile "
-                            "such as local-cpu-ort-lm, local-cpu-openvino-lm, raspberry-pi-5-lm or jetson-orin-nano-lm")
-        name = f"compile-{prof.backend}-{prof.precision}"
-        # OpenVINO compiles the stateful IR of its own PyTorch frontend (fused attention, KV cache as
-        # state): 1.6x the ONNX route's decode speed on SmolLM2, same logits (README, Decoder LMs)
-        stateful = prof.backend == "openvino"
-        if stateful:
-            from ..export_lm_openvino import stateful_unsupported
-
-            why = stateful_unsupported(pipe.loaded.model)
-            if why:
-                pipe.log(f"OpenVINO compiles the ONNX graph: {why}")
-                stateful = False
-        src_stage, src_file = ("export-openvino", "openvino_model.xml") if stateful else ("export", "model.onnx")
-        if stateful:
-            self.stage_export_openvino(pipe)
-        hashes = {w: pipe.runner.file_hash(src_stage, f"{w}/{src_file}") for w in ("original", "pruned")}
-        e = pipe.cfg.eval
-
-        def fn(tmp: Path) -> dict[str, Any]:
-            out = {}
-            for which in ("original", "pruned"):
-                man = compile_lm(pipe.run_dir / src_stage / which / src_file, prof.backend, prof.precision,
-                                 tmp / which, max_prompt=e.prompt_tokens,
-                                 max_context=e.prompt_tokens + e.gen_tokens + 1)
-                out[which] = {k: man.get(k) for k in ("backend", "precision", "parity", "quantization", "size_bytes",
-                                                      "trtexec", "seconds")}
-            return out
-
-        return pipe.runner.stage(name, pipe._inputs(name, backend=prof.backend, precision=prof.precision, onnx=hashes),
-                                 fn) | {"stage": name}
+                            "such as local-cpu-ort-lm, local-cpu-openvino-lm, local-cpu-genai-lm, raspberry-pi-5-lm "
+                            "or jetson-orin-nano-lm")
+        route = LM_ROUTES.get(prof.backend)
+        if route is None:
+            raise UserError(f"backend {prof.backend} has no decoder-LM route in sglp-edge run yet; use one of "
+                            f"{', '.join(LM_ROUTES)}")
+        return route(self, pipe, prof)
 
     def derived_metrics(self, results: dict[str, Any]) -> dict[str, Any]:
         o = (results.get("original") or {}).get("metrics") or {}

@@ -1,0 +1,137 @@
+"""How a causal LM reaches each runtime in ``sglp-edge run``: one route per backend, in one table.
+
+    route = LM_ROUTES[profile.backend]       # onnxruntime | openvino | tensorrt | onnxruntime-genai
+    result = route(pipe, profile)            # a cached stage: {"original": ..., "pruned": ..., "stage": name}
+
+- ``onnx``: :mod:`exporters.lm_compile` on the text-generation-with-past ONNX of the ``export`` stage
+  (ONNX Runtime fp32/int8/int4, TensorRT's build command);
+- ``openvino``: the same compile from the stateful IR of ``export-openvino`` (fused attention, KV
+  cache as state: 1.6x the ONNX route's decode on SmolLM2), or from the ONNX when the model cannot
+  take the stateful export;
+- ``genai``: onnxruntime-genai's model builder on the saved models (:mod:`sglp_edge.export_lm_genai`),
+  one folder per model (model.onnx, genai_config.json, tokenizer, lm.json with the parity against
+  PyTorch; fp32 must reproduce PyTorch's greedy tokens, int8/int4 record theirs).
+
+Each route writes ``<stage>/original`` and ``<stage>/pruned``; the board stage benchmarks the
+backend's artifact there (a file, or for a folder backend the folder itself). A new runtime is one
+function plus one entry in :data:`LM_ROUTES`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UserError
+
+
+def _parity_ids(pipe: Any) -> Any:
+    """The first two greedy prompts (24 tokens) of the held-out eval data: the exports' parity prompts."""
+    import numpy as np
+
+    with np.load(pipe.run_dir / "eval_data" / "eval_original.npz") as z:
+        return z["greedy_prompts"][:2, :24]
+
+
+def stage_export_openvino(task: Any, pipe: Any) -> dict[str, Any]:
+    """The stateful OpenVINO IR of both models (sglp_edge.export_lm_openvino), once per run."""
+    import torch
+
+    from ..export_lm_openvino import export_causal_lm_openvino
+
+    final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
+
+    def fn(tmp: Path) -> dict[str, Any]:
+        ids = torch.from_numpy(_parity_ids(pipe))
+        res = {}
+        for which, model in task._models(pipe):
+            meta = export_causal_lm_openvino(model, tmp / which, parity_ids=ids)
+            res[which] = {k: meta[k] for k in ("layout", "num_layers", "size_bytes", "sha256", "converter",
+                                               "seconds")}
+            res[which]["parity"] = meta["parity_vs_pytorch"]
+            if not meta["parity_vs_pytorch"]["passed"]:
+                raise UserError(f"the OpenVINO export of the {which} model does not reproduce PyTorch "
+                                f"({meta['parity_vs_pytorch']}); use an onnxruntime profile")
+        return res
+
+    return pipe.runner.stage("export-openvino", pipe._inputs("export-openvino", task=task.name, final=final_hash), fn)
+
+
+def _compile_from(pipe: Any, prof: Any, src_stage: str, src_file: str) -> dict[str, Any]:
+    """exporters.lm_compile on ``<src_stage>/<which>/<src_file>`` for both models, as one cached stage."""
+    from exporters.lm_compile import compile_lm
+
+    name = f"compile-{prof.backend}-{prof.precision}"
+    hashes = {w: pipe.runner.file_hash(src_stage, f"{w}/{src_file}") for w in ("original", "pruned")}
+    e = pipe.cfg.eval
+
+    def fn(tmp: Path) -> dict[str, Any]:
+        out = {}
+        for which in ("original", "pruned"):
+            man = compile_lm(pipe.run_dir / src_stage / which / src_file, prof.backend, prof.precision,
+                             tmp / which, max_prompt=e.prompt_tokens, max_context=e.prompt_tokens + e.gen_tokens + 1)
+            out[which] = {k: man.get(k) for k in ("backend", "precision", "parity", "quantization", "size_bytes",
+                                                  "trtexec", "seconds")}
+        return out
+
+    return pipe.runner.stage(name, pipe._inputs(name, backend=prof.backend, precision=prof.precision, onnx=hashes),
+                             fn) | {"stage": name}
+
+
+def onnx_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
+    return _compile_from(pipe, prof, "export", "model.onnx")
+
+
+def openvino_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
+    from ..export_lm_openvino import stateful_unsupported
+
+    why = stateful_unsupported(pipe.loaded.model)
+    if why:
+        pipe.log(f"OpenVINO compiles the ONNX graph: {why}")
+        return _compile_from(pipe, prof, "export", "model.onnx")
+    stage_export_openvino(task, pipe)
+    return _compile_from(pipe, prof, "export-openvino", "openvino_model.xml")
+
+
+def genai_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
+    """onnxruntime-genai folders of both models, built from the saved models by its model builder."""
+    from ..export_lm_genai import export_causal_lm_genai, export_model_genai, require_genai
+
+    require_genai()  # one line naming the install, before anything is written
+    name = f"compile-{prof.backend}-{prof.precision}"
+    final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
+    eval_hash = pipe.runner.file_hash("eval_data", "eval_original.npz")
+    n_new = pipe.cfg.eval.greedy_tokens
+
+    def fn(tmp: Path) -> dict[str, Any]:
+        ids = _parity_ids(pipe).tolist()
+        out = {}
+        for which in ("original", "pruned"):
+            kw = dict(precision=prof.precision, n_new=n_new, parity_prompts_ids=ids)
+            if which == "pruned":  # the folder the pipeline saved (save_hf, with the tokenizer)
+                meta = export_causal_lm_genai(pipe.final_model_dir(), tmp / which, **kw)
+            else:  # the model as loaded (a GGUF is dequantised): saved to a temporary folder first
+                meta = export_model_genai(pipe.loaded.model, pipe.loaded.tokenizer, tmp / which, **kw)
+            parity = meta["parity_vs_pytorch"]
+            if prof.precision == "fp32" and not parity["passed"]:
+                raise UserError(f"onnxruntime-genai's fp32 build of the {which} model does not reproduce PyTorch "
+                                f"(greedy agreement {parity['greedy_agreement']:.3f}, max abs logit difference "
+                                f"{parity['max_abs']:.3g}); use an onnxruntime profile (local-cpu-ort-lm)")
+            out[which] = {"backend": prof.backend, "precision": prof.precision, "parity": {
+                k: parity.get(k) for k in ("runtime", "greedy_agreement", "greedy_equal", "max_abs", "passed")},
+                "quantization": None if prof.precision == "fp32" else f"builder MatMulNBits {prof.precision}",
+                "size_bytes": meta["size_bytes"], "layout": meta["layout"], "num_layers": meta["num_layers"],
+                "onnxruntime_genai": meta["onnxruntime_genai"], "seconds": meta["seconds"]}
+        return out
+
+    return pipe.runner.stage(name, pipe._inputs(name, backend=prof.backend, precision=prof.precision, task=task.name,
+                                                final=final_hash, eval=eval_hash, n_new=n_new), fn) | {"stage": name}
+
+
+#: backend -> route (see the module docstring); a backend missing here has no LM route in `sglp-edge run`
+LM_ROUTES: dict[str, Callable[[Any, Any, Any], dict[str, Any]]] = {
+    "onnxruntime": onnx_route,
+    "tensorrt": onnx_route,
+    "openvino": openvino_route,
+    "onnxruntime-genai": genai_route,
+}
