@@ -5,6 +5,9 @@
 Layout inside the bundle::
 
     benchmarks/ exporters/ artifact/<files> data/<eval.npz> MANIFEST.json
+
+A folder artifact (an onnxruntime-genai folder: model.onnx, genai_config.json, tokenizer) travels
+whole as ``artifact/<folder>/<files>``; the harness is then given ``artifact/<folder>``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ def _py_files(pkg: Path) -> list[Path]:
     return sorted(p for p in pkg.rglob("*.py") if "__pycache__" not in p.parts)
 
 
+def sha256_of_files(files: Sequence[Path]) -> str:
+    """One hash for a folder artifact: sha256 over the sorted ``name sha256`` lines of its files."""
+    import hashlib
+
+    lines = "".join(f"{f.name} {sha256_file(f)}\n" for f in sorted(files, key=lambda p: p.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 def make_bundle(artifact: str | os.PathLike, data: str | os.PathLike | None, dest: str | os.PathLike,
                 *, artifact_files: Sequence[str | os.PathLike] | None = None) -> Bundle:
     """Write a self-contained ``.tar.gz``: ``benchmarks/``, ``exporters/`` (the board may need to
@@ -44,18 +55,26 @@ def make_bundle(artifact: str | os.PathLike, data: str | os.PathLike | None, des
     from benchmarks.runners import artifact_files as _files
 
     art = Path(artifact)
-    if not art.is_file():
+    if art.is_dir():  # a folder artifact: every file in it (flat), under artifact/<folder>/
+        files = sorted(f for f in art.iterdir() if f.is_file())
+        if not files:
+            raise UserError(f"artifact folder {art} is empty")
+        prefix = f"artifact/{art.name}/"
+        art_sha = sha256_of_files(files)
+    elif not art.is_file():
         raise UserError(f"artifact not found: {art}")
-    files = [Path(f) for f in (artifact_files or _files(art, ""))]
+    else:
+        files = [Path(f) for f in (artifact_files or _files(art, ""))]
+        prefix, art_sha = "artifact/", sha256_file(art)
     d = Path(data) if data else None
     if d is not None and not d.is_file():
         raise UserError(f"eval data not found: {d}")
     dest = Path(dest)
     manifest = {
         "artifact": f"artifact/{art.name}",
-        "artifact_files": [f"artifact/{f.name}" for f in files],
+        "artifact_files": [prefix + f.name for f in files],
         "data": f"data/{d.name}" if d else None,
-        "artifact_sha256": sha256_file(art),
+        "artifact_sha256": art_sha,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     with atomic_path(dest) as tmp:
@@ -64,7 +83,7 @@ def make_bundle(artifact: str | os.PathLike, data: str | os.PathLike | None, des
                 for f in _py_files(REPO_ROOT / pkg):
                     tar.add(f, arcname=str(f.relative_to(REPO_ROOT)), recursive=False)
             for f in files:
-                tar.add(f, arcname=f"artifact/{f.name}", recursive=False)
+                tar.add(f, arcname=prefix + f.name, recursive=False)
             if d is not None:
                 tar.add(d, arcname=f"data/{d.name}", recursive=False)
             blob = json.dumps(manifest, indent=2).encode()

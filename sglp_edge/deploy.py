@@ -67,6 +67,9 @@ def pick_release(run_dir: Path, device: str, force: bool = False) -> Release:
                         "board first, or pass --force to deploy it anyway")
     be = get_backend(t["backend"])
     comp = Path(run_dir) / t["compile"]["stage"] / "pruned"
+    if be.folder_artifact:
+        raise UserError(f"sglp-edge deploy of a {be.name} folder is not yet supported; copy the folder {comp} to the "
+                        "board and run it with onnxruntime-genai (benchmarks/lm_genai.py shows how)")
     art = comp / be.board_artifact if be.board_artifact and (comp / be.board_artifact).is_file() else comp / be.artifact
     if not art.is_file():
         raise UserError(f"artifact {art} is missing from the run folder; re-run `sglp-edge run` to rebuild it")

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import sys
 import threading
 import time
@@ -335,3 +336,43 @@ def test_emulated_arm_board_behind_sshd(sshd, artifacts, tmp_path):
     assert doc["target"]["kind"] == "ssh" and doc["target"]["machine"] == "aarch64"
     assert doc["target"]["where"] == f"{sshd['host']}:{sshd['port']}"
     assert doc["metrics"]["top1_pct"] == 100.0 and doc["accuracy"]["agreement"]["max_abs_diff"] < 1e-4
+
+
+def test_genai_folder_artifact_goes_up_whole_and_runs(sshd, tmp_path):
+    """A folder artifact (onnxruntime-genai: model.onnx + genai_config.json + tokenizer) travels whole
+    in the bundle, under its own (hostile) name, and the board harness runs it with the genai profile."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'sglp-edge[llm]')")
+    pytest.importorskip("onnx_ir", reason="onnxruntime-genai's builder needs onnx-ir")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks import lm_bench
+    from sglp_edge.export_lm_genai import export_causal_lm_genai
+    from sglp_edge.profiles import load_profile
+    from test_lm_genai import TINY, VOCAB, _save, _torch_greedy
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    folder = tmp_path / "gen ai; $(touch PWNED6)"
+    export_causal_lm_genai(_save(model, tmp_path / "hf"), folder, precision="fp32", n_new=4)
+    rng = np.random.default_rng(1)
+    prompts = rng.integers(0, VOCAB, (2, 6))
+    data = lm_bench.write_eval_npz(str(tmp_path / "lm_eval.npz"), bench_prompt=rng.integers(0, VOCAB, 8),
+                                   gen_tokens=4, greedy_prompts=prompts,
+                                   greedy_reference=np.stack([_torch_greedy(model, p, 4) for p in prompts]),
+                                   ppl_blocks=rng.integers(0, VOCAB, (1, 12)), torch_perplexity=1.0)
+    bundle = make_bundle(folder, data, tmp_path / "b.tar.gz")
+    assert bundle.artifact == f"artifact/{folder.name}"
+    with tarfile.open(bundle.path) as tar:
+        names = set(tar.getnames())
+    assert {f"artifact/{folder.name}/{f}" for f in ("model.onnx", "genai_config.json", "lm.json")} <= names
+    prof = load_profile("local-cpu-genai-lm").model_copy(update={"threads": 1})
+    args = prof.run_bench_args(artifact=bundle.artifact, out="results/result.json", data=bundle.data)
+    run = run_remote(RemoteJob(target=target(sshd), bundle=bundle, run_args=args, out_dir=tmp_path / "out",
+                               timeout_s=120))
+    assert run.ok, (run.error, (tmp_path / "out" / "stderr.log").read_text()[-2000:])
+    doc = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert doc["backend"] == "onnxruntime-genai" and doc["artifact"]["name"] == folder.name
+    assert doc["metrics"]["greedy_agreement_pct"] == 100.0 and doc["metrics"]["model_size_mb"] > 0
+    assert [p.name for p in tmp_path.rglob("PWNED*")] == []
