@@ -106,7 +106,8 @@ class BoardStages:
             results = {}
             for which in ("original", "pruned"):
                 data = self.run_dir / "eval_data" / f"eval_{which}.npz"
-                if target.emulated:  # a subset (emulation is slow), with the baseline on the same images
+                if target.emulated and self.task.modality == "image":  # a subset (emulation is slow), with the
+                    # baseline on the same images; an LM's perplexity blocks are capped by the harness (--max-eval)
                     data = self._eval_subset(which, EMULATED_BENCH["max_eval"] if _bench_overrides(self.cfg).get(
                         "max_eval") is None else int(_bench_overrides(self.cfg)["max_eval"]))
                 run = target.bench(BenchJob(artifact=arts[which], data=data,

@@ -167,12 +167,8 @@ def test_finetune_cli_uses_the_causal_lm_task_defaults(tmp_path):
         assert f"--{flag} {d[flag.replace('-', '_')]} " in saved, flag
 
 
-def test_lm_run_genai_profile_reuses_the_run_and_measures_genai(lm_run):
-    """The same run with `devices: [local-cpu-genai-lm]` (a copy of the run folder): prune, fine-tune,
-    eval data and export are reused; compile builds both onnxruntime-genai folders (fp32 parity against
-    PyTorch) and the board stage runs lm_bench --backend onnxruntime-genai on them in a child process."""
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'sglp-edge[llm]')")
-    pytest.importorskip("onnx_ir", reason="onnxruntime-genai's builder needs onnx-ir")
+def _genai_rerun(lm_run, name: str, devices: list, emulate: bool = False):
+    """A copy of the tiny run folder, run again for ``devices`` (the shared stages are reused)."""
     import shutil
 
     import torch
@@ -180,18 +176,27 @@ def test_lm_run_genai_profile_reuses_the_run_and_measures_genai(lm_run):
     from sglp_edge.pipeline import Pipeline
 
     d, _ = lm_run
-    shutil.copytree(d / "run", d / "run-genai")
+    shutil.copytree(d / "run", d / name)
     cfg = yaml.safe_load((d / "run.yaml").read_text())
-    cfg["devices"] = ["local-cpu-genai-lm"]
-    (d / "genai.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["devices"] = [{"device": x, "emulate": "qemu-aarch64"} if emulate else x for x in devices]
+    (d / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        pipe = Pipeline(load_config(d / "genai.yaml"), d / "run-genai", log=lambda m: None)
+        pipe = Pipeline(load_config(d / f"{name}.yaml"), d / name, log=lambda m: None)
         rep = pipe.run()
     finally:
         torch.set_num_threads(n)
-    run = d / "run-genai"
+    return d / name, pipe, rep
+
+
+def test_lm_run_genai_profile_reuses_the_run_and_measures_genai(lm_run):
+    """The same run with `devices: [local-cpu-genai-lm]` (a copy of the run folder): prune, fine-tune,
+    eval data and export are reused; compile builds both onnxruntime-genai folders (fp32 parity against
+    PyTorch) and the board stage runs lm_bench --backend onnxruntime-genai on them in a child process."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'sglp-edge[llm]')")
+    pytest.importorskip("onnx_ir", reason="onnxruntime-genai's builder needs onnx-ir")
+    run, pipe, rep = _genai_rerun(lm_run, "run-genai", ["local-cpu-genai-lm"])
     stage = "compile-onnxruntime-genai-fp32"
     assert pipe.runner.ran == [stage, "bench-local-cpu-genai-lm"], pipe.runner.ran
     for which in ("original", "pruned"):
@@ -219,3 +224,33 @@ def test_lm_run_genai_profile_reuses_the_run_and_measures_genai(lm_run):
     inc = 100 * (t["lm"]["pruned"]["perplexity"] / t["lm"]["original"]["perplexity"] - 1)
     assert cons["perplexity_increase_pct"]["measured"] == pytest.approx(inc)
     assert "onnxruntime-genai" in (run / "report.html").read_text()
+
+
+def test_lm_run_genai_on_the_emulated_arm_board(lm_run, tmp_path, monkeypatch):
+    """An aarch64 onnxruntime-genai profile under emulation: the aarch64 onnxruntime-genai wheel (with
+    the aarch64 onnxruntime it loads) runs the same folders; fp32 gives PyTorch's greedy tokens, and
+    speed and memory are recorded as emulated, never held."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'sglp-edge[llm]')")
+    pytest.importorskip("onnx_ir", reason="onnxruntime-genai's builder needs onnx-ir")
+    from sglp_edge.profiles import ENV_VAR
+    from sglp_edge.targets import arm64_env
+
+    if not arm64_env.ready(("onnxruntime", "onnxruntime-genai")):
+        pytest.skip("emulated ARM board with onnxruntime-genai not set up here: run `sglp-edge run --emulate` once "
+                    "with an aarch64 onnxruntime-genai profile (needs PyPI for the aarch64 wheels)")
+    (tmp_path / "arm-genai-lm.yaml").write_text(
+        "name: arm-genai-lm\narch: aarch64\ntask: causal-lm\nbackend: onnxruntime-genai\nprecision: fp32\nthreads: 2\n"
+        "bench: {power: 'off'}\nconstraints: ['decode_tokens_per_s >= 1', 'greedy_agreement_pct >= 99', "
+        "'peak_memory_mb <= 100000']\n")
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    run, pipe, rep = _genai_rerun(lm_run, "run-genai-arm", ["arm-genai-lm"], emulate=True)
+    assert pipe.runner.ran == ["compile-onnxruntime-genai-fp32", "bench-arm-genai-lm_at_emulated"], pipe.runner.ran
+    [t] = rep["targets"]
+    res = json.loads((run / "bench-arm-genai-lm_at_emulated" / "pruned" / "result.json").read_text())
+    assert res["backend"] == "onnxruntime-genai" and res["env"]["machine"] == "aarch64"
+    assert res["target"]["emulated"] and res["target"]["aarch64_versions"]["onnxruntime-genai"]
+    for which in ("original", "pruned"):
+        assert t["lm"][which]["greedy_agreement_pct"] == 100.0, which
+    cons = {c["metric"]: c for c in t["constraints"]}
+    assert cons["greedy_agreement_pct"]["passed"] is True
+    assert cons["peak_memory_mb"]["passed"] is None and "emulated" in cons["peak_memory_mb"]["note"]

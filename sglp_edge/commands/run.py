@@ -69,8 +69,8 @@ def register(app: typer.Typer) -> None:
             for b in cfg.boards():
                 prof = load_profile(b.device)
                 if prof.arch != "aarch64" or not get_backend(prof.backend).emulatable:
-                    raise UserError(f"--emulate runs aarch64 boards on ONNX Runtime or OpenVINO; {prof.name} is "
-                                    f"{prof.arch} / {prof.backend} (pick an ARM profile with --device)")
+                    raise UserError(f"--emulate runs aarch64 boards on ONNX Runtime, OpenVINO or onnxruntime-genai; "
+                                    f"{prof.name} is {prof.arch} / {prof.backend} (pick an ARM profile with --device)")
         import torch
 
         if threads or cfg.threads:

@@ -49,7 +49,8 @@ SYSROOT_PACKAGES = (
 )
 PLATFORMS = ("manylinux_2_17_aarch64", "manylinux2014_aarch64", "manylinux_2_28_aarch64", "manylinux_2_35_aarch64")
 #: pip distribution name of each runtime's aarch64 build (the board harness needs numpy + one of these)
-RUNTIME_DISTS = {"onnxruntime": "onnxruntime", "openvino": "openvino", "numpy": "numpy"}
+RUNTIME_DISTS = {"onnxruntime": "onnxruntime", "openvino": "openvino", "onnxruntime-genai": "onnxruntime-genai",
+                 "numpy": "numpy"}
 # pure-Python packages the runtimes import at start-up
 _EXTRA = {"openvino": ("packaging", "openvino-telemetry")}
 
@@ -224,7 +225,7 @@ def ensure(runtimes: Sequence[str] = ("onnxruntime",), *, root: Optional[Path] =
         if r not in RUNTIME_DISTS:
             raise UserError(f"no aarch64 build is known for runtime {r!r}; the emulated ARM target runs "
                             f"{', '.join(k for k in RUNTIME_DISTS if k != 'numpy')}")
-    dists = ["numpy", *[r for r in runtimes if r != "numpy"]]
+    dists = ["numpy", *dict.fromkeys(r for r in runtimes if r != "numpy")]
     t0 = time.perf_counter()
     say = progress or (lambda m: None)
     with _lock(root):

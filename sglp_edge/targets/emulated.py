@@ -45,7 +45,8 @@ class EmulatedArmTarget(LocalTarget):
         if not b.emulatable:
             raise UserError(f"the {backend} backend has no aarch64 build that runs under emulation here; "
                             f"emulated targets run {', '.join(arm64_env.RUNTIME_DISTS.keys() - {'numpy'})}")
-        self.setup = arm64_env.ensure((b.runtime_dist,), progress=self.progress)
+        # a runtime's own runtime dependencies first (onnxruntime-genai loads onnxruntime's library)
+        self.setup = arm64_env.ensure((*b.runtime_deps, b.runtime_dist), progress=self.progress)
         self.python = self.setup["python"]
         return self.setup
 
