@@ -4,7 +4,9 @@ LM benchmark in child processes -> report with LM figures. Plus the config's one
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -254,3 +256,31 @@ def test_lm_run_genai_on_the_emulated_arm_board(lm_run, tmp_path, monkeypatch):
     cons = {c["metric"]: c for c in t["constraints"]}
     assert cons["greedy_agreement_pct"]["passed"] is True
     assert cons["peak_memory_mb"]["passed"] is None and "emulated" in cons["peak_memory_mb"]["note"]
+
+
+def test_genai_profile_checks_come_at_config_load(tmp_path, monkeypatch):
+    """A genai device is checked when the config loads, before prune: the package, and a head size
+    onnxruntime-genai's CPU attention takes (the tiny model with 4 heads of 8 is refused)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sglp_edge.export_lm_genai import INSTALL
+    from sglp_edge.models.hf_llm import save_hf
+
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=128, eos_token_id=1)).eval()
+    folder = save_hf(m, tmp_path / "heads8", tokenizer=char_tokenizer())
+    cfg = {**lm_cfg(folder), "devices": ["local-cpu-genai-lm"]}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    if importlib.util.find_spec("onnxruntime_genai") and importlib.util.find_spec("onnx_ir"):
+        with pytest.raises(UserError, match="device local-cpu-genai-lm: onnxruntime-genai's CPU attention needs a head "
+                                            "size that is a multiple of 16; .* has 8"):
+            load_config(tmp_path / "c.yaml")
+    # without the package: one line naming the install, still before any stage
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
+    with pytest.raises(UserError, match="onnxruntime-genai package") as e:
+        load_config(tmp_path / "c.yaml")
+    assert INSTALL in str(e.value) and "\n" not in str(e.value)
+    # other LM profiles are not affected
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**cfg, "devices": ["local-cpu-ort-lm"]}))
+    assert load_config(tmp_path / "c.yaml").devices == ["local-cpu-ort-lm"]

@@ -102,6 +102,7 @@ class CausalLM(Task):
         if cfg.prune.batch_size < 1 or cfg.prune.seq_len < 2 or cfg.finetune.batch_size < 1:
             raise UserError("prune.batch_size, prune.seq_len (>= 2) and finetune.batch_size must be positive")
         d = lm_dims(cfg.model)
+        self._check_routes(cfg, d)
         total = _meminfo_total()
         if d is None or total is None:
             return
@@ -122,6 +123,20 @@ class CausalLM(Task):
                         f"{what}.batch_size={batch} sequences x {tokens} tokens needs about {need / GB:.0f} GB for "
                         f"{cfg.model} ({p / 1e6:.0f} M params) but this machine has {total / GB:.0f} GB; use "
                         f"{what}.batch_size: {default} (the causal-lm default) or shorter sequences")
+
+    def _check_routes(self, cfg: Any, d: dict[str, Any] | None) -> None:
+        """Each device's LM route checked before any heavy work (e.g. onnxruntime-genai installed)."""
+        from ..profiles import load_profile
+        from .lm_routes import LM_ROUTE_CHECKS
+
+        for board in cfg.boards():
+            try:
+                prof = load_profile(board.device)
+            except UserError:  # reported by the pipeline's validation, with the run's other checks
+                continue
+            check = LM_ROUTE_CHECKS.get(prof.backend)
+            if check and prof.task == self.name:
+                check(cfg, prof, d)
 
     # ---- data and models -----------------------------------------------------------------------
     def load_data(self, pipe: Any) -> Any:

@@ -93,6 +93,22 @@ def openvino_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
     return _compile_from(pipe, prof, "export-openvino", "openvino_model.xml")
 
 
+def genai_check(cfg: Any, prof: Any, d: dict[str, Any] | None) -> None:
+    """Before any heavy work: the package and its builder's import, and a head size its CPU attention
+    takes (``d``: the model's sizes from :func:`sglp_edge.tasks.causal_lm.lm_dims`, None if unknown)."""
+    from ..export_lm_genai import GQA_HEAD_MULTIPLE, INSTALL, require_genai
+
+    require_genai()
+    try:
+        import onnx_ir  # noqa: F401 - the builder imports it
+    except ImportError:
+        raise UserError(f"device {prof.name}: onnxruntime-genai's builder needs the onnx-ir package: {INSTALL}") from None
+    if d and (d["hidden"] // d["heads"]) % GQA_HEAD_MULTIPLE:
+        raise UserError(f"device {prof.name}: onnxruntime-genai's CPU attention needs a head size that is a multiple of "
+                        f"{GQA_HEAD_MULTIPLE}; {cfg.model} has {d['hidden'] // d['heads']}; use an onnxruntime or "
+                        "openvino LM profile")
+
+
 def genai_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
     """onnxruntime-genai folders of both models, built from the saved models by its model builder."""
     from ..export_lm_genai import export_causal_lm_genai, export_model_genai, require_genai
@@ -134,4 +150,8 @@ LM_ROUTES: dict[str, Callable[[Any, Any, Any], dict[str, Any]]] = {
     "tensorrt": onnx_route,
     "openvino": openvino_route,
     "onnxruntime-genai": genai_route,
+}
+#: backend -> cheap check of a run config before any stage (config load): one line naming the fix
+LM_ROUTE_CHECKS: dict[str, Callable[[Any, Any, Any], None]] = {
+    "onnxruntime-genai": genai_check,
 }
