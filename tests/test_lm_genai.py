@@ -217,3 +217,14 @@ def test_head_size_not_a_multiple_of_16_is_refused_before_building(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 32,
                                                       "num_attention_heads": 2}))
     assert check_source(tmp_path)["num_attention_heads"] == 2
+
+
+def test_bench_cli_on_a_genai_folder_says_not_yet(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from sglp_edge.cli import app
+
+    out, _ = exported
+    r = CliRunner().invoke(app, ["bench", str(out), "--device", "local-cpu-genai-lm", "--out", str(tmp_path / "b")])
+    assert r.exit_code != 0 and "does not yet take an onnxruntime-genai folder" in r.output
+    assert "benchmarks.lm_bench" in r.output and not (tmp_path / "b").exists()

@@ -77,6 +77,10 @@ def register(app: typer.Typer) -> None:
             return
         if artifact is None:
             raise UserError("give the artifact to benchmark: sglp-edge bench MODEL --device PROFILE")
+        if artifact.is_dir() and (artifact / "genai_config.json").is_file():
+            raise UserError(f"sglp-edge bench does not yet take an onnxruntime-genai folder ({artifact}); run "
+                            f"python -m benchmarks.lm_bench --artifact {artifact} --data EVAL.npz, or sglp-edge run "
+                            "with an onnxruntime-genai profile")
         if not artifact.is_file():
             raise UserError(f"artifact not found: {artifact}")
         if data is not None and not data.is_file():
