@@ -22,10 +22,10 @@ setup: $(VENV)/.installed system-deps arm64-env
 system-deps:
 	@bash scripts/system-deps.sh
 
-# The emulated ARM board (qemu-user + an arm64 Python with the aarch64 numpy / onnxruntime / openvino
+# The emulated ARM board (qemu-user + an arm64 Python with the aarch64 numpy / onnxruntime / openvino / onnxruntime-genai
 # wheels), cached in ~/.cache/sglp-edge/arm64 (or $$SGLP_EDGE_ARM64_CACHE): the emulated-board tests use it.
 arm64-env: $(VENV)/.installed system-deps
-	$(PY) -c "from sglp_edge.targets import arm64_env as a; i = a.ensure(('onnxruntime', 'openvino'), progress=print); print('ARM emulation ready:', i['root'], i['versions'], 'set-up %.0f s' % i['setup_s'])"
+	$(PY) -c "from sglp_edge.targets import arm64_env as a; i = a.ensure(('onnxruntime', 'openvino', 'onnxruntime-genai'), progress=print); print('ARM emulation ready:', i['root'], i['versions'], 'set-up %.0f s' % i['setup_s'])"
 
 test: setup
 	$(PY) -m pytest -q
