@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of " + ", ".join(METHODS) + ", sglp-natural, sglp-reference, "
                          "sglp-proportional, sglp-redundancy")
     ap.add_argument("--protocol", default="auto", choices=("auto",) + PROTOCOLS,
-                    help="SGLP's candidate score inside a segment (auto: loss for the LM, natural GradNorm for CNNs)")
+                    help="SGLP's candidate score inside a segment (auto: the calibration loss, for the LM and the CNNs)")
     ap.add_argument("--grad-batches", type=int, default=1,
                     help="fixed calibration batches GradNorm averages over (SGLP)")
     ap.add_argument("--allocation", default="auto", choices=("auto",) + ALLOCATIONS,

@@ -144,12 +144,12 @@ def test_unknown_protocol():
         analyze(m, a, b, b, PruneConfig(keep=8, protocol="magic"))
 
 
-def test_protocol_auto_is_the_loss_score_for_decoder_lms_and_natural_gradnorm_for_cnns():
+def test_protocol_auto_is_the_loss_score_for_decoder_lms_and_cnns_and_natural_gradnorm_for_encoders():
     transformers = pytest.importorskip("transformers")
     from sglp_edge.sglp.prune import PruneConfig, analyze, resolve_protocol
 
     assert PruneConfig().protocol == "auto"
-    assert [resolve_protocol("auto", m) for m in ("tokens", "image", "sentences")] == ["loss", "natural", "natural"]
+    assert [resolve_protocol("auto", m) for m in ("tokens", "image", "sentences")] == ["loss", "loss", "natural"]
     assert resolve_protocol("reference", "tokens") == "reference"
     lm, ids, ad = _tiny_llama(transformers)
     auto = analyze(lm, ad, ids, ids[:1], PruneConfig(keep=4, k=1, eval_budget=None))
@@ -165,7 +165,8 @@ def test_protocol_auto_is_the_loss_score_for_decoder_lms_and_natural_gradnorm_fo
     best = min(itertools.combinations(names, 4), key=lambda kept: scorer.score(names, list(kept)))
     assert set(auto.removed) == set(names) - set(best)
     m, a, b = _setup()
-    assert analyze(m, a, b, b, PruneConfig(keep=8, k=3, eval_budget=None)).config["protocol"] == "natural"
+    plan = analyze(m, a, b, b, PruneConfig(keep=8, k=3, eval_budget=None))
+    assert plan.config["protocol"] == "loss" and any("--protocol auto" in n for n in plan.notes), plan.notes
 
 
 def test_build_up_beam_when_few_units_are_kept():

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
                                                         "(a least-squares map folded into the kept layer before it)"),
         k: Optional[int] = typer.Option(None, "--k", help="number of segments (default: chosen automatically)"),
         protocol: str = typer.Option("auto", "--protocol", help="candidate score in a segment: auto (loss for decoder "
-                                                                     "LMs, natural otherwise) | natural | reference "
+                                                                     "LMs and CNNs, natural for encoders) | natural | reference "
                                                                      "(GradNorm) | loss (calibration loss) | healed "
                                                                      "(calibration loss after --heal linear)"),
         calib_batches: int = typer.Option(4, "--calib-batches", help="calibration batches for CKA"),

@@ -45,9 +45,9 @@ class PruneConfig:
     k_max: int | None = None
     k_rule: str = "elbow"
     sequence: str = "colsum"
-    # candidate score inside a segment (sglp_edge.sglp.importance): "auto" is "loss" for decoder LMs
-    # (calibration loss; SmolLM2 30->22: perplexity 80.5 against GradNorm's 119.8 right after
-    # pruning, README) and "natural" GradNorm otherwise
+    # candidate score inside a segment (sglp_edge.sglp.importance): "auto" is "loss" (calibration loss)
+    # for decoder LMs and image models (SmolLM2 30->22: perplexity 80.5 against GradNorm's 119.8 right
+    # after pruning; MobileNetV2 and ResNet-56 after KD: README) and "natural" GradNorm for encoders
     protocol: str = "auto"
     exhaustive_budget: int = 64
     beam_width: int = 2
@@ -209,7 +209,8 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
     plan_kw: dict[str, Any] = {}
     notes: list[str] = []
     if protocol_by and cfg.method == "sglp":
-        notes.append(protocol_by + ("the calibration-loss score (loss) for a decoder LM: it measured best there"
+        notes.append(protocol_by + ("the calibration-loss score (loss): it measured best after KD on decoder LMs "
+                                    "and CNNs (README, SGLP against the baselines)"
                                     if cfg.protocol == "loss" else "natural GradNorm (the paper's criterion)"))
 
     # how many units to remove
