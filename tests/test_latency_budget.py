@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -241,8 +242,9 @@ def _artifact(tiny, tmp_path, removed=()):
 
 
 def test_time_artifacts_with_a_reference_gives_per_round_ratios(tmp_path, tiny):
-    """Real ONNX Runtime through the local Target: a network timed against itself is ~1x (a loose
-    bound: passes on a shared CPU move); raw figures are kept beside the ratio."""
+    """Real ONNX Runtime through the local Target: per-round ratios against the reference, their
+    median as the ratio, raw figures kept beside it. (No bound on the self-ratio itself: that is a
+    timing, and a shared CPU moved it to 3.7x once; speed lives in benchmarks/.)"""
     from sglp_edge.budget.latency_model import time_artifacts
     from sglp_edge.profiles import load_profile
     from sglp_edge.targets.base import make_target
@@ -254,7 +256,8 @@ def test_time_artifacts_with_a_reference_gives_per_round_ratios(tmp_path, tiny):
     assert len(t["rounds_p90_ms"]) == len(t["reference_rounds_p90_ms"]) == len(t["rounds_ratio"]) == 2
     assert all(r == pytest.approx(a / b) for r, a, b in zip(t["rounds_ratio"], t["rounds_p90_ms"],
                                                              t["reference_rounds_p90_ms"]))
-    assert 0.5 < t["ratio"] < 2.0 and t["p90_ms"] > 0 and t["reference_p90_ms"] > 0
+    assert t["ratio"] == pytest.approx(float(np.median(t["rounds_ratio"])))
+    assert t["p90_ms"] > 0 and t["reference_p90_ms"] > 0 and t["ratio"] > 0
     with pytest.raises(UserError, match="may not be named"):
         time_artifacts(make_target(prof), prof, {"__reference__": art}, tmp_path / "b", rounds=1, overrides=QUICK,
                        reference=art)
