@@ -30,6 +30,16 @@ def is_genai_folder(path: Any) -> bool:
     return p.is_dir() and (p / GENAI_CONFIG).is_file()
 
 
+def open_model(og: Any, folder: Any, threads: Optional[int] = None) -> Any:
+    """``og.Model`` of a genai folder; ``threads`` sets the decoder session's intra-op threads (a
+    genai_config overlay, the file itself untouched)."""
+    cfg = og.Config(str(folder))
+    if threads:
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
+    return og.Model(cfg)
+
+
 def genai_files(folder: Path) -> List[Path]:
     """The model's files on disk (graph + external weights), not tokenizer or config."""
     return [f for f in sorted(folder.iterdir()) if f.is_file() and f.name.startswith("model.onnx")]
@@ -61,11 +71,7 @@ class GenaiSession:
         self.context_length = int(mcfg.get("context_length") or 2048)
         self.max_length = min(int(max_length or 2048), self.context_length)
         self.vocab_size = mcfg.get("vocab_size")
-        cfg = og.Config(str(folder))
-        if threads:
-            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
-        self._model = og.Model(cfg)
+        self._model = open_model(og, folder, threads)
         self._gen = None  # type: Any
         self._pos = 0
         self.input_names = ["input_ids"]

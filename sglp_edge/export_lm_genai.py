@@ -26,7 +26,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -34,12 +33,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from exporters.atomic import atomic_dir, sha256_file
+from benchmarks.lm_genai import GENAI_CONFIG, open_model
 from exporters.errors import UserError
 
 from .export_lm import META_FILE, PARITY_ATOL, TASK
 
 LAYOUT = "onnxruntime-genai"
-GENAI_CONFIG = "genai_config.json"
 PRECISIONS = ("fp32", "int8", "int4")
 INSTALL = "pip install 'onnxruntime-genai>=0.18' 'onnx-ir>=1.0' (or: pip install 'sglp-edge[llm]')"
 #: config.architectures[0] this route was checked on (tests: tiny random models; SmolLM2-135M by hand)
@@ -125,16 +124,6 @@ def build(src: Path, out: Path, precision: str, *, extra_options: Sequence[str] 
     if not (out / GENAI_CONFIG).is_file() or not (out / "model.onnx").is_file():
         raise UserError(f"onnxruntime-genai's builder wrote no model.onnx / {GENAI_CONFIG} for {src}")
     return log.getvalue()
-
-
-def open_model(og: Any, folder: str | Path, *, threads: int | None = None) -> Any:
-    """``og.Model`` of a genai folder; ``threads`` sets the decoder session's intra-op threads (a
-    genai_config overlay, the file itself untouched)."""
-    cfg = og.Config(str(folder))
-    if threads:
-        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads),
-                                                                          "inter_op_num_threads": 1}}}}))
-    return og.Model(cfg)
 
 
 def genai_greedy(og: Any, model: Any, prompt: Sequence[int], n_new: int) -> tuple[list[int], Any]:
@@ -283,6 +272,3 @@ def export_model_genai(model: Any, tokenizer: Any, out_dir: str | Path, **kw: An
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def is_genai_folder(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / GENAI_CONFIG).is_file()
