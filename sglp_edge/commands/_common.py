@@ -12,9 +12,11 @@ from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
+from exporters.errors import EXIT_INTERNAL, EXIT_USER, UserError, describe_os_error, exit_code
+
 F = TypeVar("F", bound=Callable)
 
-#: exit status of an interrupted command (Ctrl-C / SIGTERM); 1 means "a constraint failed", 2 a usage error
+#: exit status of an interrupted command (Ctrl-C / SIGTERM); the others are in exporters/errors.py
 EXIT_INTERRUPTED = 130
 
 
@@ -23,13 +25,12 @@ def _sigterm_as_interrupt(signum, frame):  # pragma: no cover - exercised throug
 
 
 def user_errors(fn: F) -> F:
-    """Turn a UserError (or a missing file) into one line on stderr and exit code 2, and an
-    interruption (Ctrl-C, SIGTERM) into one line and exit code 130."""
+    """Turn a UserError (or a missing file) into one line on stderr and exit code 2 (4 for an
+    :class:`~exporters.errors.EnvironmentFault`), an interruption (Ctrl-C, SIGTERM) into one line
+    and exit code 130, and anything else into one line too (see :func:`_last_resort`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from exporters.errors import UserError
-
         old = None
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
                 signal.SIG_DFL, None):
@@ -38,26 +39,52 @@ def user_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(exit_code(e))
         except FileNotFoundError as e:
             typer.echo(f"error: file not found: {e.filename or e}", err=True)
-            sys.exit(2)
+            sys.exit(EXIT_USER)
         except KeyboardInterrupt:
             typer.echo("interrupted: stopped before finishing; nothing half-written was kept, re-run the same command "
                        "to resume", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        except Exception as e:  # noqa: BLE001
-            from sglp_edge.train import Interrupted  # lazy: torch
-
-            if isinstance(e, Interrupted):
-                typer.echo(f"interrupted: {e}", err=True)
-                sys.exit(EXIT_INTERRUPTED)
+        except (SystemExit, typer.Exit):
             raise
+        except Exception as e:  # noqa: BLE001
+            _last_resort(e)
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _last_resort(e: BaseException) -> None:
+    """Anything else still ends in one line: an interrupted fine-tune is 130, an OSError a user
+    can act on (disk full, name too long, a link loop) is 4 or 2, and an unexpected error is 5
+    with its traceback kept in a file (``SGLP_EDGE_TRACEBACK=1`` prints it instead)."""
+    import os
+    import traceback
+
+    if type(e).__name__ == "Interrupted":  # sglp_edge.train.Interrupted (not imported here: torch)
+        typer.echo(f"interrupted: {e}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if isinstance(e, OSError):
+        said = describe_os_error(e)
+        if said is not None:
+            typer.echo(f"error: {said[0]}", err=True)
+            sys.exit(said[1])
+    if os.environ.get("SGLP_EDGE_TRACEBACK"):
+        raise e
+    import tempfile
+
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    fd, path = tempfile.mkstemp(prefix="sglp-edge-error.", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    msg = str(e).splitlines()[0][:300] if str(e) else ""
+    typer.echo(f"error: internal error ({type(e).__name__}: {msg}); this is a bug in sglp-edge: the traceback is in "
+               f"{path} (SGLP_EDGE_TRACEBACK=1 prints it)", err=True)
+    sys.exit(EXIT_INTERNAL)
 
 
 def guard_out_dir(out: Path, *, force: bool = False, inputs: tuple = (), reuse: bool = False) -> Path:
