@@ -120,16 +120,46 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, adapter: ModelAdapter, example: Any, units: Sequence[Unit] = ()) -> tuple[int, dict[str, int]]:
-    """MACs of one forward pass on ``example`` (conv/linear/matmul, via torch's FlopCounterMode),
-    and the MACs inside each named unit."""
+    """MACs of one forward pass on ``example`` (conv/linear/matmul and attention, via torch's
+    FlopCounterMode), and the MACs inside each named unit. Attention is counted in the path the
+    model takes: ``nn.MultiheadAttention``'s fused eval-mode kernel (which the counter does not see)
+    is switched off while counting, and the CPU kernel of ``scaled_dot_product_attention`` is
+    counted like the GPU ones (2 x batch x heads x queries x keys x head dim)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    with _mha_fastpath_off(), FlopCounterMode(display=False, custom_mapping=_attention_flops()) as fc, \
+            torch.no_grad():
         adapter.forward(model, example)
     counts = {k: sum(v.values()) for k, v in fc.get_flop_counts().items()}
     root = type(model).__name__
     per_unit = {u.name: int(counts.get(f"{root}.{u.name}", 0) // 2) for u in units}
     return int(counts.get("Global", 0) // 2), per_unit
+
+
+class _mha_fastpath_off:
+    """Within: ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` take their unfused path."""
+
+    def __enter__(self) -> None:
+        mha = getattr(torch.backends, "mha", None)
+        self._was = mha.get_fastpath_enabled() if mha is not None else None
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._was is not None:
+            torch.backends.mha.set_fastpath_enabled(self._was)
+
+
+def _attention_flops() -> dict[Any, Any]:
+    """FLOP formulas for attention kernels torch's counter leaves out (the CPU SDPA kernels)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def sdpa(q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, out_shape: Any = None, **kw: Any) -> int:
+        return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    ops = (getattr(torch.ops.aten, n, None) for n in ("_scaled_dot_product_flash_attention_for_cpu",
+                                                       "_scaled_dot_product_fused_attention_overrideable"))
+    return {op: sdpa for op in ops if op is not None}
 
 
 def _first_example(batch: Any) -> Any:
