@@ -268,8 +268,11 @@ def test_time_artifacts_with_a_reference_gives_per_round_ratios(tmp_path, tiny):
 
 def test_search_decides_on_the_anchored_p90(tmp_path, tiny):
     """The candidate's p90 is its ratio to the unpruned network timed alongside, times the latency
-    model's unpruned p90: with that anchor at 10 s, a ~1 ms network misses a 50 ms budget (raw, it
-    would meet it); with the anchor at 1 us it meets a 0.01 ms budget (raw, it would miss)."""
+    model's unpruned p90: with that anchor at 10^12 ms, the candidate misses a 10^9 ms budget (raw,
+    it would meet it); with the anchor at 10^-9 ms it meets a 10^-6 ms budget (raw, it would miss).
+    What is asserted is what the code computes from its timings (the anchored p90, the median of the
+    per-pass ratios, the decision), never a timing: the margins hold for any ratio between 10^-3 and
+    10^3 and any raw p90 between 1 ns and 10^9 ms, whatever the machine's load."""
     from sglp_edge.budget.latency_model import LatencyModel
     from sglp_edge.budget.search import BudgetSearch
     from sglp_edge.profiles import load_profile
@@ -280,7 +283,7 @@ def test_search_decides_on_the_anchored_p90(tmp_path, tiny):
     removable = [u.name for u in loaded.adapter.units(loaded.model) if u.removable]
     removed = removable[:1]
     kw = dict(margin=0.0, max_rounds=2, simplify="none", overrides=QUICK)
-    for anchor, budget, met in ((1e4, 50.0, False), (1e-3, 1e-2, True)):
+    for anchor, budget, met in ((1e12, 1e9, False), (1e-9, 1e-6, True)):
         lm = LatencyModel(constant_ms=0.0, unit_costs_ms={u: 0.0 for u in removable}, groups=[], key={},
                           points=[{"removed": [], "measured_p90_ms": anchor}])
         s = BudgetSearch(loaded.model, loaded.adapter, torch.randn(1, 3, 32, 32), prof, make_target(prof), lm, budget,
@@ -289,7 +292,10 @@ def test_search_decides_on_the_anchored_p90(tmp_path, tiny):
         assert s.accept(removed) is met
         c = s.candidates[-1]
         assert c["measured_p90_ms"] == c["anchored_p90_ms"] == pytest.approx(c["ratio"] * anchor)
-        assert c["raw_p90_ms"] > 0 and c["reference_p90_ms"] > 0 and 0.2 < c["ratio"] < 2.0
+        m = c["measured"]
+        assert c["ratio"] == pytest.approx(float(np.median(m["rounds_ratio"])))
+        assert all(r == pytest.approx(a / b) for r, a, b in zip(m["rounds_ratio"], m["rounds_p90_ms"],
+                                                                m["reference_rounds_p90_ms"]))
         assert (c["raw_p90_ms"] <= budget) is not met  # the raw figure alone would have decided the other way
         assert c["prediction_error"] == pytest.approx(abs(c["predicted_p90_ms"] - c["measured_p90_ms"])
                                                       / c["measured_p90_ms"])
