@@ -20,7 +20,8 @@ from .errors import EnvironmentFault
 NEARLY_FULL = 16 << 20
 _FULL_WORDS = ("no space left", "storagefull", "os error 28", "errno 28", "code: 28", "disk quota exceeded")
 _VAGUE_WRITE_WORDS = ("basic_ios::clear", "iostream error", "failed to write", "error while serializing",
-                      "unable to write", "cannot write", "write failed", "could not write")
+                      "unable to write", "cannot write", "write failed", "could not write",
+                      "pytorchstreamwriter failed", "inline_container", "unexpected pos")
 
 
 def free_bytes(path: str | os.PathLike) -> int:

@@ -43,6 +43,9 @@ class BoardRun:
     remote_dir: Optional[str] = None
     duration_s: float = 0.0
     steps: list[dict[str, Any]] = field(default_factory=list)
+    #: the failure came from the environment (a board that stopped answering, a timeout, a full
+    #: disk), not from the model or the input: the CLI answers exit status 4 for it
+    environment: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -160,6 +163,7 @@ def run_local(run_args: list[str], out_dir: str | os.PathLike, *, label: str = "
     run.exit_code = code
     if to:
         run.error = f"locally: no result within the {timeout_s:g} s timeout; the run was stopped"
+        run.environment = True
     elif code != 0:
         run.error = _bench_error(code, err, "this machine", py[0])
     return finish_run(run, out, t0)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import BoardSection, RunConfig
-from .errors import UserError
+from exporters.diskspace import NEARLY_FULL, free_bytes, is_disk_full
+from exporters.errors import EnvironmentFault, UserError
 from .run_report import NEEDS_BOARD
 
 
@@ -115,8 +116,8 @@ class BoardStages:
                                             label=f"{label}:{which}",
                                             bundle_path=self.run_dir / ".work" / f"bundle-{which}.tar.gz"))
                 if not run.ok:
-                    raise UserError(f"benchmark of the {which} model on {label} failed: {run.error} "
-                                    f"(logs in {self.run_dir / name / which})")
+                    raise _bench_failure(run, f"benchmark of the {which} model on {label} failed: {run.error} "
+                                              f"(logs in {self.run_dir / name / which})", self.run_dir)
                 results[which] = run.result or {}
             m = dict(results["pruned"].get("metrics", {}))
             m.update(self.task.derived_metrics(results))  # e.g. perplexity increase over the original
@@ -168,3 +169,13 @@ class BoardStages:
                                     "onnx": str(arts["pruned"].relative_to(self.run_dir))}}
 
         return self.runner.stage(name, inputs, fn) | {"stage": name}
+
+
+def _bench_failure(run: Any, msg: str, run_dir: Path) -> UserError:
+    """A failed benchmark as one line: exit 4 when the environment caused it (the board stopped
+    answering, a timeout, the disk under the run folder is full), 2 otherwise."""
+    full = is_disk_full(RuntimeError(run.error or ""), run_dir) or free_bytes(run_dir) < NEARLY_FULL
+    if full:
+        return EnvironmentFault(f"out of disk space under {run_dir}: {msg}; free space there and re-run (finished "
+                                "stages are kept)")
+    return EnvironmentFault(msg) if run.environment else UserError(msg)

@@ -150,9 +150,10 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
         run.remote_dir = seen.get("SGLP_REMOTE_DIR")
         note("upload", exit_code=code, timed_out=to, remote_dir=run.remote_dir)
         if to:
-            raise _BoardError(f"uploading to {t.where} timed out")
+            raise _BoardError(f"uploading to {t.where} timed out", environment=True)
         if code == 255:
-            raise _BoardError(_classify_ssh_error(t, err))
+            why = _classify_ssh_error(t, err)  # a host key or a login refused is the user's to fix (not environment)
+            raise _BoardError(why, environment=" is unreachable (" in why)
         if code != 0 or "SGLP_UNPACKED" not in seen:
             last = err.strip().splitlines()[-1] if err.strip() else f"exit {code}"
             raise _BoardError(f"could not unpack the bundle on {t.where}: {last}")
@@ -168,12 +169,15 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
         note("run", exit_code=code, timed_out=to)
         if to:
             run.error = f"on {t.where}: no result within the {job.timeout_s:g} s timeout; the run was stopped"
+            run.environment = True
         elif code == 255 and EXIT_MARKER not in err:
             run.error = _classify_ssh_error(t, err, during_run=True)
+            run.environment = True
         elif code != 0:
             run.error = _bench_error(code, err, t.where, t.python)
     except _BoardError as e:
         run.error = str(e)
+        run.environment = e.environment
     finally:
         # 3. pull whatever results exist, then remove the remote folder
         if run.remote_dir:
@@ -188,7 +192,9 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
 
 
 class _BoardError(Exception):
-    pass
+    def __init__(self, msg: str, *, environment: bool = False):
+        super().__init__(msg)
+        self.environment = environment
 
 
 def _pull_results(t: SSHTarget, run: BoardRun, out: Path, grace_s: float) -> None:
