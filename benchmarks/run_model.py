@@ -96,14 +96,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="answer one input with the deployed model")
     ap.add_argument("--input", help=".npy input with the batch axis (default: a fixed pseudo-random one)")
     a = ap.parse_args(argv)
-    rel = json.loads((HERE / "RELEASE.json").read_text())
-    path = HERE / rel["artifact"]
+    try:
+        path = HERE / json.loads((HERE / "RELEASE.json").read_text())["artifact"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: RELEASE.json beside run_model.py is missing or damaged ({e}); deploy the release again",
+              file=sys.stderr)
+        return 2
     run = RUNTIMES.get(path.suffix.lower())
     if run is None:
         print(f"error: no runner for {path.name}", file=sys.stderr)
         return 2
     x = np.load(a.input).astype(np.float32) if a.input else None
-    y, runtime, version = run(path, x)
+    try:
+        y, runtime, version = run(path, x)
+    except ImportError as e:
+        print(f"error: the runtime for {path.name} is not installed here ({e})", file=sys.stderr)
+        return 4
+    except Exception as e:  # noqa: BLE001 - a model the runtime cannot load or run: one line, not a traceback
+        msg = " ".join(str(e).split())[:300]
+        print(f"error: could not load or run {path.name} ({type(e).__name__}: {msg})", file=sys.stderr)
+        return 3
     y = np.asarray(y, dtype=np.float32)
     print(json.dumps({"artifact": path.name, "runtime": runtime, "version": version, "machine": platform.machine(),
                       "python": platform.python_version(), "output_shape": list(y.shape),

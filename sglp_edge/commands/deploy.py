@@ -24,25 +24,27 @@ def register(app: typer.Typer) -> None:
         port: Optional[int] = typer.Option(None, "--port", help="SSH port (default: profile's, else 22)"),
         identity: Optional[Path] = typer.Option(None, "--identity", "-i", help="SSH private key"),
         known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", help="known_hosts to verify the board"),
+        accept_new_host_key: bool = typer.Option(False, "--accept-new-host-key",
+                                                 help="trust a board's key on first contact (StrictHostKeyChecking=accept-new)"),
         ssh_config: Optional[Path] = typer.Option(None, "--ssh-config", help="ssh -F config file"),
         remote_python: Optional[str] = typer.Option(None, "--remote-python", help="python on the board"),
-        no_check: bool = typer.Option(False, "--no-check", help="do not run the deployed runner once on the board"),
+        no_check: bool = typer.Option(False, "--no-check", help="do not run the release's runner on the board before switching to it"),
     ) -> None:
         """Install the run's pruned artifact for DEVICE on the board: verified, atomic, with rollback."""
-        from exporters.errors import UserError
-
-        from ..deploy import deploy, pick_release, rollback as do_rollback
+        from ..deploy import board_dir, deploy, pick_release, rollback as do_rollback
         from ..profiles import load_profile
         from ..targets.ssh import SSHBoardTarget
+        from ..validate import check_host
 
-        if not to or to.startswith("-") or not to.startswith(("/", "~")):
-            raise UserError(f"--to must be an absolute folder on the board, got {to!r}")
+        check_host("--host", host)
+        to = board_dir(to)
         prof = load_profile(device)
         rel = None if rollback else pick_release(run_dir, prof.name, force=force)
         tg = SSHBoardTarget.from_profile(prof, host, port=port, identity=identity, known_hosts=known_hosts,
-                                         ssh_config=ssh_config, remote_python=remote_python).ssh
+                                         accept_new=accept_new_host_key, ssh_config=ssh_config,
+                                         remote_python=remote_python).ssh
         if rollback:
-            now = do_rollback(tg, to)
+            now = do_rollback(tg, to, check=not no_check)
             typer.echo(f"rolled back {tg.where}:{to}/current -> {now}")
             return
         if rel.verdict != "passed every constraint":
