@@ -69,10 +69,10 @@ verify() {  # in a release folder: every file against its SHA256SUMS
     if ! out=$(sha256sum -c SHA256SUMS 2>&1); then
       say "hash-mismatch $(printf '%s\n' "$out" | grep -v ': OK$' | head -n 3 | tr '\n' ' ')"; exit 3
     fi
-  elif ! @PY@ -c 'import hashlib,sys
+  elif ! out=$(@PY@ -c 'import hashlib,sys
 bad=[n for h,n in (l.split(None,1) for l in open("SHA256SUMS")) if hashlib.sha256(open(n.strip(),"rb").read()).hexdigest()!=h]
-print(" ".join(n.strip()+": FAILED" for n in bad)); sys.exit(1 if bad else 0)' >/dev/null 2>&1; then
-    say "hash-mismatch"; exit 3
+print(" ".join(n.strip()+": FAILED" for n in bad)); sys.exit(1 if bad else 0)' 2>&1); then
+    say "hash-mismatch $(printf '%s\n' "$out" | tail -n 1)"; exit 3
   fi
 }
 runner() {  # in a release folder: the minimal runner answers one input

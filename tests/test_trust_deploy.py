@@ -77,6 +77,16 @@ def test_folders_deploy_did_not_make_are_never_touched(sshd, tmp_path):  # noqa:
     assert json.loads((to2 / INDEX).read_text())["releases"] == [b, c["release"]]
 
 
+def test_a_layout_from_before_the_index_is_adopted(sshd, tmp_path):  # noqa: F811
+    to = tmp_path / "board" / "model"
+    a, b = two_releases(sshd, tmp_path, to)
+    (to / INDEX).unlink()  # as an older sglp-edge left it: current, previous, releases/, no index
+    (to / "releases" / "mine").mkdir()
+    c = deploy(pick_release(make_run(tmp_path / "runC", seed=2), DEVICE), board(sshd), str(to), check=False)
+    assert sorted(p.name for p in (to / "releases").iterdir()) == sorted([b, c["release"], "mine"])
+    assert link(to, "current") == f"releases/{c['release']}" and link(to, "previous") == f"releases/{b}"
+
+
 # 7 -------------------------------------------------------------------------------------------
 def test_rollback_checks_the_previous_release_before_switching(sshd, tmp_path):  # noqa: F811
     to = tmp_path / "board" / "model"
