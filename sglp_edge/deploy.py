@@ -205,8 +205,9 @@ def _fail(target: Any, p: subprocess.CompletedProcess, what: str, to: str = "") 
     from .ssh_transport import _classify_ssh_error
 
     err = p.stderr.decode(errors="replace")
-    if p.returncode == 255:
-        return UserError(_classify_ssh_error(target, err))
+    if p.returncode == 255:  # a host key or a refused login is the user's to fix, an unreachable board is not
+        why = _classify_ssh_error(target, err)
+        return (EnvironmentFault if " is unreachable (" in why else UserError)(why)
     tag = _tags(p.stderr).get("DEPLOY", "")
     code, _, detail = tag.partition(" ")
     w = f"{target.where}:{to}" if to else target.where
