@@ -13,9 +13,10 @@ Builds an OpenVINO IR of a CIFAR ResNet-56 (random init is fine for latency; sta
 (``-hint none`` because benchmark_app refuses -nthreads/-nstreams with a hint; OpenVINO's CPU plugin
 still reports PERFORMANCE_HINT=LATENCY for that configuration, and our compiled model is given
 exactly the properties benchmark_app sets: INFERENCE_NUM_THREADS, NUM_STREAMS,
-INFERENCE_PRECISION_HINT). Alternating rounds spread the load swings of a shared machine over both
-tools; each tool's figure is the median of its per-round medians (robust to a minority of rounds
-hit by other processes). The load average is printed before and after, and each round's ratio.
+INFERENCE_PRECISION_HINT). The two tools are timed in alternating passes (``benchmarks/paired.py``:
+ours, benchmark_app, then benchmark_app, ours, ...); the ratio is the median of the per-pass ratios
+(robust to a minority of passes hit by other processes), printed with its spread and the load
+average before and after.
 
 The last line printed is exactly::
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,15 +38,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 _MEDIAN = re.compile(r"Median:\s*([0-9.]+)\s*ms")
-
-
-def _loadavg() -> str:
-    try:
-        import os
-
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except (AttributeError, OSError):
-        return "n/a"
 
 
 def build_resnet56_ir(dest: Path) -> Path:
@@ -98,7 +89,7 @@ def run_benchmark_app(exe: str, xml: Path, threads: int, duration: float) -> dic
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement (benchmark_app -t)")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of ours / benchmark_app")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating passes of ours / benchmark_app")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=float, default=1.0, help="our warm-up seconds")
     ap.add_argument("--model", type=Path, help="use this OpenVINO IR instead of building ResNet-56")
@@ -109,29 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(exe).exists():
         print("error: benchmark_app not found: pip install openvino (it ships the benchmark_app script)", file=sys.stderr)
         return 2
-    load0 = _loadavg()
-    print(f"load average before: {load0}", flush=True)
+    from benchmarks.paired import alternating
+
+    passes: list = []
+
+    def timed(which: str) -> float:
+        rec = run_ours(xml, args.threads, args.duration, args.warmup) if which == "ours" else \
+            run_benchmark_app(exe, xml, args.threads, args.duration)
+        passes.append({"tool": which, **rec})
+        return rec["p50_ms"]
+
     with tempfile.TemporaryDirectory(prefix="fidelity.") as tmp:
         xml = args.model or build_resnet56_ir(Path(tmp))
-        rounds = []
-        for i in range(args.rounds):
-            ours = run_ours(xml, args.threads, args.duration, args.warmup)
-            theirs = run_benchmark_app(exe, xml, args.threads, args.duration)
-            rounds.append({"ours": ours, "benchmark_app": theirs})
-            print(f"round {i + 1}/{args.rounds}: ratio {ours['p50_ms'] / theirs['p50_ms']:.3f}; "
-                  f"ours p50 {ours['p50_ms']:.3f} ms ({ours['iterations']} it, "
-                  f"{ours['precision_used']}, {ours['threads_used']} threads, {ours['streams_used']} stream) | "
-                  f"benchmark_app median {theirs['p50_ms']:.3f} ms ({theirs['iterations']} it, "
-                  f"{theirs['precision_used']})", flush=True)
-    ours_p50 = statistics.median(r["ours"]["p50_ms"] for r in rounds)
-    bapp_p50 = statistics.median(r["benchmark_app"]["p50_ms"] for r in rounds)
-    ratio = ours_p50 / bapp_p50
+        r = alternating(lambda: timed("ours"), lambda: timed("benchmark_app"), args.rounds, log=print,
+                        label="ours / benchmark_app ")
+    ours_p50, bapp_p50, ratio = r["a"], r["b"], r["ratio"]
     if args.json:
         from exporters.atomic import atomic_write_json
 
-        atomic_write_json(args.json, {"rounds": rounds, "load_before": load0, "ours_p50_ms": ours_p50, "benchmark_app_p50_ms": bapp_p50,
-                                      "ratio": ratio, "threads": args.threads, "duration_s": args.duration})
-    print(f"load average after: {_loadavg()}")
+        atomic_write_json(args.json, {"passes": passes, "loadavg": r["loadavg"], "rounds_ratio": r["rounds_ratio"],
+                                      "ours_p50_ms": ours_p50, "benchmark_app_p50_ms": bapp_p50, "ratio": ratio,
+                                      "spread": r["spread"], "threads": args.threads, "duration_s": args.duration})
+    print(f"load average before / after: {r['loadavg'][0]} / {r['loadavg'][1]}; per-pass ratios spread "
+          f"{r['spread'][0]:.3f}-{r['spread'][1]:.3f}")
     verdict = "within" if abs(ratio - 1.0) <= 0.10 else "OUTSIDE"
     print(f"ratio {ratio:.3f} is {verdict} the 10 % target")
     print(f"fidelity openvino ours_p50_ms={ours_p50:.4f} benchmark_app_p50_ms={bapp_p50:.4f} ratio={ratio:.4f}")

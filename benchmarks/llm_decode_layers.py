@@ -13,7 +13,9 @@ LM-head GEMV. This script measures it instead of assuming it:
    weights are the original's; quality is not the point), exported with the KV-cache layout of
    :func:`sglp_edge.export_lm.export_causal_lm`.
 2. Decode time per token (median over the steps of a 128-token prompt + ``--gen`` greedy tokens) on
-   ONNX Runtime and OpenVINO FP32, in alternating rounds (L order flipped every round).
+   ONNX Runtime and OpenVINO FP32, in alternating rounds (L order flipped every round,
+   ``benchmarks/paired.py``); the measured 30 -> 22 speedup is the median of the per-round ratios,
+   and one above the layer-count bound is a measuring fault: measured again, never printed as a result.
 3. A least-squares line ``t(L) = a + b*L`` per runtime: ``b`` is one layer's time, ``a`` what does
    not scale with depth (embedding, final norm, LM head, the Python loop). The time model's
    speedup for 30 -> 22 is ``t(30)/t(22)``; the MACs model's is printed beside it, as is the
@@ -26,13 +28,13 @@ openvino_... macs_speedup=.. layer_bound=..``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -98,14 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     for s in sessions.values():
         lm_bench.generate(s, prompt[:16], 8)  # warm-up
 
-    step_ms: dict = {k: [] for k in sessions}
-    for r in range(args.rounds):
-        order = list(sessions) if r % 2 == 0 else list(reversed(list(sessions)))
-        for k in order:
-            g = lm_bench.generate(sessions[k], prompt, args.gen)
-            step_ms[k].append(statistics.median(g["step_s"]) * 1e3)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"L{k[0]}/{k[1]} {step_ms[k][-1]:.2f} ms" for k in order),
-              flush=True)
+    from benchmarks.paired import alternating_rounds, ratio_of
+
+    def timer(k: Any) -> Any:
+        return lambda: statistics.median(lm_bench.generate(sessions[k], prompt, args.gen)["step_s"]) * 1e3
+
+    for attempt in range(3):  # a 30 -> 22 speedup above the layer-count bound is a measuring fault: re-measured
+        rr = alternating_rounds({k: timer(k) for k in sessions}, args.rounds, log=lambda m: print(m, flush=True))
+        step_ms = rr["per"]
+        speed = {be: ratio_of(rr, (30, be), (22, be), limit=30 / 22) for be in ("onnxruntime", "openvino")}
+        if not any(r["fault"] for r in speed.values()):
+            break
+        print(f"measuring fault: a 30 -> 22 speedup above {30 / 22:.3f} (load average {rr['loadavg']}); measuring "
+              "again", flush=True)
+    else:
+        print("error: the 30 -> 22 speedup stayed above the layer-count bound in 3 attempts: the machine is too busy "
+              "to measure; rerun it alone", file=sys.stderr)
+        return 3
 
     res: dict = {"settings": vars(args) | {"work": str(args.work)}, "macs": macs, "fits": {},
                  "step_ms": {f"{k[0]}/{k[1]}": v for k, v in step_ms.items()}}
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         ts = {n: statistics.median(step_ms[(n, be)]) for n in counts}
         a, b, r2 = fit_line([float(n) for n in counts], [ts[n] for n in counts])
         model_speedup = (a + b * 30) / (a + b * 22)
-        measured = ts[30] / ts[22]
+        measured = speed[be]["ratio"]  # median of the per-round ratios t(30) / t(22)
         res["fits"][be] = {"a_ms": a, "b_ms": b, "r2": r2, "median_ms": ts, "time_model_speedup": model_speedup,
                            "measured_speedup_30_22": measured}
         print(f"{be}: " + ", ".join(f"L{n} {ts[n]:.2f} ms" for n in counts)

@@ -1,19 +1,21 @@
 """Pruned-vs-original latency speedup of the default SGLP-pruned ResNet-56 on ONNX Runtime and
 OpenVINO (batch 1, FP32, same threads), next to the MACs ratio (the physical limit).
 
-    python benchmarks/speedup.py [--run runs/default] [--keep 14] [--threads 2] [--rounds 3]
+    python benchmarks/speedup.py [--run runs/default] [--keep 14] [--threads 2] [--passes 24]
 
 With ``--run`` it measures the ONNX files of a finished ``sglp-edge run`` folder; otherwise it
-prunes the default model itself (SGLP, --keep) and exports both. Measurements alternate original
-and pruned in rounds, and each figure is the median of the per-round medians (these machines are
-noisy). Host-side script; the summary line is printed last.
+prunes the default model itself (SGLP, --keep) and exports both. Both networks stay loaded; they are
+timed in alternating passes (original, pruned, then pruned, original, ...) and the speedup is the
+median of the per-pass ratios (``benchmarks/paired.py``), printed with its spread and the load
+average. A speedup above the MACs ratio (the physical limit of depth pruning) is a measuring fault:
+it is measured again, and if it persists the script exits 3 without a summary line. Host-side
+script; the summary line is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -41,20 +43,49 @@ def _prepare(tmp: Path, keep: int) -> tuple[Path, Path, float, str]:
     return tmp / "original.onnx", tmp / "pruned.onnx", res.plan.macs_before / res.plan.macs_after, which
 
 
-def _measure(backend: str, path: Path, threads: int, duration: float) -> float:
-    from benchmarks.harness import MeasureConfig, measure
-    from benchmarks.runners import open_runner, random_feeds
+class _Timer:
+    """One artifact's runner, opened once and warmed up; each call times one pass (p50 in ms)."""
 
-    r = open_runner(backend, path, threads=threads, precision="fp32", input_shapes={"input": [1, 3, 32, 32]})
-    try:
-        r.set_batch(1)
-        fn = r.bind(random_feeds(r.inputs))
-        m = measure(fn, MeasureConfig(warmup_s=0.5, min_iters=100, min_duration_s=duration), sync=r.sync)
-        return float(m.stats()["p50_ms"])
-    finally:
-        close = getattr(r, "close", None)
+    def __init__(self, backend: str, path: Path, threads: int, pass_s: float):
+        from benchmarks.harness import MeasureConfig
+        from benchmarks.runners import open_runner, random_feeds
+
+        self.r = open_runner(backend, path, threads=threads, precision="fp32", input_shapes={"input": [1, 3, 32, 32]})
+        self.r.set_batch(1)
+        self.fn = self.r.bind(random_feeds(self.r.inputs))
+        self.cfg = MeasureConfig(warmup_s=0.05, min_iters=20, min_duration_s=pass_s)
+        self.warm = MeasureConfig(warmup_s=1.0, min_iters=20, min_duration_s=0.5)
+
+    def warm_up(self) -> None:
+        from benchmarks.harness import measure
+
+        measure(self.fn, self.warm, sync=self.r.sync)
+
+    def __call__(self) -> float:
+        from benchmarks.harness import measure
+
+        return float(measure(self.fn, self.cfg, sync=self.r.sync).stats()["p50_ms"])
+
+    def close(self) -> None:
+        close = getattr(self.r, "close", None)
         if callable(close):
             close()
+
+
+def _speedup(backend: str, orig: Path, pruned: Path, macs_ratio: float, args: argparse.Namespace) -> dict:
+    """Original / pruned p50 in alternating passes (benchmarks/paired.py), never above the MACs ratio."""
+    from benchmarks.paired import paired_ratio
+
+    a = _Timer(backend, orig, args.threads, args.pass_s)
+    b = _Timer(backend, pruned, args.threads, args.pass_s)
+    try:
+        a.warm_up()
+        b.warm_up()
+        return paired_ratio(a, b, passes=args.passes, limit=macs_ratio, retries=args.retries, label=f"{backend}: ",
+                            log=print if args.verbose else None)
+    finally:
+        a.close()
+        b.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,12 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, help="a finished `sglp-edge run` folder to take the ONNX files from")
     ap.add_argument("--keep", type=int, default=14)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    ap.add_argument("--passes", type=int, default=24, help="alternating passes per backend (original, pruned)")
+    ap.add_argument("--pass-s", type=float, default=0.4, help="seconds each artifact is timed in one pass")
+    ap.add_argument("--retries", type=int, default=2, help="re-measurements when a ratio is above the MACs ratio")
+    ap.add_argument("--verbose", action="store_true", help="print every pass")
     args = ap.parse_args(argv)
 
     import openvino as ov
 
+    from benchmarks.paired import MeasuringFault
     from exporters.compile import compile_model
 
     with tempfile.TemporaryDirectory(prefix="sglp-speedup-") as t:
@@ -83,18 +117,20 @@ def main(argv: list[str] | None = None) -> int:
             compile_model(onnx_path, "openvino", "fp32", tmp / f"ov-{name}", progress=False)
             arts[("openvino", name)] = tmp / f"ov-{name}" / "model.xml"
             arts[("onnxruntime", name)] = onnx_path
-        print(f"model: {which}; threads {args.threads}, batch 1, fp32, OpenVINO {ov.__version__}")
-        p50 = {k: [] for k in arts}
-        for rnd in range(args.rounds):
-            for backend in ("onnxruntime", "openvino"):
-                for name in ("original", "pruned"):
-                    p50[(backend, name)].append(_measure(backend, arts[(backend, name)], args.threads, args.duration))
-            print(f"round {rnd + 1}: " + ", ".join(f"{b}/{n} p50 {v[-1]:.3f} ms" for (b, n), v in p50.items()))
-    med = {k: statistics.median(v) for k, v in p50.items()}
-    sp = {b: med[(b, "original")] / med[(b, "pruned")] for b in ("onnxruntime", "openvino")}
-    for b in ("onnxruntime", "openvino"):
-        print(f"{b}: original p50 {med[(b, 'original')]:.3f} ms, pruned p50 {med[(b, 'pruned')]:.3f} ms, "
-              f"speedup {sp[b]:.2f}x (MACs ratio {macs_ratio:.2f}x)")
+        print(f"model: {which}; threads {args.threads}, batch 1, fp32, OpenVINO {ov.__version__}; "
+              f"{args.passes} alternating passes of {args.pass_s:g} s per backend")
+        sp = {}
+        for b in ("onnxruntime", "openvino"):
+            try:
+                r = _speedup(b, arts[(b, "original")], arts[(b, "pruned")], macs_ratio, args)
+            except MeasuringFault as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 3
+            sp[b] = r["ratio"]
+            print(f"{b}: original p50 {r['a']:.3f} ms, pruned p50 {r['b']:.3f} ms, speedup {r['ratio']:.3f}x "
+                  f"(median of {r['passes']} per-pass ratios, spread {r['spread'][0]:.3f}-{r['spread'][1]:.3f}, "
+                  f"IQR {r['iqr'][0]:.3f}-{r['iqr'][1]:.3f}; MACs ratio {macs_ratio:.3f}x; load average "
+                  f"{r['loadavg'][0]} -> {r['loadavg'][1]}; {len(r['faults'])} measuring fault(s) re-measured)")
     print(f"speedup ort={sp['onnxruntime']:.3f} openvino={sp['openvino']:.3f} macs_ratio={macs_ratio:.3f}")
     return 0
 
