@@ -80,27 +80,56 @@ def eval_npz(models):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_measure_needs_both_min_iterations_and_min_duration():
-    fast = measure(lambda: None, MeasureConfig(warmup_s=0.05, min_iters=5, min_duration_s=0.2))
-    assert sum(fast.times_ns) / 1e9 <= fast.wall_s
-    assert fast.wall_s >= 0.2 and len(fast.times_ns) > 5  # duration was the binding limit
+class FakeClock:
+    """A clock that moves only when the timed function "runs" (``step_ns`` per call): what measure()
+    decides from its timings is checked exactly, whatever the machine's load."""
 
-    slow = measure(lambda: time.sleep(0.01), MeasureConfig(warmup_s=0.0, min_iters=15, min_duration_s=0.01))
-    assert len(slow.times_ns) == 15  # count was the binding limit
-    assert all(t >= 9_000_000 for t in slow.times_ns)  # each >= ~10 ms, in ns
-    assert slow.warmup_iters >= 1  # warm-up always runs at least once
+    def __init__(self, step_ns: int):
+        self.now, self.step_ns, self.calls = 0, step_ns, 0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def fn(self) -> None:
+        self.calls += 1
+        self.now += self.step_ns
+
+
+def test_measure_needs_both_min_iterations_and_min_duration():
+    fast = FakeClock(1_000_000)  # 1 ms per call: 200 calls reach the 0.2 s minimum, well past min_iters 5
+    m = measure(fast.fn, MeasureConfig(warmup_s=0.05, min_iters=5, min_duration_s=0.2), clock=fast)
+    assert m.times_ns == [1_000_000] * 200 and m.wall_s == 0.2  # duration was the binding limit
+    assert m.warmup_iters == 50 and fast.calls == 250
+
+    slow = FakeClock(10_000_000)  # 10 ms per call: 15 calls are 0.15 s, past the 0.01 s minimum
+    m = measure(slow.fn, MeasureConfig(warmup_s=0.0, min_iters=15, min_duration_s=0.01), clock=slow)
+    assert m.times_ns == [10_000_000] * 15  # count was the binding limit
+    assert m.warmup_iters == 1  # warm-up always runs at least once
 
 
 def test_warmup_is_by_time():
-    m = measure(lambda: time.sleep(0.002), MeasureConfig(warmup_s=0.1, min_iters=1, min_duration_s=0.0))
-    assert m.warmup_s >= 0.1
-    assert 10 <= m.warmup_iters <= 60
+    c = FakeClock(2_000_000)  # 2 ms per call: 0.1 s of warm-up is 50 calls
+    m = measure(c.fn, MeasureConfig(warmup_s=0.1, min_iters=1, min_duration_s=0.0), clock=c)
+    assert m.warmup_s == 0.1 and m.warmup_iters == 50 and len(m.times_ns) == 1
+
+
+def test_measure_times_a_real_function_with_the_real_clock():
+    """The default clock end to end: what holds for any load (each time is positive and the
+    iterations add up to at most the wall time), no bound on a time."""
+    m = measure(lambda: time.sleep(0.001), MeasureConfig(warmup_s=0.0, min_iters=5, min_duration_s=0.0))
+    assert len(m.times_ns) == 5 and all(t > 0 for t in m.times_ns)
+    assert sum(m.times_ns) / 1e9 <= m.wall_s and m.warmup_iters >= 1
 
 
 def test_caps_stop_the_loop():
-    m = measure(lambda: None, MeasureConfig(warmup_s=0, min_iters=1, min_duration_s=5.0, max_duration_s=5.0,
-                                             max_iters=100))
+    c = FakeClock(1_000_000)  # 100 calls are 0.1 s: the iteration cap binds before the 5 s
+    m = measure(c.fn, MeasureConfig(warmup_s=0, min_iters=1, min_duration_s=5.0, max_duration_s=5.0, max_iters=100),
+                clock=c)
     assert len(m.times_ns) == 100
+    c = FakeClock(100_000_000)  # 0.1 s per call: the 5 s duration cap binds before 100 iterations
+    m = measure(c.fn, MeasureConfig(warmup_s=0, min_iters=1, min_duration_s=5.0, max_duration_s=5.0, max_iters=100),
+                clock=c)
+    assert len(m.times_ns) == 50 and m.wall_s == 5.0
 
 
 def test_sync_before_every_clock_read():
