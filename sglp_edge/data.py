@@ -204,16 +204,21 @@ def bundle_from_tensors(name: str, source: str, train: tuple[torch.Tensor, torch
 
 def get_dataset(name: str, root: str | Path | None = None, *, seed: int = 0, val_size: int | None = None,
                 channels: int = 3, image_size: int = 224, tokenizer: Any = None, block_size: int = 256,
-                max_tokens: int | None = None, resize: int | None = None) -> "ImageDataBundle | TextDataBundle":
+                max_tokens: int | None = None, resize: int | None = None,
+                class_map: str | Path | None = None) -> "ImageDataBundle | TextDataBundle":
     """Load a data set by name (see the module docstring). ``root`` overrides where it is read
     from; ``seed`` fixes the val (and, where needed, test) split; ``val_size`` defaults to 5,000
     for the 50-60k-image sets and 10 % otherwise. ``channels`` is what the network takes (1 or 3)
     for the grey-scale sets. Text needs ``tokenizer`` (a Hugging Face tokenizer). ``resize``: the
     input size of a fixed-resolution model (a ViT's 224): every image is resized to it (an image
-    folder is cropped at that size)."""
+    folder is cropped at that size). ``class_map``: a JSON file mapping an image folder's class
+    folders to the model's class indices (``--class-map``; image folders only)."""
     if resize is not None and resize < 8:
         raise UserError(f"cannot resize images to {resize} pixels")
     key = name.strip().lower()
+    if class_map is not None and not key.startswith("imagefolder"):
+        raise UserError(f"--class-map maps the class folders of --data imagefolder:DIR to the model's classes; "
+                        f"--data {name} has its own labels: drop --class-map")
     if channels not in (1, 3):
         raise UserError(f"channels must be 1 or 3, got {channels}")
     if key in ("fashion-mnist", "fashion_mnist", "fmnist", "fashionmnist"):
@@ -240,7 +245,7 @@ def get_dataset(name: str, root: str | Path | None = None, *, seed: int = 0, val
                                     resize=resize)
     if key.startswith("imagefolder:") or key == "imagefolder":
         path = name.split(":", 1)[1] if ":" in name else (str(root) if root else "")
-        return _imagefolder(path, seed=seed, val_size=val_size, image_size=resize or image_size)
+        return _imagefolder(path, seed=seed, val_size=val_size, image_size=resize or image_size, class_map=class_map)
     if key in ("text", "english", "python-docs"):
         if tokenizer is None:
             raise UserError("the text data set needs the language model's tokenizer (load the model first)")
@@ -248,7 +253,8 @@ def get_dataset(name: str, root: str | Path | None = None, *, seed: int = 0, val
     raise UserError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
-def _imagefolder(path: str, *, seed: int, val_size: int | None, image_size: int) -> ImageDataBundle:
+def _imagefolder(path: str, *, seed: int, val_size: int | None, image_size: int,
+                 class_map: str | Path | None = None) -> ImageDataBundle:
     from torchvision.datasets import ImageFolder
 
     if not path:
@@ -288,8 +294,18 @@ def _imagefolder(path: str, *, seed: int, val_size: int | None, image_size: int)
         test_idx, val_idx, train_idx = sorted(perm[:nt]), sorted(perm[nt:nt + nv]), sorted(perm[nt + nv:])
         test_src = tr
         meta["test_from"] = f"seeded held-out 10 % of {root}"
+    num_classes = len(tr.classes)
+    meta["labels"] = "class folders numbered 0..N-1 in sorted name order"
+    if class_map is not None:
+        from .data_images import read_class_map
+
+        remap = read_class_map(class_map, tr.classes)
+        for ds in {id(tr): tr, id(test_src): test_src}.values():
+            ds.target_transform = remap
+        num_classes = max(remap.table) + 1
+        meta.update(labels=f"class folders -> model classes by {class_map}", class_map=str(class_map))
     return ImageDataBundle(
         name=f"imagefolder:{root}", train=Split(tr, train_idx, train_t), train_eval=Split(tr, train_idx, eval_t),
-        val=Split(tr, val_idx, eval_t), test=Split(test_src, test_idx, eval_t), num_classes=len(tr.classes),
+        val=Split(tr, val_idx, eval_t), test=Split(test_src, test_idx, eval_t), num_classes=num_classes,
         in_channels=3, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed=seed, source=str(root),
         meta={**meta, "classes": tr.classes[:50]})

@@ -137,3 +137,36 @@ def _folder_transforms(size: int) -> tuple[Callable, Callable]:
     train = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] + tail)
     ev = v2.Compose([v2.Resize(int(round(size * 256 / 224)), antialias=True), v2.CenterCrop(size)] + tail)
     return train, ev
+
+
+# ---------------------------------------------------------------------------------------------
+# image folders: which model class each folder is (--class-map)
+# ---------------------------------------------------------------------------------------------
+class ClassRemap:
+    """Folder index (ImageFolder's sorted class folders) -> the model's class index."""
+
+    def __init__(self, table: Sequence[int]):
+        self.table = list(table)
+
+    def __call__(self, i: int) -> int:
+        return self.table[i]
+
+
+def read_class_map(path: str | Path, folders: Sequence[str]) -> ClassRemap:
+    """``--class-map FILE.json``: ``{"folder name": class index, ...}`` covering every class folder."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"class map {p} does not exist; give a JSON file mapping each folder name to a class index")
+    try:
+        m = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"class map {p} is not valid JSON ({e}); write {{\"folder name\": class index, ...}}") from None
+    if not isinstance(m, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in m.values()):
+        raise UserError(f"class map {p} must be a JSON object of folder name -> class index (an integer >= 0)")
+    missing = [f for f in folders if f not in m]
+    if missing:
+        raise UserError(f"class map {p} does not map the folder(s) {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}; add them (folder name -> class index)")
+    return ClassRemap([m[f] for f in folders])

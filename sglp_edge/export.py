@@ -182,6 +182,10 @@ def parity_vs_torch(w: nn.Module, model_proto: Any, x: torch.Tensor, *, labels: 
                 "batch_sizes_checked": sorted({min(s, x.shape[0]) for s in sizes}),
                 "input_shape": list(x.shape), "atol": PARITY_ATOL, "rtol": PARITY_RTOL})
     res["passed"] = bool(res["max_abs"] <= PARITY_ATOL + PARITY_RTOL * res["reference_max_abs_value"])
+    from .teacher_targets import is_constant
+
+    if is_constant(torch.from_numpy(np.ascontiguousarray(ref))):  # the same output for every input: proves nothing
+        res.update(passed=None, constant_outputs=True)
     return res
 
 
@@ -287,7 +291,10 @@ def export_onnx(
                 px = _as_tensor(parity_inputs, kind)
                 parity = parity_vs_torch(w, proto, px, labels=parity_labels, kind=kind, reference=parity_reference)
                 parity["inputs"] = parity_source or "user-supplied"
-                if not parity["passed"]:
+                if parity.get("constant_outputs"):
+                    notes.append("parity not checked: the model's outputs do not depend on its input (the same for "
+                                 "every parity input): are its weights loaded?")
+                elif not parity["passed"]:
                     notes.append(f"parity above tolerance: max_abs={parity['max_abs']:.3g}")
             else:
                 notes.append("no parity inputs given: parity against PyTorch was not checked")

@@ -30,6 +30,7 @@ The loss, the kept-unit map and the feature hooks are in :mod:`sglp_edge.kd` (st
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,10 @@ class FinetuneConfig(LoopConfig):
     eval_before: bool = True  # measure the student's val metric before fine-tuning (fresh runs)
     test_samples: int | None = None  # score the selected weights on the first N held-out items; None: all
     train_last: int | None = None  # partial fine-tune: only the last N units and the head train (sglp_edge.partial)
+    # images: "labels" when the data's labels are the model's classes (same count, or an image folder with a
+    # class map); "teacher" (label-free: pure KD, alpha 1, metric = top-1 agreement with the teacher) otherwise
+    target: str = "auto"
+    alpha_given: bool = False  # the user set alpha explicitly (a label-free run then refuses alpha < 1)
 
 
     def check(self) -> None:
@@ -158,25 +163,40 @@ class _KDBase(Task):
 
 
 class ImageKDTask(_KDBase):
+    """KD on logits; label-free (``cfg.target == "teacher"``): the labels are ignored, the loss is
+    pure KD and the metric is ``agreement``, top-1 agreement with the teacher."""
+
+    @property
+    def label_free(self) -> bool:
+        return self.cfg.target == "teacher"
+
     def train_loss(self, model, batch):
         x, y = batch
         with torch.no_grad():
             t = self.teacher(x)
         s = model(x)
-        loss = kd_loss(s, t, y, self.cfg.temperature, self.cfg.alpha)
+        loss = kd_loss(s, t, None if self.label_free else y, self.cfg.temperature, self.cfg.alpha)
         shown = {"kd": float(loss.detach())}
         loss = self.with_feature_loss(loss, shown)
-        shown["acc"] = float((s.argmax(1) == y).float().mean())
+        ref = t.argmax(1) if self.label_free else y
+        shown["agree" if self.label_free else "acc"] = float((s.argmax(1) == ref).float().mean())
         return loss, shown
 
     def eval_sums(self, model, batch):
         x, y = batch
         logits = model(x)
+        if self.label_free:
+            t = self.teacher(x)
+            kl = F.kl_div(F.log_softmax(logits.float(), 1), F.log_softmax(t.float(), 1), log_target=True, reduction="sum")
+            return {"n": float(len(y)), "agree": float((logits.argmax(1) == t.argmax(1)).sum()), "kl_sum": float(kl)}
         return {"n": float(len(y)), "correct": float((logits.argmax(1) == y).sum()),
                 "loss_sum": float(F.cross_entropy(logits, y, reduction="sum"))}
 
     def finalize(self, sums):
         n = max(sums.get("n", 0.0), 1.0)
+        if self.label_free:
+            agree = sums.get("agree", 0.0) / n
+            return {"agreement": agree, "kl": sums.get("kl_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": agree}
         acc = sums.get("correct", 0.0) / n
         return {"acc": acc, "loss": sums.get("loss_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": acc}
 
@@ -272,7 +292,7 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
 
         task = EncoderKDTask(teacher, adapter, cfg)
     if modality == "image":
-        _check_outputs(student, teacher, data, info)
+        _image_target(cfg, _check_outputs(student, teacher, data, info), data)
     state_path = Path(cfg.state_path) if cfg.state_path else None
     val_before = None
     if cfg.eval_before and val_set is not None and not (state_path and state_path.is_file()):
@@ -314,5 +334,29 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, data: Any, info: Dist
     if so.shape != to.shape:
         raise UserError(f"student outputs {tuple(so.shape)} but teacher outputs {tuple(to.shape)}: "
                         "is --teacher the model this one was pruned from?")
-    if so.shape[-1] != data.num_classes:
-        raise UserError(f"the model has {so.shape[-1]} outputs but {data.name} has {data.num_classes} classes")
+    from .teacher_targets import check_not_degenerate
+
+    if len(data.val) > 1:  # a teacher whose outputs ignore the input has nothing to teach
+        xs = torch.stack([data.val[i][0] for i in range(min(len(data.val), 16))]).to(info.device)
+        check_not_degenerate(teacher(xs))
+    return int(so.shape[-1])
+
+
+def _image_target(cfg: FinetuneConfig, n_outputs: int, data: Any) -> None:
+    """Labels when they are the model's classes, else label-free pure KD (one line says so)."""
+    from .teacher_targets import choose_target
+
+    meta = getattr(data, "meta", {}) or {}
+    target, why = choose_target(n_outputs, data.num_classes, class_mapped="class_map" in meta,
+                                named_classes=not str(data.name).startswith("imagefolder"))
+    if cfg.target == "labels" or (cfg.target == "auto" and target == "labels"):
+        if n_outputs != data.num_classes and not ("class_map" in meta and data.num_classes <= n_outputs):
+            raise UserError(f"the model has {n_outputs} outputs but {data.name} has {data.num_classes} classes")
+        cfg.target = "labels"
+        return
+    if cfg.alpha < 1 and cfg.alpha_given:
+        raise UserError(f"{why}: the labels cannot be used, so KD is pure distillation; drop --alpha {cfg.alpha} "
+                        "(or give --alpha 1), or map the folders to the model's classes with --class-map FILE.json")
+    cfg.target, cfg.alpha = "teacher", 1.0
+    print(f"label-free: {why}, so the fine-tune distils the original model's outputs alone (alpha 1) and "
+          "reports top-1 agreement with it; give --class-map FILE.json to use the labels", file=sys.stderr)

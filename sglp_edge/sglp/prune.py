@@ -67,6 +67,11 @@ class PruneConfig:
     # measured latency of each removable unit on the target (sglp_edge.budget): removals are then
     # split over segments in proportion to the latency their removable units cost
     unit_costs: dict[str, float] | None = None
+    # what candidates are scored against: "labels" (the data's), "teacher" (image data whose labels are not
+    # the model's classes: the unpruned model's soft outputs, sglp_edge.teacher_targets), "next-token" (LMs)
+    # or "teacher-embeddings" (encoders); recorded in plan.json
+    target: str = "labels"
+    allow_degenerate: bool = False  # go on when every candidate scores the same (outputs independent of input)
 
 
 @dataclass
@@ -302,6 +307,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
                 break
             n_remove += 1  # re-select with one more removal; cached candidates cost nothing
         timings["gradnorm_s"] = time.perf_counter() - t
+        _check_scores_differ(selections, cfg, notes)
         evaluations = scorer.evaluations
         plan_kw["selections"] = [asdict(s) for s in selections]
         if removal_search is not None:
@@ -337,6 +343,20 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         params_after=params_after, macs_before=macs_before, macs_after=macs_after, evaluations=evaluations,
         wall_s=time.perf_counter() - t0, config=asdict(cfg), notes=notes, timings=timings, **plan_kw,
     )
+
+
+def _check_scores_differ(selections: Sequence[SegmentSelection], cfg: PruneConfig, notes: list[str]) -> None:
+    """Every candidate scoring the same means the choice is a silent tie-break: stop (one line)
+    unless ``allow_degenerate``."""
+    from ..teacher_targets import DEGENERATE, scores_all_equal
+
+    scores = [v for s in selections for v in s.scores.values()]
+    if not scores_all_equal(scores):
+        return
+    line = f"all {len(scores)} candidate scores are equal ({scores[0]:.6g}): " + DEGENERATE
+    if not cfg.allow_degenerate:
+        raise UserError(line)
+    notes.append("warning: " + line.split(" (--allow")[0] + "; the removals are a tie-break")
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
