@@ -40,6 +40,8 @@ class PruneJob:
     units: Optional[str] = None
     weights: Optional[Path] = None
     num_classes: Optional[int] = None
+    class_map: Optional[Path] = None  # image folders: folder name -> model class (labels used); else label-free
+    allow_degenerate: bool = False  # go on when the model's outputs do not depend on its input
     seed: int = 0
     threads: int = 0
     force: bool = False
@@ -88,6 +90,8 @@ class PruneJob:
                 raise UserError(f"{name} must be {'>= 0' if zero_ok else '>= 1'} (got {value})")
         if self.weights is not None and not Path(self.weights).is_file():
             raise UserError(f"weights file {self.weights} does not exist")
+        if self.class_map is not None and not Path(self.class_map).is_file():
+            raise UserError(f"class map {self.class_map} does not exist; give a JSON file of folder name -> class index")
 
 
     def _validate_auto(self) -> None:
@@ -113,7 +117,8 @@ class PruneResult:
 
 
 def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: int, seq_len: int, seed: int,
-                        data_root: Optional[Path] = None, offset: int = 0, info: Optional[dict] = None) -> list[Any]:
+                        data_root: Optional[Path] = None, offset: int = 0, info: Optional[dict] = None,
+                        class_map: Optional[Path] = None) -> list[Any]:
     """Fixed calibration batches drawn from the training split of ``data`` (never the test split).
     Images: list of (x, y); token models: list of input_ids tensors of shape (batch, seq_len)."""
     from . import data as D
@@ -137,9 +142,10 @@ def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: i
                                   max_tokens=max(4 * need, 200_000))
         return text.calibration_batches(n_batches, batch_size or 8, seed=seed + offset)
     bundle = D.get_dataset(data, root=data_root, seed=seed, resize=fixed_input_size(loaded.model),
-                           channels=input_channels(loaded.model))
+                           channels=input_channels(loaded.model), class_map=class_map)
     if info is not None:
-        info["num_classes"] = bundle.num_classes
+        info.update(num_classes=bundle.num_classes, class_mapped="class_map" in bundle.meta,
+                    named_classes=not bundle.name.startswith("imagefolder"))
     return bundle.calibration_batches(n_batches, batch_size or 128, seed=seed + offset)
 
 
@@ -157,9 +163,15 @@ def input_channels(model: Any) -> int:
 
 
 def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] = None,
-              batch_size: Optional[int] = None) -> None:
+              batch_size: Optional[int] = None, label_info: Optional[dict] = None) -> tuple[str, str]:
     """Cheap checks on two samples before the heavy work: the data's shape against the model,
-    the labels against the model's outputs, and that declared units keep their input's shape."""
+    the labels against the model's outputs, and that declared units keep their input's shape.
+    With ``label_info`` (``class_mapped``, ``named_classes``: see :func:`teacher_targets.choose_target`)
+    data whose labels are not the model's classes is let through: returns ``(target, why)``,
+    target "teacher" when the model's own outputs are to be the calibration target."""
+    from .teacher_targets import choose_target
+
+    target, why = "labels", ""
     adapter, model = loaded.adapter, loaded.model
     small = _head(batch, 2)
     x = small[0] if isinstance(small, (tuple, list)) else small
@@ -172,8 +184,13 @@ def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] 
                         f"({type(e).__name__}: {msg}); use data of the model's input size") from None
     if adapter.modality == "image" and isinstance(out, torch.Tensor) and out.dim() == 2:
         n_out = int(out.shape[-1])
+        if label_info is not None:
+            target, why = choose_target(n_out, num_classes, class_mapped=bool(label_info.get("class_mapped")),
+                                        named_classes=bool(label_info.get("named_classes")))
         labels = small[1] if isinstance(small, (tuple, list)) and len(small) > 1 else None
-        if (num_classes and num_classes > n_out) or (labels is not None and int(labels.max()) >= n_out):
+        if target == "teacher":
+            pass
+        elif (num_classes and num_classes > n_out) or (labels is not None and int(labels.max()) >= n_out):
             raise UserError(f"--data {data} has {num_classes or int(labels.max()) + 1} classes but the model has {n_out} "
                             f"outputs: labels >= {n_out} would score 0 % top-1; give a model with --num-classes "
                             f"{num_classes or int(labels.max()) + 1} or matching data")
@@ -181,6 +198,7 @@ def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] 
         adapter.check_shapes(model, small)
     if batch_size:
         check_memory(loaded, small, batch_size)
+    return target, why
 
 
 def _mem_available() -> Optional[int]:
@@ -234,14 +252,21 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
     model, adapter = loaded.model, loaded.adapter
     info: dict[str, Any] = {}
     cka_b = calibration_batches(loaded, job.data, n_batches=job.calib_batches, batch_size=job.batch_size,
-                                seq_len=job.seq_len, seed=job.seed, data_root=job.data_root, info=info)
-    check_fit(loaded, cka_b[0], data=job.data, num_classes=info.get("num_classes"), batch_size=_batch_len(cka_b[0]))
+                                seq_len=job.seq_len, seed=job.seed, data_root=job.data_root, info=info,
+                                class_map=job.class_map)
+    target, why = check_fit(loaded, cka_b[0], data=job.data, num_classes=info.get("num_classes"),
+                            batch_size=_batch_len(cka_b[0]), label_info=info)
     grad_b = cka_b[: job.grad_batches] if job.grad_batches <= len(cka_b) else calibration_batches(
         loaded, job.data, n_batches=job.grad_batches, batch_size=job.batch_size, seq_len=job.seq_len,
-        seed=job.seed, data_root=job.data_root, offset=1)
+        seed=job.seed, data_root=job.data_root, offset=1, class_map=job.class_map)
+    from .teacher_targets import calibration_targets
+
+    cka_b, grad_b = calibration_targets(loaded, cka_b, grad_b, target=target, why=why,
+                                        allow_degenerate=job.allow_degenerate, log=job.log or print)
     opts = dict(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
                 exhaustive_budget=job.exhaustive_budget, beam_width=job.beam_width,
-                eval_budget=job.eval_budget or None, k_budget=job.k_budget, allocation=job.allocation, heal=job.heal, seed=job.seed)
+                eval_budget=job.eval_budget or None, k_budget=job.k_budget, allocation=job.allocation, heal=job.heal, seed=job.seed,
+                target=_target_name(loaded.adapter, target), allow_degenerate=job.allow_degenerate)
     search = None
     if job.keep == "auto":
         if adapter.modality != "image":
@@ -316,6 +341,11 @@ def _finish(job: PruneJob, loaded: Any, cka_b: list, grad_b: list, opts: dict, s
         if plan.cka is not None:
             (tmp / "cka_heatmap.png").write_bytes(cka_heatmap_png(plan_d))
     return PruneResult(plan, pruned, loaded, job.out)
+
+
+def _target_name(adapter: Any, target: str) -> str:
+    """What candidates are scored against (plan.json config "target")."""
+    return {"tokens": "next-token", "sentences": "teacher-embeddings"}.get(adapter.modality, target)
 
 
 def _first(b: Any) -> torch.Tensor:

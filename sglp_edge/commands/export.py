@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def export(
         model: str = typer.Argument(..., help="checkpoint folder, 'default'/'resnet56', cifar_resnet20..110, "
-                                               "torchvision:<arch>, a Hugging Face folder or .gguf"),
+                                               "torchvision:<arch>, your own file.py:fn or model.pt2, "
+                                               "a Hugging Face folder or .gguf"),
         out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write (one file, below 2 GB)"),
         opset: Optional[int] = typer.Option(None, help="ONNX opset (default 18: TensorRT 10.x, OpenVINO, ORT)"),
         simplify: str = typer.Option("onnxslim", help="onnxslim | onnxsim | none (skipped with a note on failure)"),
@@ -57,6 +58,8 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(32, help="example sequence length for token models"),
         weights: Optional[Path] = typer.Option(None, help="state dict (.pt/.safetensors) for an architecture name"),
         num_classes: Optional[int] = typer.Option(None, help="classes of an architecture given by name"),
+        units: Optional[str] = typer.Option(None, "--units", help="layer units by module path globs, as given to prune "
+                                            "(not needed to export: accepted so the prune command line carries over)"),
         past: bool = typer.Option(True, "--past/--no-past", help="decoder LMs: one graph for prefill and decode with "
                                   "a KV cache (text-generation-with-past; --out names a folder). --no-past: logits only"),
         openvino: bool = typer.Option(False, "--openvino", help="decoder LMs: also write FOLDER/openvino, a stateful "
@@ -97,7 +100,7 @@ def register(app: typer.Typer) -> None:
             from sglp_edge.models.registry import load_model
         except ImportError as e:  # pragma: no cover - registry lands with the model loaders
             raise UserError(f"model loading is unavailable ({e}); reinstall sglp-edge") from None
-        loaded = load_model(model, weights=weights, num_classes=num_classes)
+        loaded = load_model(model, weights=weights, num_classes=num_classes, units=units, need_adapter=False)
         net = loaded.model.eval()
         if getattr(loaded.adapter, "modality", "image") == "sentences":  # encoders: input_ids + attention_mask
             from sglp_edge.export_encoder import export_loaded_encoder
@@ -146,6 +149,8 @@ def register(app: typer.Typer) -> None:
                 shape = _parse_shape(input_shape)
             elif hasattr(net, "in_channels") and type(net).__name__ in ("CifarResNet", "SmallMobileNetV2"):
                 shape = (int(net.in_channels), 32, 32)
+            elif isinstance(getattr(net, "image_size", None), int):  # a model that names its input size
+                shape = (int(getattr(net, "in_channels", 3)), net.image_size, net.image_size)
             else:
                 shape = (3, 224, 224)
             example = torch.randn(2, *shape, generator=gen)
@@ -180,6 +185,7 @@ def register(app: typer.Typer) -> None:
         if p:
             top1 = f" top1_agree={p['top1_agree']:.4f}" if "top1_agree" in p else ""
             typer.echo(f"parity vs PyTorch on {p['samples']} samples [{source}]: max_abs={p['max_abs']:.3g} "
-                       f"max_rel={p['max_rel']:.3g}{top1} passed={p['passed']}")
+                       f"max_rel={p['max_rel']:.3g}{top1} passed="
+                       f"{'n/a (outputs constant)' if p.get('constant_outputs') else p['passed']}")
         for w in res.warnings:
             console.print(f"[yellow]note:[/] {w}")

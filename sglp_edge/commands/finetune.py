@@ -44,13 +44,33 @@ def feature_map_for(pruned: Any, teacher: Any) -> dict[str, str]:
     return kept_unit_map(teacher.model, teacher.adapter, rounds)
 
 
+def _student_units(student: Any, teacher: str) -> Optional[str]:
+    """The layer units a pruned checkpoint was declared with (``--units`` at prune time), for a
+    --teacher given as file.py:fn / .pt2 / an architecture name without its own --units."""
+    from pathlib import Path as _P
+
+    spec = (student.meta or {}).get("spec") or {}
+    if spec.get("family") != "generic" or _P(teacher).is_dir():
+        return None
+    return spec.get("units")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("finetune")
     @user_errors
     def finetune_cmd(
         pruned: str = typer.Argument(..., help="the pruned model (checkpoint folder, or a `sglp-edge prune` output folder)"),
-        teacher: str = typer.Option(..., "--teacher", help="the original model it was pruned from (folder, 'default', ...)"),
-        data: str = typer.Option("fashion-mnist", "--data", help="fashion-mnist | mnist5k | cifar10 | cifar100 | imagefolder:PATH | text"),
+        teacher: str = typer.Option(..., "--teacher", help="the original model it was pruned from (folder, 'default', "
+                                    "torchvision:<arch>, file.py:fn, model.pt2, ...)"),
+        units: Optional[str] = typer.Option(None, "--units", help="--teacher's layer units by module path globs, as given "
+                                            "to prune (default: read from the pruned checkpoint)"),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="state dict for a --teacher given by architecture name"),
+        num_classes: Optional[int] = typer.Option(None, "--num-classes", help="classes of a --teacher given by architecture name"),
+        data: str = typer.Option("fashion-mnist", "--data", help="fashion-mnist | mnist5k | cifar10 | cifar100 | imagefolder:PATH | "
+                                 "text. An image folder whose class count differs from the model's outputs (and no "
+                                 "--class-map) is used without labels: pure KD from --teacher, scored by top-1 agreement"),
+        class_map: Optional[Path] = typer.Option(None, "--class-map", help="JSON {folder name: class index}: use an image "
+                                                 "folder's labels as the model's classes"),
         out: Path = typer.Option(..., "--out", help="folder to write the fine-tuned model to"),
         epochs: Optional[float] = typer.Option(None, "--epochs", help="budget in epochs (fractions allowed)"),
         steps: Optional[int] = typer.Option(None, "--steps", help="budget in optimiser steps"),
@@ -62,7 +82,8 @@ def register(app: typer.Typer) -> None:
         weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="default 5e-4 for images, 0 for LMs"),
         warmup: float = typer.Option(0.05, "--warmup", help="fraction of the budget spent warming up (then cosine)"),
         temperature: float = typer.Option(4.0, "--temperature", "-T", help="KD temperature"),
-        alpha: float = typer.Option(0.9, "--alpha", help="weight of the KD term (1-alpha on cross-entropy)"),
+        alpha: Optional[float] = typer.Option(None, "--alpha", help="weight of the KD term (1-alpha on cross-entropy); "
+                                              "default 0.9 with labels, 1 (pure KD) label-free"),
         feature_weight: float = typer.Option(0.0, "--feature-weight", help="weight of feature KD (MSE on kept units); 0 = off"),
         train_last: Optional[int] = typer.Option(None, "--train-last", help="partial fine-tune (Lu et al. 2024): train only "
                                                  "the last N units and the head (LM head + final norm), freeze the rest"),
@@ -109,7 +130,8 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         is_main = int(os.environ.get("RANK", "0")) == 0
         student = load_model(resolve_model_dir(pruned))
-        orig = load_model(resolve_model_dir(teacher))
+        orig = load_model(resolve_model_dir(teacher), units=units or _student_units(student, teacher),
+                          weights=weights, num_classes=num_classes)
         if student.adapter.family != orig.adapter.family:
             raise UserError(f"{pruned} is a {student.adapter.family} model but --teacher {teacher} is {orig.adapter.family}")
         lm = student.adapter.modality == "tokens"
@@ -124,7 +146,7 @@ def register(app: typer.Typer) -> None:
             from sglp_edge.pruning_job import fixed_input_size, input_channels
 
             bundle = get_dataset(data, data_root, seed=seed, resize=fixed_input_size(student.model),
-                                 channels=input_channels(student.model))
+                                 channels=input_channels(student.model), class_map=class_map)
         fmap = feature_map_for(student, orig) if feature_weight > 0 else None
         if lm:  # the causal-LM task's defaults, the ones `sglp-edge run` and benchmarks/recovery.py use
             from sglp_edge.tasks.causal_lm import CausalLM
@@ -136,7 +158,8 @@ def register(app: typer.Typer) -> None:
             epochs=epochs, steps=steps, minutes=minutes, batch_size=batch_size or dflt["batch_size"],
             lr=lr if lr is not None else dflt["lr"], optimizer=optimizer or dflt["optimizer"],
             weight_decay=weight_decay if weight_decay is not None else dflt["weight_decay"], warmup=warmup,
-            temperature=temperature, alpha=alpha, feature_weight=feature_weight, feature_map=fmap, seed=seed,
+            temperature=temperature, alpha=0.9 if alpha is None else alpha, alpha_given=alpha is not None,
+            feature_weight=feature_weight, feature_map=fmap, seed=seed,
             train_last=train_last,
             threads=threads, val_samples=val_samples, test_samples=test_samples, state_path=str(state or out.with_name(out.name + ".state.pt")),
             progress=not no_progress)
@@ -156,7 +179,8 @@ def register(app: typer.Typer) -> None:
             return
         summary = {"finetuned_from": str(pruned), "teacher": str(teacher), "data": bundle.describe(),
                    **res.summary(), "reproduce": reproduce_command("finetune", [pruned], {
-                       "--teacher": teacher, "--data": data, "--data-root": data_root, "--epochs": epochs,
+                       "--teacher": teacher, "--units": units, "--weights": weights, "--num-classes": num_classes,
+                       "--data": data, "--class-map": class_map, "--data-root": data_root, "--epochs": epochs,
                        "--steps": steps, "--minutes": minutes, "--batch-size": cfg.batch_size, "--lr": cfg.lr,
                        "--optimizer": cfg.optimizer, "--weight-decay": cfg.weight_decay, "--warmup": warmup,
                        "--temperature": temperature, "--alpha": alpha, "--feature-weight": feature_weight or None,
@@ -183,7 +207,7 @@ def register(app: typer.Typer) -> None:
                 inner.rmdir()
                 (tmp / "finetune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         Path(cfg.state_path).unlink(missing_ok=True)
-        key = "ppl" if lm else "acc"
+        key = "ppl" if lm else ("agreement" if cfg.target == "teacher" else "acc")
         fmt = (lambda v: f"{v:.3f}") if lm else (lambda v: f"{v:.2%}")
         before = f"{fmt(res.val_before[key])} -> " if res.val_before else ""
         test = fmt(res.test[key]) if res.test else "n/a"

@@ -17,10 +17,19 @@ def register(app: typer.Typer) -> None:
     def prune(
         model: str = typer.Argument(..., help="'default' (shipped ResNet-56), 'mobilenetv2' (shipped small MobileNetV2), "
                                               "a checkpoint folder, an HF folder / .gguf / 'smollm2', "
-                                              "cifar_resnet20..110 or torchvision:<arch>"),
+                                              "cifar_resnet20..110, torchvision:<arch>, your own builder "
+                                              "file.py:fn or a torch.export program model.pt2 (with --units)"),
         out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
         data: str = typer.Option("fashion-mnist", "--data", help="calibration data: fashion-mnist, mnist5k, cifar10, "
-                                                                "cifar100, imagefolder:<dir>, text"),
+                                 "cifar100, imagefolder:<dir>, text. imagefolder:DIR: one sub-folder of images per "
+                                 "class (or DIR/train + DIR/val); resized and center-cropped to the model's input "
+                                 "size (model.image_size, else 224), ImageNet mean/std. Its labels are used only when "
+                                 "its class count equals the model's outputs or --class-map is given; otherwise "
+                                 "candidates are scored label-free, against the model's own outputs"),
+        class_map: Optional[Path] = typer.Option(None, "--class-map", help="JSON {folder name: class index} mapping "
+                                                 "imagefolder classes to the model's outputs: score with those labels"),
+        allow_degenerate: bool = typer.Option(False, "--allow-degenerate", help="go on when the model's outputs do not "
+                                              "depend on its input (weights not loaded?)"),
         data_root: Optional[Path] = typer.Option(None, "--data-root", help="folder of a local CIFAR copy"),
         keep: Optional[str] = typer.Option(None, "--keep", help="number of layer units to keep, or 'auto': the fewest "
                                            "removals meeting --device's latency budget"),
@@ -73,7 +82,8 @@ def register(app: typer.Typer) -> None:
         job = PruneJob(model=model, out=out, data=data, data_root=data_root, keep=keep, target_macs=target_macs,
                        method=method, k=k, protocol=protocol, calib_batches=calib_batches, grad_batches=grad_batches,
                        batch_size=batch_size, seq_len=seq_len, exhaustive_budget=exhaustive_budget,
-                       beam_width=beam_width, eval_budget=eval_budget, k_budget=k_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, seed=seed,
+                       beam_width=beam_width, eval_budget=eval_budget, k_budget=k_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, class_map=class_map,
+                       allow_degenerate=allow_degenerate, seed=seed,
                        threads=threads, force=force, device=device, latency_budget_ms=latency_budget,
                        latency_margin=latency_margin, latency_rounds=latency_rounds,
                        log=lambda m: typer.echo(m, err=True))
@@ -85,7 +95,8 @@ def register(app: typer.Typer) -> None:
             f"pruned {p.family}: units {p.n_units_before} -> {p.n_units_after}, params {p.params_before:,} -> "
             f"{p.params_after:,} (-{100 * p.params_reduction:.1f}%), MACs {p.macs_before:,} -> {p.macs_after:,} "
             f"(-{100 * p.macs_reduction:.1f}%), {p.evaluations} candidate evaluations"
-            + (f" ({p.config.get('protocol')} score)" if p.method == "sglp" else "") + f", {p.wall_s:.1f} s -> {out}"
+            + (f" ({p.config.get('protocol')} score{', label-free' if p.config.get('target') == 'teacher' else ''})"
+               if p.method == "sglp" else "") + f", {p.wall_s:.1f} s -> {out}"
         )
         if p.search and p.search.get("chosen"):
             c = p.search["chosen"]
