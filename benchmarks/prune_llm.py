@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"params {plan.params_before:,} -> {plan.params_after:,}; MACs/token-seq {plan.macs_before:,} -> {plan.macs_after:,}")
 
     # reload with plain transformers (no sglp-edge code) and generate with the KV cache
-    reloaded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32, local_files_only=True).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32, local_files_only=True,
+                                                    trust_remote_code=False).eval()
     n_after = reloaded.config.num_hidden_layers
     reload_ok = n_after == args.keep and len(reloaded.model.layers) == args.keep
     tok = loaded.tokenizer

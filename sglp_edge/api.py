@@ -30,12 +30,15 @@ __all__ = ["analyze", "apply", "save", "load", "load_model"]
 
 
 def load_model(source: str, *, weights: str | Path | None = None, num_classes: int | None = None,
-               units: str | None = None) -> nn.Module:
+               units: str | None = None, trust_builder: bool = False, trust_remote_code: bool = False) -> nn.Module:
     """A model by the names the CLI takes (``file.py:fn``, ``model.pt2``, ``torchvision:resnet18``,
-    a checkpoint folder, ``default``...), as an ``nn.Module`` that remembers how to rebuild itself."""
+    a checkpoint folder, ``default``...), as an ``nn.Module`` that remembers how to rebuild itself.
+    ``trust_builder``: run a checkpoint's builder file whose sha256 no longer matches;
+    ``trust_remote_code``: run a Hugging Face folder's own code (``auto_map``)."""
     from .models.registry import load_model as _load
 
-    return _load(source, weights=weights, num_classes=num_classes, units=units, need_adapter=False).model
+    return _load(source, weights=weights, num_classes=num_classes, units=units, need_adapter=False,
+                 trust_builder=trust_builder, trust_remote_code=trust_remote_code).model
 
 
 def _adapter(model: nn.Module, units: str | Sequence[str] | None) -> ModelAdapter:
@@ -129,11 +132,12 @@ def save(pruned: nn.Module, folder: str | Path, *, builder: Optional[str] = None
                            extra={"method": info.get("method"), **(extra or {})})
 
 
-def load(folder: str | Path) -> nn.Module:
-    """A model saved by :func:`save` (or ``sglp-edge prune``), rebuilt and with its weights."""
+def load(folder: str | Path, *, trust_builder: bool = False) -> nn.Module:
+    """A model saved by :func:`save` (or ``sglp-edge prune``), rebuilt and with its weights. Its
+    builder file runs only when its sha256 matches the saved one, or with ``trust_builder``."""
     from .models.registry import load_model as _load
 
-    loaded = _load(str(folder))
+    loaded = _load(str(folder), trust_builder=trust_builder)
     m = loaded.model
     spec = (loaded.meta or {}).get("spec")
     if spec is not None:

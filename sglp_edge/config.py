@@ -112,6 +112,8 @@ class RunConfig(_Strict):
     data: str = "fashion-mnist"
     data_root: Optional[str] = None
     units: Optional[str] = None  # layer units by module path globs, for models sglp-edge does not know
+    trust_builder: bool = False  # run a checkpoint's builder file whose sha256 no longer matches (--trust-builder)
+    trust_remote_code: bool = False  # run a Hugging Face folder's own code, auto_map (--trust-remote-code)
     seed: int = 0
     threads: int = 0
     prune: PruneSection

@@ -155,7 +155,7 @@ def parity_prompts(src: Path, vocab: int) -> list[list[int]]:
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(src))
+        tok = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
         ids = [list(tok(p, add_special_tokens=False).input_ids) for p in PARITY_PROMPTS]
         if all(len(set(i)) >= 4 and max(i) < vocab for i in ids):
             return ids
@@ -178,7 +178,7 @@ def genai_parity(folder: Path, src: Path, precision: str, *, n_new: int = 16,
     cfg = json.loads((folder / GENAI_CONFIG).read_text())
     eos = cfg.get("model", {}).get("eos_token_id")
     eos = [int(e) for e in (eos if isinstance(eos, list) else [eos])] if eos is not None else None
-    ref_model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    ref_model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, trust_remote_code=False).eval()
     vocab = int(ref_model.config.vocab_size)
     prompts = [list(p) for p in prompts] if prompts is not None else parity_prompts(src, vocab)
     model = open_model(og, folder, threads=threads)

@@ -102,7 +102,8 @@ class Pipeline(BoardStages):
         if self._loaded is None:
             from .models.registry import load_model
 
-            self._loaded = load_model(self.cfg.model, units=self.cfg.units)
+            self._loaded = load_model(self.cfg.model, units=self.cfg.units, trust_builder=self.cfg.trust_builder,
+                                      trust_remote_code=self.cfg.trust_remote_code)
         return self._loaded
 
     @property
@@ -156,7 +157,7 @@ class Pipeline(BoardStages):
         prune_hash = self.runner.file_hash("prune", "model/model.safetensors")
 
         def fn(tmp: Path) -> dict[str, Any]:
-            student = load_model(str(self.run_dir / "prune" / "model"))
+            student = load_model(str(self.run_dir / "prune" / "model"), trust_builder=self.cfg.trust_builder)
             teacher = self.loaded
             work = self.run_dir / ".work" / "finetune"
             work.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,8 @@ class Pipeline(BoardStages):
             x = torch.stack([test[i][0] for i in idx])
             y = torch.tensor([int(test[i][1]) for i in idx])
             out = {}
-            for which, model in (("original", self.loaded.model), ("pruned", load_checkpoint(self.final_model_dir()).model)):
+            pruned = load_checkpoint(self.final_model_dir(), trust_builder=self.cfg.trust_builder).model
+            for which, model in (("original", self.loaded.model), ("pruned", pruned)):
                 model.eval()
                 with torch.no_grad():
                     logits = torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)])
@@ -247,7 +249,8 @@ class Pipeline(BoardStages):
                 px = torch.from_numpy(z["x"][:256])
                 py = z["y"][:256]
             res = {}
-            for which, model in (("original", self.loaded.model), ("pruned", load_checkpoint(self.final_model_dir()).model)):
+            pruned = load_checkpoint(self.final_model_dir(), trust_builder=self.cfg.trust_builder).model
+            for which, model in (("original", self.loaded.model), ("pruned", pruned)):
                 r = export_onnx(model, px[:1], tmp / f"{which}.onnx", kind="image", opset=e.opset, simplify=e.simplify,
                                 parity_inputs=px, parity_labels=py, parity_source="held-out test images",
                                 progress=False)

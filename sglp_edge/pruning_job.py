@@ -45,6 +45,8 @@ class PruneJob:
     seed: int = 0
     threads: int = 0
     force: bool = False
+    trust_builder: bool = False  # run a checkpoint's builder file whose sha256 no longer matches
+    trust_remote_code: bool = False  # run a Hugging Face folder's own code (auto_map)
     # keep: "auto" (sglp_edge.budget): the device whose p90 budget is met, the budget (default: the
     # profile's latency_p90_ms limit), the reserve kept below it for the prediction, measured rounds
     device: Optional[str] = None
@@ -248,7 +250,8 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
     if loaded is None:
-        loaded = load_model(job.model, weights=job.weights, num_classes=job.num_classes, units=job.units)
+        loaded = load_model(job.model, weights=job.weights, num_classes=job.num_classes, units=job.units,
+                            trust_builder=job.trust_builder, trust_remote_code=job.trust_remote_code)
     model, adapter = loaded.model, loaded.adapter
     info: dict[str, Any] = {}
     cka_b = calibration_batches(loaded, job.data, n_batches=job.calib_batches, batch_size=job.batch_size,

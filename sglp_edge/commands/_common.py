@@ -173,3 +173,19 @@ def check_bench_data(artifact: Path, data: Path) -> None:
         if len(d.y) and int(d.y.max()) >= n:
             raise UserError(f"--data {data} has labels up to {int(d.y.max())} but {artifact.name} has {n} outputs: "
                             "those samples would score 0 % top-1; use labels of this model's classes")
+
+
+#: what a model file the user was sent may run: nothing, unless one of these flags says so
+TRUST_BUILDER_HELP = ("run the builder file a checkpoint folder names (file.py:fn or .pt2) even though its sha256 "
+                      "is not the one saved with the checkpoint; without it such a checkpoint is refused and "
+                      "nothing runs")
+TRUST_REMOTE_CODE_HELP = ("run the Python code a Hugging Face folder ships (auto_map in config.json); without it "
+                          "such a folder is refused in one line, never prompted")
+
+
+def trust_builder_option() -> Any:
+    return typer.Option(False, "--trust-builder", help=TRUST_BUILDER_HELP)
+
+
+def trust_remote_code_option() -> Any:
+    return typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)

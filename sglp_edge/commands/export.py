@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import guard_out_file, user_errors
+from ._common import guard_out_file, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -70,6 +70,8 @@ def register(app: typer.Typer) -> None:
                                    "against transformers"),
         genai_precision: str = typer.Option("fp32", help="--genai weights: fp32 | int8 | int4 (MatMulNBits)"),
         force: bool = typer.Option(False, "--force", help="replace an existing --out file"),
+        trust_builder: bool = trust_builder_option(),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Export a model to ONNX (dynamo exporter, legacy fallback), simplify it, and check parity
         against PyTorch with ONNX Runtime; the figures go into the file's metadata."""
@@ -100,7 +102,8 @@ def register(app: typer.Typer) -> None:
             from sglp_edge.models.registry import load_model
         except ImportError as e:  # pragma: no cover - registry lands with the model loaders
             raise UserError(f"model loading is unavailable ({e}); reinstall sglp-edge") from None
-        loaded = load_model(model, weights=weights, num_classes=num_classes, units=units, need_adapter=False)
+        loaded = load_model(model, weights=weights, num_classes=num_classes, units=units, need_adapter=False,
+                            trust_builder=trust_builder, trust_remote_code=trust_remote_code)
         net = loaded.model.eval()
         if getattr(loaded.adapter, "modality", "image") == "sentences":  # encoders: input_ids + attention_mask
             from sglp_edge.export_encoder import export_loaded_encoder

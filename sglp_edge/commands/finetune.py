@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import guard_out_dir, positive, user_errors
+from ._common import guard_out_dir, positive, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def resolve_model_dir(src: str) -> str:
@@ -98,6 +98,8 @@ def register(app: typer.Typer) -> None:
         state: Optional[Path] = typer.Option(None, "--state", help="resume-state file (default OUT.state.pt)"),
         no_progress: bool = typer.Option(False, "--no-progress"),
         force: bool = typer.Option(False, "--force", help="replace an --out folder an earlier sglp-edge command wrote"),
+        trust_builder: bool = trust_builder_option(),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Fine-tune PRUNED with knowledge distillation from --teacher; resumable (re-run after a kill)."""
         import json
@@ -129,9 +131,10 @@ def register(app: typer.Typer) -> None:
         if threads:
             torch.set_num_threads(threads)
         is_main = int(os.environ.get("RANK", "0")) == 0
-        student = load_model(resolve_model_dir(pruned))
+        trust = {"trust_builder": trust_builder, "trust_remote_code": trust_remote_code}  # PRUNED and --teacher
+        student = load_model(resolve_model_dir(pruned), **trust)
         orig = load_model(resolve_model_dir(teacher), units=units or _student_units(student, teacher),
-                          weights=weights, num_classes=num_classes)
+                          weights=weights, num_classes=num_classes, **trust)
         if student.adapter.family != orig.adapter.family:
             raise UserError(f"{pruned} is a {student.adapter.family} model but --teacher {teacher} is {orig.adapter.family}")
         lm = student.adapter.modality == "tokens"

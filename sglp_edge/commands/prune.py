@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._common import guard_out_dir, user_errors
+from ._common import guard_out_dir, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -68,6 +68,8 @@ def register(app: typer.Typer) -> None:
                                              "for the latency model's prediction"),
         latency_rounds: int = typer.Option(3, "--latency-rounds", help="measured rounds before giving up"),
         device: str = typer.Option("local-cpu-ort", "--device", help="device profile whose latency budget --keep auto meets"),
+        trust_builder: bool = trust_builder_option(),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Prune whole layer units with SGLP (CKA -> Fisher segments -> GradNorm) or a baseline."""
         from ..pruning_job import PruneJob, run_prune_job
@@ -86,6 +88,7 @@ def register(app: typer.Typer) -> None:
                        allow_degenerate=allow_degenerate, seed=seed,
                        threads=threads, force=force, device=device, latency_budget_ms=latency_budget,
                        latency_margin=latency_margin, latency_rounds=latency_rounds,
+                       trust_builder=trust_builder, trust_remote_code=trust_remote_code,
                        log=lambda m: typer.echo(m, err=True))
         job.validate()
         guard_out_dir(out, force=force, inputs=(model, weights, data_root, data))

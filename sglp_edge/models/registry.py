@@ -139,7 +139,9 @@ def _as_rounds(removed: Any) -> list[list[str]]:
     return [list(r) for r in removed if r]
 
 
-def load_checkpoint(folder: str | Path) -> LoadedModel:
+def load_checkpoint(folder: str | Path, *, trust_builder: bool = False) -> LoadedModel:
+    """A vision checkpoint folder. A builder file it names (``file.py:fn`` / ``.pt2``) runs only when
+    its sha256 matches the recorded one, or with ``trust_builder`` (``--trust-builder``)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -151,7 +153,7 @@ def load_checkpoint(folder: str | Path) -> LoadedModel:
         raise UserError(f"{meta_path} is not valid JSON ({e}); re-save the checkpoint with sglp-edge") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r} (expected {CHECKPOINT_FORMAT})")
-    model, adapter = build_from_spec(meta["spec"], meta.get("family"))
+    model, adapter = build_from_spec(meta["spec"], meta.get("family"), trust_builder=trust_builder)
     rounds = _as_rounds(meta.get("removal_rounds", meta.get("removed_units", [])))
     for i, r in enumerate(rounds):
         if i and adapter.family == "generic":  # unit paths of a pruned model: glob again over it
@@ -200,17 +202,20 @@ def model_spec(adapter: ModelAdapter, model: nn.Module) -> dict[str, Any]:
     return adapter.spec(model)
 
 
-def build_from_spec(spec: dict[str, Any], family: str | None = None) -> tuple[nn.Module, ModelAdapter]:
-    """The unpruned model and its adapter from :func:`model_spec`'s output."""
+def build_from_spec(spec: dict[str, Any], family: str | None = None, *,
+                    trust_builder: bool = False) -> tuple[nn.Module, ModelAdapter]:
+    """The unpruned model and its adapter from :func:`model_spec`'s output (``trust_builder``: run a
+    builder file whose sha256 no longer matches)."""
     from .user_module import build_from_reference
 
     fam = family or spec.get("family")
     if fam == "generic":
         base = spec["base"]
-        model = build_from_reference(base) if "kind" in base else adapter_for_family(base["family"]).build(base)
+        model = (build_from_reference(base, trust=trust_builder) if "kind" in base
+                 else adapter_for_family(base["family"]).build(base))
         return model, _generic(model, spec["units"])
     if "builder" in spec:
-        return build_from_reference(spec["builder"]), adapter_for_family(fam)
+        return build_from_reference(spec["builder"], trust=trust_builder), adapter_for_family(fam)
     adapter = adapter_for_family(fam)
     return adapter.build(spec), adapter
 
@@ -253,7 +258,8 @@ def _builtin(name: str) -> Callable[..., nn.Module] | None:
 
 
 def load_model(source: str | Path, *, weights: str | Path | None = None, num_classes: int | None = None,
-               units: str | None = None, need_adapter: bool = True) -> LoadedModel:
+               units: str | None = None, need_adapter: bool = True, trust_builder: bool = False,
+               trust_remote_code: bool = False) -> LoadedModel:
     """Resolve a model named on the command line.
 
     * ``default`` / ``resnet56`` - the shipped ResNet-56 trained on Fashion-MNIST;
@@ -265,6 +271,10 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     * ``mobilenetv2_fmnist`` - the small MobileNetV2 architecture (random init unless ``weights``);
     * ``torchvision:<name>`` (e.g. ``torchvision:resnet18``) - a torchvision architecture (random
       init unless ``weights`` points at a state dict on disk; nothing is downloaded).
+
+    Nothing in a model file runs code unless asked: ``trust_builder`` runs a checkpoint's builder file
+    whose sha256 no longer matches; ``trust_remote_code`` lets a Hugging Face folder's own Python
+    (``auto_map``) run.
     """
     src = str(source)
     if weights is not None and not Path(weights).is_file():
@@ -289,13 +299,13 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     if is_encoder_source(src):
         from .hf_encoder import load_hf_encoder
 
-        return load_hf_encoder(src)
+        return load_hf_encoder(src, trust_remote_code=trust_remote_code)
     if src == "smollm2" or path.suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
         from .hf_llm import load_hf
 
-        return load_hf(src)
+        return load_hf(src, trust_remote_code=trust_remote_code)
     if path.is_dir() and (path / "sglp_model.json").is_file():
-        return load_checkpoint(path)
+        return load_checkpoint(path, trust_builder=trust_builder)
     from . import user_module
 
     if path.exists() and not (user_module.is_file_ref(src) or user_module.is_pt2(src)):

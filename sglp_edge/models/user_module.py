@@ -65,14 +65,32 @@ def _import_file(path: Path) -> Any:
     return module
 
 
-def build_from_reference(ref: dict[str, Any], *, check: bool = True) -> nn.Module:
-    """Rebuild the UNPRUNED model from a builder reference (see the module docstring)."""
+def check_builder_hash(path: Path, ref: dict[str, Any], *, trust: bool = False) -> str:
+    """The builder file's sha256. A checkpoint names the file that rebuilds it and the hash it was
+    saved with; a file that does not match (changed, or placed there by whoever sent the checkpoint)
+    is not run unless the user trusts it (``--trust-builder``)."""
+    actual = _sha256(path)
+    expected = ref.get("sha256")
+    if actual == expected:
+        return actual
+    if not trust:
+        raise UserError(f"the checkpoint is rebuilt from {path}, which does not match the sha256 it was saved with "
+                        f"(expected {expected or 'a recorded hash'}, found {actual}); it was not run. Restore the "
+                        "original file, or pass --trust-builder to run the current one")
+    print(f"warning: running {path} (sha256 {actual}, saved with {expected or 'none'}): --trust-builder",
+          file=sys.stderr)
+    return actual
+
+
+def build_from_reference(ref: dict[str, Any], *, check: bool = True, trust: bool = False) -> nn.Module:
+    """Rebuild the UNPRUNED model from a builder reference (see the module docstring). ``check``: the
+    reference comes from a saved checkpoint, so its file runs only when its sha256 matches (or
+    ``trust``, the user's ``--trust-builder``); without ``check`` the user named the file themselves."""
     kind = ref.get("kind")
     path = Path(ref.get("path", ""))
     if not path.is_file():
         raise UserError(f"the model was built by {path}, which no longer exists; restore that file to load it")
-    if check and ref.get("sha256") and _sha256(path) != ref["sha256"]:
-        print(f"warning: {path} changed since the model was saved; rebuilding with the current file", file=sys.stderr)
+    sha = check_builder_hash(path, ref, trust=trust) if check else _sha256(path)
     if kind == "file":
         module = _import_file(path)
         fn = getattr(module, ref["fn"], None)
@@ -90,7 +108,7 @@ def build_from_reference(ref: dict[str, Any], *, check: bool = True) -> nn.Modul
     else:
         raise UserError(f"unknown model builder kind {kind!r} in the checkpoint")
     model.eval()
-    model._sglp_builder = {**ref, "sha256": ref.get("sha256") or _sha256(path)}
+    model._sglp_builder = {**ref, "sha256": sha}
     return model
 
 
@@ -99,8 +117,12 @@ def load_pt2_module(path: Path) -> nn.Module:
     its layer units can be named by module path. Export it with a dynamic batch dimension."""
     import torch
 
+    from .pt2_guard import load_exported_program
+
     try:
-        ep = torch.export.load(str(path))
+        ep = load_exported_program(path)  # refuses pickles, compiled code and eval'd text before loading
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path} is not a torch.export program ({type(e).__name__}); save one with "
                         "torch.export.save(torch.export.export(model, example), 'model.pt2')") from None
