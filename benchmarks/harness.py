@@ -1,6 +1,6 @@
 """Timing core of the on-device benchmark: numpy + standard library only (runs on the board).
 
-Measurement practice (docs: shared/docs/anchors.md):
+Measurement practice (docs: docs/devices-and-constraints.md):
 
 * warm up **by time** (``warmup_s``), not by a fixed count;
 * then measure until **both** ``min_iters`` iterations and ``min_duration_s`` seconds are reached

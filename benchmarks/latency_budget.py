@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
-#: the brief KD and healing the benchmark runs with (README: "Pruning to a latency budget")
+#: the brief KD and healing the benchmark runs with (benchmarks/results/latency-budget.md)
 FINETUNE_STEPS = 300
 HEAL = "linear"  # measured at keep 16: 1.45 points after 300 KD steps, against 1.70 without (1.65 after 600)
 

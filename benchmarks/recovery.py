@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                          "0 = training-free only (after-KD = pruned)")
     ap.add_argument("--lm-lr", type=float, default=None,
                     help="LM KD peak learning rate (AdamW, warmup + cosine); default: the causal-LM task's "
-                         "(sglp_edge.tasks.causal_lm, 3e-4; README: against 5e-5 and 1e-3)")
+                         "(sglp_edge.tasks.causal_lm, 3e-4; benchmarks/results/sglp-vs-baselines-smollm2.md: against 5e-5 and 1e-3)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=400_000)
     ap.add_argument("--eval-blocks", type=int, default=64)

@@ -1,6 +1,6 @@
 """sglp-edge: SGLP depth pruning, KD fine-tuning, export and edge benchmarking.
 
-The Python API (see README, "Bring your own model")::
+The Python API (see docs/bring-your-own-model.md)::
 
     plan = sglp_edge.analyze(model, calib, units="body.*", keep=4)
     pruned = sglp_edge.apply(model, plan)

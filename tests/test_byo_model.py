@@ -1,7 +1,7 @@
 """Bring your own model (issue 13, items 1-2): a small CNN defined in the user's own file, pruned
 through ``--model file.py:fn --units``, saved without pickles, reloaded in a fresh process,
 exported and compiled with ONNX Runtime; the same through the Python API; a ``torch.export``
-program (.pt2); and the README's ``torchvision:resnet18 --units`` command."""
+program (.pt2); and the ``torchvision:resnet18 --units`` command of docs/bring-your-own-model.md."""
 
 import json
 import subprocess

@@ -33,7 +33,7 @@ def test_search_keeps_the_rule_k_and_raise_restores_the_old_behaviour():
     units = _r56_units()
     x = np.sin(np.linspace(0, 3, len(units)))  # the elbow picks few segments here
     rule_k = choose_k(x, 10)
-    assert PruneConfig().k_budget == "raise"  # the default, chosen by the measurement in the README
+    assert PruneConfig().k_budget == "raise"  # the default, chosen by the measurement in benchmarks/results/k-budget.md
     k, by, rec = _choose_k(x, units, 10, 14, PruneConfig(keep=14, eval_budget=80, k_budget="search"), None)
     assert k == rule_k == rec["rule_k"] == rec["k"] and by == "elbow"
     assert rec["k_budget"] == "search" and rec["eval_budget"] == 80

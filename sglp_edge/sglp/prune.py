@@ -32,7 +32,7 @@ ALLOCATIONS = ("auto", "proportional", "redundancy")
 #: what the GradNorm evaluation budget may change: "raise" (default) raises k until every segment's
 #: exhaustive/beam search fits the budget; "search" keeps the k the CKA structure supports (the k
 #: rule) and spends the budget on a budgeted search inside its segments. "search" measured worse on
-#: ResNet-56 with healing (77.83 % against 84.87 % right after pruning, seed 0; README), so it is an option
+#: ResNet-56 with healing (77.83 % against 84.87 % right after pruning, seed 0; benchmarks/results/k-budget.md), so it is an option
 K_BUDGETS = ("raise", "search")
 
 
@@ -47,7 +47,7 @@ class PruneConfig:
     sequence: str = "colsum"
     # candidate score inside a segment (sglp_edge.sglp.importance): "auto" is "loss" (calibration loss)
     # for decoder LMs and image models (SmolLM2 30->22: perplexity 80.5 against GradNorm's 119.8 right
-    # after pruning; MobileNetV2 and ResNet-56 after KD: README) and "natural" GradNorm for encoders
+    # after pruning; MobileNetV2 and ResNet-56 after KD: benchmarks/results/) and "natural" GradNorm for encoders
     protocol: str = "auto"
     exhaustive_budget: int = 64
     beam_width: int = 2
@@ -245,7 +245,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
     notes: list[str] = []
     if protocol_by and cfg.method == "sglp":
         notes.append(protocol_by + ("the calibration-loss score (loss): it measured best after KD on decoder LMs "
-                                    "and CNNs (README, SGLP against the baselines)"
+                                    "and CNNs (benchmarks/results/sglp-vs-baselines-*.md)"
                                     if cfg.protocol == "loss" else "natural GradNorm (the paper's criterion)"))
 
     # how many units to remove

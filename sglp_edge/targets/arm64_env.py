@@ -2,7 +2,7 @@
 run under ``qemu-aarch64-static`` (user-mode emulation), set up once and cached outside any run
 folder (``~/.cache/sglp-edge/arm64``, or ``$SGLP_EDGE_ARM64_CACHE``).
 
-What the set-up does (``../shared/docs/arm-emulation.md`` has the facts it rests on):
+What the set-up does (``docs/arm-emulation.md`` has the facts it rests on):
 
 1. ``qemu-user-static`` from apt when ``qemu-aarch64-static`` is not on PATH;
 2. an arm64 sysroot from Debian's ``:arm64`` packages, fetched with ``apt-get download`` against a
