@@ -128,6 +128,10 @@ def compile_model(
     "weights" or "dynamic" (ONNX Runtime only)."""
     t0 = time.perf_counter()
     check_request(backend, precision)
+    if backend == "openvino":
+        from .openvino_backend import check_device
+
+        check_device(device)
     spec = get_backend(backend)
     allowed = spec.int8_schemes()
     if int8_scheme not in allowed:

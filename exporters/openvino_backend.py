@@ -52,6 +52,25 @@ def _nncf():
     return nncf
 
 
+#: OpenVINO's virtual devices: they take a list of real ones after a colon (AUTO:GPU,CPU)
+_VIRTUAL = ("AUTO", "HETERO", "MULTI", "BATCH")
+
+
+def check_device(device: str) -> None:
+    """``device`` names an OpenVINO device present here (CPU, GPU, GPU.1, AUTO, HETERO:GPU,CPU ...):
+    checked before any compile work, with the devices this machine has in the one-line error."""
+    available = list(_ov().Core().available_devices)
+    names = set(available) | {d.split(".")[0] for d in available}
+    head, _, rest = str(device).partition(":")
+    wanted = [d.strip() for d in rest.split(",") if d.strip()] if head in _VIRTUAL else [device]
+    if head in _VIRTUAL and not rest:
+        return
+    bad = [d for d in wanted if d not in names]
+    if bad or not wanted:
+        raise UserError(f"OpenVINO device {device!r} is not available here; available: {', '.join(available) or 'none'} "
+                        f"(or {', '.join(_VIRTUAL)}); pass one with --device")
+
+
 def version() -> str:
     return _ov().get_version()
 

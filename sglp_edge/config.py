@@ -16,6 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
+from .validate import check_file, check_host, check_path, check_threads
+
+
+def _checked(check: Any, name: str, v: Any) -> Any:
+    """A :mod:`sglp_edge.validate` check inside a pydantic validator (which reports ValueErrors)."""
+    try:
+        check(name, v)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return v
 
 
 class _Strict(BaseModel):
@@ -68,12 +78,12 @@ class FinetuneSection(_Strict):
     batch_size: Optional[int] = Field(None, ge=1)  # images, or sequences of text.block_size tokens
     lr: Optional[float] = Field(None, gt=0)
     optimizer: Optional[Literal["sgd", "adamw"]] = None
-    weight_decay: Optional[float] = None
+    weight_decay: Optional[float] = Field(None, ge=0)
     val_samples: Optional[int] = Field(None, ge=1)  # cap on validation items (LM default: 16 blocks)
     test_samples: Optional[int] = Field(None, ge=1)  # cap on the held-out items scored once at the end (LM: 64)
-    alpha: float = 0.9
-    temperature: float = 4.0
-    feature_kd: float = 0.0
+    alpha: float = Field(0.9, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0)
+    feature_kd: float = Field(0.0, ge=0)
 
 
 class ExportSection(_Strict):
@@ -82,27 +92,32 @@ class ExportSection(_Strict):
 
 
 class EvalSection(_Strict):
-    samples: Optional[int] = None  # held-out images (image task) or held-out text blocks (LM perplexity)
-    calib_samples: int = 300  # training samples for INT8 calibration (images)
-    prompt_tokens: int = 128  # LM: TTFT prompt (llama-bench pp128)
-    gen_tokens: int = 128  # LM: decode tokens timed (tg128)
-    greedy_prompts: int = 8  # LM: greedy agreement prompts ...
-    greedy_tokens: int = 32  # ... of this many generated tokens each
+    samples: Optional[int] = Field(None, ge=1)  # held-out images (image task) or held-out text blocks (LM perplexity)
+    calib_samples: int = Field(300, ge=1)  # training samples for INT8 calibration (images)
+    prompt_tokens: int = Field(128, ge=1)  # LM: TTFT prompt (llama-bench pp128)
+    gen_tokens: int = Field(128, ge=1)  # LM: decode tokens timed (tg128)
+    greedy_prompts: int = Field(8, ge=1)  # LM: greedy agreement prompts ...
+    greedy_tokens: int = Field(32, ge=1)  # ... of this many generated tokens each
 
 
 class TextSection(_Strict):
-    block_size: int = 128  # tokens per block (calibration, fine-tune, perplexity)
-    max_tokens: Optional[int] = 400_000  # cap on tokens per split (tokenising the whole corpus is slow)
+    block_size: int = Field(128, ge=2)  # tokens per block (calibration, fine-tune, perplexity)
+    max_tokens: Optional[int] = Field(400_000, ge=1)  # cap on tokens per split (tokenising the whole corpus is slow)
 
 
 class BoardSection(_Strict):
     device: str
     host: Optional[str] = None
     emulate: Optional[Literal["qemu-aarch64"]] = None  # the emulated ARM board (sglp_edge.targets)
-    port: Optional[int] = None
+    port: Optional[int] = Field(None, ge=1, le=65535)
     identity: Optional[str] = None
     known_hosts: Optional[str] = None
     remote_python: Optional[str] = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: Optional[str]) -> Optional[str]:
+        return _checked(check_host, "host", v)
 
 
 class RunConfig(_Strict):
@@ -115,14 +130,31 @@ class RunConfig(_Strict):
     trust_builder: bool = False  # run a checkpoint's builder file whose sha256 no longer matches (--trust-builder)
     trust_remote_code: bool = False  # run a Hugging Face folder's own code, auto_map (--trust-remote-code)
     seed: int = 0
-    threads: int = 0
+    threads: int = 0  # torch CPU threads on the host (0 = default; sglp_edge.validate.MAX_THREADS at most)
     prune: PruneSection
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     export: ExportSection = Field(default_factory=ExportSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     text: TextSection = Field(default_factory=TextSection)
-    devices: list[str | BoardSection] = Field(default_factory=lambda: ["local-cpu-ort"])
+    devices: list[str | BoardSection] = Field(default_factory=lambda: ["local-cpu-ort"], min_length=1)
     bench: dict[str, Any] = Field(default_factory=dict)  # overrides of the profiles' bench settings
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int) -> int:
+        return _checked(check_threads, "threads", v)
+
+    @field_validator("bench")
+    @classmethod
+    def _bench(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .profile_schema import BenchOverrides
+
+        try:
+            return BenchOverrides.model_validate(v).model_dump(exclude_unset=True)
+        except ValidationError as e:  # one line: the bench setting and what is wrong with it
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
     def boards(self) -> list[BoardSection]:
         return [d if isinstance(d, BoardSection) else BoardSection(device=d) for d in self.devices]
@@ -146,26 +178,48 @@ def apply_task_defaults(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"run config {path} does not exist (see configs/default.yaml for an example)")
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A run config's YAML as a mapping: a binary, non-UTF-8 or non-mapping file is one line."""
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file (not UTF-8): give a run config YAML "
+                        "(see configs/default.yaml)") from None
+    if "\x00" in text:
+        raise UserError(f"{path} is a binary file, not a run config YAML (see configs/default.yaml)")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a run config is a mapping of sections (name:, model:, prune:, ...), got a "
+                        f"{type(raw).__name__} (see configs/default.yaml)")
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = check_path(path, "run config")
+    if not path.exists() and not path.is_dir():
+        raise UserError(f"run config {path} does not exist (see configs/default.yaml for an example)")
+    raw = _read_mapping(check_file(path, "run config"))
     for k, v in (overrides or {}).items():
         cur = raw
         *head, last = k.split(".")
         for h in head:
             cur = cur.setdefault(h, {})
+            if not isinstance(cur, dict):
+                raise UserError(f"{path}: {h}: must be a mapping of settings, got {cur!r}")
         cur[last] = v
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = max(e.errors(), key=lambda r: len(r["loc"]))  # the deepest: a device's host, not "not a string"
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise UserError(f"{path}: {where}: {err['msg']}") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"{path}: {where}: {msg}") from None
     try:
         return apply_task_defaults(cfg)
     except UserError as e:

@@ -31,6 +31,13 @@ Metric = Literal[
     "greedy_agreement_pct",
 ]
 METRICS: tuple[str, ...] = Metric.__args__  # type: ignore[attr-defined]
+#: metrics that are never negative (a drop or an increase may be: the pruned model can do better),
+#: those always above 0 (a time, a size) and those that are a share of 100
+NON_NEGATIVE = frozenset({"latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "model_size_mb", "peak_memory_mb",
+                          "energy_mj", "decode_tokens_per_s", "ttft_ms", "greedy_agreement_pct"})
+POSITIVE = frozenset({"latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "model_size_mb", "peak_memory_mb",
+                      "ttft_ms"})
+PERCENT_OF_100 = frozenset({"greedy_agreement_pct"})
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 Task = Literal["image-classification", "causal-lm"]
 
@@ -58,6 +65,17 @@ class Constraint(_Strict):
                 raise ValueError(f"write a constraint as 'metric <= limit' or 'metric >= limit', got {v!r}")
             return {"metric": m.group(1), "op": m.group(2), "limit": float(m.group(3))}
         return v
+
+    @model_validator(mode="after")
+    def _can_be_met(self) -> "Constraint":
+        if self.metric in NON_NEGATIVE and self.limit < 0:
+            never = "can never be met" if self.op == "<=" else "always holds"
+            raise ValueError(f"{self.metric} cannot be negative, so {self} {never}; give a limit >= 0")
+        if self.metric in POSITIVE and self.op == "<=" and self.limit == 0:
+            raise ValueError(f"{self.metric} is always above 0, so {self} can never be met; give a limit > 0")
+        if self.metric in PERCENT_OF_100 and self.limit > 100:
+            raise ValueError(f"{self.metric} is at most 100, so {self} can never be met; give a limit <= 100")
+        return self
 
     def __str__(self) -> str:
         return f"{self.metric} {self.op} {self.limit:g}"
@@ -94,6 +112,36 @@ class BenchSettings(_Strict):
         if self.max_duration_s is not None and self.max_duration_s < self.min_duration_s:
             raise ValueError("max_duration_s must be >= min_duration_s")
         return self
+
+
+class BenchOverrides(_Strict):
+    """A run config's ``bench:`` section: overrides of the profiles' :class:`BenchSettings`, each
+    checked with the same ranges (plus ``threads``) when the config is read."""
+
+    threads: Optional[int] = None
+    warmup_s: Optional[float] = Field(None, ge=0)
+    min_iters: Optional[PositiveInt] = None
+    min_duration_s: Optional[float] = Field(None, ge=0)  # 0: min_iters alone decides
+    max_iters: Optional[PositiveInt] = None
+    max_duration_s: Optional[float] = Field(None, gt=0)
+    batch_sizes: Optional[list[PositiveInt]] = Field(None, min_length=1)
+    eval_batch: Optional[PositiveInt] = None
+    max_eval: Optional[PositiveInt] = None
+    power: Optional[Literal["auto", "on", "off"]] = None
+    tegrastats_interval_ms: Optional[PositiveInt] = None
+
+    _yaml_bool = field_validator("power", mode="before")(BenchSettings._yaml_bool.__func__)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: Optional[int]) -> Optional[int]:
+        from .validate import check_threads
+
+        try:
+            check_threads("threads", v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return v
 
 
 class SSHDefaults(_Strict):

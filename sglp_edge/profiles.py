@@ -87,6 +87,8 @@ def find_profile(name_or_path: str | os.PathLike) -> Path:
     s = str(name_or_path)
     p = Path(s).expanduser()
     if s.endswith((".yaml", ".yml")) or os.sep in s or (os.altsep and os.altsep in s):
+        if p.is_dir():
+            raise UserError(f"device profile {p} is a folder, give a file (a profile YAML)")
         if not p.is_file():
             raise UserError(f"device profile file not found: {p}")
         return p

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from exporters.atomic import atomic_dir
+from exporters.atomic import atomic_dir, check_out_dir
 from .errors import UserError
 
 
@@ -60,7 +60,9 @@ class PruneJob:
 
     def validate(self) -> None:
         """Cheap checks of every setting, before the model or the data are touched."""
+        from .sglp.heal import HEALS
         from .sglp.prune import ALLOCATIONS, K_BUDGETS, METHODS, PROTOCOLS
+        from .validate import check_file, check_threads
 
         if self.keep == "auto" or self.latency_budget_ms is not None:
             self._validate_auto()
@@ -77,7 +79,7 @@ class PruneJob:
             raise UserError(f"--target-macs is the fraction of MACs to remove, between 0 and 1; got {self.target_macs}")
         for name, value, allowed in (("--method", self.method, METHODS), ("--protocol", self.protocol, ("auto", *PROTOCOLS)),
                                      ("--allocation", self.allocation, ALLOCATIONS),
-                                     ("--k-budget", self.k_budget, K_BUDGETS)):
+                                     ("--k-budget", self.k_budget, K_BUDGETS), ("--heal", self.heal, HEALS)):
             if value not in allowed:
                 what = name.lstrip("-")
                 raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)} ({name})")
@@ -86,12 +88,15 @@ class PruneJob:
                                      ("--batch-size", self.batch_size, True), ("--seq-len", self.seq_len, False),
                                      ("--beam-width", self.beam_width, False),
                                      ("--exhaustive-budget", self.exhaustive_budget, True),
-                                     ("--eval-budget", self.eval_budget, True), ("--k", self.k, False),
-                                     ("--threads", self.threads, True)):
+                                     ("--eval-budget", self.eval_budget, True), ("--k", self.k, False)):
             if value is not None and (value < 0 or (value == 0 and not zero_ok)):
                 raise UserError(f"{name} must be {'>= 0' if zero_ok else '>= 1'} (got {value})")
-        if self.weights is not None and not Path(self.weights).is_file():
-            raise UserError(f"weights file {self.weights} does not exist")
+        check_threads("--threads", self.threads)
+        if self.weights is not None:
+            check_file(self.weights, "weights file")
+        from .lm_memory import check_prune_job_memory
+
+        check_prune_job_memory(str(self.model), self.batch_size, self.seq_len)  # before the weights are loaded
         if self.class_map is not None and not Path(self.class_map).is_file():
             raise UserError(f"class map {self.class_map} does not exist; give a JSON file of folder name -> class index")
 
@@ -240,12 +245,22 @@ def _head(batch: Any, n: int) -> Any:
     return batch[:n]
 
 
+def _check_unit_counts(job: PruneJob, units: list) -> None:
+    from .sglp.prune import _n_remove_for_keep
+
+    if job.k is not None and job.k > len(units):
+        raise UserError(f"--k {job.k} must be between 1 and the number of units ({len(units)}) of {job.model}")
+    if isinstance(job.keep, int):
+        _n_remove_for_keep(units, job.keep)
+
+
 def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = None) -> PruneResult:
     from .models.registry import load_model, model_spec, save_checkpoint
     from .sglp.plots import cka_heatmap_png
     from . import api
 
     job.validate()
+    check_out_dir(job.out, force=job.force)  # atomic_dir replaces job.out whole: only a folder of ours, with force
     if job.threads:
         torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
@@ -253,6 +268,7 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         loaded = load_model(job.model, weights=job.weights, num_classes=job.num_classes, units=job.units,
                             trust_builder=job.trust_builder, trust_remote_code=job.trust_remote_code)
     model, adapter = loaded.model, loaded.adapter
+    _check_unit_counts(job, adapter.units(model))  # --k and --keep, before any calibration data is drawn
     info: dict[str, Any] = {}
     cka_b = calibration_batches(loaded, job.data, n_batches=job.calib_batches, batch_size=job.batch_size,
                                 seq_len=job.seq_len, seed=job.seed, data_root=job.data_root, info=info,

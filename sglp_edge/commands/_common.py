@@ -31,7 +31,7 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        old = None
+        old, held = None, len(_HELD)
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
                 signal.SIG_DFL, None):
             old = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -52,6 +52,8 @@ def user_errors(fn: F) -> F:
         except Exception as e:  # noqa: BLE001
             _last_resort(e)
         finally:
+            while len(_HELD) > held:  # the --out locks this command took (hold_out)
+                _HELD.pop().release()
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
 
@@ -87,18 +89,79 @@ def _last_resort(e: BaseException) -> None:
     sys.exit(EXIT_INTERNAL)
 
 
-def guard_out_dir(out: Path, *, force: bool = False, inputs: tuple = (), reuse: bool = False) -> Path:
+def guard_out_dir(out: Path, *, force: bool = False, inputs: tuple = (), reuse: bool = False, **own: Any) -> Path:
     """Refuse, before any work, an ``--out`` folder whose contents would be lost (see
-    :func:`exporters.atomic.check_out_dir`)."""
+    :func:`exporters.atomic.check_out_dir`; ``own``: its ``results`` / ``command``)."""
     from exporters.atomic import check_out_dir
 
-    return check_out_dir(out, force=force, inputs=tuple(_input_paths(inputs)), reuse=reuse)
+    from ..validate import check_path
+
+    check_path(out, "--out")  # a name too long, a symbolic-link loop: one line
+    checked = check_out_dir(out, force=force, inputs=tuple(_input_paths(inputs)), reuse=reuse, **own)
+    check_space(out, inputs)
+    return checked
+
+
+#: the --out locks the running command holds; user_errors releases them when the command ends
+_HELD: list = []
+
+
+def hold_out(out: Path, *, file: bool = False, **check: Any) -> Any:
+    """Take ``--out``'s lock (:class:`exporters.atomic.FolderLock`, beside it) for the rest of the
+    command, once the cheap checks passed: a second concurrent writer gets one line and exit 2. The
+    --out check runs again under the lock (a writer that just finished may have filled it); ``check``:
+    the arguments of :func:`guard_out_dir` (or :func:`guard_out_file` with ``file``)."""
+    from exporters.atomic import FolderLock
+
+    lock = FolderLock(out, "--out").acquire()
+    _HELD.append(lock)
+    (guard_out_file if file else guard_out_dir)(out, **check)
+    return lock
 
 
 def guard_out_file(out: Path, *, force: bool = False, inputs: tuple = ()) -> Path:
     from exporters.atomic import check_out_file
 
-    return check_out_file(out, force=force, inputs=tuple(_input_paths(inputs)))
+    from ..validate import check_path
+
+    check_path(out, "--out")
+    checked = check_out_file(out, force=force, inputs=tuple(_input_paths(inputs)))
+    check_space(out, inputs)
+    return checked
+
+
+#: the output of a command takes about this many times its model's size on disk (an ONNX export,
+#: a compiled artifact and its manifest), and never less than MIN_FREE
+SPACE_FACTOR = 2.0
+MIN_FREE = 1 << 20
+
+
+def check_space(out: Path, inputs: tuple, factor: float = SPACE_FACTOR) -> None:
+    """One line (exit 4) before any work when the disk under ``out`` cannot hold ``factor`` x the
+    size of the model (the first of ``inputs``: a path, or a shipped model's name)."""
+    from exporters.diskspace import check_free_space
+
+    check_free_space(out, max(MIN_FREE, int(factor * model_bytes(inputs[0] if inputs else None))))
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes the model takes on disk: a file, a folder's files, or a shipped model's folder; 0 when unknown."""
+    if model is None:
+        return 0
+    paths = _input_paths((model,))
+    if not paths:
+        from ..models.registry import SHIPPED  # lazy: torch
+
+        paths = [SHIPPED[str(model)]] if str(model) in SHIPPED else []
+    total = 0
+    for p in paths:
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else []
+        total += sum(f.stat().st_size for f in files if f.suffix in MODEL_SUFFIXES)
+    return total
+
+
+#: what counts as model weights on disk (a data folder given first is not the model)
+MODEL_SUFFIXES = {".onnx", ".data", ".safetensors", ".pt", ".pth", ".pt2", ".gguf", ".xml", ".bin", ".engine", ".plan"}
 
 
 def _input_paths(inputs: tuple) -> list[Optional[Path]]:

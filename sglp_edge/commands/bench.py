@@ -6,7 +6,8 @@ and report constraint by constraint whether the target is met.
         --known-hosts ~/.ssh/known_hosts --data eval.npz --out runs/pi
 
 Exit status: 0 when every board ran and every measured constraint passed; 1 when a constraint
-failed or a board run failed (its partial results and logs are kept); 2 for a usage error.
+failed or the harness failed on a board (its partial results and logs are kept); 2 for a usage
+error; 4 when a board stopped answering, timed out or the disk filled (the environment, not the model).
 A constraint whose metric was not measured is shown as "not measured" (and fails with --strict).
 """
 
@@ -18,8 +19,10 @@ from typing import Any, Optional
 
 import typer
 
-from sglp_edge.commands._common import check_bench_data, guard_out_dir, user_errors
+from exporters.errors import EXIT_ENVIRONMENT
+from sglp_edge.commands._common import check_bench_data, guard_out_dir, hold_out, user_errors
 
+_OWN = {"results": ("summary.json",), "command": "bench"}  # what makes an --out folder bench's own
 _STAGE_SPAN = {"upload": (0, 5), "load": (5, 10), "latency": (10, 60), "accuracy": (60, 99), "done": (100, 100)}
 
 
@@ -64,7 +67,8 @@ def register(app: typer.Typer) -> None:
         report, constraint by constraint, whether each target is met.
 
         Exit status: 0 every board ran and met every measured constraint; 1 a constraint failed
-        or a board run failed (partial results and logs are kept under --out); 2 usage error.
+        or the harness failed on a board (partial results and logs are kept under --out); 2 usage
+        error; 4 a board stopped answering or timed out, or the disk filled.
         """
         from rich.console import Console
 
@@ -77,22 +81,26 @@ def register(app: typer.Typer) -> None:
             return
         if artifact is None:
             raise UserError("give the artifact to benchmark: sglp-edge bench MODEL --device PROFILE")
+        _check_options(host, threads=threads, batch_sizes=batch_sizes, warmup_s=warmup_s, min_iters=min_iters,
+                       min_duration_s=min_duration_s, max_eval=max_eval, timeout=timeout, port=port)
         if artifact.is_dir() and (artifact / "genai_config.json").is_file():
             raise UserError(f"sglp-edge bench does not yet take an onnxruntime-genai folder ({artifact}); run "
                             f"python -m benchmarks.lm_bench --artifact {artifact} --data EVAL.npz, or sglp-edge run "
                             "with an onnxruntime-genai profile")
-        if not artifact.is_file():
+        from sglp_edge.validate import check_file
+
+        if not artifact.is_file() and not artifact.is_dir():
             raise UserError(f"artifact not found: {artifact}")
-        if data is not None and not data.is_file():
+        check_file(artifact, "artifact")
+        if data is not None and not data.is_file() and not data.is_dir():
             raise UserError(f"eval data not found: {data}")
+        if data is not None:
+            check_file(data, "eval data (--data)")
         if not device:
             raise UserError("give a device profile with --device (see sglp-edge bench --list-devices)")
-        # bench updates its own folder in place (one sub-folder per board): no --force needed for that
-        if (out / "summary.json").is_file():  # a bench folder written before the .sglp-edge marker existed
-            from exporters.atomic import mark_output
-
-            mark_output(out)
-        guard_out_dir(out, reuse=True, inputs=(artifact, data))
+        # bench updates its own folder in place (one sub-folder per board): no --force needed for that; a
+        # folder is its own with the marker and summary.json, or a marker naming bench (a bench stopped early)
+        guard_out_dir(out, reuse=True, inputs=(artifact, data), **_OWN)
         if data is not None:
             check_bench_data(artifact, data)
         profiles = [load_profile(d) for d in device]
@@ -108,8 +116,6 @@ def register(app: typer.Typer) -> None:
             for p in profiles:
                 if p.arch != "aarch64":
                     raise UserError(f"--emulate runs aarch64 boards; profile {p.name} is {p.arch}")
-        if batch_sizes is not None and not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", batch_sizes):
-            raise UserError(f"--batch-sizes must look like 1,8 (got {batch_sizes!r})")
 
         # pair boards with profiles
         boards: list[tuple[Any, Optional[str]]] = []
@@ -154,23 +160,48 @@ def register(app: typer.Typer) -> None:
         overrides = {"threads": threads, "warmup_s": warmup_s, "min_iters": min_iters, "min_duration_s": min_duration_s,
                      "max_eval": max_eval,
                      "batch_sizes": [int(x) for x in batch_sizes.split(",")] if batch_sizes else None}
+        from exporters.atomic import mark_output
+
+        hold_out(out, reuse=True, inputs=(artifact, data), **_OWN)  # every check passed: nothing was written before
         out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, command="bench")
         for tg, (p, _) in zip(targets, boards):
             if tg is not None and tg.emulated:
                 console.print(f"[bold]{tg.label}[/]: emulated ARM board (qemu-aarch64, CPU neoverse-n1); latency "
                               "is recorded as emulated, never held against a constraint", soft_wrap=True)
                 tg.progress = lambda m: console.print(m, soft_wrap=True)
                 tg.prepare(p.backend)  # set up once (cached), before any progress bar starts
-        from exporters.atomic import mark_output
-
-        mark_output(out)
         runs = _run_all(console, artifact, data, out, boards, labels, overrides, targets,
                         dict(port=port, identity=identity, known_hosts=known_hosts, accept_new=accept_new_host_key,
                              ssh_config=ssh_config, remote_python=remote_python, remote_dir=remote_dir,
                              timeout=timeout, keep_remote=keep_remote))
-        failed = _report(console, out, boards, labels, runs, strict, targets)
-        if failed:
-            raise typer.Exit(1)
+        status = _report(console, out, boards, labels, runs, strict, targets)
+        if status:
+            raise typer.Exit(status)  # 1: a constraint failed (or the harness did); 4: a board or the disk did
+
+
+def _check_options(host: list[str], *, batch_sizes: Optional[str], threads: Optional[int], **numbers: Any) -> None:
+    """The numbers and hosts on the command line, before any file is read or any board contacted."""
+    from exporters.errors import UserError
+    from sglp_edge.validate import check_host, check_threads
+
+    for h in host:
+        check_host("--host", h)
+    check_threads("--threads", threads)
+    if batch_sizes is not None and not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", batch_sizes):
+        raise UserError(f"--batch-sizes must look like 1,8 (got {batch_sizes!r})")
+    if batch_sizes is not None and any(int(b) < 1 for b in batch_sizes.split(",")):
+        raise UserError(f"--batch-sizes: every batch size must be >= 1 (got {batch_sizes!r})")
+    for name, v, least in (("--min-iters", numbers["min_iters"], 1), ("--max-eval", numbers["max_eval"], 1),
+                           ("--warmup-s", numbers["warmup_s"], 0), ("--min-duration-s", numbers["min_duration_s"], 0),
+                           ("--port", numbers["port"], 1)):
+        if v is not None and v < least:
+            hint = " (leave it out to evaluate every sample)" if name == "--max-eval" else ""
+            raise UserError(f"{name} must be >= {least} (got {v}){hint}")
+    if numbers["port"] is not None and numbers["port"] > 65535:
+        raise UserError(f"--port must be between 1 and 65535 (got {numbers['port']})")
+    if numbers["timeout"] is not None and not numbers["timeout"] > 0:
+        raise UserError(f"--timeout is seconds per board and must be > 0 (got {numbers['timeout']})")
 
 
 def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boards: list, labels: list[str],
@@ -276,7 +307,7 @@ def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list
     for col in ("board", "constraint", "measured", "verdict"):
         cons.add_column(col)
     summary: dict[str, Any] = {"boards": []}
-    any_failed = False
+    any_failed = env_failed = False
     from sglp_edge.targets.base import held_constraints
 
     for k, ((prof, h), lab, run) in enumerate(zip(boards, labels, runs)):
@@ -296,7 +327,8 @@ def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list
             if r.passed is False or (strict and r.passed is None):
                 any_failed = True
         if not run.ok:
-            any_failed = True
+            any_failed = any_failed or not run.environment
+            env_failed = env_failed or run.environment
         summary["boards"].append({
             "label": lab, "profile": prof.name, "where": run.where, "ok": run.ok, "error": run.error,
             "target": doc.get("target") or {"kind": "ssh" if h else "local", "where": run.where, "emulated": False},
@@ -321,7 +353,7 @@ def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list
         verdict = "meets every measured constraint" if b["all_passed"] else "does NOT meet its target"
         extra = f"; not measured: {', '.join(nm)}" if nm else ""
         console.print(f"{b['label']}: {verdict}{extra}", soft_wrap=True)
-    return any_failed
+    return 1 if any_failed else EXIT_ENVIRONMENT if env_failed else 0
 
 
 def _print_profiles(console: Any, profiles: list) -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import guard_out_dir, user_errors
+from ._common import guard_out_dir, hold_out, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -48,7 +48,13 @@ def register(app: typer.Typer) -> None:
         from exporters.compile import compile_model
         from exporters.tensorrt_backend import TrtOptions
 
+        from ..validate import check_file
+
+        for path, what in ((onnx, "ONNX file"), (calib, "--calib"), (eval_data, "--eval")):
+            if path is not None and (path.is_dir() or path.is_file()):
+                check_file(path, what)  # a folder where a file goes (a missing one is named by the compiler)
         guard_out_dir(out, force=force, inputs=(onnx, calib, eval_data, timing_cache))
+        hold_out(out, force=force, inputs=(onnx, calib, eval_data, timing_cache))
         opts = TrtOptions(precision=precision, workspace_mb=workspace_mb,
                           timing_cache=str(timing_cache) if timing_cache else None, dla_core=dla_core,
                           gpu_fallback=gpu_fallback, opt_batch=opt_batch, max_batch=max_batch)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import guard_out_dir, positive, trust_builder_option, trust_remote_code_option, user_errors
+from ._common import guard_out_dir, hold_out, positive, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def resolve_model_dir(src: str) -> str:
@@ -53,6 +53,23 @@ def _student_units(student: Any, teacher: str) -> Optional[str]:
     if spec.get("family") != "generic" or _P(teacher).is_dir():
         return None
     return spec.get("units")
+
+
+def _check_kd(threads: Optional[int], temperature: float, alpha: Optional[float], warmup: float,
+              feature_weight: float) -> None:
+    """The fine-tune's numbers, before either model is loaded (FinetuneConfig.check says the same later)."""
+    from sglp_edge.errors import UserError
+    from sglp_edge.validate import check_threads
+
+    check_threads("--threads", threads)
+    if not temperature > 0:
+        raise UserError(f"--temperature (KD) must be > 0, got {temperature}")
+    if alpha is not None and not 0 <= alpha <= 1:
+        raise UserError(f"--alpha (KD weight) must be in [0, 1], got {alpha}")
+    if not 0 <= warmup < 1:
+        raise UserError(f"--warmup is a fraction of the budget in [0, 1), got {warmup}")
+    if feature_weight < 0:
+        raise UserError(f"--feature-weight must be >= 0, got {feature_weight}")
 
 
 def register(app: typer.Typer) -> None:
@@ -123,11 +140,13 @@ def register(app: typer.Typer) -> None:
                                  ("--block-size", block_size, False), ("--train-last", train_last, False),
                                  ("--max-tokens", max_tokens, False), ("--weight-decay", weight_decay, True)):
             positive(name, v, zero_ok=zero_ok)
+        _check_kd(threads, temperature, alpha, warmup, feature_weight)
         if optimizer is not None and optimizer not in ("sgd", "adamw"):
             raise UserError(f"--optimizer must be sgd or adamw, got {optimizer!r}")
         is_main_early = int(os.environ.get("RANK", "0")) == 0
         if is_main_early:
             guard_out_dir(out, force=force, inputs=(pruned, teacher, data_root, data, state))
+            hold_out(out, force=force, inputs=(pruned, teacher, data_root, data, state))
         if threads:
             torch.set_num_threads(threads)
         is_main = int(os.environ.get("RANK", "0")) == 0

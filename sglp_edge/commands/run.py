@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import guard_out_dir, positive, trust_builder_option, trust_remote_code_option, user_errors
+from ._common import check_space, guard_out_dir, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def _resolve_config(config: Path) -> Path:
@@ -47,7 +47,10 @@ def register(app: typer.Typer) -> None:
         from ..pipeline import EXIT_FINISH_ON_BOARD, NEEDS_BOARD, Pipeline, load_config
         from ..report import print_summary
 
-        positive("--threads", threads, zero_ok=True)
+        from ..validate import check_host, check_threads
+
+        check_threads("--threads", threads)
+        check_host("--host", host)
         config = _resolve_config(config)
         overrides = {"devices": list(device)} if device else {}
         if latency_budget is not None:
@@ -80,13 +83,13 @@ def register(app: typer.Typer) -> None:
         if threads or cfg.threads:
             torch.set_num_threads(threads or cfg.threads)
         run_dir = out or Path("runs") / cfg.name
-        # a run folder is resumed in place; anything else that is not empty is the user's and stays untouched
-        # (stages replace only their own sub-folders, so inputs kept in the run folder are safe)
-        if (run_dir / "manifest.json").is_file() and not (run_dir / ".sglp-edge").is_file():
-            from exporters.atomic import mark_output
+        # a run folder of ours (the marker AND its manifest) is resumed in place; anything else that is not empty
+        # is the user's and stays untouched (stages replace only their own sub-folders, so inputs kept in the
+        # run folder are safe); the StageRunner takes the folder's lock and checks again under it
+        from ..stages import OWN
 
-            mark_output(run_dir)  # a run folder written before the marker existed
-        guard_out_dir(run_dir, reuse=True)
+        guard_out_dir(run_dir, reuse=True, **OWN)
+        check_space(run_dir, (cfg.model,), factor=4 + 2 * len(cfg.boards()))  # models, ONNX and artifacts per device
         rep = Pipeline(cfg, run_dir, force=force, log=lambda m: typer.echo(m, err=True)).run()
         print_summary(rep)
         typer.echo(f"report: {run_dir / 'report.html'} (and report.json); stages run: {', '.join(rep['stages']['ran']) or 'none'}"

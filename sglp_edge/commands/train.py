@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import guard_out_dir, positive, trust_builder_option, trust_remote_code_option, user_errors
+from ._common import guard_out_dir, hold_out, positive, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def reproduce_command(command: str, args: list[Any], options: dict[str, Any]) -> str:
@@ -87,7 +87,11 @@ def register(app: typer.Typer) -> None:
         for name, v in (("--epochs", epochs), ("--steps", steps), ("--minutes", minutes), ("--batch-size", batch_size),
                         ("--lr", lr), ("--val-size", val_size)):
             positive(name, v)
+        from sglp_edge.validate import check_threads
+
+        check_threads("--threads", threads)
         guard_out_dir(out, force=force, inputs=(data_root, data, state))
+        hold_out(out, force=force, inputs=(data_root, data, state))
         bundle = get_dataset(data, data_root, seed=seed, val_size=val_size)
         torch.manual_seed(seed)  # the initial weights depend on the seed only
         loaded = load_model(model, num_classes=bundle.num_classes, trust_builder=trust_builder,

@@ -149,11 +149,19 @@ def load_checkpoint(folder: str | Path, *, trust_builder: bool = False) -> Loade
     meta_path = folder / "sglp_model.json"
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{meta_path} is not valid JSON ({e}); re-save the checkpoint with sglp-edge") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{meta_path}: unknown checkpoint format {meta.get('format')!r} (expected {CHECKPOINT_FORMAT})")
-    model, adapter = build_from_spec(meta["spec"], meta.get("family"), trust_builder=trust_builder)
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"{meta_path}: unknown checkpoint format {got!r} (expected {CHECKPOINT_FORMAT})")
+    try:
+        model, adapter = build_from_spec(meta["spec"], meta.get("family"), trust_builder=trust_builder)
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong type
+        what = f"missing field {e}" if isinstance(e, KeyError) else (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{meta_path} is corrupt: its spec does not describe a model ({what}); re-save the checkpoint "
+                        "with sglp-edge") from None
     rounds = _as_rounds(meta.get("removal_rounds", meta.get("removed_units", [])))
     for i, r in enumerate(rounds):
         if i and adapter.family == "generic":  # unit paths of a pruned model: glob again over it
@@ -278,7 +286,8 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     """
     src = str(source)
     if weights is not None and not Path(weights).is_file():
-        raise UserError(f"weights file {weights} does not exist")
+        what = "is a folder, give a file" if Path(weights).is_dir() else "does not exist"
+        raise UserError(f"weights file {weights} {what}")
     path = Path(src)
     trained = src in (*SHIPPED, "smollm2", "minilm") or path.suffix == ".gguf" or path.is_dir()
     if trained and (weights is not None or units):

@@ -318,6 +318,11 @@ def split_budget(needs: Sequence[int], minimums: Sequence[int], budget: int | No
     return share
 
 
+def _cannot_place(n_remove: int, caps: Sequence[int], n_units: int) -> str:
+    return (f"cannot remove {n_remove} units while keeping one unit per segment (at most {sum(caps)} with "
+            f"{len(caps)} segments); use --keep {n_units - sum(caps)} or more, or fewer segments (--k)")
+
+
 def allocate_removals_by_redundancy(segments: Sequence[Sequence[int]], removable: Sequence[bool],
                                    redundancy: Sequence[float], n_remove: int) -> list[int]:
     """Split a global number of removals over segments by where the redundant units are: take the
@@ -328,8 +333,7 @@ def allocate_removals_by_redundancy(segments: Sequence[Sequence[int]], removable
     each segment; this only sets how many per segment."""
     caps = [min(sum(1 for i in seg if removable[i]), len(seg) - 1) for seg in segments]
     if n_remove > sum(caps):
-        raise UserError(f"cannot remove {n_remove} units while keeping one unit per segment "
-                        f"(at most {sum(caps)}); ask for fewer segments (--k) or keep more units")
+        raise UserError(_cannot_place(n_remove, caps, sum(len(seg) for seg in segments)))
     seg_of = {i: si for si, seg in enumerate(segments) for i in seg}
     alloc = [0] * len(segments)
     for i in sorted((i for i in seg_of if removable[i]), key=lambda i: (-float(redundancy[i]), -i)):
@@ -358,8 +362,7 @@ def allocate_removals(segment_removables: Sequence[int], segment_sizes: Sequence
     as the proportions; the caps stay."""
     caps = [min(r, s - 1) for r, s in zip(segment_removables, segment_sizes)]
     if n_remove > sum(caps):
-        raise UserError(f"cannot remove {n_remove} units while keeping one unit per segment "
-                        f"(at most {sum(caps)}); ask for fewer segments (--k) or keep more units")
+        raise UserError(_cannot_place(n_remove, caps, sum(segment_sizes)))
     w = [float(x) for x in (weights if weights is not None else segment_removables)]
     total = sum(w) or 1.0
     exact = [n_remove * r / total for r in w]

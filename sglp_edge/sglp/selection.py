@@ -85,11 +85,17 @@ def _choose_k(x: np.ndarray, units: Sequence[Unit], k_max: int, n_remove: int, c
     rule_k = choose_k(x, k_max=k_max, rule=cfg.k_rule)
     needs = {kk: _search_need(units, fisher_segments(x, kk), n_remove, cfg, redundancy)
              for kk in range(1, k_max + 1)}
+    placeable = [kk for kk in range(min(rule_k, k_max), 0, -1) if needs[kk] is not None]
+    lowered = rule_k if placeable and placeable[0] != rule_k else None
+    if lowered:  # each segment keeps a unit: fewer segments so that every --keep from the fixed units up works
+        rule_k = placeable[0]
     rec: dict[str, Any] = {"rule": cfg.k_rule, "k_max": k_max, "rule_k": rule_k, **elbow_curve(x, k_max),
                            "k_budget": cfg.k_budget, "eval_budget": cfg.eval_budget,
                            "search_need_by_k": {str(kk): v for kk, v in needs.items()}}
     k, k_by = rule_k, cfg.k_rule
-    why = f"the {cfg.k_rule} rule on the Fisher loss curve gives k={rule_k}"
+    why = f"the {cfg.k_rule} rule on the Fisher loss curve gives k={lowered or rule_k}"
+    if lowered:
+        why += f"; lowered to {rule_k}, the most segments that can each keep a unit after {n_remove} removals"
     if cfg.k_budget == "raise":
         k, raised = _fit_k_to_budget(x, units, rule_k, k_max, n_remove, cfg, redundancy)
         if raised:

@@ -16,74 +16,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..lm_memory import GB, _meminfo_total, activation_bytes, check_prune_memory, lm_dims, params_of
 from .base import Task
-
-GB = 1024**3
-
-
-def _meminfo_total() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024.0
-    except OSError:
-        return None
-    return None
-
-
-def lm_dims(model: str) -> dict[str, Any] | None:
-    """Sizes of a decoder LM read without loading its weights (config.json or the GGUF header);
-    None when they cannot be read cheaply (then the memory check is skipped)."""
-    p = Path(model)
-    try:
-        if (p / "config.json").is_file():
-            c = json.loads((p / "config.json").read_text())
-            h, nh = int(c["hidden_size"]), int(c["num_attention_heads"])
-            return {"hidden": h, "layers": int(c["num_hidden_layers"]), "inter": int(c["intermediate_size"]),
-                    "vocab": int(c["vocab_size"]), "heads": nh, "kv_heads": int(c.get("num_key_value_heads") or nh),
-                    "tied": bool(c.get("tie_word_embeddings", False))}
-        if model.lower() == "smollm2" or model.endswith(".gguf"):
-            from gguf import GGUFReader
-
-            from ..models.hf_llm import gguf_architecture, smollm2_gguf
-
-            path = smollm2_gguf() if model.lower() == "smollm2" else p
-            arch = gguf_architecture(path)
-            f = GGUFReader(str(path)).fields
-
-            def num(key: str) -> int:
-                fld = f[f"{arch}.{key}"]
-                return int(fld.parts[fld.data[0]][0])
-
-            tok = f["tokenizer.ggml.tokens"]
-            return {"hidden": num("embedding_length"), "layers": num("block_count"), "inter": num("feed_forward_length"),
-                    "vocab": len(tok.data), "heads": num("attention.head_count"),
-                    "kv_heads": num("attention.head_count_kv"), "tied": "output.weight" not in
-                    {t.name for t in GGUFReader(str(path)).tensors}}
-    except Exception:  # noqa: BLE001 - no cheap answer: skip the check rather than guess
-        return None
-    return None
-
-
-def params_of(d: dict[str, Any]) -> int:
-    h, hd = d["hidden"], d["hidden"] // d["heads"]
-    per_layer = 2 * h * h + 2 * h * d["kv_heads"] * hd + 3 * h * d["inter"]
-    return d["vocab"] * h * (1 if d["tied"] else 2) + d["layers"] * per_layer
-
-
-def activation_bytes(d: dict[str, Any], batch: int, tokens: int) -> float:
-    """fp32 bytes kept for one forward + backward over (batch, tokens): logits, log-softmax and its
-    gradient; per layer the saved activations and the attention probabilities."""
-    n = batch * tokens
-    logits = 3.0 * n * d["vocab"] * 4
-    layers = d["layers"] * (n * (10 * d["hidden"] + 4 * d["inter"]) * 4 + 2.0 * batch * d["heads"] * tokens**2 * 4)
-    return logits + layers
-
 
 class CausalLM(Task):
     name = "causal-lm"
@@ -106,23 +44,20 @@ class CausalLM(Task):
         total = _meminfo_total()
         if d is None or total is None:
             return
+        check_prune_memory(cfg.model, cfg.prune.batch_size, cfg.prune.seq_len, d=d)
         p = params_of(d)
         budget = 0.75 * total
-        need_prune = 12.0 * p + activation_bytes(d, cfg.prune.batch_size, cfg.prune.seq_len)
         # teacher + student + gradients + AdamW's two moments, plus the student's activations and
         # the teacher's logits / KD softmaxes
         need_ft = 20.0 * p + activation_bytes(d, cfg.finetune.batch_size, cfg.text.block_size) \
             + 4.0 * cfg.finetune.batch_size * cfg.text.block_size * d["vocab"] * 4
-        for what, need, batch, tokens, default in (
-                ("prune", need_prune, cfg.prune.batch_size, cfg.prune.seq_len, self.defaults["prune"]["batch_size"]),
-                ("finetune", need_ft, cfg.finetune.batch_size, cfg.text.block_size,
-                 self.defaults["finetune"]["batch_size"])):
-            if cfg.finetune.enabled or what == "prune":
-                if need > budget:
-                    raise UserError(
-                        f"{what}.batch_size={batch} sequences x {tokens} tokens needs about {need / GB:.0f} GB for "
-                        f"{cfg.model} ({p / 1e6:.0f} M params) but this machine has {total / GB:.0f} GB; use "
-                        f"{what}.batch_size: {default} (the causal-lm default) or shorter sequences")
+        batch, tokens = cfg.finetune.batch_size, cfg.text.block_size
+        if cfg.finetune.enabled and need_ft > budget:
+            raise UserError(
+                f"finetune.batch_size={batch} sequences x {tokens} tokens needs about {need_ft / GB:.0f} GB for "
+                f"{cfg.model} ({p / 1e6:.0f} M params) but this machine has {total / GB:.0f} GB; use "
+                f"finetune.batch_size: {self.defaults['finetune']['batch_size']} (the causal-lm default) or shorter "
+                "sequences")
 
     def _check_routes(self, cfg: Any, d: dict[str, Any] | None) -> None:
         """Each device's LM route checked before any heavy work (e.g. onnxruntime-genai installed)."""
