@@ -4,6 +4,7 @@ and ``sglp-edge prune``'s (:meth:`sglp_edge.pruning_job.PruneJob.validate`) are 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ def _meminfo_total() -> float | None:
     return None
 
 
+@functools.lru_cache(maxsize=8)
 def lm_dims(model: str) -> dict[str, Any] | None:
-    """Sizes of a decoder LM read without loading its weights (config.json or the GGUF header);
-    None when they cannot be read cheaply (then the memory check is skipped)."""
+    """Sizes of a decoder LM read without loading its weights (config.json or the GGUF header, read
+    once per process); None when they cannot be read cheaply (then the memory check is skipped)."""
     p = Path(model)
     try:
         if (p / "config.json").is_file():
@@ -37,11 +39,11 @@ def lm_dims(model: str) -> dict[str, Any] | None:
         if model.lower() == "smollm2" or model.endswith(".gguf"):
             from gguf import GGUFReader
 
-            from .models.hf_llm import gguf_architecture, smollm2_gguf
+            from .models.hf_llm import smollm2_gguf
 
-            path = smollm2_gguf() if model.lower() == "smollm2" else p
-            arch = gguf_architecture(path)
-            f = GGUFReader(str(path)).fields
+            reader = GGUFReader(str(smollm2_gguf() if model.lower() == "smollm2" else p))
+            f = reader.fields
+            arch = bytes(f["general.architecture"].parts[f["general.architecture"].data[0]]).decode("utf-8")
 
             def num(key: str) -> int:
                 fld = f[f"{arch}.{key}"]
@@ -51,7 +53,7 @@ def lm_dims(model: str) -> dict[str, Any] | None:
             return {"hidden": num("embedding_length"), "layers": num("block_count"), "inter": num("feed_forward_length"),
                     "vocab": len(tok.data), "heads": num("attention.head_count"),
                     "kv_heads": num("attention.head_count_kv"), "tied": "output.weight" not in
-                    {t.name for t in GGUFReader(str(path)).tensors}}
+                    {t.name for t in reader.tensors}}
     except Exception:  # noqa: BLE001 - no cheap answer: skip the check rather than guess
         return None
     return None

@@ -158,8 +158,12 @@ class SSHDefaults(_Strict):
     @field_validator("host")
     @classmethod
     def _host(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and (not v or v.startswith("-") or any(c.isspace() for c in v)):
-            raise ValueError(f"host must look like user@board (no spaces, not starting with '-'), got {v!r}")
+        from .validate import check_host
+
+        try:
+            check_host("host", v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
         return v
 
     @field_validator("env")

@@ -38,8 +38,8 @@ def check_host(name: str, host: Optional[str]) -> None:
     if host is None:
         return
     if not isinstance(host, str) or not _HOST.fullmatch(host) or host.split("@")[-1].startswith("-"):
-        raise UserError(f"{name} must look like user@board or board (letters, digits, '.', '-', '_'; not starting "
-                        f"with '-'), got {host!r}")
+        raise UserError(f"bad host {host!r}: {name} must look like user@board or board (letters, digits, '.', '-', "
+                        "'_'; not starting with '-')")
 
 
 def check_path(path: os.PathLike | str, what: str) -> Path:

@@ -193,13 +193,12 @@ def _check_options(host: list[str], *, batch_sizes: Optional[str], threads: Opti
     if batch_sizes is not None and any(int(b) < 1 for b in batch_sizes.split(",")):
         raise UserError(f"--batch-sizes: every batch size must be >= 1 (got {batch_sizes!r})")
     for name, v, least in (("--min-iters", numbers["min_iters"], 1), ("--max-eval", numbers["max_eval"], 1),
-                           ("--warmup-s", numbers["warmup_s"], 0), ("--min-duration-s", numbers["min_duration_s"], 0),
-                           ("--port", numbers["port"], 1)):
+                           ("--warmup-s", numbers["warmup_s"], 0), ("--min-duration-s", numbers["min_duration_s"], 0)):
         if v is not None and v < least:
             hint = " (leave it out to evaluate every sample)" if name == "--max-eval" else ""
             raise UserError(f"{name} must be >= {least} (got {v}){hint}")
-    if numbers["port"] is not None and numbers["port"] > 65535:
-        raise UserError(f"--port must be between 1 and 65535 (got {numbers['port']})")
+    if numbers["port"] is not None and not 1 <= numbers["port"] <= 65535:
+        raise UserError(f"bad SSH port {numbers['port']}: --port must be between 1 and 65535")
     if numbers["timeout"] is not None and not numbers["timeout"] > 0:
         raise UserError(f"--timeout is seconds per board and must be > 0 (got {numbers['timeout']})")
 
