@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from .diskspace import disk_full_as_fault
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -21,7 +24,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the user's umask
-        with os.fdopen(fd, "wb") as f:
+        with disk_full_as_fault(path.parent), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -49,7 +52,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
-        yield tmp
+        with disk_full_as_fault(path.parent):
+            yield tmp
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -69,8 +73,9 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs follow the user's umask
     try:
-        yield tmp
-        mark_output(tmp)
+        with disk_full_as_fault(path.parent):
+            yield tmp
+            mark_output(tmp)
         _follow_umask(tmp)
         if path.exists():
             if not overwrite:
@@ -120,14 +125,62 @@ def _follow_umask(root: Path) -> None:
             os.chmod(p, want & ~mask)
 
 
-def mark_output(folder: str | os.PathLike) -> None:
+def mark_output(folder: str | os.PathLike, command: str | None = None) -> None:
+    """Stamp a folder sglp-edge writes; ``command`` names one that updates its folder in place
+    (``run``, ``bench``), so that a folder it started and was stopped in is still recognised."""
     p = Path(folder) / MARKER
     if not p.exists():
-        p.write_text('{"written_by": "sglp-edge"}\n')
+        p.write_text(json.dumps({"written_by": "sglp-edge", **({"command": command} if command else {})}) + "\n")
 
 
 def is_sglp_output(folder: str | os.PathLike) -> bool:
     return (Path(folder) / MARKER).is_file()
+
+
+#: result files of sglp-edge outputs (run/compile/train manifest, prune plan, bench summary, finetune
+#: record, LM export, checkpoint and HF metadata): beside the marker, one of them makes a folder ours
+RESULT_FILES = ("manifest.json", "plan.json", "summary.json", "finetune.json", "lm.json", "sglp_model.json",
+                "sglp_prune.json")
+#: the temporary names the writers above make, and nothing else: atomic_write_bytes / atomic_dir
+#: (mkstemp/mkdtemp ``.NAME.XXXXXXXX.tmp``), atomic_path (``.NAME.PID.tmpSUFFIX``), atomic_dir's
+#: replaced folder (``.NAME.old.PID``, a folder)
+_TEMP_NAME = re.compile(r"\.[^/]+\.(?:[a-z0-9_]{8}\.tmp|\d+\.tmp(?:\.[^./]+)?)")
+_OLD_NAME = re.compile(r"\.[^/]+\.old\.\d+")
+
+
+def is_our_temp(p: Path) -> bool:
+    if p.is_symlink():
+        return False
+    return bool(_TEMP_NAME.fullmatch(p.name)) or (p.is_dir() and bool(_OLD_NAME.fullmatch(p.name)))
+
+
+def _bookkeeping(p: Path) -> bool:
+    """The marker, our temporaries, and the empty ``.lock`` earlier versions kept inside a run folder."""
+    if p.name == ".lock":
+        return p.is_file() and not p.is_symlink() and p.stat().st_size == 0
+    return p.name == MARKER or is_our_temp(p)
+
+
+def _marker_command(folder: Path) -> str | None:
+    try:
+        doc = json.loads((folder / MARKER).read_text()[:4096])
+    except (OSError, ValueError):
+        return None
+    return doc.get("command") if isinstance(doc, dict) else None
+
+
+def owns(folder: str | os.PathLike, *, results: tuple = RESULT_FILES, command: str | None = None) -> bool:
+    """Whether ``folder`` is an sglp-edge output: its marker AND one of ``results`` (a bare manifest.json
+    or summary.json is the user's; so is a marker beside files we cannot recognise), or a marker that
+    names ``command`` (a folder that command started), or nothing but the marker and our bookkeeping."""
+    folder = Path(folder)
+    if not is_sglp_output(folder):
+        return False
+    if any((folder / r).is_file() for r in results):
+        return True
+    if command is not None and _marker_command(folder) == command:
+        return True
+    return all(_bookkeeping(p) for p in folder.iterdir())
 
 
 def _contains(outer: Path, inner: Path) -> bool:
@@ -155,13 +208,15 @@ def check_writable(path: str | os.PathLike, *, what: str = "--out") -> None:
 
 
 def check_out_dir(out: str | os.PathLike, *, force: bool = False, inputs: tuple = (), what: str = "--out",
-                  reuse: bool = False) -> Path:
+                  reuse: bool = False, results: tuple = RESULT_FILES, command: str | None = None) -> Path:
     """Whether an output FOLDER may be written at ``out`` (call it before any heavy work).
 
     Refused, with one line naming the fix: an existing file (never turned into a folder); a folder
-    holding one of ``inputs`` (or the current folder); a non-empty folder sglp-edge did not write;
-    one it did write unless ``force`` (or ``reuse``: commands that update their own folder in
-    place, like ``bench`` and ``run``); and a path that cannot be written. Nothing is deleted here."""
+    holding one of ``inputs`` (or the current folder); a non-empty folder that is not ours (see
+    :func:`owns`: ``results`` and ``command`` say what the writing command recognises as its own);
+    one that is ours and holds results unless ``force`` (or ``reuse``: commands that update their
+    own folder in place, like ``bench`` and ``run``); and a path that cannot be written. Nothing is
+    written, deleted or stamped here."""
     from .errors import UserError
 
     out = Path(out)
@@ -177,11 +232,12 @@ def check_out_dir(out: str | os.PathLike, *, force: bool = False, inputs: tuple 
     if out.exists():
         if not out.is_dir():
             raise UserError(f"{what} {out} is an existing file; sglp-edge writes a folder there: choose a new path")
-        if any(p.name != ".lock" for p in out.iterdir()):
-            if not is_sglp_output(out):
+        entries = list(out.iterdir())
+        if any(not (p.name == ".lock" and _bookkeeping(p)) for p in entries):
+            if not owns(out, results=results, command=command):
                 raise UserError(f"{what} {out} is a non-empty folder that sglp-edge did not write; choose a new or "
                                 "empty folder (nothing was deleted)")
-            if not (force or reuse):
+            if not (force or reuse or all(_bookkeeping(p) for p in entries)):
                 raise UserError(f"{what} {out} holds an earlier sglp-edge output; pass --force to replace it")
     check_writable(out, what=what)
     return out
@@ -205,17 +261,21 @@ def check_out_file(out: str | os.PathLike, *, force: bool = False, inputs: tuple
     return out
 
 
+def _in_our_folder(folder: Path) -> bool:
+    return any(is_sglp_output(d) for d in [folder, *folder.parents])
+
+
 def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the ``.<name>.*.tmp`` folders/files a killed writer left in ``folder`` (call it only
-    while holding the folder's lock, so no live writer's temp goes)."""
-    gone = []
+    """Remove the temporaries a killed writer of this module left in ``folder`` (:func:`is_our_temp`
+    names only), and only in a folder of ours (it, or a folder above it, carries the marker). Call it
+    only while holding the folder's lock, so no live writer's temp goes."""
+    gone: list[Path] = []
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or not _in_our_folder(folder.absolute()):
         return gone
     for p in folder.iterdir():
-        n = p.name
-        if n.startswith(".") and (n.endswith(".tmp") or ".tmp." in n or ".old." in n) and n != MARKER:
-            if p.is_dir() and not p.is_symlink():
+        if is_our_temp(p):
+            if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 with contextlib.suppress(FileNotFoundError):
@@ -225,30 +285,50 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 
 class FolderLock:
-    """An exclusive, non-blocking lock on a folder (``.lock`` file, flock): a second writer gets
-    one line instead of a corrupted folder. Released when the process ends, even by SIGKILL."""
+    """An exclusive, non-blocking lock on an output path, a folder or a file: a second writer gets one
+    line (exit 2) instead of a mixed or lost output. The flock is on ``.<name>.lock`` BESIDE the path,
+    in its parent folder: a folder that :func:`atomic_dir` replaces by rename stays guarded, and
+    nothing is created inside a folder before it was checked. The lock file is removed on release
+    (a lock file left by a killed process is empty and harmless: the next writer reuses it); the
+    lock itself ends with the process, even by SIGKILL."""
 
-    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
-        self.folder, self.what, self._fd = Path(folder), what, None
+    def __init__(self, path: str | os.PathLike, what: str = "folder"):
+        p = Path(path).absolute()
+        self.folder, self.what, self._fd = Path(path), what, None
+        self.lockfile = p.parent.resolve() / f".{p.name}.lock"
 
     def acquire(self) -> "FolderLock":
         import fcntl
 
         from .errors import UserError
 
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        self.lockfile.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"{self.what} {self.folder} is in use by another sglp-edge process; wait for it to "
+                                "finish or choose another path") from None
+            if self._same_file(fd):  # not a lock file a releasing holder unlinked meanwhile
+                self._fd = fd
+                return self
             os.close(fd)
-            raise UserError(f"{self.what} {self.folder} is in use by another sglp-edge process; wait for it to "
-                            "finish or choose another folder") from None
-        self._fd = fd
-        return self
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.lockfile)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self) -> None:
         if self._fd is not None:
+            if self._same_file(self._fd):  # unlinked while still held: a waiting opener sees it gone
+                with contextlib.suppress(OSError):
+                    os.unlink(self.lockfile)
             os.close(self._fd)
             self._fd = None
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from exporters.atomic import FolderLock, atomic_dir, atomic_write_json, clean_stale_temps, mark_output, sha256_file
+from exporters.atomic import (FolderLock, atomic_dir, atomic_write_json, check_out_dir, clean_stale_temps,
+                              mark_output, sha256_file)
 from exporters.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -31,23 +32,39 @@ def hash_tree(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+#: what makes a folder a run folder of ours (exporters.atomic.owns): the marker and the manifest, or a
+#: marker naming `run` (a run stopped before its first stage)
+OWN = {"results": (MANIFEST,), "command": "run"}
+
+
 class StageRunner:
     def __init__(self, run_dir: Path, *, force: bool = False, log: Callable[[str], None] = print):
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # one writer per run folder: a second concurrent run gets one line instead of a mixed manifest
+        # nothing in a folder that is not ours is touched: every check before the lock, the marker, the clean-up
+        check_out_dir(self.run_dir, reuse=True, what="run folder", **OWN)
+        # one writer per run folder: a second concurrent run gets one line instead of a mixed manifest (the lock
+        # file lies beside the folder, so it exists only once the checks passed)
         self.lock = FolderLock(self.run_dir, "run folder").acquire()
-        mark_output(self.run_dir)
-        work = self.run_dir / ".work"
-        dirs = [self.run_dir, *([work, *(d for d in work.rglob("*") if d.is_dir())] if work.is_dir() else [])]
-        for p in [p for d in dirs for p in clean_stale_temps(d)]:  # left by a killed run (SIGKILL, power loss)
-            log(f"[clean] removed {p.name}, left by an interrupted run")
+        try:
+            check_out_dir(self.run_dir, reuse=True, what="run folder", **OWN)  # again, under the lock
+            self.manifest: dict[str, Any] = self._read_manifest(self.run_dir / MANIFEST)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            mark_output(self.run_dir, command="run")
+            self._clean(log)
+        except BaseException:
+            self.lock.release()
+            raise
         self.force = force
         self.log = log
-        path = self.run_dir / MANIFEST
-        self.manifest: dict[str, Any] = self._read_manifest(path)
         self.ran: list[str] = []
         self.skipped: list[str] = []
+
+    def _clean(self, log: Callable[[str], None]) -> None:
+        """Our own temporaries a killed run left (SIGKILL, power loss), here and under .work."""
+        work = self.run_dir / ".work"
+        dirs = [self.run_dir, *([work, *(d for d in work.rglob("*") if d.is_dir())] if work.is_dir() else [])]
+        for p in [p for d in dirs for p in clean_stale_temps(d)]:
+            log(f"[clean] removed {p.name}, left by an interrupted run")
 
     @staticmethod
     def _read_manifest(path: Path) -> dict[str, Any]:

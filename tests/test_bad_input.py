@@ -159,6 +159,7 @@ def test_check_out_dir_lets_a_command_reuse_its_own_folder(tmp_path):
     d = tmp_path / "bench"
     d.mkdir()
     (d / MARKER).write_text("{}")
+    (d / "summary.json").write_text("{}")  # the marker AND a result of ours (a bare marker is not enough)
     (d / "board").mkdir()
     assert check_out_dir(d, reuse=True) == d
     with pytest.raises(UserError, match="--force"):
@@ -259,6 +260,7 @@ def test_run_checks_units_and_data_shape_before_the_prune(tmp_path):
 def test_corrupt_run_manifest_is_one_line(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
+    (run / MARKER).write_text("{}")  # a run folder of ours (a bare manifest.json is the user's: refused untouched)
     (run / "manifest.json").write_text('{"stages": {"prune": ')
     code, err = cli("run", "--config", _run_cfg(tmp_path), "--out", run)
     one_line_error(code, err, "corrupt")

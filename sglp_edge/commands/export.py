@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from ._common import guard_out_file, trust_builder_option, trust_remote_code_option, user_errors
+from ._common import (guard_out_dir, guard_out_file, hold_out, trust_builder_option, trust_remote_code_option,
+                      user_errors)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -98,6 +99,7 @@ def register(app: typer.Typer) -> None:
 
             require_genai()  # before the long ONNX export, not after it
         guard_out_file(out, force=force, inputs=(model, weights, parity_data))
+        hold_out(out, file=True, force=force, inputs=(model, weights, parity_data))
         try:
             from sglp_edge.models.registry import load_model
         except ImportError as e:  # pragma: no cover - registry lands with the model loaders
@@ -122,6 +124,9 @@ def register(app: typer.Typer) -> None:
             from sglp_edge.export_lm import export_causal_lm
 
             folder = out.with_suffix("") if out.suffix == ".onnx" else out
+            if folder != out:  # X.onnx names the folder X: replaced whole, so checked and held as a folder
+                guard_out_dir(folder, force=force, inputs=(model, weights))
+                hold_out(folder, force=force, inputs=(model, weights))
             meta = export_causal_lm(net, folder, opset=opset or 18)
             p = meta["parity_vs_pytorch"]
             typer.echo(f"wrote {folder}/model.onnx + lm.json ({meta['size_bytes'] / 1e6:.2f} MB; {meta['layout']}: "

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._common import guard_out_dir, trust_builder_option, trust_remote_code_option, user_errors
+from ._common import guard_out_dir, hold_out, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -92,6 +92,7 @@ def register(app: typer.Typer) -> None:
                        log=lambda m: typer.echo(m, err=True))
         job.validate()
         guard_out_dir(out, force=force, inputs=(model, weights, data_root, data))
+        hold_out(out, force=force, inputs=(model, weights, data_root, data))
         result = run_prune_job(job, show_progress=True)
         p = result.plan
         typer.echo(
