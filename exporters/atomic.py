@@ -289,13 +289,24 @@ class FolderLock:
     line (exit 2) instead of a mixed or lost output. The flock is on ``.<name>.lock`` BESIDE the path,
     in its parent folder: a folder that :func:`atomic_dir` replaces by rename stays guarded, and
     nothing is created inside a folder before it was checked. The lock file is removed on release
-    (a lock file left by a killed process is empty and harmless: the next writer reuses it); the
-    lock itself ends with the process, even by SIGKILL."""
+    when it is ours (it says so inside; a file of that name we did not make is only read, never
+    changed or removed); one left by a killed process is reused. The lock ends with the process,
+    even by SIGKILL."""
+
+    SIGNATURE = b"sglp-edge lock\n"
 
     def __init__(self, path: str | os.PathLike, what: str = "folder"):
         p = Path(path).absolute()
         self.folder, self.what, self._fd = Path(path), what, None
         self.lockfile = p.parent.resolve() / f".{p.name}.lock"
+
+    def _open(self) -> int:
+        try:
+            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return os.open(self.lockfile, os.O_RDONLY)  # flock works on a read-only descriptor
+        os.write(fd, self.SIGNATURE)
+        return fd
 
     def acquire(self) -> "FolderLock":
         import fcntl
@@ -304,7 +315,10 @@ class FolderLock:
 
         self.lockfile.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = self._open()
+            except FileNotFoundError:  # unlinked between the two opens by a releasing holder
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -326,7 +340,8 @@ class FolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            if self._same_file(self._fd):  # unlinked while still held: a waiting opener sees it gone
+            ours = os.pread(self._fd, len(self.SIGNATURE) + 1, 0) == self.SIGNATURE
+            if ours and self._same_file(self._fd):  # unlinked while still held: a later opener sees it gone
                 with contextlib.suppress(OSError):
                     os.unlink(self.lockfile)
             os.close(self._fd)

@@ -193,3 +193,12 @@ def test_folder_lock_is_exclusive_and_leaves_no_file(tmp_path):
         with pytest.raises(UserError, match=IN_USE):
             FolderLock(out).acquire()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_users_file_named_like_the_lock_is_never_changed_or_removed(tmp_path):
+    mine = tmp_path / ".o.lock"
+    mine.write_text("my lock notes\n")
+    with FolderLock(tmp_path / "o"):
+        with pytest.raises(UserError, match=IN_USE):
+            FolderLock(tmp_path / "o").acquire()
+    assert mine.read_text() == "my lock notes\n"
