@@ -85,6 +85,8 @@ class FinetuneConfig(LoopConfig):
             raise UserError(f"--train-last must be >= 1 (units to train), got {self.train_last}")
         if self.feature_weight < 0:
             raise UserError(f"--feature-weight must be >= 0, got {self.feature_weight}")
+        if self.target not in ("auto", "labels", "teacher"):
+            raise UserError(f"finetune target must be auto, labels or teacher, got {self.target!r}")
         if self.feature_weight > 0 and not self.feature_map:
             raise UserError("feature distillation needs the student->teacher unit map (kept_unit_map)")
 
@@ -336,8 +338,8 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, data: Any, info: Dist
                         "is --teacher the model this one was pruned from?")
     from .teacher_targets import check_not_degenerate
 
-    if len(data.val) > 1:  # a teacher whose outputs ignore the input has nothing to teach
-        xs = torch.stack([data.val[i][0] for i in range(min(len(data.val), 16))]).to(info.device)
+    if len(data.train) > 1:  # a teacher whose outputs ignore the input has nothing to teach (val is read only to select)
+        xs = torch.stack([data.train[i][0] for i in range(min(len(data.train), 16))]).to(info.device)
         check_not_degenerate(teacher(xs))
     return int(so.shape[-1])
 
