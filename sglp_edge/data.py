@@ -268,6 +268,11 @@ def _imagefolder(path: str, *, seed: int, val_size: int | None, image_size: int,
         try:
             return ImageFolder(str(p))
         except (FileNotFoundError, RuntimeError) as e:
+            from .data_images import FlatImages
+
+            flat = FlatImages(p)
+            if len(flat) and not any(c.is_dir() for c in p.iterdir()):
+                return flat  # type: ignore[return-value]  # images without class folders: no labels
             raise UserError(f"{p} is not an ImageFolder layout ({str(e).splitlines()[0]}); "
                             "put each class's images in their own sub-folder") from None
 
@@ -295,7 +300,9 @@ def _imagefolder(path: str, *, seed: int, val_size: int | None, image_size: int,
         test_src = tr
         meta["test_from"] = f"seeded held-out 10 % of {root}"
     num_classes = len(tr.classes)
-    meta["labels"] = "class folders numbered 0..N-1 in sorted name order"
+    meta["labels"] = "class folders numbered 0..N-1 in sorted name order" if tr.classes else "none (no class folders)"
+    if class_map is not None and not tr.classes:
+        raise UserError(f"--class-map maps class folders, but {root} holds its images without class folders; drop it")
     if class_map is not None:
         from .data_images import read_class_map
 

@@ -170,3 +170,21 @@ def read_class_map(path: str | Path, folders: Sequence[str]) -> ClassRemap:
         raise UserError(f"class map {p} does not map the folder(s) {', '.join(missing[:5])}"
                         f"{' ...' if len(missing) > 5 else ''}; add them (folder name -> class index)")
     return ClassRemap([m[f] for f in folders])
+
+
+class FlatImages:
+    """A folder of images with no class folders: every image gets label 0 and ``classes`` is empty
+    (no labels: what calibrates label-free, against the model's own outputs)."""
+
+    def __init__(self, root: Path):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+        self.samples = sorted(p for p in Path(root).iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        self.classes: list[str] = []
+        self.loader, self.target_transform = default_loader, None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.loader(str(self.samples[i])), 0

@@ -35,7 +35,7 @@ def choose_target(n_outputs: int, data_classes: Optional[int], *, class_mapped: 
     on labels, so that the label check names the likely mistake (``--num-classes``)."""
     if class_mapped:
         return "labels", "--class-map maps the data's folders to the model's classes"
-    if data_classes is None:
+    if not data_classes:
         return "teacher", "the data has no labels"
     if data_classes == n_outputs or (named_classes and data_classes > n_outputs):
         return "labels", f"the data's {data_classes} classes match the model's {n_outputs} outputs"

@@ -242,6 +242,25 @@ def test_constant_output_model_is_refused_and_not_a_parity_pass(tmp_path):
     assert "passed=n/a (outputs constant)" in r.stdout and "passed=True" not in r.stdout, r.stdout
 
 
+@needs_data
+def test_a_folder_without_class_folders_has_no_labels(own, tmp_path):
+    import shutil
+
+    from sglp_edge.data import get_dataset
+    from sglp_edge.errors import UserError
+    from sglp_edge.teacher_targets import choose_target
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for png in sorted((own["dir"] / "photos" / "eta").glob("*.png"))[:30]:
+        shutil.copy(png, flat / png.name)
+    b = get_dataset(f"imagefolder:{flat}", image_size=32)
+    assert b.num_classes == 0 and b.meta["labels"].startswith("none") and b.train[0][0].shape == (3, 32, 32)
+    assert choose_target(10, b.num_classes) == ("teacher", "the data has no labels")
+    with pytest.raises(UserError, match="without class folders"):
+        get_dataset(f"imagefolder:{flat}", image_size=32, class_map=own["dir"] / "map.json")
+
+
 def test_degenerate_checks_and_target_choice():
     from sglp_edge.teacher_targets import choose_target, is_constant, scores_all_equal
 
