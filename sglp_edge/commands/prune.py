@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="output folder (written atomically)"),
         data: str = typer.Option("fashion-mnist", "--data", help="calibration data: fashion-mnist, mnist5k, cifar10, "
                                  "cifar100, imagefolder:<dir>, text. imagefolder:DIR: one sub-folder of images per "
-                                 "class (or DIR/train + DIR/val); resized and center-cropped to the model's input "
+                                 "class (or DIR/train + DIR/val, or images with no class folders: no labels); resized and center-cropped to the model's input "
                                  "size (model.image_size, else 224), ImageNet mean/std. Its labels are used only when "
                                  "its class count equals the model's outputs or --class-map is given; otherwise "
                                  "candidates are scored label-free, against the model's own outputs"),
