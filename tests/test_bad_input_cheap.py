@@ -283,3 +283,10 @@ def test_folder_given_as_file(tmp_path, onnx_model, args, needle):
     code, out = cli(*[sub.get(a, a) for a in args])
     one_line_error(code, out, needle, "is a folder, give a file")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("flags", [["--eval-samples", "-5"], ["--calib-samples", "0"], ["--max-batch", "0"]])
+def test_compile_sample_counts(tmp_path, onnx_model, flags):
+    code, out = cli("compile", onnx_model, "--backend", "onnxruntime", *flags, "--out", tmp_path / "c")
+    one_line_error(code, out, flags[0], "must be > 0")
+    assert not (tmp_path / "c").exists()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import guard_out_dir, hold_out, user_errors
+from ._common import guard_out_dir, hold_out, positive, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -50,6 +50,9 @@ def register(app: typer.Typer) -> None:
 
         from ..validate import check_file
 
+        for name, v in (("--calib-samples", calib_samples), ("--eval-samples", eval_samples),
+                        ("--workspace-mb", workspace_mb), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+            positive(name, v)
         for path, what in ((onnx, "ONNX file"), (calib, "--calib"), (eval_data, "--eval")):
             if path is not None and (path.is_dir() or path.is_file()):
                 check_file(path, what)  # a folder where a file goes (a missing one is named by the compiler)
