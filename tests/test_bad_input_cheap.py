@@ -87,6 +87,22 @@ def test_symlink_loop_as_out(tmp_path, onnx_model, tripwires, cmd):
     one_line_error(code, out, "symbolic link loop", "give a real path")
 
 
+@pytest.mark.parametrize("cmd", ["prune", "export", "compile", "run", "bench", "config", "data"])
+def test_a_300_character_name(tmp_path, onnx_model, tripwires, cmd):
+    long = tmp_path / ("n" * 300)
+    args = {"prune": ["prune", "mobilenetv2", "--keep", "6", "--out", long],
+            "export": ["export", "mobilenetv2", "--out", f"{long}.onnx"],
+            "compile": ["compile", onnx_model, "--backend", "onnxruntime", "--out", long],
+            "run": ["run", "--config", run_config(tmp_path), "--out", long],
+            "bench": ["bench", onnx_model, "--device", "local-cpu-ort", "--out", long],
+            "config": ["run", "--config", f"{long}.yaml", "--out", tmp_path / "o"],
+            "data": ["bench", onnx_model, "--device", "local-cpu-ort", "--data", f"{long}.npz", "--out", tmp_path / "o"]}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out = cli(*args[cmd])
+    one_line_error(code, out, "choose a shorter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
 @pytest.mark.parametrize("spec,needle", [
     ({"family": "cifar_resnet", "depth": "fifty", "num_classes": 10, "in_channels": 3}, "fifty"),
     ({"family": "cifar_resnet", "num_classes": 10}, "depth"),
