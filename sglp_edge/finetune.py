@@ -338,8 +338,11 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, data: Any, info: Dist
                         "is --teacher the model this one was pruned from?")
     from .teacher_targets import check_not_degenerate
 
-    if len(data.train) > 1:  # a teacher whose outputs ignore the input has nothing to teach (val is read only to select)
-        xs = torch.stack([data.train[i][0] for i in range(min(len(data.train), 16))]).to(info.device)
+    # a teacher whose outputs ignore the input has nothing to teach; read the held-out split where it has
+    # images (the training stream, and so each rank's shard and order, stays exactly as without the check)
+    src = data.val if len(data.val) > 1 else data.train
+    if len(src) > 1:
+        xs = torch.stack([src[i][0] for i in range(min(len(src), 16))]).to(info.device)
         check_not_degenerate(teacher(xs))
     return int(so.shape[-1])
 
