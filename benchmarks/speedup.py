@@ -7,8 +7,9 @@ With ``--run`` it measures the ONNX files of a finished ``sglp-edge run`` folder
 prunes the default model itself (SGLP, --keep) and exports both. Both networks stay loaded; they are
 timed in alternating passes (original, pruned, then pruned, original, ...) and the speedup is the
 median of the per-pass ratios (``benchmarks/paired.py``), printed with its spread and the load
-average. A speedup above the MACs ratio (the physical limit of depth pruning) is a measuring fault:
-it is measured again, and if it persists the script exits 3 without a summary line. Host-side
+average. A speedup more than 15 % above the MACs ratio (the limit of what removing work saves; see
+``MACS_TOLERANCE``) is a measuring fault: it is measured again, and if it persists the script exits
+3 without a summary line. Host-side
 script; the summary line is printed last.
 """
 
@@ -41,6 +42,13 @@ def _prepare(tmp: Path, keep: int) -> tuple[Path, Path, float, str]:
     export_onnx(loaded.model, x, tmp / "original.onnx", progress=False)
     export_onnx(res.pruned, x, tmp / "pruned.onnx", progress=False)
     return tmp / "original.onnx", tmp / "pruned.onnx", res.plan.macs_before / res.plan.macs_after, which
+
+
+#: how far above the MACs ratio a speedup is still read as a result. The MACs ratio bounds what removed
+#: work alone can save; the smaller network also runs each remaining MAC a little faster (its weights and
+#: activations stay in cache; the 16-channel blocks that go first are the slowest per MAC), which
+#: measured here as a median 0-6 % above it, run after run. Beyond 15 % it is a measuring fault.
+MACS_TOLERANCE = 0.15
 
 
 class _Timer:
@@ -82,7 +90,7 @@ def _speedup(backend: str, orig: Path, pruned: Path, macs_ratio: float, args: ar
         a.warm_up()
         b.warm_up()
         return paired_ratio(a, b, passes=args.passes, limit=macs_ratio, retries=args.retries, label=f"{backend}: ",
-                            log=print if args.verbose else None)
+                            tolerance=MACS_TOLERANCE, log=print if args.verbose else None)
     finally:
         a.close()
         b.close()
