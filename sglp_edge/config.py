@@ -16,16 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-from .validate import check_file, check_host, check_path, check_threads
-
-
-def _checked(check: Any, name: str, v: Any) -> Any:
-    """A :mod:`sglp_edge.validate` check inside a pydantic validator (which reports ValueErrors)."""
-    try:
-        check(name, v)
-    except UserError as e:
-        raise ValueError(str(e)) from None
-    return v
+from .validate import check_file, check_host, check_path, check_threads, field_check
 
 
 class _Strict(BaseModel):
@@ -117,7 +108,7 @@ class BoardSection(_Strict):
     @field_validator("host")
     @classmethod
     def _host(cls, v: Optional[str]) -> Optional[str]:
-        return _checked(check_host, "host", v)
+        return field_check(check_host, "host", v)
 
 
 class RunConfig(_Strict):
@@ -142,7 +133,7 @@ class RunConfig(_Strict):
     @field_validator("threads")
     @classmethod
     def _threads(cls, v: int) -> int:
-        return _checked(check_threads, "threads", v)
+        return field_check(check_threads, "threads", v)
 
     @field_validator("bench")
     @classmethod

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 from exporters.errors import UserError
 from exporters.registry import BACKENDS as _REGISTRY
 
+from .validate import check_host, check_threads, field_check
+
 Metric = Literal[
     "latency_p50_ms",
     "latency_p90_ms",
@@ -135,13 +137,7 @@ class BenchOverrides(_Strict):
     @field_validator("threads")
     @classmethod
     def _threads(cls, v: Optional[int]) -> Optional[int]:
-        from .validate import check_threads
-
-        try:
-            check_threads("threads", v)
-        except UserError as e:
-            raise ValueError(str(e)) from None
-        return v
+        return field_check(check_threads, "threads", v)
 
 
 class SSHDefaults(_Strict):
@@ -158,13 +154,7 @@ class SSHDefaults(_Strict):
     @field_validator("host")
     @classmethod
     def _host(cls, v: Optional[str]) -> Optional[str]:
-        from .validate import check_host
-
-        try:
-            check_host("host", v)
-        except UserError as e:
-            raise ValueError(str(e)) from None
-        return v
+        return field_check(check_host, "host", v)
 
     @field_validator("env")
     @classmethod

@@ -8,7 +8,7 @@ import errno
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from exporters.errors import UserError
 
@@ -76,3 +76,12 @@ def check_file(path: os.PathLike | str, what: str) -> Path:
     if not p.is_file():
         raise UserError(f"{what} {p} does not exist")
     return p
+
+
+def field_check(check: Callable[[str, Any], None], name: str, value: Any) -> Any:
+    """Run one of these checks inside a pydantic validator (which reports a ValueError)."""
+    try:
+        check(name, value)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return value
