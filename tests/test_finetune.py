@@ -229,6 +229,23 @@ def test_finetune_rejects_mismatched_inputs(data, teacher):
         FinetuneConfig(steps=1, alpha=1.5).check()
 
 
+def test_a_teacher_whose_outputs_ignore_the_input_is_refused(data, teacher):
+    """A teacher with a zero classifier (an architecture loaded without its weights) has nothing to
+    teach: one line before any step, and no extra image is read for the check."""
+    import copy
+
+    ad = CifarResNetAdapter()
+    blank = copy.deepcopy(teacher)
+    head = [m for m in blank.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.zero_()
+    counting = _CountingSplit(data.val)
+    bundle = type(data)(**{**data.__dict__, "val": counting})
+    with pytest.raises(UserError, match="do not depend on its input"):
+        finetune(ad.remove(teacher, ["layer1.1"]), blank, ad, bundle, FinetuneConfig(steps=1, progress=False))
+    assert counting.reads == 1  # the one-image shape check
+
+
 # ---------------------------------------------------------------------------------------------
 # language models
 # ---------------------------------------------------------------------------------------------
