@@ -14,6 +14,8 @@ import typer
 
 from exporters.errors import EXIT_INTERNAL, EXIT_USER, UserError, describe_os_error, exit_code
 
+from ..validate import check_path
+
 F = TypeVar("F", bound=Callable)
 
 #: exit status of an interrupted command (Ctrl-C / SIGTERM); the others are in exporters/errors.py
@@ -94,7 +96,6 @@ def guard_out_dir(out: Path, *, force: bool = False, inputs: tuple = (), reuse: 
     :func:`exporters.atomic.check_out_dir`; ``own``: its ``results`` / ``command``)."""
     from exporters.atomic import check_out_dir
 
-    from ..validate import check_path
 
     check_path(out, "--out")  # a name too long, a symbolic-link loop: one line
     checked = check_out_dir(out, force=force, inputs=tuple(_input_paths(inputs)), reuse=reuse, **own)
@@ -122,7 +123,6 @@ def hold_out(out: Path, *, file: bool = False, **check: Any) -> Any:
 def guard_out_file(out: Path, *, force: bool = False, inputs: tuple = ()) -> Path:
     from exporters.atomic import check_out_file
 
-    from ..validate import check_path
 
     check_path(out, "--out")
     checked = check_out_file(out, force=force, inputs=tuple(_input_paths(inputs)))
