@@ -20,16 +20,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import onnx_utils as ou
-from .atomic import atomic_dir, atomic_write_json, sha256_file
-from .calib import CalibData, batches, check_matches_input, load_npz
-from .errors import UserError
+from exporters import onnx_utils as ou
+from benchmarks.board.atomic import atomic_dir, atomic_write_json, sha256_file
+from benchmarks.board.calib import CalibData, batches, check_matches_input, load_npz
+from benchmarks.board.errors import UserError
 
 MANIFEST_FORMAT = "sglp-edge/compile-manifest/1"
 MANIFEST_NAME = "manifest.json"
-from .registry import BACKENDS as _REGISTRY
-from .registry import get_backend
-from .stack import CompileRequest, stack_runner
+from benchmarks.board.backends import BACKENDS as _REGISTRY
+from benchmarks.board.backends import get_backend
+from exporters.stack import CompileRequest, stack_runner
 
 BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {n: b.precisions for n, b in _REGISTRY.items() if b.image}
 
@@ -129,7 +129,7 @@ def compile_model(
     t0 = time.perf_counter()
     check_request(backend, precision)
     if backend == "openvino":
-        from .openvino_backend import check_device
+        from exporters.openvino_backend import check_device
 
         check_device(device)
     spec = get_backend(backend)

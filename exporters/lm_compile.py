@@ -1,4 +1,4 @@
-"""Compile a decoder-LM graph (``text-generation-with-past`` layout, see ``sglp_edge/export_lm.py``)
+"""Compile a decoder-LM graph (``text-generation-with-past`` layout, see ``sglp_edge/export/lm.py``)
 for a backend and precision. No torch: this can run on the board.
 
     onnxruntime  fp32  the exported graph (ORT's own graph optimisations at session creation)
@@ -7,7 +7,7 @@ for a backend and precision. No torch: this can run on the board.
                        (both with ``accuracy_level`` 4, int8 compute: ORT's fast CPU path)
     openvino     fp32 / fp16  IR (``compress_to_fp16`` for fp16 weights; the CPU still computes in f32).
                  The source may be the ``.onnx`` or, faster, the stateful ``openvino_model.xml`` of
-                 ``sglp_edge.export_lm_openvino`` (fused attention, KV cache as state); either way
+                 ``sglp_edge.export.lm_openvino`` (fused attention, KV cache as state); either way
                  the weight compression below applies
                  int8  ``nncf.compress_weights`` INT8_ASYM (weight-only; activations stay float)
                  int4  ``nncf.compress_weights`` INT4_SYM, ``group_size`` (must divide the hidden size:
@@ -32,8 +32,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from .atomic import atomic_dir, atomic_write_json, sha256_file
-from .errors import UserError
+from benchmarks.board.atomic import atomic_dir, atomic_write_json, sha256_file
+from benchmarks.board.errors import UserError
 
 BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "int8", "int4"), "openvino": ("fp32", "fp16", "int8", "int4"),
                       "tensorrt": ("fp32", "fp16")}
@@ -47,7 +47,7 @@ def _lm_dims(onnx_path: Path) -> Dict[str, Any]:
     names = [i.name for i in m.graph.input]
     if names[:3] != ["input_ids", "attention_mask", "position_ids"] or len(names) < 5:
         raise UserError(f"{onnx_path} is not a text-generation-with-past graph (inputs {names[:4]}); export it with "
-                        "sglp_edge.export_lm.export_causal_lm")
+                        "sglp_edge.export.lm.export_causal_lm")
     d = [x.dim_value or x.dim_param for x in m.graph.input[3].type.tensor_type.shape.dim]
     vocab = m.graph.output[0].type.tensor_type.shape.dim[2].dim_value or None  # logits (batch, sequence, vocab)
     hidden = None
@@ -81,7 +81,7 @@ def _ir_dims(xml: Path) -> Dict[str, Any]:
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if meta.get("layout") != "openvino-stateful":
         raise UserError(f"{xml} has no lm.json of a stateful OpenVINO export beside it; export it with "
-                        "sglp_edge.export_lm_openvino (or pass the .onnx of sglp_edge.export_lm)")
+                        "sglp_edge.export.lm_openvino (or pass the .onnx of sglp_edge.export.lm)")
     return {"inputs": meta["inputs"], "n_past": 2 * int(meta["num_layers"]), "kv_heads": int(meta["kv_heads"]),
             "head_dim": int(meta["head_dim"]), "hidden": meta.get("hidden_size"), "vocab": meta.get("vocab_size")}
 
@@ -138,7 +138,7 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
 
     ``accuracy_level`` (ONNX Runtime INT8/INT4 only): MatMulNBits' compute type, ORT's scale: 0 unset,
     1 fp32, 2 fp16, 3 bf16, 4 int8 (activations quantised per block at run time: the fast CPU path).
-    ``None``: 4. Measured on the pruned SmolLM2 (benchmarks/llm_quant.py, 2 threads): 8-bit weights
+    ``None``: 4. Measured on the pruned SmolLM2 (benchmarks/experiments/llm_quant.py, 2 threads): 8-bit weights
     decode at 0.27x FP32's tokens/s at level 0 and 1.53x at level 4, for +0.8 % perplexity."""
     t0 = time.perf_counter()
     onnx_path = Path(onnx_path)
@@ -150,7 +150,7 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
         raise UserError(f"LM graph {onnx_path} does not exist")
     if onnx_path.suffix == ".xml" and backend != "openvino":
         raise UserError(f"{onnx_path} is an OpenVINO IR: it compiles for openvino only; pass the .onnx of "
-                        f"sglp_edge.export_lm for {backend}")
+                        f"sglp_edge.export.lm for {backend}")
     dims = _ir_dims(onnx_path) if onnx_path.suffix == ".xml" else _lm_dims(onnx_path)
     if precision == "int4" and (not dims["hidden"] or dims["hidden"] % group_size):
         raise UserError(f"INT4 group size {group_size} does not divide the hidden size {dims['hidden']} (or the "
@@ -237,8 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:  # python -m exporters.lm_com
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m exporters.lm_compile")
-    p.add_argument("onnx", help="model.onnx of sglp_edge.export_lm, or (openvino only) openvino_model.xml of "
-                                "sglp_edge.export_lm_openvino")
+    p.add_argument("onnx", help="model.onnx of sglp_edge.export.lm, or (openvino only) openvino_model.xml of "
+                                "sglp_edge.export.lm_openvino")
     p.add_argument("backend")
     p.add_argument("precision")
     p.add_argument("out")

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .atomic import atomic_path
-from .errors import UserError
+from benchmarks.board.atomic import atomic_path
+from benchmarks.board.errors import UserError
 
 META_KEY = "sglp_edge"
 TWO_GB = 2 * 1024**3

@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .calib import CalibData, batches
-from .errors import UserError
+from benchmarks.board.calib import CalibData, batches
+from benchmarks.board.errors import UserError
 
 INT8_SCHEMES = ("auto", "static", "weights")  # auto: weights for token models, static otherwise
 
@@ -236,7 +236,7 @@ def build(
 
 def compile_step(req: Any) -> tuple:
     """The registry's compile step (see exporters/stack.py): IR + the harness's runner for parity."""
-    from .stack import stack_runner
+    from exporters.stack import stack_runner
 
     section = build(req.onnx_path, req.out, req.precision, calib=req.calib, eval_data=req.eval_data,
                     max_accuracy_drop=req.max_accuracy_drop, calib_samples=req.calib_samples, device=req.device,

@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .calib import CalibData, batches
-from .errors import UserError
+from benchmarks.board.calib import CalibData, batches
+from benchmarks.board.errors import UserError
 
 INT8_SCHEMES = ("auto", "static", "dynamic", "weights")  # auto: weights for token models, static otherwise
 
@@ -293,7 +293,7 @@ def build(
 
 def compile_step(req: Any) -> tuple:
     """The registry's compile step (see exporters/stack.py): the ONNX Runtime artifact + the harness's runner."""
-    from .stack import stack_runner
+    from exporters.stack import stack_runner
 
     section = build(req.onnx_path, req.out, req.precision, calib=req.calib, calib_samples=req.calib_samples,
                     providers=req.providers, keep_first_last_float=req.keep_first_last_float,

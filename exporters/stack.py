@@ -1,5 +1,5 @@
 """What every backend's compile step shares: the request it receives and the runner stack its
-parity goes through (the on-device harness's own runners, benchmarks/runners.py: one stack).
+parity goes through (the on-device harness's own runners, benchmarks/board/runners.py: one stack).
 No torch; Python 3.8 compatible."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .calib import CalibData, batches
+from benchmarks.board.calib import CalibData, batches
 
 
 @dataclass
@@ -39,10 +39,10 @@ class CompileRequest:
 
 def stack_runner(backend: str, artifact: str | Path, precision: str, *, device: str = "CPU",
                  providers: Sequence[str] | None = None, max_batch: int = 64) -> Callable[[np.ndarray], np.ndarray]:
-    """``f(x) -> first output`` through the on-device harness's own runners (benchmarks/runners.py):
+    """``f(x) -> first output`` through the on-device harness's own runners (benchmarks/board/runners.py):
     compile-time parity and the board measure with one stack. Batches never exceed ``max_batch``
     (for TensorRT: the engine profile's maximum)."""
-    from benchmarks.runners import open_runner
+    from benchmarks.board.runners import open_runner
 
     state: dict[str, Any] = {}
 

@@ -1,5 +1,5 @@
 """Train the shipped small MobileNetV2 on Fashion-MNIST (Debian dataset-fashion-mnist) with the
-project's own trainer (sglp_edge.train) and write it as the asset sglp_edge/assets/mobilenetv2_fmnist
+project's own trainer (sglp_edge.train.fit) and write it as the asset sglp_edge/assets/mobilenetv2_fmnist
 (model.safetensors + sglp_model.json + manifest.json with the recipe, the accuracies and the
 weights' sha256), the way the ResNet-56 asset ships.
 
@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from sglp_edge.commands.train import write_trained_checkpoint
-    from sglp_edge.data import get_dataset
+    from sglp_edge.data.datasets import get_dataset
     from sglp_edge.models.mobilenet_small import SmallMobileNetV2Adapter, mobilenetv2_fmnist
-    from sglp_edge.train import BASELINE_RECIPE, LoopConfig, train_classifier, training_manifest
+    from sglp_edge.train.fit import BASELINE_RECIPE, LoopConfig, train_classifier, training_manifest
 
     bundle = get_dataset("fashion-mnist", seed=args.seed, channels=1)
     torch.manual_seed(args.seed)  # the initial weights depend on the seed only

@@ -22,9 +22,9 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
-from .models.base import ModelAdapter
-from .sglp.prune import PruneConfig, PrunePlan
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import ModelAdapter
+from sglp_edge.sglp.prune import PruneConfig, PrunePlan
 
 __all__ = ["analyze", "apply", "save", "load", "load_model"]
 
@@ -35,14 +35,14 @@ def load_model(source: str, *, weights: str | Path | None = None, num_classes: i
     a checkpoint folder, ``default``...), as an ``nn.Module`` that remembers how to rebuild itself.
     ``trust_builder``: run a checkpoint's builder file whose sha256 no longer matches;
     ``trust_remote_code``: run a Hugging Face folder's own code (``auto_map``)."""
-    from .models.registry import load_model as _load
+    from sglp_edge.models.registry import load_model as _load
 
     return _load(source, weights=weights, num_classes=num_classes, units=units, need_adapter=False,
                  trust_builder=trust_builder, trust_remote_code=trust_remote_code).model
 
 
 def _adapter(model: nn.Module, units: str | Sequence[str] | None) -> ModelAdapter:
-    from .models.registry import get_adapter
+    from sglp_edge.models.registry import get_adapter
 
     return get_adapter(model, units)
 
@@ -65,7 +65,7 @@ def analyze(model: nn.Module, calib: Any, *, units: str | Sequence[str] | None =
     ``target_macs``: fraction of MACs to remove. ``grad_batches``: GradNorm's batches (default:
     the first calibration batch). ``options``: the other :class:`~sglp_edge.sglp.prune.PruneConfig`
     fields (``protocol``, ``k``, ``eval_budget``, ``allocation``, ``seed``...)."""
-    from .sglp.prune import analyze as _analyze
+    from sglp_edge.sglp.prune import analyze as _analyze
 
     cka_b = _batches(calib)
     grad_b = _batches(grad_batches) if grad_batches is not None else cka_b[:1]
@@ -84,8 +84,8 @@ def apply(model: nn.Module, plan: PrunePlan, *, adapter: Optional[ModelAdapter] 
     """A pruned copy of ``model`` without the plan's units (``model`` itself is unchanged). The copy
     remembers how it was made, so :func:`save` can write it. A plan made with ``heal="linear"``
     needs ``calib`` (calibration batches, as for :func:`analyze`) to fit its maps."""
-    from .models.registry import model_spec
-    from .sglp.prune import apply_plan
+    from sglp_edge.models.registry import model_spec
+    from sglp_edge.sglp.prune import apply_plan
 
     adapter = adapter or getattr(plan, "_sglp_adapter", None) or _adapter(model, None)
     pruned = apply_plan(model, adapter, plan, _batches(calib) if calib is not None else ())
@@ -108,19 +108,19 @@ def save(pruned: nn.Module, folder: str | Path, *, builder: Optional[str] = None
     ``sglp_model.json`` (how to rebuild the original and which units to remove); decoder LMs as a
     Hugging Face folder. A model built in your own code needs ``builder="my_net.py:build"`` unless
     it came from :func:`load_model`."""
-    from .models.registry import model_spec, save_checkpoint
+    from sglp_edge.models.registry import model_spec, save_checkpoint
 
     info = getattr(pruned, "_sglp_pruning", None)
     if info is None:
         raise UserError("save() takes a model returned by sglp_edge.apply()")
     adapter: ModelAdapter = info["adapter"]
     if adapter.modality == "tokens":
-        from .models.hf_llm import save_hf
+        from sglp_edge.models.hf_llm import save_hf
 
         return save_hf(pruned, folder, tokenizer=tokenizer, extra={"removed": info["rounds"][-1], **(extra or {})})
     spec = info["spec"]
     if builder is not None:
-        from .models.user_module import load_file_builder
+        from sglp_edge.models.user_module import load_file_builder
 
         ref_model = load_file_builder(builder)
         spec = model_spec(adapter if adapter.family != "generic" else _adapter(ref_model, adapter.patterns),  # type: ignore[attr-defined]
@@ -135,7 +135,7 @@ def save(pruned: nn.Module, folder: str | Path, *, builder: Optional[str] = None
 def load(folder: str | Path, *, trust_builder: bool = False) -> nn.Module:
     """A model saved by :func:`save` (or ``sglp-edge prune``), rebuilt and with its weights. Its
     builder file runs only when its sha256 matches the saved one, or with ``trust_builder``."""
-    from .models.registry import load_model as _load
+    from sglp_edge.models.registry import load_model as _load
 
     loaded = _load(str(folder), trust_builder=trust_builder)
     m = loaded.model

@@ -26,7 +26,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    from exporters.errors import UserError
+    from benchmarks.board.errors import UserError
 
     try:
         app(standalone_mode=True)

@@ -1,6 +1,6 @@
 """Cheap checks of values every command shares (stdlib only): a thread count, an SSH host, a path
 (length, symbolic-link loops, a folder given where a file is expected). Each failure is one
-:class:`~exporters.errors.UserError` line naming the fix, raised before any heavy work."""
+:class:`~benchmarks.board.errors.UserError` line naming the fix, raised before any heavy work."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 
 #: the most threads a command accepts. Past the cores, CPU threads only add contention: 4x the cores
 #: leaves room for oversubscribing on purpose, and 64 keeps a config written for a large machine

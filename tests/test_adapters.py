@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 from sglp_edge.models.base import AdapterError
 from sglp_edge.models.cifar_resnet import cifar_resnet
 from sglp_edge.models.registry import get_adapter, load_checkpoint, load_model, save_checkpoint

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from exporters.atomic import MARKER, FolderLock, atomic_dir, check_out_dir
-from exporters.errors import UserError
+from benchmarks.board.atomic import MARKER, FolderLock, atomic_dir, check_out_dir
+from benchmarks.board.errors import UserError
 from sglp_edge.cli import app
 from tests.onnx_models import make_cnn
 
@@ -270,7 +270,7 @@ def test_corrupt_run_manifest_is_one_line(tmp_path):
 
 
 def test_a_second_run_into_a_locked_folder_refuses(tmp_path):
-    from sglp_edge.stages import StageRunner
+    from sglp_edge.pipeline.stages import StageRunner
 
     run = tmp_path / "run"
     with FolderLock(run):  # a lock alone (a run that has just started)
@@ -309,7 +309,7 @@ def test_prune_out_of_range_labels(tmp_path):
 
 
 def test_outputs_follow_the_umask(tmp_path):
-    from exporters.atomic import atomic_write_text
+    from benchmarks.board.atomic import atomic_write_text
 
     old = os.umask(0o022)
     try:
@@ -348,7 +348,7 @@ def test_a_calibration_batch_that_cannot_fit_in_memory_is_refused_first():
     import torch
 
     from sglp_edge.models.registry import load_model
-    from sglp_edge.pruning_job import check_memory
+    from sglp_edge.pipeline.prune_job import check_memory
 
     lm = load_model("cifar_resnet20")
     small = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))

@@ -46,8 +46,8 @@ def tripwires(monkeypatch):
 
     import sglp_edge.commands.bench as bench_cmd
     import sglp_edge.models.registry as registry
-    import sglp_edge.pipeline as pipeline
-    import sglp_edge.pruning_job as pruning_job
+    import sglp_edge.pipeline.run as pipeline
+    import sglp_edge.pipeline.prune_job as pruning_job
 
     monkeypatch.setattr(torch, "set_num_threads", _trip)
     monkeypatch.setattr(registry, "load_model", _trip)
@@ -238,7 +238,7 @@ def test_heal_choice_before_loading(tmp_path, tripwires):
 @pytest.mark.parametrize("flags,needle", [(["--k", "100"], "--k 100 must be between 1 and the number of units (13)"),
                                           (["--keep", "50"], "--keep 50 is larger")])
 def test_k_and_keep_before_calibration(tmp_path, monkeypatch, flags, needle):
-    import sglp_edge.pruning_job as pruning_job
+    import sglp_edge.pipeline.prune_job as pruning_job
 
     monkeypatch.setattr(pruning_job, "calibration_batches", _trip)
     code, out = cli("prune", "mobilenetv2", *(["--keep", "6"] if "--keep" not in flags else []), *flags,
@@ -248,7 +248,7 @@ def test_k_and_keep_before_calibration(tmp_path, monkeypatch, flags, needle):
 
 
 def _lm_need_fits(batch: int, seq: int) -> bool:
-    from sglp_edge.lm_memory import _meminfo_total, prune_memory_need
+    from sglp_edge.models.lm_memory import _meminfo_total, prune_memory_need
 
     smollm2 = {"hidden": 576, "layers": 30, "inter": 1536, "vocab": 49152, "heads": 9, "kv_heads": 3, "tied": True}
     total = _meminfo_total()

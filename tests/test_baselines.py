@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sglp_edge.errors import UserError
+from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter, Unit
 from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
 from sglp_edge.sglp.baselines import (

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not Path(VERMIN).exists(), reason="needs vermin 
 BOARD_MIN = "3.8"
 
 
-def board_modules(entry: str = "benchmarks/run_bench.py") -> list[Path]:
+def board_modules(entry: str = "benchmarks/board/run_bench.py") -> list[Path]:
     """``entry`` and every benchmarks.* / exporters.* module it imports, transitively."""
     todo, seen = [ROOT / entry], set()
     while todo:
@@ -51,13 +51,13 @@ def vermin(files: list[Path]) -> subprocess.CompletedProcess:
 
 
 def test_board_harness_runs_on_python_38():
-    files = sorted(set(board_modules()) | set(board_modules("benchmarks/run_model.py")))  # + deploy's runner
+    files = sorted(set(board_modules()) | set(board_modules("benchmarks/board/run_model.py")))  # + deploy's runner
     rel = {str(f.relative_to(ROOT)) for f in files}
     # the harness, its runners and the TensorRT build path it ships are all in the closure
-    assert {"benchmarks/run_bench.py", "benchmarks/runners.py", "benchmarks/runner_openvino.py",
-            "benchmarks/runner_onnxruntime.py", "benchmarks/runner_tensorrt.py", "benchmarks/harness.py",
-            "benchmarks/run_model.py", "benchmarks/trt_build.py", "exporters/tensorrt_backend.py",
-            "exporters/tensorrt_plan.py", "exporters/errors.py"} <= rel
+    assert {"benchmarks/board/run_bench.py", "benchmarks/board/runners.py", "benchmarks/board/runner_openvino.py",
+            "benchmarks/board/runner_onnxruntime.py", "benchmarks/board/runner_tensorrt.py", "benchmarks/board/harness.py",
+            "benchmarks/board/run_model.py", "benchmarks/board/trt_build.py", "benchmarks/board/tensorrt_engine.py",
+            "benchmarks/board/tensorrt_plan.py", "benchmarks/board/errors.py"} <= rel
     assert not any(r.startswith("sglp_edge/") for r in rel)  # the host package never goes to a board
     r = vermin(files)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -111,7 +111,7 @@ def test_user_file_cli_prune_reload_export_compile(tmp_path, user_file):
 
 def test_user_file_through_the_python_api(tmp_path, user_file):
     import sglp_edge
-    from sglp_edge.data import get_dataset
+    from sglp_edge.data.datasets import get_dataset
 
     model = sglp_edge.load_model(f"{user_file}:build")
     before = {k: v.clone() for k, v in model.state_dict().items()}

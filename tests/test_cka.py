@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglp_edge.errors import UserError
+from benchmarks.board.errors import UserError
 from sglp_edge.models.base import capture_unit_outputs
 from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
 from sglp_edge.sglp.cka import MinibatchCKA, flatten_for_cka, linear_cka

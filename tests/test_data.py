@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sglp_edge import data as D
-from sglp_edge.errors import UserError
+import sglp_edge.data.datasets as D
+from benchmarks.board.errors import UserError
 
 
 @pytest.fixture(scope="module")

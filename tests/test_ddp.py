@@ -37,7 +37,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from sglp_edge.finetune import FinetuneConfig, finetune
+from sglp_edge.train.finetune import FinetuneConfig, finetune
 from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
 
 REMOVED = ["layer1.1", "layer1.2", "layer2.1", "layer3.2"]
@@ -163,7 +163,7 @@ def teacher_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def group_norm_teacher_file(tmp_path_factory):
     from test_finetune import quadrant_bundle
-    from sglp_edge.train import ClassificationTask, LoopConfig, fit
+    from sglp_edge.train.fit import ClassificationTask, LoopConfig, fit
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 from onnx_models import make_cnn
-from sglp_edge.deploy import deploy, pack, pick_release, rollback, run_in_place
-from sglp_edge.remote import SSHTarget
+from sglp_edge.targets.deploy import deploy, pack, pick_release, rollback, run_in_place
+from sglp_edge.targets.remote import SSHTarget
 from test_remote_ssh import sshd  # noqa: F401  (the real sshd fixture)
 
 DEVICE = "raspberry-pi-5"
@@ -107,7 +107,7 @@ def test_deploy_to_the_emulated_arm_board(sshd, tmp_path):  # noqa: F811
     from sglp_edge.targets import arm64_env
 
     if not arm64_env.ready(("onnxruntime",)):
-        pytest.skip("emulated ARM board not set up here: run `python benchmarks/arm_emulated.py` once")
+        pytest.skip("emulated ARM board not set up here: run `python benchmarks/experiments/arm_emulated.py` once")
     arm_python = str(arm64_env.cache_root() / "bin" / "python3")
     to = str(tmp_path / "pi" / "model")
     res = deploy(pick_release(make_run(tmp_path / "run"), DEVICE), board(sshd, python=arm_python), to)

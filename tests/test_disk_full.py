@@ -14,9 +14,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from exporters.atomic import atomic_path
-from exporters.diskspace import free_bytes
-from exporters.errors import EXIT_ENVIRONMENT, EnvironmentFault
+from benchmarks.board.atomic import atomic_path
+from benchmarks.board.diskspace import free_bytes
+from benchmarks.board.errors import EXIT_ENVIRONMENT, EnvironmentFault
 from sglp_edge.cli import app
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

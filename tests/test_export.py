@@ -1,4 +1,4 @@
-"""sglp_edge/export.py: PyTorch -> ONNX with the real exporters and ONNX Runtime (no mocks)."""
+"""sglp_edge/export/onnx_export.py: PyTorch -> ONNX with the real exporters and ONNX Runtime (no mocks)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from exporters import onnx_utils as ou
-from exporters.errors import UserError
-from sglp_edge.export import export_onnx
+from benchmarks.board.errors import UserError
+from sglp_edge.export.onnx_export import export_onnx
 from sglp_edge.models.cifar_resnet import cifar_resnet
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from exporters import onnx_utils as ou
 from exporters import trt_ops
-from exporters.calib import save_npz
+from benchmarks.board.calib import save_npz
 from sglp_edge.cli import app
 
 runner = CliRunner()

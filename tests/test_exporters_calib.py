@@ -1,12 +1,12 @@
-"""exporters/calib.py: the .npz contract between the torch side and the exporters (numpy only)."""
+"""benchmarks/board/calib.py: the .npz contract between the torch side and the exporters (numpy only)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from exporters.calib import CalibData, batches, check_matches_input, load_npz, num_batches, save_npz
-from exporters.errors import UserError
+from benchmarks.board.calib import CalibData, batches, check_matches_input, load_npz, num_batches, save_npz
+from benchmarks.board.errors import UserError
 
 
 def test_round_trip_keeps_arrays_and_hashes(tmp_path):

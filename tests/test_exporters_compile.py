@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters import onnx_utils as ou
-from exporters.atomic import sha256_file
-from exporters.calib import save_npz
+from benchmarks.board.atomic import sha256_file
+from benchmarks.board.calib import save_npz
 from exporters.compile import MANIFEST_NAME, compile_model
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 
 
 def cnn_model() -> onnx.ModelProto:
@@ -166,7 +166,7 @@ def test_trtexec_script_keys_the_timing_cache_like_the_python_side(tmp_path):
     as timing_cache_path()."""
     import subprocess
 
-    from exporters import tensorrt_backend as tb
+    import benchmarks.board.tensorrt_plan as tp
     from exporters.tensorrt_compile import trtexec_script
 
     script = trtexec_script(["trtexec", "--onnx=model.onnx", "--timingCacheFile=@TIMING_CACHE@"], "10.3")
@@ -176,7 +176,7 @@ def test_trtexec_script_keys_the_timing_cache_like_the_python_side(tmp_path):
     out = subprocess.run(["bash", "-c", head + 'echo "$TIMING_CACHE"'], capture_output=True, text=True,
                          env={"HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}, timeout=30)
     assert out.returncode == 0, out.stderr
-    want = tb.timing_cache_path("NVIDIA Jetson Orin Nano Developer Kit", "10.3", root=tmp_path / "home" / ".cache"
+    want = tp.timing_cache_path("NVIDIA Jetson Orin Nano Developer Kit", "10.3", root=tmp_path / "home" / ".cache"
                                 / "sglp-edge" / "tensorrt")
     assert out.stdout.strip() == str(want)
     assert want.parent.is_dir()  # the script creates the cache folder outside the build folder
@@ -290,7 +290,7 @@ def test_openvino_int8_for_token_models_is_weight_only(tmp_path):
     """LMs: weight-only INT8 (nncf.compress_weights) by default; static INT8 still on request."""
     import openvino as ov
 
-    from exporters.calib import load_npz
+    from benchmarks.board.calib import load_npz
     from exporters.openvino_backend import build
 
     model = _token_lm(tmp_path)

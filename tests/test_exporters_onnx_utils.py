@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporters import onnx_utils as ou
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 
 
 def small_model(opset: int = 18) -> onnx.ModelProto:

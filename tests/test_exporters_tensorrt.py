@@ -10,10 +10,16 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters import tensorrt_backend as tb
+import exporters.tensorrt_compile as tc
+
+import benchmarks.board.tensorrt_engine as te
+
+import benchmarks.board.tensorrt_plan as tp
+
+import benchmarks.board.trtexec_parse as tx
 from exporters import trt_ops
-from exporters.calib import CalibData
-from exporters.errors import UserError
+from benchmarks.board.calib import CalibData
+from benchmarks.board.errors import UserError
 
 DATA = Path(__file__).parent / "data"
 IMG = [{"name": "input", "dtype": "float32", "shape": ["batch", 3, 32, 32]}]
@@ -33,7 +39,7 @@ TOK = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}]
     (11, "int8", False, False, ["STRONGLY_TYPED"], [], [], None, "qdq"),
 ])
 def test_plan_per_version(major, precision, qdq, fp16graph, net, setf, clear, calib, variant):
-    p = tb.plan_build(tb.TrtOptions(precision=precision), major, graph_has_qdq=qdq, graph_is_fp16=fp16graph)
+    p = tp.plan_build(tp.TrtOptions(precision=precision), major, graph_has_qdq=qdq, graph_is_fp16=fp16graph)
     assert (p.network_flags, p.set_flags, p.clear_flags, p.calibrator, p.onnx_variant) == (net, setf, clear, calib, variant)
     if major == 11:  # the 11.x API has no precision flags and no calibrator
         assert not {"FP16", "INT8"} & set(p.set_flags) and p.calibrator is None
@@ -42,37 +48,37 @@ def test_plan_per_version(major, precision, qdq, fp16graph, net, setf, clear, ca
 
 
 def test_trt10_implicit_calibrator_only_when_asked():
-    p = tb.plan_build(tb.TrtOptions(precision="int8", int8_calibrator=True), 10)
+    p = tp.plan_build(tp.TrtOptions(precision="int8", int8_calibrator=True), 10)
     assert p.calibrator == "IInt8EntropyCalibrator2" and p.set_flags == ["INT8", "FP16"] and p.onnx_variant == "source"
     # a graph that already holds Q/DQ never goes through the calibrator
-    p = tb.plan_build(tb.TrtOptions(precision="int8", int8_calibrator=True), 10, graph_has_qdq=True)
+    p = tp.plan_build(tp.TrtOptions(precision="int8", int8_calibrator=True), 10, graph_has_qdq=True)
     assert p.calibrator is None and p.onnx_variant == "qdq"
-    p = tb.plan_build(tb.TrtOptions(precision="int8", int8_calibrator=True), 11)  # 11.x: no calibrator API
+    p = tp.plan_build(tp.TrtOptions(precision="int8", int8_calibrator=True), 11)  # 11.x: no calibrator API
     assert p.calibrator is None and p.network_flags == ["STRONGLY_TYPED"]
 
 
 def test_plan_dla_and_errors():
-    p = tb.plan_build(tb.TrtOptions(precision="int8", dla_core=1, int8_fp16_fallback=False), 10)
+    p = tp.plan_build(tp.TrtOptions(precision="int8", dla_core=1, int8_fp16_fallback=False), 10)
     assert p.dla == {"core": 1, "gpu_fallback": True, "static_batch": 1} and p.set_flags == ["INT8", "GPU_FALLBACK"]
     assert any("GPU fallback ON" in n for n in p.notes) and any("min = opt = max" in n for n in p.notes)
-    p = tb.plan_build(tb.TrtOptions(precision="fp16", dla_core=0, gpu_fallback=False), 10)
+    p = tp.plan_build(tp.TrtOptions(precision="fp16", dla_core=0, gpu_fallback=False), 10)
     assert "GPU_FALLBACK" not in p.set_flags and any("GPU fallback OFF" in n for n in p.notes)
     with pytest.raises(UserError, match="DLA runs FP16 or INT8 only"):
-        tb.plan_build(tb.TrtOptions(precision="fp32", dla_core=0), 10)
+        tp.plan_build(tp.TrtOptions(precision="fp32", dla_core=0), 10)
     with pytest.raises(UserError, match="precisions fp32, fp16, int8"):
-        tb.plan_build(tb.TrtOptions(precision="bf16"), 10)
+        tp.plan_build(tp.TrtOptions(precision="bf16"), 10)
     with pytest.raises(UserError, match="10.x"):
-        tb.plan_build(tb.TrtOptions(), 8)
-    assert tb.version_major("10.3.0.30") == 10 and tb.version_major("11") == 11
+        tp.plan_build(tp.TrtOptions(), 8)
+    assert tp.version_major("10.3.0.30") == 10 and tp.version_major("11") == 11
     with pytest.raises(UserError, match="not supported"):
-        tb.version_major("8.6.1")
+        tp.version_major("8.6.1")
 
 
 # ----------------------------------------------------------------------------- trtexec command
 def _cmd(major, **kw):
-    opts = tb.TrtOptions(**{"timing_cache": "timing.cache", **kw})
-    plan = tb.plan_build(opts, major)
-    return tb.trtexec_command("m.onnx", "m.engine", plan, opts, tb.profile_shapes(IMG, opts), times_json="t.json")
+    opts = tp.TrtOptions(**{"timing_cache": "timing.cache", **kw})
+    plan = tp.plan_build(opts, major)
+    return tp.trtexec_command("m.onnx", "m.engine", plan, opts, tp.profile_shapes(IMG, opts), times_json="t.json")
 
 
 def test_trtexec_command_10x():
@@ -92,10 +98,10 @@ def test_dla_build_has_a_static_profile_and_reports_fallback():
     for flag in ("--minShapes=input:4x3x32x32", "--optShapes=input:4x3x32x32", "--maxShapes=input:4x3x32x32",
                  "--useDLACore=0", "--allowGPUFallback", "--verbose"):
         assert flag in c, flag
-    s = tb.profile_shapes(IMG, tb.TrtOptions(dla_core=1, opt_batch=2, max_batch=32))
+    s = tp.profile_shapes(IMG, tp.TrtOptions(dla_core=1, opt_batch=2, max_batch=32))
     lo, opt, hi = s["input"]
     assert lo == opt == hi == [2, 3, 32, 32]
-    assert tb.max_batch(s) == 2  # parity batches stay inside the static profile
+    assert tp.max_batch(s) == 2  # parity batches stay inside the static profile
     nofb = _cmd(10, precision="int8", dla_core=1, gpu_fallback=False)
     assert "--useDLACore=1" in nofb and "--allowGPUFallback" not in nofb
 
@@ -109,10 +115,10 @@ def test_dla_layer_placement_from_the_build_log():
 [11/30/2026-07:00:00] [I] [TRT] [GpuLayer] REDUCE: /avgpool/GlobalAveragePool
 [11/30/2026-07:00:01] [I] [TRT] Total Activation Memory: 1048576
 """
-    r = tb.parse_dla_layers(log)
+    r = tx.parse_dla_layers(log)
     assert r == {"dla": 2, "gpu": 2, "gpu_layers": ["SHUFFLE: /Flatten", "REDUCE: /avgpool/GlobalAveragePool"],
                  "found": True}
-    assert tb.parse_dla_layers("[I] [TRT] Engine built in 3 s")["found"] is False
+    assert tx.parse_dla_layers("[I] [TRT] Engine built in 3 s")["found"] is False
 
 
 def test_set_input_shape_is_checked():
@@ -125,22 +131,22 @@ def test_set_input_shape_is_checked():
             return self.ok
 
     ok = Ctx(True)
-    tb.check_set_input_shape(ok, "input", [8, 3, 32, 32])
+    tp.check_set_input_shape(ok, "input", [8, 3, 32, 32])
     assert ok.calls == [("input", (8, 3, 32, 32))]
     with pytest.raises(UserError, match="outside the engine's optimisation profile"):
-        tb.check_set_input_shape(Ctx(False), "input", [64, 3, 32, 32])
+        tp.check_set_input_shape(Ctx(False), "input", [64, 3, 32, 32])
 
 
 def test_timing_cache_lives_outside_the_output_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("SGLP_EDGE_TRT_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    p = tb.timing_cache_path("NVIDIA Jetson Orin Nano Developer Kit", "10.3.0.30")
+    p = tp.timing_cache_path("NVIDIA Jetson Orin Nano Developer Kit", "10.3.0.30")
     assert p == tmp_path / "home" / ".cache" / "sglp-edge" / "tensorrt" / \
         "timing-nvidia-jetson-orin-nano-developer-kit-trt10.3.0.30.cache"
-    assert tb.timing_cache_path("Orin", "10.3") != tb.timing_cache_path("Orin", "10.7")  # keyed by version
-    assert tb.timing_cache_path("Orin", "10.3") != tb.timing_cache_path("AGX Orin", "10.3")  # and by device
+    assert tp.timing_cache_path("Orin", "10.3") != tp.timing_cache_path("Orin", "10.7")  # keyed by version
+    assert tp.timing_cache_path("Orin", "10.3") != tp.timing_cache_path("AGX Orin", "10.3")  # and by device
     monkeypatch.setenv("SGLP_EDGE_TRT_CACHE", str(tmp_path / "c"))
-    assert tb.timing_cache_path("x", "11.0").parent == tmp_path / "c"
+    assert tp.timing_cache_path("x", "11.0").parent == tmp_path / "c"
     fp32 = _cmd(10, precision="fp32")
     assert "--noTF32" in fp32 and "--fp16" not in fp32 and "--int8" not in fp32
 
@@ -150,32 +156,32 @@ def test_trtexec_command_11x_has_no_precision_flags():
         c = _cmd(11, precision=prec)
         assert not {"--fp16", "--int8", "--best", "--stronglyTyped"} & set(c)
         assert not any(x.startswith("--calib") for x in c)
-    line = tb.command_line(_cmd(11, precision="fp16"))
+    line = tp.command_line(_cmd(11, precision="fp16"))
     assert line.startswith("trtexec --onnx=m.onnx --saveEngine=m.engine")
 
 
 def test_trtexec_command_qdq_on_10x_is_weakly_typed_with_fp16_fallback():
-    opts = tb.TrtOptions(precision="int8")
-    plan = tb.plan_build(opts, 10, graph_has_qdq=True)
-    c = tb.trtexec_command("q.onnx", "q.engine", plan, opts, tb.profile_shapes(TOK, opts))
+    opts = tp.TrtOptions(precision="int8")
+    plan = tp.plan_build(opts, 10, graph_has_qdq=True)
+    c = tp.trtexec_command("q.onnx", "q.engine", plan, opts, tp.profile_shapes(TOK, opts))
     assert "--stronglyTyped" not in c and "--int8" in c and "--fp16" in c
     assert "--minShapes=input_ids:1x1" in c and "--maxShapes=input_ids:32x512" in c and "--optShapes=input_ids:1x128" in c
 
 
 def test_profile_shapes():
-    assert tb.profile_shapes([{"name": "x", "dtype": "float32", "shape": [4, 3, 8, 8]}], tb.TrtOptions()) == {}
-    s = tb.profile_shapes(IMG, tb.TrtOptions(opt_batch=8, max_batch=64))
+    assert tp.profile_shapes([{"name": "x", "dtype": "float32", "shape": [4, 3, 8, 8]}], tp.TrtOptions()) == {}
+    s = tp.profile_shapes(IMG, tp.TrtOptions(opt_batch=8, max_batch=64))
     assert s == {"input": ([1, 3, 32, 32], [8, 3, 32, 32], [64, 3, 32, 32])}
     with pytest.raises(UserError, match="cannot size"):
-        tb.profile_shapes([{"name": "x", "dtype": "float32", "shape": ["b", 3, "h", "w"]}], tb.TrtOptions())
+        tp.profile_shapes([{"name": "x", "dtype": "float32", "shape": ["b", 3, "h", "w"]}], tp.TrtOptions())
     with pytest.raises(UserError, match="opt"):
-        tb.profile_shapes(IMG, tb.TrtOptions(opt_batch=64, max_batch=8))
+        tp.profile_shapes(IMG, tp.TrtOptions(opt_batch=64, max_batch=8))
 
 
 # ------------------------------------------------------------------------------- calibrator data
 def test_calib_batcher_fixed_batches():
     x = np.arange(23 * 2, dtype=np.float32).reshape(23, 2)
-    b = tb.CalibBatcher(x, 5)
+    b = te.CalibBatcher(x, 5)
     got = list(b)
     assert b.n_batches == 4 and [g.shape for g in got] == [(5, 2)] * 4  # the short tail is dropped
     np.testing.assert_array_equal(np.concatenate(got), x[:20])
@@ -183,14 +189,14 @@ def test_calib_batcher_fixed_batches():
     assert b.next_batch() is None  # exhausted: the calibrator then returns None to TensorRT
     b.reset()
     np.testing.assert_array_equal(b.next_batch(), x[:5])
-    assert tb.CalibBatcher(x, 5, max_batches=2).n_batches == 2
+    assert te.CalibBatcher(x, 5, max_batches=2).n_batches == 2
     with pytest.raises(UserError, match="fewer than one batch"):
-        tb.CalibBatcher(x[:3], 5)
+        te.CalibBatcher(x[:3], 5)
 
 
 # ------------------------------------------------------------------------------- trtexec parsers
 def test_parse_full_trtexec_10_16_log():
-    r = tb.parse_trtexec_log((DATA / "trtexec_10.16_rtx6000ada_fp32.txt").read_text())
+    r = tx.parse_trtexec_log((DATA / "trtexec_10.16_rtx6000ada_fp32.txt").read_text())
     assert r["status"] == "passed" and r["trt_version"] == "10.16.0"
     assert r["command"].startswith("trtexec --onnx=") and r["precision"] == "FP32"
     assert r["device"] == "NVIDIA RTX 6000 Ada Generation" and r["compute_capability"] == "8.9"
@@ -206,22 +212,22 @@ def test_parse_full_trtexec_10_16_log():
 
 
 def test_parse_summary_blocks_from_issues():
-    r = tb.parse_trtexec_log((DATA / "trtexec_issue4177_summary.txt").read_text())
+    r = tx.parse_trtexec_log((DATA / "trtexec_issue4177_summary.txt").read_text())
     assert r["throughput_qps"] == 130.298 and r["metrics"]["latency"]["percentiles"]["99"] == 12.9675
     assert r["status"] == "incomplete" and "trt_version" not in r
-    r = tb.parse_trtexec_log((DATA / "trtexec_8.5_orin_dla_issue2426_summary.txt").read_text())
+    r = tx.parse_trtexec_log((DATA / "trtexec_8.5_orin_dla_issue2426_summary.txt").read_text())
     assert r["metrics"]["gpu_compute"]["median"] == 2239.15 and r["total_gpu_compute_s"] == 22.3916
 
 
 def test_parse_jetpack6_header():
-    r = tb.parse_trtexec_log((DATA / "trtexec_10.3_orin_int8_issue4494_header.txt").read_text())
+    r = tx.parse_trtexec_log((DATA / "trtexec_10.3_orin_int8_issue4494_header.txt").read_text())
     assert r["trt_version"] == "10.3.0" and r["precision"] == "FP32+INT8" and r["status"] == "incomplete"
     assert "--int8" in r["command"] and not r["metrics"]
 
 
 def test_parse_rejects_non_trtexec_text():
     with pytest.raises(UserError, match="does not look like trtexec output"):
-        tb.parse_trtexec_log("hello\nworld\n")
+        tx.parse_trtexec_log("hello\nworld\n")
 
 
 def _write_export_times(path: Path, rows, legacy: bool = False) -> None:
@@ -251,7 +257,7 @@ def test_parse_export_times(tmp_path):
                      t + 0.07 + comp + d2h))
         t += comp + 0.2
     _write_export_times(tmp_path / "times.json", rows)
-    r = tb.parse_export_times(tmp_path / "times.json")
+    r = tx.parse_export_times(tmp_path / "times.json")
     comp = np.array([r[5] - r[4] for r in rows])
     assert r["iterations"] == 200
     np.testing.assert_allclose(r["per_iteration_ms"]["compute"], comp, rtol=1e-5)
@@ -261,27 +267,27 @@ def test_parse_export_times(tmp_path):
     assert r["stats_ms"]["compute"]["median"] == pytest.approx(np.median(comp), rel=1e-5)
     assert r["stats_ms"]["enqueue"]["mean"] == pytest.approx(0.05, rel=1e-4)
     assert r["throughput_qps"] == pytest.approx(200 / ((rows[-1][7] - rows[0][2]) / 1000), rel=1e-5)
-    late = tb.parse_export_times(tmp_path / "times.json", warmup_ms=(rows[99][4] + rows[100][4]) / 2)
+    late = tx.parse_export_times(tmp_path / "times.json", warmup_ms=(rows[99][4] + rows[100][4]) / 2)
     assert late["iterations"] == 100
     _write_export_times(tmp_path / "old.json", rows[:10], legacy=True)  # pre-TensorRT-10 key names
-    assert tb.parse_export_times(tmp_path / "old.json")["stats_ms"]["h2d"]["mean"] == pytest.approx(0.01, rel=1e-4)
+    assert tx.parse_export_times(tmp_path / "old.json")["stats_ms"]["h2d"]["mean"] == pytest.approx(0.01, rel=1e-4)
 
 
 def test_parse_export_times_errors(tmp_path):
     (tmp_path / "cut.json").write_text('[\n  { "startEnqMs" : 1, "endEnqMs" : 2')
     with pytest.raises(UserError, match="not valid JSON"):
-        tb.parse_export_times(tmp_path / "cut.json")
+        tx.parse_export_times(tmp_path / "cut.json")
     with pytest.raises(UserError, match="does not exist"):
-        tb.parse_export_times(tmp_path / "none.json")
+        tx.parse_export_times(tmp_path / "none.json")
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(UserError, match="non-empty"):
-        tb.parse_export_times(tmp_path / "empty.json")
+        tx.parse_export_times(tmp_path / "empty.json")
 
 
 def test_trtexec_percentile_rule():
     s = np.arange(1, 11, dtype=float)  # 10 sorted samples
-    assert tb.trtexec_percentile(s, 90) == 9.0 and tb.trtexec_percentile(s, 99) == 10.0
-    assert tb.trtexec_percentile(s, 50) == 5.0 and tb.trtexec_percentile(s, 0) == 1.0
+    assert tx.trtexec_percentile(s, 90) == 9.0 and tx.trtexec_percentile(s, 99) == 10.0
+    assert tx.trtexec_percentile(s, 50) == 5.0 and tx.trtexec_percentile(s, 0) == 1.0
 
 
 # --------------------------------------------------------------------------------- operator check
@@ -330,7 +336,7 @@ def test_missing_tensorrt_names_what_to_install():
     except ImportError:
         pass
     with pytest.raises(UserError) as e:
-        tb.import_tensorrt()
+        te.import_tensorrt()
     assert "JetPack 6" in str(e.value) and "pip install tensorrt" in str(e.value) and "--trtexec-only" in str(e.value)
 
 
@@ -345,16 +351,16 @@ def test_build_engine_and_calibrator_on_gpu(tmp_path):
     from exporters import onnx_utils as ou
 
     ou.save_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "c.onnx")
-    major = tb.version_major(trt.__version__)
+    major = tp.version_major(trt.__version__)
     precision = "int8" if major == 10 else "fp32"
-    opts = tb.TrtOptions(precision=precision, timing_cache=str(tmp_path / "tc"), calib_cache=str(tmp_path / "cc"),
+    opts = tp.TrtOptions(precision=precision, timing_cache=str(tmp_path / "tc"), calib_cache=str(tmp_path / "cc"),
                          calib_batch_size=4)
-    plan = tb.plan_build(opts, major)
-    shapes = tb.profile_shapes(ou.io_info(ou.load_onnx(tmp_path / "c.onnx"))["inputs"], opts)
+    plan = tp.plan_build(opts, major)
+    shapes = tp.profile_shapes(ou.io_info(ou.load_onnx(tmp_path / "c.onnx"))["inputs"], opts)
     calib = CalibData(rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
-    info = tb.build_engine(tmp_path / "c.onnx", tmp_path / "c.engine", plan, opts, shapes, calib=calib)
+    info = te.build_engine(tmp_path / "c.onnx", tmp_path / "c.engine", plan, opts, shapes, calib=calib)
     assert info["engine_bytes"] > 0 and (tmp_path / "tc").stat().st_size > 0
-    out = tb.runner(tmp_path / "c.engine")(calib.x[:2])
+    out = tc.runner(tmp_path / "c.engine")(calib.x[:2])
     assert out.shape == (2, 8, 16, 16)
 
 
@@ -363,7 +369,7 @@ def test_pinned_host_buffer_wrapper_views_the_allocation():
     logic is checked here on ordinary memory (no CUDA on this machine)."""
     import ctypes
 
-    from benchmarks.runners import _wrap_host
+    from benchmarks.board.runners import _wrap_host
 
     raw = (ctypes.c_byte * 96)()
     arr = _wrap_host(ctypes.addressof(raw), 96, [2, 3, 4], np.dtype("float32"))

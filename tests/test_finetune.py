@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sglp_edge.data import bundle_from_tensors, get_text_dataset
-from sglp_edge.errors import UserError
-from sglp_edge.finetune import FinetuneConfig, finetune, kd_loss, kept_unit_map
+from sglp_edge.data.datasets import bundle_from_tensors, get_text_dataset
+from benchmarks.board.errors import UserError
+from sglp_edge.train.finetune import FinetuneConfig, finetune, kd_loss, kept_unit_map
 from sglp_edge.models.base import get_module
 from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
-from sglp_edge.train import ClassificationTask, Interrupted, LoopConfig, fit
+from sglp_edge.train.fit import ClassificationTask, Interrupted, LoopConfig, fit
 
 torch.set_num_threads(1)
 
@@ -324,10 +324,10 @@ def test_finetune_command_writes_the_pruned_architecture_with_a_summary(tmp_path
 def test_partial_finetune_trains_only_the_last_units_and_the_head():
     import transformers
 
-    from sglp_edge.errors import UserError
+    from benchmarks.board.errors import UserError
     from sglp_edge.models.hf_llm import HFDecoderAdapter
     from sglp_edge.models.registry import load_model
-    from sglp_edge.partial import train_only_last
+    from sglp_edge.train.partial import train_only_last
 
     torch.manual_seed(0)
     lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(

@@ -15,11 +15,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks import accuracy as acc
-from benchmarks.harness import MeasureConfig, capture_env, latency_stats, measure, peak_memory
-from benchmarks.runners import (OnnxRuntimeRunner, OpenVINORunner, UnsupportedBatch, open_runner, parse_shape,
+import benchmarks.board.accuracy as acc
+from benchmarks.board.harness import MeasureConfig, capture_env, latency_stats, measure, peak_memory
+from benchmarks.board.runners import (OnnxRuntimeRunner, OpenVINORunner, UnsupportedBatch, open_runner, parse_shape,
                                 random_feeds)
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 from onnx_models import make_cnn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_peak_memory_sees_a_large_allocation():
     import subprocess
     import sys
 
-    code = ("import json, numpy as np; from benchmarks.harness import peak_memory; b = peak_memory(); "
+    code = ("import json, numpy as np; from benchmarks.board.harness import peak_memory; b = peak_memory(); "
             "x = np.ones(200 * (1 << 20) // 8); a = peak_memory(); print(json.dumps([b, a]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
@@ -326,7 +326,7 @@ def test_perplexity_matches_a_direct_computation(tmp_path):
 
 
 def test_exporters_npz_layout_is_accepted(models, tmp_path):
-    """exporters/calib.py writes x / y / logits; token ids as integer x mean a language model."""
+    """benchmarks/board/calib.py writes x / y / logits; token ids as integer x mean a language model."""
     x = np.random.default_rng(2).standard_normal((6, 3, 32, 32)).astype(np.float32)
     with OnnxRuntimeRunner(models["dyn"], threads=1) as r:
         r.set_batch(6)
@@ -359,7 +359,7 @@ def test_bad_eval_data_is_a_user_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 NO_TORCH = ("import sys; sys.modules['torch'] = None; "
-            "from benchmarks.run_bench import main; sys.exit(main(sys.argv[1:]))")
+            "from benchmarks.board.run_bench import main; sys.exit(main(sys.argv[1:]))")
 
 
 def run_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -418,10 +418,10 @@ def test_run_bench_user_errors_leave_no_result(models, tmp_path):
 
 @pytest.mark.slow
 def test_harness_fidelity_script_prints_its_summary_line_last():
-    """Short version of `python benchmarks/harness_fidelity.py` (the real run uses -t 10, 3 rounds)."""
+    """Short version of `python benchmarks/experiments/harness_fidelity.py` (the real run uses -t 10, 3 rounds)."""
     import re
 
-    p = subprocess.run([sys.executable, "benchmarks/harness_fidelity.py", "--duration", "2", "--rounds", "1"],
+    p = subprocess.run([sys.executable, "benchmarks/experiments/harness_fidelity.py", "--duration", "2", "--rounds", "1"],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     last = p.stdout.strip().splitlines()[-1]

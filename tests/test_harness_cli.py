@@ -122,10 +122,10 @@ def test_list_devices():
 
 def test_board_side_packages_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import benchmarks, benchmarks.harness, benchmarks.runners, benchmarks.accuracy, benchmarks.tegrastats, "
-            "benchmarks.runner_openvino, benchmarks.runner_onnxruntime, benchmarks.runner_tensorrt, "
-            "benchmarks.run_bench, benchmarks.trt_build, benchmarks.harness_fidelity, exporters.atomic, "
-            "exporters.errors, exporters.tensorrt_backend, exporters.tensorrt_plan\n"
+            "import benchmarks, benchmarks.board.harness, benchmarks.board.runners, benchmarks.board.accuracy, benchmarks.board.tegrastats, "
+            "benchmarks.board.runner_openvino, benchmarks.board.runner_onnxruntime, benchmarks.board.runner_tensorrt, "
+            "benchmarks.board.run_bench, benchmarks.board.trt_build, benchmarks.experiments.harness_fidelity, benchmarks.board.atomic, "
+            "benchmarks.board.errors, benchmarks.board.tensorrt_engine, benchmarks.board.tensorrt_plan\n"
             "print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

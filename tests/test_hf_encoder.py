@@ -4,7 +4,7 @@ on the embedding-distillation loss, the baselines, KD fine-tune, agreement metri
 the attention mask, the sentence data splits and ``sglp-edge prune`` on an encoder folder.
 
 Everything runs on a tiny random BERT built from a BertConfig (seconds); MiniLM itself is exercised
-by ``benchmarks/encoder.py``."""
+by ``benchmarks/experiments/encoder.py``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModel, BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel  # noqa: E402
 
-from sglp_edge.errors import UserError  # noqa: E402
+from benchmarks.board.errors import UserError  # noqa: E402
 from sglp_edge.models.base import AdapterError  # noqa: E402
 from sglp_edge.models.hf_encoder import HFEncoderAdapter, load_hf_encoder, pool_normalize, save_hf_encoder  # noqa: E402
 from sglp_edge.models.registry import get_adapter, load_model  # noqa: E402
@@ -220,7 +220,7 @@ def test_sentence_splits_do_not_overlap(tmp_path, tokenizer):
 
 
 def test_kd_finetune_reports_the_cosine_it_measures(tmp_path, tokenizer):
-    from sglp_edge.finetune import finetune
+    from sglp_edge.train.finetune import finetune
 
     teacher = tiny_bert(tokenizer)
     student = A.remove(teacher, ["encoder.layer.2"])
@@ -237,7 +237,7 @@ def test_kd_finetune_reports_the_cosine_it_measures(tmp_path, tokenizer):
 def test_onnx_export_with_attention_mask(tmp_path, tokenizer, exporter):
     """legacy: seconds; dynamo (the default exporter, tried first by 'auto'): ~25 s on a loaded box."""
     ort = pytest.importorskip("onnxruntime")
-    from sglp_edge.export_encoder import export_encoder_onnx
+    from sglp_edge.export.encoder import export_encoder_onnx
 
     model = A.remove(tiny_bert(tokenizer), ["encoder.layer.0"])
     texts = sentences(12, seed=5)
@@ -278,7 +278,7 @@ def test_prune_cli_on_an_encoder_folder(tmp_path, tokenizer):
     bad = CliRunner().invoke(app, ["prune", *common, "--data", "fashion-mnist", "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "use --data text" in bad.output and not (tmp_path / "o2").exists()
     # sglp-edge export of the pruned folder: mask as an input, parity on held-out corpus sentences
-    from sglp_edge import data as D
+    import sglp_edge.data.datasets as D
 
     if not D.TEXT_DOC_ROOT.is_dir():
         pytest.skip(f"English corpus {D.TEXT_DOC_ROOT} missing (apt-get install python3.11-doc)")

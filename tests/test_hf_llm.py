@@ -22,7 +22,7 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from sglp_edge.errors import UserError  # noqa: E402
+from benchmarks.board.errors import UserError  # noqa: E402
 from sglp_edge.models import hf_llm  # noqa: E402
 from sglp_edge.models.base import AdapterError, capture_unit_outputs  # noqa: E402
 from sglp_edge.models.hf_llm import HFDecoderAdapter, load_hf, save_hf  # noqa: E402

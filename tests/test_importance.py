@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 from sglp_edge.models.cifar_resnet import cifar_resnet
 from sglp_edge.models.registry import get_adapter
 from sglp_edge.sglp.importance import (CandidateScorer, adjacent_redundancy, allocate_removals,

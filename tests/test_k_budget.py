@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 from sglp_edge.models.cifar_resnet import cifar_resnet
 from sglp_edge.models.registry import get_adapter
 from sglp_edge.sglp.prune import PruneConfig, _choose_k, _fit_k_to_budget, _search_need, analyze

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_file(), reason="Debian dataset-fashion-mnist is not installed")
@@ -135,7 +135,7 @@ def test_latency_model_on_onnx_runtime(tmp_path, cache, tiny):
     """Real ONNX Runtime timing, through the local Target: a fit, a validation on unseen subsets, a cache."""
     from sglp_edge.budget.latency_model import measure_latency_model
     from sglp_edge.models.registry import load_model
-    from sglp_edge.profiles import load_profile
+    from sglp_edge.profiles.load import load_profile
     from sglp_edge.targets.base import make_target
 
     loaded = load_model(str(tiny))
@@ -163,7 +163,7 @@ def test_latency_model_on_onnx_runtime(tmp_path, cache, tiny):
 
 @needs_fmnist
 def test_run_with_keep_auto_meets_a_loose_budget(tmp_path, cache, tiny):
-    from sglp_edge.pipeline import Pipeline, load_config
+    from sglp_edge.pipeline.run import Pipeline, load_config
 
     cfg = dict(CFG, model=str(tiny), prune={**CFG["prune"], "latency_budget_ms": 1000.0})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
@@ -200,7 +200,7 @@ def test_impossible_budget_ends_with_cannot_be_met(tmp_path, cache, tiny):
 
 
 def test_lm_budgets_are_not_yet(tmp_path):
-    from sglp_edge.pipeline import load_config
+    from sglp_edge.pipeline.run import load_config
 
     (tmp_path / "lm.yaml").write_text(yaml.safe_dump({"model": "smollm2", "data": "text", "prune": {"keep": "auto"}}))
     with pytest.raises(UserError, match="not yet available"):
@@ -236,7 +236,7 @@ def test_search_report_anchors_the_final_bench_to_the_original(tmp_path):
 def _artifact(tiny, tmp_path, removed=()):
     from sglp_edge.budget.latency_model import build_artifact
     from sglp_edge.models.registry import load_model
-    from sglp_edge.profiles import load_profile
+    from sglp_edge.profiles.load import load_profile
 
     loaded = load_model(str(tiny))
     net = loaded.adapter.remove(loaded.model, list(removed)) if removed else loaded.model
@@ -249,7 +249,7 @@ def test_time_artifacts_with_a_reference_gives_per_round_ratios(tmp_path, tiny):
     median as the ratio, raw figures kept beside it. (No bound on the self-ratio itself: that is a
     timing, and a shared CPU moved it to 3.7x once; speed lives in benchmarks/.)"""
     from sglp_edge.budget.latency_model import time_artifacts
-    from sglp_edge.profiles import load_profile
+    from sglp_edge.profiles.load import load_profile
     from sglp_edge.targets.base import make_target
 
     _, art = _artifact(tiny, tmp_path / "a")
@@ -275,7 +275,7 @@ def test_search_decides_on_the_anchored_p90(tmp_path, tiny):
     10^3 and any raw p90 between 1 ns and 10^9 ms, whatever the machine's load."""
     from sglp_edge.budget.latency_model import LatencyModel
     from sglp_edge.budget.search import BudgetSearch
-    from sglp_edge.profiles import load_profile
+    from sglp_edge.profiles.load import load_profile
     from sglp_edge.targets.base import make_target
 
     loaded, _ = _artifact(tiny, tmp_path / "unused")
@@ -304,7 +304,7 @@ def test_search_decides_on_the_anchored_p90(tmp_path, tiny):
 
 def test_several_devices_search_on_the_first_and_say_so():
     from sglp_edge.budget.run import prune_settings
-    from sglp_edge.pipeline import load_config
+    from sglp_edge.pipeline.run import load_config
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "default.yaml", {"prune.keep": "auto"})

@@ -68,8 +68,8 @@ def test_openvino_stateful_route_takes_full_attention_families_and_refuses_slidi
     """Phi-3 exports to the stateful OpenVINO IR and decodes like PyTorch; Gemma 2 (sliding-window
     layers) is refused up front with the reason, so `sglp-edge run` compiles its ONNX graph instead."""
     pytest.importorskip("openvino")
-    from exporters.errors import UserError
-    from sglp_edge.export_lm_openvino import export_causal_lm_openvino, stateful_unsupported
+    from benchmarks.board.errors import UserError
+    from sglp_edge.export.lm_openvino import export_causal_lm_openvino, stateful_unsupported
 
     phi = tiny("phi3")
     assert stateful_unsupported(phi) is None

@@ -2,7 +2,7 @@
 
 One tiny random Llama is exported once (module fixture); the graph's prefill + decode with past
 must equal PyTorch's full recompute, on ONNX Runtime and on OpenVINO (f32), and the board-side
-benchmark (benchmarks/lm_bench.py, through run_bench's entry) must measure it."""
+benchmark (benchmarks/board/lm_bench.py, through run_bench's entry) must measure it."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from benchmarks import lm_bench, run_bench  # noqa: E402
-from sglp_edge.export_lm import LAYOUT, io_names, read_lm_meta  # noqa: E402
+from benchmarks.board import lm_bench, run_bench  # noqa: E402
+from sglp_edge.export.lm import LAYOUT, io_names, read_lm_meta  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256)
@@ -121,7 +121,7 @@ def test_board_lm_bench_through_run_bench(exported, tiny_llama, tmp_path, capsys
 
 
 def test_lm_bench_rejects_image_data_and_layout(exported, tmp_path):
-    from exporters.errors import UserError
+    from benchmarks.board.errors import UserError
 
     out, _ = exported
     bad = tmp_path / "img.npz"
@@ -137,7 +137,7 @@ def test_lm_compile_weight_only_and_trtexec(exported, tmp_path):
     that does not divide the hidden size is refused; TensorRT gets a prefill+decode shape profile."""
     import onnx
 
-    from exporters.errors import UserError
+    from benchmarks.board.errors import UserError
     from exporters.lm_compile import compile_lm
 
     out, _ = exported
@@ -223,7 +223,7 @@ def test_openvino_stateful_export_decodes_like_pytorch(exported_ov, tiny_llama):
 
 
 def test_lm_compile_from_the_stateful_ir(exported_ov, tmp_path):
-    from exporters.errors import UserError
+    from benchmarks.board.errors import UserError
     from exporters.lm_compile import compile_lm
 
     xml = exported_ov / "openvino" / "openvino_model.xml"

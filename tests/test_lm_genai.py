@@ -1,5 +1,5 @@
-"""The onnxruntime-genai LM route: sglp_edge.export_lm_genai (builder + parity manifest) and the
-harness's onnxruntime-genai backend (benchmarks/lm_genai.py through lm_bench / run_bench).
+"""The onnxruntime-genai LM route: sglp_edge.export.lm_genai (builder + parity manifest) and the
+harness's onnxruntime-genai backend (benchmarks/board/lm_genai.py through lm_bench / run_bench).
 
 A tiny random Llama (and a tiny Qwen2: q/k/v biases) is saved with a toy tokenizer and exported once;
 greedy tokens through onnxruntime-genai must equal transformers' exactly in fp32."""
@@ -19,10 +19,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'sglp-edge[llm]')")
 pytest.importorskip("onnx_ir", reason="onnxruntime-genai's builder needs onnx-ir")
 
-from benchmarks import lm_bench, run_bench  # noqa: E402
-from benchmarks.lm_genai import GenaiSession, native_generate  # noqa: E402
-from exporters.errors import UserError  # noqa: E402
-from sglp_edge.export_lm_genai import LAYOUT, export_causal_lm_genai  # noqa: E402
+from benchmarks.board import lm_bench, run_bench  # noqa: E402
+from benchmarks.board.lm_genai import GenaiSession, native_generate  # noqa: E402
+from benchmarks.board.errors import UserError  # noqa: E402
+from sglp_edge.export.lm_genai import LAYOUT, export_causal_lm_genai  # noqa: E402
 
 VOCAB = 256
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -207,7 +207,7 @@ def test_export_cli_genai_flag(tiny_llama, tmp_path):
 
 def test_head_size_not_a_multiple_of_16_is_refused_before_building(tmp_path):
     """ONNX Runtime's CPU GroupQueryAttention fails at run time on head size 8: said in one line up front."""
-    from sglp_edge.export_lm_genai import check_source
+    from sglp_edge.export.lm_genai import check_source
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 32,
                                                       "num_attention_heads": 4}))
@@ -227,4 +227,4 @@ def test_bench_cli_on_a_genai_folder_says_not_yet(exported, tmp_path):
     out, _ = exported
     r = CliRunner().invoke(app, ["bench", str(out), "--device", "local-cpu-genai-lm", "--out", str(tmp_path / "b")])
     assert r.exit_code != 0 and "does not yet take an onnxruntime-genai folder" in r.output
-    assert "benchmarks.lm_bench" in r.output and not (tmp_path / "b").exists()
+    assert "benchmarks.board.lm_bench" in r.output and not (tmp_path / "b").exists()

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 from sglp_edge.models.mobilenet_small import SmallMobileNetV2, SmallMobileNetV2Adapter, mobilenetv2_fmnist
 from sglp_edge.models.registry import MOBILENET_MODEL, get_adapter, load_checkpoint, load_model, save_checkpoint
 
@@ -67,7 +67,7 @@ def test_shipped_asset_loads_and_records_its_training():
     assert man["test_acc"] >= 0.90  # the recorded held-out accuracy of the shipped weights
     size = (MOBILENET_MODEL / "model.safetensors").stat().st_size
     assert size == man["files"]["model.safetensors"]["bytes"] < 5_000_000
-    from exporters.atomic import sha256_file
+    from benchmarks.board.atomic import sha256_file
 
     assert sha256_file(MOBILENET_MODEL / "model.safetensors") == man["files"]["model.safetensors"]["sha256"]
     with pytest.raises(UserError, match="already holds its weights"):
@@ -81,7 +81,7 @@ def test_architecture_by_name_is_untrained():
 
 
 def test_pruned_net_exports_to_onnx_with_runtime_parity(tmp_path):
-    from sglp_edge.export import export_onnx
+    from sglp_edge.export.onnx_export import export_onnx
 
     m = _net(1)
     pruned = get_adapter(m).remove(m, ["blocks.0", "blocks.4", "blocks.10"])
@@ -96,7 +96,7 @@ def test_pruned_net_exports_to_onnx_with_runtime_parity(tmp_path):
 
 
 def test_prune_job_on_the_shipped_model(tmp_path):
-    from sglp_edge.pruning_job import PruneJob, run_prune_job
+    from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job
 
     res = run_prune_job(PruneJob(model="mobilenetv2", out=tmp_path / "out", keep=11, calib_batches=1, batch_size=16,
                                  eval_budget=12))

@@ -99,7 +99,7 @@ def one_line_error(p, code: int, needle: str) -> None:
 
 
 def _fmnist_test():
-    from sglp_edge.data_images import _read_idx_gz
+    from sglp_edge.data.images import _read_idx_gz
 
     return (_read_idx_gz(FMNIST / "t10k-images-idx3-ubyte.gz"), _read_idx_gz(FMNIST / "t10k-labels-idx1-ubyte.gz"))
 
@@ -110,7 +110,7 @@ def own(tmp_path_factory):
     map, and held-out images (the rest of those four classes) normalised as the folder's are."""
     from PIL import Image
 
-    from sglp_edge.data_images import IMAGENET_MEAN, IMAGENET_STD
+    from sglp_edge.data.images import IMAGENET_MEAN, IMAGENET_STD
 
     d = tmp_path_factory.mktemp("own")
     (d / "my_net.py").write_text(MY_NET)
@@ -211,8 +211,8 @@ def test_export_and_teacher_take_file_py_with_units(own, label_free):
 
 @needs_data
 def test_class_map_must_cover_every_folder(own):
-    from sglp_edge.data import get_dataset
-    from sglp_edge.errors import UserError
+    from sglp_edge.data.datasets import get_dataset
+    from benchmarks.board.errors import UserError
 
     partial = own["dir"] / "partial.json"
     partial.write_text(json.dumps({"eta": 1, "zeta": 9}))
@@ -246,9 +246,9 @@ def test_constant_output_model_is_refused_and_not_a_parity_pass(tmp_path):
 def test_a_folder_without_class_folders_has_no_labels(own, tmp_path):
     import shutil
 
-    from sglp_edge.data import get_dataset
-    from sglp_edge.errors import UserError
-    from sglp_edge.teacher_targets import choose_target
+    from sglp_edge.data.datasets import get_dataset
+    from benchmarks.board.errors import UserError
+    from sglp_edge.train.teacher_targets import choose_target
 
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -262,7 +262,7 @@ def test_a_folder_without_class_folders_has_no_labels(own, tmp_path):
 
 
 def test_degenerate_checks_and_target_choice():
-    from sglp_edge.teacher_targets import choose_target, is_constant, scores_all_equal
+    from sglp_edge.train.teacher_targets import choose_target, is_constant, scores_all_equal
 
     assert is_constant(torch.zeros(4, 10)) and is_constant(torch.full((3, 5), 2.5))
     assert not is_constant(torch.randn(4, 10)) and not is_constant(torch.zeros(1, 10))

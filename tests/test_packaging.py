@@ -24,7 +24,7 @@ def test_wheel_ships_devices_and_configs_and_they_work_outside_the_repo(tmp_path
     work = tmp_path / "elsewhere"  # not the repository: only the installed package is importable
     work.mkdir()
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    code = "import sglp_edge.profiles as p; print(p.__file__); print(p.load_profile('jetson-orin-nano').backend)"
+    code = "import sglp_edge.profiles.load as p; print(p.__file__); print(p.load_profile('jetson-orin-nano').backend)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[0].startswith(str(site)) and p.stdout.splitlines()[1] == "tensorrt"

@@ -1,10 +1,10 @@
-"""benchmarks/paired.py: the shared "ratio of two latencies" method (issue 29). The timers here are
+"""benchmarks/experiments/paired.py: the shared "ratio of two latencies" method (issue 29). The timers here are
 scripted figures, not clocks, so what is checked is the method: the alternating order, the median
 of per-pass ratios, the re-measure above the physical limit, and the fault when it persists."""
 
 import pytest
 
-from benchmarks.paired import MeasuringFault, alternating, alternating_rounds, paired_ratio, ratio_of
+from benchmarks.experiments.paired import MeasuringFault, alternating, alternating_rounds, paired_ratio, ratio_of
 
 
 def scripted(values, calls, name):

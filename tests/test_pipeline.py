@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporters.errors import UserError
-from sglp_edge.pipeline import Pipeline, load_config
+from benchmarks.board.errors import UserError
+from sglp_edge.pipeline.run import Pipeline, load_config
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = pytest.mark.skipif(not FMNIST.is_file(), reason="Debian dataset-fashion-mnist is not installed")
@@ -62,7 +62,7 @@ def test_all_stages_and_report(run_dir):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed (scripts/system-deps.sh)")
 def test_report_renders_in_headless_chromium(run_dir, tmp_path):
-    from sglp_edge.report_check import check_report
+    from sglp_edge.report.check import check_report
 
     d, _ = run_dir
     info = check_report(d / "run" / "report.html", screenshot=tmp_path / "shot.png")
@@ -134,14 +134,14 @@ def test_cli_exit_code_follows_constraints(run_dir, tmp_path):
 def test_every_prune_config_field_reaches_the_prune_job():
     import dataclasses
 
-    from sglp_edge.pipeline import PruneSection
-    from sglp_edge.pruning_job import PruneJob
+    from sglp_edge.pipeline.run import PruneSection
+    from sglp_edge.pipeline.prune_job import PruneJob
 
     assert set(PruneSection.model_fields) <= {f.name for f in dataclasses.fields(PruneJob)}
 
 
 def test_the_shipped_default_config_validates():
-    from sglp_edge.pipeline import load_config
+    from sglp_edge.pipeline.run import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     assert cfg.model == "default" and cfg.prune.keep and cfg.devices
@@ -178,7 +178,7 @@ def test_jetson_without_a_board_ends_with_finish_on_board(run_dir, tmp_path):
 
 @pytest.mark.slow  # minutes: two models through the aarch64 runtime under emulation
 @pytest.mark.skipif(not __import__("sglp_edge.targets.arm64_env", fromlist=["x"]).ready(("onnxruntime",)),
-                    reason="emulated ARM board not set up: run `python benchmarks/arm_emulated.py` once")
+                    reason="emulated ARM board not set up: run `python benchmarks/experiments/arm_emulated.py` once")
 def test_emulated_arm_device_completes_with_latency_marked_emulated(run_dir, tmp_path):
     d, _ = run_dir
     shutil.copytree(d / "run", tmp_path / "run")

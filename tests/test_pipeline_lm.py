@@ -14,9 +14,9 @@ import yaml
 
 transformers = pytest.importorskip("transformers")
 
-from exporters.errors import UserError  # noqa: E402
-from sglp_edge.data import TEXT_DOC_ROOT  # noqa: E402
-from sglp_edge.config import load_config  # noqa: E402
+from benchmarks.board.errors import UserError  # noqa: E402
+from sglp_edge.data.datasets import TEXT_DOC_ROOT  # noqa: E402
+from sglp_edge.pipeline.config import load_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path(TEXT_DOC_ROOT).is_dir(), reason="the English text corpus is not installed")
 
@@ -58,7 +58,7 @@ def lm_cfg(model: Path) -> dict:
 def lm_run(tmp_path_factory):
     import torch
 
-    from sglp_edge.pipeline import Pipeline
+    from sglp_edge.pipeline.run import Pipeline
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -175,7 +175,7 @@ def _genai_rerun(lm_run, name: str, devices: list, emulate: bool = False):
 
     import torch
 
-    from sglp_edge.pipeline import Pipeline
+    from sglp_edge.pipeline.run import Pipeline
 
     d, _ = lm_run
     shutil.copytree(d / "run", d / name)
@@ -234,7 +234,7 @@ def test_lm_run_genai_on_the_emulated_arm_board(lm_run, tmp_path, monkeypatch):
     speed and memory are recorded as emulated, never held."""
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install 'sglp-edge[llm]')")
     pytest.importorskip("onnx_ir", reason="onnxruntime-genai's builder needs onnx-ir")
-    from sglp_edge.profiles import ENV_VAR
+    from sglp_edge.profiles.load import ENV_VAR
     from sglp_edge.targets import arm64_env
 
     if not arm64_env.ready(("onnxruntime", "onnxruntime-genai")):
@@ -264,7 +264,7 @@ def test_genai_profile_checks_come_at_config_load(tmp_path, monkeypatch):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sglp_edge.export_lm_genai import INSTALL
+    from sglp_edge.export.lm_genai import INSTALL
     from sglp_edge.models.hf_llm import save_hf
 
     m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

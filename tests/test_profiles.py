@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.run_bench import build_parser
-from exporters.errors import UserError
-from sglp_edge.profiles import (ENV_VAR, DeviceProfile, evaluate_constraints, list_profiles, load_profile,
+from benchmarks.board.run_bench import build_parser
+from benchmarks.board.errors import UserError
+from sglp_edge.profiles.load import (ENV_VAR, DeviceProfile, evaluate_constraints, list_profiles, load_profile,
                                 profile_dirs)
 
 DEVICES = Path(__file__).resolve().parents[1] / "devices"

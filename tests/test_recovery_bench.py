@@ -1,11 +1,11 @@
-"""benchmarks/recovery.py bookkeeping: which SGLP variant a table row names, and the cache keys that
+"""benchmarks/experiments/recovery.py bookkeeping: which SGLP variant a table row names, and the cache keys that
 let an interrupted run (or a run made before an option existed) reuse finished rows."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import recovery as R
+import benchmarks.experiments.recovery as R
 
 
 def _args(**kw):
@@ -73,7 +73,7 @@ def test_an_earlier_runs_pruned_model_is_reused_only_for_the_same_prune_settings
     import shutil
 
     from sglp_edge.models.registry import SHIPPED
-    from sglp_edge.pruning_job import PruneJob
+    from sglp_edge.pipeline.prune_job import PruneJob
 
     out = tmp_path / "mnv2-sleb-heal"
     shutil.copytree(SHIPPED["mobilenetv2"], out / "model")  # stands in for the pruned network

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from onnx_models import make_cnn
-from sglp_edge.profiles import DeviceProfile
-from sglp_edge.remote import RemoteJob, SSHTarget, make_bundle, run_remote, run_remote_many
+from sglp_edge.profiles.load import DeviceProfile
+from sglp_edge.targets.remote import RemoteJob, SSHTarget, make_bundle, run_remote, run_remote_many
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = pytest.mark.skipif(not Path(SSHD).exists() or shutil.which("ssh") is None,
@@ -136,7 +136,7 @@ def test_success_round_trip(sshd, artifacts, tmp_path):
     doc = json.loads((tmp_path / "out" / "result.json").read_text())
     assert doc["status"] == "complete" and doc["backend"] == "onnxruntime"
     assert doc["artifact"]["name"] == "tiny.onnx"
-    assert doc["artifact"]["sha256"] == __import__("exporters.atomic", fromlist=["x"]).sha256_file(artifacts["model"])
+    assert doc["artifact"]["sha256"] == __import__("benchmarks.board.atomic", fromlist=["x"]).sha256_file(artifacts["model"])
     m = doc["metrics"]
     assert m["latency_p90_ms"] > 0 and m["top1_pct"] == 100.0 and m["accuracy_drop_pct"] == 0.0
     assert doc["runtime"]["threads_used"] == 1
@@ -321,7 +321,7 @@ def test_emulated_arm_board_behind_sshd(sshd, artifacts, tmp_path):
     from sglp_edge.targets.base import BenchJob, make_target
 
     if not arm64_env.ready(("onnxruntime",)):
-        pytest.skip("emulated ARM board not set up here: run `python benchmarks/arm_emulated.py` once")
+        pytest.skip("emulated ARM board not set up here: run `python benchmarks/experiments/arm_emulated.py` once")
     arm = PROFILE.model_copy(update={"name": "pi-emulated", "arch": "aarch64"})
     board_python = str(arm64_env.cache_root() / "bin" / "python3")
     tg = make_target(arm, host=sshd["host"], label="pi-emulated",
@@ -347,9 +347,9 @@ def test_genai_folder_artifact_goes_up_whole_and_runs(sshd, tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from benchmarks import lm_bench
-    from sglp_edge.export_lm_genai import export_causal_lm_genai
-    from sglp_edge.profiles import load_profile
+    import benchmarks.board.lm_bench as lm_bench
+    from sglp_edge.export.lm_genai import export_causal_lm_genai
+    from sglp_edge.profiles.load import load_profile
     from test_lm_genai import TINY, VOCAB, _save, _torch_greedy
 
     torch.manual_seed(0)

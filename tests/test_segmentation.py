@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sglp_edge.errors import UserError
+from benchmarks.board.errors import UserError
 from sglp_edge.sglp.segmentation import (
     choose_k,
     fisher_loss_table,

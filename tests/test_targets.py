@@ -2,7 +2,7 @@
 
 The emulated checks are real: the board harness runs in an aarch64 Python with the ARM build of
 ONNX Runtime under QEMU. They need the set-up cached in ~/.cache/sglp-edge/arm64 (made once by
-``sglp-edge bench --emulate`` or ``python benchmarks/arm_emulated.py``, about half a minute) and
+``sglp-edge bench --emulate`` or ``python benchmarks/experiments/arm_emulated.py``, about half a minute) and
 skip with that reason when it is absent; the set-up from scratch is the ``slow`` test.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 from onnx_models import make_cnn
-from sglp_edge.profiles import DeviceProfile
+from sglp_edge.profiles.load import DeviceProfile
 from sglp_edge.targets import arm64_env
 from sglp_edge.targets.base import EMULATION_NOT_HELD, BenchJob, held_constraints, make_target
 
@@ -28,7 +28,7 @@ ARM = DeviceProfile.model_validate({
                     "peak_memory_mb <= 1"],
 })
 needs_arm = pytest.mark.skipif(not arm64_env.ready(("onnxruntime",)),
-                               reason="emulated ARM board not set up here: run `python benchmarks/arm_emulated.py` "
+                               reason="emulated ARM board not set up here: run `python benchmarks/experiments/arm_emulated.py` "
                                       "or `sglp-edge bench --emulate` once, or `make arm64-env`")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.tegrastats import TegrastatsSampler, parse_line, parse_lines, summarize
+from benchmarks.board.tegrastats import TegrastatsSampler, parse_line, parse_lines, summarize
 
 DATA = Path(__file__).parent / "data" / "tegrastats_real.txt"
 
@@ -142,7 +142,7 @@ def test_sampler_reads_a_replayed_real_log(tmp_path: Path):
 
 # ------------------------------------------------------------------ Jetson memory: RAM + nvmap
 def test_nvmap_client_table(tmp_path):
-    from benchmarks.tegrastats import nvmap_client_mb
+    from benchmarks.board.tegrastats import nvmap_client_mb
 
     t = tmp_path / "clients"
     t.write_text("CLIENT                        PROCESS      PID        SIZE\n"
@@ -156,7 +156,7 @@ def test_nvmap_client_table(tmp_path):
 
 
 def test_jetson_peak_memory_adds_gpu_memory():
-    from benchmarks.tegrastats import jetson_peak_memory, parse_line
+    from benchmarks.board.tegrastats import jetson_peak_memory, parse_line
 
     # board RAM 3000 MB before the model loaded, 3900 MB at the peak; the process RSS grew 300 MB:
     # the other 600 MB are GPU (nvmap) buffers, which the RSS never shows

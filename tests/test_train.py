@@ -10,10 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sglp_edge.errors import UserError
+from benchmarks.board.errors import UserError
 from sglp_edge.models.cifar_resnet import cifar_resnet
 from sglp_edge.models.registry import DEFAULT_MODEL, load_model
-from sglp_edge.train import ClassificationTask, LoopConfig, evaluate, fit, lr_at, train_classifier
+from sglp_edge.train.fit import ClassificationTask, LoopConfig, evaluate, fit, lr_at, train_classifier
 
 from test_finetune import quadrant_bundle
 
@@ -63,7 +63,7 @@ def test_minutes_budget_and_epoch_checkpoint(tmp_path):
 
 def test_train_command_writes_a_loadable_checkpoint_with_manifest(tmp_path):
     pytest.importorskip("mlxtend")
-    from exporters.atomic import sha256_file
+    from benchmarks.board.atomic import sha256_file
     from sglp_edge.cli import app
 
     out = tmp_path / "r20"
@@ -85,8 +85,8 @@ def test_train_command_writes_a_loadable_checkpoint_with_manifest(tmp_path):
 
 
 def test_shipped_default_model_manifest_and_held_out_accuracy():
-    from exporters.atomic import sha256_file
-    from sglp_edge.data import FASHION_MNIST_DIR, get_dataset
+    from benchmarks.board.atomic import sha256_file
+    from sglp_edge.data.datasets import FASHION_MNIST_DIR, get_dataset
 
     man = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
     assert man["files"]["model.safetensors"]["sha256"] == sha256_file(DEFAULT_MODEL / "model.safetensors")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sglp_edge.deploy import deploy, pick_release, run_in_place
-from sglp_edge.deploy_board import INDEX
+from sglp_edge.targets.deploy import deploy, pick_release, run_in_place
+from sglp_edge.targets.deploy_board import INDEX
 from test_deploy import DEVICE, board, make_run
 from test_remote_ssh import SSHD, sshd  # noqa: F401  (the real sshd fixture)
 

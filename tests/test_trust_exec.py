@@ -138,7 +138,7 @@ def _compiled_code(good: Path, dst: Path, marker: Path) -> Path:
                                          (_pickled_sample_inputs, "sample_inputs"),
                                          (_compiled_code, "compiled code")])
 def test_pt2_code_paths_other_than_weights_are_refused(tmp_path, good_pt2, make, needle):
-    from sglp_edge.errors import UserError
+    from benchmarks.board.errors import UserError
     from sglp_edge.models.registry import load_model
 
     marker = tmp_path / "MARKER"
@@ -214,7 +214,7 @@ def test_trust_builder_runs_the_changed_builder_knowingly(tmp_path, tampered_che
 
 
 def test_a_builder_reference_without_a_hash_is_not_run(tmp_path, tampered_checkpoint):
-    from sglp_edge.errors import UserError
+    from benchmarks.board.errors import UserError
     from sglp_edge.models.registry import load_model
 
     ckpt, builder, _, marker = tampered_checkpoint

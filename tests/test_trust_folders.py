@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from exporters.atomic import MARKER, FolderLock, clean_stale_temps, mark_output
-from exporters.errors import UserError
+from benchmarks.board.atomic import MARKER, FolderLock, clean_stale_temps, mark_output
+from benchmarks.board.errors import UserError
 from sglp_edge.cli import app
 from tests.onnx_models import make_cnn
 
@@ -70,7 +70,7 @@ def test_run_refuses_a_user_folder_with_a_manifest_and_touches_nothing(tmp_path)
 
 
 def test_stage_runner_checks_before_it_locks_marks_or_cleans(tmp_path):
-    from sglp_edge.stages import StageRunner
+    from sglp_edge.pipeline.stages import StageRunner
 
     ext = ext_folder(tmp_path)
     before = snapshot(ext)

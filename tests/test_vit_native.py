@@ -33,7 +33,7 @@ def test_vit_b_16_pruned_at_224_px(tmp_path):
 
 
 def test_data_is_resized_to_the_models_input_size():
-    from sglp_edge.data import get_dataset
+    from sglp_edge.data.datasets import get_dataset
 
     b = get_dataset("fashion-mnist", resize=224)
     x, y = b.calibration_batches(1, 2)[0]

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
+from benchmarks.board.errors import UserError
 
 #: bumped when the measuring design changes (old cache entries then stop matching)
 METHOD_VERSION = "subsets-nnls-1"
@@ -108,7 +108,7 @@ def runtime_version(dist: str) -> str:
 
 
 def cache_key(model: torch.nn.Module, profile: Any, where: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    from exporters.registry import get_backend
+    from benchmarks.board.backends import get_backend
 
     be = get_backend(profile.backend)
     prof = json.dumps(profile.model_dump(mode="json"), sort_keys=True)
@@ -143,7 +143,7 @@ def load_cached(key: dict[str, Any]) -> Optional[LatencyModel]:
 
 
 def save_cached(m: LatencyModel) -> Path:
-    from exporters.atomic import atomic_write_json
+    from benchmarks.board.atomic import atomic_write_json
 
     f = _cache_file(m.key)
     f.parent.mkdir(parents=True, exist_ok=True)
@@ -154,8 +154,8 @@ def save_cached(m: LatencyModel) -> Path:
 # ---- measuring ----------------------------------------------------------------------------------
 def unit_groups(model: torch.nn.Module, adapter: Any, units: Sequence[Any], example: torch.Tensor) -> list[list[str]]:
     """Removable units grouped by signature (module type, parameters, MACs): equal units cost the same."""
-    from ..models.base import get_module
-    from ..sglp.prune import count_macs
+    from sglp_edge.models.base import get_module
+    from sglp_edge.sglp.prune import count_macs
 
     _, macs = count_macs(model, adapter, (example, torch.zeros(1, dtype=torch.long)), units)
     groups: dict[tuple, list[str]] = {}
@@ -172,8 +172,8 @@ def build_artifact(model: torch.nn.Module, example: torch.Tensor, profile: Any, 
     """Export ``model`` to ONNX and compile it for the profile's backend and precision; returns
     the file the on-device harness runs."""
     from exporters.compile import compile_model
-    from exporters.registry import get_backend
-    from ..export import export_onnx
+    from benchmarks.board.backends import get_backend
+    from sglp_edge.export.onnx_export import export_onnx
 
     be = get_backend(profile.backend)
     if be.builds_on == "board":
@@ -197,7 +197,7 @@ def time_artifacts(target: Any, profile: Any, artifacts: dict[str, Path], work: 
     divided by the reference's p90 in the same round (with the per-round ratios and the
     reference's raw p90s). A machine whose speed drifts moves both alike, so the ratio holds
     where the milliseconds do not."""
-    from ..targets.base import BenchJob
+    from sglp_edge.targets.base import BenchJob
 
     ref = "__reference__"
     if reference is not None and ref in artifacts:

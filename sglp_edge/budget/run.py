@@ -13,7 +13,7 @@ from typing import Any
 def prune_settings(cfg: Any, bench: dict[str, Any], log: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """PruneJob fields for ``keep: auto`` and the extra prune-stage inputs. The budget is the first
     device's (several devices at once: not yet)."""
-    from ..profiles import load_profile
+    from sglp_edge.profiles.load import load_profile
 
     boards = cfg.boards()
     dev = boards[0].device
@@ -39,11 +39,11 @@ def verify_final(run_dir: Path, search: dict[str, Any], bench: dict[str, Any], *
     what the verdict uses. None when the artifacts are not there."""
     import tempfile
 
-    from exporters.registry import get_backend
+    from benchmarks.board.backends import get_backend
 
-    from ..profiles import load_profile
-    from ..targets.base import make_target
-    from .latency_model import time_artifacts
+    from sglp_edge.profiles.load import load_profile
+    from sglp_edge.targets.base import make_target
+    from sglp_edge.budget.latency_model import time_artifacts
 
     prof = load_profile(search["device"])
     d = Path(run_dir) / f"compile-{prof.backend}-{prof.precision}"

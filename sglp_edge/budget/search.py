@@ -39,8 +39,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..errors import UserError
-from .latency_model import CANDIDATE_ROUNDS, LatencyModel, build_artifact, time_artifacts
+from benchmarks.board.errors import UserError
+from sglp_edge.budget.latency_model import CANDIDATE_ROUNDS, LatencyModel, build_artifact, time_artifacts
 
 #: raise before the analysis when the smallest buildable network is predicted this far above budget
 FAR_ABOVE = 1.25
@@ -236,9 +236,9 @@ def make_search(loaded: Any, batches: Sequence[Any], *, device: Optional[str], b
                 use_cache: bool = True) -> BudgetSearch:
     """The latency model of ``loaded`` on ``device`` (cached, else measured) and the search over
     it; raises the "cannot be met" error here, before the analysis, when the budget is far out of reach."""
-    from ..profiles import load_profile
-    from ..targets.base import make_target
-    from .latency_model import measure_latency_model
+    from sglp_edge.profiles.load import load_profile
+    from sglp_edge.targets.base import make_target
+    from sglp_edge.budget.latency_model import measure_latency_model
 
     prof = load_profile(device or "local-cpu-ort")
     budget, source = budget_from_profile(prof, budget_ms)
@@ -252,7 +252,7 @@ def make_search(loaded: Any, batches: Sequence[Any], *, device: Optional[str], b
     if prof.precision == "int8":
         import numpy as np
 
-        from exporters.calib import save_npz
+        from benchmarks.board.calib import save_npz
 
         x = torch.cat([b[0] for b in batches]).numpy().astype(np.float32)
         calib = save_npz(Path(work) / "calib.npz", x)

@@ -1,5 +1,5 @@
 """Helpers shared by the CLI commands: one-line errors, the interrupt exit status, and the guard
-on ``--out`` (what may be written where; see :func:`exporters.atomic.check_out_dir`)."""
+on ``--out`` (what may be written where; see :func:`benchmarks.board.atomic.check_out_dir`)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
-from exporters.errors import EXIT_INTERNAL, EXIT_USER, UserError, describe_os_error, exit_code
+from benchmarks.board.errors import EXIT_INTERNAL, EXIT_USER, UserError, describe_os_error, exit_code
 
-from ..validate import check_path
+from sglp_edge.validate import check_path
 
 F = TypeVar("F", bound=Callable)
 
-#: exit status of an interrupted command (Ctrl-C / SIGTERM); the others are in exporters/errors.py
+#: exit status of an interrupted command (Ctrl-C / SIGTERM); the others are in benchmarks/board/errors.py
 EXIT_INTERRUPTED = 130
 
 
@@ -28,7 +28,7 @@ def _sigterm_as_interrupt(signum, frame):  # pragma: no cover - exercised throug
 
 def user_errors(fn: F) -> F:
     """Turn a UserError (or a missing file) into one line on stderr and exit code 2 (4 for an
-    :class:`~exporters.errors.EnvironmentFault`), an interruption (Ctrl-C, SIGTERM) into one line
+    :class:`~benchmarks.board.errors.EnvironmentFault`), an interruption (Ctrl-C, SIGTERM) into one line
     and exit code 130, and anything else into one line too (see :func:`_last_resort`)."""
 
     @functools.wraps(fn)
@@ -69,7 +69,7 @@ def _last_resort(e: BaseException) -> None:
     import os
     import traceback
 
-    if type(e).__name__ == "Interrupted":  # sglp_edge.train.Interrupted (not imported here: torch)
+    if type(e).__name__ == "Interrupted":  # sglp_edge.train.fit.Interrupted (not imported here: torch)
         typer.echo(f"interrupted: {e}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     if isinstance(e, OSError):
@@ -93,8 +93,8 @@ def _last_resort(e: BaseException) -> None:
 
 def guard_out_dir(out: Path, *, force: bool = False, inputs: tuple = (), reuse: bool = False, **own: Any) -> Path:
     """Refuse, before any work, an ``--out`` folder whose contents would be lost (see
-    :func:`exporters.atomic.check_out_dir`; ``own``: its ``results`` / ``command``)."""
-    from exporters.atomic import check_out_dir
+    :func:`benchmarks.board.atomic.check_out_dir`; ``own``: its ``results`` / ``command``)."""
+    from benchmarks.board.atomic import check_out_dir
 
 
     check_path(out, "--out")  # a name too long, a symbolic-link loop: one line
@@ -108,11 +108,11 @@ _HELD: list = []
 
 
 def hold_out(out: Path, *, file: bool = False, **check: Any) -> Any:
-    """Take ``--out``'s lock (:class:`exporters.atomic.FolderLock`, beside it) for the rest of the
+    """Take ``--out``'s lock (:class:`benchmarks.board.atomic.FolderLock`, beside it) for the rest of the
     command, once the cheap checks passed: a second concurrent writer gets one line and exit 2. The
     --out check runs again under the lock (a writer that just finished may have filled it); ``check``:
     the arguments of :func:`guard_out_dir` (or :func:`guard_out_file` with ``file``)."""
-    from exporters.atomic import FolderLock
+    from benchmarks.board.atomic import FolderLock
 
     lock = FolderLock(out, "--out").acquire()
     _HELD.append(lock)
@@ -121,7 +121,7 @@ def hold_out(out: Path, *, file: bool = False, **check: Any) -> Any:
 
 
 def guard_out_file(out: Path, *, force: bool = False, inputs: tuple = ()) -> Path:
-    from exporters.atomic import check_out_file
+    from benchmarks.board.atomic import check_out_file
 
 
     check_path(out, "--out")
@@ -139,7 +139,7 @@ MIN_FREE = 1 << 20
 def check_space(out: Path, inputs: tuple, factor: float = SPACE_FACTOR) -> None:
     """One line (exit 4) before any work when the disk under ``out`` cannot hold ``factor`` x the
     size of the model (the first of ``inputs``: a path, or a shipped model's name)."""
-    from exporters.diskspace import check_free_space
+    from benchmarks.board.diskspace import check_free_space
 
     check_free_space(out, max(MIN_FREE, int(factor * model_bytes(inputs[0] if inputs else None))))
 
@@ -150,7 +150,7 @@ def model_bytes(model: Any) -> int:
         return 0
     paths = _input_paths((model,))
     if not paths:
-        from ..models.registry import SHIPPED  # lazy: torch
+        from sglp_edge.models.registry import SHIPPED  # lazy: torch
 
         paths = [SHIPPED[str(model)]] if str(model) in SHIPPED else []
     total = 0
@@ -182,7 +182,7 @@ def _input_paths(inputs: tuple) -> list[Optional[Path]]:
 
 def positive(name: str, value: Any, *, zero_ok: bool = False) -> None:
     """One line for a number option that must be positive (or >= 0)."""
-    from exporters.errors import UserError
+    from benchmarks.board.errors import UserError
 
     if value is None:
         return
@@ -218,8 +218,8 @@ def _artifact_io_shapes(artifact: Path) -> tuple[Optional[list], Optional[list]]
 def check_bench_data(artifact: Path, data: Path) -> None:
     """Before any latency pass: the evaluation data's shape against the artifact's input, and its
     labels against the artifact's outputs (one line naming the fix)."""
-    from exporters.calib import load_npz
-    from exporters.errors import UserError
+    from benchmarks.board.calib import load_npz
+    from benchmarks.board.errors import UserError
 
     d = load_npz(data, what="eval data")
     try:

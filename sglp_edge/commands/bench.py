@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import typer
 
-from exporters.errors import EXIT_ENVIRONMENT
+from benchmarks.board.errors import EXIT_ENVIRONMENT
 from sglp_edge.commands._common import check_bench_data, guard_out_dir, hold_out, user_errors
 
 _OWN = {"results": ("summary.json",), "command": "bench"}  # what makes an --out folder bench's own
@@ -72,8 +72,8 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from exporters.errors import UserError
-        from sglp_edge.profiles import list_profiles, load_profile
+        from benchmarks.board.errors import UserError
+        from sglp_edge.profiles.load import list_profiles, load_profile
 
         console = Console()
         if list_devices:
@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
                        min_duration_s=min_duration_s, max_eval=max_eval, timeout=timeout, port=port)
         if artifact.is_dir() and (artifact / "genai_config.json").is_file():
             raise UserError(f"sglp-edge bench does not yet take an onnxruntime-genai folder ({artifact}); run "
-                            f"python -m benchmarks.lm_bench --artifact {artifact} --data EVAL.npz, or sglp-edge run "
+                            f"python -m benchmarks.board.lm_bench --artifact {artifact} --data EVAL.npz, or sglp-edge run "
                             "with an onnxruntime-genai profile")
         from sglp_edge.validate import check_file
 
@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
         overrides = {"threads": threads, "warmup_s": warmup_s, "min_iters": min_iters, "min_duration_s": min_duration_s,
                      "max_eval": max_eval,
                      "batch_sizes": [int(x) for x in batch_sizes.split(",")] if batch_sizes else None}
-        from exporters.atomic import mark_output
+        from benchmarks.board.atomic import mark_output
 
         hold_out(out, reuse=True, inputs=(artifact, data), **_OWN)  # every check passed: nothing was written before
         out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def register(app: typer.Typer) -> None:
 
 def _check_options(host: list[str], *, batch_sizes: Optional[str], threads: Optional[int], **numbers: Any) -> None:
     """The numbers and hosts on the command line, before any file is read or any board contacted."""
-    from exporters.errors import UserError
+    from benchmarks.board.errors import UserError
     from sglp_edge.validate import check_host, check_threads
 
     for h in host:
@@ -210,7 +210,7 @@ def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boar
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sglp_edge.bundle import make_bundle
+    from sglp_edge.targets.bundle import make_bundle
 
     # every SSH board is a target too; all are validated before anything starts
     from sglp_edge.targets.ssh import SSHBoardTarget
@@ -288,7 +288,7 @@ def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list
             targets: Optional[list] = None) -> bool:
     from rich.table import Table
 
-    from exporters.atomic import atomic_write_json
+    from benchmarks.board.atomic import atomic_write_json
 
     rows = [("backend", None, 0), ("batch", "batch_size", 0), ("p50 ms", "latency_p50_ms", 3),
             ("p90 ms", "latency_p90_ms", 3), ("p99 ms", "latency_p99_ms", 3), ("mean ms", "latency_mean_ms", 3),

@@ -7,12 +7,12 @@ from typing import Optional
 
 import typer
 
-from ._common import (guard_out_dir, guard_out_file, hold_out, trust_builder_option, trust_remote_code_option,
+from sglp_edge.commands._common import (guard_out_dir, guard_out_file, hold_out, trust_builder_option, trust_remote_code_option,
                       user_errors)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
-    from exporters.errors import UserError
+    from benchmarks.board.errors import UserError
 
     try:
         dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x") if d)
@@ -26,7 +26,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def _export_genai(model: str, weights: Optional[Path], net, tokenizer, out: Path, precision: str, console) -> None:
     """FOLDER/genai: from the Hugging Face folder itself when MODEL is one (or a prune output holding
     model/), else from the loaded model saved with its tokenizer."""
-    from sglp_edge.export_lm_genai import export_causal_lm_genai, export_model_genai
+    from sglp_edge.export.lm_genai import export_causal_lm_genai, export_model_genai
 
     src = Path(model)
     hf = next((d for d in (src, src / "model") if (d / "config.json").is_file()), None) if weights is None else None
@@ -79,9 +79,9 @@ def register(app: typer.Typer) -> None:
         import torch
         from rich.console import Console
 
-        from exporters.calib import load_npz
-        from exporters.errors import UserError
-        from sglp_edge.export import export_onnx
+        from benchmarks.board.calib import load_npz
+        from benchmarks.board.errors import UserError
+        from sglp_edge.export.onnx_export import export_onnx
 
         console = Console(stderr=True)
         if parity_samples < 1:
@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         if genai_precision not in ("fp32", "int8", "int4"):
             raise UserError(f"--genai-precision must be fp32, int8 or int4 (got {genai_precision!r})")
         if genai:
-            from sglp_edge.export_lm_genai import require_genai
+            from sglp_edge.export.lm_genai import require_genai
 
             require_genai()  # before the long ONNX export, not after it
         guard_out_file(out, force=force, inputs=(model, weights, parity_data))
@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
                             trust_builder=trust_builder, trust_remote_code=trust_remote_code)
         net = loaded.model.eval()
         if getattr(loaded.adapter, "modality", "image") == "sentences":  # encoders: input_ids + attention_mask
-            from sglp_edge.export_encoder import export_loaded_encoder
+            from sglp_edge.export.encoder import export_loaded_encoder
 
             res = export_loaded_encoder(loaded, out, parity_samples=parity_samples, opset=opset, simplify=simplify,
                                         exporter=exporter)
@@ -121,7 +121,7 @@ def register(app: typer.Typer) -> None:
         kind = "tokens" if getattr(loaded.adapter, "modality", "image") == "tokens" else "image"
         gen = torch.Generator().manual_seed(0)
         if kind == "tokens" and past:
-            from sglp_edge.export_lm import export_causal_lm
+            from sglp_edge.export.lm import export_causal_lm
 
             folder = out.with_suffix("") if out.suffix == ".onnx" else out
             if folder != out:  # X.onnx names the folder X: replaced whole, so checked and held as a folder
@@ -134,7 +134,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"cache parity vs PyTorch (prefill {p['prefill_tokens']} + decode {p['decode_tokens']} tokens, "
                        f"random ids): max_abs={p['max_abs']:.3g} greedy_equal={p['greedy_equal']} passed={p['passed']}")
             if openvino:
-                from sglp_edge.export_lm_openvino import export_causal_lm_openvino
+                from sglp_edge.export.lm_openvino import export_causal_lm_openvino
 
                 meta = export_causal_lm_openvino(net, folder / "openvino")
                 p = meta["parity_vs_pytorch"]
@@ -168,7 +168,7 @@ def register(app: typer.Typer) -> None:
             d = load_npz(parity_data, what="parity data").head(parity_samples)
             px, py, source = d.x, d.y, f"{parity_data} ({len(d)} samples)"
         elif kind == "image" and tuple(example.shape[1:]) in ((3, 32, 32), (1, 32, 32)):
-            from benchmarks.parity import FMNIST_DIR, load_fashion_mnist
+            from benchmarks.experiments.parity import FMNIST_DIR, load_fashion_mnist
 
             try:
                 px, py = load_fashion_mnist("test", parity_samples)

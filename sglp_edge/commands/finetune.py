@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import guard_out_dir, hold_out, positive, trust_builder_option, trust_remote_code_option, user_errors
+from sglp_edge.commands._common import guard_out_dir, hold_out, positive, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def resolve_model_dir(src: str) -> str:
@@ -26,8 +26,8 @@ def resolve_model_dir(src: str) -> str:
 
 def feature_map_for(pruned: Any, teacher: Any) -> dict[str, str]:
     """Student unit path -> teacher unit path for the units the pruned model kept."""
-    from sglp_edge.errors import UserError
-    from sglp_edge.finetune import kept_unit_map
+    from benchmarks.board.errors import UserError
+    from sglp_edge.train.finetune import kept_unit_map
 
     if pruned.adapter.modality == "tokens":
         kept = getattr(pruned.model.config, "sglp_kept_layers", None)
@@ -58,7 +58,7 @@ def _student_units(student: Any, teacher: str) -> Optional[str]:
 def _check_kd(threads: Optional[int], temperature: float, alpha: Optional[float], warmup: float,
               feature_weight: float) -> None:
     """The fine-tune's numbers, before either model is loaded (FinetuneConfig.check says the same later)."""
-    from sglp_edge.errors import UserError
+    from benchmarks.board.errors import UserError
     from sglp_edge.validate import check_threads
 
     check_threads("--threads", threads)
@@ -124,13 +124,13 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from sglp_edge.data import get_dataset
-        from sglp_edge.errors import UserError
-        from sglp_edge.finetune import FinetuneConfig, finetune
+        from sglp_edge.data.datasets import get_dataset
+        from benchmarks.board.errors import UserError
+        from sglp_edge.train.finetune import FinetuneConfig, finetune
         from sglp_edge.models.registry import load_model
-        from sglp_edge.train import Interrupted
+        from sglp_edge.train.fit import Interrupted
 
-        from .train import reproduce_command
+        from sglp_edge.commands.train import reproduce_command
 
         if epochs is None and steps is None and minutes is None:
             raise UserError("give a training budget: --epochs N, --steps N or --minutes N")
@@ -165,12 +165,12 @@ def register(app: typer.Typer) -> None:
                 raise UserError(f"neither {pruned} nor {teacher} has a tokenizer; save the tokenizer with the model")
             bundle = get_dataset("text", data_root, seed=seed, tokenizer=tok, block_size=block_size, max_tokens=max_tokens)
         else:
-            from sglp_edge.pruning_job import fixed_input_size, input_channels
+            from sglp_edge.pipeline.prune_job import fixed_input_size, input_channels
 
             bundle = get_dataset(data, data_root, seed=seed, resize=fixed_input_size(student.model),
                                  channels=input_channels(student.model), class_map=class_map)
         fmap = feature_map_for(student, orig) if feature_weight > 0 else None
-        if lm:  # the causal-LM task's defaults, the ones `sglp-edge run` and benchmarks/recovery.py use
+        if lm:  # the causal-LM task's defaults, the ones `sglp-edge run` and benchmarks/experiments/recovery.py use
             from sglp_edge.tasks.causal_lm import CausalLM
 
             dflt = CausalLM.defaults["finetune"]
@@ -216,7 +216,7 @@ def register(app: typer.Typer) -> None:
         else:
             meta = student.meta or {}
             from sglp_edge.models.registry import save_checkpoint
-            from exporters.atomic import atomic_dir
+            from benchmarks.board.atomic import atomic_dir
             import shutil
 
             with atomic_dir(out) as tmp:

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._common import guard_out_dir, hold_out, trust_builder_option, trust_remote_code_option, user_errors
+from sglp_edge.commands._common import guard_out_dir, hold_out, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -72,9 +72,9 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Prune whole layer units with SGLP (CKA -> Fisher segments -> GradNorm) or a baseline."""
-        from ..pruning_job import PruneJob, run_prune_job
+        from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job
 
-        from ..errors import UserError
+        from benchmarks.board.errors import UserError
 
         if keep is not None and keep != "auto":
             try:

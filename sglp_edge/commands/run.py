@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import check_space, guard_out_dir, trust_builder_option, trust_remote_code_option, user_errors
+from sglp_edge.commands._common import check_space, guard_out_dir, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def _resolve_config(config: Path) -> Path:
@@ -44,10 +44,10 @@ def register(app: typer.Typer) -> None:
         A re-run skips finished stages and a killed run resumes."""
         import sys
 
-        from ..pipeline import EXIT_FINISH_ON_BOARD, NEEDS_BOARD, Pipeline, load_config
-        from ..report import print_summary
+        from sglp_edge.pipeline.run import EXIT_FINISH_ON_BOARD, NEEDS_BOARD, Pipeline, load_config
+        from sglp_edge.report.render import print_summary
 
-        from ..validate import check_host, check_threads
+        from sglp_edge.validate import check_host, check_threads
 
         check_threads("--threads", threads)
         check_host("--host", host)
@@ -61,17 +61,17 @@ def register(app: typer.Typer) -> None:
                                                ("trust_remote_code", trust_remote_code)) if v})  # or in the YAML
         cfg = load_config(config, overrides or None)
         if host and emulate:
-            from ..errors import UserError
+            from benchmarks.board.errors import UserError
 
             raise UserError("--host and --emulate contradict each other: the emulated board runs here")
         if host or emulate:
             extra = {"host": host} if host else {"emulate": "qemu-aarch64"}
             cfg.devices = [b.model_copy(update=extra) for b in cfg.boards()]
         if emulate:  # cheap checks before any heavy work
-            from exporters.registry import get_backend
+            from benchmarks.board.backends import get_backend
 
-            from ..errors import UserError
-            from ..profiles import load_profile
+            from benchmarks.board.errors import UserError
+            from sglp_edge.profiles.load import load_profile
 
             for b in cfg.boards():
                 prof = load_profile(b.device)
@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         # a run folder of ours (the marker AND its manifest) is resumed in place; anything else that is not empty
         # is the user's and stays untouched (stages replace only their own sub-folders, so inputs kept in the
         # run folder are safe); the StageRunner takes the folder's lock and checks again under it
-        from ..stages import OWN
+        from sglp_edge.pipeline.stages import OWN
 
         guard_out_dir(run_dir, reuse=True, **OWN)
         check_space(run_dir, (cfg.model,), factor=4 + 2 * len(cfg.boards()))  # models, ONNX and artifacts per device

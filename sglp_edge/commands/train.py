@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import guard_out_dir, hold_out, positive, trust_builder_option, trust_remote_code_option, user_errors
+from sglp_edge.commands._common import guard_out_dir, hold_out, positive, trust_builder_option, trust_remote_code_option, user_errors
 
 
 def reproduce_command(command: str, args: list[Any], options: dict[str, Any]) -> str:
@@ -28,7 +28,7 @@ def write_trained_checkpoint(model: Any, adapter: Any, out: Path, manifest: dict
     sha256), written atomically: the folder appears complete or not at all."""
     import shutil
 
-    from exporters.atomic import atomic_dir, atomic_write_json, sha256_file
+    from benchmarks.board.atomic import atomic_dir, atomic_write_json, sha256_file
     from sglp_edge.models.registry import save_checkpoint
 
     with atomic_dir(out) as tmp:
@@ -72,16 +72,16 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from sglp_edge.data import get_dataset
+        from sglp_edge.data.datasets import get_dataset
         from sglp_edge.models.registry import load_model
-        from sglp_edge.train import BASELINE_RECIPE, Interrupted, LoopConfig, train_classifier, training_manifest
+        from sglp_edge.train.fit import BASELINE_RECIPE, Interrupted, LoopConfig, train_classifier, training_manifest
 
         if epochs is None and steps is None and minutes is None:
-            from sglp_edge.errors import UserError
+            from benchmarks.board.errors import UserError
 
             raise UserError("give a training budget: --epochs N, --steps N or --minutes N")
         if any(v is not None and v < 0 for v in (label_smoothing, weight_decay)) or not 0 <= label_smoothing < 1:
-            from sglp_edge.errors import UserError
+            from benchmarks.board.errors import UserError
 
             raise UserError("--label-smoothing must be in [0, 1) and --weight-decay >= 0")
         for name, v in (("--epochs", epochs), ("--steps", steps), ("--minutes", minutes), ("--batch-size", batch_size),
@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
         loaded = load_model(model, num_classes=bundle.num_classes, trust_builder=trust_builder,
                             trust_remote_code=trust_remote_code)
         if loaded.kind not in ("builtin-arch", "torchvision"):
-            from sglp_edge.errors import UserError
+            from benchmarks.board.errors import UserError
 
             raise UserError(f"`train` builds an architecture from scratch; {model} is a trained checkpoint "
                             "(use `sglp-edge finetune` to keep training it)")

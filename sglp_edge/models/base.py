@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError
+from benchmarks.board.errors import UserError
 
 
 #: modalities whose unit outputs are (batch, tokens, hidden) hidden states, compared token by token:
@@ -90,7 +90,7 @@ def copy_model(model: nn.Module) -> nn.Module:
     ref = getattr(model, "_sglp_builder", None)
     if not (ref and ref.get("kind") == "pt2"):
         return copy.deepcopy(model)
-    from .user_module import build_from_reference
+    from sglp_edge.models.user_module import build_from_reference
 
     fresh = build_from_reference(ref, check=False)
     gone = [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)]

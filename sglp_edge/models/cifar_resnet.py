@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterError, ModelAdapter, Unit
+from sglp_edge.models.base import AdapterError, ModelAdapter, Unit
 
 DEPTHS = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18}
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .base import AdapterError, ModelAdapter, Unit, get_module, glob_units
+from sglp_edge.models.base import AdapterError, ModelAdapter, Unit, get_module, glob_units
 
 
 class GenericAdapter(ModelAdapter):

@@ -17,9 +17,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from exporters.atomic import atomic_dir
-from ..errors import UserError
-from .base import AdapterError
+from benchmarks.board.atomic import atomic_dir
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import AdapterError
 
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers")
 PRUNE_META_FILE = "sglp_prune.json"

@@ -45,9 +45,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .base import AdapterError, ModelAdapter, Unit
-from .hf_common import (PER_LAYER_LISTS, PRUNE_META_FILE, _decoder_layers, _first_line,  # noqa: F401
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import AdapterError, ModelAdapter, Unit
+from sglp_edge.models.hf_common import (PER_LAYER_LISTS, PRUNE_META_FILE, _decoder_layers, _first_line,  # noqa: F401
                         _load_tokenizer, _offline, _reindex, _undo, check_remote_code, checked_layers,
                         not_pretrained_reason, record_kept_layers, remote_code_error, save_pretrained_folder,
                         token_inputs, unit_index)
@@ -319,7 +319,7 @@ def load_hf(src: str | Path, *, trust_remote_code: bool = False) -> Any:
         raise UserError("loading Hugging Face models needs transformers: pip install 'sglp-edge[llm]'") from None
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .registry import LoadedModel
+    from sglp_edge.models.registry import LoadedModel
 
     s = str(src)
     meta: dict[str, Any] = {}

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .base import AdapterError, ModelAdapter, Unit
+from sglp_edge.models.base import AdapterError, ModelAdapter, Unit
 
 #: (expansion t, output channels c, blocks n, first stride s) per stage, as in the MobileNetV2 paper;
 #: after the stride-2 stem the feature maps are 16x16 -> 16x16 -> 8x8 -> 8x8 -> 4x4

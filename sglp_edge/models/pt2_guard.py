@@ -20,7 +20,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import UserError
+from benchmarks.board.errors import UserError
 
 RESAVE = "export the model again with torch.export.save(torch.export.export(model, example), 'model.pt2')"
 # names a shape expression may call: sympy's constructors and torch's sympy functions (no strings, no eval)

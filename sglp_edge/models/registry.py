@@ -20,11 +20,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from exporters.atomic import atomic_dir
-from ..errors import UserError
-from .base import AdapterError, ModelAdapter
-from .cifar_resnet import CifarResNetAdapter, cifar_resnet
-from .mobilenet_small import SmallMobileNetV2Adapter, mobilenetv2_fmnist
+from benchmarks.board.atomic import atomic_dir
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import AdapterError, ModelAdapter
+from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
+from sglp_edge.models.mobilenet_small import SmallMobileNetV2Adapter, mobilenetv2_fmnist
 
 CHECKPOINT_FORMAT = "sglp-edge/vision-checkpoint/1"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -46,16 +46,16 @@ SUPPORTED_FAMILIES = (
 def _adapter_classes() -> list[type[ModelAdapter]]:
     classes: list[type[ModelAdapter]] = [CifarResNetAdapter, SmallMobileNetV2Adapter]
     try:
-        from .torchvision_adapters import ADAPTERS as TV
+        from sglp_edge.models.torchvision_adapters import ADAPTERS as TV
 
         classes += list(TV)
     except ImportError:  # pragma: no cover
         pass
     try:
-        from .hf_llm import HFDecoderAdapter
+        from sglp_edge.models.hf_llm import HFDecoderAdapter
 
         classes.append(HFDecoderAdapter)
-        from .hf_encoder import HFEncoderAdapter
+        from sglp_edge.models.hf_encoder import HFEncoderAdapter
 
         classes.append(HFEncoderAdapter)
     except ImportError:  # pragma: no cover - transformers missing
@@ -67,7 +67,7 @@ def get_adapter(model: nn.Module, units: str | Sequence[str] | None = None) -> M
     """The adapter for ``model``; with ``units`` (glob patterns of module paths) a generic adapter
     over exactly those modules, for architectures this package does not know."""
     if units:
-        from .generic import GenericAdapter
+        from sglp_edge.models.generic import GenericAdapter
 
         return GenericAdapter(model, units)
     for cls in _adapter_classes():
@@ -113,11 +113,11 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     if getattr(adapter, "modality", "image") == "tokens":
-        from .hf_llm import save_hf  # type: ignore[attr-defined]
+        from sglp_edge.models.hf_llm import save_hf  # type: ignore[attr-defined]
 
         return save_hf(model, folder, extra=extra)
     if getattr(adapter, "modality", "image") == "sentences":
-        from .hf_encoder import save_hf_encoder
+        from sglp_edge.models.hf_encoder import save_hf_encoder
 
         return save_hf_encoder(model, folder, extra=extra)
     spec = spec or model_spec(adapter, model)
@@ -184,7 +184,7 @@ def load_checkpoint(folder: str | Path, *, trust_builder: bool = False) -> Loade
 
 
 def _generic(model: nn.Module, units: Any) -> ModelAdapter:
-    from .generic import GenericAdapter
+    from sglp_edge.models.generic import GenericAdapter
 
     return GenericAdapter(model, units)
 
@@ -214,7 +214,7 @@ def build_from_spec(spec: dict[str, Any], family: str | None = None, *,
                     trust_builder: bool = False) -> tuple[nn.Module, ModelAdapter]:
     """The unpruned model and its adapter from :func:`model_spec`'s output (``trust_builder``: run a
     builder file whose sha256 no longer matches)."""
-    from .user_module import build_from_reference
+    from sglp_edge.models.user_module import build_from_reference
 
     fam = family or spec.get("family")
     if fam == "generic":
@@ -303,19 +303,19 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
         loaded = load_checkpoint(folder)
         loaded.kind = "builtin"
         return loaded
-    from .hf_encoder import is_encoder_source
+    from sglp_edge.models.hf_encoder import is_encoder_source
 
     if is_encoder_source(src):
-        from .hf_encoder import load_hf_encoder
+        from sglp_edge.models.hf_encoder import load_hf_encoder
 
         return load_hf_encoder(src, trust_remote_code=trust_remote_code)
     if src == "smollm2" or path.suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
-        from .hf_llm import load_hf
+        from sglp_edge.models.hf_llm import load_hf
 
         return load_hf(src, trust_remote_code=trust_remote_code)
     if path.is_dir() and (path / "sglp_model.json").is_file():
         return load_checkpoint(path, trust_builder=trust_builder)
-    from . import user_module
+    from sglp_edge.models import user_module
 
     if path.exists() and not (user_module.is_file_ref(src) or user_module.is_pt2(src)):
         raise UserError(f"{src} is neither an sglp-edge checkpoint folder (sglp_model.json), a Hugging Face "
@@ -331,7 +331,7 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     elif ctor is not None:
         model = ctor(num_classes or 10)
     elif src.startswith("torchvision:"):
-        from .torchvision_adapters import build_torchvision
+        from sglp_edge.models.torchvision_adapters import build_torchvision
 
         model = build_torchvision(src.split(":", 1)[1], num_classes=num_classes)
     if model is None:

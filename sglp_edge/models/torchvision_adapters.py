@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .base import ModelAdapter, Unit
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import ModelAdapter, Unit
 
 _TV_BUILDERS = {
     "resnet": ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import UserError
+from benchmarks.board.errors import UserError
 
 
 def _sha256(path: Path) -> str:
@@ -117,7 +117,7 @@ def load_pt2_module(path: Path) -> nn.Module:
     its layer units can be named by module path. Export it with a dynamic batch dimension."""
     import torch
 
-    from .pt2_guard import load_exported_program
+    from sglp_edge.models.pt2_guard import load_exported_program
 
     try:
         ep = load_exported_program(path)  # refuses pickles, compiled code and eval'd text before loading

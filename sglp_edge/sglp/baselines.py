@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models.base import TOKEN_MODALITIES, AdapterError, ModelAdapter, Unit, get_module
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import TOKEN_MODALITIES, AdapterError, ModelAdapter, Unit, get_module
 
 
 @dataclass

@@ -58,7 +58,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..errors import UserError
+from benchmarks.board.errors import UserError
 
 MODES = ("tokens", "sequence")
 _DEGENERATE_RTOL = 1e-24

@@ -31,9 +31,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models.base import ModelAdapter, Unit, get_module
-from .baselines import _stream_modules_io, calibration_loss
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import ModelAdapter, Unit, get_module
+from sglp_edge.sglp.baselines import _stream_modules_io, calibration_loss
 
 HEALS = ("none", "linear")
 

@@ -43,8 +43,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models.base import ModelAdapter
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import ModelAdapter
 
 PROTOCOLS = ("natural", "reference", "loss", "healed")
 
@@ -149,12 +149,12 @@ class CandidateScorer:
         removed = [u for u in segment_units if u not in set(kept)]
         net = self._reference_model(kept) if self.protocol == "reference" else self.model
         if self.protocol == "healed" and removed:
-            from .heal import heal_linear
+            from sglp_edge.sglp.heal import heal_linear
 
             net, _ = heal_linear(self.model, self.adapter, removed, self.batches)
         with self.adapter.without_units(net, removed) as m:
             if self.protocol in ("loss", "healed"):
-                from .baselines import calibration_loss
+                from sglp_edge.sglp.baselines import calibration_loss
 
                 value = calibration_loss(self.adapter, m, self.batches)
             else:

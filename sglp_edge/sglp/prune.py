@@ -16,16 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..models.base import ModelAdapter, Unit, capture_unit_outputs
-from .importance import (PROTOCOLS, CandidateScorer, SegmentSelection, adjacent_redundancy, allocate_removals,  # noqa: F401
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import ModelAdapter, Unit, capture_unit_outputs
+from sglp_edge.sglp.importance import (PROTOCOLS, CandidateScorer, SegmentSelection, adjacent_redundancy, allocate_removals,  # noqa: F401
                          resolve_allocation, resolve_protocol,
                          allocate_removals_by_redundancy, min_search_cost, search_cost, select_in_segment, split_budget)
-from .selection import (_allocate, _allocation_mode, _choose_k, _direction, _fit_k_to_budget,  # noqa: F401
+from sglp_edge.sglp.selection import (_allocate, _allocation_mode, _choose_k, _direction, _fit_k_to_budget,  # noqa: F401
                         _search_need, _select_all)
 
-from .baselines import BASELINES
-from .heal import HEALS
+from sglp_edge.sglp.baselines import BASELINES
+from sglp_edge.sglp.heal import HEALS
 
 METHODS = ("sglp", *BASELINES)
 ALLOCATIONS = ("auto", "proportional", "redundancy")
@@ -58,7 +58,7 @@ class PruneConfig:
     cka_mode: str = "tokens"
     # how the global number of removals is split over segments: "proportional" to their removable
     # units, or by "redundancy" (where the units with the highest CKA to their predecessor lie);
-    # "auto": redundancy for decoder LMs, proportional otherwise (each measured: benchmarks/recovery.py)
+    # "auto": redundancy for decoder LMs, proportional otherwise (each measured: benchmarks/experiments/recovery.py)
     allocation: str = "auto"
     # training-free healing of each removed run: "none" or "linear" (a fitted map folded into the
     # kept unit before the run; sglp_edge.sglp.heal)
@@ -68,7 +68,7 @@ class PruneConfig:
     # split over segments in proportion to the latency their removable units cost
     unit_costs: dict[str, float] | None = None
     # what candidates are scored against: "labels" (the data's), "teacher" (image data whose labels are not
-    # the model's classes: the unpruned model's soft outputs, sglp_edge.teacher_targets), "next-token" (LMs)
+    # the model's classes: the unpruned model's soft outputs, sglp_edge.train.teacher_targets), "next-token" (LMs)
     # or "teacher-embeddings" (encoders); recorded in plan.json
     target: str = "labels"
     allow_degenerate: bool = False  # go on when every candidate scores the same (outputs independent of input)
@@ -188,7 +188,7 @@ def _n_remove_for_keep(units: Sequence[Unit], keep: int) -> int:
 
 def compute_cka(model: nn.Module, adapter: ModelAdapter, units: Sequence[Unit], batches: Sequence[Any],
                 mode: str = "tokens", progress: Any = None) -> np.ndarray:
-    from .cka import MinibatchCKA
+    from sglp_edge.sglp.cka import MinibatchCKA
 
     acc = MinibatchCKA(len(units), mode=mode)
     task = progress.add_task("CKA over calibration batches", total=len(batches)) if progress else None
@@ -256,7 +256,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         n_remove = min(len(removable), max(1, math.ceil(cfg.target_macs * macs_before / max(mean_macs, 1))))
 
     if cfg.method == "sglp":
-        from .segmentation import choose_k, fisher_loss_table, fisher_segments, sequence_from_cka
+        from sglp_edge.sglp.segmentation import choose_k, fisher_loss_table, fisher_segments, sequence_from_cka
 
         t = time.perf_counter()
         cka = compute_cka(model, adapter, units, cka_batches, cfg.cka_mode, progress)
@@ -315,7 +315,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         plan_kw["budget"] = {**budget, "spent": [s.evaluations for s in selections],
                              "search": [s.method for s in selections], "total_spent": evaluations}
     else:
-        from .baselines import select_baseline
+        from sglp_edge.sglp.baselines import select_baseline
 
         t = time.perf_counter()
         while True:
@@ -348,7 +348,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
 def _check_scores_differ(selections: Sequence[SegmentSelection], cfg: PruneConfig, notes: list[str]) -> None:
     """Every candidate scoring the same means the choice is a silent tie-break: stop (one line)
     unless ``allow_degenerate``."""
-    from ..teacher_targets import DEGENERATE, scores_all_equal
+    from sglp_edge.train.teacher_targets import DEGENERATE, scores_all_equal
 
     scores = [v for s in selections for v in s.scores.values()]
     if not scores_all_equal(scores):
@@ -360,7 +360,7 @@ def _check_scores_differ(selections: Sequence[SegmentSelection], cfg: PruneConfi
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
-    from ..models.base import get_module
+    from sglp_edge.models.base import get_module
 
     return get_module(model, name)
 
@@ -373,7 +373,7 @@ def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: PrunePlan, batches
     heal = (plan.config or {}).get("heal", "none")
     if heal == "none" or not plan.removed:
         return adapter.remove(model, plan.removed)
-    from .heal import heal_linear
+    from sglp_edge.sglp.heal import heal_linear
 
     t = time.perf_counter()
     healed, report = heal_linear(model, adapter, plan.removed, batches, ridge=float(plan.config.get("heal_ridge", 1e-2)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UserError
+from benchmarks.board.errors import UserError
 
 SEQUENCE_MODES = ("colsum", "adjacent")
 K_RULES = ("elbow", "threshold")

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..errors import UserError
-from ..models.base import ModelAdapter, Unit
-from .importance import (CandidateScorer, SegmentSelection, allocate_removals, allocate_removals_by_redundancy,
+from benchmarks.board.errors import UserError
+from sglp_edge.models.base import ModelAdapter, Unit
+from sglp_edge.sglp.importance import (CandidateScorer, SegmentSelection, allocate_removals, allocate_removals_by_redundancy,
                          min_search_cost, resolve_allocation, search_cost, select_in_segment, split_budget)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .prune import PruneConfig
+    from sglp_edge.sglp.prune import PruneConfig
 
 
 def _direction(cfg: PruneConfig) -> str:
@@ -62,7 +62,7 @@ def _fit_k_to_budget(x: np.ndarray, units: Sequence[Unit], k: int, k_max: int, n
     """The k rule's choice, raised (up to k_max) to the smallest k whose search fits the evaluation
     budget without falling back to the shortlist greedy. Returns (k, the rule's k if raised else None).
     When no k up to k_max fits, the rule's k stays and the budgeted greedy search is used."""
-    from .segmentation import fisher_segments
+    from sglp_edge.sglp.segmentation import fisher_segments
 
     if cfg.eval_budget is None:
         return k, None
@@ -80,7 +80,7 @@ def _choose_k(x: np.ndarray, units: Sequence[Unit], k_max: int, n_remove: int, c
     search inside its segments; under ``"raise"`` k is raised to the smallest whose
     exhaustive/beam searches fit the budget. The record holds the loss and elbow distance per k
     and the evaluations each k's exhaustive/beam search would need."""
-    from .segmentation import choose_k, elbow_curve, fisher_segments
+    from sglp_edge.sglp.segmentation import choose_k, elbow_curve, fisher_segments
 
     rule_k = choose_k(x, k_max=k_max, rule=cfg.k_rule)
     needs = {kk: _search_need(units, fisher_segments(x, kk), n_remove, cfg, redundancy)

@@ -36,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 
 QEMU_CPU = "neoverse-n1"
 PY = "python3.11"

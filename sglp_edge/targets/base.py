@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 
 #: metrics an emulator cannot measure for a real board: its timings are 100-300x a board's, its
 #: memory is the emulator's, and it draws no board power
@@ -79,7 +79,7 @@ class Target:
                 doc["emulated_metrics"] = {k: doc["metrics"].get(k) for k in EMULATION_NOT_HELD
                                            if doc["metrics"].get(k) is not None}
             if run.out_dir is not None and (Path(run.out_dir) / name).is_file():
-                from exporters.atomic import atomic_write_json
+                from benchmarks.board.atomic import atomic_write_json
 
                 atomic_write_json(Path(run.out_dir) / name, doc)
         return run
@@ -88,7 +88,7 @@ class Target:
 def held_constraints(profile: Any, metrics: dict[str, Any], emulated: bool) -> list:
     """Every constraint of ``profile`` against ``metrics``; on an emulated target the metrics of
     :data:`EMULATION_NOT_HELD` are reported "not measured: emulated" (passed=None), never held."""
-    from sglp_edge.profiles import ConstraintResult, evaluate_constraints
+    from sglp_edge.profiles.load import ConstraintResult, evaluate_constraints
 
     out = []
     for r in evaluate_constraints(profile, metrics):
@@ -116,14 +116,14 @@ def make_target(profile: Any, *, host: Optional[str] = None, emulate: Optional[s
     if emulate:
         if emulate not in EMULATORS:
             raise UserError(f"unknown emulator {emulate!r}: use {', '.join(EMULATORS)}")
-        from .emulated import EmulatedArmTarget
+        from sglp_edge.targets.emulated import EmulatedArmTarget
 
         return EmulatedArmTarget(label=label or profile.name, profile=profile)
     if host:
-        from .ssh import SSHBoardTarget
+        from sglp_edge.targets.ssh import SSHBoardTarget
 
         return SSHBoardTarget.from_profile(profile, host, label=label, **(ssh or {}))
-    from .local import LocalTarget
+    from sglp_edge.targets.local import LocalTarget
 
     return LocalTarget(label=label or profile.name)
 

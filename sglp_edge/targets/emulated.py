@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from exporters.errors import UserError
+from benchmarks.board.errors import UserError
 
-from .base import BenchJob
-from .local import LocalTarget
+from sglp_edge.targets.base import BenchJob
+from sglp_edge.targets.local import LocalTarget
 
 #: bench settings under emulation unless the caller set them: latency is not held, so measure little
 EMULATED_BENCH = {"warmup_s": 0.0, "min_iters": 3, "min_duration_s": 0.0, "max_eval": 500}
@@ -37,9 +37,9 @@ class EmulatedArmTarget(LocalTarget):
         return "emulated:qemu-aarch64"
 
     def prepare(self, backend: str) -> dict[str, Any]:
-        from exporters.registry import get_backend
+        from benchmarks.board.backends import get_backend
 
-        from . import arm64_env
+        from sglp_edge.targets import arm64_env
 
         b = get_backend(backend)
         if not b.emulatable:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .base import BenchJob, Target
+from sglp_edge.targets.base import BenchJob, Target
 
 
 class LocalTarget(Target):
@@ -15,7 +15,7 @@ class LocalTarget(Target):
         self.python, self.env = python, env
 
     def bench(self, job: BenchJob) -> Any:
-        from sglp_edge.board_run import run_local
+        from sglp_edge.targets.board_run import run_local
 
         out = job.out_dir.resolve()
         args = job.profile.run_bench_args(artifact=str(job.artifact.resolve()), out=str(out / "result.json"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from .base import BenchJob, Target
+from sglp_edge.targets.base import BenchJob, Target
 
 
 class SSHBoardTarget(Target):
@@ -21,7 +21,7 @@ class SSHBoardTarget(Target):
                      ssh_config: Optional[str] = None, remote_python: Optional[str] = None,
                      remote_dir: Optional[str] = None, timeout: Optional[float] = None,
                      keep_remote: bool = False) -> "SSHBoardTarget":
-        from sglp_edge.ssh_transport import SSHTarget
+        from sglp_edge.targets.ssh_transport import SSHTarget
 
         sd = profile.ssh
         t = SSHTarget(
@@ -42,8 +42,8 @@ class SSHBoardTarget(Target):
         return self.ssh.where
 
     def bench(self, job: BenchJob) -> Any:
-        from sglp_edge.bundle import make_bundle
-        from sglp_edge.remote import RemoteJob, run_remote
+        from sglp_edge.targets.bundle import make_bundle
+        from sglp_edge.targets.remote import RemoteJob, run_remote
 
         bundle_path = job.bundle_path or (Path(job.out_dir).parent / f".bundle-{Path(job.out_dir).name}.tar.gz")
         if job.bundle is not None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ..errors import UserError
+from benchmarks.board.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .base import Task
+    from sglp_edge.tasks.base import Task
 
 #: task name -> (module, class)
 TASKS = {

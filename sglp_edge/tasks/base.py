@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..config import BoardSection, RunConfig
-    from ..pipeline import Pipeline
+    from sglp_edge.pipeline.config import BoardSection, RunConfig
+    from sglp_edge.pipeline.run import Pipeline
 
 
 class Task:

@@ -4,11 +4,11 @@
   ``prune.seq_len`` tokens (default 8 x 2 x 128) from the calibration documents;
 - loss: next-token cross-entropy (GradNorm), KD on the next-token distribution (fine-tune), AdamW,
   a budget in steps or minutes, validation capped at ``finetune.val_samples`` blocks;
-- export: one graph for prefill and decode with past key/values (:mod:`sglp_edge.export_lm`);
+- export: one graph for prefill and decode with past key/values (:mod:`sglp_edge.export.lm`);
 - compile: one route per backend (:mod:`sglp_edge.tasks.lm_routes`): :mod:`exporters.lm_compile` (ORT
   fp32/int8/int4, OpenVINO fp32/fp16/int8/int4 from its stateful IR, TensorRT's build command), or
-  onnxruntime-genai's model builder (:mod:`sglp_edge.export_lm_genai`, fp32/int8/int4);
-- board data: token ids only (:func:`benchmarks.lm_bench.write_eval_npz`): the TTFT prompt,
+  onnxruntime-genai's model builder (:mod:`sglp_edge.export.lm_genai`, fp32/int8/int4);
+- board data: token ids only (:func:`benchmarks.board.lm_bench.write_eval_npz`): the TTFT prompt,
   held-out perplexity blocks, greedy prompts and PyTorch's greedy continuations;
 - metrics: TTFT, decode tokens/s (p50/p90 per token), perplexity (and its increase over the
   unpruned model on the same runtime), greedy agreement with PyTorch, size, peak memory.
@@ -19,9 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..lm_memory import GB, _meminfo_total, activation_bytes, check_prune_memory, lm_dims, params_of
-from .base import Task
+from benchmarks.board.errors import UserError
+from sglp_edge.models.lm_memory import GB, _meminfo_total, activation_bytes, check_prune_memory, lm_dims, params_of
+from sglp_edge.tasks.base import Task
 
 class CausalLM(Task):
     name = "causal-lm"
@@ -61,8 +61,8 @@ class CausalLM(Task):
 
     def _check_routes(self, cfg: Any, d: dict[str, Any] | None) -> None:
         """Each device's LM route checked before any heavy work (e.g. onnxruntime-genai installed)."""
-        from ..profiles import load_profile
-        from .lm_routes import LM_ROUTE_CHECKS
+        from sglp_edge.profiles.load import load_profile
+        from sglp_edge.tasks.lm_routes import LM_ROUTE_CHECKS
 
         for board in cfg.boards():
             try:
@@ -75,7 +75,7 @@ class CausalLM(Task):
 
     # ---- data and models -----------------------------------------------------------------------
     def load_data(self, pipe: Any) -> Any:
-        from ..data import get_text_dataset
+        from sglp_edge.data.datasets import get_text_dataset
 
         tok = pipe.loaded.tokenizer
         if tok is None:
@@ -84,12 +84,12 @@ class CausalLM(Task):
                                 max_tokens=pipe.cfg.text.max_tokens)
 
     def save_model(self, pipe: Any, loaded: Any, model: Any, folder: Path, extra: dict[str, Any]) -> None:
-        from ..models.hf_llm import save_hf
+        from sglp_edge.models.hf_llm import save_hf
 
         save_hf(model, folder, tokenizer=pipe.loaded.tokenizer, extra=extra)
 
     def _models(self, pipe: Any):
-        from ..models.registry import load_model
+        from sglp_edge.models.registry import load_model
 
         return (("original", pipe.loaded.model), ("pruned", load_model(str(pipe.final_model_dir())).model))
 
@@ -97,7 +97,7 @@ class CausalLM(Task):
     def stage_eval_data(self, pipe: Any) -> dict[str, Any]:
         import torch
 
-        from benchmarks.lm_bench import write_eval_npz
+        from benchmarks.board.lm_bench import write_eval_npz
 
         e = pipe.cfg.eval
         final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
@@ -134,7 +134,7 @@ class CausalLM(Task):
         import numpy as np
         import torch
 
-        from ..export_lm import export_causal_lm
+        from sglp_edge.export.lm import export_causal_lm
 
         final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
 
@@ -154,15 +154,15 @@ class CausalLM(Task):
                                                         final=final_hash), fn)
 
     def stage_export_openvino(self, pipe: Any) -> dict[str, Any]:
-        """The stateful OpenVINO IR of both models (sglp_edge.export_lm_openvino), once per run."""
-        from .lm_routes import stage_export_openvino
+        """The stateful OpenVINO IR of both models (sglp_edge.export.lm_openvino), once per run."""
+        from sglp_edge.tasks.lm_routes import stage_export_openvino
 
         return stage_export_openvino(self, pipe)
 
     def stage_compile(self, pipe: Any, board: Any) -> dict[str, Any]:
         """The profile's backend route (sglp_edge/tasks/lm_routes.py: ONNX, stateful OpenVINO, onnxruntime-genai)."""
-        from ..profiles import load_profile
-        from .lm_routes import LM_ROUTES
+        from sglp_edge.profiles.load import load_profile
+        from sglp_edge.tasks.lm_routes import LM_ROUTES
 
         prof = load_profile(board.device)
         if prof.task != self.name:
@@ -183,7 +183,7 @@ class CausalLM(Task):
         return {}
 
     def build_report(self, pipe: Any, prune: Any, ft: Any, ev: Any, ex: Any, targets: list) -> dict[str, Any]:
-        from .causal_lm_report import build_lm_report
+        from sglp_edge.tasks.causal_lm_report import build_lm_report
 
         return build_lm_report(pipe, prune, ft, ev, ex, targets)
 

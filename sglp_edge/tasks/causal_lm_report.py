@@ -34,7 +34,7 @@ def plot_tokens_ppl(targets: list[dict[str, Any]]) -> str | None:
                 pts.append((f"{t['device']} {t['precision']}", which, marker, m["decode_tokens_per_s"], m["perplexity"]))
     if not pts:
         return None
-    from ..report import _plt, _png
+    from sglp_edge.report.render import _plt, _png
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -53,7 +53,7 @@ def plot_tokens_ppl(targets: list[dict[str, Any]]) -> str | None:
 
 
 def lm_table_html(targets: list[dict[str, Any]]) -> str:
-    from ..report import _fmt
+    from sglp_edge.report.render import _fmt
 
     rows = ["<table id='lm-results'><tr><th>device</th><th>model</th><th>backend</th><th>precision</th>"
             + "".join(f"<th>{h}</th>" for _, h in LM_COLUMNS) + "</tr>"]
@@ -106,7 +106,7 @@ def build_lm_report(pipe: Any, prune: Any, ft: Any, ev: Any, ex: Any, targets: l
     if png:
         import base64
 
-        from exporters.atomic import atomic_write_bytes
+        from benchmarks.board.atomic import atomic_write_bytes
 
         atomic_write_bytes(pipe.run_dir / "tokens_vs_perplexity.png", base64.b64decode(png))
         rep["extra_plots"].append({"id": "plot-tokens-ppl", "caption": "Decode tokens/s vs perplexity (original o, "

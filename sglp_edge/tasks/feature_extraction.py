@@ -9,7 +9,7 @@
 - quality on held-out sentences, pruned against original: **cosine agreement** (mean cosine of the
   two embeddings of each sentence) and **nearest-neighbour agreement** (fraction of sentences whose
   nearest other held-out sentence is the same under both models);
-- export: :mod:`sglp_edge.export_encoder` (input_ids + attention_mask [+ token_type_ids]).
+- export: :mod:`sglp_edge.export.encoder` (input_ids + attention_mask [+ token_type_ids]).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import UserError
-from ..finetune import _KDBase
-from ..models.hf_encoder import embedding_distillation_loss, pool_normalize
+from benchmarks.board.errors import UserError
+from sglp_edge.train.finetune import _KDBase
+from sglp_edge.models.hf_encoder import embedding_distillation_loss, pool_normalize
 
 SPLITS = ("calibration", "train", "val", "test")
 _ROLE = re.compile(r":[\w:.+-]+:`!?~?([^`<]*?)\s*(?:<[^>]*>)?`")
@@ -79,7 +79,7 @@ def split_sentences(root: str | Path | None = None, *, seed: int = 0,
     """({split: sentences}, {split: document paths}): documents split as the LM ``text`` data set
     splits them (seeded), then cut into sentences; duplicates are kept once, in the first split of
     held-out, calibration, val, train that holds them, so the splits share no sentence."""
-    from ..data import text_documents
+    from sglp_edge.data.datasets import text_documents
 
     docs = text_documents(root)
     order = list(range(len(docs)))
@@ -172,7 +172,7 @@ class SentenceDataBundle:
 def get_sentence_dataset(tokenizer: Any, root: str | Path | None = None, *, seed: int = 0, max_length: int = 128,
                          max_sentences: dict[str, int] | None = None) -> SentenceDataBundle:
     """Tokenised sentence splits for an encoder (see :func:`split_sentences`)."""
-    from ..data import TEXT_DOC_ROOT, TEXT_PACKAGE
+    from sglp_edge.data.datasets import TEXT_DOC_ROOT, TEXT_PACKAGE
 
     if max_length < 4:
         raise UserError(f"the sentence length limit must be at least 4 tokens, got {max_length}")
@@ -232,7 +232,7 @@ def evaluate_agreement(student: torch.nn.Module, teacher: torch.nn.Module, adapt
 
 
 # ---------------------------------------------------------------------------------------------
-# the KD fine-tune task (sglp_edge.finetune picks it for adapters of modality "sentences")
+# the KD fine-tune task (sglp_edge.train.finetune picks it for adapters of modality "sentences")
 # ---------------------------------------------------------------------------------------------
 class EncoderKDTask(_KDBase):
     """Embedding distillation: ``1 - cos`` between student and teacher sentence embeddings (plus

@@ -1,14 +1,14 @@
 """Image classification: calibration in batches of images, cross-entropy + KD on logits, one image
 tensor in and logits out, held-out labelled images on the board, top-1 and latency per image.
 
-The stages themselves live in :mod:`sglp_edge.pipeline` (where they grew); this task routes to them."""
+The stages themselves live in :mod:`sglp_edge.pipeline.run` (where they grew); this task routes to them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .base import Task
+from sglp_edge.tasks.base import Task
 
 
 class ImageClassification(Task):
@@ -22,15 +22,15 @@ class ImageClassification(Task):
     }
 
     def load_data(self, pipe: Any) -> Any:
-        from ..data import get_dataset
-        from ..pruning_job import fixed_input_size, input_channels
+        from sglp_edge.data.datasets import get_dataset
+        from sglp_edge.pipeline.prune_job import fixed_input_size, input_channels
 
         # fixed-resolution models (ViTs) get their data at their own input size; grey models, 1 channel
         return get_dataset(pipe.cfg.data, root=pipe.cfg.data_root, seed=pipe.cfg.seed,
                            resize=fixed_input_size(pipe.loaded.model), channels=input_channels(pipe.loaded.model))
 
     def save_model(self, pipe: Any, loaded: Any, model: Any, folder: Path, extra: dict[str, Any]) -> None:
-        from ..models.registry import save_checkpoint
+        from sglp_edge.models.registry import save_checkpoint
 
         save_checkpoint(model, loaded.adapter, folder, spec=loaded.meta["spec"],
                         removed_units=loaded.meta.get("removal_rounds", []), extra=extra)

@@ -8,7 +8,7 @@
 - ``openvino``: the same compile from the stateful IR of ``export-openvino`` (fused attention, KV
   cache as state: 1.6x the ONNX route's decode on SmolLM2), or from the ONNX when the model cannot
   take the stateful export;
-- ``genai``: onnxruntime-genai's model builder on the saved models (:mod:`sglp_edge.export_lm_genai`),
+- ``genai``: onnxruntime-genai's model builder on the saved models (:mod:`sglp_edge.export.lm_genai`),
   one folder per model (model.onnx, genai_config.json, tokenizer, lm.json with the parity against
   PyTorch; fp32 must reproduce PyTorch's greedy tokens, int8/int4 record theirs).
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
+from benchmarks.board.errors import UserError
 
 
 def _parity_ids(pipe: Any) -> Any:
@@ -34,10 +34,10 @@ def _parity_ids(pipe: Any) -> Any:
 
 
 def stage_export_openvino(task: Any, pipe: Any) -> dict[str, Any]:
-    """The stateful OpenVINO IR of both models (sglp_edge.export_lm_openvino), once per run."""
+    """The stateful OpenVINO IR of both models (sglp_edge.export.lm_openvino), once per run."""
     import torch
 
-    from ..export_lm_openvino import export_causal_lm_openvino
+    from sglp_edge.export.lm_openvino import export_causal_lm_openvino
 
     final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
 
@@ -83,7 +83,7 @@ def onnx_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
 
 
 def openvino_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
-    from ..export_lm_openvino import stateful_unsupported
+    from sglp_edge.export.lm_openvino import stateful_unsupported
 
     why = stateful_unsupported(pipe.loaded.model)
     if why:
@@ -96,7 +96,7 @@ def openvino_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
 def genai_check(cfg: Any, prof: Any, d: dict[str, Any] | None) -> None:
     """Before any heavy work: the package and its builder's import, and a head size its CPU attention
     takes (``d``: the model's sizes from :func:`sglp_edge.tasks.causal_lm.lm_dims`, None if unknown)."""
-    from ..export_lm_genai import GQA_HEAD_MULTIPLE, INSTALL, require_genai
+    from sglp_edge.export.lm_genai import GQA_HEAD_MULTIPLE, INSTALL, require_genai
 
     require_genai()
     try:
@@ -111,7 +111,7 @@ def genai_check(cfg: Any, prof: Any, d: dict[str, Any] | None) -> None:
 
 def genai_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
     """onnxruntime-genai folders of both models, built from the saved models by its model builder."""
-    from ..export_lm_genai import export_causal_lm_genai, export_model_genai, require_genai
+    from sglp_edge.export.lm_genai import export_causal_lm_genai, export_model_genai, require_genai
 
     require_genai()  # one line naming the install, before anything is written
     name = f"compile-{prof.backend}-{prof.precision}"

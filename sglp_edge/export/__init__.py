@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX export: image models, sentence encoders, decoder LMs (plain, onnxruntime-genai, OpenVINO)."""

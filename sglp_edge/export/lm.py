@@ -1,0 +1,208 @@
+"""Decoder-LM export for generation: one ONNX graph that serves prefill AND decode with a KV cache.
+
+Layout (Optimum's ``text-generation-with-past``, what TensorRT-LLM-less runtimes, users' own
+decode loops and :mod:`benchmarks.board.lm_bench` expect):
+
+    inputs   input_ids (batch, sequence) int64, attention_mask (batch, past_sequence + sequence) int64,
+             position_ids (batch, sequence) int64,
+             past_key_values.{i}.key / .value (batch, kv_heads, past_sequence, head_dim) float32
+    outputs  logits (batch, sequence, vocab), present.{i}.key / .value (batch, kv_heads,
+             past_sequence + sequence, head_dim)
+
+Prefill passes an empty past (``past_sequence`` = 0); each decode step passes the previous
+``present.*`` back as ``past_key_values.*``. Batch, sequence and past length are dynamic.
+
+Route: ``torch.onnx.export(dynamo=True)`` of a thin wrapper that rebuilds transformers'
+``DynamicCache`` from flat tensors. The graph uses standard ONNX operators only, so it runs on ONNX
+Runtime, OpenVINO (reads ``.onnx`` directly) and TensorRT. Weights go to one external-data file
+``model.onnx.data`` when the model is 2 GB or more, otherwise inside ``model.onnx``.
+
+Proof of the export (written into ``lm.json`` and the ONNX metadata): on ONNX Runtime, prefill of
+a prompt followed by token-by-token decode with the cache reproduces PyTorch's full-sequence logits
+(max abs difference), and the greedy continuation is identical.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporters import onnx_utils as ou
+from benchmarks.board.atomic import atomic_dir, sha256_file
+from benchmarks.board.errors import UserError
+
+LAYOUT = "text-generation-with-past"
+TASK = "causal-lm"
+MODEL_FILE = "model.onnx"
+META_FILE = "lm.json"
+PARITY_ATOL = 1e-3  # fp32 logits of magnitude ~10-30 over 20+ layers: ~1e-5 typical
+
+
+def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
+    present = [f"present.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
+    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+
+
+def kv_shape(config: Any) -> tuple[int, int]:
+    """(kv_heads, head_dim) of a transformers decoder config."""
+    heads = int(config.num_attention_heads)
+    kvh = int(getattr(config, "num_key_value_heads", None) or heads)
+    hd = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return kvh, hd
+
+
+class _WithPast(nn.Module):
+    """Flat tensors in and out; rebuilds the ``DynamicCache`` transformers 5.x wants."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.n_layers = int(model.config.num_hidden_layers)
+
+    def forward(self, input_ids, attention_mask, position_ids, past):  # past: tuple of 2 * n_layers tensors
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        res = [out.logits]
+        for layer in out.past_key_values.layers[: self.n_layers]:
+            res += [layer.keys, layer.values]
+        return tuple(res)
+
+
+def _feed(ids: np.ndarray, past: list[np.ndarray], start: int, names: list[str]) -> dict[str, np.ndarray]:
+    b, t = ids.shape
+    feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, start + t), np.int64),
+            "position_ids": np.tile(np.arange(start, start + t, dtype=np.int64), (b, 1))}
+    feed.update(zip(names[3:], past))
+    return feed
+
+
+def cache_parity(session: Any, model: nn.Module, ids: torch.Tensor, *, split: int, n_new: int = 4) -> dict[str, Any]:
+    """Prefill ``ids[:, :split]`` then decode ``ids[:, split:]`` one token at a time with the cache
+    (ONNX Runtime), against PyTorch's one full-sequence forward; plus ``n_new`` greedy tokens."""
+    names = [i.name for i in session.get_inputs()]
+    kvh, hd = kv_shape(model.config)
+    n_layers = int(model.config.num_hidden_layers)
+    b, total = ids.shape
+    x = ids.numpy()
+    empty = [np.zeros((b, kvh, 0, hd), np.float32) for _ in range(2 * n_layers)]
+    out = session.run(None, _feed(x[:, :split], empty, 0, names))
+    logits, past = [out[0]], out[1:]
+    for t in range(split, total):
+        out = session.run(None, _feed(x[:, t:t + 1], past, t, names))
+        logits.append(out[0])
+        past = out[1:]
+    got = np.concatenate(logits, axis=1)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.float().numpy()
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                             use_cache=True, pad_token_id=0, eos_token_id=None)[:, total:].numpy()
+    toks, nxt = [], got[:, -1].argmax(-1)
+    for t in range(n_new):
+        toks.append(nxt)
+        out = session.run(None, _feed(nxt[:, None], past, total + t, names))
+        past, nxt = out[1:], out[0][:, -1].argmax(-1)
+    ort_gen = np.stack(toks, 1)
+    max_abs = float(np.abs(got - ref).max())
+    return {"max_abs": max_abs, "max_ref": float(np.abs(ref).max()), "batch": b, "prefill_tokens": split,
+            "decode_tokens": total - split, "greedy_tokens": n_new, "greedy_equal": bool((ort_gen == gen).all()),
+            "passed": bool(max_abs <= PARITY_ATOL and (ort_gen == gen).all())}
+
+
+def export_causal_lm(model: nn.Module, out_dir: str | Path, *, opset: int = 18, parity_ids: torch.Tensor | None = None,
+                     external_data: bool | None = None) -> dict[str, Any]:
+    """Export a transformers ``XxxForCausalLM`` to ``out_dir/model.onnx`` (+ ``lm.json``), atomically.
+
+    ``parity_ids`` (batch, T >= 3) int64: real token ids for the cache parity check; random ids
+    when omitted. ``external_data``: ``None`` = only when the weights reach 2 GB."""
+    from sglp_edge.models.hf_llm import unsupported_reason
+
+    why = unsupported_reason(model)
+    if why:
+        raise UserError(f"cannot export for generation: {why}")
+    t0 = time.perf_counter()
+    cfg = model.config
+    n_layers = int(cfg.num_hidden_layers)
+    kvh, hd = kv_shape(cfg)
+    was_training = model.training
+    model.eval()
+    w = _WithPast(model).eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if external_data is None:
+        external_data = n_bytes >= ou.TWO_GB * 0.95
+    in_names, out_names = io_names(n_layers)
+    # trace shapes that cannot specialise: batch 2, 5 new tokens, 3 past tokens
+    b, t, p = 2, 5, 3
+    gen = torch.Generator().manual_seed(0)
+    ex_ids = torch.randint(0, int(cfg.vocab_size), (b, t), generator=gen)
+    ex_past = tuple(torch.zeros(b, kvh, p, hd) for _ in range(2 * n_layers))
+    ex = (ex_ids, torch.ones(b, p + t, dtype=torch.int64), torch.arange(p, p + t).expand(b, t).contiguous(), ex_past)
+    seq = {0: "batch", 1: "sequence"}
+    dyn = (seq, {0: "batch", 1: "total_sequence"}, seq, tuple({0: "batch", 2: "past_sequence"} for _ in ex_past))
+    out_dir = Path(out_dir)
+    try:
+        with atomic_dir(out_dir) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                prog = torch.onnx.export(w, ex, dynamo=True, input_names=in_names, output_names=out_names,
+                                         dynamic_shapes=dyn, opset_version=opset, external_data=external_data,
+                                         verbose=False)
+            path = tmp / MODEL_FILE
+            prog.save(str(path), external_data=external_data)
+            del prog
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            got_in = [i.name for i in sess.get_inputs()]
+            if got_in != in_names:
+                raise UserError(f"exported graph has inputs {got_in[:4]}..., expected the {LAYOUT} layout")
+            ids = parity_ids if parity_ids is not None else torch.randint(0, int(cfg.vocab_size), (2, 12), generator=gen)
+            ids = ids.to(torch.int64)
+            if ids.ndim != 2 or ids.shape[1] < 3:
+                raise UserError("parity_ids must be (batch, tokens) with at least 3 tokens")
+            parity = cache_parity(sess, model, ids, split=max(1, ids.shape[1] * 2 // 3))
+            del sess
+            meta = {"task": TASK, "layout": LAYOUT, "num_layers": n_layers, "kv_heads": kvh, "head_dim": hd,
+                    "vocab_size": int(cfg.vocab_size), "hidden_size": int(cfg.hidden_size),
+                    "eos_token_id": getattr(cfg, "eos_token_id", None), "model_type": cfg.model_type,
+                    "opset": opset, "external_data": bool(external_data), "inputs": in_names, "outputs": out_names,
+                    "dynamic_axes": {"batch": "all", "sequence": "input_ids/position_ids",
+                                     "past_sequence": "past_key_values.*"},
+                    "parity_vs_pytorch": parity, "torch": torch.__version__,
+                    "sglp_kept_layers": getattr(cfg, "sglp_kept_layers", None),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            if not external_data:
+                proto = ou.load_onnx(path, check=False)
+                ou.update_metadata(proto, {"export": {"exporter": "dynamo", "kind": TASK, "layout": LAYOUT},
+                                           "parity_vs_pytorch": parity})
+                ou.save_onnx(proto, path)
+                del proto
+            meta["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+            meta["sha256"] = sha256_file(path)
+            meta["seconds"] = round(time.perf_counter() - t0, 2)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    finally:
+        model.train(was_training)
+    meta["path"] = str(out_dir / MODEL_FILE)
+    return meta
+
+
+def read_lm_meta(folder: str | Path) -> dict[str, Any]:
+    p = Path(folder) / META_FILE
+    if not p.is_file():
+        raise UserError(f"{folder} is not an LM export folder (no {META_FILE}); export it with export_causal_lm")
+    return json.loads(p.read_text())

@@ -1,0 +1,1 @@
+"""``sglp-edge run``: the run config schema, the resumable stages, the prune job and the per-device stages."""

@@ -1,0 +1,1 @@
+"""Device profiles: where a model must run and what it must achieve there (schema, discovery, merging)."""

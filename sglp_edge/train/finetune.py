@@ -1,0 +1,367 @@
+"""Brief recovery fine-tune of a pruned network with knowledge distillation from the original.
+
+Loss (images):  ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``
+(Hinton et al. 2015; the T^2 keeps the soft-target gradients on the scale of the hard ones), plus
+optionally ``feature_weight * mean_u MSE(student_u, teacher_u)`` over the kept units, each
+student unit matched to the teacher unit it came from (:func:`kept_unit_map`).
+
+Language models: the same loss on next-token distributions: position ``i``'s logits predict token
+``i+1`` of packed fixed-length blocks; the hard-label term is the next-token cross-entropy, and
+the reported metric is perplexity (``exp`` of the mean token NLL).
+
+Sentence encoders: ``1 - cos`` between the student's and the teacher's sentence embeddings
+(:class:`sglp_edge.tasks.feature_extraction.EncoderKDTask`); the reported metric is the mean cosine.
+
+Training runs on :func:`sglp_edge.train.fit.fit`: budget in epochs / steps / minutes, warmup + cosine
+schedule, checkpoint every epoch (and every ``ckpt_minutes``, and on SIGTERM / Ctrl-C) with resume
+from the saved step, best-on-validation selection (the test split is only evaluated at the end),
+and DistributedDataParallel when launched by ``torchrun``.
+
+Programmatic use::
+
+    from sglp_edge.train.finetune import FinetuneConfig, finetune
+    res = finetune(pruned, original, adapter, bundle, FinetuneConfig(epochs=1))
+    res.val["acc"], res.test["acc"]          # images
+    res.val["ppl"], res.test["ppl"]          # language models
+
+The loss, the kept-unit map and the feature hooks are in :mod:`sglp_edge.train.kd` (still importable from here).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from sglp_edge.train.distributed import DistInfo, init_distributed
+from benchmarks.board.errors import UserError
+from sglp_edge.train.kd import _FeatureTap, kd_loss, kept_unit_map  # noqa: F401
+from sglp_edge.models.base import ModelAdapter
+from sglp_edge.train.fit import fit
+from sglp_edge.train.config import FitResult, LoopConfig
+from sglp_edge.train.objectives import Task, capped, evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration and result
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig(LoopConfig):
+    lr: float = 0.01  # fine-tuning: lower than training from scratch
+    warmup: float = 0.05
+    warmup_start: float = 0.1
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the KD term; 1 - alpha on the hard-label cross-entropy
+    feature_weight: float = 0.0  # weight of the feature-KD (MSE on kept units); 0 disables it
+    feature_map: dict[str, str] | None = None  # student path -> teacher path (see kept_unit_map)
+    state_path: str | None = None  # resume-state file; None: no checkpointing
+    progress: bool = True
+    eval_before: bool = True  # measure the student's val metric before fine-tuning (fresh runs)
+    test_samples: int | None = None  # score the selected weights on the first N held-out items; None: all
+    train_last: int | None = None  # partial fine-tune: only the last N units and the head train (sglp_edge.train.partial)
+    # images: "labels" when the data's labels are the model's classes (same count, or an image folder with a
+    # class map); "teacher" (label-free: pure KD, alpha 1, metric = top-1 agreement with the teacher) otherwise
+    target: str = "auto"
+    alpha_given: bool = False  # the user set alpha explicitly (a label-free run then refuses alpha < 1)
+
+
+    def check(self) -> None:
+        super().check()
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"--alpha (KD weight) must be in [0, 1], got {self.alpha}")
+        if self.test_samples is not None and self.test_samples < 1:
+            raise UserError(f"--test-samples must be >= 1, got {self.test_samples}")
+        if self.train_last is not None and self.train_last < 1:
+            raise UserError(f"--train-last must be >= 1 (units to train), got {self.train_last}")
+        if self.feature_weight < 0:
+            raise UserError(f"--feature-weight must be >= 0, got {self.feature_weight}")
+        if self.target not in ("auto", "labels", "teacher"):
+            raise UserError(f"finetune target must be auto, labels or teacher, got {self.target!r}")
+        if self.feature_weight > 0 and not self.feature_map:
+            raise UserError("feature distillation needs the student->teacher unit map (kept_unit_map)")
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    val: dict[str, float]  # images: acc, loss; LMs: ppl, nll
+    test: dict[str, float] | None  # held-out split, measured once on the selected weights
+    val_before: dict[str, float] | None
+    history: list[dict[str, Any]]
+    steps: int
+    epochs: float
+    train_seconds: float
+    selected: str
+    resumed_from_step: int
+    world_size: int
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able summary (no weights)."""
+        return {"val": self.val, "test": self.test, "val_before": self.val_before, "steps": self.steps,
+                "epochs": round(self.epochs, 4), "train_seconds": round(self.train_seconds, 1),
+                "selected": self.selected, "resumed_from_step": self.resumed_from_step,
+                "world_size": self.world_size, "history": self.history, "config": self.config}
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+# ---------------------------------------------------------------------------------------------
+class _KDBase(Task):
+    def __init__(self, teacher: nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig):
+        self.teacher, self.adapter, self.cfg = teacher, adapter, cfg
+        self.s_tap = self.t_tap = None
+        if cfg.feature_weight > 0 and cfg.feature_map:
+            self.fmap = dict(cfg.feature_map)
+
+    def attach(self, student: nn.Module) -> None:
+        if self.cfg.feature_weight > 0 and self.cfg.feature_map:
+            self.s_tap = _FeatureTap(student, list(self.fmap), self.adapter)
+            self.t_tap = _FeatureTap(self.teacher, list(self.fmap.values()), self.adapter)
+
+    def detach(self) -> None:
+        for tap in (self.s_tap, self.t_tap):
+            if tap is not None:
+                tap.close()
+        self.s_tap = self.t_tap = None
+
+    def with_feature_loss(self, loss: torch.Tensor, shown: dict[str, float]) -> torch.Tensor:
+        """``loss`` plus the weighted feature-KD term when feature distillation is on (shown as 'feat')."""
+        fl = self.feature_loss()
+        if fl is None:
+            return loss
+        shown["feat"] = float(fl.detach())
+        return loss + self.cfg.feature_weight * fl
+
+    def feature_loss(self) -> torch.Tensor | None:
+        if self.s_tap is None:
+            return None
+        losses = []
+        for sp, tp in self.fmap.items():
+            s, t = self.s_tap.out.get(sp), self.t_tap.out.get(tp)
+            if s is None or t is None:
+                continue
+            if s.shape != t.shape:
+                raise UserError(f"feature KD: student unit {sp} {tuple(s.shape)} and teacher unit {tp} "
+                                f"{tuple(t.shape)} differ in shape; check the unit map")
+            losses.append(F.mse_loss(s.float(), t.detach().float()))
+        self.s_tap.out.clear()
+        self.t_tap.out.clear()
+        return torch.stack(losses).mean() if losses else None
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        self.teacher.eval()
+
+
+class ImageKDTask(_KDBase):
+    """KD on logits; label-free (``cfg.target == "teacher"``): the labels are ignored, the loss is
+    pure KD and the metric is ``agreement``, top-1 agreement with the teacher."""
+
+    @property
+    def label_free(self) -> bool:
+        return self.cfg.target == "teacher"
+
+    def train_loss(self, model, batch):
+        x, y = batch
+        with torch.no_grad():
+            t = self.teacher(x)
+        s = model(x)
+        loss = kd_loss(s, t, None if self.label_free else y, self.cfg.temperature, self.cfg.alpha)
+        shown = {"kd": float(loss.detach())}
+        loss = self.with_feature_loss(loss, shown)
+        ref = t.argmax(1) if self.label_free else y
+        shown["agree" if self.label_free else "acc"] = float((s.argmax(1) == ref).float().mean())
+        return loss, shown
+
+    def eval_sums(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        if self.label_free:
+            t = self.teacher(x)
+            kl = F.kl_div(F.log_softmax(logits.float(), 1), F.log_softmax(t.float(), 1), log_target=True, reduction="sum")
+            return {"n": float(len(y)), "agree": float((logits.argmax(1) == t.argmax(1)).sum()), "kl_sum": float(kl)}
+        return {"n": float(len(y)), "correct": float((logits.argmax(1) == y).sum()),
+                "loss_sum": float(F.cross_entropy(logits, y, reduction="sum"))}
+
+    def finalize(self, sums):
+        n = max(sums.get("n", 0.0), 1.0)
+        if self.label_free:
+            agree = sums.get("agree", 0.0) / n
+            return {"agreement": agree, "kl": sums.get("kl_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": agree}
+        acc = sums.get("correct", 0.0) / n
+        return {"acc": acc, "loss": sums.get("loss_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": acc}
+
+
+def _lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+class LMKDTask(_KDBase):
+    """KD on next-token distributions over packed blocks (no padding: every position counts)."""
+
+    def train_loss(self, model, batch):
+        ids = batch
+        with torch.no_grad():
+            t = _lm_logits(self.teacher, ids)[:, :-1]
+        s = _lm_logits(model, ids)[:, :-1]
+        loss = kd_loss(s, t, ids[:, 1:], self.cfg.temperature, self.cfg.alpha)
+        shown = {"kd": float(loss.detach())}
+        loss = self.with_feature_loss(loss, shown)
+        return loss, shown
+
+    def eval_sums(self, model, batch):
+        ids = batch
+        logits = _lm_logits(model, ids)[:, :-1]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+        return {"tokens": float(ids[:, 1:].numel()), "nll_sum": float(nll)}
+
+    def finalize(self, sums):
+        n = max(sums.get("tokens", 0.0), 1.0)
+        nll = sums.get("nll_sum", 0.0) / n
+        return {"ppl": math.exp(min(nll, 700.0)), "nll": nll, "tokens": sums.get("tokens", 0.0), "score": -nll}
+
+
+class _Blocks(Dataset):
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return int(self.blocks.shape[0])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# the API
+# ---------------------------------------------------------------------------------------------
+def _splits(data: Any) -> tuple[Dataset, Dataset | None, Dataset | None, str]:
+    modality = getattr(data, "modality", "image")
+    if modality == "tokens":
+        return _Blocks(data.train), _Blocks(data.val), _Blocks(data.test), "tokens"
+    if modality == "sentences":  # SentenceDataBundle: items are dicts of padded token tensors
+        return data.train, data.val, data.test, "sentences"
+    return data.train, data.val, data.test, "image"
+
+
+def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data: Any,
+             cfg: FinetuneConfig | None = None, **overrides: Any) -> FinetuneResult:
+    """Fine-tune ``student`` (the pruned network, trained in place) with KD from ``teacher`` on
+    ``data`` (an ImageDataBundle or TextDataBundle from :func:`sglp_edge.data.datasets.get_dataset`).
+    ``cfg`` fields may also be passed as keyword overrides, e.g. ``finetune(..., steps=200)``.
+    Returns the best-on-val weights with val metrics and held-out test metrics.
+    Under ``torchrun`` every rank calls this; only rank 0 writes the state file."""
+    cfg = cfg or FinetuneConfig()
+    if overrides:
+        cfg = FinetuneConfig(**{**asdict(cfg), **overrides})
+    if all(getattr(cfg, k) is None for k in ("epochs", "steps", "minutes")):
+        cfg.epochs = 1.0
+    cfg.check()
+    train_set, val_set, test_set, modality = _splits(data)
+    val_set = capped(val_set, cfg.val_samples)
+    # the held-out split of a text corpus runs to thousands of blocks: a forward pass of each through
+    # an LM takes longer than the fine-tune itself, so LM runs cap it (finetune.test_samples)
+    test_set = capped(test_set, cfg.test_samples)
+    if modality == "tokens" and cfg.eval_batch_size > cfg.batch_size:
+        cfg.eval_batch_size = cfg.batch_size  # (batch, block, vocab) logits get large quickly
+    am = getattr(adapter, "modality", "image")
+    if am != modality:
+        raise UserError(f"the model takes {am} input but the data set {getattr(data, 'name', '?')} is {modality}; "
+                        "use --data text for language models and encoders, an image data set otherwise")
+    info: DistInfo = init_distributed(cfg.device)
+    teacher = teacher.to(info.device).eval()  # its forward runs under no_grad; its weights are untouched
+    student.to(info.device)
+    if not any(p.requires_grad for p in student.parameters()):  # e.g. copied from a frozen model
+        student.requires_grad_(True)
+    if cfg.train_last is not None:
+        from sglp_edge.train.partial import train_only_last
+
+        train_only_last(student, adapter, cfg.train_last)
+    task: _KDBase = LMKDTask(teacher, adapter, cfg) if modality == "tokens" else ImageKDTask(teacher, adapter, cfg)
+    if modality == "sentences":
+        from sglp_edge.tasks.feature_extraction import EncoderKDTask
+
+        task = EncoderKDTask(teacher, adapter, cfg)
+    if modality == "image":
+        _image_target(cfg, _check_outputs(student, teacher, data, info), data)
+    state_path = Path(cfg.state_path) if cfg.state_path else None
+    val_before = None
+    if cfg.eval_before and val_set is not None and not (state_path and state_path.is_file()):
+        val_before = _strip(evaluate(student, task, val_set, batch_size=cfg.eval_batch_size, info=info))
+    task.attach(student)
+    try:
+        res: FitResult = fit(student, task, train_set, val_set, test_set, cfg, state_path=state_path,
+                             desc="finetune (KD)", progress=cfg.progress,
+                             extra_state={"kind": "kd-finetune", "dataset": getattr(data, "name", "?"),
+                                          "temperature": cfg.temperature, "alpha": cfg.alpha,
+                                          "feature_weight": cfg.feature_weight,
+                                          "student_params": sum(p.numel() for p in student.parameters())})
+    finally:
+        task.detach()
+    conf = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "device")}
+    return FinetuneResult(model=res.model, val=_strip(res.val), test=_strip(res.test) if res.test else None,
+                          val_before=val_before, history=res.history, steps=res.steps, epochs=res.epochs,
+                          train_seconds=res.train_seconds, selected=res.selected, resumed_from_step=res.resumed_from_step,
+                          world_size=info.world, config=conf)
+
+
+def _strip(m: dict[str, float] | None) -> dict[str, float]:
+    return {k: v for k, v in (m or {}).items() if k != "score"}
+
+
+@torch.no_grad()
+def _check_outputs(student: nn.Module, teacher: nn.Module, data: Any, info: DistInfo) -> None:
+    x, _ = data.val[0] if len(data.val) else data.train[0]
+    x = x.unsqueeze(0).to(info.device)
+    was_s = student.training
+    student.eval()
+    try:
+        so, to = student(x), teacher(x)
+    except RuntimeError as e:
+        raise UserError(f"the model does not accept {data.name} images {tuple(x.shape[1:])} "
+                        f"({str(e).splitlines()[0][:160]})") from None
+    finally:
+        student.train(was_s)
+    if so.shape != to.shape:
+        raise UserError(f"student outputs {tuple(so.shape)} but teacher outputs {tuple(to.shape)}: "
+                        "is --teacher the model this one was pruned from?")
+    from sglp_edge.train.teacher_targets import check_not_degenerate
+
+    # a teacher whose outputs ignore the input has nothing to teach: its outputs on the image above, the image
+    # mirrored and seeded noise must differ (no further reads, so the training stream and the val reads stay as
+    # they were)
+    g = torch.Generator().manual_seed(0)
+    xs = torch.cat([x, x.flip(-1), torch.randn(x.shape, generator=g).to(x)])
+    check_not_degenerate(teacher(xs))
+    return int(so.shape[-1])
+
+
+def _image_target(cfg: FinetuneConfig, n_outputs: int, data: Any) -> None:
+    """Labels when they are the model's classes, else label-free pure KD (one line says so)."""
+    from sglp_edge.train.teacher_targets import choose_target
+
+    meta = getattr(data, "meta", {}) or {}
+    target, why = choose_target(n_outputs, data.num_classes, class_mapped="class_map" in meta,
+                                named_classes=not str(data.name).startswith("imagefolder"))
+    if cfg.target == "labels" or (cfg.target == "auto" and target == "labels"):
+        if n_outputs != data.num_classes and not ("class_map" in meta and data.num_classes <= n_outputs):
+            raise UserError(f"the model has {n_outputs} outputs but {data.name} has {data.num_classes} classes")
+        cfg.target = "labels"
+        return
+    if cfg.alpha < 1 and cfg.alpha_given:
+        raise UserError(f"{why}: the labels cannot be used, so KD is pure distillation; drop --alpha {cfg.alpha} "
+                        "(or give --alpha 1), or map the folders to the model's classes with --class-map FILE.json")
+    cfg.target, cfg.alpha = "teacher", 1.0
+    print(f"label-free: {why}, so the fine-tune distils the original model's outputs alone (alpha 1) and "
+          "reports top-1 agreement with it; give --class-map FILE.json to use the labels", file=sys.stderr)
