@@ -136,7 +136,7 @@ def test_latency_model_on_onnx_runtime(tmp_path, cache, tiny):
     from sglp_edge.budget.latency_model import measure_latency_model
     from sglp_edge.models.registry import load_model
     from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets.base import make_target
+    from sglp_edge.targets.factory import make_target
 
     loaded = load_model(str(tiny))
     prof = load_profile("local-cpu-ort")
@@ -250,7 +250,7 @@ def test_time_artifacts_with_a_reference_gives_per_round_ratios(tmp_path, tiny):
     timing, and a shared CPU moved it to 3.7x once; speed lives in benchmarks/.)"""
     from sglp_edge.budget.latency_model import time_artifacts
     from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets.base import make_target
+    from sglp_edge.targets.factory import make_target
 
     _, art = _artifact(tiny, tmp_path / "a")
     prof = load_profile("local-cpu-ort")
@@ -276,7 +276,7 @@ def test_search_decides_on_the_anchored_p90(tmp_path, tiny):
     from sglp_edge.budget.latency_model import LatencyModel
     from sglp_edge.budget.search import BudgetSearch
     from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets.base import make_target
+    from sglp_edge.targets.factory import make_target
 
     loaded, _ = _artifact(tiny, tmp_path / "unused")
     prof = load_profile("local-cpu-ort")

@@ -318,7 +318,8 @@ def test_cli_bench_on_two_remote_boards(sshd, artifacts, tmp_path):
 # aarch64 Python (ARM ONNX Runtime) under qemu-aarch64, so the SSH path runs an ARM runtime end to end.
 def test_emulated_arm_board_behind_sshd(sshd, artifacts, tmp_path):
     from sglp_edge.targets import arm64_env
-    from sglp_edge.targets.base import BenchJob, make_target
+    from sglp_edge.targets.base import BenchJob
+    from sglp_edge.targets.factory import make_target
 
     if not arm64_env.ready(("onnxruntime",)):
         pytest.skip("emulated ARM board not set up here: run `python benchmarks/experiments/arm_emulated.py` once")

@@ -18,7 +18,8 @@ from benchmarks.board.errors import UserError
 from onnx_models import make_cnn
 from sglp_edge.profiles.load import DeviceProfile
 from sglp_edge.targets import arm64_env
-from sglp_edge.targets.base import EMULATION_NOT_HELD, BenchJob, held_constraints, make_target
+from sglp_edge.targets.base import EMULATION_NOT_HELD, BenchJob, held_constraints
+from sglp_edge.targets.factory import make_target
 
 ARM = DeviceProfile.model_validate({
     "name": "arm-test", "arch": "aarch64", "backend": "onnxruntime", "threads": 1,

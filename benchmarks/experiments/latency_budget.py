@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from sglp_edge.models.registry import load_model
     from sglp_edge.pipeline.run import Pipeline, load_config
     from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets.base import make_target
+    from sglp_edge.targets.factory import make_target
 
     prof = load_profile(args.device)
     target = make_target(prof)

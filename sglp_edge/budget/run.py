@@ -42,7 +42,7 @@ def verify_final(run_dir: Path, search: dict[str, Any], bench: dict[str, Any], *
     from benchmarks.board.backends import get_backend
 
     from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets.base import make_target
+    from sglp_edge.targets.factory import make_target
     from sglp_edge.budget.latency_model import time_artifacts
 
     prof = load_profile(search["device"])

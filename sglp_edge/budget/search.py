@@ -237,7 +237,7 @@ def make_search(loaded: Any, batches: Sequence[Any], *, device: Optional[str], b
     """The latency model of ``loaded`` on ``device`` (cached, else measured) and the search over
     it; raises the "cannot be met" error here, before the analysis, when the budget is far out of reach."""
     from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets.base import make_target
+    from sglp_edge.targets.factory import make_target
     from sglp_edge.budget.latency_model import measure_latency_model
 
     prof = load_profile(device or "local-cpu-ort")

@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
 
         here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
         seen_hosts: dict[str, str] = {}
-        from sglp_edge.targets.base import make_target
+        from sglp_edge.targets.factory import make_target
 
         targets = [make_target(p, emulate="qemu-aarch64" if emulate else None, label=lab) if h is None else None
                    for (p, h), lab in zip(boards, labels)]

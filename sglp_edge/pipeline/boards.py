@@ -77,7 +77,8 @@ class BoardStages:
     def stage_bench(self, board: BoardSection, compile_stage: str) -> dict[str, Any]:
         from benchmarks.board.backends import get_backend
         from sglp_edge.profiles.load import load_profile
-        from sglp_edge.targets.base import BenchJob, make_target
+        from sglp_edge.targets.base import BenchJob
+        from sglp_edge.targets.factory import make_target
         from sglp_edge.targets.emulated import EMULATED_BENCH
 
         prof = load_profile(board.device)

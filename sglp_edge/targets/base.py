@@ -1,6 +1,6 @@
 """Where a benchmark runs: one interface, three kinds.
 
-    target = make_target(profile, host=None, emulate=False)       # local | ssh | emulated
+    target = make_target(profile, host=None, emulate=False)       # targets.factory: local | ssh | emulated
     run = target.bench(BenchJob(artifact, data, profile, out_dir))  # a board_run.BoardRun
     cons = target.constraints(profile, metrics)                    # emulated: latency never held
 
@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from benchmarks.board.errors import UserError
+from benchmarks.board.atomic import atomic_write_json
+
+from sglp_edge.profiles.schema import ConstraintResult, evaluate_constraints
 
 #: metrics an emulator cannot measure for a real board: its timings are 100-300x a board's, its
 #: memory is the emulator's, and it draws no board power
@@ -79,8 +81,6 @@ class Target:
                 doc["emulated_metrics"] = {k: doc["metrics"].get(k) for k in EMULATION_NOT_HELD
                                            if doc["metrics"].get(k) is not None}
             if run.out_dir is not None and (Path(run.out_dir) / name).is_file():
-                from benchmarks.board.atomic import atomic_write_json
-
                 atomic_write_json(Path(run.out_dir) / name, doc)
         return run
 
@@ -88,8 +88,6 @@ class Target:
 def held_constraints(profile: Any, metrics: dict[str, Any], emulated: bool) -> list:
     """Every constraint of ``profile`` against ``metrics``; on an emulated target the metrics of
     :data:`EMULATION_NOT_HELD` are reported "not measured: emulated" (passed=None), never held."""
-    from sglp_edge.profiles.load import ConstraintResult, evaluate_constraints
-
     out = []
     for r in evaluate_constraints(profile, metrics):
         if emulated and r.metric in EMULATION_NOT_HELD:
@@ -99,33 +97,6 @@ def held_constraints(profile: Any, metrics: dict[str, Any], emulated: bool) -> l
                                  "not measured: emulated")
         out.append(r)
     return out
-
-
-def make_target(profile: Any, *, host: Optional[str] = None, emulate: Optional[str] = None, label: str = "",
-                ssh: Optional[dict[str, Any]] = None) -> Target:
-    """The target for one board: ``emulate`` (``qemu-aarch64``, or True) -> the emulated ARM board
-    (also when the profile says ``emulate: qemu-aarch64`` and no host is given); a host -> that
-    board over SSH (its remote python may itself be the emulator); otherwise this machine."""
-    if emulate is True:
-        emulate = "qemu-aarch64"
-    if emulate is None and not host:
-        emulate = getattr(profile, "emulate", None)
-    if emulate and host:
-        raise UserError("--emulate and --host contradict each other: the emulated board runs here "
-                        "(to put it behind SSH, make the board's python the emulator wrapper)")
-    if emulate:
-        if emulate not in EMULATORS:
-            raise UserError(f"unknown emulator {emulate!r}: use {', '.join(EMULATORS)}")
-        from sglp_edge.targets.emulated import EmulatedArmTarget
-
-        return EmulatedArmTarget(label=label or profile.name, profile=profile)
-    if host:
-        from sglp_edge.targets.ssh import SSHBoardTarget
-
-        return SSHBoardTarget.from_profile(profile, host, label=label, **(ssh or {}))
-    from sglp_edge.targets.local import LocalTarget
-
-    return LocalTarget(label=label or profile.name)
 
 
 def read_target(result_json: Path) -> Optional[dict[str, Any]]:

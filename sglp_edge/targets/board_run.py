@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 
 from benchmarks.board.atomic import atomic_write_json
 
+from sglp_edge.profiles.load import python_argv
+
 #: the folder that holds the board harness (``benchmarks/board/``)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROGRESS_PREFIX = "@@sglp-progress "
@@ -149,8 +151,6 @@ def run_local(run_args: list[str], out_dir: str | os.PathLike, *, label: str = "
             (out / stale).unlink()
         except FileNotFoundError:
             pass
-    from sglp_edge.profiles.load import python_argv
-
     py = python_argv(python) if python else [sys.executable]
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")

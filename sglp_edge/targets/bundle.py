@@ -12,6 +12,8 @@ whole as ``artifact/<folder>/<files>``; the harness is then given ``artifact/<fo
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tarfile
@@ -22,6 +24,7 @@ from typing import Optional, Sequence
 
 from benchmarks.board.atomic import atomic_path, sha256_file
 from benchmarks.board.errors import UserError
+from benchmarks.board.runners import artifact_files as board_artifact_files
 
 from sglp_edge.targets.board_run import REPO_ROOT
 
@@ -44,8 +47,6 @@ def board_files() -> list[Path]:
 
 def sha256_of_files(files: Sequence[Path]) -> str:
     """One hash for a folder artifact: sha256 over the sorted ``name sha256`` lines of its files."""
-    import hashlib
-
     lines = "".join(f"{f.name} {sha256_file(f)}\n" for f in sorted(files, key=lambda p: p.name))
     return hashlib.sha256(lines.encode()).hexdigest()
 
@@ -55,8 +56,6 @@ def make_bundle(artifact: str | os.PathLike, data: str | os.PathLike | None, des
     """Write a self-contained ``.tar.gz``: the board package (``benchmarks/board/``: the harness, its
     runners and the TensorRT engine build), the artifact (with its side files, e.g. the IR ``.bin``) and the eval
     ``.npz``. Written atomically."""
-    from benchmarks.board.runners import artifact_files as _files
-
     art = Path(artifact)
     if art.is_dir():  # a folder artifact: every file in it (flat), under artifact/<folder>/
         files = sorted(f for f in art.iterdir() if f.is_file())
@@ -67,7 +66,7 @@ def make_bundle(artifact: str | os.PathLike, data: str | os.PathLike | None, des
     elif not art.is_file():
         raise UserError(f"artifact not found: {art}")
     else:
-        files = [Path(f) for f in (artifact_files or _files(art, ""))]
+        files = [Path(f) for f in (artifact_files or board_artifact_files(art, ""))]
         prefix, art_sha = "artifact/", sha256_file(art)
     d = Path(data) if data else None
     if d is not None and not d.is_file():
@@ -92,8 +91,6 @@ def make_bundle(artifact: str | os.PathLike, data: str | os.PathLike | None, des
             info = tarfile.TarInfo("MANIFEST.json")
             info.size = len(blob)
             info.mtime = int(time.time())
-            import io
-
             tar.addfile(info, io.BytesIO(blob))
     return Bundle(path=dest, artifact=manifest["artifact"], data=manifest["data"], sha256=sha256_file(dest),
                   size_bytes=dest.stat().st_size)

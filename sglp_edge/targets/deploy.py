@@ -17,6 +17,7 @@ scripts are in :mod:`sglp_edge.targets.deploy_board`.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -31,9 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from benchmarks.board.backends import get_backend
 from benchmarks.board.errors import EnvironmentFault, UserError
+from benchmarks.board.runners import artifact_files
 
+from sglp_edge.profiles.load import python_argv
 from sglp_edge.targets.deploy_board import INDEX, check_previous_script, stage_script, switch_script
+from sglp_edge.targets.ssh_transport import classify_ssh_error, sh_c
 
 RUNNER = Path(__file__).resolve().parents[2] / "benchmarks" / "board" / "run_model.py"
 
@@ -77,8 +82,6 @@ def _compiled(t: dict, rep_path: Path) -> tuple[str, str]:
 
 def pick_release(run_dir: Path, device: str, force: bool = False) -> Release:
     """The pruned artifact of ``device`` in a finished run, refused when it failed or was not measured."""
-    from benchmarks.board.backends import get_backend
-
     rep_path = Path(run_dir) / "report.json"
     if not rep_path.is_file():
         raise UserError(f"{rep_path} not found: give the folder of a finished `sglp-edge run`")
@@ -109,8 +112,6 @@ def pick_release(run_dir: Path, device: str, force: bool = False) -> Release:
     art = comp / be.board_artifact if be.board_artifact and (comp / be.board_artifact).is_file() else comp / be.artifact
     if not art.is_file():
         raise UserError(f"artifact {art} is missing from the run folder; re-run `sglp-edge run` to rebuild it")
-    from benchmarks.board.runners import artifact_files
-
     files = artifact_files(art, backend) + [p for p in (comp / "manifest.json",) if p.is_file()]
     eval_doc = {"device": device, "backend": backend, "precision": t.get("precision"), "verdict": verdict,
                 "constraints": cons, "target": t.get("target"), "results": (t.get("results") or {}).get("pruned"),
@@ -169,8 +170,6 @@ def _preexec() -> Optional[Callable[[], None]]:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        import ctypes
-
         _PARENT_DEATH[:] = [ctypes.CDLL(None, use_errno=True).prctl, os.getpid()]
     except (OSError, AttributeError):
         return None
@@ -178,8 +177,6 @@ def _preexec() -> Optional[Callable[[], None]]:
 
 
 def _ssh(target: Any, script: str, stdin: Optional[bytes] = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    from sglp_edge.targets.ssh_transport import sh_c
-
     try:
         return subprocess.run(target.ssh_argv(sh_c(script)), input=stdin if stdin is not None else b"",
                               capture_output=True, timeout=timeout, preexec_fn=_preexec())
@@ -202,11 +199,9 @@ _KEEPS = "the board keeps its current version"
 
 
 def _fail(target: Any, p: subprocess.CompletedProcess, what: str, to: str = "") -> UserError:
-    from sglp_edge.targets.ssh_transport import _classify_ssh_error
-
     err = p.stderr.decode(errors="replace")
     if p.returncode == 255:  # a host key or a refused login is the user's to fix, an unreachable board is not
-        why = _classify_ssh_error(target, err)
+        why = classify_ssh_error(target, err)
         return (EnvironmentFault if " is unreachable (" in why else UserError)(why)
     tag = _tags(p.stderr).get("DEPLOY", "")
     code, _, detail = tag.partition(" ")
@@ -244,8 +239,6 @@ def _fail(target: Any, p: subprocess.CompletedProcess, what: str, to: str = "") 
 
 
 def _python(target: Any) -> str:
-    from sglp_edge.profiles.load import python_argv
-
     return " ".join(_q(a) for a in python_argv(target.python))
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from benchmarks.board.backends import get_backend
 from benchmarks.board.errors import UserError
 
+from sglp_edge.targets import arm64_env
 from sglp_edge.targets.base import BenchJob
 from sglp_edge.targets.local import LocalTarget
 
@@ -37,10 +39,6 @@ class EmulatedArmTarget(LocalTarget):
         return "emulated:qemu-aarch64"
 
     def prepare(self, backend: str) -> dict[str, Any]:
-        from benchmarks.board.backends import get_backend
-
-        from sglp_edge.targets import arm64_env
-
         b = get_backend(backend)
         if not b.emulatable:
             raise UserError(f"the {backend} backend has no aarch64 build that runs under emulation here; "

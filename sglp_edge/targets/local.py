@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import platform
 from typing import Any, Optional
 
 from sglp_edge.targets.base import BenchJob, Target
+from sglp_edge.targets.board_run import run_local
 
 
 class LocalTarget(Target):
@@ -15,8 +17,6 @@ class LocalTarget(Target):
         self.python, self.env = python, env
 
     def bench(self, job: BenchJob) -> Any:
-        from sglp_edge.targets.board_run import run_local
-
         out = job.out_dir.resolve()
         args = job.profile.run_bench_args(artifact=str(job.artifact.resolve()), out=str(out / "result.json"),
                                           data=str(job.data.resolve()) if job.data else None,
@@ -30,6 +30,4 @@ class LocalTarget(Target):
         return dict(job.overrides)
 
     def stamp_extra(self) -> dict[str, Any]:
-        import platform
-
         return {"machine": platform.machine()}

@@ -56,7 +56,7 @@ from benchmarks.board.atomic import atomic_write_bytes
 from sglp_edge.targets.board_run import (EXIT_MARKER, PARTIAL_NAME, PROGRESS_PREFIX, REPO_ROOT, RESULT_NAME, BoardRun, ProgressFn,
                         _bench_error, _load_json, _progress_parser, _stream, finish_run, run_local)
 from sglp_edge.targets.bundle import Bundle, make_bundle
-from sglp_edge.targets.ssh_transport import SSHTarget, _classify_ssh_error, sh_c
+from sglp_edge.targets.ssh_transport import SSHTarget, classify_ssh_error, sh_c
 
 __all__ = [
     "EXIT_MARKER", "PARTIAL_NAME", "PROGRESS_PREFIX", "REPO_ROOT", "RESULT_NAME", "BoardRun", "Bundle",
@@ -152,7 +152,7 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
         if to:
             raise _BoardError(f"uploading to {t.where} timed out", environment=True)
         if code == 255:
-            why = _classify_ssh_error(t, err)  # a host key or a login refused is the user's to fix (not environment)
+            why = classify_ssh_error(t, err)  # a host key or a login refused is the user's to fix (not environment)
             raise _BoardError(why, environment=" is unreachable (" in why)
         if code != 0 or "SGLP_UNPACKED" not in seen:
             last = err.strip().splitlines()[-1] if err.strip() else f"exit {code}"
@@ -171,7 +171,7 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
             run.error = f"on {t.where}: no result within the {job.timeout_s:g} s timeout; the run was stopped"
             run.environment = True
         elif code == 255 and EXIT_MARKER not in err:
-            run.error = _classify_ssh_error(t, err, during_run=True)
+            run.error = classify_ssh_error(t, err, during_run=True)
             run.environment = True
         elif code != 0:
             run.error = _bench_error(code, err, t.where, t.python)

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sglp_edge.targets.base import BenchJob, Target
+from sglp_edge.targets.bundle import make_bundle
+from sglp_edge.targets.remote import RemoteJob, run_remote
+from sglp_edge.targets.ssh_transport import SSHTarget
 
 
 class SSHBoardTarget(Target):
@@ -21,8 +24,6 @@ class SSHBoardTarget(Target):
                      ssh_config: Optional[str] = None, remote_python: Optional[str] = None,
                      remote_dir: Optional[str] = None, timeout: Optional[float] = None,
                      keep_remote: bool = False) -> "SSHBoardTarget":
-        from sglp_edge.targets.ssh_transport import SSHTarget
-
         sd = profile.ssh
         t = SSHTarget(
             host=host, port=port if port is not None else (sd.port if sd else 22),
@@ -42,9 +43,6 @@ class SSHBoardTarget(Target):
         return self.ssh.where
 
     def bench(self, job: BenchJob) -> Any:
-        from sglp_edge.targets.bundle import make_bundle
-        from sglp_edge.targets.remote import RemoteJob, run_remote
-
         bundle_path = job.bundle_path or (Path(job.out_dir).parent / f".bundle-{Path(job.out_dir).name}.tar.gz")
         if job.bundle is not None:
             bundle = job.bundle

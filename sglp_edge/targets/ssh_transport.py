@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from benchmarks.board.errors import UserError
+
+from sglp_edge.profiles.load import python_argv
 
 
 @dataclass
@@ -42,8 +45,6 @@ class SSHTarget:
             raise UserError(f"bad host {self.host!r}: use user@board (no spaces, not starting with '-')")
         if not (1 <= int(self.port) <= 65535):
             raise UserError(f"bad SSH port {self.port}: use 1-65535")
-        import shutil
-
         if shutil.which(self.ssh_binary) is None:
             raise UserError(f"the OpenSSH client ({self.ssh_binary}) is not installed here: apt install openssh-client")
         if self.strict_host_key_checking not in ("yes", "accept-new"):
@@ -55,8 +56,6 @@ class SSHTarget:
         for k in self.env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
                 raise UserError(f"bad environment variable name {k!r}")
-        from sglp_edge.profiles.load import python_argv
-
         python_argv(self.python)
         return self
 
@@ -95,7 +94,7 @@ def sh_c(script: str) -> str:
     return "sh -c " + shlex.quote(script)
 
 
-def _classify_ssh_error(target: SSHTarget, stderr: str, during_run: bool = False) -> str:
+def classify_ssh_error(target: SSHTarget, stderr: str, during_run: bool = False) -> str:
     s = stderr or ""
     kh = target.known_hosts or "~/.ssh/known_hosts"
     if during_run:  # stderr also holds the benchmark's own output: only trust ssh's client messages
