@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from sglp_edge.data.datasets import bundle_from_tensors, get_text_dataset
 from benchmarks.board.errors import UserError
-from sglp_edge.train.finetune import FinetuneConfig, finetune, kd_loss, kept_unit_map
+from sglp_edge.train.finetune import FinetuneConfig, finetune
+from sglp_edge.train.kd import kd_loss, kept_unit_map
 from sglp_edge.models.base import get_module
 from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
 from sglp_edge.train.fit import ClassificationTask, Interrupted, LoopConfig, fit

@@ -27,7 +27,7 @@ def resolve_model_dir(src: str) -> str:
 def feature_map_for(pruned: Any, teacher: Any) -> dict[str, str]:
     """Student unit path -> teacher unit path for the units the pruned model kept."""
     from benchmarks.board.errors import UserError
-    from sglp_edge.train.finetune import kept_unit_map
+    from sglp_edge.train.kd import kept_unit_map
 
     if pruned.adapter.modality == "tokens":
         kept = getattr(pruned.model.config, "sglp_kept_layers", None)

@@ -150,7 +150,8 @@ class Pipeline(BoardStages):
         return self.runner.stage("prune", self._inputs("prune", prune=p.model_dump(), **extra_inputs), fn)
 
     def stage_finetune(self) -> dict[str, Any]:
-        from sglp_edge.train.finetune import FinetuneConfig, finetune, kept_unit_map
+        from sglp_edge.train.finetune import FinetuneConfig, finetune
+        from sglp_edge.train.kd import kept_unit_map
         from sglp_edge.models.registry import load_model
 
         f = self.cfg.finetune

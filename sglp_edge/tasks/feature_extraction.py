@@ -24,8 +24,9 @@ import torch
 from torch.utils.data import Dataset
 
 from benchmarks.board.errors import UserError
-from sglp_edge.train.finetune import _KDBase
+from sglp_edge.data.text import TEXT_DOC_ROOT, TEXT_PACKAGE, text_documents
 from sglp_edge.models.hf_encoder import embedding_distillation_loss, pool_normalize
+from sglp_edge.train.kd import KDObjective
 
 SPLITS = ("calibration", "train", "val", "test")
 _ROLE = re.compile(r":[\w:.+-]+:`!?~?([^`<]*?)\s*(?:<[^>]*>)?`")
@@ -79,8 +80,6 @@ def split_sentences(root: str | Path | None = None, *, seed: int = 0,
     """({split: sentences}, {split: document paths}): documents split as the LM ``text`` data set
     splits them (seeded), then cut into sentences; duplicates are kept once, in the first split of
     held-out, calibration, val, train that holds them, so the splits share no sentence."""
-    from sglp_edge.data.datasets import text_documents
-
     docs = text_documents(root)
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
@@ -172,8 +171,6 @@ class SentenceDataBundle:
 def get_sentence_dataset(tokenizer: Any, root: str | Path | None = None, *, seed: int = 0, max_length: int = 128,
                          max_sentences: dict[str, int] | None = None) -> SentenceDataBundle:
     """Tokenised sentence splits for an encoder (see :func:`split_sentences`)."""
-    from sglp_edge.data.datasets import TEXT_DOC_ROOT, TEXT_PACKAGE
-
     if max_length < 4:
         raise UserError(f"the sentence length limit must be at least 4 tokens, got {max_length}")
     sents, docs = split_sentences(root, seed=seed, max_sentences=max_sentences)
@@ -234,7 +231,7 @@ def evaluate_agreement(student: torch.nn.Module, teacher: torch.nn.Module, adapt
 # ---------------------------------------------------------------------------------------------
 # the KD fine-tune task (sglp_edge.train.finetune picks it for adapters of modality "sentences")
 # ---------------------------------------------------------------------------------------------
-class EncoderKDTask(_KDBase):
+class EncoderKDTask(KDObjective):
     """Embedding distillation: ``1 - cos`` between student and teacher sentence embeddings (plus
     the optional feature-KD MSE on kept layers). Validation score: the mean cosine agreement."""
 

@@ -24,30 +24,30 @@ Programmatic use::
     res.val["acc"], res.test["acc"]          # images
     res.val["ppl"], res.test["ppl"]          # language models
 
-The loss, the kept-unit map and the feature hooks are in :mod:`sglp_edge.train.kd` (still importable from here).
+The loss, the kept-unit map, the feature hooks and the image / LM KD objectives are in :mod:`sglp_edge.train.kd`.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from sglp_edge.train.distributed import DistInfo, init_distributed
 from benchmarks.board.errors import UserError
-from sglp_edge.train.kd import _FeatureTap, kd_loss, kept_unit_map  # noqa: F401
 from sglp_edge.models.base import ModelAdapter
-from sglp_edge.train.fit import fit
+from sglp_edge.tasks.feature_extraction import EncoderKDTask
 from sglp_edge.train.config import FitResult, LoopConfig
-from sglp_edge.train.objectives import Task, capped, evaluate
+from sglp_edge.train.distributed import DistInfo, init_distributed
+from sglp_edge.train.fit import fit
+from sglp_edge.train.kd import ImageKDTask, KDObjective, LMKDTask
+from sglp_edge.train.objectives import capped, evaluate
+from sglp_edge.train.partial import train_only_last
+from sglp_edge.train.teacher_targets import check_not_degenerate, choose_target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,124 +114,6 @@ class FinetuneResult:
                 "world_size": self.world_size, "history": self.history, "config": self.config}
 
 
-# ---------------------------------------------------------------------------------------------
-# tasks
-# ---------------------------------------------------------------------------------------------
-class _KDBase(Task):
-    def __init__(self, teacher: nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig):
-        self.teacher, self.adapter, self.cfg = teacher, adapter, cfg
-        self.s_tap = self.t_tap = None
-        if cfg.feature_weight > 0 and cfg.feature_map:
-            self.fmap = dict(cfg.feature_map)
-
-    def attach(self, student: nn.Module) -> None:
-        if self.cfg.feature_weight > 0 and self.cfg.feature_map:
-            self.s_tap = _FeatureTap(student, list(self.fmap), self.adapter)
-            self.t_tap = _FeatureTap(self.teacher, list(self.fmap.values()), self.adapter)
-
-    def detach(self) -> None:
-        for tap in (self.s_tap, self.t_tap):
-            if tap is not None:
-                tap.close()
-        self.s_tap = self.t_tap = None
-
-    def with_feature_loss(self, loss: torch.Tensor, shown: dict[str, float]) -> torch.Tensor:
-        """``loss`` plus the weighted feature-KD term when feature distillation is on (shown as 'feat')."""
-        fl = self.feature_loss()
-        if fl is None:
-            return loss
-        shown["feat"] = float(fl.detach())
-        return loss + self.cfg.feature_weight * fl
-
-    def feature_loss(self) -> torch.Tensor | None:
-        if self.s_tap is None:
-            return None
-        losses = []
-        for sp, tp in self.fmap.items():
-            s, t = self.s_tap.out.get(sp), self.t_tap.out.get(tp)
-            if s is None or t is None:
-                continue
-            if s.shape != t.shape:
-                raise UserError(f"feature KD: student unit {sp} {tuple(s.shape)} and teacher unit {tp} "
-                                f"{tuple(t.shape)} differ in shape; check the unit map")
-            losses.append(F.mse_loss(s.float(), t.detach().float()))
-        self.s_tap.out.clear()
-        self.t_tap.out.clear()
-        return torch.stack(losses).mean() if losses else None
-
-    def train_mode(self, model: nn.Module) -> None:
-        model.train()
-        self.teacher.eval()
-
-
-class ImageKDTask(_KDBase):
-    """KD on logits; label-free (``cfg.target == "teacher"``): the labels are ignored, the loss is
-    pure KD and the metric is ``agreement``, top-1 agreement with the teacher."""
-
-    @property
-    def label_free(self) -> bool:
-        return self.cfg.target == "teacher"
-
-    def train_loss(self, model, batch):
-        x, y = batch
-        with torch.no_grad():
-            t = self.teacher(x)
-        s = model(x)
-        loss = kd_loss(s, t, None if self.label_free else y, self.cfg.temperature, self.cfg.alpha)
-        shown = {"kd": float(loss.detach())}
-        loss = self.with_feature_loss(loss, shown)
-        ref = t.argmax(1) if self.label_free else y
-        shown["agree" if self.label_free else "acc"] = float((s.argmax(1) == ref).float().mean())
-        return loss, shown
-
-    def eval_sums(self, model, batch):
-        x, y = batch
-        logits = model(x)
-        if self.label_free:
-            t = self.teacher(x)
-            kl = F.kl_div(F.log_softmax(logits.float(), 1), F.log_softmax(t.float(), 1), log_target=True, reduction="sum")
-            return {"n": float(len(y)), "agree": float((logits.argmax(1) == t.argmax(1)).sum()), "kl_sum": float(kl)}
-        return {"n": float(len(y)), "correct": float((logits.argmax(1) == y).sum()),
-                "loss_sum": float(F.cross_entropy(logits, y, reduction="sum"))}
-
-    def finalize(self, sums):
-        n = max(sums.get("n", 0.0), 1.0)
-        if self.label_free:
-            agree = sums.get("agree", 0.0) / n
-            return {"agreement": agree, "kl": sums.get("kl_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": agree}
-        acc = sums.get("correct", 0.0) / n
-        return {"acc": acc, "loss": sums.get("loss_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": acc}
-
-
-def _lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits
-
-
-class LMKDTask(_KDBase):
-    """KD on next-token distributions over packed blocks (no padding: every position counts)."""
-
-    def train_loss(self, model, batch):
-        ids = batch
-        with torch.no_grad():
-            t = _lm_logits(self.teacher, ids)[:, :-1]
-        s = _lm_logits(model, ids)[:, :-1]
-        loss = kd_loss(s, t, ids[:, 1:], self.cfg.temperature, self.cfg.alpha)
-        shown = {"kd": float(loss.detach())}
-        loss = self.with_feature_loss(loss, shown)
-        return loss, shown
-
-    def eval_sums(self, model, batch):
-        ids = batch
-        logits = _lm_logits(model, ids)[:, :-1]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
-        return {"tokens": float(ids[:, 1:].numel()), "nll_sum": float(nll)}
-
-    def finalize(self, sums):
-        n = max(sums.get("tokens", 0.0), 1.0)
-        nll = sums.get("nll_sum", 0.0) / n
-        return {"ppl": math.exp(min(nll, 700.0)), "nll": nll, "tokens": sums.get("tokens", 0.0), "score": -nll}
-
-
 class _Blocks(Dataset):
     def __init__(self, blocks: torch.Tensor):
         self.blocks = blocks
@@ -285,13 +167,9 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
     if not any(p.requires_grad for p in student.parameters()):  # e.g. copied from a frozen model
         student.requires_grad_(True)
     if cfg.train_last is not None:
-        from sglp_edge.train.partial import train_only_last
-
         train_only_last(student, adapter, cfg.train_last)
-    task: _KDBase = LMKDTask(teacher, adapter, cfg) if modality == "tokens" else ImageKDTask(teacher, adapter, cfg)
+    task: KDObjective = LMKDTask(teacher, adapter, cfg) if modality == "tokens" else ImageKDTask(teacher, adapter, cfg)
     if modality == "sentences":
-        from sglp_edge.tasks.feature_extraction import EncoderKDTask
-
         task = EncoderKDTask(teacher, adapter, cfg)
     if modality == "image":
         _image_target(cfg, _check_outputs(student, teacher, data, info), data)
@@ -336,8 +214,6 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, data: Any, info: Dist
     if so.shape != to.shape:
         raise UserError(f"student outputs {tuple(so.shape)} but teacher outputs {tuple(to.shape)}: "
                         "is --teacher the model this one was pruned from?")
-    from sglp_edge.train.teacher_targets import check_not_degenerate
-
     # a teacher whose outputs ignore the input has nothing to teach: its outputs on the image above, the image
     # mirrored and seeded noise must differ (no further reads, so the training stream and the val reads stay as
     # they were)
@@ -349,8 +225,6 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, data: Any, info: Dist
 
 def _image_target(cfg: FinetuneConfig, n_outputs: int, data: Any) -> None:
     """Labels when they are the model's classes, else label-free pure KD (one line says so)."""
-    from sglp_edge.train.teacher_targets import choose_target
-
     meta = getattr(data, "meta", {}) or {}
     target, why = choose_target(n_outputs, data.num_classes, class_mapped="class_map" in meta,
                                 named_classes=not str(data.name).startswith("imagefolder"))

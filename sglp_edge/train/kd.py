@@ -1,10 +1,12 @@
 """Knowledge-distillation building blocks of the recovery fine-tune (:mod:`sglp_edge.train.finetune`):
 the KD loss on logits, the map from each kept unit of a pruned student to the teacher unit it came
-from, and the forward hooks that collect unit outputs for feature distillation."""
+from, the forward hooks that collect unit outputs for feature distillation, and the KD objectives
+(images, language models) the fine-tune trains."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from torch import nn
 
 from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter, get_module
+from sglp_edge.train.objectives import Task
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,3 +113,125 @@ class _FeatureTap:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# the KD objectives the fine-tune trains (the sentence-encoder one is
+# sglp_edge.tasks.feature_extraction.EncoderKDTask)
+# ---------------------------------------------------------------------------------------------
+class KDObjective(Task):
+    """KD from ``teacher``: the feature hooks and the feature-KD term shared by the image, LM and
+    encoder objectives; ``cfg`` is the run's :class:`sglp_edge.train.finetune.FinetuneConfig`."""
+
+    def __init__(self, teacher: nn.Module, adapter: ModelAdapter, cfg: Any):
+        self.teacher, self.adapter, self.cfg = teacher, adapter, cfg
+        self.s_tap = self.t_tap = None
+        if cfg.feature_weight > 0 and cfg.feature_map:
+            self.fmap = dict(cfg.feature_map)
+
+    def attach(self, student: nn.Module) -> None:
+        if self.cfg.feature_weight > 0 and self.cfg.feature_map:
+            self.s_tap = _FeatureTap(student, list(self.fmap), self.adapter)
+            self.t_tap = _FeatureTap(self.teacher, list(self.fmap.values()), self.adapter)
+
+    def detach(self) -> None:
+        for tap in (self.s_tap, self.t_tap):
+            if tap is not None:
+                tap.close()
+        self.s_tap = self.t_tap = None
+
+    def with_feature_loss(self, loss: torch.Tensor, shown: dict[str, float]) -> torch.Tensor:
+        """``loss`` plus the weighted feature-KD term when feature distillation is on (shown as 'feat')."""
+        fl = self.feature_loss()
+        if fl is None:
+            return loss
+        shown["feat"] = float(fl.detach())
+        return loss + self.cfg.feature_weight * fl
+
+    def feature_loss(self) -> torch.Tensor | None:
+        if self.s_tap is None:
+            return None
+        losses = []
+        for sp, tp in self.fmap.items():
+            s, t = self.s_tap.out.get(sp), self.t_tap.out.get(tp)
+            if s is None or t is None:
+                continue
+            if s.shape != t.shape:
+                raise UserError(f"feature KD: student unit {sp} {tuple(s.shape)} and teacher unit {tp} "
+                                f"{tuple(t.shape)} differ in shape; check the unit map")
+            losses.append(F.mse_loss(s.float(), t.detach().float()))
+        self.s_tap.out.clear()
+        self.t_tap.out.clear()
+        return torch.stack(losses).mean() if losses else None
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        self.teacher.eval()
+
+
+class ImageKDTask(KDObjective):
+    """KD on logits; label-free (``cfg.target == "teacher"``): the labels are ignored, the loss is
+    pure KD and the metric is ``agreement``, top-1 agreement with the teacher."""
+
+    @property
+    def label_free(self) -> bool:
+        return self.cfg.target == "teacher"
+
+    def train_loss(self, model, batch):
+        x, y = batch
+        with torch.no_grad():
+            t = self.teacher(x)
+        s = model(x)
+        loss = kd_loss(s, t, None if self.label_free else y, self.cfg.temperature, self.cfg.alpha)
+        shown = {"kd": float(loss.detach())}
+        loss = self.with_feature_loss(loss, shown)
+        ref = t.argmax(1) if self.label_free else y
+        shown["agree" if self.label_free else "acc"] = float((s.argmax(1) == ref).float().mean())
+        return loss, shown
+
+    def eval_sums(self, model, batch):
+        x, y = batch
+        logits = model(x)
+        if self.label_free:
+            t = self.teacher(x)
+            kl = F.kl_div(F.log_softmax(logits.float(), 1), F.log_softmax(t.float(), 1), log_target=True, reduction="sum")
+            return {"n": float(len(y)), "agree": float((logits.argmax(1) == t.argmax(1)).sum()), "kl_sum": float(kl)}
+        return {"n": float(len(y)), "correct": float((logits.argmax(1) == y).sum()),
+                "loss_sum": float(F.cross_entropy(logits, y, reduction="sum"))}
+
+    def finalize(self, sums):
+        n = max(sums.get("n", 0.0), 1.0)
+        if self.label_free:
+            agree = sums.get("agree", 0.0) / n
+            return {"agreement": agree, "kl": sums.get("kl_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": agree}
+        acc = sums.get("correct", 0.0) / n
+        return {"acc": acc, "loss": sums.get("loss_sum", 0.0) / n, "n": sums.get("n", 0.0), "score": acc}
+
+
+def _lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+class LMKDTask(KDObjective):
+    """KD on next-token distributions over packed blocks (no padding: every position counts)."""
+
+    def train_loss(self, model, batch):
+        ids = batch
+        with torch.no_grad():
+            t = _lm_logits(self.teacher, ids)[:, :-1]
+        s = _lm_logits(model, ids)[:, :-1]
+        loss = kd_loss(s, t, ids[:, 1:], self.cfg.temperature, self.cfg.alpha)
+        shown = {"kd": float(loss.detach())}
+        loss = self.with_feature_loss(loss, shown)
+        return loss, shown
+
+    def eval_sums(self, model, batch):
+        ids = batch
+        logits = _lm_logits(model, ids)[:, :-1]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum")
+        return {"tokens": float(ids[:, 1:].numel()), "nll_sum": float(nll)}
+
+    def finalize(self, sums):
+        n = max(sums.get("tokens", 0.0), 1.0)
+        nll = sums.get("nll_sum", 0.0) / n
+        return {"ppl": math.exp(min(nll, 700.0)), "nll": nll, "tokens": sums.get("tokens", 0.0), "score": -nll}
