@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from sglp_edge.commands.train import write_trained_checkpoint
     from sglp_edge.data.datasets import get_dataset
     from sglp_edge.models.mobilenet_small import SmallMobileNetV2Adapter, mobilenetv2_fmnist
-    from sglp_edge.train.fit import BASELINE_RECIPE, LoopConfig, train_classifier, training_manifest
+    from sglp_edge.train.config import LoopConfig
+    from sglp_edge.train.fit import BASELINE_RECIPE, train_classifier, training_manifest
 
     bundle = get_dataset("fashion-mnist", seed=args.seed, channels=1)
     torch.manual_seed(args.seed)  # the initial weights depend on the seed only

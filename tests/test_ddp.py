@@ -163,7 +163,9 @@ def teacher_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def group_norm_teacher_file(tmp_path_factory):
     from test_finetune import quadrant_bundle
-    from sglp_edge.train.fit import ClassificationTask, LoopConfig, fit
+    from sglp_edge.train.config import LoopConfig
+    from sglp_edge.train.fit import fit
+    from sglp_edge.train.objectives import ClassificationTask
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from benchmarks.board.errors import UserError
 from sglp_edge.models.cifar_resnet import cifar_resnet
 from sglp_edge.models.registry import DEFAULT_MODEL, load_model
-from sglp_edge.train.fit import ClassificationTask, LoopConfig, evaluate, fit, lr_at, train_classifier
+from sglp_edge.train.config import LoopConfig, lr_at
+from sglp_edge.train.fit import fit, train_classifier
+from sglp_edge.train.objectives import ClassificationTask, evaluate
 
 from test_finetune import quadrant_bundle
 

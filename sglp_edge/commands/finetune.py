@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
         from benchmarks.board.errors import UserError
         from sglp_edge.train.finetune import FinetuneConfig, finetune
         from sglp_edge.models.registry import load_model
-        from sglp_edge.train.fit import Interrupted
+        from sglp_edge.train.config import Interrupted
 
         from sglp_edge.commands.train import reproduce_command
 

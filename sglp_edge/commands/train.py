@@ -74,7 +74,8 @@ def register(app: typer.Typer) -> None:
 
         from sglp_edge.data.datasets import get_dataset
         from sglp_edge.models.registry import load_model
-        from sglp_edge.train.fit import BASELINE_RECIPE, Interrupted, LoopConfig, train_classifier, training_manifest
+        from sglp_edge.train.config import Interrupted, LoopConfig
+        from sglp_edge.train.fit import BASELINE_RECIPE, train_classifier, training_manifest
 
         if epochs is None and steps is None and minutes is None:
             from benchmarks.board.errors import UserError

@@ -19,8 +19,8 @@ evaluation) with
 
 The engine's parts live in :mod:`sglp_edge.train.distributed` (process group), :mod:`sglp_edge.train.objectives`
 (tasks, evaluation), :mod:`sglp_edge.train.config` (config, results, schedule, optimiser) and
-:mod:`sglp_edge.train.state` (resume state, RNG, stop flag, progress); their public names are
-re-exported here, so ``from sglp_edge.train.fit import ...`` keeps working.
+:mod:`sglp_edge.train.state` (resume state, RNG, stop flag, progress); import each name from the
+module that defines it.
 """
 
 from __future__ import annotations
@@ -34,21 +34,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sglp_edge.train.distributed import DistInfo, _all_reduce, init_distributed
+from sglp_edge.train.distributed import _all_reduce, init_distributed
 from benchmarks.board.errors import UserError
 from sglp_edge.train.config import FitResult, Interrupted, LoopConfig, lr_at, make_optimizer
 from sglp_edge.train.state import (STATE_FORMAT, _Progress, _rank_seed, _rng_state, _set_rng_state, _StopFlag, load_state,
                           save_state)
 from sglp_edge.train.objectives import ClassificationTask, Task, capped, evaluate, to_device
-
-__all__ = [
-    # re-exported from the engine's parts
-    "DistInfo", "init_distributed", "Task", "ClassificationTask", "to_device", "capped", "evaluate",
-    "LoopConfig", "FitResult", "Interrupted", "lr_at", "make_optimizer", "STATE_FORMAT", "save_state", "load_state",
-    # defined here
-    "fit", "BASELINE_RECIPE", "TrainResult", "training_manifest", "train_classifier",
-]
-
 
 # ---------------------------------------------------------------------------------------------
 # the engine
