@@ -24,7 +24,7 @@ from torch import nn
 
 from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter
-from sglp_edge.sglp.prune import PruneConfig, PrunePlan
+from sglp_edge.sglp.plan import PruneConfig, PrunePlan
 
 __all__ = ["analyze", "apply", "save", "load", "load_model"]
 
@@ -63,7 +63,7 @@ def analyze(model: nn.Module, calib: Any, *, units: str | Sequence[str] | None =
             adapter: Optional[ModelAdapter] = None, progress: Any = None, **options: Any) -> PrunePlan:
     """Which layer units to remove (nothing is modified). ``keep``: units to keep, or
     ``target_macs``: fraction of MACs to remove. ``grad_batches``: GradNorm's batches (default:
-    the first calibration batch). ``options``: the other :class:`~sglp_edge.sglp.prune.PruneConfig`
+    the first calibration batch). ``options``: the other :class:`~sglp_edge.sglp.plan.PruneConfig`
     fields (``protocol``, ``k``, ``eval_budget``, ``allocation``, ``seed``...)."""
     from sglp_edge.sglp.prune import analyze as _analyze
 
@@ -74,7 +74,7 @@ def analyze(model: nn.Module, calib: Any, *, units: str | Sequence[str] | None =
     try:
         cfg = PruneConfig(keep=keep, target_macs=target_macs, method=method, **options)
     except TypeError as e:
-        raise UserError(f"unknown analyze() option ({e}); see sglp_edge.sglp.prune.PruneConfig") from None
+        raise UserError(f"unknown analyze() option ({e}); see sglp_edge.sglp.plan.PruneConfig") from None
     plan = _analyze(model, adapter, cka_b, grad_b, cfg, progress=progress, removal_search=search)
     plan._sglp_adapter = adapter  # type: ignore[attr-defined]  # apply() removes with the same units
     return plan

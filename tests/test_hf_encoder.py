@@ -23,7 +23,8 @@ from sglp_edge.models.base import AdapterError  # noqa: E402
 from sglp_edge.models.hf_encoder import HFEncoderAdapter, load_hf_encoder, pool_normalize, save_hf_encoder  # noqa: E402
 from sglp_edge.models.registry import get_adapter, load_model  # noqa: E402
 from sglp_edge.sglp.importance import gradnorm  # noqa: E402
-from sglp_edge.sglp.prune import METHODS, PruneConfig, analyze, compute_cka  # noqa: E402
+from sglp_edge.sglp.plan import METHODS, PruneConfig  # noqa: E402
+from sglp_edge.sglp.prune import analyze, compute_cka  # noqa: E402
 from sglp_edge.tasks import feature_extraction as fx  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -115,7 +115,8 @@ def _tiny_llama(transformers):
 def test_allocation_auto_is_redundancy_for_decoder_lms_and_proportional_for_cnns():
     transformers = pytest.importorskip("transformers")
     from sglp_edge.sglp.importance import allocate_removals_by_redundancy as by_red
-    from sglp_edge.sglp.prune import PruneConfig, analyze
+    from sglp_edge.sglp.plan import PruneConfig
+    from sglp_edge.sglp.prune import analyze
 
     lm, ids, ad = _tiny_llama(transformers)
     plan = analyze(lm, ad, ids, ids[:1], PruneConfig(keep=4, k=2, eval_budget=None))
@@ -138,7 +139,8 @@ def test_unknown_protocol():
     m, a, b = _setup()
     with pytest.raises(UserError, match="protocol"):
         CandidateScorer(m, a, b, protocol="magic")
-    from sglp_edge.sglp.prune import PruneConfig, analyze
+    from sglp_edge.sglp.plan import PruneConfig
+    from sglp_edge.sglp.prune import analyze
 
     with pytest.raises(UserError, match="unknown protocol 'magic'"):
         analyze(m, a, b, b, PruneConfig(keep=8, protocol="magic"))
@@ -146,7 +148,9 @@ def test_unknown_protocol():
 
 def test_protocol_auto_is_the_loss_score_for_decoder_lms_and_cnns_and_natural_gradnorm_for_encoders():
     transformers = pytest.importorskip("transformers")
-    from sglp_edge.sglp.prune import PruneConfig, analyze, resolve_protocol
+    from sglp_edge.sglp.importance import resolve_protocol
+    from sglp_edge.sglp.plan import PruneConfig
+    from sglp_edge.sglp.prune import analyze
 
     assert PruneConfig().protocol == "auto"
     assert [resolve_protocol("auto", m) for m in ("tokens", "image", "sentences")] == ["loss", "loss", "natural"]
@@ -220,19 +224,20 @@ def test_split_budget_water_fills():
 def test_k_is_raised_until_the_search_fits_the_budget():
     import numpy as np
 
-    from sglp_edge.sglp.prune import PruneConfig, _fit_k_to_budget, _search_need
+    from sglp_edge.sglp.plan import PruneConfig
+    from sglp_edge.sglp.selection import fit_k_to_budget, search_need
     from sglp_edge.sglp.segmentation import fisher_segments
 
     m = cifar_resnet(56)
     units = get_adapter(m).units(m)
     x = np.sin(np.linspace(0, 3, len(units)))  # smooth: no plateaus, the elbow picks few segments
     cfg = PruneConfig(keep=14, eval_budget=80)
-    k, raised = _fit_k_to_budget(x, units, 3, 10, 14, cfg)
+    k, raised = fit_k_to_budget(x, units, 3, 10, 14, cfg)
     assert raised == 3 and k > 3
-    assert _search_need(units, fisher_segments(x, k), 14, cfg) <= 80
-    assert _search_need(units, fisher_segments(x, k - 1), 14, cfg) is None or \
-        _search_need(units, fisher_segments(x, k - 1), 14, cfg) > 80
-    assert _fit_k_to_budget(x, units, 3, 10, 14, PruneConfig(keep=14, eval_budget=None)) == (3, None)
+    assert search_need(units, fisher_segments(x, k), 14, cfg) <= 80
+    assert search_need(units, fisher_segments(x, k - 1), 14, cfg) is None or \
+        search_need(units, fisher_segments(x, k - 1), 14, cfg) > 80
+    assert fit_k_to_budget(x, units, 3, 10, 14, PruneConfig(keep=14, eval_budget=None)) == (3, None)
 
 
 def test_loss_protocol_scores_the_calibration_loss_and_lowest_wins():

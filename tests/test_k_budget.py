@@ -10,7 +10,9 @@ import torch
 from benchmarks.board.errors import UserError
 from sglp_edge.models.cifar_resnet import cifar_resnet
 from sglp_edge.models.registry import get_adapter
-from sglp_edge.sglp.prune import PruneConfig, _choose_k, _fit_k_to_budget, _search_need, analyze
+from sglp_edge.sglp.plan import PruneConfig
+from sglp_edge.sglp.prune import analyze
+from sglp_edge.sglp.selection import choose_k_auto, fit_k_to_budget, search_need
 from sglp_edge.sglp.segmentation import choose_k, elbow_curve, fisher_segments
 
 
@@ -34,15 +36,15 @@ def test_search_keeps_the_rule_k_and_raise_restores_the_old_behaviour():
     x = np.sin(np.linspace(0, 3, len(units)))  # the elbow picks few segments here
     rule_k = choose_k(x, 10)
     assert PruneConfig().k_budget == "raise"  # the default, chosen by the measurement in benchmarks/results/k-budget.md
-    k, by, rec = _choose_k(x, units, 10, 14, PruneConfig(keep=14, eval_budget=80, k_budget="search"), None)
+    k, by, rec = choose_k_auto(x, units, 10, 14, PruneConfig(keep=14, eval_budget=80, k_budget="search"), None)
     assert k == rule_k == rec["rule_k"] == rec["k"] and by == "elbow"
     assert rec["k_budget"] == "search" and rec["eval_budget"] == 80
     need = rec["search_need_by_k"][str(k)]
-    assert need == _search_need(units, fisher_segments(x, k), 14, PruneConfig(keep=14)) and need > 80
+    assert need == search_need(units, fisher_segments(x, k), 14, PruneConfig(keep=14)) and need > 80
     assert "kept (--k-budget search)" in rec["why"] and str(need) in rec["why"]
     assert len(rec["loss_by_k"]) == 10
-    k2, by2, rec2 = _choose_k(x, units, 10, 14, PruneConfig(keep=14, eval_budget=80, k_budget="raise"), None)
-    assert (k2, rec2["rule_k"]) == (_fit_k_to_budget(x, units, rule_k, 10, 14, PruneConfig(keep=14))[0], rule_k)
+    k2, by2, rec2 = choose_k_auto(x, units, 10, 14, PruneConfig(keep=14, eval_budget=80, k_budget="raise"), None)
+    assert (k2, rec2["rule_k"]) == (fit_k_to_budget(x, units, rule_k, 10, 14, PruneConfig(keep=14))[0], rule_k)
     assert k2 > rule_k and by2 == "elbow+budget" and "raised" in rec2["why"] and "note" in rec2
 
 

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from sglp_edge.models.registry import DEFAULT_MODEL, load_model
     from sglp_edge.pipeline.prune_job import calibration_batches
     from sglp_edge.sglp.importance import CandidateScorer, select_in_segment
-    from sglp_edge.sglp.prune import PruneConfig, analyze
+    from sglp_edge.sglp.plan import PruneConfig
+    from sglp_edge.sglp.prune import analyze
 
     if args.threads:
         torch.set_num_threads(args.threads)

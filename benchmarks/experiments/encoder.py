@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from sglp_edge.train.finetune import finetune
     from sglp_edge.models.registry import load_model
-    from sglp_edge.sglp.prune import PruneConfig, analyze, apply_plan
+    from sglp_edge.sglp.plan import PruneConfig
+    from sglp_edge.sglp.prune import analyze, apply_plan
     from sglp_edge.tasks import feature_extraction as fx
 
     torch.set_num_threads(args.threads)

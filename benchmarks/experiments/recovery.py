@@ -66,7 +66,7 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
         else:
             raise SystemExit(f"error: unknown SGLP variant {method!r}; "
                              f"use sglp-<{'|'.join(PROTOCOLS + ALLOCATIONS + K_BUDGETS)}>")
-    from sglp_edge.sglp.prune import resolve_allocation
+    from sglp_edge.sglp.importance import resolve_allocation
 
     allocation = resolve_allocation(allocation, "tokens" if lm else "image")
     # rows cached before the allocation option existed were all proportional: keep their keys
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.steps is not None and args.steps < 0:
         raise SystemExit("error: --steps must be >= 0 (0: no fine-tune)")
-    from sglp_edge.sglp.prune import resolve_protocol
+    from sglp_edge.sglp.importance import resolve_protocol
 
     args.protocol = resolve_protocol(args.protocol, "image" if args.model in VISION else "tokens")
     if args.model in VISION:

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import fnmatch
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -185,6 +185,18 @@ class ModelAdapter(ABC):
 
     def build(self, spec: dict[str, Any]) -> nn.Module:
         raise AdapterError(f"{self.family}: rebuilding from a spec is not supported")
+
+
+@dataclass
+class LoadedModel:
+    """A model as :func:`sglp_edge.models.registry.load_model` returns it, with its adapter and origin."""
+    model: nn.Module
+    adapter: ModelAdapter
+    source: str
+    kind: str  # "vision-checkpoint" | "builtin" | "torchvision" | "hf" | "gguf"
+    meta: dict[str, Any] = field(default_factory=dict)  # sglp_model.json / manifest contents
+    removed_units: list[str] = field(default_factory=list)
+    tokenizer: Any = None
 
 
 def capture_unit_outputs(

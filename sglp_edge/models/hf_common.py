@@ -23,6 +23,7 @@ from sglp_edge.models.base import AdapterError
 
 PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers")
 PRUNE_META_FILE = "sglp_prune.json"
+PRUNE_META_FORMAT = "sglp-edge/hf-prune/1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +157,25 @@ def token_inputs(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tens
 # ---------------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------------
+def prune_metadata(model: nn.Module, family: str) -> dict[str, Any]:
+    """``sglp_prune.json``'s layer bookkeeping for a pruned (or unpruned) HF model of ``family``."""
+    cfg = model.config
+    n = int(cfg.num_hidden_layers)
+    kept = getattr(cfg, "sglp_kept_layers", None) or list(range(n))
+    orig = getattr(cfg, "sglp_original_num_hidden_layers", None) or n
+    return {
+        "format": PRUNE_META_FORMAT,
+        "family": family,
+        "architecture": type(model).__name__,
+        "model_type": cfg.model_type,
+        "num_hidden_layers": n,
+        "original_num_hidden_layers": int(orig),
+        "kept_layers": [int(i) for i in kept],
+        "removed_layers": [i for i in range(int(orig)) if i not in set(kept)],
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
+
+
 def save_pretrained_folder(model: nn.Module, folder: str | Path, meta: dict[str, Any], *, tokenizer: Any = None) -> Path:
     """``save_pretrained`` (+ tokenizer + ``sglp_prune.json`` holding ``meta``) into ``folder``, atomically."""
     folder = Path(folder)

@@ -35,11 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.board.errors import UserError
-from sglp_edge.models.base import AdapterError, ModelAdapter, Unit
+from sglp_edge.models.base import AdapterError, LoadedModel, ModelAdapter, Unit
 from sglp_edge.models.hf_common import (PRUNE_META_FILE, _first_line, _load_tokenizer, _offline, _reindex, _undo, check_remote_code,
-                        checked_layers, not_pretrained_reason, record_kept_layers, remote_code_error,
+                        checked_layers, not_pretrained_reason, prune_metadata, record_kept_layers, remote_code_error,
                         save_pretrained_folder, token_inputs, unit_index)
-from sglp_edge.models.hf_llm import prune_metadata
 
 #: config.model_type -> family name, for the encoders this adapter is tested on
 SUPPORTED_MODEL_TYPES: dict[str, str] = {"bert": "BERT / MiniLM", "roberta": "RoBERTa"}
@@ -267,8 +266,6 @@ def load_hf_encoder(src: str | Path, *, trust_remote_code: bool = False) -> Any:
         from transformers import AutoModel
     except ImportError:
         raise UserError("loading Hugging Face models needs transformers: pip install 'sglp-edge[llm]'") from None
-    from sglp_edge.models.registry import LoadedModel
-
     s = str(src)
     folder = minilm_folder() if s.lower() in MINILM_NAMES else Path(s)
     if not (folder / "config.json").is_file():

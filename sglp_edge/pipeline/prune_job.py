@@ -61,7 +61,8 @@ class PruneJob:
     def validate(self) -> None:
         """Cheap checks of every setting, before the model or the data are touched."""
         from sglp_edge.sglp.heal import HEALS
-        from sglp_edge.sglp.prune import ALLOCATIONS, K_BUDGETS, METHODS, PROTOCOLS
+        from sglp_edge.sglp.importance import PROTOCOLS
+        from sglp_edge.sglp.plan import ALLOCATIONS, K_BUDGETS, METHODS
         from sglp_edge.validate import check_file, check_threads
 
         if self.keep == "auto" or self.latency_budget_ms is not None:
@@ -246,12 +247,12 @@ def _head(batch: Any, n: int) -> Any:
 
 
 def _check_unit_counts(job: PruneJob, units: list) -> None:
-    from sglp_edge.sglp.prune import _n_remove_for_keep
+    from sglp_edge.sglp.prune import n_remove_for_keep
 
     if job.k is not None and job.k > len(units):
         raise UserError(f"--k {job.k} must be between 1 and the number of units ({len(units)}) of {job.model}")
     if isinstance(job.keep, int):
-        _n_remove_for_keep(units, job.keep)
+        n_remove_for_keep(units, job.keep)
 
 
 def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = None) -> PruneResult:

@@ -2,14 +2,14 @@
 a plan (which units go) -> a genuinely smaller network. Baselines run through the same entry
 point (``method=``) so that methods are compared at equal layer budget.
 
-How SGLP chooses k and places the removals in its segments is in :mod:`sglp_edge.sglp.selection`
-(every name it defines stays importable from here)."""
+How SGLP chooses k and places the removals in its segments is in :mod:`sglp_edge.sglp.selection`;
+the config and the plan are in :mod:`sglp_edge.sglp.plan`."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,107 +17,15 @@ import torch
 from torch import nn
 
 from benchmarks.board.errors import UserError
-from sglp_edge.models.base import ModelAdapter, Unit, capture_unit_outputs
-from sglp_edge.sglp.importance import (PROTOCOLS, CandidateScorer, SegmentSelection, adjacent_redundancy, allocate_removals,  # noqa: F401
-                         resolve_allocation, resolve_protocol,
-                         allocate_removals_by_redundancy, min_search_cost, search_cost, select_in_segment, split_budget)
-from sglp_edge.sglp.selection import (_allocate, _allocation_mode, _choose_k, _direction, _fit_k_to_budget,  # noqa: F401
-                        _search_need, _select_all)
-
-from sglp_edge.sglp.baselines import BASELINES
-from sglp_edge.sglp.heal import HEALS
-
-METHODS = ("sglp", *BASELINES)
-ALLOCATIONS = ("auto", "proportional", "redundancy")
-#: what the GradNorm evaluation budget may change: "raise" (default) raises k until every segment's
-#: exhaustive/beam search fits the budget; "search" keeps the k the CKA structure supports (the k
-#: rule) and spends the budget on a budgeted search inside its segments. "search" measured worse on
-#: ResNet-56 with healing (77.83 % against 84.87 % right after pruning, seed 0; benchmarks/results/k-budget.md), so it is an option
-K_BUDGETS = ("raise", "search")
-
-
-@dataclass
-class PruneConfig:
-    keep: int | None = None  # total units to keep (non-removable ones included)
-    target_macs: float | None = None  # fraction of MACs to remove, 0 < r < 1
-    method: str = "sglp"
-    k: int | None = None  # number of segments; None = automatic
-    k_max: int | None = None
-    k_rule: str = "elbow"
-    sequence: str = "colsum"
-    # candidate score inside a segment (sglp_edge.sglp.importance): "auto" is "loss" (calibration loss)
-    # for decoder LMs and image models (SmolLM2 30->22: perplexity 80.5 against GradNorm's 119.8 right
-    # after pruning; MobileNetV2 and ResNet-56 after KD: benchmarks/results/) and "natural" GradNorm for encoders
-    protocol: str = "auto"
-    exhaustive_budget: int = 64
-    beam_width: int = 2
-    eval_budget: int | None = 80  # GradNorm evaluations over all segments per selection (None = unbounded)
-    k_budget: str = "raise"  # K_BUDGETS: raise k to fit the budget ("raise") or keep the rule's k ("search")
-    direction: str = "auto"  # "auto": tear down under the natural protocol, the shorter way under reference
-    seed: int = 0
-    cka_mode: str = "tokens"
-    # how the global number of removals is split over segments: "proportional" to their removable
-    # units, or by "redundancy" (where the units with the highest CKA to their predecessor lie);
-    # "auto": redundancy for decoder LMs, proportional otherwise (each measured: benchmarks/experiments/recovery.py)
-    allocation: str = "auto"
-    # training-free healing of each removed run: "none" or "linear" (a fitted map folded into the
-    # kept unit before the run; sglp_edge.sglp.heal)
-    heal: str = "none"
-    heal_ridge: float = 1e-2
-    # measured latency of each removable unit on the target (sglp_edge.budget): removals are then
-    # split over segments in proportion to the latency their removable units cost
-    unit_costs: dict[str, float] | None = None
-    # what candidates are scored against: "labels" (the data's), "teacher" (image data whose labels are not
-    # the model's classes: the unpruned model's soft outputs, sglp_edge.train.teacher_targets), "next-token" (LMs)
-    # or "teacher-embeddings" (encoders); recorded in plan.json
-    target: str = "labels"
-    allow_degenerate: bool = False  # go on when every candidate scores the same (outputs independent of input)
-
-
-@dataclass
-class PrunePlan:
-    method: str
-    family: str
-    units: list[dict[str, Any]]
-    removed: list[str]
-    kept: list[str]
-    n_units_before: int
-    n_units_after: int
-    params_before: int
-    params_after: int
-    macs_before: int
-    macs_after: int
-    evaluations: int
-    wall_s: float
-    config: dict[str, Any]
-    cka: list[list[float]] | None = None
-    sequence: list[float] | None = None
-    segments: list[list[int]] | None = None
-    k: int | None = None
-    k_chosen_by: str | None = None
-    allocation: str | None = None  # how removals were split over segments (sglp)
-    k_choice: dict[str, Any] | None = None  # why this k: the rule's curve, the budget's say (sglp)
-    budget: dict[str, Any] | None = None  # how the evaluation budget was spent per segment (sglp)
-    loss_table: list[float] | None = None
-    selections: list[dict[str, Any]] = field(default_factory=list)
-    search: dict[str, Any] | None = None  # the latency-budget search (sglp_edge.budget), when keep is "auto"
-    heal: dict[str, Any] | None = None  # the healing report, set by apply_plan
-    notes: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def macs_reduction(self) -> float:
-        return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
-
-    @property
-    def params_reduction(self) -> float:
-        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["macs_reduction"] = self.macs_reduction
-        d["params_reduction"] = self.params_reduction
-        return d
+from sglp_edge.models.base import ModelAdapter, Unit, capture_unit_outputs, get_module
+from sglp_edge.sglp.baselines import select_baseline
+from sglp_edge.sglp.cka import MinibatchCKA
+from sglp_edge.sglp.heal import HEALS, heal_linear
+from sglp_edge.sglp.importance import PROTOCOLS, CandidateScorer, SegmentSelection, adjacent_redundancy, resolve_protocol
+from sglp_edge.sglp.plan import ALLOCATIONS, K_BUDGETS, METHODS, PruneConfig, PrunePlan
+from sglp_edge.sglp.segmentation import fisher_loss_table, fisher_segments, sequence_from_cka
+from sglp_edge.sglp.selection import allocation_mode, choose_k_auto, select_all
+from sglp_edge.train.teacher_targets import DEGENERATE, scores_all_equal
 
 
 def count_params(model: nn.Module) -> int:
@@ -175,7 +83,7 @@ def _first_example(batch: Any) -> Any:
     return batch[:1]
 
 
-def _n_remove_for_keep(units: Sequence[Unit], keep: int) -> int:
+def n_remove_for_keep(units: Sequence[Unit], keep: int) -> int:
     n = len(units)
     fixed = sum(not u.removable for u in units)
     if keep > n:
@@ -188,8 +96,6 @@ def _n_remove_for_keep(units: Sequence[Unit], keep: int) -> int:
 
 def compute_cka(model: nn.Module, adapter: ModelAdapter, units: Sequence[Unit], batches: Sequence[Any],
                 mode: str = "tokens", progress: Any = None) -> np.ndarray:
-    from sglp_edge.sglp.cka import MinibatchCKA
-
     acc = MinibatchCKA(len(units), mode=mode)
     task = progress.add_task("CKA over calibration batches", total=len(batches)) if progress else None
     model.eval()
@@ -250,19 +156,17 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
 
     # how many units to remove
     if cfg.keep is not None:
-        n_remove = _n_remove_for_keep(units, cfg.keep)
+        n_remove = n_remove_for_keep(units, cfg.keep)
     else:
         mean_macs = sum(unit_macs[u.name] for u in removable) / len(removable)
         n_remove = min(len(removable), max(1, math.ceil(cfg.target_macs * macs_before / max(mean_macs, 1))))
 
     if cfg.method == "sglp":
-        from sglp_edge.sglp.segmentation import choose_k, fisher_loss_table, fisher_segments, sequence_from_cka
-
         t = time.perf_counter()
         cka = compute_cka(model, adapter, units, cka_batches, cfg.cka_mode, progress)
         timings["cka_s"] = time.perf_counter() - t
         x = sequence_from_cka(cka, mode=cfg.sequence)
-        alloc_mode = _allocation_mode(cfg, adapter)
+        alloc_mode = allocation_mode(cfg, adapter)
         redundancy = adjacent_redundancy(cka) if alloc_mode == "redundancy" else None
         plan_kw["allocation"] = alloc_mode
         n = len(units)
@@ -273,7 +177,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
             k, k_by = cfg.k, "user"
             k_choice: dict[str, Any] = {"k": k, "chosen_by": "user", "why": f"--k {k} given"}
         else:
-            k, k_by, k_choice = _choose_k(x, units, k_max, n_remove, cfg, redundancy)
+            k, k_by, k_choice = choose_k_auto(x, units, k_max, n_remove, cfg, redundancy)
             if k_choice.get("note"):
                 notes.append(k_choice["note"])
         plan_kw["k_choice"] = k_choice
@@ -287,7 +191,7 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         tried: dict[int, list[SegmentSelection]] = {}
         while True:
             try:
-                selections, budget = tried[n_remove] = _select_all(scorer, units, segments, n_remove, cfg, progress,
+                selections, budget = tried[n_remove] = select_all(scorer, units, segments, n_remove, cfg, progress,
                                                                    redundancy)
             except UserError:
                 if removal_search is None:
@@ -315,8 +219,6 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         plan_kw["budget"] = {**budget, "spent": [s.evaluations for s in selections],
                              "search": [s.method for s in selections], "total_spent": evaluations}
     else:
-        from sglp_edge.sglp.baselines import select_baseline
-
         t = time.perf_counter()
         while True:
             res = select_baseline(cfg.method, adapter, model, units, list(grad_batches), n_remove, seed=cfg.seed)
@@ -334,9 +236,9 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
     removed_set = set(removed)
     kept = [u.name for u in units if u.name not in removed_set]
     macs_after = macs_before - sum(unit_macs[u] for u in removed)
-    params_after = params_before - sum(sum(p.numel() for p in _module(model, u).parameters()) for u in removed)
+    params_after = params_before - sum(sum(p.numel() for p in get_module(model, u).parameters()) for u in removed)
     unit_rows = [dict(u.to_dict(), kept=u.name not in removed_set, macs=unit_macs[u.name],
-                      params=sum(p.numel() for p in _module(model, u.name).parameters())) for u in units]
+                      params=sum(p.numel() for p in get_module(model, u.name).parameters())) for u in units]
     return PrunePlan(
         method=cfg.method, family=adapter.family, units=unit_rows, removed=[u.name for u in units if u.name in removed_set],
         kept=kept, n_units_before=len(units), n_units_after=len(kept), params_before=params_before,
@@ -348,8 +250,6 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
 def _check_scores_differ(selections: Sequence[SegmentSelection], cfg: PruneConfig, notes: list[str]) -> None:
     """Every candidate scoring the same means the choice is a silent tie-break: stop (one line)
     unless ``allow_degenerate``."""
-    from sglp_edge.train.teacher_targets import DEGENERATE, scores_all_equal
-
     scores = [v for s in selections for v in s.scores.values()]
     if not scores_all_equal(scores):
         return
@@ -357,12 +257,6 @@ def _check_scores_differ(selections: Sequence[SegmentSelection], cfg: PruneConfi
     if not cfg.allow_degenerate:
         raise UserError(line)
     notes.append("warning: " + line.split(" (--allow")[0] + "; the removals are a tie-break")
-
-
-def _module(model: nn.Module, name: str) -> nn.Module:
-    from sglp_edge.models.base import get_module
-
-    return get_module(model, name)
 
 
 def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: PrunePlan, batches: Sequence[Any] = ()) -> nn.Module:
@@ -373,8 +267,6 @@ def apply_plan(model: nn.Module, adapter: ModelAdapter, plan: PrunePlan, batches
     heal = (plan.config or {}).get("heal", "none")
     if heal == "none" or not plan.removed:
         return adapter.remove(model, plan.removed)
-    from sglp_edge.sglp.heal import heal_linear
-
     t = time.perf_counter()
     healed, report = heal_linear(model, adapter, plan.removed, batches, ridge=float(plan.config.get("heal_ridge", 1e-2)))
     plan.heal = {**report.to_dict(), "wall_s": time.perf_counter() - t}

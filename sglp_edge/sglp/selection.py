@@ -5,7 +5,7 @@ measured latency) and the per-segment search that picks them, with the budget sh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -13,22 +13,21 @@ from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter, Unit
 from sglp_edge.sglp.importance import (CandidateScorer, SegmentSelection, allocate_removals, allocate_removals_by_redundancy,
                          min_search_cost, resolve_allocation, search_cost, select_in_segment, split_budget)
+from sglp_edge.sglp.plan import PruneConfig
+from sglp_edge.sglp.segmentation import choose_k, elbow_curve, fisher_segments
 
-if TYPE_CHECKING:  # pragma: no cover
-    from sglp_edge.sglp.prune import PruneConfig
 
-
-def _direction(cfg: PruneConfig) -> str:
+def search_direction(cfg: PruneConfig) -> str:
     if cfg.direction == "auto":  # under the natural protocol a built-up partial net is far from trained: tear down
         return "down" if cfg.protocol in ("natural", "loss", "healed") else "auto"
     return cfg.direction
 
 
-def _allocation_mode(cfg: PruneConfig, adapter: ModelAdapter) -> str:
+def allocation_mode(cfg: PruneConfig, adapter: ModelAdapter) -> str:
     return resolve_allocation(cfg.allocation, getattr(adapter, "modality", "image"))
 
 
-def _allocate(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
+def allocate(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
               redundancy: Sequence[float] | None, costs: dict[str, float] | None = None) -> list[int]:
     """Removals per segment: by redundancy when given, else in proportion to removable units (or
     to their measured latency, with ``costs``)."""
@@ -44,46 +43,42 @@ def _allocate(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remo
                              [b - a for a, b in segments], n_remove)
 
 
-def _search_need(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int, cfg: PruneConfig,
+def search_need(units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int, cfg: PruneConfig,
                  redundancy: Sequence[float] | None = None) -> int | None:
     """Evaluations the preferred search (exhaustive or beam) needs over these segments; None when
     the removals cannot be placed (a segment would be emptied)."""
     seg_removable = [[u for u in units[a:b] if u.removable] for a, b in segments]
     try:
-        alloc = _allocate(units, segments, n_remove, redundancy, cfg.unit_costs)
+        alloc = allocate(units, segments, n_remove, redundancy, cfg.unit_costs)
     except UserError:
         return None
-    return sum(search_cost(len(r), len(r) - a, cfg.exhaustive_budget, cfg.beam_width, _direction(cfg))
+    return sum(search_cost(len(r), len(r) - a, cfg.exhaustive_budget, cfg.beam_width, search_direction(cfg))
                for r, a in zip(seg_removable, alloc))
 
 
-def _fit_k_to_budget(x: np.ndarray, units: Sequence[Unit], k: int, k_max: int, n_remove: int,
+def fit_k_to_budget(x: np.ndarray, units: Sequence[Unit], k: int, k_max: int, n_remove: int,
                      cfg: PruneConfig, redundancy: Sequence[float] | None = None) -> tuple[int, int | None]:
     """The k rule's choice, raised (up to k_max) to the smallest k whose search fits the evaluation
     budget without falling back to the shortlist greedy. Returns (k, the rule's k if raised else None).
     When no k up to k_max fits, the rule's k stays and the budgeted greedy search is used."""
-    from sglp_edge.sglp.segmentation import fisher_segments
-
     if cfg.eval_budget is None:
         return k, None
     for kk in range(k, max(k, k_max) + 1):
-        need = _search_need(units, fisher_segments(x, kk), n_remove, cfg, redundancy)
+        need = search_need(units, fisher_segments(x, kk), n_remove, cfg, redundancy)
         if need is not None and need <= cfg.eval_budget:
             return kk, (k if kk != k else None)
     return k, None
 
 
-def _choose_k(x: np.ndarray, units: Sequence[Unit], k_max: int, n_remove: int, cfg: PruneConfig,
+def choose_k_auto(x: np.ndarray, units: Sequence[Unit], k_max: int, n_remove: int, cfg: PruneConfig,
               redundancy: Sequence[float] | None) -> tuple[int, str, dict[str, Any]]:
     """(k, how it was chosen, the record of why) for an automatic k. The k rule reads the CKA
     structure; under ``k_budget="search"`` that k stays and the evaluation budget goes to the
     search inside its segments; under ``"raise"`` k is raised to the smallest whose
     exhaustive/beam searches fit the budget. The record holds the loss and elbow distance per k
     and the evaluations each k's exhaustive/beam search would need."""
-    from sglp_edge.sglp.segmentation import choose_k, elbow_curve, fisher_segments
-
     rule_k = choose_k(x, k_max=k_max, rule=cfg.k_rule)
-    needs = {kk: _search_need(units, fisher_segments(x, kk), n_remove, cfg, redundancy)
+    needs = {kk: search_need(units, fisher_segments(x, kk), n_remove, cfg, redundancy)
              for kk in range(1, k_max + 1)}
     placeable = [kk for kk in range(min(rule_k, k_max), 0, -1) if needs[kk] is not None]
     lowered = rule_k if placeable and placeable[0] != rule_k else None
@@ -97,7 +92,7 @@ def _choose_k(x: np.ndarray, units: Sequence[Unit], k_max: int, n_remove: int, c
     if lowered:
         why += f"; lowered to {rule_k}, the most segments that can each keep a unit after {n_remove} removals"
     if cfg.k_budget == "raise":
-        k, raised = _fit_k_to_budget(x, units, rule_k, k_max, n_remove, cfg, redundancy)
+        k, raised = fit_k_to_budget(x, units, rule_k, k_max, n_remove, cfg, redundancy)
         if raised:
             k_by = f"{cfg.k_rule}+budget"
             rec["note"] = (f"k raised from {raised} ({cfg.k_rule}) to {k}: the smallest number of segments whose "
@@ -116,12 +111,12 @@ def _choose_k(x: np.ndarray, units: Sequence[Unit], k_max: int, n_remove: int, c
     return k, k_by, rec
 
 
-def _select_all(scorer: CandidateScorer, units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
+def select_all(scorer: CandidateScorer, units: Sequence[Unit], segments: Sequence[tuple[int, int]], n_remove: int,
                  cfg: PruneConfig, progress: Any,
                  redundancy: Sequence[float] | None = None) -> tuple[list[SegmentSelection], dict[str, Any]]:
     seg_removable = [[u.name for u in units[a:b] if u.removable] for a, b in segments]
-    alloc = _allocate(units, segments, n_remove, redundancy, cfg.unit_costs)
-    direction = _direction(cfg)
+    alloc = allocate(units, segments, n_remove, redundancy, cfg.unit_costs)
+    direction = search_direction(cfg)
     shape = [(len(r), len(r) - a) for r, a in zip(seg_removable, alloc)]
     needs = [search_cost(n, r, cfg.exhaustive_budget, cfg.beam_width, direction) for n, r in shape]
     shares = split_budget(needs, [min_search_cost(n, r) for n, r in shape], cfg.eval_budget)
