@@ -369,10 +369,10 @@ def test_pinned_host_buffer_wrapper_views_the_allocation():
     logic is checked here on ordinary memory (no CUDA on this machine)."""
     import ctypes
 
-    from benchmarks.board.runners import _wrap_host
+    from benchmarks.board.runner_tensorrt import wrap_host
 
     raw = (ctypes.c_byte * 96)()
-    arr = _wrap_host(ctypes.addressof(raw), 96, [2, 3, 4], np.dtype("float32"))
+    arr = wrap_host(ctypes.addressof(raw), 96, [2, 3, 4], np.dtype("float32"))
     assert arr.shape == (2, 3, 4) and arr.dtype == np.float32
     arr[:] = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     back = np.frombuffer(bytes(raw), dtype=np.float32)

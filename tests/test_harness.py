@@ -17,8 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import benchmarks.board.accuracy as acc
 from benchmarks.board.harness import MeasureConfig, capture_env, latency_stats, measure, peak_memory
-from benchmarks.board.runners import (OnnxRuntimeRunner, OpenVINORunner, UnsupportedBatch, open_runner, parse_shape,
-                                random_feeds)
+from benchmarks.board.runner_base import UnsupportedBatch, parse_shape, random_feeds
+from benchmarks.board.runner_onnxruntime import OnnxRuntimeRunner
+from benchmarks.board.runner_openvino import OpenVINORunner
+from benchmarks.board.runners import open_runner
 from benchmarks.board.errors import UserError
 from onnx_models import make_cnn
 

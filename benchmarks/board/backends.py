@@ -4,20 +4,30 @@ about a backend without importing its runtime.
     b = get_backend("openvino")
     b.precisions, b.int8_schemes(), b.artifact, b.builds_on, b.suffixes, b.runtime_dist, b.tasks
 
+Who reads it: ``compile`` (exporters/compile.py: ``module``), the on-device runner choice
+(benchmarks/board/runners.py: ``runner``), the board benchmark (run_bench.py: ``board_build``,
+``gpu_memory``; lm_bench.py: ``lm_session``), the LM compile (exporters/lm_compile.py:
+``lm_precisions``, ``artifact``), the LM routes of ``sglp-edge run`` (sglp_edge/tasks/lm_routes.py:
+``lm_route``), profile validation (sglp_edge/profiles/schema.py), the emulated ARM runtimes
+(sglp_edge/targets/arm64_env.py: ``runtime_dist``), the pipeline and the targets.
+A new backend is one entry here, one runner module (benchmarks/board/runner_<name>.py) and one
+compile module (exporters/<name>.py).
+
 An LM-only backend (``tasks == ("causal-lm",)``, e.g. onnxruntime-genai) has no image ``compile``
 module: its artifact is a folder (``folder_artifact``) that the causal-LM task builds itself
 (sglp_edge/tasks/lm_routes.py).
 
-``compile`` (exporters/compile.py), ``bench`` and profile validation (sglp_edge/profiles/load.py), the
-pipeline and the targets read this registry; a new backend is one module plus one entry here.
-No torch and no runtime import (the board harness imports this too; Python 3.8 compatible).
+Modules are named here by their full dotted path and imported only when used (a runtime import is
+heavy). No torch and no runtime import (the board harness imports this too; Python 3.8 compatible).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from pathlib import Path
+from typing import Any, Dict, Tuple
 
 from benchmarks.board.errors import UserError
 
@@ -29,7 +39,7 @@ class BackendSpec:
     artifact: str  # the file the runner loads, inside a compile folder
     suffixes: Tuple[str, ...]  # artifact suffixes the on-device runner accepts
     builds_on: str  # "host": the compiled artifact is portable; "board": built on the device itself
-    module: str  # exporters.<module>: compile_step(CompileRequest) and INT8_SCHEMES
+    module: str  # host compile module, dotted (exporters.<module>): compile_step(CompileRequest), INT8_SCHEMES
     runtime_dist: str  # pip distribution of the runtime (its aarch64 wheel, for emulation)
     emulatable: bool  # an aarch64 build runs under qemu-user here
     board_artifact: str = ""  # what the board builds from the host's output ("" = same as artifact)
@@ -39,6 +49,13 @@ class BackendSpec:
     tasks: Tuple[str, ...] = ("image-classification", "causal-lm")  # what a device profile may run on it
     folder_artifact: bool = False  # the artifact is the compile folder itself (``artifact`` marks it)
     runtime_deps: Tuple[str, ...] = ()  # further pip distributions its aarch64 runtime imports
+    runner: str = ""  # on-device runner module, dotted (its RUNNER class; benchmarks/board/runners.py)
+    board_build: str = ""  # module.function building the runnable artifact on the board from an .onnx
+    gpu_memory: bool = False  # the model's memory is GPU memory (on a Jetson: nvmap, from tegrastats)
+    providers: bool = False  # a profile may choose its execution providers
+    lm_precisions: Tuple[str, ...] = ()  # exporters/lm_compile.py compiles a decoder LM's graph in these
+    lm_route: str = ""  # how `sglp-edge run` brings a causal LM to it (sglp_edge/tasks/lm_routes.py)
+    lm_session: str = ""  # the board's decode loop (benchmarks/board/lm_bench.py): "graph" | "genai"
 
     @property
     def image(self) -> bool:
@@ -53,14 +70,14 @@ class BackendSpec:
     def int8_schemes(self) -> Tuple[str, ...]:
         if not self.module:
             return ()
-        mod = importlib.import_module(f"exporters.{self.module}")
+        mod = importlib.import_module(self.module)  # heavy: the compile module imports onnx
         return tuple(getattr(mod, "INT8_SCHEMES", ("auto",)))
 
     def impl(self):
         if not self.module:
             raise UserError(f"backend {self.name} runs decoder LMs only ({', '.join(self.tasks)}); "
                             "it has no image compile step")
-        return importlib.import_module(f"exporters.{self.module}")
+        return importlib.import_module(self.module)  # heavy: the compile module imports onnx
 
     @property
     def host_artifact(self) -> str:
@@ -69,21 +86,28 @@ class BackendSpec:
 
 
 BACKENDS: Dict[str, BackendSpec] = {b.name: b for b in (
-    BackendSpec("openvino", ("fp32", "fp16", "int8"), "model.xml", (".xml", ".onnx"), "host", "openvino_backend",
-                "openvino", True, run_only_precisions=("bf16",), accuracy_control=True),
-    BackendSpec("onnxruntime", ("fp32", "int8"), "model.onnx", (".onnx", ".ort"), "host", "ort_backend",
-                "onnxruntime", True),
+    BackendSpec("openvino", ("fp32", "fp16", "int8"), "model.xml", (".xml", ".onnx"), "host",
+                "exporters.openvino_backend", "openvino", True, run_only_precisions=("bf16",), accuracy_control=True,
+                runner="benchmarks.board.runner_openvino", lm_precisions=("fp32", "fp16", "int8", "int4"), lm_route="openvino", lm_session="graph"),
+    BackendSpec("onnxruntime", ("fp32", "int8"), "model.onnx", (".onnx", ".ort"), "host", "exporters.ort_backend",
+                "onnxruntime", True, runner="benchmarks.board.runner_onnxruntime",
+                providers=True, lm_precisions=("fp32", "int8", "int4"), lm_route="onnx", lm_session="graph"),
     BackendSpec("tensorrt", ("fp32", "fp16", "int8"), "model.onnx", (".engine", ".plan", ".trt", ".onnx"), "board",
-                "tensorrt_compile", "tensorrt", False, board_artifact="model.engine", int8_from_qdq_graph=True),
+                "exporters.tensorrt_compile", "tensorrt", False, board_artifact="model.engine", int8_from_qdq_graph=True,
+                runner="benchmarks.board.runner_tensorrt",
+                board_build="benchmarks.board.trt_build.build_trt_engine", gpu_memory=True,
+                lm_precisions=("fp32", "fp16"), lm_route="onnx"),
     # onnxruntime-genai's model builder + generator (sglp_edge.export.lm_genai, benchmarks/board/lm_genai.py):
     # a folder (model.onnx, genai_config.json, tokenizer); weight-only int8/int4 are builder options
     BackendSpec("onnxruntime-genai", ("fp32", "int8", "int4"), "genai_config.json", (), "host", "",
                 "onnxruntime-genai", True, tasks=("causal-lm",), folder_artifact=True,
-                runtime_deps=("onnxruntime",)),
+                runtime_deps=("onnxruntime",), lm_route="genai", lm_session="genai"),
 )}
 NAMES: Tuple[str, ...] = tuple(BACKENDS)
 #: backends with an image compile step (exporters/compile.py, sglp-edge compile)
 IMAGE_NAMES: Tuple[str, ...] = tuple(n for n, b in BACKENDS.items() if b.image)
+#: the backend an ``.onnx`` runs on when none is named (every ONNX-taking backend accepts one)
+ONNX_BACKEND = "onnxruntime"
 
 
 def get_backend(name: str) -> BackendSpec:
@@ -93,12 +117,20 @@ def get_backend(name: str) -> BackendSpec:
         raise UserError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}") from None
 
 
-def backend_for_file(path: str) -> str:
-    """The backend an artifact file belongs to, from its suffix (an .onnx runs on ONNX Runtime)."""
-    s = "." + str(path).rsplit(".", 1)[-1].lower() if "." in str(path) else ""
+def backend_for_file(path: str | os.PathLike) -> str:
+    """The backend an artifact file belongs to, from its suffix (an .onnx runs on :data:`ONNX_BACKEND`)."""
+    s = Path(path).suffix.lower()
+    if s == ".onnx":
+        return ONNX_BACKEND
     for b in BACKENDS.values():
-        if s == ".onnx":
-            return "onnxruntime"
         if s in b.suffixes:
             return b.name
-    raise UserError(f"cannot tell the backend of {path!r} from its suffix; pass --backend ({', '.join(NAMES)})")
+    raise UserError(f"cannot tell the backend from {Path(path).name!r}: pass --backend "
+                    f"{'|'.join(n for n, b in BACKENDS.items() if b.runner)}")
+
+
+def resolve(dotted: str) -> Any:
+    """``package.module.name`` -> that object, the module imported now (a registry entry's lazy
+    reference: a runtime import is heavy)."""
+    mod, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(mod), name)  # heavy: a runtime's module

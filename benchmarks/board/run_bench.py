@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_shapes(items: list[str]) -> dict[str, list[int]]:
-    from benchmarks.board.runners import parse_shape
+    from benchmarks.board.runner_base import parse_shape
     from benchmarks.board.errors import UserError
 
     shapes: dict[str, list[int]] = {}
@@ -151,8 +151,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "(--task causal-lm)")
     import benchmarks.board.accuracy as acc
     from benchmarks.board.harness import MeasureConfig, capture_env, measure, now_iso, peak_memory
-    from benchmarks.board.runners import (UnsupportedBatch, artifact_files, guess_backend, open_runner,
-                                    random_feeds)
+    from benchmarks.board.backends import backend_for_file
+    from benchmarks.board.runner_base import UnsupportedBatch, artifact_files, random_feeds
+    from benchmarks.board.runners import open_runner
     from benchmarks.board.tegrastats import TegrastatsSampler, jetson_peak_memory, nvmap_client_mb, summarize
     from benchmarks.board.atomic import atomic_write_json, sha256_file
     from benchmarks.board.errors import UserError
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"eval data not found: {args.data}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    backend = args.backend or guess_backend(artifact)
+    backend = args.backend or backend_for_file(artifact)
     batches = _parse_batches(args.batch_sizes)
     shapes = _parse_shapes(args.input_shape)
     cfg = MeasureConfig(args.warmup_s, args.min_iters, args.min_duration_s, args.max_iters, args.max_duration_s).validate()

@@ -3,7 +3,7 @@
 ``onnxruntime.InferenceSession`` with ``intra_op_num_threads`` fixed, ``inter_op_num_threads = 1``,
 sequential execution, chosen execution providers (CPU by default; XNNPACK/ACL on ARM where the ORT
 build has them). ``onnxruntime`` is imported only when a runner is opened. The shared interface is
-:class:`benchmarks.board.runners.Runner`; open it through :func:`benchmarks.board.runners.open_runner`.
+:class:`benchmarks.board.runner_base.Runner`; open it through :func:`benchmarks.board.runners.open_runner`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from benchmarks.board.runners import Runner, TensorSpec, UnsupportedBatch
 from benchmarks.board.errors import UserError
+from benchmarks.board.runner_base import Runner, TensorSpec, UnsupportedBatch
 
 
 _ORT_TYPES = {
@@ -32,6 +32,7 @@ _ORT_TYPES = {
 
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
+    options = ("providers",)
 
     def __init__(
         self,
@@ -128,3 +129,7 @@ class OnnxRuntimeRunner(Runner):
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
+
+
+#: what benchmarks.board.runners.open_runner opens (the backend registry names this module)
+RUNNER = OnnxRuntimeRunner

@@ -3,7 +3,7 @@
 ``openvino.Core().compile_model`` of an IR (``.xml`` + ``.bin``) or ONNX file, with
 ``PERFORMANCE_HINT``, ``INFERENCE_NUM_THREADS``, ``NUM_STREAMS`` and ``INFERENCE_PRECISION_HINT`` set
 explicitly and read back from the compiled model. ``openvino`` is imported only when a runner is
-opened. The shared interface is :class:`benchmarks.board.runners.Runner`; open it through
+opened. The shared interface is :class:`benchmarks.board.runner_base.Runner`; open it through
 :func:`benchmarks.board.runners.open_runner`.
 """
 
@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from benchmarks.board.runners import Runner, TensorSpec, UnsupportedBatch
 from benchmarks.board.errors import UserError
+from benchmarks.board.runner_base import Runner, TensorSpec, UnsupportedBatch
 
 
 # int8: the quantized layers run in INT8 whatever the hint; the rest in f32, exactly as compile-time
@@ -30,6 +30,7 @@ def _port_name(port: Any, index: int, kind: str) -> str:
 
 class OpenVINORunner(Runner):
     backend = "openvino"
+    options = ("device",)
 
     def __init__(
         self,
@@ -165,3 +166,7 @@ class OpenVINORunner(Runner):
     def close(self) -> None:
         self.request = None
         self.compiled = None
+
+
+#: what benchmarks.board.runners.open_runner opens (the backend registry names this module)
+RUNNER = OpenVINORunner

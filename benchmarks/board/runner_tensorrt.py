@@ -5,7 +5,7 @@ stream; device buffers through ``cuda-python`` (``cuda.bindings.runtime``, or th
 ``cuda.cudart``) or ``cupy``, whichever is installed. All imports are lazy; a missing package is a
 :class:`~benchmarks.board.errors.UserError` naming what to install. Timed calls include host->device copy,
 execution and device->host copy ("host latency", what an application sees); the stream is
-synchronised before every clock read. The shared interface is :class:`benchmarks.board.runners.Runner`;
+synchronised before every clock read. The shared interface is :class:`benchmarks.board.runner_base.Runner`;
 open it through :func:`benchmarks.board.runners.open_runner`.
 """
 
@@ -16,8 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from benchmarks.board.runners import Runner, TensorSpec, UnsupportedBatch
 from benchmarks.board.errors import UserError
+from benchmarks.board.runner_base import Runner, TensorSpec, UnsupportedBatch
 
 
 class _CudaPython:
@@ -58,7 +58,7 @@ class _CudaPython:
         n = int(np.prod(shape)) * dt.itemsize
         ptr = int(self._ok(self.rt.cudaMallocHost(max(n, 1))))
         self._pinned.append(ptr)
-        return _wrap_host(ptr, n, shape, dt)
+        return wrap_host(ptr, n, shape, dt)
 
     def free_pinned(self) -> None:
         for p in self._pinned:
@@ -125,7 +125,7 @@ class _CuPy:
         self.stream.synchronize()
 
 
-def _wrap_host(ptr: int, nbytes: int, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+def wrap_host(ptr: int, nbytes: int, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
     import ctypes
 
     buf = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
@@ -147,6 +147,7 @@ def _cuda_backend() -> Any:
 
 class TensorRTRunner(Runner):
     backend = "tensorrt"
+    options = ("timing",)
 
     def __init__(
         self,
@@ -320,3 +321,7 @@ class TensorRTRunner(Runner):
             self._free()
         except Exception:
             pass
+
+
+#: what benchmarks.board.runners.open_runner opens (the backend registry names this module)
+RUNNER = TensorRTRunner

@@ -58,7 +58,8 @@ def build_resnet56_ir(dest: Path) -> Path:
 
 def run_ours(xml: Path, threads: int, duration: float, warmup: float) -> dict:
     from benchmarks.board.harness import MeasureConfig, measure
-    from benchmarks.board.runners import OpenVINORunner, random_feeds
+    from benchmarks.board.runner_base import random_feeds
+    from benchmarks.board.runner_openvino import OpenVINORunner
 
     with OpenVINORunner(xml, threads=threads, streams=1, precision="fp32", hint=None,
                         extra_config={"PERF_COUNT": "NO"}) as r:

@@ -56,7 +56,8 @@ class _Timer:
 
     def __init__(self, backend: str, path: Path, threads: int, pass_s: float):
         from benchmarks.board.harness import MeasureConfig
-        from benchmarks.board.runners import open_runner, random_feeds
+        from benchmarks.board.runner_base import random_feeds
+        from benchmarks.board.runners import open_runner
 
         self.r = open_runner(backend, path, threads=threads, precision="fp32", input_shapes={"input": [1, 3, 32, 32]})
         self.r.set_batch(1)

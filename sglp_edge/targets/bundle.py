@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from benchmarks.board.atomic import atomic_path, sha256_file
 from benchmarks.board.errors import UserError
-from benchmarks.board.runners import artifact_files as board_artifact_files
+from benchmarks.board.runner_base import artifact_files as board_artifact_files
 
 from sglp_edge.targets.board_run import REPO_ROOT
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 from benchmarks.board.backends import get_backend
 from benchmarks.board.errors import EnvironmentFault, UserError
-from benchmarks.board.runners import artifact_files
+from benchmarks.board.runner_base import artifact_files
 
 from sglp_edge.profiles.load import python_argv
 from sglp_edge.targets.deploy_board import INDEX, check_previous_script, stage_script, switch_script
