@@ -165,13 +165,13 @@ def group_norm_teacher_file(tmp_path_factory):
     from test_finetune import quadrant_bundle
     from sglp_edge.train.config import LoopConfig
     from sglp_edge.train.fit import fit
-    from sglp_edge.train.objectives import ClassificationTask
+    from sglp_edge.train.objectives import ClassificationObjective
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     data = quadrant_bundle()
     teacher = _teacher("group")
-    fit(teacher, ClassificationTask(), data.train, data.val, None,
+    fit(teacher, ClassificationObjective(), data.train, data.val, None,
         LoopConfig(steps=40, batch_size=32, lr=0.05, warmup=0.1, eval_test=False), progress=False)
     path = tmp_path_factory.mktemp("ddp_gn") / "teacher.pt"
     torch.save(teacher.state_dict(), path)

@@ -19,7 +19,7 @@ from sglp_edge.models.base import get_module
 from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
 from sglp_edge.train.config import Interrupted, LoopConfig
 from sglp_edge.train.fit import fit
-from sglp_edge.train.objectives import ClassificationTask
+from sglp_edge.train.objectives import ClassificationObjective
 
 torch.set_num_threads(1)
 
@@ -48,7 +48,7 @@ def quadrant_bundle(n_train: int = 384, n_test: int = 128, val_size: int = 64, s
 def trained_teacher(data, steps: int = 40):
     torch.manual_seed(0)
     teacher = cifar_resnet(20, num_classes=4)
-    fit(teacher, ClassificationTask(), data.train, data.val, None,
+    fit(teacher, ClassificationObjective(), data.train, data.val, None,
         LoopConfig(steps=steps, batch_size=32, lr=0.05, warmup=0.1, eval_test=False), progress=False)
     return teacher.eval()
 

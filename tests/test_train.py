@@ -15,7 +15,7 @@ from sglp_edge.models.cifar_resnet import cifar_resnet
 from sglp_edge.models.registry import DEFAULT_MODEL, load_model
 from sglp_edge.train.config import LoopConfig, lr_at
 from sglp_edge.train.fit import fit, train_classifier
-from sglp_edge.train.objectives import ClassificationTask, evaluate
+from sglp_edge.train.objectives import ClassificationObjective, evaluate
 
 from test_finetune import quadrant_bundle
 
@@ -51,14 +51,14 @@ def test_train_classifier_learns_and_reports_held_out_accuracy():
 def test_minutes_budget_and_epoch_checkpoint(tmp_path):
     data = quadrant_bundle()
     state = tmp_path / "s.pt"
-    res = fit(cifar_resnet(20, num_classes=4), ClassificationTask(), data.train, data.val, None,
+    res = fit(cifar_resnet(20, num_classes=4), ClassificationObjective(), data.train, data.val, None,
               LoopConfig(minutes=0.01, batch_size=32, ckpt_minutes=0), state_path=state, progress=False)
     assert res.steps >= 1 and 0.6 <= res.train_seconds < 0.6 + 30
     saved = torch.load(state, weights_only=True)
     assert saved["step"] == res.steps and saved["elapsed"] >= 0.6
     # resuming a finished run trains no further and gives the same weights
     m = cifar_resnet(20, num_classes=4)
-    again = fit(m, ClassificationTask(), data.train, data.val, None,
+    again = fit(m, ClassificationObjective(), data.train, data.val, None,
                 LoopConfig(minutes=0.01, batch_size=32, ckpt_minutes=0), state_path=state, progress=False)
     assert again.steps == res.steps and again.resumed_from_step == res.steps
 
@@ -101,6 +101,6 @@ def test_shipped_default_model_manifest_and_held_out_accuracy():
         pytest.skip("dataset-fashion-mnist not installed")
     data = get_dataset("fashion-mnist", seed=man["seed"])
     sub = torch.utils.data.Subset(data.test, list(range(0, 10_000, 10)))  # 1,000 held-out images
-    acc = evaluate(loaded.model, ClassificationTask(), sub, batch_size=250)["acc"]
+    acc = evaluate(loaded.model, ClassificationObjective(), sub, batch_size=250)["acc"]
     # 1,000 images: standard error ~0.8 %, so stay within 3 points of the manifest's 10k figure
     assert acc >= man["test_acc"] - 0.03 and not math.isnan(acc)

@@ -229,9 +229,9 @@ def evaluate_agreement(student: torch.nn.Module, teacher: torch.nn.Module, adapt
 
 
 # ---------------------------------------------------------------------------------------------
-# the KD fine-tune task (sglp_edge.train.finetune picks it for adapters of modality "sentences")
+# the KD fine-tune objective (sglp_edge.train.finetune picks it for adapters of modality "sentences")
 # ---------------------------------------------------------------------------------------------
-class EncoderKDTask(KDObjective):
+class EncoderKDObjective(KDObjective):
     """Embedding distillation: ``1 - cos`` between student and teacher sentence embeddings (plus
     the optional feature-KD MSE on kept layers). Validation score: the mean cosine agreement."""
 
@@ -258,5 +258,5 @@ class EncoderKDTask(KDObjective):
         return {"cos": cos, "n": sums.get("n", 0.0), "score": cos}
 
 
-__all__ = ["EncoderKDTask", "SentenceDataBundle", "SentenceSet", "agreement", "evaluate_agreement",
+__all__ = ["EncoderKDObjective", "SentenceDataBundle", "SentenceSet", "agreement", "evaluate_agreement",
            "get_sentence_dataset", "pool_normalize", "prose_sentences", "sentence_embeddings", "split_sentences"]

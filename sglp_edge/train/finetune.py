@@ -10,7 +10,7 @@ Language models: the same loss on next-token distributions: position ``i``'s log
 the reported metric is perplexity (``exp`` of the mean token NLL).
 
 Sentence encoders: ``1 - cos`` between the student's and the teacher's sentence embeddings
-(:class:`sglp_edge.tasks.feature_extraction.EncoderKDTask`); the reported metric is the mean cosine.
+(:class:`sglp_edge.tasks.feature_extraction.EncoderKDObjective`); the reported metric is the mean cosine.
 
 Training runs on :func:`sglp_edge.train.fit.fit`: budget in epochs / steps / minutes, warmup + cosine
 schedule, checkpoint every epoch (and every ``ckpt_minutes``, and on SIGTERM / Ctrl-C) with resume
@@ -40,11 +40,11 @@ from torch.utils.data import Dataset
 
 from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter
-from sglp_edge.tasks.feature_extraction import EncoderKDTask
+from sglp_edge.tasks.feature_extraction import EncoderKDObjective
 from sglp_edge.train.config import FitResult, LoopConfig
 from sglp_edge.train.distributed import DistInfo, init_distributed
 from sglp_edge.train.fit import fit
-from sglp_edge.train.kd import ImageKDTask, KDObjective, LMKDTask
+from sglp_edge.train.kd import ImageKDObjective, KDObjective, LMKDObjective
 from sglp_edge.train.objectives import capped, evaluate
 from sglp_edge.train.partial import train_only_last
 from sglp_edge.train.teacher_targets import check_not_degenerate, choose_target
@@ -168,9 +168,9 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
         student.requires_grad_(True)
     if cfg.train_last is not None:
         train_only_last(student, adapter, cfg.train_last)
-    task: KDObjective = LMKDTask(teacher, adapter, cfg) if modality == "tokens" else ImageKDTask(teacher, adapter, cfg)
+    task: KDObjective = LMKDObjective(teacher, adapter, cfg) if modality == "tokens" else ImageKDObjective(teacher, adapter, cfg)
     if modality == "sentences":
-        task = EncoderKDTask(teacher, adapter, cfg)
+        task = EncoderKDObjective(teacher, adapter, cfg)
     if modality == "image":
         _image_target(cfg, _check_outputs(student, teacher, data, info), data)
     state_path = Path(cfg.state_path) if cfg.state_path else None

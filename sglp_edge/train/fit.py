@@ -1,6 +1,6 @@
 """Supervised training of the baseline, and the resumable training engine the KD fine-tune reuses.
 
-The engine (:func:`fit`) runs any :class:`Task` (a loss for training, summable metrics for
+The engine (:func:`fit`) runs any :class:`Objective` (a loss for training, summable metrics for
 evaluation) with
 
 * a budget in epochs, optimiser steps or minutes (whichever is given; fractional epochs allowed),
@@ -18,7 +18,7 @@ evaluation) with
   evaluation summed with all_reduce, and only rank 0 writing files.
 
 The engine's parts live in :mod:`sglp_edge.train.distributed` (process group), :mod:`sglp_edge.train.objectives`
-(tasks, evaluation), :mod:`sglp_edge.train.config` (config, results, schedule, optimiser) and
+(objectives, evaluation), :mod:`sglp_edge.train.config` (config, results, schedule, optimiser) and
 :mod:`sglp_edge.train.state` (resume state, RNG, stop flag, progress); import each name from the
 module that defines it.
 """
@@ -39,12 +39,12 @@ from benchmarks.board.errors import UserError
 from sglp_edge.train.config import FitResult, Interrupted, LoopConfig, lr_at, make_optimizer
 from sglp_edge.train.state import (STATE_FORMAT, _Progress, _rank_seed, _rng_state, _set_rng_state, _StopFlag, load_state,
                           save_state)
-from sglp_edge.train.objectives import ClassificationTask, Task, capped, evaluate, to_device
+from sglp_edge.train.objectives import ClassificationObjective, Objective, capped, evaluate, to_device
 
 # ---------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------
-def fit(model: nn.Module, task: Task, train_set: Dataset, val_set: Dataset | None, test_set: Dataset | None,
+def fit(model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset | None, test_set: Dataset | None,
         cfg: LoopConfig, *, state_path: str | Path | None = None, desc: str = "train",
         progress: bool = True, extra_state: dict[str, Any] | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
@@ -304,7 +304,7 @@ def train_classifier(model: nn.Module, data: Any, cfg: LoopConfig, *, state_path
     if nc is not None and nc != data.num_classes:
         raise UserError(f"the model has {nc} outputs but {data.name} has {data.num_classes} classes; "
                         f"build it with --num-classes {data.num_classes}")
-    task = ClassificationTask(label_smoothing)
+    task = ClassificationObjective(label_smoothing)
     res = fit(model, task, data.train, data.val, data.test, cfg, state_path=state_path, desc=desc, progress=progress,
               extra_state={"dataset": data.name, "label_smoothing": label_smoothing})
     recipe = {k: v for k, v in asdict(cfg).items() if k not in ("device", "log_every", "eval_batch_size", "ckpt_minutes")}

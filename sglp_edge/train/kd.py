@@ -14,7 +14,7 @@ from torch import nn
 
 from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter, get_module
-from sglp_edge.train.objectives import Task
+from sglp_edge.train.objectives import Objective
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +117,9 @@ class _FeatureTap:
 
 # ---------------------------------------------------------------------------------------------
 # the KD objectives the fine-tune trains (the sentence-encoder one is
-# sglp_edge.tasks.feature_extraction.EncoderKDTask)
+# sglp_edge.tasks.feature_extraction.EncoderKDObjective)
 # ---------------------------------------------------------------------------------------------
-class KDObjective(Task):
+class KDObjective(Objective):
     """KD from ``teacher``: the feature hooks and the feature-KD term shared by the image, LM and
     encoder objectives; ``cfg`` is the run's :class:`sglp_edge.train.finetune.FinetuneConfig`."""
 
@@ -169,7 +169,7 @@ class KDObjective(Task):
         self.teacher.eval()
 
 
-class ImageKDTask(KDObjective):
+class ImageKDObjective(KDObjective):
     """KD on logits; label-free (``cfg.target == "teacher"``): the labels are ignored, the loss is
     pure KD and the metric is ``agreement``, top-1 agreement with the teacher."""
 
@@ -212,7 +212,7 @@ def _lm_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
-class LMKDTask(KDObjective):
+class LMKDObjective(KDObjective):
     """KD on next-token distributions over packed blocks (no padding: every position counts)."""
 
     def train_loss(self, model, batch):

@@ -1,5 +1,5 @@
 """What the training engine (:func:`sglp_edge.train.fit.fit`) trains and how it is measured: the
-:class:`Task` protocol, plain classification, moving batches to a device, and (sharded) evaluation.
+:class:`Objective` protocol, plain classification, moving batches to a device, and (sharded) evaluation.
 
 Not to be confused with :mod:`sglp_edge.tasks` (what a *pipeline* is for: image classification,
 causal LM, ...)."""
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from sglp_edge.train.distributed import DistInfo, _all_reduce
 
 
-class Task:
+class Objective:
     """What is trained and how it is measured. ``train_loss`` returns the loss to minimise plus
     scalars to display; ``eval_sums`` returns additive sums over a batch, which
     ``finalize`` turns into metrics including ``score`` (higher is better, used for selection)."""
@@ -43,7 +43,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-class ClassificationTask(Task):
+class ClassificationObjective(Objective):
     def __init__(self, label_smoothing: float = 0.0):
         self.label_smoothing = label_smoothing
 
@@ -73,7 +73,7 @@ def capped(dataset: Dataset | None, n: int | None) -> Dataset | None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, dataset: Dataset, *, batch_size: int = 256,
+def evaluate(model: nn.Module, task: Objective, dataset: Dataset, *, batch_size: int = 256,
              info: DistInfo | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset`` (eval mode). Under DDP each rank takes a strided shard
     and the sums are all-reduced, so every rank gets the full-set metrics."""
