@@ -46,7 +46,8 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev)
 
 
-def _all_reduce(values: list[float], info: DistInfo, op: str = "sum") -> list[float]:
+def all_reduce(values: list[float], info: DistInfo, op: str = "sum") -> list[float]:
+    """``values`` summed (``op`` "sum") or maxed ("max") over the ranks; unchanged when running alone."""
     if not info.distributed:
         return values
     import torch.distributed as dist

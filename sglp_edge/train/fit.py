@@ -34,11 +34,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sglp_edge.train.distributed import _all_reduce, init_distributed
+from sglp_edge.train.distributed import all_reduce, init_distributed
 from benchmarks.board.errors import UserError
 from sglp_edge.train.config import FitResult, Interrupted, LoopConfig, lr_at, make_optimizer
-from sglp_edge.train.state import (STATE_FORMAT, _Progress, _rank_seed, _rng_state, _set_rng_state, _StopFlag, load_state,
-                          save_state)
+from sglp_edge.train.state import (STATE_FORMAT, Progress, StopFlag, load_state, rank_seed, rng_state, save_state,
+                                   set_rng_state)
 from sglp_edge.train.objectives import ClassificationObjective, Objective, capped, evaluate, to_device
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def fit(model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset 
 
     # each rank draws its own augmentation (and dropout) stream: with one seed on every rank, the
     # k-th image of each local batch would get the same random crop on both ranks
-    torch.manual_seed(_rank_seed(cfg.seed, info.rank, 0))
+    torch.manual_seed(rank_seed(cfg.seed, info.rank, 0))
     model.to(info.device)
     base = model
     if info.distributed:
@@ -103,15 +103,15 @@ def fit(model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset 
         opt.load_state_dict(st["optimizer"])
         step, epoch, step_in_epoch, elapsed = st["step"], st["epoch"], st["step_in_epoch"], st["elapsed"]
         history, best = st["history"], st.get("best")
-        _set_rng_state(st["rng"])
+        set_rng_state(st["rng"])
         if info.rank:  # the state file holds rank 0's generator; the others re-derive their own
-            torch.manual_seed(_rank_seed(cfg.seed, info.rank, step))
+            torch.manual_seed(rank_seed(cfg.seed, info.rank, step))
         resumed_from = step
 
     def snapshot() -> dict[str, Any]:
         return {"format": STATE_FORMAT, "check": check, "model": base.state_dict(), "optimizer": opt.state_dict(),
                 "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "elapsed": elapsed,
-                "history": history, "best": best, "rng": _rng_state(), "config": asdict(cfg)}
+                "history": history, "best": best, "rng": rng_state(), "config": asdict(cfg)}
 
     def persist() -> None:
         if sp is not None and info.is_main:
@@ -158,14 +158,14 @@ def fit(model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset 
 
     from torch.utils.data.distributed import DistributedSampler
 
-    bar = _Progress(total_steps, desc, progress and info.is_main, cfg.log_every)
+    bar = Progress(total_steps, desc, progress and info.is_main, cfg.log_every)
     if resumed_from:
         bar.message(f"resuming from step {resumed_from} (epoch {epoch}, {elapsed / 60:.1f} min trained) - {sp}")
     stopped = False
     last_save = time.perf_counter()
     run_avg: dict[str, float] = {}
     try:
-        with _StopFlag() as flag:
+        with StopFlag() as flag:
             task.train_mode(model)
             while not done():
                 sampler = DistributedSampler(train_set, num_replicas=info.world, rank=info.rank, shuffle=True,
@@ -198,7 +198,7 @@ def fit(model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset 
                                + f" lr={opt.param_groups[0]['lr']:.3g} {ips:.3g}/s")
                     # one collective per step keeps ranks agreeing on stop/save decisions
                     want_save = cfg.ckpt_minutes > 0 and time.perf_counter() - last_save > cfg.ckpt_minutes * 60
-                    s_stop, s_save, s_el = _all_reduce([float(flag.stop), float(want_save), elapsed], info, "max")
+                    s_stop, s_save, s_el = all_reduce([float(flag.stop), float(want_save), elapsed], info, "max")
                     elapsed = s_el
                     if s_stop:
                         stopped = True

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from sglp_edge.train.distributed import DistInfo, _all_reduce
+from sglp_edge.train.distributed import DistInfo, all_reduce
 
 
 class Objective:
@@ -89,7 +89,7 @@ def evaluate(model: nn.Module, task: Objective, dataset: Dataset, *, batch_size:
     keys = sorted(sums) if sums else []
     if info.distributed:
         keys = _common_keys(keys, task, model, dataset, info)
-        sums = dict(zip(keys, _all_reduce([sums.get(k, 0.0) for k in keys], info)))
+        sums = dict(zip(keys, all_reduce([sums.get(k, 0.0) for k in keys], info)))
     model.train(was)
     return task.finalize(sums)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from benchmarks.board.errors import UserError
 
@@ -37,7 +36,7 @@ def load_state(path: Path) -> dict[str, Any]:
     return state
 
 
-class _StopFlag:
+class StopFlag:
     """Turns SIGTERM / SIGINT into a flag checked after every step (main thread only)."""
 
     def __init__(self):
@@ -66,7 +65,10 @@ class _StopFlag:
 # ---------------------------------------------------------------------------------------------
 # progress display
 # ---------------------------------------------------------------------------------------------
-class _Progress:
+class Progress:
+    """The run's progress on stderr: a live bar on a terminal, else a line every ``log_every`` steps
+    (``enabled`` False: nothing, e.g. on ranks other than 0)."""
+
     def __init__(self, total: int | None, desc: str, enabled: bool, log_every: int):
         self.enabled, self.log_every, self.total = enabled, log_every, total
         self.progress = None
@@ -108,23 +110,21 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------
 # seeds and RNG state
 # ---------------------------------------------------------------------------------------------
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) else model
-
-
-def _rank_seed(seed: int, rank: int, step: int) -> int:
+def rank_seed(seed: int, rank: int, step: int) -> int:
     """Rank 0 keeps ``seed`` (one process trains exactly as before); other ranks get streams of
     their own that no other seed's rank 0 shares."""
     return seed if rank == 0 else (seed * 1_000_003 + rank * 7919 + step * 104_729) % (2 ** 63)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """The torch and Python generators' state, as the resume state file stores it."""
     import random
 
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
-def _set_rng_state(s: dict[str, Any]) -> None:
+def set_rng_state(s: dict[str, Any]) -> None:
+    """Restore a state :func:`rng_state` returned."""
     import random
 
     torch.set_rng_state(s["torch"])
