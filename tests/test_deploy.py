@@ -17,7 +17,7 @@ import pytest
 from benchmarks.board.errors import UserError
 from onnx_models import make_cnn
 from sglp_edge.targets.deploy import deploy, pack, pick_release, rollback, run_in_place
-from sglp_edge.targets.remote import SSHTarget
+from sglp_edge.targets.ssh_transport import SSHTarget
 from test_remote_ssh import sshd  # noqa: F401  (the real sshd fixture)
 
 DEVICE = "raspberry-pi-5"

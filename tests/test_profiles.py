@@ -8,8 +8,8 @@ import pytest
 
 from benchmarks.board.run_bench import build_parser
 from benchmarks.board.errors import UserError
-from sglp_edge.profiles.load import (ENV_VAR, DeviceProfile, evaluate_constraints, list_profiles, load_profile,
-                                profile_dirs)
+from sglp_edge.profiles.load import ENV_VAR, list_profiles, load_profile, profile_dirs
+from sglp_edge.profiles.schema import DeviceProfile, evaluate_constraints
 
 DEVICES = Path(__file__).resolve().parents[1] / "devices"
 

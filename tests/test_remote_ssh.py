@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 
 from onnx_models import make_cnn
-from sglp_edge.profiles.load import DeviceProfile
-from sglp_edge.targets.remote import RemoteJob, SSHTarget, make_bundle, run_remote, run_remote_many
+from sglp_edge.profiles.schema import DeviceProfile
+from sglp_edge.targets.bundle import make_bundle
+from sglp_edge.targets.remote import RemoteJob, run_remote, run_remote_many
+from sglp_edge.targets.ssh_transport import SSHTarget
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = pytest.mark.skipif(not Path(SSHD).exists() or shutil.which("ssh") is None,

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.board.errors import UserError
 from onnx_models import make_cnn
-from sglp_edge.profiles.load import DeviceProfile
+from sglp_edge.profiles.schema import DeviceProfile
 from sglp_edge.targets import arm64_env
 from sglp_edge.targets.base import EMULATION_NOT_HELD, BenchJob, held_constraints
 from sglp_edge.targets.factory import make_target

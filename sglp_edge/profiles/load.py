@@ -36,8 +36,8 @@ Where profiles are found: the folders in ``$SGLP_EDGE_DEVICES`` (``os.pathsep``-
 first, so a user's profile can shadow a built-in one), then ``devices/`` at the repository root,
 then ``sglp_edge/assets/devices`` inside an installed package.
 
-The pydantic models of these fields are in :mod:`sglp_edge.profiles.schema`; every name is also
-importable from here.
+The pydantic models of these fields, the metric names and the constraint check are in
+:mod:`sglp_edge.profiles.schema` (import them from there).
 """
 
 from __future__ import annotations
@@ -48,13 +48,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
 from benchmarks.board.errors import UserError
-from benchmarks.board.backends import BACKENDS as _REGISTRY  # noqa: F401
-from sglp_edge.profiles.schema import (_SHORT, BACKEND_SUFFIXES, METRICS, BenchSettings, Constraint,  # noqa: F401
-                             ConstraintResult, DeviceProfile, InputSpec, Metric, Precision, SSHDefaults, Task,
-                             _Strict, evaluate_constraints)
+
+from sglp_edge.profiles.schema import DeviceProfile
 
 ENV_VAR = "SGLP_EDGE_DEVICES"
 
@@ -106,8 +105,6 @@ def find_profile(name_or_path: str | os.PathLike) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

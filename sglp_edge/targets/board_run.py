@@ -59,7 +59,7 @@ class BoardRun:
         return d
 
 
-def _stream(argv: list[str], *, stdin: Any, stdout_log: Optional[Path], stderr_log: Optional[Path],
+def stream_process(argv: list[str], *, stdin: Any, stdout_log: Optional[Path], stderr_log: Optional[Path],
             timeout_s: float, on_line: Optional[Callable[[str], None]] = None,
             cwd: Optional[str] = None, env: Optional[dict[str, str]] = None) -> tuple[Optional[int], str, bool]:
     """Run ``argv`` (a list; no shell), append its stdout/stderr to the log files as they arrive,
@@ -104,7 +104,7 @@ def _stream(argv: list[str], *, stdin: Any, stdout_log: Optional[Path], stderr_l
     return (None if timed_out else proc.returncode), "\n".join(tail), timed_out
 
 
-def _progress_parser(label: str, on_progress: Optional[ProgressFn]) -> Callable[[str], None]:
+def progress_parser(label: str, on_progress: Optional[ProgressFn]) -> Callable[[str], None]:
     def on_line(line: str) -> None:
         if on_progress and line.startswith(PROGRESS_PREFIX):
             try:
@@ -115,14 +115,14 @@ def _progress_parser(label: str, on_progress: Optional[ProgressFn]) -> Callable[
     return on_line
 
 
-def _load_json(p: Path) -> Optional[dict[str, Any]]:
+def load_json(p: Path) -> Optional[dict[str, Any]]:
     try:
         return json.loads(p.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _bench_error(code: Optional[int], stderr: str, where: str, python: str) -> str:
+def bench_error(code: Optional[int], stderr: str, where: str, python: str) -> str:
     lines = [l.strip() for l in stderr.strip().splitlines() if l.strip() and not l.startswith(EXIT_MARKER)]
     errs = [l for l in lines if l.startswith("error:")]
     if code == 2 and errs:
@@ -157,23 +157,23 @@ def run_local(run_args: list[str], out_dir: str | os.PathLike, *, label: str = "
     child_env.update(env or {})
     run = BoardRun(label=label, where="local", out_dir=out)
     t0 = time.monotonic()
-    code, err, to = _stream(py + ["-m", "benchmarks.board.run_bench", *run_args], stdin=subprocess.DEVNULL,
+    code, err, to = stream_process(py + ["-m", "benchmarks.board.run_bench", *run_args], stdin=subprocess.DEVNULL,
                             stdout_log=out / "stdout.log", stderr_log=out / "stderr.log", timeout_s=timeout_s,
-                            on_line=_progress_parser(label, on_progress), env=child_env)
+                            on_line=progress_parser(label, on_progress), env=child_env)
     run.exit_code = code
     if to:
         run.error = f"locally: no result within the {timeout_s:g} s timeout; the run was stopped"
         run.environment = True
     elif code != 0:
-        run.error = _bench_error(code, err, "this machine", py[0])
+        run.error = bench_error(code, err, "this machine", py[0])
     return finish_run(run, out, t0)
 
 
 def finish_run(run: BoardRun, out: Path, t0: float, where: str = "") -> BoardRun:
     """Read the result / partial JSON the harness left in ``out``, settle ``ok`` and the duration
     (from ``time.monotonic()`` ``t0``), and record the run in ``out/remote.json``."""
-    run.result = _load_json(out / RESULT_NAME)
-    run.partial = _load_json(out / PARTIAL_NAME)
+    run.result = load_json(out / RESULT_NAME)
+    run.partial = load_json(out / PARTIAL_NAME)
     if run.error is None and run.result is None:
         run.error = f"{where}the benchmark finished but wrote no {RESULT_NAME}"
     run.ok = run.error is None

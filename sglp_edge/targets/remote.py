@@ -53,22 +53,15 @@ from typing import Any, Optional, Sequence
 
 from benchmarks.board.atomic import atomic_write_bytes
 
-from sglp_edge.targets.board_run import (EXIT_MARKER, PARTIAL_NAME, PROGRESS_PREFIX, REPO_ROOT, RESULT_NAME, BoardRun, ProgressFn,
-                        _bench_error, _load_json, _progress_parser, _stream, finish_run, run_local)
-from sglp_edge.targets.bundle import Bundle, make_bundle
+from sglp_edge.profiles.load import python_argv
+from sglp_edge.targets.board_run import (EXIT_MARKER, PARTIAL_NAME, RESULT_NAME, BoardRun, ProgressFn, bench_error,
+                                         finish_run, progress_parser, stream_process)
+from sglp_edge.targets.bundle import Bundle
 from sglp_edge.targets.ssh_transport import SSHTarget, classify_ssh_error, sh_c
-
-__all__ = [
-    "EXIT_MARKER", "PARTIAL_NAME", "PROGRESS_PREFIX", "REPO_ROOT", "RESULT_NAME", "BoardRun", "Bundle",
-    "ProgressFn", "RemoteJob", "SSHTarget", "make_bundle", "remote_run_script", "run_local", "run_remote",
-    "run_remote_many", "sh_c",
-]
 
 
 def remote_run_script(remote_dir: str, python: str, run_args: Sequence[str], env: dict[str, str],
                       timeout_s: Optional[float]) -> str:
-    from sglp_edge.profiles.load import python_argv
-
     q = shlex.quote
     envs = " ".join(q(f"{k}={v}") for k, v in env.items())
     py = " ".join(q(a) for a in python_argv(python))
@@ -145,7 +138,7 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
         if on_progress:
             on_progress(label, {"stage": "upload", "done": 0, "total": 1})
         with open(job.bundle.path, "rb") as fh:
-            code, err, to = _stream(t.ssh_argv(sh_c(prep)), stdin=fh, stdout_log=None, stderr_log=log_err,
+            code, err, to = stream_process(t.ssh_argv(sh_c(prep)), stdin=fh, stdout_log=None, stderr_log=log_err,
                                     timeout_s=remaining(), on_line=on_prep)
         run.remote_dir = seen.get("SGLP_REMOTE_DIR")
         note("upload", exit_code=code, timed_out=to, remote_dir=run.remote_dir)
@@ -162,9 +155,9 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
 
         # 2. run the benchmark (stdout/stderr land in the local logs as they arrive)
         script = remote_run_script(run.remote_dir, t.python, job.run_args, t.env, timeout_s=remaining())
-        code, err, to = _stream(t.ssh_argv(sh_c(script)), stdin=subprocess.DEVNULL, stdout_log=log_out,
+        code, err, to = stream_process(t.ssh_argv(sh_c(script)), stdin=subprocess.DEVNULL, stdout_log=log_out,
                                 stderr_log=log_err, timeout_s=remaining(),
-                                on_line=_progress_parser(label, on_progress))
+                                on_line=progress_parser(label, on_progress))
         run.exit_code = code
         note("run", exit_code=code, timed_out=to)
         if to:
@@ -174,7 +167,7 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
             run.error = classify_ssh_error(t, err, during_run=True)
             run.environment = True
         elif code != 0:
-            run.error = _bench_error(code, err, t.where, t.python)
+            run.error = bench_error(code, err, t.where, t.python)
     except _BoardError as e:
         run.error = str(e)
         run.environment = e.environment
@@ -183,7 +176,7 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
         if run.remote_dir:
             _pull_results(t, run, out, grace_s=max(15.0, float(t.connect_timeout_s) * 3))
             if not job.keep_remote:
-                rc, _, _ = _stream(t.ssh_argv(sh_c(f"rm -rf {shlex.quote(run.remote_dir)}")),
+                rc, _, _ = stream_process(t.ssh_argv(sh_c(f"rm -rf {shlex.quote(run.remote_dir)}")),
                                    stdin=subprocess.DEVNULL, stdout_log=None, stderr_log=None,
                                    timeout_s=max(15.0, float(t.connect_timeout_s) * 3))
                 note("cleanup", exit_code=rc)
