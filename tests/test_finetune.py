@@ -17,7 +17,8 @@ from sglp_edge.train.finetune import FinetuneConfig, finetune
 from sglp_edge.train.kd import kd_loss, kept_unit_map
 from sglp_edge.models.base import get_module
 from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
-from sglp_edge.train.config import Interrupted, LoopConfig
+from sglp_edge.train.config import LoopConfig
+from sglp_edge.train.interrupted import Interrupted
 from sglp_edge.train.fit import fit
 from sglp_edge.train.objectives import ClassificationObjective
 

@@ -14,6 +14,7 @@ import typer
 
 from benchmarks.board.errors import EXIT_INTERNAL, EXIT_USER, UserError, describe_os_error, exit_code
 
+from sglp_edge.train.interrupted import Interrupted
 from sglp_edge.validate import check_path
 
 F = TypeVar("F", bound=Callable)
@@ -28,8 +29,8 @@ def _sigterm_as_interrupt(signum, frame):  # pragma: no cover - exercised throug
 
 def user_errors(fn: F) -> F:
     """Turn a UserError (or a missing file) into one line on stderr and exit code 2 (4 for an
-    :class:`~benchmarks.board.errors.EnvironmentFault`), an interruption (Ctrl-C, SIGTERM) into one line
-    and exit code 130, and anything else into one line too (see :func:`_last_resort`)."""
+    :class:`~benchmarks.board.errors.EnvironmentFault`), an interruption (Ctrl-C, SIGTERM, or a training
+    run's :class:`~sglp_edge.train.interrupted.Interrupted`) into one line and exit code 130, and anything else into one line too (see :func:`_last_resort`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -49,6 +50,9 @@ def user_errors(fn: F) -> F:
             typer.echo("interrupted: stopped before finishing; nothing half-written was kept, re-run the same command "
                        "to resume", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except Interrupted as e:  # a training run stopped after saving its state
+            typer.echo(f"interrupted: {e}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except (SystemExit, typer.Exit):
             raise
         except Exception as e:  # noqa: BLE001
@@ -63,15 +67,12 @@ def user_errors(fn: F) -> F:
 
 
 def _last_resort(e: BaseException) -> None:
-    """Anything else still ends in one line: an interrupted fine-tune is 130, an OSError a user
-    can act on (disk full, name too long, a link loop) is 4 or 2, and an unexpected error is 5
-    with its traceback kept in a file (``SGLP_EDGE_TRACEBACK=1`` prints it instead)."""
+    """Anything else still ends in one line: an OSError a user can act on (disk full, name too long,
+    a link loop) is 4 or 2, and an unexpected error is 5 with its traceback kept in a file
+    (``SGLP_EDGE_TRACEBACK=1`` prints it instead)."""
     import os
     import traceback
 
-    if type(e).__name__ == "Interrupted":  # sglp_edge.train.fit.Interrupted (not imported here: torch)
-        typer.echo(f"interrupted: {e}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
     if isinstance(e, OSError):
         said = describe_os_error(e)
         if said is not None:

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import typer
 
 from sglp_edge.commands._common import guard_out_dir, hold_out, positive, trust_builder_option, trust_remote_code_option, user_errors
+from sglp_edge.train.interrupted import Interrupted
 
 
 def resolve_model_dir(src: str) -> str:
@@ -128,7 +129,6 @@ def register(app: typer.Typer) -> None:
         from benchmarks.board.errors import UserError
         from sglp_edge.train.finetune import FinetuneConfig, finetune
         from sglp_edge.models.registry import load_model
-        from sglp_edge.train.config import Interrupted
 
         from sglp_edge.commands.train import reproduce_command
 

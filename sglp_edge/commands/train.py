@@ -10,6 +10,7 @@ from typing import Any, Optional
 import typer
 
 from sglp_edge.commands._common import guard_out_dir, hold_out, positive, trust_builder_option, trust_remote_code_option, user_errors
+from sglp_edge.train.interrupted import Interrupted
 
 
 def reproduce_command(command: str, args: list[Any], options: dict[str, Any]) -> str:
@@ -74,7 +75,7 @@ def register(app: typer.Typer) -> None:
 
         from sglp_edge.data.datasets import get_dataset
         from sglp_edge.models.registry import load_model
-        from sglp_edge.train.config import Interrupted, LoopConfig
+        from sglp_edge.train.config import LoopConfig
         from sglp_edge.train.fit import BASELINE_RECIPE, train_classifier, training_manifest
 
         if epochs is None and steps is None and minutes is None:

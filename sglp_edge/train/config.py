@@ -1,12 +1,12 @@
 """Configuration, results and optimisation recipe of the training engine (:func:`sglp_edge.train.fit.fit`):
 the budget / optimiser settings (:class:`LoopConfig`), what a run returns (:class:`FitResult`),
-the interruption exception, the warmup + cosine learning-rate schedule and the optimiser."""
+the warmup + cosine learning-rate schedule and the optimiser (the interruption exception is in
+:mod:`sglp_edge.train.interrupted`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,14 +72,6 @@ class FitResult:
     resumed_from_step: int = 0
     stopped_early: bool = False  # interrupted (state saved; resume to continue)
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Interrupted(Exception):
-    """Training stopped by SIGTERM / Ctrl-C after its state was saved."""
-
-    def __init__(self, state_path: Path | None, step: int):
-        super().__init__(f"interrupted at step {step}; state saved to {state_path}; re-run the same command to resume")
-        self.state_path, self.step = state_path, step
 
 
 # ---------------------------------------------------------------------------------------------

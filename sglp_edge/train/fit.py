@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sglp_edge.train.distributed import all_reduce, init_distributed
 from benchmarks.board.errors import UserError
-from sglp_edge.train.config import FitResult, Interrupted, LoopConfig, lr_at, make_optimizer
+from sglp_edge.train.config import FitResult, LoopConfig, lr_at, make_optimizer
+from sglp_edge.train.interrupted import Interrupted
 from sglp_edge.train.state import (STATE_FORMAT, Progress, StopFlag, load_state, rank_seed, rng_state, save_state,
                                    set_rng_state)
 from sglp_edge.train.objectives import ClassificationObjective, Objective, capped, evaluate, to_device
