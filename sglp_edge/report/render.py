@@ -19,37 +19,22 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from benchmarks.board.atomic import atomic_write_json, atomic_write_text
 
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from sglp_edge.report.plots import figure_png, pyplot, scatter_png
 
 
 def plot_units(report: dict[str, Any]) -> str | None:
     units = (report.get("prune") or {}).get("units")
     if not units:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(units) + 2), 3.2))
     macs = [u.get("macs", 0) / 1e6 for u in units]
     colors = ["#8d99ae" if not u["removable"] else ("#2a9d8f" if u["kept"] else "#e76f51") for u in units]
@@ -58,7 +43,7 @@ def plot_units(report: dict[str, Any]) -> str | None:
     ax.set_xticklabels([u["name"] for u in units], rotation=90, fontsize=7)
     ax.set_ylabel("MMACs")
     ax.set_title("Layer units: kept (green), removed (red); grey units cannot be removed (kept)", fontsize=9)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_latency(report: dict[str, Any]) -> str | None:
@@ -72,14 +57,14 @@ def plot_latency(report: dict[str, Any]) -> str | None:
                 series.append((f"{t['device']}\n{which}", raw))
     if not series:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(series) + 2), 3.6))
     ax.boxplot([s[1] for s in series], showfliers=True, whis=(1, 99))
     ax.set_xticks(range(1, len(series) + 1))
     ax.set_xticklabels([s[0] for s in series], fontsize=7)
     ax.set_ylabel("latency per batch (ms)")
     ax.set_title("Latency distribution (whiskers: p1-p99)", fontsize=9)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def plot_acc_latency(report: dict[str, Any]) -> str | None:
@@ -91,24 +76,11 @@ def plot_acc_latency(report: dict[str, Any]) -> str | None:
             p50 = (r.get("latency_ms") or {}).get("p50")
             if acc is not None and p50 is not None:
                 pts.append((t["device"], which, marker, p50, 100 * acc if acc <= 1 else acc))
-    if not pts:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    devices = sorted({p[0] for p in pts})
-    cmap = plt.get_cmap("tab10")
-    for d_i, d in enumerate(devices):
-        for dev, which, marker, x, y in pts:
-            if dev == d:
-                ax.scatter([x], [y], marker=marker, color=cmap(d_i), s=60, label=f"{d} {which}")
-    ax.set_xlabel("p50 latency (ms)")
-    ax.set_ylabel("top-1 of the compiled artifact (%)")
-    ax.set_title("Accuracy vs latency: original (o) and pruned (^) per target", fontsize=9)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return scatter_png(pts, xlabel="p50 latency (ms)", ylabel="top-1 of the compiled artifact (%)",
+                       title="Accuracy vs latency: original (o) and pruned (^) per target")
 
 
-def _fmt(v: Any) -> str:
+def fmt_cell(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -138,9 +110,9 @@ def render_html(report: dict[str, Any], run_dir: Path) -> str:
     for t in report.get("targets", []):
         for c in t.get("constraints", []):
             cls = "pass" if c.get("passed") else "fail" if c.get("passed") is False else "na"
-            parts.append(f"<tr class='{cls}'><td>{_fmt(t['device'])}</td><td>{_fmt(t.get('backend'))}</td>"
-                         f"<td>{_fmt(t.get('precision'))}</td><td>{_fmt(c['metric'])}</td><td>{_fmt(c.get('op'))} {_fmt(c['limit'])}</td>"
-                         f"<td>{_fmt(c.get('measured'))}</td><td>{_fmt(c.get('passed')) if c.get('passed') is not None else _fmt(c.get('note') or 'not measured')}</td></tr>")
+            parts.append(f"<tr class='{cls}'><td>{fmt_cell(t['device'])}</td><td>{fmt_cell(t.get('backend'))}</td>"
+                         f"<td>{fmt_cell(t.get('precision'))}</td><td>{fmt_cell(c['metric'])}</td><td>{fmt_cell(c.get('op'))} {fmt_cell(c['limit'])}</td>"
+                         f"<td>{fmt_cell(c.get('measured'))}</td><td>{fmt_cell(c.get('passed')) if c.get('passed') is not None else fmt_cell(c.get('note') or 'not measured')}</td></tr>")
     parts.append("</table>")
     # prune summary
     pr = report.get("prune") or {}
@@ -149,14 +121,14 @@ def render_html(report: dict[str, Any], run_dir: Path) -> str:
         for key in ("method", "n_units_before", "n_units_after", "params_before", "params_after", "macs_before",
                     "macs_after", "macs_reduction", "k", "evaluations", "wall_s"):
             if key in pr:
-                parts.append(f"<tr><th>{key}</th><td>{_fmt(pr[key])}</td></tr>")
-        parts.append(f"<tr><th>removed</th><td>{_fmt(', '.join(pr.get('removed', [])))}</td></tr></table>")
+                parts.append(f"<tr><th>{key}</th><td>{fmt_cell(pr[key])}</td></tr>")
+        parts.append(f"<tr><th>removed</th><td>{fmt_cell(', '.join(pr.get('removed', [])))}</td></tr></table>")
     te = report.get("torch_eval") or {}
     if te:
         parts.append("<h2>PyTorch accuracy (held-out)</h2><table id='torch-eval'><tr><th>model</th><th>metric</th><th>value</th></tr>")
         for which, m in te.items():
             for k, v in (m or {}).items():
-                parts.append(f"<tr><td>{_fmt(which)}</td><td>{_fmt(k)}</td><td>{_fmt(v)}</td></tr>")
+                parts.append(f"<tr><td>{fmt_cell(which)}</td><td>{fmt_cell(k)}</td><td>{fmt_cell(v)}</td></tr>")
         parts.append("</table>")
     # per target results
     parts.append("<h2>Measured on each target</h2><table id='results'><tr><th>device</th><th>model</th><th>backend</th>"
@@ -169,11 +141,11 @@ def render_html(report: dict[str, Any], run_dir: Path) -> str:
                 continue
             lat = r.get("latency_ms") or {}
             parts.append(
-                f"<tr><td>{_fmt(t['device'])}</td><td>{which}</td><td>{_fmt(t.get('backend'))}</td>"
-                f"<td>{_fmt(r.get('precision_used'))}</td><td>{_fmt(lat.get('p50'))}</td><td>{_fmt(lat.get('p90'))}</td>"
-                f"<td>{_fmt(lat.get('p99'))}</td><td>{_fmt(lat.get('mean'))}</td><td>{_fmt(r.get('throughput_per_s'))}</td>"
-                f"<td>{_fmt((r.get('accuracy') or {}).get('top1'))}</td><td>{_fmt(r.get('agreement'))}</td>"
-                f"<td>{_fmt(r.get('size_mb'))}</td><td>{_fmt(r.get('peak_rss_mb'))}</td></tr>")
+                f"<tr><td>{fmt_cell(t['device'])}</td><td>{which}</td><td>{fmt_cell(t.get('backend'))}</td>"
+                f"<td>{fmt_cell(r.get('precision_used'))}</td><td>{fmt_cell(lat.get('p50'))}</td><td>{fmt_cell(lat.get('p90'))}</td>"
+                f"<td>{fmt_cell(lat.get('p99'))}</td><td>{fmt_cell(lat.get('mean'))}</td><td>{fmt_cell(r.get('throughput_per_s'))}</td>"
+                f"<td>{fmt_cell((r.get('accuracy') or {}).get('top1'))}</td><td>{fmt_cell(r.get('agreement'))}</td>"
+                f"<td>{fmt_cell(r.get('size_mb'))}</td><td>{fmt_cell(r.get('peak_rss_mb'))}</td></tr>")
     parts.append("</table>")
     for sec in report.get("extra_html") or []:  # task-specific tables (e.g. the LM figures)
         parts.append(f"<h2>{html.escape(sec['title'])}</h2>{sec['html']}")
@@ -206,9 +178,6 @@ def write_report(report: dict[str, Any], run_dir: Path) -> tuple[Path, Path]:
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="sglp-edge: constraints per target")
     for col in ("device", "backend", "metric", "limit", "measured", "result"):
         table.add_column(col)

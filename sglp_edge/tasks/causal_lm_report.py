@@ -4,9 +4,15 @@ pp/tg, perplexity, greedy agreement, size, peak memory) and a tokens/s-vs-perple
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 from typing import Any
+
+from benchmarks.board.atomic import atomic_write_bytes
+
+from sglp_edge.report.plots import scatter_png
+from sglp_edge.report.render import fmt_cell
 
 LM_COLUMNS = (("ttft_ms", "TTFT ms"), ("decode_tokens_per_s", "decode tok/s"), ("decode_p50_ms", "p50 ms/token"),
               ("decode_p90_ms", "p90 ms/token"), ("pp", "pp tok/s"), ("tg", "tg tok/s"), ("perplexity", "perplexity"),
@@ -32,37 +38,19 @@ def plot_tokens_ppl(targets: list[dict[str, Any]]) -> str | None:
             m = (t.get("lm") or {}).get(which) or {}
             if m.get("decode_tokens_per_s") and m.get("perplexity"):
                 pts.append((f"{t['device']} {t['precision']}", which, marker, m["decode_tokens_per_s"], m["perplexity"]))
-    if not pts:
-        return None
-    from sglp_edge.report.render import _plt, _png
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    labels = sorted({p[0] for p in pts})
-    cmap = plt.get_cmap("tab10")
-    for i, lab in enumerate(labels):
-        for dev, which, marker, x, y in pts:
-            if dev == lab:
-                ax.scatter([x], [y], marker=marker, color=cmap(i % 10), s=60, label=f"{lab} {which}")
-    ax.set_xlabel("decode tokens/s (batch 1, greedy)")
-    ax.set_ylabel("perplexity on held-out text")
-    ax.set_yscale("log")
-    ax.set_title("Tokens/s vs perplexity: original (o) and pruned (^)", fontsize=9)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return scatter_png(pts, xlabel="decode tokens/s (batch 1, greedy)", ylabel="perplexity on held-out text",
+                       title="Tokens/s vs perplexity: original (o) and pruned (^)", log_y=True)
 
 
 def lm_table_html(targets: list[dict[str, Any]]) -> str:
-    from sglp_edge.report.render import _fmt
-
     rows = ["<table id='lm-results'><tr><th>device</th><th>model</th><th>backend</th><th>precision</th>"
             + "".join(f"<th>{h}</th>" for _, h in LM_COLUMNS) + "</tr>"]
     for t in targets:
         for which in ("original", "pruned"):
             m = (t.get("lm") or {}).get(which)
             if m:
-                rows.append(f"<tr><td>{_fmt(t['device'])}</td><td>{which}</td><td>{_fmt(t['backend'])}</td>"
-                            f"<td>{_fmt(t['precision'])}</td>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k, _ in LM_COLUMNS)
+                rows.append(f"<tr><td>{fmt_cell(t['device'])}</td><td>{which}</td><td>{fmt_cell(t['backend'])}</td>"
+                            f"<td>{fmt_cell(t['precision'])}</td>" + "".join(f"<td>{fmt_cell(m.get(k))}</td>" for k, _ in LM_COLUMNS)
                             + "</tr>")
     rows.append("</table>")
     return "".join(rows)
@@ -104,10 +92,6 @@ def build_lm_report(pipe: Any, prune: Any, ft: Any, ev: Any, ex: Any, targets: l
     png = plot_tokens_ppl(tg)
     rep["extra_plots"] = []
     if png:
-        import base64
-
-        from benchmarks.board.atomic import atomic_write_bytes
-
         atomic_write_bytes(pipe.run_dir / "tokens_vs_perplexity.png", base64.b64decode(png))
         rep["extra_plots"].append({"id": "plot-tokens-ppl", "caption": "Decode tokens/s vs perplexity (original o, "
                                    "pruned ^, per backend and precision)", "png": "tokens_vs_perplexity.png"})
