@@ -248,10 +248,10 @@ def test_k_and_keep_before_calibration(tmp_path, monkeypatch, flags, needle):
 
 
 def _lm_need_fits(batch: int, seq: int) -> bool:
-    from sglp_edge.models.lm_memory import _meminfo_total, prune_memory_need
+    from sglp_edge.models.lm_memory import meminfo_total, prune_memory_need
 
     smollm2 = {"hidden": 576, "layers": 30, "inter": 1536, "vocab": 49152, "heads": 9, "kv_heads": 3, "tied": True}
-    total = _meminfo_total()
+    total = meminfo_total()
     return total is None or prune_memory_need(smollm2, batch, seq) <= 0.75 * total
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from sglp_edge.models.base import Unit
 from sglp_edge.models.cifar_resnet import BasicBlock, CifarResNetAdapter, cifar_resnet
 from sglp_edge.sglp.baselines import calibration_loss, select_baseline
-from sglp_edge.sglp.heal import _fold, heal_linear, removed_runs
+from sglp_edge.sglp.heal import fold, heal_linear, removed_runs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,7 +47,7 @@ def test_linear_fold_right_multiplies_the_branch_output(bias):
     x = torch.randn(5, 12)
     T = torch.randn(8, 8, dtype=torch.float64)
     before = u.mlp.down_proj(x).double()
-    _fold(u, "linear", T)
+    fold(u, "linear", T)
     after = u.mlp.down_proj(x).double()
     assert torch.allclose(after, before @ T, atol=1e-5)
 
@@ -64,7 +64,7 @@ def test_conv_bn_fold_applies_a_channel_map_per_pixel():
     T = torch.randn(6, 6, dtype=torch.float64)
     with torch.no_grad():
         before = blk.bn2(blk.conv2(z)).double()
-        _fold(blk, "conv_bn", T)
+        fold(blk, "conv_bn", T)
         after = blk.bn2(blk.conv2(z)).double()
     expect = torch.einsum("bohw,oc->bchw", before, T)
     assert torch.allclose(after, expect, atol=1e-4)
@@ -85,7 +85,7 @@ def test_conv_bn_fold_with_statistics_keeps_the_function_in_training_mode():
         rows = M.permute(0, 2, 3, 1).reshape(-1, 6)
         mean = rows.mean(0)
         cov = rows.t() @ rows / rows.shape[0] - torch.outer(mean, mean)
-        _fold(blk, "conv_bn", T, mean, cov)
+        fold(blk, "conv_bn", T, mean, cov)
         expect = torch.einsum("bohw,oc->bchw", M, T)
         assert torch.allclose(blk.bn2(blk.conv2(z)).double(), expect, atol=1e-4)
         blk.bn2.train()

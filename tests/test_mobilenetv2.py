@@ -113,7 +113,7 @@ def test_heal_folds_into_the_inverted_residual_projection():
     """--heal linear works on this family: the channel map folds into the kept block's 1x1
     projection + BN (the branch output becomes M T), and healing never raises the calibration loss."""
     from sglp_edge.sglp.baselines import calibration_loss
-    from sglp_edge.sglp.heal import _fold, heal_linear
+    from sglp_edge.sglp.heal import fold, heal_linear
 
     m = _net(2)
     blk = m.blocks[4]
@@ -121,7 +121,7 @@ def test_heal_folds_into_the_inverted_residual_projection():
     T = torch.randn(24, 24, dtype=torch.float64)
     with torch.no_grad():
         before = blk.conv(z).double()
-        _fold(blk, "conv_bn", T)
+        fold(blk, "conv_bn", T)
         after = blk.conv(z).double()
     assert torch.allclose(after, torch.einsum("bohw,oc->bchw", before, T), atol=1e-4)
     m = _net(3)

@@ -99,9 +99,9 @@ def one_line_error(p, code: int, needle: str) -> None:
 
 
 def _fmnist_test():
-    from sglp_edge.data.images import _read_idx_gz
+    from sglp_edge.data.images import read_idx
 
-    return (_read_idx_gz(FMNIST / "t10k-images-idx3-ubyte.gz"), _read_idx_gz(FMNIST / "t10k-labels-idx1-ubyte.gz"))
+    return (read_idx(FMNIST / "t10k-images-idx3-ubyte.gz"), read_idx(FMNIST / "t10k-labels-idx1-ubyte.gz"))
 
 
 @pytest.fixture(scope="module")

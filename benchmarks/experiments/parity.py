@@ -17,15 +17,13 @@ training images (so INT8 calibration sees realistic activations). The choice is 
 ``tiny-llama`` for a randomly initialised 2-layer smoke model) on token windows of ``--text FILE``.
 
 Data: the Debian ``dataset-fashion-mnist`` IDX files, padded 28 -> 32, repeated to 3 channels,
-normalised as the project trains (``sglp_edge.data.datasets``: mean 0.2190 / std 0.3318 of the padded images;
-0.2860 / 0.3530 when that module is missing). This module imports without torch (torch is loaded
-in ``main`` only).
+normalised as the project trains (:func:`sglp_edge.data.images.load_fashion_mnist`: mean 0.2190 / std
+0.3318 of the padded images). This module imports without torch (torch is loaded in ``main`` only).
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import shutil
 import sys
 import tempfile
@@ -39,58 +37,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.board.errors import UserError  # noqa: E402
-
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
-_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file (gzip or raw): magic 0x0000TTNN (type, number of dims), big-endian dims."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise UserError(f"{path} is not an unsigned-byte IDX file")
-    ndim = data[3]
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise UserError(f"{path} is truncated ({arr.size} values for shape {dims})")
-    return arr.reshape(dims)
-
-
-def fmnist_stats() -> tuple[float, float, str]:
-    """Normalisation the project trains with (``sglp_edge.data.datasets``, padded-image statistics) when that
-    module is importable, else the unpadded Fashion-MNIST statistics 0.2860 / 0.3530."""
-    try:
-        from sglp_edge.data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # imports torch: host side only
-
-        return float(FASHION_MNIST_MEAN), float(FASHION_MNIST_STD), "sglp_edge.data.datasets"
-    except ImportError:
-        return FMNIST_MEAN, FMNIST_STD, "benchmarks.experiments.parity defaults"
-
-
-def load_fashion_mnist(split: str = "test", n: int | None = None, offset: int = 0, root: Path = FMNIST_DIR,
-                       mean: float | None = None, std: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST as float32 ``(n, 3, 32, 32)`` normalised images and int64 labels
-    (``mean``/``std`` default to :func:`fmnist_stats`)."""
-    img_name, lab_name = _FILES[split]
-    img_path, lab_path = root / img_name, root / lab_name
-    if not img_path.is_file():
-        raise UserError(f"Fashion-MNIST not found at {img_path}; install the Debian package dataset-fashion-mnist")
-    images = read_idx(img_path)
-    labels = read_idx(lab_path).astype(np.int64)
-    stop = None if n is None else offset + n
-    images, labels = images[offset:stop], labels[offset:stop]
-    if mean is None or std is None:
-        mean, std, _ = fmnist_stats()
-    x = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 255.0
-    x = (x - mean) / std
-    x = np.ascontiguousarray(np.repeat(x[:, None], 3, axis=1), dtype=np.float32)
-    return x, labels
-
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
@@ -110,6 +56,7 @@ def _resnet56(args: argparse.Namespace) -> tuple[Any, str]:
             return load_model(args.checkpoint).model.eval(), f"checkpoint {args.checkpoint}"
         if load_model is not None and (Path(DEFAULT_MODEL) / "sglp_model.json").is_file():
             return load_model("default").model.eval(), f"trained default ResNet-56 ({DEFAULT_MODEL})"
+    from sglp_edge.data.images import load_fashion_mnist  # heavy: imports torch; this script imports without it
     from sglp_edge.models.cifar_resnet import cifar_resnet
 
     torch.manual_seed(args.seed)
@@ -160,13 +107,15 @@ def _compile_all(onnx_path: Path, out: Path, calib_npz: Path, eval_npz: Path, ca
 
 def run_resnet56(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from benchmarks.board.calib import save_npz
+    # heavy: these import torch; this script imports without it
+    from sglp_edge.data.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
     from sglp_edge.export.onnx_export import export_onnx
 
     model, desc = _resnet56(args)
     _say(f"model: {desc}")
     xh, yh = load_fashion_mnist("test", args.heldout)
     xc, _ = load_fashion_mnist("train", args.calib, offset=10000)
-    mean, std, src = fmnist_stats()
+    mean, std, src = FASHION_MNIST_MEAN, FASHION_MNIST_STD, "sglp_edge.data.images"
     _say(f"data: {len(xh)} held-out Fashion-MNIST test images (parity), {len(xc)} training images (calibration); "
          f"normalised with mean {mean} std {std} ({src})")
     t = time.perf_counter()

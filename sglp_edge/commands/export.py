@@ -168,12 +168,12 @@ def register(app: typer.Typer) -> None:
             d = load_npz(parity_data, what="parity data").head(parity_samples)
             px, py, source = d.x, d.y, f"{parity_data} ({len(d)} samples)"
         elif kind == "image" and tuple(example.shape[1:]) in ((3, 32, 32), (1, 32, 32)):
-            from benchmarks.experiments.parity import FMNIST_DIR, load_fashion_mnist
+            from sglp_edge.data.images import FASHION_MNIST_DIR, load_fashion_mnist
 
             try:
                 px, py = load_fashion_mnist("test", parity_samples)
                 px = px[:, : example.shape[1]].copy()  # grey repeated to 3 channels: a grey model takes one
-                source = f"Fashion-MNIST test images ({parity_samples}, {FMNIST_DIR})"
+                source = f"Fashion-MNIST test images ({parity_samples}, {FASHION_MNIST_DIR})"
             except UserError as e:
                 console.print(f"[yellow]note:[/] {e}; parity on random inputs (pass --parity-data)")
         if px is None:

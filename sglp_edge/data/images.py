@@ -34,16 +34,18 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ---------------------------------------------------------------------------------------------
 # image sources
 # ---------------------------------------------------------------------------------------------
-def _read_idx_gz(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format), gzip-compressed, as a numpy array."""
-    with gzip.open(path, "rb") as f:
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format: magic 0x000008NN - unsigned bytes, NN dims - then big-endian
+    dims), gzip-compressed (``.gz``) or raw, as a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
         data = f.read()
     if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise UserError(f"{path} is not an unsigned-byte IDX file; reinstall the Debian package dataset-fashion-mnist")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).copy()
-    if arr.size != int(np.prod(dims)):
+    arr = np.frombuffer(data, dtype=np.uint8, offset=min(4 + 4 * ndim, len(data))).copy()
+    if len(data) < 4 + 4 * ndim or arr.size != int(np.prod(dims)):
         raise UserError(f"{path} is truncated; reinstall the Debian package dataset-fashion-mnist")
     return arr.reshape(dims)
 
@@ -63,8 +65,30 @@ def fashion_mnist_arrays(root: str | Path | None = None) -> dict[str, tuple[torc
         if not ip.is_file() or not lp.is_file():
             raise UserError(f"Fashion-MNIST not found ({ip} missing); install it with "
                             "`apt-get install dataset-fashion-mnist` (or pass --data-root DIR holding the IDX .gz files)")
-        out[split] = (_pad28(_read_idx_gz(ip)), torch.from_numpy(_read_idx_gz(lp).astype(np.int64)))
+        out[split] = (_pad28(read_idx(ip)), torch.from_numpy(read_idx(lp).astype(np.int64)))
     return out
+
+
+def load_fashion_mnist(split: str = "test", n: int | None = None, offset: int = 0, root: str | Path | None = None,
+                       mean: float | None = None, std: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST as numpy: float32 ``(n, 3, 32, 32)`` images (padded 28 -> 32, grey repeated to 3
+    channels, normalised with ``mean``/``std``, by default the statistics the project trains with)
+    and int64 labels; ``n`` images from ``offset`` (all when ``n`` is None)."""
+    img_name, lab_name = FASHION_MNIST_FILES[split]
+    root = Path(root) if root else FASHION_MNIST_DIR
+    img_path, lab_path = root / img_name, root / lab_name
+    if not img_path.is_file():
+        raise UserError(f"Fashion-MNIST not found at {img_path}; install the Debian package dataset-fashion-mnist")
+    images = read_idx(img_path)
+    labels = read_idx(lab_path).astype(np.int64)
+    stop = None if n is None else offset + n
+    images, labels = images[offset:stop], labels[offset:stop]
+    if mean is None or std is None:
+        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    x = np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 255.0
+    x = (x - mean) / std
+    x = np.ascontiguousarray(np.repeat(x[:, None], 3, axis=1), dtype=np.float32)
+    return x, labels
 
 
 def mnist5k_arrays() -> tuple[torch.Tensor, torch.Tensor]:

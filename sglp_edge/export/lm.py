@@ -28,7 +28,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -89,21 +89,19 @@ def _feed(ids: np.ndarray, past: list[np.ndarray], start: int, names: list[str])
     return feed
 
 
-def cache_parity(session: Any, model: nn.Module, ids: torch.Tensor, *, split: int, n_new: int = 4) -> dict[str, Any]:
-    """Prefill ``ids[:, :split]`` then decode ``ids[:, split:]`` one token at a time with the cache
-    (ONNX Runtime), against PyTorch's one full-sequence forward; plus ``n_new`` greedy tokens."""
-    names = [i.name for i in session.get_inputs()]
-    kvh, hd = kv_shape(model.config)
-    n_layers = int(model.config.num_hidden_layers)
+def prefill_decode_parity(step: Callable[[np.ndarray, Any, int], tuple[np.ndarray, Any]], empty_past: Any,
+                          model: nn.Module, ids: torch.Tensor, *, split: int, n_new: int = 4) -> dict[str, Any]:
+    """Prefill ``ids[:, :split]`` then decode ``ids[:, split:]`` one token at a time through a runtime
+    with a KV cache (``step(ids, past, start) -> (logits, past)``, starting from ``empty_past``),
+    against PyTorch's one full-sequence forward; plus ``n_new`` greedy tokens against
+    ``model.generate``."""
     b, total = ids.shape
     x = ids.numpy()
-    empty = [np.zeros((b, kvh, 0, hd), np.float32) for _ in range(2 * n_layers)]
-    out = session.run(None, _feed(x[:, :split], empty, 0, names))
-    logits, past = [out[0]], out[1:]
+    out, past = step(x[:, :split], empty_past, 0)
+    logits = [out]
     for t in range(split, total):
-        out = session.run(None, _feed(x[:, t:t + 1], past, t, names))
-        logits.append(out[0])
-        past = out[1:]
+        out, past = step(x[:, t:t + 1], past, t)
+        logits.append(out)
     got = np.concatenate(logits, axis=1)
     with torch.no_grad():
         ref = model(input_ids=ids).logits.float().numpy()
@@ -112,13 +110,27 @@ def cache_parity(session: Any, model: nn.Module, ids: torch.Tensor, *, split: in
     toks, nxt = [], got[:, -1].argmax(-1)
     for t in range(n_new):
         toks.append(nxt)
-        out = session.run(None, _feed(nxt[:, None], past, total + t, names))
-        past, nxt = out[1:], out[0][:, -1].argmax(-1)
-    ort_gen = np.stack(toks, 1)
+        out, past = step(nxt[:, None], past, total + t)
+        nxt = out[:, -1].argmax(-1)
+    run_gen = np.stack(toks, 1)
     max_abs = float(np.abs(got - ref).max())
     return {"max_abs": max_abs, "max_ref": float(np.abs(ref).max()), "batch": b, "prefill_tokens": split,
-            "decode_tokens": total - split, "greedy_tokens": n_new, "greedy_equal": bool((ort_gen == gen).all()),
-            "passed": bool(max_abs <= PARITY_ATOL and (ort_gen == gen).all())}
+            "decode_tokens": total - split, "greedy_tokens": n_new, "greedy_equal": bool((run_gen == gen).all()),
+            "passed": bool(max_abs <= PARITY_ATOL and (run_gen == gen).all())}
+
+
+def cache_parity(session: Any, model: nn.Module, ids: torch.Tensor, *, split: int, n_new: int = 4) -> dict[str, Any]:
+    """:func:`prefill_decode_parity` on ONNX Runtime (``session``), the cache passed as graph inputs/outputs."""
+    names = [i.name for i in session.get_inputs()]
+    kvh, hd = kv_shape(model.config)
+    n_layers = int(model.config.num_hidden_layers)
+    empty = [np.zeros((ids.shape[0], kvh, 0, hd), np.float32) for _ in range(2 * n_layers)]
+
+    def step(tokens: np.ndarray, past: list[np.ndarray], start: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = session.run(None, _feed(tokens, past, start, names))
+        return out[0], out[1:]
+
+    return prefill_decode_parity(step, empty, model, ids, split=split, n_new=n_new)
 
 
 def export_causal_lm(model: nn.Module, out_dir: str | Path, *, opset: int = 18, parity_ids: torch.Tensor | None = None,

@@ -35,7 +35,7 @@ from torch import nn
 from benchmarks.board.atomic import atomic_dir, sha256_file
 from benchmarks.board.errors import UserError
 
-from sglp_edge.export.lm import META_FILE, PARITY_ATOL, TASK, io_names, kv_shape
+from sglp_edge.export.lm import META_FILE, TASK, io_names, kv_shape, prefill_decode_parity
 
 OV_MODEL = "openvino_model.xml"
 LAYOUT = "openvino-stateful"
@@ -155,29 +155,8 @@ def stateful_parity(artifact: Path, model: nn.Module, ids: torch.Tensor, *, spli
     from benchmarks.board.lm_bench import LMSession
 
     sess = LMSession(str(artifact), "openvino", precision="fp32")
-    b, total = ids.shape
-    x = ids.numpy()
-    out, past = sess.step(x[:, :split], sess.empty_past(b), 0)
-    logits = [out]
-    for t in range(split, total):
-        out, past = sess.step(x[:, t:t + 1], past, t)
-        logits.append(out)
-    got = np.concatenate(logits, axis=1)
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits.float().numpy()
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
-                             use_cache=True, pad_token_id=0, eos_token_id=None)[:, total:].numpy()
-    toks, nxt = [], got[:, -1].argmax(-1)
-    for t in range(n_new):
-        toks.append(nxt)
-        out, past = sess.step(nxt[:, None], past, total + t)
-        nxt = out[:, -1].argmax(-1)
-    ov_gen = np.stack(toks, 1)
-    max_abs = float(np.abs(got - ref).max())
-    return {"runtime": "openvino f32, f32 KV cache", "max_abs": max_abs, "max_ref": float(np.abs(ref).max()),
-            "batch": b, "prefill_tokens": split, "decode_tokens": total - split, "greedy_tokens": n_new,
-            "greedy_equal": bool((ov_gen == gen).all()),
-            "passed": bool(max_abs <= PARITY_ATOL and (ov_gen == gen).all())}
+    return {"runtime": "openvino f32, f32 KV cache",
+            **prefill_decode_parity(sess.step, sess.empty_past(ids.shape[0]), model, ids, split=split, n_new=n_new)}
 
 
 def export_causal_lm_openvino(model: nn.Module, out_dir: str | Path, *,

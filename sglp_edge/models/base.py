@@ -199,31 +199,44 @@ class LoadedModel:
     tokenizer: Any = None
 
 
-def capture_unit_outputs(
-    adapter: ModelAdapter, model: nn.Module, units: Sequence[Unit], batch: Any
-) -> list[torch.Tensor]:
-    """One forward pass; returns each unit's output tensor (detached), in unit order."""
-    outs: dict[str, torch.Tensor] = {}
-    handles = []
+def hooked_forward(adapter: ModelAdapter, model: nn.Module, modules: Sequence[nn.Module], batch: Any,
+                   on_call: Callable[[int, tuple, dict, Any], None], *, eval_mode: bool = False) -> None:
+    """One forward pass ``adapter.forward(model, batch)`` under no_grad with a forward hook on each of
+    ``modules``: ``on_call(i, args, kwargs, output)`` runs on every call of module i. With
+    ``eval_mode`` the pass runs in eval mode and the model's training flag is restored after. The
+    hooks are removed even when the pass raises."""
 
-    def make_hook(name: str) -> Callable:
-        def hook(_m, _inp, out):
-            outs[name] = adapter.unit_output(out).detach()
+    def make_hook(i: int) -> Callable:
+        def hook(_m, args, kwargs, out):
+            on_call(i, args, kwargs, out)
 
         return hook
 
-    for u in units:
-        handles.append(get_module(model, u.name).register_forward_hook(make_hook(u.name)))
+    handles = [m.register_forward_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    was_training = model.training
+    if eval_mode:
+        model.eval()
     try:
         with torch.no_grad():
             adapter.forward(model, batch)
     finally:
         for h in handles:
             h.remove()
-    missing = [u.name for u in units if u.name not in outs]
+        if eval_mode:
+            model.train(was_training)
+
+
+def capture_unit_outputs(
+    adapter: ModelAdapter, model: nn.Module, units: Sequence[Unit], batch: Any
+) -> list[torch.Tensor]:
+    """One forward pass; returns each unit's output tensor (detached), in unit order."""
+    outs: dict[int, torch.Tensor] = {}
+    hooked_forward(adapter, model, [get_module(model, u.name) for u in units], batch,
+                   lambda i, _args, _kw, out: outs.__setitem__(i, adapter.unit_output(out).detach()))
+    missing = [u.name for i, u in enumerate(units) if i not in outs]
     if missing:
         raise AdapterError(f"units {missing} produced no output in a forward pass")
-    return [outs[u.name] for u in units]
+    return [outs[i] for i in range(len(units))]
 
 
 def glob_units(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:

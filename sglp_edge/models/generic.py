@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from sglp_edge.models.base import AdapterError, ModelAdapter, Unit, get_module, glob_units
+from sglp_edge.models.base import AdapterError, ModelAdapter, Unit, get_module, glob_units, hooked_forward
 
 
 class GenericAdapter(ModelAdapter):
@@ -31,23 +31,13 @@ class GenericAdapter(ModelAdapter):
     def check_shapes(self, model: nn.Module, batch: Any) -> None:
         """One forward pass recording each unit's input and output shapes."""
         seen: dict[str, bool] = {}
-        hooks = []
 
-        def mk(name: str):
-            def hook(_m, args, out):
-                x = args[0] if args else None
-                y = self.unit_output(out)
-                seen[name] = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
-            return hook
+        def on_call(i: int, args: tuple, _kwargs: dict, out: Any) -> None:
+            x = args[0] if args else None
+            y = self.unit_output(out)
+            seen[self.names[i]] = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
 
-        for n in self.names:
-            hooks.append(get_module(model, n).register_forward_hook(mk(n)))
-        try:
-            with torch.no_grad():
-                self.forward(model, batch)
-        finally:
-            for h in hooks:
-                h.remove()
+        hooked_forward(self, model, [get_module(model, n) for n in self.names], batch, on_call)
         self._shape_ok = {n: seen.get(n, False) for n in self.names}
         self._never_called = [n for n in self.names if n not in seen]
         if not any(self._shape_ok.values()):

@@ -14,7 +14,7 @@ from benchmarks.board.errors import UserError
 GB = 1024**3
 
 
-def _meminfo_total() -> float | None:
+def meminfo_total() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
@@ -85,7 +85,7 @@ def check_prune_memory(model: str, batch: int, tokens: int, *, flag: str = "prun
     """Refuse, before the weights are loaded, a calibration batch that cannot fit in this machine's
     memory (the run YAML's check, and ``sglp-edge prune``'s; ``flag``/``default`` word the fix)."""
     d = d if d is not None else lm_dims(model)
-    total = _meminfo_total()
+    total = meminfo_total()
     if d is None or total is None:
         return
     need = prune_memory_need(d, batch, tokens)

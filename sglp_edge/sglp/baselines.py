@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from benchmarks.board.errors import UserError
-from sglp_edge.models.base import TOKEN_MODALITIES, AdapterError, ModelAdapter, Unit, get_module
+from sglp_edge.models.base import TOKEN_MODALITIES, AdapterError, ModelAdapter, Unit, get_module, hooked_forward
 
 
 @dataclass
@@ -68,35 +68,23 @@ def _first_tensor_input(args: tuple, kwargs: Mapping[str, Any]) -> torch.Tensor 
     return None
 
 
-def _stream_modules_io(adapter: ModelAdapter, model: nn.Module, modules: Sequence[tuple[str, nn.Module]],
-                       batch: Any, on_io: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
+def stream_modules_io(adapter: ModelAdapter, model: nn.Module, modules: Sequence[tuple[str, nn.Module]],
+                      batch: Any, on_io: Callable[[int, torch.Tensor, torch.Tensor], None]) -> None:
     """One forward pass (no_grad, eval mode) calling ``on_io(i, input, output)`` from inside the
     forward hook of module i (first call of each), so statistics can be reduced on the fly
     without holding every unit's tensors."""
     seen: set[int] = set()
 
-    def make_hook(i: int) -> Callable:
-        def hook(_m, args, kwargs, out):
-            if i in seen:
-                return
-            seen.add(i)
-            x = _first_tensor_input(args, kwargs)
-            if x is None:
-                raise AdapterError(f"unit {modules[i][0]} received no tensor input; its input cannot be captured")
-            on_io(i, x.detach(), adapter.unit_output(out).detach())
+    def on_call(i: int, args: tuple, kwargs: dict, out: Any) -> None:
+        if i in seen:
+            return
+        seen.add(i)
+        x = _first_tensor_input(args, kwargs)
+        if x is None:
+            raise AdapterError(f"unit {modules[i][0]} received no tensor input; its input cannot be captured")
+        on_io(i, x.detach(), adapter.unit_output(out).detach())
 
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(i), with_kwargs=True) for i, (_, m) in enumerate(modules)]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            adapter.forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    hooked_forward(adapter, model, [m for _, m in modules], batch, on_call, eval_mode=True)
     missing = [modules[i][0] for i in range(len(modules)) if i not in seen]
     if missing:
         raise AdapterError(f"units {missing} were not called in a forward pass; check the unit list")
@@ -109,7 +97,7 @@ def capture_unit_io(adapter: ModelAdapter, model: nn.Module, units: Sequence[Uni
     decoder layers); the output is ``adapter.unit_output`` of the module's return value."""
     mods = [(u.name, get_module(model, u.name)) for u in units]
     got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    _stream_modules_io(adapter, model, mods, batch, lambda i, x, y: got.__setitem__(i, (x, y)))
+    stream_modules_io(adapter, model, mods, batch, lambda i, x, y: got.__setitem__(i, (x, y)))
     return [got[i] for i in range(len(mods))]
 
 
@@ -216,7 +204,7 @@ def block_influence_scores(adapter: ModelAdapter, model: nn.Module, units: Seque
             if x.shape == y.shape:
                 means[i].add(_cos_rows(_rows(x, per_token, mask), _rows(y, per_token, mask)))
 
-        _stream_modules_io(adapter, model, mods, batch, on_io)
+        stream_modules_io(adapter, model, mods, batch, on_io)
     return {u.name: 1.0 - m.value for u, m in zip(units, means) if m.count}
 
 
@@ -305,7 +293,7 @@ def _window_distances(adapter: ModelAdapter, model: nn.Module, units: Sequence[U
                                        f"in shape ({tuple(x0.shape)} vs {tuple(y.shape)})")
                 means[s].add(_angular(_rows(x0, per_token, mask), _rows(y, per_token, mask)))
 
-        _stream_modules_io(adapter, model, mods, batch, on_io)
+        stream_modules_io(adapter, model, mods, batch, on_io)
     return {s: m.value for s, m in means.items()}
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter, Unit, get_module
-from sglp_edge.sglp.baselines import _stream_modules_io, calibration_loss
+from sglp_edge.sglp.baselines import stream_modules_io, calibration_loss
 
 HEALS = ("none", "linear")
 
@@ -108,7 +108,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _fold(unit: nn.Module, kind: str, T: torch.Tensor, m_mean: torch.Tensor | None = None,
+def fold(unit: nn.Module, kind: str, T: torch.Tensor, m_mean: torch.Tensor | None = None,
           m_cov: torch.Tensor | None = None) -> None:
     """Fold ``T`` into the unit's branch so that the branch outputs ``M T``. For ``conv_bn``,
     ``m_mean`` / ``m_cov`` (per-channel mean and covariance of the branch output M on the
@@ -152,7 +152,7 @@ def _capture(adapter: ModelAdapter, model: nn.Module, mods: dict[str, nn.Module]
     """The outputs of ``mods`` (name -> module) in one no-grad, eval-mode forward pass."""
     names = list(mods)
     got: dict[str, torch.Tensor] = {}
-    _stream_modules_io(adapter, model, list(mods.items()), batch, lambda i, _x, y: got.__setitem__(names[i], y))
+    stream_modules_io(adapter, model, list(mods.items()), batch, lambda i, _x, y: got.__setitem__(names[i], y))
     return got
 
 
@@ -209,7 +209,7 @@ def heal_linear(model: nn.Module, adapter: ModelAdapter, removed: Sequence[str],
             loss0 = calibration_loss(adapter, work, batches)
             saved = {k: v.detach().clone() for k, v in work_mods[p].state_dict().items()}
             m_mean = Msum / n_rows
-            _fold(work_mods[p], kind, T, m_mean, MtM / n_rows - torch.outer(m_mean, m_mean))
+            fold(work_mods[p], kind, T, m_mean, MtM / n_rows - torch.outer(m_mean, m_mean))
             loss1 = calibration_loss(adapter, work, batches)
             helps = loss1 < loss0
             if not helps:

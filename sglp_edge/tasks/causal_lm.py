@@ -20,8 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.board.errors import UserError
-from sglp_edge.models.lm_memory import GB, _meminfo_total, activation_bytes, check_prune_memory, lm_dims, params_of
+from benchmarks.board.lm_bench import write_eval_npz
+from sglp_edge.models.lm_memory import GB, meminfo_total, activation_bytes, check_prune_memory, lm_dims, params_of
+from sglp_edge.profiles.load import load_profile
 from sglp_edge.tasks.base import Task
+from sglp_edge.tasks.causal_lm_report import build_lm_report
+from sglp_edge.tasks.context import TaskContext
+from sglp_edge.tasks.lm_routes import LM_ROUTE_CHECKS, LM_ROUTES, stage_export_openvino
+
 
 class CausalLM(Task):
     name = "causal-lm"
@@ -41,7 +47,7 @@ class CausalLM(Task):
             raise UserError("prune.batch_size, prune.seq_len (>= 2) and finetune.batch_size must be positive")
         d = lm_dims(cfg.model)
         self._check_routes(cfg, d)
-        total = _meminfo_total()
+        total = meminfo_total()
         if d is None or total is None:
             return
         check_prune_memory(cfg.model, cfg.prune.batch_size, cfg.prune.seq_len, d=d)
@@ -61,9 +67,6 @@ class CausalLM(Task):
 
     def _check_routes(self, cfg: Any, d: dict[str, Any] | None) -> None:
         """Each device's LM route checked before any heavy work (e.g. onnxruntime-genai installed)."""
-        from sglp_edge.profiles.load import load_profile
-        from sglp_edge.tasks.lm_routes import LM_ROUTE_CHECKS
-
         for board in cfg.boards():
             try:
                 prof = load_profile(board.device)
@@ -74,36 +77,35 @@ class CausalLM(Task):
                 check(cfg, prof, d)
 
     # ---- data and models -----------------------------------------------------------------------
-    def load_data(self, pipe: Any) -> Any:
-        from sglp_edge.data.datasets import get_text_dataset
+    def load_data(self, ctx: TaskContext) -> Any:
+        from sglp_edge.data.datasets import get_text_dataset  # heavy: torch
 
-        tok = pipe.loaded.tokenizer
+        tok = ctx.loaded.tokenizer
         if tok is None:
-            raise UserError(f"{pipe.cfg.model} has no tokenizer; a causal LM run needs one to read the text data")
-        return get_text_dataset(tok, pipe.cfg.data_root, seed=pipe.cfg.seed, block_size=pipe.cfg.text.block_size,
-                                max_tokens=pipe.cfg.text.max_tokens)
+            raise UserError(f"{ctx.cfg.model} has no tokenizer; a causal LM run needs one to read the text data")
+        return get_text_dataset(tok, ctx.cfg.data_root, seed=ctx.cfg.seed, block_size=ctx.cfg.text.block_size,
+                                max_tokens=ctx.cfg.text.max_tokens)
 
-    def save_model(self, pipe: Any, loaded: Any, model: Any, folder: Path, extra: dict[str, Any]) -> None:
-        from sglp_edge.models.hf_llm import save_hf
+    def save_model(self, ctx: TaskContext, loaded: Any, model: Any, folder: Path, extra: dict[str, Any]) -> None:
+        from sglp_edge.models.hf_llm import save_hf  # heavy: torch, transformers
 
-        save_hf(model, folder, tokenizer=pipe.loaded.tokenizer, extra=extra)
+        save_hf(model, folder, tokenizer=ctx.loaded.tokenizer, extra=extra)
 
-    def _models(self, pipe: Any):
-        from sglp_edge.models.registry import load_model
+    def models(self, ctx: TaskContext):
+        """``("original", model), ("pruned", model)``: the model as loaded and the run's final model."""
+        from sglp_edge.models.registry import load_model  # heavy: torch
 
-        return (("original", pipe.loaded.model), ("pruned", load_model(str(pipe.final_model_dir())).model))
+        return (("original", ctx.loaded.model), ("pruned", load_model(str(ctx.final_model_dir())).model))
 
     # ---- stages ----------------------------------------------------------------------------------
-    def stage_eval_data(self, pipe: Any) -> dict[str, Any]:
-        import torch
+    def stage_eval_data(self, ctx: TaskContext) -> dict[str, Any]:
+        import torch  # heavy
 
-        from benchmarks.board.lm_bench import write_eval_npz
-
-        e = pipe.cfg.eval
-        final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
+        e = ctx.cfg.eval
+        final_hash = ctx.final_hash()
 
         def fn(tmp: Path) -> dict[str, Any]:
-            d = pipe.data
+            d = ctx.data
             n_ppl = min(e.samples, max(1, len(d.test) - 1))
             ppl_blocks = d.test[:n_ppl]
             rest = torch.cat([d.test[n_ppl:].reshape(-1), d.val.reshape(-1)])
@@ -117,7 +119,7 @@ class CausalLM(Task):
             out: dict[str, Any] = {"ppl_blocks": int(n_ppl), "block_size": int(d.block_size),
                                    "greedy": f"{e.greedy_prompts} prompts x {e.greedy_tokens} tokens",
                                    "prompt_tokens": e.prompt_tokens, "gen_tokens": e.gen_tokens, "torch_ppl": {}}
-            for which, model in self._models(pipe):
+            for which, model in self.models(ctx):
                 model.eval()
                 ref, ppl = torch_greedy_and_ppl(model, prompts, e.greedy_tokens, ppl_blocks)
                 out["torch_ppl"][which] = ppl
@@ -127,43 +129,38 @@ class CausalLM(Task):
                                meta={"model": which, "split": "test (held-out documents)"})
             return out
 
-        return pipe.runner.stage("eval_data", pipe._inputs("eval", eval=e.model_dump(), text=pipe.cfg.text.model_dump(),
-                                                           final=final_hash), fn)
+        return ctx.runner.stage("eval_data", ctx.inputs("eval", eval=e.model_dump(), text=ctx.cfg.text.model_dump(),
+                                                        final=final_hash), fn)
 
-    def stage_export(self, pipe: Any) -> dict[str, Any]:
+    def stage_export(self, ctx: TaskContext) -> dict[str, Any]:
         import numpy as np
-        import torch
+        import torch  # heavy
 
-        from sglp_edge.export.lm import export_causal_lm
+        from sglp_edge.export.lm import export_causal_lm  # heavy: torch
 
-        final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
+        final_hash = ctx.final_hash()
 
         def fn(tmp: Path) -> dict[str, Any]:
-            with np.load(pipe.run_dir / "eval_data" / "eval_original.npz") as z:
+            with np.load(ctx.run_dir / "eval_data" / "eval_original.npz") as z:
                 ids = torch.from_numpy(z["greedy_prompts"][:2, :24])
             res = {}
-            for which, model in self._models(pipe):
-                meta = export_causal_lm(model, tmp / which, opset=pipe.cfg.export.opset or 18, parity_ids=ids)
+            for which, model in self.models(ctx):
+                meta = export_causal_lm(model, tmp / which, opset=ctx.cfg.export.opset or 18, parity_ids=ids)
                 res[which] = {k: meta[k] for k in ("layout", "num_layers", "size_bytes", "sha256", "parity_vs_pytorch",
                                                    "external_data", "seconds")}
                 res[which]["exporter"] = "dynamo"
                 res[which]["parity"] = meta["parity_vs_pytorch"]
             return res
 
-        return pipe.runner.stage("export", pipe._inputs("export", export=pipe.cfg.export.model_dump(), task=self.name,
-                                                        final=final_hash), fn)
+        return ctx.runner.stage("export", ctx.inputs("export", export=ctx.cfg.export.model_dump(), task=self.name,
+                                                     final=final_hash), fn)
 
-    def stage_export_openvino(self, pipe: Any) -> dict[str, Any]:
+    def stage_export_openvino(self, ctx: TaskContext) -> dict[str, Any]:
         """The stateful OpenVINO IR of both models (sglp_edge.export.lm_openvino), once per run."""
-        from sglp_edge.tasks.lm_routes import stage_export_openvino
+        return stage_export_openvino(self, ctx)
 
-        return stage_export_openvino(self, pipe)
-
-    def stage_compile(self, pipe: Any, board: Any) -> dict[str, Any]:
+    def stage_compile(self, ctx: TaskContext, board: Any) -> dict[str, Any]:
         """The profile's backend route (sglp_edge/tasks/lm_routes.py: ONNX, stateful OpenVINO, onnxruntime-genai)."""
-        from sglp_edge.profiles.load import load_profile
-        from sglp_edge.tasks.lm_routes import LM_ROUTES
-
         prof = load_profile(board.device)
         if prof.task != self.name:
             raise UserError(f"device profile {prof.name} is for {prof.task}, not a causal LM; use an LM profile "
@@ -173,7 +170,7 @@ class CausalLM(Task):
         if route is None:
             raise UserError(f"backend {prof.backend} has no decoder-LM route in sglp-edge run yet; use one of "
                             f"{', '.join(LM_ROUTES)}")
-        return route(self, pipe, prof)
+        return route(self, ctx, prof)
 
     def derived_metrics(self, results: dict[str, Any]) -> dict[str, Any]:
         o = (results.get("original") or {}).get("metrics") or {}
@@ -182,10 +179,8 @@ class CausalLM(Task):
             return {"perplexity_increase_pct": 100.0 * (p["perplexity"] / o["perplexity"] - 1.0)}
         return {}
 
-    def build_report(self, pipe: Any, prune: Any, ft: Any, ev: Any, ex: Any, targets: list) -> dict[str, Any]:
-        from sglp_edge.tasks.causal_lm_report import build_lm_report
-
-        return build_lm_report(pipe, prune, ft, ev, ex, targets)
+    def build_report(self, ctx: TaskContext, prune: Any, ft: Any, ev: Any, ex: Any, targets: list) -> dict[str, Any]:
+        return build_lm_report(ctx, prune, ft, ev, ex, targets)
 
 
 def torch_greedy_and_ppl(model: Any, prompts: Any, n_new: int, blocks: Any) -> tuple[Any, float]:
@@ -193,7 +188,7 @@ def torch_greedy_and_ppl(model: Any, prompts: Any, n_new: int, blocks: Any) -> t
     and the perplexity over ``blocks`` (each scored on its own, log-softmax in float64)."""
     import math
 
-    import torch
+    import torch  # heavy
 
     refs = []
     with torch.no_grad():
