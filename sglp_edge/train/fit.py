@@ -31,16 +31,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
-from sglp_edge.train.distributed import all_reduce, init_distributed
 from benchmarks.board.errors import UserError
 from sglp_edge.train.config import FitResult, LoopConfig, lr_at, make_optimizer
+from sglp_edge.train.distributed import DistInfo, all_reduce, init_distributed
 from sglp_edge.train.interrupted import Interrupted
+from sglp_edge.train.objectives import ClassificationObjective, Objective, capped, evaluate, to_device
 from sglp_edge.train.state import (STATE_FORMAT, Progress, StopFlag, load_state, rank_seed, rng_state, save_state,
                                    set_rng_state)
-from sglp_edge.train.objectives import ClassificationObjective, Objective, capped, evaluate, to_device
+
 
 # ---------------------------------------------------------------------------------------------
 # the engine
@@ -59,197 +63,240 @@ def fit(model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
-    if cfg.batch_size % info.world:
-        raise UserError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
-    local_bs = cfg.batch_size // info.world
-    val_set = capped(val_set, cfg.val_samples)
-    n_train = len(train_set)
-    steps_per_epoch = n_train // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise UserError(f"the training split has {n_train} samples, fewer than one batch of {cfg.batch_size}")
+    run = _Run(model, task, train_set, val_set, cfg, info, state_path, extra_state, on_epoch)
+    run.resume()
+    bar = Progress(run.total_steps, desc, progress and info.is_main, cfg.log_every)
+    if run.resumed_from:
+        bar.message(f"resuming from step {run.resumed_from} (epoch {run.epoch}, {run.elapsed / 60:.1f} min trained) - {run.sp}")
+    try:
+        run.train(bar)
+    finally:
+        bar.close()
+    return run.finish(bar, test_set)
+
+
+class _Run:
+    """One call of :func:`fit`: the model (DDP-wrapped under torchrun), its optimiser, the budget and
+    the progress so far (step, epoch, time trained, history, best-on-val weights), which the state
+    file holds."""
+
+    def __init__(self, model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset | None,
+                 cfg: LoopConfig, info: DistInfo, state_path: str | Path | None, extra_state: dict[str, Any] | None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None):
+        if cfg.batch_size % info.world:
+            raise UserError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
+        self.task, self.train_set, self.cfg, self.info, self.on_epoch = task, train_set, cfg, info, on_epoch
+        self.local_bs = cfg.batch_size // info.world
+        self.val_set = capped(val_set, cfg.val_samples)
+        n_train = len(train_set)
+        self.steps_per_epoch = n_train // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise UserError(f"the training split has {n_train} samples, fewer than one batch of {cfg.batch_size}")
+        self.total_steps = _total_steps(cfg, self.steps_per_epoch)
+        self.budget_s = cfg.minutes * 60 if cfg.minutes is not None else None
+        # each rank draws its own augmentation (and dropout) stream: with one seed on every rank, the
+        # k-th image of each local batch would get the same random crop on both ranks
+        torch.manual_seed(rank_seed(cfg.seed, info.rank, 0))
+        model.to(info.device)
+        self.base, self.model = model, model
+        if info.distributed:
+            self.model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        self.opt = make_optimizer(model.parameters(), cfg)
+        self.sp = Path(state_path) if state_path else None
+        self.step, self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None  # {"score", "epoch", "step", "model"}
+        self.check = {"batch_size": cfg.batch_size, "seed": cfg.seed, "epochs": cfg.epochs, "steps": cfg.steps,
+                      "minutes": cfg.minutes, "lr": cfg.lr, "n_train": n_train, **(extra_state or {})}
+        self.resumed_from = 0
+        self.last_save = time.perf_counter()
+        self.run_avg: dict[str, float] = {}
+
+    # -- state file -----------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Continue from the state file when there is one (made with the same settings)."""
+        sp = self.sp
+        if sp is None or not sp.is_file():
+            return
+        st = load_state(sp)
+        diff = {k: (st["check"].get(k), v) for k, v in self.check.items() if st["check"].get(k) != v}
+        if diff:
+            k, (old, new) = next(iter(diff.items()))
+            raise UserError(f"the saved state {sp} was made with {k}={old!r}, now {new!r}: re-run with the "
+                            f"same settings to resume, or delete {sp} to start over")
+        self.base.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.step, self.epoch, self.step_in_epoch, self.elapsed = st["step"], st["epoch"], st["step_in_epoch"], st["elapsed"]
+        self.history, self.best = st["history"], st.get("best")
+        set_rng_state(st["rng"])
+        if self.info.rank:  # the state file holds rank 0's generator; the others re-derive their own
+            torch.manual_seed(rank_seed(self.cfg.seed, self.info.rank, self.step))
+        self.resumed_from = self.step
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "check": self.check, "model": self.base.state_dict(),
+                "optimizer": self.opt.state_dict(), "step": self.step, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "elapsed": self.elapsed, "history": self.history,
+                "best": self.best, "rng": rng_state(), "config": asdict(self.cfg)}
+
+    def persist(self) -> None:
+        if self.sp is not None and self.info.is_main:
+            save_state(self.sp, self.snapshot())
+        if self.info.distributed:
+            dist.barrier()
+
+    # -- budget ---------------------------------------------------------------------------------
+    def progress_frac(self) -> float:
+        fr = 0.0
+        if self.total_steps:
+            fr = max(fr, self.step / self.total_steps)
+        if self.budget_s:
+            fr = max(fr, self.elapsed / self.budget_s)
+        return fr
+
+    def done(self) -> bool:
+        return self.progress_frac() >= 1.0
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def sync_buffers(self) -> None:
+        # BatchNorm running stats drift apart between ranks after their last local forward;
+        # evaluate and save rank 0's everywhere so all ranks hold identical models
+        if self.info.distributed:
+            for b in self.base.buffers():
+                dist.broadcast(b, 0)
+
+    def evaluate_now(self, tag: str) -> dict[str, Any]:
+        """Val metrics of the current weights, recorded in the history (and kept when best)."""
+        self.sync_buffers()
+        rec: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "elapsed_s": round(self.elapsed, 1), "tag": tag}
+        if self.val_set is not None and len(self.val_set):
+            m = evaluate(self.base, self.task, self.val_set, batch_size=self.cfg.eval_batch_size, info=self.info)
+            rec["val"] = m
+            if self.cfg.select_best and (self.best is None or m["score"] > self.best["score"]):
+                self.best = {"score": m["score"], "epoch": self.epoch, "step": self.step,
+                             "model": {k: v.detach().clone().cpu() for k, v in self.base.state_dict().items()}}
+        self.history.append(rec)
+        if self.on_epoch is not None and self.info.is_main:
+            self.on_epoch(rec)
+        return rec
+
+    # -- training -------------------------------------------------------------------------------
+    def train(self, bar: Progress) -> None:
+        """Epochs until the budget is spent; on SIGTERM / Ctrl-C save and raise :class:`Interrupted`."""
+        self.last_save = time.perf_counter()
+        with StopFlag() as flag:
+            self.task.train_mode(self.model)
+            while not self.done():
+                if self.train_epoch(flag, bar):
+                    self.persist()
+                    raise Interrupted(self.sp if self.info.is_main else None, self.step)
+
+    def epoch_loader(self) -> DataLoader:
+        """This rank's shard of the epoch's shuffled order, from the step the epoch is at."""
+        sampler = DistributedSampler(self.train_set, num_replicas=self.info.world, rank=self.info.rank, shuffle=True,
+                                     seed=self.cfg.seed, drop_last=True)
+        sampler.set_epoch(self.epoch)
+        idx = list(sampler)[self.step_in_epoch * self.local_bs: self.steps_per_epoch * self.local_bs]
+        # own generator: the global RNG (augmentation) then advances identically with or without a resume
+        return DataLoader(self.train_set, batch_size=self.local_bs, sampler=idx, num_workers=0, drop_last=True,
+                          generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch))
+
+    def train_epoch(self, flag: StopFlag, bar: Progress) -> bool:
+        """Steps until the epoch or the budget ends (then the epoch's evaluation and save); True when
+        a stop signal ended it."""
+        for batch in self.epoch_loader():
+            self.train_step(batch, bar)
+            # one collective per step keeps ranks agreeing on stop/save decisions
+            want_save = self.cfg.ckpt_minutes > 0 and time.perf_counter() - self.last_save > self.cfg.ckpt_minutes * 60
+            s_stop, s_save, s_el = all_reduce([float(flag.stop), float(want_save), self.elapsed], self.info, "max")
+            self.elapsed = s_el
+            if s_stop:
+                return True
+            if self.done():
+                break
+            if s_save:
+                self.persist()
+                self.last_save = time.perf_counter()
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+            bar.message(_fmt_rec(self.evaluate_now("epoch")))
+            self.persist()
+            self.last_save = time.perf_counter()
+            self.task.train_mode(self.model)
+        return False
+
+    def train_step(self, batch: Any, bar: Progress) -> None:
+        t0 = time.perf_counter()
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.progress_frac(), self.cfg)
+        loss, shown = self.task.train_loss(self.model, to_device(batch, self.info.device))
+        if not torch.isfinite(loss):
+            raise UserError(f"the training loss became {float(loss)} at step {self.step}; lower the learning rate")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.base.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.step += 1
+        self.step_in_epoch += 1
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        for k, v in shown.items():
+            self.run_avg[k] = v if k not in self.run_avg else 0.95 * self.run_avg[k] + 0.05 * v
+        ips = self.local_bs * self.info.world / max(dt, 1e-9)
+        bar.update(self.step, " ".join(f"{k}={v:.4f}" for k, v in self.run_avg.items())
+                   + f" lr={self.opt.param_groups[0]['lr']:.3g} {ips:.3g}/s")
+
+    # -- the result -----------------------------------------------------------------------------
+    def finish(self, bar: Progress, test_set: Dataset | None) -> FitResult:
+        """Evaluate the final weights (unless just done), save, select, and score the test split once."""
+        # budget spent mid-epoch: evaluate the final weights too (unless this point was just evaluated)
+        if not self.history or self.history[-1]["step"] != self.step:
+            bar.message(_fmt_rec(self.evaluate_now("end")))
+        self.sync_buffers()
+        self.persist()
+        selected = self.select()
+        self.base.eval()
+        val_m = self.selected_val()
+        test_m = None
+        if self.cfg.eval_test and test_set is not None and len(test_set):
+            test_m = evaluate(self.base, self.task, test_set, batch_size=self.cfg.eval_batch_size, info=self.info)
+        return FitResult(model=self.base, val=val_m, test=test_m, history=self.history, steps=self.step,
+                         epochs=self.step / self.steps_per_epoch, train_seconds=self.elapsed, selected=selected,
+                         resumed_from_step=self.resumed_from)
+
+    def select(self) -> str:
+        """Load the best-on-val weights when they are not the last ones; say which were selected."""
+        best = self.best
+        if self.cfg.select_best and best is not None and best["step"] != self.step:
+            self.base.load_state_dict(best["model"])
+            return f"best-val@step {best['step']} (epoch {best['epoch']})"
+        if self.cfg.select_best and best is not None:
+            return f"best-val@step {best['step']} (last)"
+        return "last"
+
+    def selected_val(self) -> dict[str, float]:
+        # the selected weights were evaluated when they were reached: reuse that record (an LM val pass
+        # costs minutes); evaluate again only if no record holds them
+        sel_step = self.best["step"] if self.cfg.select_best and self.best is not None else self.step
+        sel_rec = next((r for r in reversed(self.history) if r["step"] == sel_step and "val" in r), None)
+        if sel_rec is not None:
+            return sel_rec["val"]
+        if self.val_set is not None and len(self.val_set):
+            return evaluate(self.base, self.task, self.val_set, batch_size=self.cfg.eval_batch_size, info=self.info)
+        return {}
+
+
+def _total_steps(cfg: LoopConfig, steps_per_epoch: int) -> int | None:
+    """The step budget: ``steps``, ``epochs`` in steps, or the smaller of both (None: minutes only)."""
     total_steps = None
     if cfg.steps is not None:
         total_steps = int(cfg.steps)
     if cfg.epochs is not None:
         e_steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
         total_steps = e_steps if total_steps is None else min(total_steps, e_steps)
-    budget_s = cfg.minutes * 60 if cfg.minutes is not None else None
-
-    # each rank draws its own augmentation (and dropout) stream: with one seed on every rank, the
-    # k-th image of each local batch would get the same random crop on both ranks
-    torch.manual_seed(rank_seed(cfg.seed, info.rank, 0))
-    model.to(info.device)
-    base = model
-    if info.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(base, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    opt = make_optimizer(base.parameters(), cfg)
-
-    sp = Path(state_path) if state_path else None
-    step, epoch, step_in_epoch, elapsed = 0, 0, 0, 0.0
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None  # {"score", "epoch", "step", "model"}
-    check = {"batch_size": cfg.batch_size, "seed": cfg.seed, "epochs": cfg.epochs, "steps": cfg.steps,
-             "minutes": cfg.minutes, "lr": cfg.lr, "n_train": n_train, **(extra_state or {})}
-    resumed_from = 0
-    if sp is not None and sp.is_file():
-        st = load_state(sp)
-        diff = {k: (st["check"].get(k), v) for k, v in check.items() if st["check"].get(k) != v}
-        if diff:
-            k, (old, new) = next(iter(diff.items()))
-            raise UserError(f"the saved state {sp} was made with {k}={old!r}, now {new!r}: re-run with the "
-                            f"same settings to resume, or delete {sp} to start over")
-        base.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        step, epoch, step_in_epoch, elapsed = st["step"], st["epoch"], st["step_in_epoch"], st["elapsed"]
-        history, best = st["history"], st.get("best")
-        set_rng_state(st["rng"])
-        if info.rank:  # the state file holds rank 0's generator; the others re-derive their own
-            torch.manual_seed(rank_seed(cfg.seed, info.rank, step))
-        resumed_from = step
-
-    def snapshot() -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "check": check, "model": base.state_dict(), "optimizer": opt.state_dict(),
-                "step": step, "epoch": epoch, "step_in_epoch": step_in_epoch, "elapsed": elapsed,
-                "history": history, "best": best, "rng": rng_state(), "config": asdict(cfg)}
-
-    def persist() -> None:
-        if sp is not None and info.is_main:
-            save_state(sp, snapshot())
-        if info.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def progress_frac() -> float:
-        fr = 0.0
-        if total_steps:
-            fr = max(fr, step / total_steps)
-        if budget_s:
-            fr = max(fr, elapsed / budget_s)
-        return fr
-
-    def done() -> bool:
-        return progress_frac() >= 1.0
-
-    def sync_buffers() -> None:
-        # BatchNorm running stats drift apart between ranks after their last local forward;
-        # evaluate and save rank 0's everywhere so all ranks hold identical models
-        if info.distributed:
-            import torch.distributed as dist
-
-            for b in base.buffers():
-                dist.broadcast(b, 0)
-
-    def do_eval(tag: str) -> dict[str, Any]:
-        nonlocal best
-        sync_buffers()
-        rec: dict[str, Any] = {"epoch": epoch, "step": step, "elapsed_s": round(elapsed, 1), "tag": tag}
-        if val_set is not None and len(val_set):
-            m = evaluate(base, task, val_set, batch_size=cfg.eval_batch_size, info=info)
-            rec["val"] = m
-            if cfg.select_best and (best is None or m["score"] > best["score"]):
-                best = {"score": m["score"], "epoch": epoch, "step": step,
-                        "model": {k: v.detach().clone().cpu() for k, v in base.state_dict().items()}}
-        history.append(rec)
-        if on_epoch is not None and info.is_main:
-            on_epoch(rec)
-        return rec
-
-    from torch.utils.data.distributed import DistributedSampler
-
-    bar = Progress(total_steps, desc, progress and info.is_main, cfg.log_every)
-    if resumed_from:
-        bar.message(f"resuming from step {resumed_from} (epoch {epoch}, {elapsed / 60:.1f} min trained) - {sp}")
-    stopped = False
-    last_save = time.perf_counter()
-    run_avg: dict[str, float] = {}
-    try:
-        with StopFlag() as flag:
-            task.train_mode(model)
-            while not done():
-                sampler = DistributedSampler(train_set, num_replicas=info.world, rank=info.rank, shuffle=True,
-                                             seed=cfg.seed, drop_last=True)
-                sampler.set_epoch(epoch)
-                idx = list(sampler)[step_in_epoch * local_bs: steps_per_epoch * local_bs]
-                # own generator: the global RNG (augmentation) then advances identically with or without a resume
-                loader = DataLoader(train_set, batch_size=local_bs, sampler=idx, num_workers=0, drop_last=True,
-                                    generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-                for batch in loader:
-                    t0 = time.perf_counter()
-                    for g in opt.param_groups:
-                        g["lr"] = lr_at(progress_frac(), cfg)
-                    loss, shown = task.train_loss(model, to_device(batch, info.device))
-                    if not torch.isfinite(loss):
-                        raise UserError(f"the training loss became {float(loss)} at step {step}; lower the learning rate")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.grad_clip:
-                        nn.utils.clip_grad_norm_(base.parameters(), cfg.grad_clip)
-                    opt.step()
-                    step += 1
-                    step_in_epoch += 1
-                    dt = time.perf_counter() - t0
-                    elapsed += dt
-                    for k, v in shown.items():
-                        run_avg[k] = v if k not in run_avg else 0.95 * run_avg[k] + 0.05 * v
-                    ips = local_bs * info.world / max(dt, 1e-9)
-                    bar.update(step, " ".join(f"{k}={v:.4f}" for k, v in run_avg.items())
-                               + f" lr={opt.param_groups[0]['lr']:.3g} {ips:.3g}/s")
-                    # one collective per step keeps ranks agreeing on stop/save decisions
-                    want_save = cfg.ckpt_minutes > 0 and time.perf_counter() - last_save > cfg.ckpt_minutes * 60
-                    s_stop, s_save, s_el = all_reduce([float(flag.stop), float(want_save), elapsed], info, "max")
-                    elapsed = s_el
-                    if s_stop:
-                        stopped = True
-                        break
-                    if done():
-                        break
-                    if s_save:
-                        persist()
-                        last_save = time.perf_counter()
-                if stopped:
-                    break
-                if step_in_epoch >= steps_per_epoch:
-                    epoch += 1
-                    step_in_epoch = 0
-                    rec = do_eval("epoch")
-                    bar.message(_fmt_rec(rec))
-                    persist()
-                    last_save = time.perf_counter()
-                    task.train_mode(model)
-            if stopped:
-                persist()
-                raise Interrupted(sp if info.is_main else None, step)
-    finally:
-        bar.close()
-    # budget spent mid-epoch: evaluate the final weights too (unless this point was just evaluated)
-    if not history or history[-1]["step"] != step:
-        rec = do_eval("end")
-        bar.message(_fmt_rec(rec))
-    sync_buffers()
-    persist()
-    selected = "last"
-    if cfg.select_best and best is not None and best["step"] != step:
-        base.load_state_dict(best["model"])
-        selected = f"best-val@step {best['step']} (epoch {best['epoch']})"
-    elif cfg.select_best and best is not None:
-        selected = f"best-val@step {best['step']} (last)"
-    base.eval()
-    # the selected weights were evaluated when they were reached: reuse that record (an LM val pass
-    # costs minutes); evaluate again only if no record holds them
-    sel_step = best["step"] if cfg.select_best and best is not None else step
-    sel_rec = next((r for r in reversed(history) if r["step"] == sel_step and "val" in r), None)
-    if sel_rec is not None:
-        val_m = sel_rec["val"]
-    else:
-        val_m = evaluate(base, task, val_set, batch_size=cfg.eval_batch_size, info=info) if val_set is not None and len(val_set) else {}
-    test_m = None
-    if cfg.eval_test and test_set is not None and len(test_set):
-        test_m = evaluate(base, task, test_set, batch_size=cfg.eval_batch_size, info=info)
-    return FitResult(model=base, val=val_m, test=test_m, history=history, steps=step,
-                     epochs=step / steps_per_epoch, train_seconds=elapsed, selected=selected, resumed_from_step=resumed_from)
+    return total_steps
 
 
 def _fmt_rec(rec: dict[str, Any]) -> str:
