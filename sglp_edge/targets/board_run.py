@@ -138,6 +138,15 @@ def bench_error(code: Optional[int], stderr: str, where: str, python: str) -> st
     return f"on {where}: the benchmark failed (exit {code}): {lines[-1] if lines else 'no message'}"
 
 
+def clear_outputs(out: Path) -> None:
+    """Remove the results and logs a previous run left in ``out``."""
+    for stale in (RESULT_NAME, PARTIAL_NAME, "stdout.log", "stderr.log"):
+        try:
+            (out / stale).unlink()
+        except FileNotFoundError:
+            pass
+
+
 def run_local(run_args: list[str], out_dir: str | os.PathLike, *, label: str = "local",
               timeout_s: float = 1800.0, python: Optional[str] = None,
               on_progress: Optional[ProgressFn] = None, env: Optional[dict[str, str]] = None) -> BoardRun:
@@ -146,11 +155,7 @@ def run_local(run_args: list[str], out_dir: str | os.PathLike, *, label: str = "
     ``--out <out_dir>/result.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (RESULT_NAME, PARTIAL_NAME, "stdout.log", "stderr.log"):
-        try:
-            (out / stale).unlink()
-        except FileNotFoundError:
-            pass
+    clear_outputs(out)
     py = python_argv(python) if python else [sys.executable]
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")

@@ -54,8 +54,8 @@ from typing import Any, Optional, Sequence
 from benchmarks.board.atomic import atomic_write_bytes
 
 from sglp_edge.profiles.load import python_argv
-from sglp_edge.targets.board_run import (EXIT_MARKER, PARTIAL_NAME, RESULT_NAME, BoardRun, ProgressFn, bench_error,
-                                         finish_run, progress_parser, stream_process)
+from sglp_edge.targets.board_run import (EXIT_MARKER, BoardRun, ProgressFn, bench_error, clear_outputs, finish_run,
+                                         progress_parser, stream_process)
 from sglp_edge.targets.bundle import Bundle
 from sglp_edge.targets.ssh_transport import SSHTarget, classify_ssh_error, sh_c
 
@@ -94,94 +94,125 @@ def run_remote(job: RemoteJob, on_progress: Optional[ProgressFn] = None) -> Boar
     returned :class:`BoardRun` (``ok=False`` + one-line ``error``), never raised, so several boards
     can run side by side; local misconfiguration raises :class:`UserError` up front."""
     t = job.target.validate()
-    label = job.label or t.label or t.host
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = BoardRun(label=label, where=t.where, out_dir=out)
-    for stale in (RESULT_NAME, PARTIAL_NAME, "stdout.log", "stderr.log"):
-        try:
-            (out / stale).unlink()
-        except FileNotFoundError:
-            pass
-    t_start = time.monotonic()
-    deadline = t_start + float(job.timeout_s)
-    log_out, log_err = out / "stdout.log", out / "stderr.log"
-
-    def remaining() -> float:
-        return deadline - time.monotonic()
-
-    def note(step: str, **kw: Any) -> None:
-        run.steps.append({"step": step, "t_s": round(time.monotonic() - t_start, 3), **kw})
-
+    s = _Session(t, job, out, BoardRun(label=job.label or t.label or t.host, where=t.where, out_dir=out), on_progress)
+    clear_outputs(out)
+    s.t_start = time.monotonic()
+    s.deadline = s.t_start + float(job.timeout_s)
     try:
-        # 1. make a private folder, upload and unpack the bundle (stdin carries the tar)
-        q = shlex.quote
-        prep = (
-            "set -e\n"
-            f"base={q(t.remote_dir)}\n"
-            'mkdir -p "$base"\n'
-            'd=$(mktemp -d "$base/sglp-edge.XXXXXX")\n'
-            'echo "SGLP_REMOTE_DIR=$d"\n'
-            'mkdir "$d/bundle" && cd "$d/bundle"\n'
-            "cat > ../bundle.tar.gz\n"
-            "tar -xzf ../bundle.tar.gz && rm -f ../bundle.tar.gz\n"
-            "mkdir -p results\n"
-            'echo "SGLP_UNPACKED=1"\n'
-        )
-        seen: dict[str, str] = {}
-
-        def on_prep(line: str) -> None:
-            if "=" in line and line.startswith("SGLP_"):
-                k, _, v = line.partition("=")
-                seen[k] = v
-
-        if on_progress:
-            on_progress(label, {"stage": "upload", "done": 0, "total": 1})
-        with open(job.bundle.path, "rb") as fh:
-            code, err, to = stream_process(t.ssh_argv(sh_c(prep)), stdin=fh, stdout_log=None, stderr_log=log_err,
-                                    timeout_s=remaining(), on_line=on_prep)
-        run.remote_dir = seen.get("SGLP_REMOTE_DIR")
-        note("upload", exit_code=code, timed_out=to, remote_dir=run.remote_dir)
-        if to:
-            raise _BoardError(f"uploading to {t.where} timed out", environment=True)
-        if code == 255:
-            why = classify_ssh_error(t, err)  # a host key or a login refused is the user's to fix (not environment)
-            raise _BoardError(why, environment=" is unreachable (" in why)
-        if code != 0 or "SGLP_UNPACKED" not in seen:
-            last = err.strip().splitlines()[-1] if err.strip() else f"exit {code}"
-            raise _BoardError(f"could not unpack the bundle on {t.where}: {last}")
-        if on_progress:
-            on_progress(label, {"stage": "upload", "done": 1, "total": 1})
-
-        # 2. run the benchmark (stdout/stderr land in the local logs as they arrive)
-        script = remote_run_script(run.remote_dir, t.python, job.run_args, t.env, timeout_s=remaining())
-        code, err, to = stream_process(t.ssh_argv(sh_c(script)), stdin=subprocess.DEVNULL, stdout_log=log_out,
-                                stderr_log=log_err, timeout_s=remaining(),
-                                on_line=progress_parser(label, on_progress))
-        run.exit_code = code
-        note("run", exit_code=code, timed_out=to)
-        if to:
-            run.error = f"on {t.where}: no result within the {job.timeout_s:g} s timeout; the run was stopped"
-            run.environment = True
-        elif code == 255 and EXIT_MARKER not in err:
-            run.error = classify_ssh_error(t, err, during_run=True)
-            run.environment = True
-        elif code != 0:
-            run.error = bench_error(code, err, t.where, t.python)
+        _upload(s)  # 1. a private folder on the board, the bundle unpacked in it
+        _bench(s)  # 2. the benchmark, its stdout/stderr landing in the local logs as they arrive
     except _BoardError as e:
-        run.error = str(e)
-        run.environment = e.environment
+        s.run.error = str(e)
+        s.run.environment = e.environment
     finally:
-        # 3. pull whatever results exist, then remove the remote folder
-        if run.remote_dir:
-            _pull_results(t, run, out, grace_s=max(15.0, float(t.connect_timeout_s) * 3))
-            if not job.keep_remote:
-                rc, _, _ = stream_process(t.ssh_argv(sh_c(f"rm -rf {shlex.quote(run.remote_dir)}")),
-                                   stdin=subprocess.DEVNULL, stdout_log=None, stderr_log=None,
-                                   timeout_s=max(15.0, float(t.connect_timeout_s) * 3))
-                note("cleanup", exit_code=rc)
-        finish_run(run, out, t_start, where=f"on {t.where}: ")
-    return run
+        _pull_and_clean(s)  # 3. whatever results exist come back, the remote folder goes
+        finish_run(s.run, out, s.t_start, where=f"on {t.where}: ")
+    return s.run
+
+
+@dataclass
+class _Session:
+    """One board run in progress: where, what, the run record and the clock."""
+
+    t: SSHTarget
+    job: RemoteJob
+    out: Path
+    run: BoardRun
+    on_progress: Optional[ProgressFn]
+    t_start: float = 0.0
+    deadline: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return self.run.label
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def note(self, step: str, **kw: Any) -> None:
+        self.run.steps.append({"step": step, "t_s": round(time.monotonic() - self.t_start, 3), **kw})
+
+    def progress(self, done: int) -> None:
+        if self.on_progress:
+            self.on_progress(self.label, {"stage": "upload", "done": done, "total": 1})
+
+
+def _prep_script(remote_dir: str) -> str:
+    """Make a private folder under ``remote_dir`` and unpack the bundle arriving on stdin into it."""
+    q = shlex.quote
+    return (
+        "set -e\n"
+        f"base={q(remote_dir)}\n"
+        'mkdir -p "$base"\n'
+        'd=$(mktemp -d "$base/sglp-edge.XXXXXX")\n'
+        'echo "SGLP_REMOTE_DIR=$d"\n'
+        'mkdir "$d/bundle" && cd "$d/bundle"\n'
+        "cat > ../bundle.tar.gz\n"
+        "tar -xzf ../bundle.tar.gz && rm -f ../bundle.tar.gz\n"
+        "mkdir -p results\n"
+        'echo "SGLP_UNPACKED=1"\n'
+    )
+
+
+def _upload(s: _Session) -> None:
+    """Upload and unpack the bundle (stdin carries the tar); a failure raises :class:`_BoardError`."""
+    t = s.t
+    seen: dict[str, str] = {}
+
+    def on_prep(line: str) -> None:
+        if "=" in line and line.startswith("SGLP_"):
+            k, _, v = line.partition("=")
+            seen[k] = v
+
+    s.progress(0)
+    with open(s.job.bundle.path, "rb") as fh:
+        code, err, to = stream_process(t.ssh_argv(sh_c(_prep_script(t.remote_dir))), stdin=fh, stdout_log=None,
+                                       stderr_log=s.out / "stderr.log", timeout_s=s.remaining(), on_line=on_prep)
+    s.run.remote_dir = seen.get("SGLP_REMOTE_DIR")
+    s.note("upload", exit_code=code, timed_out=to, remote_dir=s.run.remote_dir)
+    if to:
+        raise _BoardError(f"uploading to {t.where} timed out", environment=True)
+    if code == 255:
+        why = classify_ssh_error(t, err)  # a host key or a login refused is the user's to fix (not environment)
+        raise _BoardError(why, environment=" is unreachable (" in why)
+    if code != 0 or "SGLP_UNPACKED" not in seen:
+        last = err.strip().splitlines()[-1] if err.strip() else f"exit {code}"
+        raise _BoardError(f"could not unpack the bundle on {t.where}: {last}")
+    s.progress(1)
+
+
+def _bench(s: _Session) -> None:
+    """Run the benchmark in the unpacked bundle; its outcome is recorded on ``s.run``."""
+    t, run = s.t, s.run
+    script = remote_run_script(run.remote_dir, t.python, s.job.run_args, t.env, timeout_s=s.remaining())
+    code, err, to = stream_process(t.ssh_argv(sh_c(script)), stdin=subprocess.DEVNULL, stdout_log=s.out / "stdout.log",
+                                   stderr_log=s.out / "stderr.log", timeout_s=s.remaining(),
+                                   on_line=progress_parser(s.label, s.on_progress))
+    run.exit_code = code
+    s.note("run", exit_code=code, timed_out=to)
+    if to:
+        run.error = f"on {t.where}: no result within the {s.job.timeout_s:g} s timeout; the run was stopped"
+        run.environment = True
+    elif code == 255 and EXIT_MARKER not in err:
+        run.error = classify_ssh_error(t, err, during_run=True)
+        run.environment = True
+    elif code != 0:
+        run.error = bench_error(code, err, t.where, t.python)
+
+
+def _pull_and_clean(s: _Session) -> None:
+    """Pull whatever results exist, then remove the remote folder (unless ``keep_remote``)."""
+    t, run = s.t, s.run
+    if not run.remote_dir:
+        return
+    _pull_results(t, run, s.out, grace_s=max(15.0, float(t.connect_timeout_s) * 3))
+    if not s.job.keep_remote:
+        rc, _, _ = stream_process(t.ssh_argv(sh_c(f"rm -rf {shlex.quote(run.remote_dir)}")),
+                                  stdin=subprocess.DEVNULL, stdout_log=None, stderr_log=None,
+                                  timeout_s=max(15.0, float(t.connect_timeout_s) * 3))
+        s.note("cleanup", exit_code=rc)
 
 
 class _BoardError(Exception):
