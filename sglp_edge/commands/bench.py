@@ -13,14 +13,25 @@ A constraint whose metric was not measured is shown as "not measured" (and fails
 
 from __future__ import annotations
 
+import platform
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from benchmarks.board.errors import EXIT_ENVIRONMENT
+from benchmarks.board.atomic import atomic_write_json, mark_output
+from benchmarks.board.errors import EXIT_ENVIRONMENT, UserError
+
 from sglp_edge.commands._common import check_bench_data, guard_out_dir, hold_out, user_errors
+from sglp_edge.profiles.load import list_profiles, load_profile
+from sglp_edge.targets.base import BenchJob, held_constraints
+from sglp_edge.validate import check_file, check_host, check_threads
 
 _OWN = {"results": ("summary.json",), "command": "bench"}  # what makes an --out folder bench's own
 _STAGE_SPAN = {"upload": (0, 5), "load": (5, 10), "latency": (10, 60), "accuracy": (60, 99), "done": (100, 100)}
@@ -70,11 +81,6 @@ def register(app: typer.Typer) -> None:
         or the harness failed on a board (partial results and logs are kept under --out); 2 usage
         error; 4 a board stopped answering or timed out, or the disk filled.
         """
-        from rich.console import Console
-
-        from benchmarks.board.errors import UserError
-        from sglp_edge.profiles.load import list_profiles, load_profile
-
         console = Console()
         if list_devices:
             _print_profiles(console, [load_profile(n) for n in list_profiles()])
@@ -83,94 +89,22 @@ def register(app: typer.Typer) -> None:
             raise UserError("give the artifact to benchmark: sglp-edge bench MODEL --device PROFILE")
         _check_options(host, threads=threads, batch_sizes=batch_sizes, warmup_s=warmup_s, min_iters=min_iters,
                        min_duration_s=min_duration_s, max_eval=max_eval, timeout=timeout, port=port)
-        if artifact.is_dir() and (artifact / "genai_config.json").is_file():
-            raise UserError(f"sglp-edge bench does not yet take an onnxruntime-genai folder ({artifact}); run "
-                            f"python -m benchmarks.board.lm_bench --artifact {artifact} --data EVAL.npz, or sglp-edge run "
-                            "with an onnxruntime-genai profile")
-        from sglp_edge.validate import check_file
-
-        if not artifact.is_file() and not artifact.is_dir():
-            raise UserError(f"artifact not found: {artifact}")
-        check_file(artifact, "artifact")
-        if data is not None and not data.is_file() and not data.is_dir():
-            raise UserError(f"eval data not found: {data}")
-        if data is not None:
-            check_file(data, "eval data (--data)")
-        if not device:
-            raise UserError("give a device profile with --device (see sglp-edge bench --list-devices)")
-        # bench updates its own folder in place (one sub-folder per board): no --force needed for that; a
-        # folder is its own with the marker and summary.json, or a marker naming bench (a bench stopped early)
-        guard_out_dir(out, reuse=True, inputs=(artifact, data), **_OWN)
-        if data is not None:
-            check_bench_data(artifact, data)
-        profiles = [load_profile(d) for d in device]
-        for p in profiles:
-            p.check_artifact(artifact)
-        if host and len(profiles) not in (1, len(host)):
-            raise UserError(f"{len(profiles)} --device for {len(host)} --host: give one device for all hosts, or one per host")
-        if local and host:
-            raise UserError("--local and --host contradict each other")
-        if emulate and host:
-            raise UserError("--emulate and --host contradict each other: the emulated board runs here")
-        if emulate:
-            for p in profiles:
-                if p.arch != "aarch64":
-                    raise UserError(f"--emulate runs aarch64 boards; profile {p.name} is {p.arch}")
-
-        # pair boards with profiles
-        boards: list[tuple[Any, Optional[str]]] = []
-        if host:
-            for i, h in enumerate(host):
-                boards.append((profiles[0] if len(profiles) == 1 else profiles[i], h))
-        else:
-            for p in profiles:
-                h = p.ssh.host if (p.ssh and p.ssh.host and not local and not emulate) else None
-                boards.append((p, h))
-        labels: list[str] = []
-        for p, h in boards:
-            lab = _label(p.name, h)
-            k = 2
-            while lab in labels:
-                lab = f"{_label(p.name, h)}-{k}"
-                k += 1
-            labels.append(lab)
-
-        import platform
-
-        here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
-        seen_hosts: dict[str, str] = {}
+        _check_files(artifact, data, device, out)
+        profiles = _load_profiles(artifact, device, host, local=local, emulate=emulate)
+        boards, labels = _pair_boards(profiles, host, local=local, emulate=emulate)
+        # heavy: numpy (targets.factory -> targets.bundle -> benchmarks.board.runners); `sglp-edge --help` stays fast
         from sglp_edge.targets.factory import make_target
 
         targets = [make_target(p, emulate="qemu-aarch64" if emulate else None, label=lab) if h is None else None
                    for (p, h), lab in zip(boards, labels)]
-        for (p, h), lab, tg in zip(boards, labels, targets):
-            if tg is not None and tg.emulated:
-                continue
-            if h is None and p.arch != here:
-                console.print(f"[yellow]warning[/]: {lab} describes an {p.arch} board but runs here on {here}; "
-                              "pass --host to run it on the board, or --emulate to check it on the ARM runtime",
-                              soft_wrap=True)
-            if h is not None:
-                key = f"{h.split('@')[-1]}:{port if port is not None else (p.ssh.port if p.ssh else 22)}"
-                if key in seen_hosts:
-                    console.print(f"[yellow]warning[/]: {seen_hosts[key]} and {lab} are the same board ({key}); "
-                                  "their runs overlap and disturb each other's timings", soft_wrap=True)
-                seen_hosts.setdefault(key, lab)
-
+        _warn_placement(console, boards, labels, targets, port)
         overrides = {"threads": threads, "warmup_s": warmup_s, "min_iters": min_iters, "min_duration_s": min_duration_s,
                      "max_eval": max_eval,
                      "batch_sizes": [int(x) for x in batch_sizes.split(",")] if batch_sizes else None}
-        from benchmarks.board.atomic import mark_output
-
         hold_out(out, reuse=True, inputs=(artifact, data), **_OWN)  # every check passed: nothing was written before
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, command="bench")
-        for tg, (p, _) in zip(targets, boards):
-            if tg is not None and tg.emulated:
-                console.print(f"[bold]{tg.label}[/]: emulated ARM board (qemu-aarch64, CPU neoverse-n1); latency "
-                              "is recorded as emulated, never held against a constraint", soft_wrap=True)
-                tg.progress = lambda m: console.print(m, soft_wrap=True)
-                tg.prepare(p.backend)  # set up once (cached), before any progress bar starts
+        _prepare_emulated(console, targets, boards)
         runs = _run_all(console, artifact, data, out, boards, labels, overrides, targets,
                         dict(port=port, identity=identity, known_hosts=known_hosts, accept_new=accept_new_host_key,
                              ssh_config=ssh_config, remote_python=remote_python, remote_dir=remote_dir,
@@ -180,11 +114,99 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(status)  # 1: a constraint failed (or the harness did); 4: a board or the disk did
 
 
+def _check_files(artifact: Path, data: Optional[Path], device: list[str], out: Path) -> None:
+    """The artifact, the eval data and the --out folder, before any profile is read."""
+    if artifact.is_dir() and (artifact / "genai_config.json").is_file():
+        raise UserError(f"sglp-edge bench does not yet take an onnxruntime-genai folder ({artifact}); run "
+                        f"python -m benchmarks.board.lm_bench --artifact {artifact} --data EVAL.npz, or sglp-edge run "
+                        "with an onnxruntime-genai profile")
+    if not artifact.is_file() and not artifact.is_dir():
+        raise UserError(f"artifact not found: {artifact}")
+    check_file(artifact, "artifact")
+    if data is not None and not data.is_file() and not data.is_dir():
+        raise UserError(f"eval data not found: {data}")
+    if data is not None:
+        check_file(data, "eval data (--data)")
+    if not device:
+        raise UserError("give a device profile with --device (see sglp-edge bench --list-devices)")
+    # bench updates its own folder in place (one sub-folder per board): no --force needed for that; a
+    # folder is its own with the marker and summary.json, or a marker naming bench (a bench stopped early)
+    guard_out_dir(out, reuse=True, inputs=(artifact, data), **_OWN)
+    if data is not None:
+        check_bench_data(artifact, data)
+
+
+def _load_profiles(artifact: Path, device: list[str], host: list[str], *, local: bool, emulate: bool) -> list:
+    """The --device profiles, each checked against the artifact and against --host/--local/--emulate."""
+    profiles = [load_profile(d) for d in device]
+    for p in profiles:
+        p.check_artifact(artifact)
+    if host and len(profiles) not in (1, len(host)):
+        raise UserError(f"{len(profiles)} --device for {len(host)} --host: give one device for all hosts, or one per host")
+    if local and host:
+        raise UserError("--local and --host contradict each other")
+    if emulate and host:
+        raise UserError("--emulate and --host contradict each other: the emulated board runs here")
+    if emulate:
+        for p in profiles:
+            if p.arch != "aarch64":
+                raise UserError(f"--emulate runs aarch64 boards; profile {p.name} is {p.arch}")
+    return profiles
+
+
+def _pair_boards(profiles: list, host: list[str], *, local: bool,
+                 emulate: bool) -> tuple[list[tuple[Any, Optional[str]]], list[str]]:
+    """(profile, host or None) per board, and a unique output label for each."""
+    boards: list[tuple[Any, Optional[str]]] = []
+    if host:
+        for i, h in enumerate(host):
+            boards.append((profiles[0] if len(profiles) == 1 else profiles[i], h))
+    else:
+        for p in profiles:
+            h = p.ssh.host if (p.ssh and p.ssh.host and not local and not emulate) else None
+            boards.append((p, h))
+    labels: list[str] = []
+    for p, h in boards:
+        lab = _label(p.name, h)
+        k = 2
+        while lab in labels:
+            lab = f"{_label(p.name, h)}-{k}"
+            k += 1
+        labels.append(lab)
+    return boards, labels
+
+
+def _warn_placement(console: Any, boards: list, labels: list[str], targets: list, port: Optional[int]) -> None:
+    """Warn of a board profile run on another architecture here, and of two labels on one board."""
+    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    seen_hosts: dict[str, str] = {}
+    for (p, h), lab, tg in zip(boards, labels, targets):
+        if tg is not None and tg.emulated:
+            continue
+        if h is None and p.arch != here:
+            console.print(f"[yellow]warning[/]: {lab} describes an {p.arch} board but runs here on {here}; "
+                          "pass --host to run it on the board, or --emulate to check it on the ARM runtime",
+                          soft_wrap=True)
+        if h is not None:
+            key = f"{h.split('@')[-1]}:{port if port is not None else (p.ssh.port if p.ssh else 22)}"
+            if key in seen_hosts:
+                console.print(f"[yellow]warning[/]: {seen_hosts[key]} and {lab} are the same board ({key}); "
+                              "their runs overlap and disturb each other's timings", soft_wrap=True)
+            seen_hosts.setdefault(key, lab)
+
+
+def _prepare_emulated(console: Any, targets: list, boards: list) -> None:
+    """Set up each emulated board's ARM runtime once (cached), before any progress bar starts."""
+    for tg, (p, _) in zip(targets, boards):
+        if tg is not None and tg.emulated:
+            console.print(f"[bold]{tg.label}[/]: emulated ARM board (qemu-aarch64, CPU neoverse-n1); latency "
+                          "is recorded as emulated, never held against a constraint", soft_wrap=True)
+            tg.progress = lambda m: console.print(m, soft_wrap=True)
+            tg.prepare(p.backend)
+
+
 def _check_options(host: list[str], *, batch_sizes: Optional[str], threads: Optional[int], **numbers: Any) -> None:
     """The numbers and hosts on the command line, before any file is read or any board contacted."""
-    from benchmarks.board.errors import UserError
-    from sglp_edge.validate import check_host, check_threads
-
     for h in host:
         check_host("--host", h)
     check_threads("--threads", threads)
@@ -205,16 +227,11 @@ def _check_options(host: list[str], *, batch_sizes: Optional[str], threads: Opti
 
 def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boards: list, labels: list[str],
              overrides: dict[str, Any], targets: list, ssh_opts: dict[str, Any]) -> list:
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    # heavy: numpy (targets.bundle -> benchmarks.board.runners); `sglp-edge --help` stays fast
     from sglp_edge.targets.bundle import make_bundle
-
-    # every SSH board is a target too; all are validated before anything starts
     from sglp_edge.targets.ssh import SSHBoardTarget
 
+    # every SSH board is a target too; all are validated before anything starts
     remote = [i for i, (_, h) in enumerate(boards) if h is not None]
     for i in remote:
         prof, h = boards[i]
@@ -247,16 +264,12 @@ def _run_all(console: Any, artifact: Path, data: Optional[Path], out: Path, boar
             for i, ((prof, h), lab) in enumerate(zip(boards, labels)):
                 if h is not None:
                     continue
-                from sglp_edge.targets.base import BenchJob
-
                 results[i] = targets[i].bench(BenchJob(artifact=artifact, data=data, profile=prof, out_dir=out / lab,
                                                        overrides=overrides, timeout_s=ssh_opts["timeout"], label=lab,
                                                        on_progress=on_progress))
                 progress.update(tasks[lab], completed=100, description="done" if results[i].ok else "failed")
 
         def remote_one(i: int) -> None:
-            from sglp_edge.targets.base import BenchJob
-
             results[i] = targets[i].bench(BenchJob(artifact=artifact, data=data, profile=boards[i][0], out_dir=out / labels[i],
                                                    overrides=overrides, label=labels[i], bundle=bundle,
                                                    on_progress=on_progress))
@@ -286,10 +299,6 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list, strict: bool,
             targets: Optional[list] = None) -> bool:
-    from rich.table import Table
-
-    from benchmarks.board.atomic import atomic_write_json
-
     rows = [("backend", None, 0), ("batch", "batch_size", 0), ("p50 ms", "latency_p50_ms", 3),
             ("p90 ms", "latency_p90_ms", 3), ("p99 ms", "latency_p99_ms", 3), ("mean ms", "latency_mean_ms", 3),
             ("std ms", "std_ms", 3), ("throughput /s", "throughput_items_per_s", 1),
@@ -307,8 +316,6 @@ def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list
         cons.add_column(col)
     summary: dict[str, Any] = {"boards": []}
     any_failed = env_failed = False
-    from sglp_edge.targets.base import held_constraints
-
     for k, ((prof, h), lab, run) in enumerate(zip(boards, labels, runs)):
         tg = targets[k] if targets else None
         emulated = bool(tg is not None and tg.emulated)
@@ -356,8 +363,6 @@ def _report(console: Any, out: Path, boards: list, labels: list[str], runs: list
 
 
 def _print_profiles(console: Any, profiles: list) -> None:
-    from rich.table import Table
-
     t = Table(title="Device profiles (one profile = one backend)")
     t.add_column("name", no_wrap=True)
     for col in ("arch", "backend", "precision", "threads"):

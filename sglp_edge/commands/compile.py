@@ -7,7 +7,10 @@ from typing import Optional
 
 import typer
 
+from benchmarks.board.tensorrt_plan import TrtOptions
+
 from sglp_edge.commands._common import guard_out_dir, hold_out, positive, user_errors
+from sglp_edge.validate import check_file
 
 
 def register(app: typer.Typer) -> None:
@@ -45,10 +48,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compile an ONNX model for OpenVINO, ONNX Runtime or TensorRT; writes the artifacts and a
         manifest.json (source hash, backend + version, precision, parity figures) atomically."""
-        from exporters.compile import compile_model
-        from benchmarks.board.tensorrt_plan import TrtOptions
-
-        from sglp_edge.validate import check_file
+        from exporters.compile import compile_model  # heavy: numpy at its top; `sglp-edge --help` stays fast
 
         for name, v in (("--calib-samples", calib_samples), ("--eval-samples", eval_samples),
                         ("--workspace-mb", workspace_mb), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):

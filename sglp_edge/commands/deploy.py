@@ -9,6 +9,8 @@ from typing import Optional
 import typer
 
 from sglp_edge.commands._common import user_errors
+from sglp_edge.profiles.load import load_profile
+from sglp_edge.validate import check_host
 
 
 def register(app: typer.Typer) -> None:
@@ -31,10 +33,9 @@ def register(app: typer.Typer) -> None:
         no_check: bool = typer.Option(False, "--no-check", help="do not run the release's runner on the board before switching to it"),
     ) -> None:
         """Install the run's pruned artifact for DEVICE on the board: verified, atomic, with rollback."""
+        # heavy: numpy (benchmarks.board.runners, imported by both); `sglp-edge --help` stays fast
         from sglp_edge.targets.deploy import board_dir, deploy, pick_release, rollback as do_rollback
-        from sglp_edge.profiles.load import load_profile
         from sglp_edge.targets.ssh import SSHBoardTarget
-        from sglp_edge.validate import check_host
 
         check_host("--host", host)
         to = board_dir(to)
