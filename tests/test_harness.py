@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import benchmarks.board.accuracy as acc
+from benchmarks.board.calib import load_eval_npz
 from benchmarks.board.harness import MeasureConfig, capture_env, latency_stats, measure, peak_memory
 from benchmarks.board.runner_base import UnsupportedBatch, parse_shape, random_feeds
 from benchmarks.board.runner_onnxruntime import OnnxRuntimeRunner
@@ -276,7 +277,7 @@ def test_tensorrt_missing_package_names_the_fix(models, tmp_path):
 
 
 def test_classification_top1_drop_and_agreement(models, eval_npz):
-    data = acc.load_eval_npz(eval_npz)
+    data = load_eval_npz(eval_npz)
     with OpenVINORunner(models["xml"], threads=1) as r:
         res = acc.evaluate(r, data, batch_size=5, precision="fp32")  # 64 = 12*5 + 4: padded last batch
     assert res["samples"] == 64
@@ -290,7 +291,7 @@ def test_classification_top1_drop_and_agreement(models, eval_npz):
 
 def test_agreement_detects_a_different_model(models, eval_npz, tmp_path):
     other = make_cnn(tmp_path / "other.onnx", seed=42)
-    data = acc.load_eval_npz(eval_npz)
+    data = load_eval_npz(eval_npz)
     with OnnxRuntimeRunner(other, threads=1) as r:
         res = acc.evaluate(r, data, batch_size=16, precision="fp32")
     assert res["agreement"]["allclose"] is False
@@ -305,7 +306,7 @@ def test_perplexity_matches_a_direct_computation(tmp_path):
     mask[4, 3:] = 0  # padded tail of the last sequence
     np.savez(tmp_path / "lm.npz", input_ids=ids, attention_mask=mask, baseline_ppl=np.array(5.0))
     # the model has no attention_mask input: the npz carries it for the metric only
-    data = acc.load_eval_npz(tmp_path / "lm.npz")
+    data = load_eval_npz(tmp_path / "lm.npz")
     assert data.task == "lm"
     with OnnxRuntimeRunner(lm, threads=1) as r:
         res = acc.evaluate(r, data, batch_size=2)  # 5 = 2+2+1: padded last batch
@@ -334,11 +335,11 @@ def test_exporters_npz_layout_is_accepted(models, tmp_path):
         r.set_batch(6)
         ref = r.infer({"x": x})[0]
         np.savez(tmp_path / "c.npz", x=x, y=ref.argmax(1), logits=ref)
-        res = acc.evaluate(r, acc.load_eval_npz(tmp_path / "c.npz"), batch_size=3)
+        res = acc.evaluate(r, load_eval_npz(tmp_path / "c.npz"), batch_size=3)
     assert res["agreement"]["allclose"] and res["top1_pct"] == 100.0
     lm, _ = make_lm(tmp_path / "lm.onnx")
     np.savez(tmp_path / "t.npz", x=np.random.default_rng(0).integers(0, 7, (4, 6)))
-    data = acc.load_eval_npz(tmp_path / "t.npz")
+    data = load_eval_npz(tmp_path / "t.npz")
     assert data.task == "lm"
     with OnnxRuntimeRunner(lm, threads=1) as r:
         assert acc.evaluate(r, data, batch_size=2)["tokens"] == 20
@@ -347,13 +348,13 @@ def test_exporters_npz_layout_is_accepted(models, tmp_path):
 def test_bad_eval_data_is_a_user_error(tmp_path):
     np.savez(tmp_path / "a.npz", x=np.zeros((3, 2)), y=np.zeros(4, dtype=np.int64))
     with pytest.raises(UserError, match="labels"):
-        acc.load_eval_npz(tmp_path / "a.npz")
+        load_eval_npz(tmp_path / "a.npz")
     np.savez(tmp_path / "b.npz", x=np.zeros((3, 2)))
     with pytest.raises(UserError, match="task"):
-        acc.load_eval_npz(tmp_path / "b.npz")
+        load_eval_npz(tmp_path / "b.npz")
     (tmp_path / "c.npz").write_text("not a zip")
     with pytest.raises(UserError, match="npz"):
-        acc.load_eval_npz(tmp_path / "c.npz")
+        load_eval_npz(tmp_path / "c.npz")
 
 
 # ---------------------------------------------------------------------------------------------

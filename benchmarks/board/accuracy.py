@@ -1,24 +1,6 @@
 """Accuracy of the compiled artifact itself on held-out data (numpy only: runs on the board).
 
-The evaluation data travels as one ``.npz`` file (written on the host by whoever exports the
-model). Keys:
-
-==================  ===========================================================================
-``x``               the inputs of a single-input model, leading axis = samples (N, ...)
-``<input name>``    or one array per model input, named exactly like the model's inputs
-                    (e.g. ``input_ids`` and ``attention_mask`` for a language model)
-``y``               integer class labels (N,) -> top-1 accuracy (classification)
-``ref_logits``      the PyTorch model's outputs for the same samples (``logits`` is accepted too,
-                    as written by ``benchmarks/board/calib.py``) -> agreement of the compiled
-                    artifact with PyTorch (top-1 agreement, max/mean abs difference, allclose
-                    with a per-precision tolerance)
-``baseline_top1``   scalar: the *unpruned* model's top-1 (%) on the same samples ->
-                    ``accuracy_drop_pct`` = baseline_top1 - top1 (percentage points)
-``baseline_ppl``    scalar: the unpruned model's perplexity -> ``ppl_increase_pct``
-``task``            optional scalar string ``classification`` | ``lm``; inferred otherwise
-                    (``y`` present -> classification; ``input_ids``, or integer ``x`` of shape
-                    (N, T), -> lm)
-==================  ===========================================================================
+The evaluation data is one ``.npz`` (its keys: :mod:`benchmarks.board.calib`, ``load_eval_npz``).
 
 Perplexity of a causal LM: the first output is taken as logits (B, T, V); token t+1 is predicted
 from position t; positions whose ``attention_mask`` is 0 are ignored;
@@ -29,13 +11,11 @@ LM logits are never all held in memory.
 from __future__ import annotations
 
 import math
-import zipfile
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from benchmarks.board.calib import EvalData
 from benchmarks.board.errors import UserError
 
 #: (rtol, atol) for allclose against the PyTorch reference, by the precision the artifact runs in.
@@ -46,87 +26,6 @@ PARITY_TOLERANCE = {
     "bf16": (2e-2, 2e-2),
     "int8": (1e-1, 1e-1),
 }
-
-META_KEYS = {"y", "ref_logits", "baseline_top1", "baseline_ppl", "task", "x"}
-
-
-@dataclass
-class EvalData:
-    path: Path
-    arrays: dict[str, np.ndarray]
-    task: str
-    n: int
-    labels: Optional[np.ndarray] = None
-    ref: Optional[np.ndarray] = None
-    baseline_top1: Optional[float] = None
-    baseline_ppl: Optional[float] = None
-    input_keys: list[str] = field(default_factory=list)
-
-
-def _scalar(v: np.ndarray) -> Any:
-    a = np.asarray(v)
-    return a.item() if a.size == 1 else None
-
-
-def load_eval_npz(path: str | Path, max_samples: Optional[int] = None) -> EvalData:
-    """Read and validate an evaluation ``.npz`` (see module docstring for the keys)."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"eval data not found: {p}")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise UserError(f"{p} is not a readable .npz file ({e}); write it with numpy.savez") from None
-    task_arr = arrays.pop("task", None)
-    task = str(_scalar(task_arr)) if task_arr is not None else None
-    labels = arrays.pop("y", None)
-    ref = arrays.pop("ref_logits", None)
-    alias = arrays.pop("logits", None)  # benchmarks/board/calib.py writes the PyTorch outputs as 'logits'
-    if ref is None:
-        ref = alias
-    b_top1 = arrays.pop("baseline_top1", None)
-    b_ppl = arrays.pop("baseline_ppl", None)
-    if task is None:
-        if labels is not None:
-            task = "classification"
-        elif "input_ids" in arrays or ("x" in arrays and arrays["x"].ndim == 2
-                                       and np.issubdtype(arrays["x"].dtype, np.integer)):
-            task = "lm"  # token ids (N, T)
-    if task not in ("classification", "lm"):
-        raise UserError(
-            f"{p.name}: cannot tell the task; add labels 'y' (classification), 'input_ids' (language model) "
-            "or a 'task' entry ('classification' | 'lm')"
-        )
-    if not arrays:
-        raise UserError(f"{p.name} holds no input arrays: store the inputs as 'x' or under the model's input names")
-    ns = {k: a.shape[0] if a.ndim else None for k, a in arrays.items()}
-    if any(v is None for v in ns.values()) or len(set(ns.values())) != 1:
-        raise UserError(f"{p.name}: input arrays must share their first (sample) axis, got {ns}")
-    n = next(iter(ns.values()))
-    if labels is not None and labels.shape[0] != n:
-        raise UserError(f"{p.name}: 'y' has {labels.shape[0]} labels for {n} samples")
-    if ref is not None and ref.shape[0] != n:
-        raise UserError(f"{p.name}: 'ref_logits' has {ref.shape[0]} rows for {n} samples")
-    if task == "classification" and labels is None:
-        raise UserError(f"{p.name}: classification needs integer labels 'y'")
-    if max_samples is not None and max_samples < n:
-        arrays = {k: a[:max_samples] for k, a in arrays.items()}
-        labels = labels[:max_samples] if labels is not None else None
-        ref = ref[:max_samples] if ref is not None else None
-        n = max_samples
-    return EvalData(
-        path=p,
-        arrays=arrays,
-        task=task,
-        n=int(n),
-        labels=labels,
-        ref=ref,
-        baseline_top1=float(_scalar(b_top1)) if b_top1 is not None else None,
-        baseline_ppl=float(_scalar(b_ppl)) if b_ppl is not None else None,
-        input_keys=sorted(arrays),
-    )
-
 
 def map_inputs(input_names: list[str], data: EvalData) -> dict[str, str]:
     """Model input name -> npz key."""
@@ -213,6 +112,77 @@ class _Agreement:
         }
 
 
+def _check_inputs(runner: Any, data: EvalData, mapping: dict[str, str]) -> None:
+    """Each mapped array's sample shape is the model input's."""
+    specs = {s.name: s for s in runner.inputs}
+    for name, key in mapping.items():
+        want = specs[name].shape[1:]
+        got = list(data.arrays[key].shape[1:])
+        if want and got != list(want):
+            raise UserError(
+                f"{data.path.name}: '{key}' samples have shape {got} but the model input {name!r} expects {list(want)}"
+            )
+
+
+def _batch_feeds(data: EvalData, mapping: dict[str, str], start: int, stop: int, batch_size: int) -> dict[str, np.ndarray]:
+    """Samples ``start:stop``, the last batch padded to ``batch_size`` by repeating its final sample."""
+    real = stop - start
+    feeds = {}
+    for name, key in mapping.items():
+        chunk = data.arrays[key][start:stop]
+        if real < batch_size:
+            pad = np.repeat(chunk[-1:], batch_size - real, axis=0)
+            chunk = np.concatenate([chunk, pad], axis=0)
+        feeds[name] = chunk
+    return feeds
+
+
+class _TaskMetric:
+    """Top-1 (classification) or perplexity (language model), accumulated batch by batch."""
+
+    def __init__(self, data: EvalData, mapping: dict[str, str], names: list[str]) -> None:
+        self.data = data
+        self.correct = self.ref_correct = 0
+        self.nll_sum, self.ntok = 0.0, 0
+        self.ids_key = mapping.get("input_ids") or ("input_ids" if "input_ids" in data.arrays else mapping[names[0]])
+        # the mask may be a model input or stored for the metric only
+        self.mask_key = mapping.get("attention_mask") or ("attention_mask" if "attention_mask" in data.arrays else None)
+
+    def add(self, out: np.ndarray, start: int, stop: int) -> None:
+        data = self.data
+        if data.task == "classification":
+            labels = data.labels[start:stop].reshape(-1)
+            self.correct += int((top1(out) == labels).sum())
+            if data.ref is not None:
+                self.ref_correct += int((top1(data.ref[start:stop]) == labels).sum())
+            return
+        ids = data.arrays[self.ids_key][start:stop]
+        mask = data.arrays[self.mask_key][start:stop] if self.mask_key else None
+        s, c = lm_nll(out, ids, mask)
+        self.nll_sum += s
+        self.ntok += c
+
+    def result(self, res: dict[str, Any]) -> None:
+        data, n = self.data, self.data.n
+        if data.task == "classification":
+            res["top1_pct"] = 100.0 * self.correct / n
+            if data.ref is not None:
+                res["reference_top1_pct"] = 100.0 * self.ref_correct / n
+                res["top1_drop_vs_reference_pct"] = res["reference_top1_pct"] - res["top1_pct"]
+            if data.baseline_top1 is not None:
+                res["baseline_top1_pct"] = data.baseline_top1
+                res["accuracy_drop_pct"] = data.baseline_top1 - res["top1_pct"]
+            return
+        if self.ntok == 0:
+            raise UserError(f"{data.path.name}: no predicted tokens (sequences shorter than 2, or fully masked)")
+        res["nll"] = self.nll_sum / self.ntok
+        res["tokens"] = self.ntok
+        res["perplexity"] = math.exp(self.nll_sum / self.ntok)
+        if data.baseline_ppl is not None:
+            res["baseline_perplexity"] = data.baseline_ppl
+            res["ppl_increase_pct"] = 100.0 * (res["perplexity"] / data.baseline_ppl - 1.0)
+
+
 def evaluate(
     runner: Any,
     data: EvalData,
@@ -228,71 +198,21 @@ def evaluate(
     mapping = map_inputs(names, data)
     if runner.batch != batch_size:
         runner.set_batch(batch_size)
-    specs = {s.name: s for s in runner.inputs}
-    for name, key in mapping.items():
-        want = specs[name].shape[1:]
-        got = list(data.arrays[key].shape[1:])
-        if want and got != list(want):
-            raise UserError(
-                f"{data.path.name}: '{key}' samples have shape {got} but the model input {name!r} expects {list(want)}"
-            )
+    _check_inputs(runner, data, mapping)
     n = data.n
-    correct = 0
-    ref_correct = 0
-    nll_sum, ntok = 0.0, 0
+    metric = _TaskMetric(data, mapping, names)
     agree = _Agreement(precision) if data.ref is not None else None
-    out_idx = 0
-    if "logits" in runner.output_names:
-        out_idx = runner.output_names.index("logits")
-    done = 0
+    out_idx = runner.output_names.index("logits") if "logits" in runner.output_names else 0
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        real = stop - start
-        feeds = {}
-        for name, key in mapping.items():
-            chunk = data.arrays[key][start:stop]
-            if real < batch_size:
-                pad = np.repeat(chunk[-1:], batch_size - real, axis=0)
-                chunk = np.concatenate([chunk, pad], axis=0)
-            feeds[name] = chunk
-        out = np.asarray(runner.infer(feeds)[out_idx])[:real]
-        if data.task == "classification":
-            pred = top1(out)
-            correct += int((pred == data.labels[start:stop].reshape(-1)).sum())
-            if data.ref is not None:
-                ref_correct += int((top1(data.ref[start:stop]) == data.labels[start:stop].reshape(-1)).sum())
-        else:
-            ids_key = mapping.get("input_ids") or ("input_ids" if "input_ids" in data.arrays else mapping[names[0]])
-            # the mask may be a model input or stored for the metric only
-            mask_key = mapping.get("attention_mask") or ("attention_mask" if "attention_mask" in data.arrays else None)
-            ids = data.arrays[ids_key][start:stop]
-            mask = data.arrays[mask_key][start:stop] if mask_key else None
-            s, c = lm_nll(out, ids, mask)
-            nll_sum += s
-            ntok += c
+        out = np.asarray(runner.infer(_batch_feeds(data, mapping, start, stop, batch_size))[out_idx])[:stop - start]
+        metric.add(out, start, stop)
         if agree is not None:
             agree.add(out, data.ref[start:stop])
-        done = stop
         if progress:
-            progress(done, n)
+            progress(stop, n)
     res: dict[str, Any] = {"task": data.task, "samples": n, "batch_size": batch_size, "data": data.path.name}
-    if data.task == "classification":
-        res["top1_pct"] = 100.0 * correct / n
-        if data.ref is not None:
-            res["reference_top1_pct"] = 100.0 * ref_correct / n
-            res["top1_drop_vs_reference_pct"] = res["reference_top1_pct"] - res["top1_pct"]
-        if data.baseline_top1 is not None:
-            res["baseline_top1_pct"] = data.baseline_top1
-            res["accuracy_drop_pct"] = data.baseline_top1 - res["top1_pct"]
-    else:
-        if ntok == 0:
-            raise UserError(f"{data.path.name}: no predicted tokens (sequences shorter than 2, or fully masked)")
-        res["nll"] = nll_sum / ntok
-        res["tokens"] = ntok
-        res["perplexity"] = math.exp(nll_sum / ntok)
-        if data.baseline_ppl is not None:
-            res["baseline_perplexity"] = data.baseline_ppl
-            res["ppl_increase_pct"] = 100.0 * (res["perplexity"] / data.baseline_ppl - 1.0)
+    metric.result(res)
     if agree is not None:
         res["agreement"] = agree.result()
     return res

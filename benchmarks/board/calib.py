@@ -1,22 +1,45 @@
-"""Calibration / evaluation data as ``.npz`` (numpy only: runs on the board too).
+"""The ``.npz`` data format, one module for every reader and writer (numpy only: runs on the board too).
 
-The torch side writes, the exporters read. An ``.npz`` holds:
+Calibration / parity data (the torch side writes with :func:`save_npz`, the exporters read with
+:func:`load_npz`):
 
 * ``x``       - float32 NCHW images, or int64 token ids ``(N, T)``  (required)
 * ``y``       - int64 labels ``(N,)``                                  (optional)
 * ``logits``  - float32 reference outputs of the PyTorch model for ``x`` (optional; when present,
                 backend parity is measured against PyTorch itself rather than ONNX Runtime FP32)
 
-Anything wrong with the file is a :class:`UserError` that names the fix.
+Evaluation data of the on-board benchmark (:func:`load_eval_npz`, read by
+``benchmarks/board/accuracy.py``); the same file as above is accepted, and more:
+
+==================  ===========================================================================
+``x``               the inputs of a single-input model, leading axis = samples (N, ...)
+``<input name>``    or one array per model input, named exactly like the model's inputs
+                    (e.g. ``input_ids`` and ``attention_mask`` for a language model)
+``y``               integer class labels (N,) -> top-1 accuracy (classification)
+``ref_logits``      the PyTorch model's outputs for the same samples (``logits`` is accepted too,
+                    as written by :func:`save_npz`) -> agreement of the compiled
+                    artifact with PyTorch (top-1 agreement, max/mean abs difference, allclose
+                    with a per-precision tolerance)
+``baseline_top1``   scalar: the *unpruned* model's top-1 (%) on the same samples ->
+                    ``accuracy_drop_pct`` = baseline_top1 - top1 (percentage points)
+``baseline_ppl``    scalar: the unpruned model's perplexity -> ``ppl_increase_pct``
+``task``            optional scalar string ``classification`` | ``lm``; inferred otherwise
+                    (``y`` present -> classification; ``input_ids``, or integer ``x`` of shape
+                    (N, T), -> lm)
+==================  ===========================================================================
+
+Every file is read by :func:`read_npz` (never unpickles); anything wrong with a file is a
+:class:`UserError` that names the fix. (The board's decoder-LM eval data, token ids only, is
+``benchmarks/board/lm_bench.py``'s, read through :func:`read_npz` too.)
 """
 
 from __future__ import annotations
 
 import io
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 
@@ -25,6 +48,22 @@ from benchmarks.board.errors import UserError
 
 NPZ_HELP = ("an .npz with array 'x' (float32 NCHW images or int64 token ids), optional 'y' (labels) "
             "and optional 'logits' (PyTorch reference outputs)")
+EVAL_HELP = ("an .npz with the inputs as 'x' (or one array per model input name), labels 'y' or token ids, "
+             "written with numpy.savez")
+
+
+def read_npz(path: str | Path, *, what: str, fix: str) -> Dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (never executes pickled code); a missing or unreadable file is a
+    :class:`UserError` naming ``what`` it should hold (``fix``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist; give {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise UserError(f"{what} file {path} is not a readable .npz ({type(e).__name__}: {e}); "
+                        f"re-create it with numpy.savez as {fix}") from None
 
 
 @dataclass
@@ -58,14 +97,7 @@ class CalibData:
 def load_npz(path: str | Path, *, require_labels: bool = False, what: str = "calibration data") -> CalibData:
     """Load and validate an ``.npz`` (see module doc). Never executes pickled code."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} file {path} does not exist; give {NPZ_HELP}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise UserError(f"{what} file {path} is not a readable .npz ({type(e).__name__}: {e}); "
-                        f"re-create it with numpy.savez as {NPZ_HELP}") from None
+    arrays = read_npz(path, what=what, fix=NPZ_HELP)
     if "x" not in arrays:
         raise UserError(f"{what} file {path} has no array 'x' (found {sorted(arrays)}); give {NPZ_HELP}")
     x = arrays["x"]
@@ -133,3 +165,78 @@ def check_matches_input(data: CalibData, input_shape: list, input_dtype: str, *,
         if i > 0 and isinstance(d, int) and d > 0 and d != s:
             raise UserError(f"{what} {data.path}: 'x' has shape {list(x.shape)} but the model input is "
                             f"{input_shape} (dimension {i} differs)")
+
+
+# -- evaluation data of the on-board benchmark ----------------------------------------------------
+
+
+@dataclass
+class EvalData:
+    path: Path
+    arrays: dict[str, np.ndarray]
+    task: str
+    n: int
+    labels: Optional[np.ndarray] = None
+    ref: Optional[np.ndarray] = None
+    baseline_top1: Optional[float] = None
+    baseline_ppl: Optional[float] = None
+    input_keys: list[str] = field(default_factory=list)
+
+
+def _scalar(v: np.ndarray) -> Any:
+    a = np.asarray(v)
+    return a.item() if a.size == 1 else None
+
+
+def load_eval_npz(path: str | Path, max_samples: Optional[int] = None) -> EvalData:
+    """Read and validate an evaluation ``.npz`` (the keys: module docstring, second table)."""
+    p = Path(path)
+    arrays = read_npz(p, what="eval data", fix=EVAL_HELP)
+    task_arr = arrays.pop("task", None)
+    task = str(_scalar(task_arr)) if task_arr is not None else None
+    labels = arrays.pop("y", None)
+    ref = arrays.pop("ref_logits", None)
+    alias = arrays.pop("logits", None)  # save_npz writes the PyTorch outputs as 'logits'
+    if ref is None:
+        ref = alias
+    b_top1 = arrays.pop("baseline_top1", None)
+    b_ppl = arrays.pop("baseline_ppl", None)
+    if task is None:
+        if labels is not None:
+            task = "classification"
+        elif "input_ids" in arrays or ("x" in arrays and arrays["x"].ndim == 2
+                                       and np.issubdtype(arrays["x"].dtype, np.integer)):
+            task = "lm"  # token ids (N, T)
+    if task not in ("classification", "lm"):
+        raise UserError(
+            f"{p.name}: cannot tell the task; add labels 'y' (classification), 'input_ids' (language model) "
+            "or a 'task' entry ('classification' | 'lm')"
+        )
+    if not arrays:
+        raise UserError(f"{p.name} holds no input arrays: store the inputs as 'x' or under the model's input names")
+    ns = {k: a.shape[0] if a.ndim else None for k, a in arrays.items()}
+    if any(v is None for v in ns.values()) or len(set(ns.values())) != 1:
+        raise UserError(f"{p.name}: input arrays must share their first (sample) axis, got {ns}")
+    n = next(iter(ns.values()))
+    if labels is not None and labels.shape[0] != n:
+        raise UserError(f"{p.name}: 'y' has {labels.shape[0]} labels for {n} samples")
+    if ref is not None and ref.shape[0] != n:
+        raise UserError(f"{p.name}: 'ref_logits' has {ref.shape[0]} rows for {n} samples")
+    if task == "classification" and labels is None:
+        raise UserError(f"{p.name}: classification needs integer labels 'y'")
+    if max_samples is not None and max_samples < n:
+        arrays = {k: a[:max_samples] for k, a in arrays.items()}
+        labels = labels[:max_samples] if labels is not None else None
+        ref = ref[:max_samples] if ref is not None else None
+        n = max_samples
+    return EvalData(
+        path=p,
+        arrays=arrays,
+        task=task,
+        n=int(n),
+        labels=labels,
+        ref=ref,
+        baseline_top1=float(_scalar(b_top1)) if b_top1 is not None else None,
+        baseline_ppl=float(_scalar(b_ppl)) if b_ppl is not None else None,
+        input_keys=sorted(arrays),
+    )
