@@ -33,11 +33,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from benchmarks.board.atomic import atomic_dir, atomic_write_json, sha256_file
+from benchmarks.board.backends import BACKENDS, BackendSpec, get_backend
 from benchmarks.board.errors import UserError
 
-BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "int8", "int4"), "openvino": ("fp32", "fp16", "int8", "int4"),
-                      "tensorrt": ("fp32", "fp16")}
-ARTIFACT = {"onnxruntime": "model.onnx", "openvino": "model.xml", "tensorrt": "model.onnx"}
+#: backend -> the precisions it compiles a decoder LM in (the backend registry's ``lm_precisions``)
+BACKEND_PRECISIONS = {n: b.lm_precisions for n, b in BACKENDS.items() if b.lm_precisions}
 
 
 def _lm_dims(onnx_path: Path) -> Dict[str, Any]:
@@ -106,7 +106,7 @@ def _openvino_logits(path: Path, ids: np.ndarray, dims: Dict[str, Any]) -> np.nd
     return req.infer(feed)["logits"]
 
 
-def _parity(art: Path, backend: str, ref_path: Path, dims: Dict[str, Any], vocab: int) -> Dict[str, Any]:
+def _parity(art: Path, route: str, ref_path: Path, dims: Dict[str, Any], vocab: int) -> Dict[str, Any]:
     """Prefill of 3 random 16-token prompts: max |logits - the FP32 source's| and next-token agreement.
     The source runs on ONNX Runtime (an .onnx) or on OpenVINO in f32 (a stateful .xml)."""
     rng = np.random.default_rng(0)
@@ -123,12 +123,119 @@ def _parity(art: Path, backend: str, ref_path: Path, dims: Dict[str, Any], vocab
             feed[n] = np.zeros((3, dims["kv_heads"], 0, dims["head_dim"]), np.float32)
         ref = ort.InferenceSession(str(ref_path), so, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
         label = "onnxruntime fp32 on the exported graph"
-        if backend == "onnxruntime":
+        if route == "onnx":
             out = ort.InferenceSession(str(art), so, providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
-    if backend == "openvino":
+    if route == "openvino":
         out = _openvino_logits(art, ids, dims)
     return {"reference": label, "prompts": 3, "tokens": 16, "max_abs": float(np.abs(out - ref).max()),
             "next_token_agreement": float((out.argmax(-1) == ref.argmax(-1)).mean())}
+
+
+def _check(onnx_path: Path, backend: str, precision: str, group_size: int,
+           accuracy_level: Optional[int]) -> tuple[BackendSpec, Dict[str, Any], Optional[int]]:
+    """The request checked before any work: the backend's spec, the graph's dims, the MatMulNBits level."""
+    if backend not in BACKEND_PRECISIONS:
+        raise UserError(f"unknown backend {backend!r} for an LM; choose one of {', '.join(BACKEND_PRECISIONS)}")
+    if precision not in BACKEND_PRECISIONS[backend]:
+        raise UserError(f"{backend} compiles LMs in {', '.join(BACKEND_PRECISIONS[backend])}, not {precision}")
+    spec = get_backend(backend)
+    if not onnx_path.is_file():
+        raise UserError(f"LM graph {onnx_path} does not exist")
+    if onnx_path.suffix == ".xml" and spec.lm_route != "openvino":
+        raise UserError(f"{onnx_path} is an OpenVINO IR: it compiles for openvino only; pass the .onnx of "
+                        f"sglp_edge.export.lm for {backend}")
+    dims = _ir_dims(onnx_path) if onnx_path.suffix == ".xml" else _lm_dims(onnx_path)
+    if precision == "int4" and (not dims["hidden"] or dims["hidden"] % group_size):
+        raise UserError(f"INT4 group size {group_size} does not divide the hidden size {dims['hidden']} (or the "
+                        "hidden size is unknown: no (vocab, hidden) weight); use a divisor such as 64 or 32")
+    ort_nbits = spec.lm_route == "onnx" and precision in ("int8", "int4")
+    if accuracy_level is not None and (not ort_nbits or accuracy_level not in (0, 1, 2, 3, 4)):
+        raise UserError("accuracy_level (0-4) applies to ONNX Runtime INT8/INT4 weight-only only")
+    if ort_nbits and accuracy_level is None:
+        accuracy_level = 4
+    return spec, dims, accuracy_level
+
+
+def _copy_graph(onnx_path: Path, art: Path) -> None:
+    """The exported graph as it is (with its external data file, if any)."""
+    import shutil
+
+    shutil.copyfile(onnx_path, art)
+    data = Path(str(onnx_path) + ".data")
+    if data.is_file():
+        shutil.copyfile(data, art.parent / data.name)
+
+
+def _matmul_nbits(onnx_path: Path, art: Path, precision: str, group_size: int,
+                  accuracy_level: Optional[int]) -> Dict[str, Any]:
+    """ONNX Runtime's weight-only MatMulNBits quantizer (8 bits in blocks of 128, 4 bits in ``group_size``)."""
+    import logging
+
+    import onnx  # heavy: the graph library
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb  # heavy: the runtime
+
+    bits = 8 if precision == "int8" else 4
+    block = 128 if bits == 8 else group_size
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+    cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
+                                           accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+    qz = mnb.MatMulNBitsQuantizer(onnx.load(str(onnx_path)), bits=bits, block_size=block, is_symmetric=True,
+                                  accuracy_level=accuracy_level, algo_config=cfg,
+                                  op_types_to_quantize=("MatMul",))
+    with contextlib.redirect_stdout(io.StringIO()):
+        qz.process()
+    qz.model.save_model_to_file(str(art), use_external_data_format=False)
+    n = sum(1 for nd in onnx.load(str(art), load_external_data=False).graph.node if nd.op_type == "MatMulNBits")
+    return {"method": f"onnxruntime MatMulNBitsQuantizer ({bits} bits, weight-only)",
+            "bits": bits, "block_size": block, "symmetric": True, "quantized_matmuls": n,
+            "accuracy_level": accuracy_level}
+
+
+def _openvino_ir(onnx_path: Path, art: Path, precision: str, group_size: int) -> Optional[Dict[str, Any]]:
+    """The OpenVINO IR, its weights compressed by NNCF for int8/int4 (weight-only); returns the quantization."""
+    import openvino as ov  # heavy: the runtime
+
+    quantization = None
+    model = ov.Core().read_model(str(onnx_path))
+    if precision in ("int8", "int4"):
+        import nncf  # heavy: NNCF
+
+        if precision == "int8":
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            quantization = {"method": "nncf.compress_weights INT8_ASYM (weight-only)"}
+        else:
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group_size,
+                                          ratio=1.0)
+            quantization = {"method": "nncf.compress_weights INT4_SYM (weight-only)",
+                            "group_size": group_size, "ratio": 1.0}
+    ov.save_model(model, str(art), compress_to_fp16=(precision == "fp16"))
+    del model
+    return quantization
+
+
+def _write_artifact(spec: BackendSpec, onnx_path: Path, tmp: Path, precision: str, dims: Dict[str, Any], *,
+                    group_size: int, accuracy_level: Optional[int], max_prompt: int, max_context: int,
+                    man: Dict[str, Any]) -> Path:
+    """The backend's artifact (and, for a board-built backend, its trtexec build command) into ``tmp``."""
+    art = tmp / spec.artifact
+    if spec.lm_route == "openvino":
+        quantization = _openvino_ir(onnx_path, art, precision, group_size)
+        if quantization is not None:  # fp32/fp16 IRs record none
+            man["quantization"] = quantization
+        return art
+    if precision in ("fp32", "fp16"):
+        _copy_graph(onnx_path, art)
+        man["quantization"] = None
+    else:
+        man["quantization"] = _matmul_nbits(onnx_path, art, precision, group_size, accuracy_level)
+    if spec.builds_on == "board":
+        cmd = trtexec_command(dims, precision=precision, max_prompt=max_prompt, max_context=max_context)
+        (tmp / "trtexec.sh").write_text("#!/bin/sh\n# build on the board (engines are GPU/TensorRT specific)\n"
+                                        + cmd + "\n")
+        man["trtexec"] = cmd
+        man["build_on"] = "board"
+    return art
 
 
 def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str | Path, *, group_size: int = 64,
@@ -142,26 +249,7 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
     decode at 0.27x FP32's tokens/s at level 0 and 1.53x at level 4, for +0.8 % perplexity."""
     t0 = time.perf_counter()
     onnx_path = Path(onnx_path)
-    if backend not in BACKEND_PRECISIONS:
-        raise UserError(f"unknown backend {backend!r} for an LM; choose one of {', '.join(BACKEND_PRECISIONS)}")
-    if precision not in BACKEND_PRECISIONS[backend]:
-        raise UserError(f"{backend} compiles LMs in {', '.join(BACKEND_PRECISIONS[backend])}, not {precision}")
-    if not onnx_path.is_file():
-        raise UserError(f"LM graph {onnx_path} does not exist")
-    if onnx_path.suffix == ".xml" and backend != "openvino":
-        raise UserError(f"{onnx_path} is an OpenVINO IR: it compiles for openvino only; pass the .onnx of "
-                        f"sglp_edge.export.lm for {backend}")
-    dims = _ir_dims(onnx_path) if onnx_path.suffix == ".xml" else _lm_dims(onnx_path)
-    if precision == "int4" and (not dims["hidden"] or dims["hidden"] % group_size):
-        raise UserError(f"INT4 group size {group_size} does not divide the hidden size {dims['hidden']} (or the "
-                        "hidden size is unknown: no (vocab, hidden) weight); use a divisor such as 64 or 32")
-    ort_nbits = backend == "onnxruntime" and precision in ("int8", "int4")
-    if accuracy_level is not None and (not ort_nbits or accuracy_level not in (0, 1, 2, 3, 4)):
-        raise UserError("accuracy_level (0-4) applies to ONNX Runtime INT8/INT4 weight-only only")
-    if ort_nbits and accuracy_level is None:
-        accuracy_level = 4
-    import onnx
-
+    spec, dims, accuracy_level = _check(onnx_path, backend, precision, group_size, accuracy_level)
     vocab = dims["vocab"]
     man: Dict[str, Any] = {"format": "sglp-edge/lm-compile/1", "task": "causal-lm", "backend": backend,
                            "precision": precision, "source": {"path": str(onnx_path), "sha256": sha256_file(onnx_path)},
@@ -169,67 +257,15 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
                            "kv_heads": dims["kv_heads"],
                            "head_dim": dims["head_dim"], "num_layers": dims["n_past"] // 2}
     with atomic_dir(Path(out_dir)) as tmp:
-        art = tmp / ARTIFACT[backend]
-        if backend in ("onnxruntime", "tensorrt"):
-            if precision in ("fp32", "fp16"):
-                import shutil
-
-                shutil.copyfile(onnx_path, art)
-                data = Path(str(onnx_path) + ".data")
-                if data.is_file():
-                    shutil.copyfile(data, tmp / data.name)
-                man["quantization"] = None
-            else:
-                bits = 8 if precision == "int8" else 4
-                block = 128 if bits == 8 else group_size
-                import logging
-
-                from onnxruntime.quantization import matmul_nbits_quantizer as mnb
-
-                logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-
-                cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
-                                                       accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-                qz = mnb.MatMulNBitsQuantizer(onnx.load(str(onnx_path)), bits=bits, block_size=block, is_symmetric=True,
-                                              accuracy_level=accuracy_level, algo_config=cfg,
-                                              op_types_to_quantize=("MatMul",))
-                with contextlib.redirect_stdout(io.StringIO()):
-                    qz.process()
-                qz.model.save_model_to_file(str(art), use_external_data_format=False)
-                n = sum(1 for nd in onnx.load(str(art), load_external_data=False).graph.node if nd.op_type == "MatMulNBits")
-                man["quantization"] = {"method": f"onnxruntime MatMulNBitsQuantizer ({bits} bits, weight-only)",
-                                       "bits": bits, "block_size": block, "symmetric": True, "quantized_matmuls": n,
-                                       "accuracy_level": accuracy_level}
-            if backend == "tensorrt":
-                cmd = trtexec_command(dims, precision=precision, max_prompt=max_prompt, max_context=max_context)
-                (tmp / "trtexec.sh").write_text("#!/bin/sh\n# build on the board (engines are GPU/TensorRT specific)\n"
-                                                + cmd + "\n")
-                man["trtexec"] = cmd
-                man["build_on"] = "board"
-        else:
-            import openvino as ov
-
-            model = ov.Core().read_model(str(onnx_path))
-            if precision in ("int8", "int4"):
-                import nncf
-
-                if precision == "int8":
-                    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-                    man["quantization"] = {"method": "nncf.compress_weights INT8_ASYM (weight-only)"}
-                else:
-                    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group_size,
-                                                  ratio=1.0)
-                    man["quantization"] = {"method": "nncf.compress_weights INT4_SYM (weight-only)",
-                                           "group_size": group_size, "ratio": 1.0}
-            ov.save_model(model, str(art), compress_to_fp16=(precision == "fp16"))
-            del model
+        art = _write_artifact(spec, onnx_path, tmp, precision, dims, group_size=group_size,
+                              accuracy_level=accuracy_level, max_prompt=max_prompt, max_context=max_context, man=man)
         man["artifacts"] = sorted(f.name for f in tmp.iterdir())
         man["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.suffix in (".onnx", ".data", ".xml", ".bin"))
-        if parity and backend != "tensorrt" and vocab:
-            man["parity"] = _parity(art, backend, onnx_path, dims, vocab)
+        if parity and spec.builds_on != "board" and vocab:
+            man["parity"] = _parity(art, spec.lm_route, onnx_path, dims, vocab)
         man["seconds"] = round(time.perf_counter() - t0, 2)
         atomic_write_json(tmp / "manifest.json", man)
-    man["artifact"] = str(Path(out_dir) / ARTIFACT[backend])
+    man["artifact"] = str(Path(out_dir) / spec.artifact)
     return man
 
 

@@ -40,9 +40,20 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a file: the bundle (or repository) root holds benchmarks/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.board.atomic import atomic_write_bytes, atomic_write_json  # noqa: E402
+from benchmarks.board.backends import BACKENDS, ONNX_BACKEND, backend_for_file  # noqa: E402
+from benchmarks.board.calib import read_npz  # noqa: E402
+from benchmarks.board.errors import UserError  # noqa: E402
+from benchmarks.board.harness import capture_env, now_iso, peak_memory  # noqa: E402
+from benchmarks.board.lm_genai import GenaiSession, genai_files, is_genai_folder  # noqa: E402
+
 TASK = "causal-lm"
 SCHEMA = "sglp-edge.lm-bench/1"
 EVAL_KEYS = ("bench_prompt", "gen_tokens", "greedy_prompts", "greedy_reference", "ppl_blocks")
+#: backends this benchmark runs (the registry's ``lm_session``: our decode loop on a graph, or genai's)
+LM_BACKENDS = tuple(n for n, b in BACKENDS.items() if b.lm_session)
 
 
 class LMSession:
@@ -50,15 +61,13 @@ class LMSession:
 
     def __init__(self, artifact: str, backend: str, *, threads: Optional[int] = None, precision: str = "fp32",
                  device: str = "CPU", providers: Optional[List[str]] = None):
-        from benchmarks.board.errors import UserError
-
         self.backend = backend
         self.stateful = False
         self.artifact = Path(artifact)
         if not self.artifact.is_file():
             raise UserError(f"LM artifact not found: {artifact}")
         if backend == "onnxruntime":
-            import onnxruntime as ort
+            import onnxruntime as ort  # heavy: the runtime
 
             so = ort.SessionOptions()
             so.log_severity_level = 3
@@ -72,7 +81,7 @@ class LMSession:
             shape = ins[3].shape if len(ins) > 3 else None
             self.settings = {"providers": self._sess.get_providers(), "threads": threads}
         elif backend == "openvino":
-            import openvino as ov
+            import openvino as ov  # heavy: the runtime
 
             core = ov.Core()
             model = core.read_model(str(self.artifact))
@@ -101,8 +110,7 @@ class LMSession:
                 self.n_past, self.kv_heads, self.head_dim = 0, None, None
                 return
         else:
-            raise UserError(f"the LM benchmark runs on onnxruntime, openvino or onnxruntime-genai, not {backend!r} "
-                            "(TensorRT: build the engine with the printed trtexec command)")
+            raise UserError(f"LMSession runs an ONNX Runtime or OpenVINO graph, not {backend!r}")
         if self.input_names[:3] != ["input_ids", "attention_mask", "position_ids"] or not shape or len(shape) != 4:
             raise UserError(f"{artifact} is not in the text-generation-with-past layout (inputs "
                             f"{self.input_names[:4]}); export it with sglp_edge.export.lm")
@@ -134,12 +142,27 @@ class LMSession:
 
 
 def open_session(artifact: str, backend: str, **kw: Any) -> Any:
-    """LMSession, or for onnxruntime-genai a :class:`benchmarks.board.lm_genai.GenaiSession` (same ``step``)."""
-    if backend == "onnxruntime-genai":
-        from benchmarks.board.lm_genai import GenaiSession
-
+    """LMSession, or for onnxruntime-genai a :class:`benchmarks.board.lm_genai.GenaiSession` (same ``step``):
+    the backend registry's ``lm_session`` of ``backend``."""
+    kind = BACKENDS[backend].lm_session if backend in BACKENDS else ""
+    if kind == "genai":
         return GenaiSession(artifact, threads=kw.get("threads"))
-    return LMSession(artifact, backend, **kw)
+    if kind == "graph":
+        return LMSession(artifact, backend, **kw)
+    raise UserError(f"the LM benchmark runs on {', '.join(LM_BACKENDS[:-1])} or {LM_BACKENDS[-1]}, not {backend!r} "
+                    "(TensorRT: build the engine with the printed trtexec command)")
+
+
+def default_backend(artifact: Path) -> str:
+    """No --backend: a folder is the folder backend's (onnxruntime-genai); a file goes by its suffix to an
+    LM backend, anything else to ONNX Runtime."""
+    if artifact.is_dir():
+        return next(n for n, b in BACKENDS.items() if b.folder_artifact and b.lm_session)
+    try:
+        backend = backend_for_file(artifact)
+    except UserError:
+        return ONNX_BACKEND
+    return backend if BACKENDS[backend].lm_session else ONNX_BACKEND
 
 
 def generate(sess: LMSession, prompt: np.ndarray, n_new: int) -> Dict[str, Any]:
@@ -217,18 +240,12 @@ def speed(sess: LMSession, prompt: np.ndarray, n_new: int, rounds: int = 3) -> D
 
 
 def load_eval_npz(path: str) -> Dict[str, Any]:
-    from benchmarks.board.errors import UserError
-
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"LM eval data {path} is unreadable ({type(e).__name__}); rewrite it on the host") from None
-    task = str(z["task"]) if "task" in z.files else None
-    missing = [k for k in EVAL_KEYS if k not in z.files]
+    d = read_npz(path, what="LM eval data", fix="the LM eval data written on the host (write_eval_npz)")
+    task = str(d["task"]) if "task" in d else None
+    missing = [k for k in EVAL_KEYS if k not in d]
     if task != TASK or missing:
         raise UserError(f"{path} is not LM eval data (task={task!r}, missing {missing}); write it with "
                         "benchmarks.board.lm_bench.write_eval_npz")
-    d = {k: z[k] for k in z.files}
     d["gen_tokens"] = int(d["gen_tokens"])
     return d
 
@@ -238,8 +255,6 @@ def write_eval_npz(path: str, *, bench_prompt: np.ndarray, gen_tokens: int, gree
                    meta: Optional[Dict[str, Any]] = None) -> Path:
     """Host side: write the board's LM eval data atomically (token ids only)."""
     import io
-
-    from benchmarks.board.atomic import atomic_write_bytes
 
     arrays = {"task": np.array(TASK), "bench_prompt": np.asarray(bench_prompt, np.int64),
               "gen_tokens": np.array(int(gen_tokens)), "greedy_prompts": np.asarray(greedy_prompts, np.int64),
@@ -256,8 +271,6 @@ def artifact_size(path: Path) -> int:
     """Bytes on disk: the graph plus its weights (.bin next to an .xml, external data of an .onnx;
     model.onnx* of an onnxruntime-genai folder)."""
     if path.is_dir():
-        from benchmarks.board.lm_genai import genai_files
-
         return sum(f.stat().st_size for f in genai_files(path))
     files = [path]
     if path.suffix == ".xml":
@@ -270,21 +283,14 @@ def artifact_size(path: Path) -> int:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """The whole LM benchmark; ``args`` as built by :func:`build_parser` (or run_bench's parser)."""
-    from benchmarks.board.harness import capture_env, now_iso, peak_memory
-    from benchmarks.board.atomic import atomic_write_json
-    from benchmarks.board.errors import UserError
-
     if not args.data:
         raise UserError("the LM benchmark needs --data (the LM eval .npz with token ids, written on the host)")
-    from benchmarks.board.lm_genai import is_genai_folder
-
     artifact = Path(args.artifact)
     if not artifact.is_file() and not is_genai_folder(artifact):
         raise UserError(f"artifact not found: {artifact}" + (" (a folder: only an onnxruntime-genai folder with "
                                                              "genai_config.json is an artifact)" if artifact.is_dir() else ""))
     data = load_eval_npz(args.data)
-    backend = args.backend or ("onnxruntime-genai" if artifact.is_dir() else
-                               "openvino" if artifact.suffix == ".xml" else "onnxruntime")
+    backend = args.backend or default_backend(artifact)
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if getattr(args, "providers", None) else None
     t0 = time.perf_counter()
     sess = open_session(str(artifact), backend, threads=args.threads, precision=getattr(args, "precision", "fp32"),
@@ -318,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.board.lm_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--artifact", required=True, help="text-generation-with-past .onnx, OpenVINO .xml, or an "
                    "onnxruntime-genai folder")
-    p.add_argument("--backend", choices=["onnxruntime", "openvino", "onnxruntime-genai"],
+    p.add_argument("--backend", choices=list(LM_BACKENDS),
                    help="default: from the file suffix (a folder: onnxruntime-genai)")
     p.add_argument("--data", required=True, help="LM eval .npz (token ids; see write_eval_npz)")
     p.add_argument("--out", help="result JSON path")
@@ -343,8 +349,6 @@ def summary(res: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from benchmarks.board.errors import UserError
-
     args = build_parser().parse_args(argv)
     try:
         res = run(args)
@@ -356,5 +360,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     sys.exit(main())

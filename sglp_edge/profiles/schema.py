@@ -200,8 +200,8 @@ class DeviceProfile(_Strict):
         allowed = be.run_precisions
         if self.precision not in allowed:
             raise ValueError(f"precision {self.precision} is not available on {self.backend}: use {', '.join(allowed)}")
-        if self.providers is not None and self.backend != "onnxruntime":
-            raise ValueError("providers: only applies to backend onnxruntime")
+        if self.providers is not None and not be.providers:
+            raise ValueError(f"providers: only applies to backend {' / '.join(n for n, b in _REGISTRY.items() if b.providers)}")
         if self.emulate and self.arch != "aarch64":
             raise ValueError(f"emulate: {self.emulate} runs aarch64 boards; this profile is {self.arch}")
         if len(self.inputs) > 1 and any(i.name is None for i in self.inputs):

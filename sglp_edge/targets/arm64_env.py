@@ -36,6 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from benchmarks.board.backends import BACKENDS
 from benchmarks.board.errors import UserError
 
 QEMU_CPU = "neoverse-n1"
@@ -48,9 +49,10 @@ SYSROOT_PACKAGES = (
     "libtirpc3", "media-types",
 )
 PLATFORMS = ("manylinux_2_17_aarch64", "manylinux2014_aarch64", "manylinux_2_28_aarch64", "manylinux_2_35_aarch64")
-#: pip distribution name of each runtime's aarch64 build (the board harness needs numpy + one of these)
-RUNTIME_DISTS = {"onnxruntime": "onnxruntime", "openvino": "openvino", "onnxruntime-genai": "onnxruntime-genai",
-                 "numpy": "numpy"}
+#: pip distribution name of each runtime's aarch64 build (the board harness needs numpy + one of these):
+#: the emulatable backends' runtimes and what they import, from the backend registry
+RUNTIME_DISTS = {d: d for b in BACKENDS.values() if b.emulatable for d in (*b.runtime_deps, b.runtime_dist)}
+RUNTIME_DISTS["numpy"] = "numpy"
 # pure-Python packages the runtimes import at start-up
 _EXTRA = {"openvino": ("packaging", "openvino-telemetry")}
 

@@ -1,6 +1,6 @@
 """How a causal LM reaches each runtime in ``sglp-edge run``: one route per backend, in one table.
 
-    route = LM_ROUTES[profile.backend]       # onnxruntime | openvino | tensorrt | onnxruntime-genai
+    route = LM_ROUTES[profile.backend]       # the registry's lm_route of the backend: onnx | openvino | genai
     result = route(pipe, profile)            # a cached stage: {"original": ..., "pruned": ..., "stage": name}
 
 - ``onnx``: :mod:`exporters.lm_compile` on the text-generation-with-past ONNX of the ``export`` stage
@@ -13,8 +13,9 @@
   PyTorch; fp32 must reproduce PyTorch's greedy tokens, int8/int4 record theirs).
 
 Each route writes ``<stage>/original`` and ``<stage>/pruned``; the board stage benchmarks the
-backend's artifact there (a file, or for a folder backend the folder itself). A new runtime is one
-function plus one entry in :data:`LM_ROUTES`.
+backend's artifact there (a file, or for a folder backend the folder itself). A backend names its
+route in the backend registry (``lm_route``, benchmarks/board/backends.py); a new kind of route is one
+function plus one entry in :data:`ROUTES`.
 """
 
 from __future__ import annotations
@@ -22,29 +23,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
+from benchmarks.board.backends import BACKENDS
 from benchmarks.board.errors import UserError
+from exporters.lm_compile import compile_lm
 
 
 def _parity_ids(pipe: Any) -> Any:
     """The first two greedy prompts (24 tokens) of the held-out eval data: the exports' parity prompts."""
-    import numpy as np
-
     with np.load(pipe.run_dir / "eval_data" / "eval_original.npz") as z:
         return z["greedy_prompts"][:2, :24]
 
 
 def stage_export_openvino(task: Any, pipe: Any) -> dict[str, Any]:
     """The stateful OpenVINO IR of both models (sglp_edge.export.lm_openvino), once per run."""
-    import torch
+    import torch  # heavy: torch
 
-    from sglp_edge.export.lm_openvino import export_causal_lm_openvino
+    from sglp_edge.export.lm_openvino import export_causal_lm_openvino  # heavy: imports torch
 
     final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
 
     def fn(tmp: Path) -> dict[str, Any]:
         ids = torch.from_numpy(_parity_ids(pipe))
         res = {}
-        for which, model in task._models(pipe):
+        for which, model in task.models(pipe):
             meta = export_causal_lm_openvino(model, tmp / which, parity_ids=ids)
             res[which] = {k: meta[k] for k in ("layout", "num_layers", "size_bytes", "sha256", "converter",
                                                "seconds")}
@@ -54,13 +57,11 @@ def stage_export_openvino(task: Any, pipe: Any) -> dict[str, Any]:
                                 f"({meta['parity_vs_pytorch']}); use an onnxruntime profile")
         return res
 
-    return pipe.runner.stage("export-openvino", pipe._inputs("export-openvino", task=task.name, final=final_hash), fn)
+    return pipe.runner.stage("export-openvino", pipe.inputs("export-openvino", task=task.name, final=final_hash), fn)
 
 
 def _compile_from(pipe: Any, prof: Any, src_stage: str, src_file: str) -> dict[str, Any]:
     """exporters.lm_compile on ``<src_stage>/<which>/<src_file>`` for both models, as one cached stage."""
-    from exporters.lm_compile import compile_lm
-
     name = f"compile-{prof.backend}-{prof.precision}"
     hashes = {w: pipe.runner.file_hash(src_stage, f"{w}/{src_file}") for w in ("original", "pruned")}
     e = pipe.cfg.eval
@@ -74,7 +75,7 @@ def _compile_from(pipe: Any, prof: Any, src_stage: str, src_file: str) -> dict[s
                                                   "trtexec", "seconds")}
         return out
 
-    return pipe.runner.stage(name, pipe._inputs(name, backend=prof.backend, precision=prof.precision, onnx=hashes),
+    return pipe.runner.stage(name, pipe.inputs(name, backend=prof.backend, precision=prof.precision, onnx=hashes),
                              fn) | {"stage": name}
 
 
@@ -83,7 +84,7 @@ def onnx_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
 
 
 def openvino_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
-    from sglp_edge.export.lm_openvino import stateful_unsupported
+    from sglp_edge.export.lm_openvino import stateful_unsupported  # heavy: imports torch
 
     why = stateful_unsupported(pipe.loaded.model)
     if why:
@@ -96,7 +97,7 @@ def openvino_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
 def genai_check(cfg: Any, prof: Any, d: dict[str, Any] | None) -> None:
     """Before any heavy work: the package and its builder's import, and a head size its CPU attention
     takes (``d``: the model's sizes from :func:`sglp_edge.tasks.causal_lm.lm_dims`, None if unknown)."""
-    from sglp_edge.export.lm_genai import GQA_HEAD_MULTIPLE, INSTALL, require_genai
+    from sglp_edge.export.lm_genai import GQA_HEAD_MULTIPLE, INSTALL, require_genai  # heavy: imports torch
 
     require_genai()
     try:
@@ -111,7 +112,7 @@ def genai_check(cfg: Any, prof: Any, d: dict[str, Any] | None) -> None:
 
 def genai_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
     """onnxruntime-genai folders of both models, built from the saved models by its model builder."""
-    from sglp_edge.export.lm_genai import export_causal_lm_genai, export_model_genai, require_genai
+    from sglp_edge.export.lm_genai import export_causal_lm_genai, export_model_genai, require_genai  # heavy: torch
 
     require_genai()  # one line naming the install, before anything is written
     name = f"compile-{prof.backend}-{prof.precision}"
@@ -140,18 +141,23 @@ def genai_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
                 "onnxruntime_genai": meta["onnxruntime_genai"], "seconds": meta["seconds"]}
         return out
 
-    return pipe.runner.stage(name, pipe._inputs(name, backend=prof.backend, precision=prof.precision, task=task.name,
+    return pipe.runner.stage(name, pipe.inputs(name, backend=prof.backend, precision=prof.precision, task=task.name,
                                                 final=final_hash, eval=eval_hash, n_new=n_new), fn) | {"stage": name}
 
 
-#: backend -> route (see the module docstring); a backend missing here has no LM route in `sglp-edge run`
-LM_ROUTES: dict[str, Callable[[Any, Any, Any], dict[str, Any]]] = {
-    "onnxruntime": onnx_route,
-    "tensorrt": onnx_route,
+#: route name (the backend registry's ``lm_route``) -> route function (see the module docstring)
+ROUTES: dict[str, Callable[[Any, Any, Any], dict[str, Any]]] = {
+    "onnx": onnx_route,
     "openvino": openvino_route,
-    "onnxruntime-genai": genai_route,
+    "genai": genai_route,
 }
-#: backend -> cheap check of a run config before any stage (config load): one line naming the fix
+#: route name -> cheap check of a run config before any stage (config load): one line naming the fix
+ROUTE_CHECKS: dict[str, Callable[[Any, Any, Any], None]] = {
+    "genai": genai_check,
+}
+#: backend -> route; a backend the registry gives no ``lm_route`` has no LM route in `sglp-edge run`
+LM_ROUTES: dict[str, Callable[[Any, Any, Any], dict[str, Any]]] = {
+    n: ROUTES[b.lm_route] for n, b in BACKENDS.items() if b.lm_route}
+#: backend -> its route's check, where the route has one
 LM_ROUTE_CHECKS: dict[str, Callable[[Any, Any, Any], None]] = {
-    "onnxruntime-genai": genai_check,
-}
+    n: ROUTE_CHECKS[b.lm_route] for n, b in BACKENDS.items() if b.lm_route in ROUTE_CHECKS}
