@@ -26,6 +26,7 @@ import numpy as np
 
 from benchmarks.board.calib import CalibData, batches
 from benchmarks.board.errors import UserError
+from exporters.stack import stack_runner
 
 INT8_SCHEMES = ("auto", "static", "weights")  # auto: weights for token models, static otherwise
 
@@ -132,6 +133,81 @@ def _validation_fn(kind: str) -> Callable[[Any, Any], float]:
     return validate
 
 
+def _int8(nncf: Any, model: Any, calib: CalibData | None, eval_data: CalibData | None, *,
+          max_accuracy_drop: float | None, calib_samples: int, keep_first_last_float: bool, bias_correction: str,
+          int8_scheme: str, say: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """INT8 with NNCF (weight-only, post-training, or with accuracy control); returns the model and the
+    manifest's quantization section."""
+    if calib is None:
+        raise UserError("INT8 needs calibration data: pass --calib DATA.npz")
+    n = min(len(calib), calib_samples)
+    kind = calib.kind
+    model_type = nncf.ModelType.TRANSFORMER if kind == "tokens" else None
+    cal = _dataset(nncf, calib.head(n), 1)
+    if bias_correction not in ("auto", "fast", "full"):
+        raise UserError(f"bias_correction must be auto, fast or full; got {bias_correction!r}")
+    # Full bias correction (fast_bias_correction=False) costs more calibration time but gave the
+    # default ResNet-56 99.5 % top-1 agreement where the fast one gave 98.9 % (1,000 held-out
+    # images, nncf 3.4); "auto" uses it for image models and keeps the fast one for LMs.
+    fast_bc = bias_correction == "fast" or (bias_correction == "auto" and kind == "tokens")
+    kept = first_last_compute_ops(model) if keep_first_last_float else []
+    scope = nncf.IgnoredScope(names=kept) if kept else None
+    qinfo: dict[str, Any] = {"tool": f"nncf {nncf.__version__}", "calibration_samples": n,
+                             "model_type": "transformer" if model_type else "default", "kept_float": kept,
+                             "bias_correction": "fast" if fast_bc else "full"}
+    if int8_scheme not in INT8_SCHEMES:
+        raise UserError(f"int8_scheme must be one of {', '.join(INT8_SCHEMES)}; got {int8_scheme!r}")
+    scheme = ("weights" if kind == "tokens" and max_accuracy_drop is None else "static") \
+        if int8_scheme == "auto" else int8_scheme
+    qinfo["scheme"] = scheme
+    if scheme == "weights":
+        say("compress weights to INT8 with NNCF (weight-only)")
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        qinfo.update(method="nncf.compress_weights (INT8_ASYM, weight-only; activations stay float)",
+                     calibration_samples=0, kept_float=[], bias_correction="none")
+    elif max_accuracy_drop is not None:
+        if eval_data is None or (kind == "image" and eval_data.y is None):
+            raise UserError("--max-accuracy-drop needs labelled evaluation data: pass --eval DATA.npz with 'x' and 'y'")
+        say(f"quantize with accuracy control (max drop {max_accuracy_drop})")
+        val_items = [(xb, yb) for xb, yb in zip(batches(eval_data.x, 32),
+                                                 batches(eval_data.y if eval_data.y is not None
+                                                         else np.zeros(len(eval_data), np.int64), 32))]
+        val = nncf.Dataset(val_items, lambda item: item[0])
+        model = nncf.quantize_with_accuracy_control(
+            model, cal, val, validation_fn=_validation_fn(kind), max_drop=float(max_accuracy_drop),
+            drop_type=nncf.DropType.ABSOLUTE, subset_size=n, model_type=model_type, ignored_scope=scope,
+            fast_bias_correction=fast_bc)
+        qinfo.update(method="quantize_with_accuracy_control", max_drop=float(max_accuracy_drop),
+                     drop_type="absolute", metric="next-token accuracy" if kind == "tokens" else "top-1 accuracy",
+                     validation_samples=len(eval_data))
+    else:
+        say(f"quantize with NNCF ({n} calibration samples)")
+        model = nncf.quantize(model, cal, subset_size=n, model_type=model_type, ignored_scope=scope,
+                              fast_bias_correction=fast_bc)
+        qinfo["method"] = "nncf.quantize (post-training, default preset)"
+    return model, qinfo
+
+
+def _runtime_section(ov: Any, xml: Path, device: str, precision: str) -> dict[str, Any]:
+    """What the device really runs the IR in, with the precision hint parity used and without it."""
+    core = ov.Core()
+    hint = HINT_FOR[precision]
+    compiled = core.compile_model(str(xml), device, {"INFERENCE_PRECISION_HINT": hint})
+    default_compiled = core.compile_model(str(xml), device)
+    try:
+        device_name = core.get_property(device, "FULL_DEVICE_NAME")
+    except Exception:  # noqa: BLE001
+        device_name = device
+    return {
+        "device": device, "device_name": str(device_name),
+        "compile_config": {"INFERENCE_PRECISION_HINT": hint},
+        "with_hint": runtime_precision(compiled),
+        "default_without_hint": runtime_precision(default_compiled),
+        "note": "benchmark with compile_config to reproduce the parity figures; without it the plugin "
+                "uses default_without_hint (bf16 on CPUs with AMX / avx512_bf16)",
+    }
+
+
 def build(
     onnx_path: str | Path,
     out_dir: str | Path,
@@ -160,84 +236,22 @@ def build(
         raise UserError(f"OpenVINO could not convert {onnx_path} ({str(e).strip().splitlines()[0][:200]})") from None
     section: dict[str, Any] = {"ir_precision": precision, "device": device}
     if precision == "int8":
-        if calib is None:
-            raise UserError("INT8 needs calibration data: pass --calib DATA.npz")
-        nncf = _nncf()
-        n = min(len(calib), calib_samples)
-        kind = calib.kind
-        model_type = nncf.ModelType.TRANSFORMER if kind == "tokens" else None
-        cal = _dataset(nncf, calib.head(n), 1)
-        if bias_correction not in ("auto", "fast", "full"):
-            raise UserError(f"bias_correction must be auto, fast or full; got {bias_correction!r}")
-        # Full bias correction (fast_bias_correction=False) costs more calibration time but gave the
-        # default ResNet-56 99.5 % top-1 agreement where the fast one gave 98.9 % (1,000 held-out
-        # images, nncf 3.4); "auto" uses it for image models and keeps the fast one for LMs.
-        fast_bc = bias_correction == "fast" or (bias_correction == "auto" and kind == "tokens")
-        kept = first_last_compute_ops(model) if keep_first_last_float else []
-        scope = nncf.IgnoredScope(names=kept) if kept else None
-        qinfo: dict[str, Any] = {"tool": f"nncf {nncf.__version__}", "calibration_samples": n,
-                                 "model_type": "transformer" if model_type else "default", "kept_float": kept,
-                                 "bias_correction": "fast" if fast_bc else "full"}
-        if int8_scheme not in INT8_SCHEMES:
-            raise UserError(f"int8_scheme must be one of {', '.join(INT8_SCHEMES)}; got {int8_scheme!r}")
-        scheme = ("weights" if kind == "tokens" and max_accuracy_drop is None else "static") \
-            if int8_scheme == "auto" else int8_scheme
-        qinfo["scheme"] = scheme
-        if scheme == "weights":
-            say("compress weights to INT8 with NNCF (weight-only)")
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-            qinfo.update(method="nncf.compress_weights (INT8_ASYM, weight-only; activations stay float)",
-                         calibration_samples=0, kept_float=[], bias_correction="none")
-        elif max_accuracy_drop is not None:
-            if eval_data is None or (kind == "image" and eval_data.y is None):
-                raise UserError("--max-accuracy-drop needs labelled evaluation data: pass --eval DATA.npz with 'x' and 'y'")
-            say(f"quantize with accuracy control (max drop {max_accuracy_drop})")
-            val_items = [(xb, yb) for xb, yb in zip(batches(eval_data.x, 32),
-                                                     batches(eval_data.y if eval_data.y is not None
-                                                             else np.zeros(len(eval_data), np.int64), 32))]
-            val = nncf.Dataset(val_items, lambda item: item[0])
-            model = nncf.quantize_with_accuracy_control(
-                model, cal, val, validation_fn=_validation_fn(kind), max_drop=float(max_accuracy_drop),
-                drop_type=nncf.DropType.ABSOLUTE, subset_size=n, model_type=model_type, ignored_scope=scope,
-                fast_bias_correction=fast_bc)
-            qinfo.update(method="quantize_with_accuracy_control", max_drop=float(max_accuracy_drop),
-                         drop_type="absolute", metric="next-token accuracy" if kind == "tokens" else "top-1 accuracy",
-                         validation_samples=len(eval_data))
-        else:
-            say(f"quantize with NNCF ({n} calibration samples)")
-            model = nncf.quantize(model, cal, subset_size=n, model_type=model_type, ignored_scope=scope,
-                                  fast_bias_correction=fast_bc)
-            qinfo["method"] = "nncf.quantize (post-training, default preset)"
-        section["quantization"] = qinfo
+        model, section["quantization"] = _int8(
+            _nncf(), model, calib, eval_data, max_accuracy_drop=max_accuracy_drop, calib_samples=calib_samples,
+            keep_first_last_float=keep_first_last_float, bias_correction=bias_correction, int8_scheme=int8_scheme,
+            say=say)
     say("save IR")
     xml = out_dir / "model.xml"
     ov.save_model(model, str(xml), compress_to_fp16=(precision == "fp16"))
     section["artifacts"] = [{"path": "model.xml", "role": "openvino-ir-xml"},
                             {"path": "model.bin", "role": "openvino-ir-weights"}]
-    core = ov.Core()
-    hint = HINT_FOR[precision]
-    compiled = core.compile_model(str(xml), device, {"INFERENCE_PRECISION_HINT": hint})
-    default_compiled = core.compile_model(str(xml), device)
-    try:
-        device_name = core.get_property(device, "FULL_DEVICE_NAME")
-    except Exception:  # noqa: BLE001
-        device_name = device
-    section["runtime"] = {
-        "device": device, "device_name": str(device_name),
-        "compile_config": {"INFERENCE_PRECISION_HINT": hint},
-        "with_hint": runtime_precision(compiled),
-        "default_without_hint": runtime_precision(default_compiled),
-        "note": "benchmark with compile_config to reproduce the parity figures; without it the plugin "
-                "uses default_without_hint (bf16 on CPUs with AMX / avx512_bf16)",
-    }
+    section["runtime"] = _runtime_section(ov, xml, device, precision)
     section["backend"] = {"name": "openvino", "version": version()}
     return section
 
 
 def compile_step(req: Any) -> tuple:
     """The registry's compile step (see exporters/stack.py): IR + the harness's runner for parity."""
-    from exporters.stack import stack_runner
-
     section = build(req.onnx_path, req.out, req.precision, calib=req.calib, eval_data=req.eval_data,
                     max_accuracy_drop=req.max_accuracy_drop, calib_samples=req.calib_samples, device=req.device,
                     keep_first_last_float=req.keep_first_last_float, int8_scheme=req.int8_scheme, progress=req.say)

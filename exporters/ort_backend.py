@@ -31,6 +31,7 @@ import numpy as np
 
 from benchmarks.board.calib import CalibData, batches
 from benchmarks.board.errors import UserError
+from exporters.stack import stack_runner
 
 INT8_SCHEMES = ("auto", "static", "dynamic", "weights")  # auto: weights for token models, static otherwise
 
@@ -293,8 +294,6 @@ def build(
 
 def compile_step(req: Any) -> tuple:
     """The registry's compile step (see exporters/stack.py): the ONNX Runtime artifact + the harness's runner."""
-    from exporters.stack import stack_runner
-
     section = build(req.onnx_path, req.out, req.precision, calib=req.calib, calib_samples=req.calib_samples,
                     providers=req.providers, keep_first_last_float=req.keep_first_last_float,
                     int8_scheme=req.int8_scheme, progress=req.say)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from benchmarks.board.calib import CalibData, batches
+from benchmarks.board.runners import open_runner
 
 
 @dataclass
@@ -42,7 +43,6 @@ def stack_runner(backend: str, artifact: str | Path, precision: str, *, device: 
     """``f(x) -> first output`` through the on-device harness's own runners (benchmarks/board/runners.py):
     compile-time parity and the board measure with one stack. Batches never exceed ``max_batch``
     (for TensorRT: the engine profile's maximum)."""
-    from benchmarks.board.runners import open_runner
 
     state: dict[str, Any] = {}
 
