@@ -4,16 +4,21 @@ on ``--out`` (what may be written where; see :func:`benchmarks.board.atomic.chec
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
+import tempfile
 import threading
+import traceback
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 import typer
 
+from benchmarks.board.atomic import FolderLock, check_out_dir, check_out_file
+from benchmarks.board.diskspace import check_free_space
 from benchmarks.board.errors import EXIT_INTERNAL, EXIT_USER, UserError, describe_os_error, exit_code
-
 from sglp_edge.train.interrupted import Interrupted
 from sglp_edge.validate import check_path
 
@@ -70,9 +75,6 @@ def _last_resort(e: BaseException) -> None:
     """Anything else still ends in one line: an OSError a user can act on (disk full, name too long,
     a link loop) is 4 or 2, and an unexpected error is 5 with its traceback kept in a file
     (``SGLP_EDGE_TRACEBACK=1`` prints it instead)."""
-    import os
-    import traceback
-
     if isinstance(e, OSError):
         said = describe_os_error(e)
         if said is not None:
@@ -80,8 +82,6 @@ def _last_resort(e: BaseException) -> None:
             sys.exit(said[1])
     if os.environ.get("SGLP_EDGE_TRACEBACK"):
         raise e
-    import tempfile
-
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     fd, path = tempfile.mkstemp(prefix="sglp-edge-error.", suffix=".txt")
     with os.fdopen(fd, "w") as f:
@@ -95,9 +95,6 @@ def _last_resort(e: BaseException) -> None:
 def guard_out_dir(out: Path, *, force: bool = False, inputs: tuple = (), reuse: bool = False, **own: Any) -> Path:
     """Refuse, before any work, an ``--out`` folder whose contents would be lost (see
     :func:`benchmarks.board.atomic.check_out_dir`; ``own``: its ``results`` / ``command``)."""
-    from benchmarks.board.atomic import check_out_dir
-
-
     check_path(out, "--out")  # a name too long, a symbolic-link loop: one line
     checked = check_out_dir(out, force=force, inputs=tuple(_input_paths(inputs)), reuse=reuse, **own)
     check_space(out, inputs)
@@ -113,8 +110,6 @@ def hold_out(out: Path, *, file: bool = False, **check: Any) -> Any:
     command, once the cheap checks passed: a second concurrent writer gets one line and exit 2. The
     --out check runs again under the lock (a writer that just finished may have filled it); ``check``:
     the arguments of :func:`guard_out_dir` (or :func:`guard_out_file` with ``file``)."""
-    from benchmarks.board.atomic import FolderLock
-
     lock = FolderLock(out, "--out").acquire()
     _HELD.append(lock)
     (guard_out_file if file else guard_out_dir)(out, **check)
@@ -122,9 +117,6 @@ def hold_out(out: Path, *, file: bool = False, **check: Any) -> Any:
 
 
 def guard_out_file(out: Path, *, force: bool = False, inputs: tuple = ()) -> Path:
-    from benchmarks.board.atomic import check_out_file
-
-
     check_path(out, "--out")
     checked = check_out_file(out, force=force, inputs=tuple(_input_paths(inputs)))
     check_space(out, inputs)
@@ -140,8 +132,6 @@ MIN_FREE = 1 << 20
 def check_space(out: Path, inputs: tuple, factor: float = SPACE_FACTOR) -> None:
     """One line (exit 4) before any work when the disk under ``out`` cannot hold ``factor`` x the
     size of the model (the first of ``inputs``: a path, or a shipped model's name)."""
-    from benchmarks.board.diskspace import check_free_space
-
     check_free_space(out, max(MIN_FREE, int(factor * model_bytes(inputs[0] if inputs else None))))
 
 
@@ -151,7 +141,7 @@ def model_bytes(model: Any) -> int:
         return 0
     paths = _input_paths((model,))
     if not paths:
-        from sglp_edge.models.registry import SHIPPED  # lazy: torch
+        from sglp_edge.models.registry import SHIPPED  # heavy: torch
 
         paths = [SHIPPED[str(model)]] if str(model) in SHIPPED else []
     total = 0
@@ -183,8 +173,6 @@ def _input_paths(inputs: tuple) -> list[Optional[Path]]:
 
 def positive(name: str, value: Any, *, zero_ok: bool = False) -> None:
     """One line for a number option that must be positive (or >= 0)."""
-    from benchmarks.board.errors import UserError
-
     if value is None:
         return
     if value < 0 or (value == 0 and not zero_ok):
@@ -195,7 +183,7 @@ def _artifact_io_shapes(artifact: Path) -> tuple[Optional[list], Optional[list]]
     """(first input shape, first output shape) of an ONNX file or OpenVINO IR, None for a dynamic
     dimension; (None, None) when the format is not read here (TensorRT engines)."""
     if artifact.suffix == ".onnx":
-        import onnx
+        import onnx  # heavy: onnx
 
         g = onnx.load(str(artifact), load_external_data=False).graph
         init = {i.name for i in g.initializer}
@@ -206,8 +194,6 @@ def _artifact_io_shapes(artifact: Path) -> tuple[Optional[list], Optional[list]]
 
         return (dims(ins[0]) if ins else None), (dims(g.output[0]) if g.output else None)
     if artifact.suffix == ".xml":
-        import xml.etree.ElementTree as ET
-
         for layer in ET.parse(artifact).getroot().iter("layer"):
             if layer.get("type") == "Parameter":
                 data = layer.find("data")
@@ -219,8 +205,7 @@ def _artifact_io_shapes(artifact: Path) -> tuple[Optional[list], Optional[list]]
 def check_bench_data(artifact: Path, data: Path) -> None:
     """Before any latency pass: the evaluation data's shape against the artifact's input, and its
     labels against the artifact's outputs (one line naming the fix)."""
-    from benchmarks.board.calib import load_npz
-    from benchmarks.board.errors import UserError
+    from benchmarks.board.calib import load_npz  # heavy: numpy; the CLI starts without it
 
     d = load_npz(data, what="eval data")
     try:

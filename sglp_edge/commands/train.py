@@ -4,13 +4,18 @@ shipped default model, ``sglp_edge/assets/resnet56_fmnist``, was made - see its 
 from __future__ import annotations
 
 import shlex
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
+from benchmarks.board.atomic import atomic_dir, atomic_write_json, sha256_file
+from benchmarks.board.errors import UserError
 from sglp_edge.commands._common import guard_out_dir, hold_out, positive, trust_builder_option, trust_remote_code_option, user_errors
 from sglp_edge.train.interrupted import Interrupted
+from sglp_edge.validate import check_threads
 
 
 def reproduce_command(command: str, args: list[Any], options: dict[str, Any]) -> str:
@@ -27,10 +32,7 @@ def reproduce_command(command: str, args: list[Any], options: dict[str, Any]) ->
 def write_trained_checkpoint(model: Any, adapter: Any, out: Path, manifest: dict[str, Any]) -> Path:
     """Checkpoint folder (model.safetensors + sglp_model.json + manifest.json with the weights'
     sha256), written atomically: the folder appears complete or not at all."""
-    import shutil
-
-    from benchmarks.board.atomic import atomic_dir, atomic_write_json, sha256_file
-    from sglp_edge.models.registry import save_checkpoint
+    from sglp_edge.models.registry import save_checkpoint  # heavy: torch
 
     with atomic_dir(out) as tmp:
         inner = save_checkpoint(model, adapter, tmp / "ckpt", extra={"manifest": manifest})
@@ -69,9 +71,7 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Train MODEL from scratch on DATA; resumable (re-run the same command after a kill)."""
-        import time
-
-        import torch
+        import torch  # heavy: torch (and the modules below import it); the CLI starts without it
 
         from sglp_edge.data.datasets import get_dataset
         from sglp_edge.models.registry import load_model
@@ -79,18 +79,12 @@ def register(app: typer.Typer) -> None:
         from sglp_edge.train.fit import BASELINE_RECIPE, train_classifier, training_manifest
 
         if epochs is None and steps is None and minutes is None:
-            from benchmarks.board.errors import UserError
-
             raise UserError("give a training budget: --epochs N, --steps N or --minutes N")
         if any(v is not None and v < 0 for v in (label_smoothing, weight_decay)) or not 0 <= label_smoothing < 1:
-            from benchmarks.board.errors import UserError
-
             raise UserError("--label-smoothing must be in [0, 1) and --weight-decay >= 0")
         for name, v in (("--epochs", epochs), ("--steps", steps), ("--minutes", minutes), ("--batch-size", batch_size),
                         ("--lr", lr), ("--val-size", val_size)):
             positive(name, v)
-        from sglp_edge.validate import check_threads
-
         check_threads("--threads", threads)
         guard_out_dir(out, force=force, inputs=(data_root, data, state))
         hold_out(out, force=force, inputs=(data_root, data, state))
@@ -99,8 +93,6 @@ def register(app: typer.Typer) -> None:
         loaded = load_model(model, num_classes=bundle.num_classes, trust_builder=trust_builder,
                             trust_remote_code=trust_remote_code)
         if loaded.kind not in ("builtin-arch", "torchvision"):
-            from benchmarks.board.errors import UserError
-
             raise UserError(f"`train` builds an architecture from scratch; {model} is a trained checkpoint "
                             "(use `sglp-edge finetune` to keep training it)")
         recipe = {**BASELINE_RECIPE, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup}

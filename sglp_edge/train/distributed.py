@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,6 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if world <= 1:
         dev = torch.device(device) if device else torch.device("cuda" if want_cuda else "cpu")
         return DistInfo(0, 1, 0, dev)
-    import torch.distributed as dist
-
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if want_cuda:
         torch.cuda.set_device(local)
@@ -50,8 +49,6 @@ def all_reduce(values: list[float], info: DistInfo, op: str = "sum") -> list[flo
     """``values`` summed (``op`` "sum") or maxed ("max") over the ranks; unchanged when running alone."""
     if not info.distributed:
         return values
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=info.device if info.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.tolist()

@@ -3,14 +3,20 @@ state file, RNG state and per-rank seeds, the SIGTERM / Ctrl-C stop flag and the
 
 from __future__ import annotations
 
+import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
 
+from benchmarks.board.atomic import atomic_path
 from benchmarks.board.errors import UserError
 
 STATE_FORMAT = "sglp-edge/train-state/1"
@@ -20,8 +26,6 @@ STATE_FORMAT = "sglp-edge/train-state/1"
 # state files
 # ---------------------------------------------------------------------------------------------
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    from benchmarks.board.atomic import atomic_path
-
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -45,8 +49,6 @@ class StopFlag:
 
     def __enter__(self):
         if sys.platform != "win32":
-            import threading
-
             if threading.current_thread() is threading.main_thread():
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     self._old[sig] = signal.signal(sig, self._handle)
@@ -76,16 +78,12 @@ class Progress:
         self.t0 = time.perf_counter()
         if not enabled:
             return
-        from rich.console import Console
-
         self.console = Console(stderr=True)
         self.live = self.console.is_terminal
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                     console=self.console, transient=False)
+            self.progress = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                         console=self.console, transient=False)
             self.task_id = self.progress.add_task(desc, total=total, info="")
             self.progress.start()
 
@@ -118,14 +116,10 @@ def rank_seed(seed: int, rank: int, step: int) -> int:
 
 def rng_state() -> dict[str, Any]:
     """The torch and Python generators' state, as the resume state file stores it."""
-    import random
-
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
     """Restore a state :func:`rng_state` returned."""
-    import random
-
     torch.set_rng_state(s["torch"])
     random.setstate(tuple(s["python"]) if not isinstance(s["python"], tuple) else s["python"])
