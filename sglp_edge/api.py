@@ -23,7 +23,11 @@ import torch
 from torch import nn
 
 from benchmarks.board.errors import UserError
+from sglp_edge.models import registry
 from sglp_edge.models.base import ModelAdapter
+from sglp_edge.models.hf_llm import save_hf
+from sglp_edge.models.user_module import load_file_builder
+from sglp_edge.sglp import prune
 from sglp_edge.sglp.plan import PruneConfig, PrunePlan
 
 __all__ = ["analyze", "apply", "save", "load", "load_model"]
@@ -35,16 +39,12 @@ def load_model(source: str, *, weights: str | Path | None = None, num_classes: i
     a checkpoint folder, ``default``...), as an ``nn.Module`` that remembers how to rebuild itself.
     ``trust_builder``: run a checkpoint's builder file whose sha256 no longer matches;
     ``trust_remote_code``: run a Hugging Face folder's own code (``auto_map``)."""
-    from sglp_edge.models.registry import load_model as _load
-
-    return _load(source, weights=weights, num_classes=num_classes, units=units, need_adapter=False,
+    return registry.load_model(source, weights=weights, num_classes=num_classes, units=units, need_adapter=False,
                  trust_builder=trust_builder, trust_remote_code=trust_remote_code).model
 
 
 def _adapter(model: nn.Module, units: str | Sequence[str] | None) -> ModelAdapter:
-    from sglp_edge.models.registry import get_adapter
-
-    return get_adapter(model, units)
+    return registry.get_adapter(model, units)
 
 
 def _batches(calib: Any) -> list[Any]:
@@ -65,8 +65,6 @@ def analyze(model: nn.Module, calib: Any, *, units: str | Sequence[str] | None =
     ``target_macs``: fraction of MACs to remove. ``grad_batches``: GradNorm's batches (default:
     the first calibration batch). ``options``: the other :class:`~sglp_edge.sglp.plan.PruneConfig`
     fields (``protocol``, ``k``, ``eval_budget``, ``allocation``, ``seed``...)."""
-    from sglp_edge.sglp.prune import analyze as _analyze
-
     cka_b = _batches(calib)
     grad_b = _batches(grad_batches) if grad_batches is not None else cka_b[:1]
     adapter = adapter or _adapter(model, units)
@@ -75,7 +73,7 @@ def analyze(model: nn.Module, calib: Any, *, units: str | Sequence[str] | None =
         cfg = PruneConfig(keep=keep, target_macs=target_macs, method=method, **options)
     except TypeError as e:
         raise UserError(f"unknown analyze() option ({e}); see sglp_edge.sglp.plan.PruneConfig") from None
-    plan = _analyze(model, adapter, cka_b, grad_b, cfg, progress=progress, removal_search=search)
+    plan = prune.analyze(model, adapter, cka_b, grad_b, cfg, progress=progress, removal_search=search)
     plan._sglp_adapter = adapter  # type: ignore[attr-defined]  # apply() removes with the same units
     return plan
 
@@ -84,17 +82,14 @@ def apply(model: nn.Module, plan: PrunePlan, *, adapter: Optional[ModelAdapter] 
     """A pruned copy of ``model`` without the plan's units (``model`` itself is unchanged). The copy
     remembers how it was made, so :func:`save` can write it. A plan made with ``heal="linear"``
     needs ``calib`` (calibration batches, as for :func:`analyze`) to fit its maps."""
-    from sglp_edge.models.registry import model_spec
-    from sglp_edge.sglp.prune import apply_plan
-
     adapter = adapter or getattr(plan, "_sglp_adapter", None) or _adapter(model, None)
-    pruned = apply_plan(model, adapter, plan, _batches(calib) if calib is not None else ())
+    pruned = prune.apply_plan(model, adapter, plan, _batches(calib) if calib is not None else ())
     pruned.eval()
     prior = getattr(model, "_sglp_pruning", None)
     spec = prior["spec"] if prior else None
     if spec is None:
         try:
-            spec = model_spec(adapter, model)
+            spec = registry.model_spec(adapter, model)
         except UserError:
             spec = None  # save() then needs builder=
     pruned._sglp_pruning = {"adapter": adapter, "spec": spec,  # type: ignore[assignment]
@@ -108,36 +103,28 @@ def save(pruned: nn.Module, folder: str | Path, *, builder: Optional[str] = None
     ``sglp_model.json`` (how to rebuild the original and which units to remove); decoder LMs as a
     Hugging Face folder. A model built in your own code needs ``builder="my_net.py:build"`` unless
     it came from :func:`load_model`."""
-    from sglp_edge.models.registry import model_spec, save_checkpoint
-
     info = getattr(pruned, "_sglp_pruning", None)
     if info is None:
         raise UserError("save() takes a model returned by sglp_edge.apply()")
     adapter: ModelAdapter = info["adapter"]
     if adapter.modality == "tokens":
-        from sglp_edge.models.hf_llm import save_hf
-
         return save_hf(pruned, folder, tokenizer=tokenizer, extra={"removed": info["rounds"][-1], **(extra or {})})
     spec = info["spec"]
     if builder is not None:
-        from sglp_edge.models.user_module import load_file_builder
-
         ref_model = load_file_builder(builder)
-        spec = model_spec(adapter if adapter.family != "generic" else _adapter(ref_model, adapter.patterns),  # type: ignore[attr-defined]
+        spec = registry.model_spec(adapter if adapter.family != "generic" else _adapter(ref_model, adapter.patterns),  # type: ignore[attr-defined]
                           ref_model)
     if spec is None:
         raise UserError("sglp-edge cannot tell how to rebuild this model: pass builder='path/to/file.py:build_fn' "
                         "(a function returning the unpruned model), or load it with sglp_edge.load_model")
-    return save_checkpoint(pruned, adapter, folder, spec=spec, removed_units=info["rounds"],
+    return registry.save_checkpoint(pruned, adapter, folder, spec=spec, removed_units=info["rounds"],
                            extra={"method": info.get("method"), **(extra or {})})
 
 
 def load(folder: str | Path, *, trust_builder: bool = False) -> nn.Module:
     """A model saved by :func:`save` (or ``sglp-edge prune``), rebuilt and with its weights. Its
     builder file runs only when its sha256 matches the saved one, or with ``trust_builder``."""
-    from sglp_edge.models.registry import load_model as _load
-
-    loaded = _load(str(folder), trust_builder=trust_builder)
+    loaded = registry.load_model(str(folder), trust_builder=trust_builder)
     m = loaded.model
     spec = (loaded.meta or {}).get("spec")
     if spec is not None:

@@ -7,13 +7,12 @@ from typing import Optional
 
 import typer
 
+from benchmarks.board.errors import UserError
 from sglp_edge.commands._common import (guard_out_dir, guard_out_file, hold_out, trust_builder_option, trust_remote_code_option,
                       user_errors)
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
-    from benchmarks.board.errors import UserError
-
     try:
         dims = tuple(int(d) for d in text.lower().replace(",", "x").split("x") if d)
     except ValueError:
@@ -26,7 +25,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def _export_genai(model: str, weights: Optional[Path], net, tokenizer, out: Path, precision: str, console) -> None:
     """FOLDER/genai: from the Hugging Face folder itself when MODEL is one (or a prune output holding
     model/), else from the loaded model saved with its tokenizer."""
-    from sglp_edge.export.lm_genai import export_causal_lm_genai, export_model_genai
+    from sglp_edge.export.lm_genai import export_causal_lm_genai, export_model_genai  # heavy: imports torch
 
     src = Path(model)
     hf = next((d for d in (src, src / "model") if (d / "config.json").is_file()), None) if weights is None else None
@@ -79,121 +78,165 @@ def register(app: typer.Typer) -> None:
         import torch
         from rich.console import Console
 
-        from benchmarks.board.calib import load_npz
-        from benchmarks.board.errors import UserError
-        from sglp_edge.export.onnx_export import export_onnx
-
         console = Console(stderr=True)
-        if parity_samples < 1:
-            raise UserError(f"--parity-samples must be >= 1 (got {parity_samples})")
-        if seq_len < 1:
-            raise UserError(f"--seq-len must be >= 1 (got {seq_len})")
-        if input_shape:
-            _parse_shape(input_shape)
-        if parity_data is not None and not parity_data.is_file():
-            raise UserError(f"parity data {parity_data} does not exist")
-        if genai_precision not in ("fp32", "int8", "int4"):
-            raise UserError(f"--genai-precision must be fp32, int8 or int4 (got {genai_precision!r})")
-        if genai:
-            from sglp_edge.export.lm_genai import require_genai
-
-            require_genai()  # before the long ONNX export, not after it
+        _check_options(parity_samples, seq_len, input_shape, parity_data, genai_precision, genai)
         guard_out_file(out, force=force, inputs=(model, weights, parity_data))
         hold_out(out, file=True, force=force, inputs=(model, weights, parity_data))
-        try:
-            from sglp_edge.models.registry import load_model
-        except ImportError as e:  # pragma: no cover - registry lands with the model loaders
-            raise UserError(f"model loading is unavailable ({e}); reinstall sglp-edge") from None
+        from sglp_edge.models.registry import load_model  # heavy: imports torch; the CLI starts without it
+
         loaded = load_model(model, weights=weights, num_classes=num_classes, units=units, need_adapter=False,
                             trust_builder=trust_builder, trust_remote_code=trust_remote_code)
         net = loaded.model.eval()
         if getattr(loaded.adapter, "modality", "image") == "sentences":  # encoders: input_ids + attention_mask
-            from sglp_edge.export.encoder import export_loaded_encoder
-
-            res = export_loaded_encoder(loaded, out, parity_samples=parity_samples, opset=opset, simplify=simplify,
-                                        exporter=exporter)
-            p = res.parity or {}
-            typer.echo(f"wrote {res.path} ({res.size_bytes / 1e6:.2f} MB) exporter={res.exporter} opset={res.opset} "
-                       f"inputs={[i['name'] for i in res.io['inputs']]}; parity vs PyTorch on {p.get('samples')} "
-                       f"sentences: max_abs={p.get('max_abs', float('nan')):.3g} "
-                       f"embedding_cos_min={p.get('embedding_cos_min', float('nan')):.6f} passed={p.get('passed')}")
+            _export_encoder(loaded, out, parity_samples, opset=opset, simplify=simplify, exporter=exporter)
             return
         kind = "tokens" if getattr(loaded.adapter, "modality", "image") == "tokens" else "image"
         gen = torch.Generator().manual_seed(0)
         if kind == "tokens" and past:
-            from sglp_edge.export.lm import export_causal_lm
-
-            folder = out.with_suffix("") if out.suffix == ".onnx" else out
-            if folder != out:  # X.onnx names the folder X: replaced whole, so checked and held as a folder
-                guard_out_dir(folder, force=force, inputs=(model, weights))
-                hold_out(folder, force=force, inputs=(model, weights))
-            meta = export_causal_lm(net, folder, opset=opset or 18)
-            p = meta["parity_vs_pytorch"]
-            typer.echo(f"wrote {folder}/model.onnx + lm.json ({meta['size_bytes'] / 1e6:.2f} MB; {meta['layout']}: "
-                       f"{meta['num_layers']} layers, dynamic batch / sequence / past)")
-            typer.echo(f"cache parity vs PyTorch (prefill {p['prefill_tokens']} + decode {p['decode_tokens']} tokens, "
-                       f"random ids): max_abs={p['max_abs']:.3g} greedy_equal={p['greedy_equal']} passed={p['passed']}")
-            if openvino:
-                from sglp_edge.export.lm_openvino import export_causal_lm_openvino
-
-                meta = export_causal_lm_openvino(net, folder / "openvino")
-                p = meta["parity_vs_pytorch"]
-                typer.echo(f"wrote {meta['path']} ({meta['size_bytes'] / 1e6:.2f} MB; stateful, beam_idx input); "
-                           f"parity vs PyTorch on OpenVINO f32: max_abs={p['max_abs']:.3g} "
-                           f"greedy_equal={p['greedy_equal']} passed={p['passed']}")
-            if genai:
-                _export_genai(model, weights, net, loaded.tokenizer, folder / "genai", genai_precision, console)
+            _export_lm(model, weights, loaded, out, opset=opset, force=force, openvino=openvino, genai=genai,
+                       genai_precision=genai_precision, console=console)
             return
         if openvino or genai:
             raise UserError(f"--{'openvino' if openvino else 'genai'} applies to decoder LMs exported with their KV "
                             "cache (--past) only")
-        if kind == "tokens":
-            vocab = int(getattr(getattr(net, "config", None), "vocab_size", 0) or 0)
-            if vocab <= 0:
-                raise UserError(f"cannot tell the vocabulary size of {model}; it needs a config.vocab_size")
-            example = torch.randint(0, vocab, (2, seq_len), generator=gen)
-        else:
-            if input_shape:
-                shape = _parse_shape(input_shape)
-            elif hasattr(net, "in_channels") and type(net).__name__ in ("CifarResNet", "SmallMobileNetV2"):
-                shape = (int(net.in_channels), 32, 32)
-            elif isinstance(getattr(net, "image_size", None), int):  # a model that names its input size
-                shape = (int(getattr(net, "in_channels", 3)), net.image_size, net.image_size)
-            else:
-                shape = (3, 224, 224)
-            example = torch.randn(2, *shape, generator=gen)
-        px = py = None
-        source = None
-        if parity_data is not None:
-            d = load_npz(parity_data, what="parity data").head(parity_samples)
-            px, py, source = d.x, d.y, f"{parity_data} ({len(d)} samples)"
-        elif kind == "image" and tuple(example.shape[1:]) in ((3, 32, 32), (1, 32, 32)):
-            from sglp_edge.data.images import FASHION_MNIST_DIR, load_fashion_mnist
+        vocab = _vocab_size(net, model) if kind == "tokens" else 0
+        example = _example_input(net, kind, vocab, input_shape, seq_len, gen)
+        px, py, source = _parity_inputs(example, kind, vocab, seq_len, parity_data, parity_samples, gen, console)
+        _export_graph(loaded, model, example, out, kind, px, py, source, opset=opset, simplify=simplify,
+                      exporter=exporter, console=console)
 
-            try:
-                px, py = load_fashion_mnist("test", parity_samples)
-                px = px[:, : example.shape[1]].copy()  # grey repeated to 3 channels: a grey model takes one
-                source = f"Fashion-MNIST test images ({parity_samples}, {FASHION_MNIST_DIR})"
-            except UserError as e:
-                console.print(f"[yellow]note:[/] {e}; parity on random inputs (pass --parity-data)")
-        if px is None:
-            if kind == "tokens":
-                px = torch.randint(0, vocab, (min(parity_samples, 16), seq_len), generator=gen)
-            else:
-                px = torch.randn(parity_samples, *example.shape[1:], generator=gen)
-            source = "random inputs (no real data given: pass --parity-data)"
-        res = export_onnx(net, example, out, kind=kind, opset=opset, simplify=simplify, exporter=exporter,
-                          parity_inputs=px, parity_labels=py, parity_source=source,
-                          extra_metadata={"model": {"source": str(model), "kind": loaded.kind,
-                                                    "removed_units": list(loaded.removed_units)}})
-        p = res.parity or {}
-        typer.echo(f"wrote {res.path} ({res.size_bytes / 1e6:.2f} MB, sha256 {res.sha256[:12]}) "
-                   f"exporter={res.exporter} opset={res.opset} simplify={res.simplify['method']}"
-                   f"{'' if res.simplify['applied'] else ' (skipped)'}")
-        if p:
-            top1 = f" top1_agree={p['top1_agree']:.4f}" if "top1_agree" in p else ""
-            typer.echo(f"parity vs PyTorch on {p['samples']} samples [{source}]: max_abs={p['max_abs']:.3g} "
-                       f"max_rel={p['max_rel']:.3g}{top1} passed="
-                       f"{'n/a (outputs constant)' if p.get('constant_outputs') else p['passed']}")
-        for w in res.warnings:
-            console.print(f"[yellow]note:[/] {w}")
+
+def _check_options(parity_samples: int, seq_len: int, input_shape: Optional[str], parity_data: Optional[Path],
+                   genai_precision: str, genai: bool) -> None:
+    """Refuse bad options in one line, before anything is loaded or written."""
+    if parity_samples < 1:
+        raise UserError(f"--parity-samples must be >= 1 (got {parity_samples})")
+    if seq_len < 1:
+        raise UserError(f"--seq-len must be >= 1 (got {seq_len})")
+    if input_shape:
+        _parse_shape(input_shape)
+    if parity_data is not None and not parity_data.is_file():
+        raise UserError(f"parity data {parity_data} does not exist")
+    if genai_precision not in ("fp32", "int8", "int4"):
+        raise UserError(f"--genai-precision must be fp32, int8 or int4 (got {genai_precision!r})")
+    if genai:
+        from sglp_edge.export.lm_genai import require_genai  # heavy: imports torch; the CLI starts without it
+
+        require_genai()  # before the long ONNX export, not after it
+
+
+def _export_encoder(loaded, out: Path, parity_samples: int, **kw) -> None:
+    """A sentence encoder: input_ids + attention_mask, parity on held-out sentences."""
+    from sglp_edge.export.encoder import export_loaded_encoder  # heavy: imports torch; the CLI starts without it
+
+    res = export_loaded_encoder(loaded, out, parity_samples=parity_samples, **kw)
+    p = res.parity or {}
+    typer.echo(f"wrote {res.path} ({res.size_bytes / 1e6:.2f} MB) exporter={res.exporter} opset={res.opset} "
+               f"inputs={[i['name'] for i in res.io['inputs']]}; parity vs PyTorch on {p.get('samples')} "
+               f"sentences: max_abs={p.get('max_abs', float('nan')):.3g} "
+               f"embedding_cos_min={p.get('embedding_cos_min', float('nan')):.6f} passed={p.get('passed')}")
+
+
+def _export_lm(model: str, weights: Optional[Path], loaded, out: Path, *, opset: Optional[int], force: bool,
+               openvino: bool, genai: bool, genai_precision: str, console) -> None:
+    """A decoder LM with its KV cache: FOLDER/model.onnx, and FOLDER/openvino, FOLDER/genai when asked."""
+    from sglp_edge.export.lm import export_causal_lm  # heavy: imports torch; the CLI starts without it
+
+    net = loaded.model
+    folder = out.with_suffix("") if out.suffix == ".onnx" else out
+    if folder != out:  # X.onnx names the folder X: replaced whole, so checked and held as a folder
+        guard_out_dir(folder, force=force, inputs=(model, weights))
+        hold_out(folder, force=force, inputs=(model, weights))
+    meta = export_causal_lm(net, folder, opset=opset or 18)
+    p = meta["parity_vs_pytorch"]
+    typer.echo(f"wrote {folder}/model.onnx + lm.json ({meta['size_bytes'] / 1e6:.2f} MB; {meta['layout']}: "
+               f"{meta['num_layers']} layers, dynamic batch / sequence / past)")
+    typer.echo(f"cache parity vs PyTorch (prefill {p['prefill_tokens']} + decode {p['decode_tokens']} tokens, "
+               f"random ids): max_abs={p['max_abs']:.3g} greedy_equal={p['greedy_equal']} passed={p['passed']}")
+    if openvino:
+        from sglp_edge.export.lm_openvino import export_causal_lm_openvino  # heavy: imports torch and openvino
+
+        meta = export_causal_lm_openvino(net, folder / "openvino")
+        p = meta["parity_vs_pytorch"]
+        typer.echo(f"wrote {meta['path']} ({meta['size_bytes'] / 1e6:.2f} MB; stateful, beam_idx input); "
+                   f"parity vs PyTorch on OpenVINO f32: max_abs={p['max_abs']:.3g} "
+                   f"greedy_equal={p['greedy_equal']} passed={p['passed']}")
+    if genai:
+        _export_genai(model, weights, net, loaded.tokenizer, folder / "genai", genai_precision, console)
+
+
+def _vocab_size(net, model: str) -> int:
+    vocab = int(getattr(getattr(net, "config", None), "vocab_size", 0) or 0)
+    if vocab <= 0:
+        raise UserError(f"cannot tell the vocabulary size of {model}; it needs a config.vocab_size")
+    return vocab
+
+
+def _example_input(net, kind: str, vocab: int, input_shape: Optional[str], seq_len: int, gen):
+    """The example batch of two the graph is traced with: token ids, or images of the model's input shape."""
+    import torch
+
+    if kind == "tokens":
+        return torch.randint(0, vocab, (2, seq_len), generator=gen)
+    if input_shape:
+        shape = _parse_shape(input_shape)
+    elif hasattr(net, "in_channels") and type(net).__name__ in ("CifarResNet", "SmallMobileNetV2"):
+        shape = (int(net.in_channels), 32, 32)
+    elif isinstance(getattr(net, "image_size", None), int):  # a model that names its input size
+        shape = (int(getattr(net, "in_channels", 3)), net.image_size, net.image_size)
+    else:
+        shape = (3, 224, 224)
+    return torch.randn(2, *shape, generator=gen)
+
+
+def _parity_inputs(example, kind: str, vocab: int, seq_len: int, parity_data: Optional[Path], parity_samples: int,
+                   gen, console):
+    """(inputs, labels or None, where they come from) for the parity check: --parity-data, else
+    Fashion-MNIST test images for a 32x32 image model, else random inputs."""
+    import torch
+
+    from benchmarks.board.calib import load_npz  # heavy: numpy; the CLI starts without it
+
+    px = py = None
+    source = None
+    if parity_data is not None:
+        d = load_npz(parity_data, what="parity data").head(parity_samples)
+        px, py, source = d.x, d.y, f"{parity_data} ({len(d)} samples)"
+    elif kind == "image" and tuple(example.shape[1:]) in ((3, 32, 32), (1, 32, 32)):
+        from sglp_edge.data.images import FASHION_MNIST_DIR, load_fashion_mnist  # heavy: imports torch
+
+        try:
+            px, py = load_fashion_mnist("test", parity_samples)
+            px = px[:, : example.shape[1]].copy()  # grey repeated to 3 channels: a grey model takes one
+            source = f"Fashion-MNIST test images ({parity_samples}, {FASHION_MNIST_DIR})"
+        except UserError as e:
+            console.print(f"[yellow]note:[/] {e}; parity on random inputs (pass --parity-data)")
+    if px is None:
+        if kind == "tokens":
+            px = torch.randint(0, vocab, (min(parity_samples, 16), seq_len), generator=gen)
+        else:
+            px = torch.randn(parity_samples, *example.shape[1:], generator=gen)
+        source = "random inputs (no real data given: pass --parity-data)"
+    return px, py, source
+
+
+def _export_graph(loaded, model: str, example, out: Path, kind: str, px, py, source: str, *, opset: Optional[int],
+                  simplify: str, exporter: str, console) -> None:
+    """export_onnx with the parity inputs, then what it wrote and how parity went."""
+    from sglp_edge.export.onnx_export import export_onnx  # heavy: imports torch; the CLI starts without it
+
+    res = export_onnx(loaded.model, example, out, kind=kind, opset=opset, simplify=simplify, exporter=exporter,
+                      parity_inputs=px, parity_labels=py, parity_source=source,
+                      extra_metadata={"model": {"source": str(model), "kind": loaded.kind,
+                                                "removed_units": list(loaded.removed_units)}})
+    p = res.parity or {}
+    typer.echo(f"wrote {res.path} ({res.size_bytes / 1e6:.2f} MB, sha256 {res.sha256[:12]}) "
+               f"exporter={res.exporter} opset={res.opset} simplify={res.simplify['method']}"
+               f"{'' if res.simplify['applied'] else ' (skipped)'}")
+    if p:
+        top1 = f" top1_agree={p['top1_agree']:.4f}" if "top1_agree" in p else ""
+        typer.echo(f"parity vs PyTorch on {p['samples']} samples [{source}]: max_abs={p['max_abs']:.3g} "
+                   f"max_rel={p['max_rel']:.3g}{top1} passed="
+                   f"{'n/a (outputs constant)' if p.get('constant_outputs') else p['passed']}")
+    for w in res.warnings:
+        console.print(f"[yellow]note:[/] {w}")

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from benchmarks.board.errors import UserError
 from sglp_edge.commands._common import guard_out_dir, hold_out, trust_builder_option, trust_remote_code_option, user_errors
 
 
@@ -72,16 +73,9 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Prune whole layer units with SGLP (CKA -> Fisher segments -> GradNorm) or a baseline."""
-        from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job
+        from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job  # heavy: imports torch; the CLI starts without it
 
-        from benchmarks.board.errors import UserError
-
-        if keep is not None and keep != "auto":
-            try:
-                keep = int(keep)  # type: ignore[assignment]
-            except ValueError:
-                raise UserError(f"--keep is a number of units or 'auto' (got {keep!r})") from None
-        job = PruneJob(model=model, out=out, data=data, data_root=data_root, keep=keep, target_macs=target_macs,
+        job = PruneJob(model=model, out=out, data=data, data_root=data_root, keep=_parse_keep(keep), target_macs=target_macs,
                        method=method, k=k, protocol=protocol, calib_batches=calib_batches, grad_batches=grad_batches,
                        batch_size=batch_size, seq_len=seq_len, exhaustive_budget=exhaustive_budget,
                        beam_width=beam_width, eval_budget=eval_budget, k_budget=k_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, class_map=class_map,
@@ -94,16 +88,30 @@ def register(app: typer.Typer) -> None:
         guard_out_dir(out, force=force, inputs=(model, weights, data_root, data))
         hold_out(out, force=force, inputs=(model, weights, data_root, data))
         result = run_prune_job(job, show_progress=True)
-        p = result.plan
-        typer.echo(
-            f"pruned {p.family}: units {p.n_units_before} -> {p.n_units_after}, params {p.params_before:,} -> "
-            f"{p.params_after:,} (-{100 * p.params_reduction:.1f}%), MACs {p.macs_before:,} -> {p.macs_after:,} "
-            f"(-{100 * p.macs_reduction:.1f}%), {p.evaluations} candidate evaluations"
-            + (f" ({p.config.get('protocol')} score{', label-free' if p.config.get('target') == 'teacher' else ''})"
-               if p.method == "sglp" else "") + f", {p.wall_s:.1f} s -> {out}"
-        )
-        if p.search and p.search.get("chosen"):
-            c = p.search["chosen"]
-            typer.echo(f"latency budget {p.search['budget_ms']:.3f} ms on {p.search['device']}: keep {c['kept']}, "
-                       f"predicted p90 {c['predicted_p90_ms']:.3f} ms, measured p90 {c['measured_p90_ms']:.3f} ms, "
-                       f"{p.search['rounds']} measured round(s) (search in {out / 'plan.json'})")
+        _report(result.plan, out)
+
+
+def _parse_keep(keep: Optional[str]) -> int | str | None:
+    """--keep: a number of units, 'auto' or not given."""
+    if keep is not None and keep != "auto":
+        try:
+            return int(keep)
+        except ValueError:
+            raise UserError(f"--keep is a number of units or 'auto' (got {keep!r})") from None
+    return keep
+
+
+def _report(p, out: Path) -> None:
+    """One line on what was pruned, and one on the latency search when --keep auto ran one."""
+    typer.echo(
+        f"pruned {p.family}: units {p.n_units_before} -> {p.n_units_after}, params {p.params_before:,} -> "
+        f"{p.params_after:,} (-{100 * p.params_reduction:.1f}%), MACs {p.macs_before:,} -> {p.macs_after:,} "
+        f"(-{100 * p.macs_reduction:.1f}%), {p.evaluations} candidate evaluations"
+        + (f" ({p.config.get('protocol')} score{', label-free' if p.config.get('target') == 'teacher' else ''})"
+           if p.method == "sglp" else "") + f", {p.wall_s:.1f} s -> {out}"
+    )
+    if p.search and p.search.get("chosen"):
+        c = p.search["chosen"]
+        typer.echo(f"latency budget {p.search['budget_ms']:.3f} ms on {p.search['device']}: keep {c['kept']}, "
+                   f"predicted p90 {c['predicted_p90_ms']:.3f} ms, measured p90 {c['measured_p90_ms']:.3f} ms, "
+                   f"{p.search['rounds']} measured round(s) (search in {out / 'plan.json'})")

@@ -57,8 +57,10 @@ from sglp_edge.data.images import (
     _cifar_arrays,
     _folder_transforms,
     _small_transforms,
+    FlatImages,
     fashion_mnist_arrays,
     mnist5k_arrays,
+    read_class_map,
 )
 from sglp_edge.data.splits import Split, TensorImages
 from sglp_edge.data.splits import seeded_perm as _seeded_perm
@@ -268,8 +270,6 @@ def _imagefolder(path: str, *, seed: int, val_size: int | None, image_size: int,
         try:
             return ImageFolder(str(p))
         except (FileNotFoundError, RuntimeError) as e:
-            from sglp_edge.data.images import FlatImages
-
             flat = FlatImages(p)
             if len(flat) and not any(c.is_dir() for c in p.iterdir()):
                 return flat  # type: ignore[return-value]  # images without class folders: no labels
@@ -304,8 +304,6 @@ def _imagefolder(path: str, *, seed: int, val_size: int | None, image_size: int,
     if class_map is not None and not tr.classes:
         raise UserError(f"--class-map maps class folders, but {root} holds its images without class folders; drop it")
     if class_map is not None:
-        from sglp_edge.data.images import read_class_map
-
         remap = read_class_map(class_map, tr.classes)
         for ds in {id(tr): tr, id(test_src): test_src}.values():
             ds.target_transform = remap

@@ -26,8 +26,9 @@ from exporters import onnx_utils as ou
 from benchmarks.board.atomic import sha256_file
 from benchmarks.board.errors import UserError
 
-from sglp_edge.export.onnx_export import DEFAULT_OPSET, PARITY_ATOL, PARITY_RTOL, ExportResult, _dyn_axes, _ort_session, _ort_version, _progress
+from sglp_edge.export.onnx_export import DEFAULT_OPSET, PARITY_ATOL, PARITY_RTOL, ExportResult, dynamic_axes_of, ort_session, ort_version, export_progress
 from sglp_edge.models.hf_encoder import pool_normalize
+from sglp_edge.tasks.feature_extraction import get_sentence_dataset
 
 OUTPUTS = ("last_hidden_state", "sentence_embedding")
 
@@ -96,7 +97,7 @@ def _export(w: nn.Module, ex: tuple[torch.Tensor, ...], names: Sequence[str], op
 def encoder_parity(w: nn.Module, proto: Any, batches: Sequence[dict[str, torch.Tensor]],
                    names: Sequence[str]) -> dict[str, Any]:
     """ONNX Runtime against PyTorch on ``batches`` (each run at its own padded shape)."""
-    sess = _ort_session(proto)
+    sess = ort_session(proto)
     worst_h = worst_e = scale_h = scale_e = 0.0
     cos_min, n, shapes = 1.0, 0, set()
     for b in batches:
@@ -117,7 +118,7 @@ def encoder_parity(w: nn.Module, proto: Any, batches: Sequence[dict[str, torch.T
     return {"samples": n, "shapes_checked": sorted(list(s) for s in shapes), "max_abs": max(worst_h, worst_e),
             "max_abs_last_hidden_state": worst_h, "max_abs_sentence_embedding": worst_e,
             "reference_max_abs_value": scale_h, "embedding_cos_min": cos_min, "atol": PARITY_ATOL,
-            "rtol": PARITY_RTOL, "reference": f"pytorch {torch.__version__}", "runtime": _ort_version(),
+            "rtol": PARITY_RTOL, "reference": f"pytorch {torch.__version__}", "runtime": ort_version(),
             "passed": bool(passed)}
 
 
@@ -143,7 +144,7 @@ def export_encoder_onnx(model: nn.Module, example_batch: dict[str, torch.Tensor]
     w = EncoderExportWrapper(model, "token_type_ids" in names).eval()
     notes: list[str] = []
     try:
-        with _progress(progress) as prog:
+        with export_progress(progress) as prog:
             task = prog.add_task("export encoder to ONNX", total=3)
             proto, used, errors = None, None, []
             for how in {"auto": ["dynamo", "legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}[exporter]:
@@ -177,7 +178,7 @@ def export_encoder_onnx(model: nn.Module, example_batch: dict[str, torch.Tensor]
                 notes.append("no parity batches given: parity against PyTorch was not checked")
             io_desc = ou.io_info(proto)
             meta = {"export": {"exporter": used, "opset": ou.opset_of(proto), "kind": "feature-extraction",
-                               "dynamic_axes": _dyn_axes(io_desc), "torch": torch.__version__,
+                               "dynamic_axes": dynamic_axes_of(io_desc), "torch": torch.__version__,
                                "model_class": type(model).__name__, "simplify": sinfo,
                                "pooling": "mean over attention_mask, L2-normalised"},
                     "parity_vs_pytorch": parity, **(extra_metadata or {})}
@@ -196,8 +197,6 @@ def export_loaded_encoder(loaded: Any, out_path: str | Path, *, parity_samples: 
                           data_root: str | Path | None = None, **kw: Any) -> ExportResult:
     """``sglp-edge export`` for an encoder (a ``LoadedModel``): parity on real held-out sentences of
     the English corpus, in padded batches of ``batch_size``."""
-    from sglp_edge.tasks.feature_extraction import get_sentence_dataset
-
     if loaded.tokenizer is None:
         raise UserError(f"{loaded.source}: exporting an encoder needs its tokenizer (tokenizer files next to config.json)")
     n = max(2, int(parity_samples))

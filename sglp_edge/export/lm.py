@@ -37,6 +37,7 @@ from torch import nn
 from exporters import onnx_utils as ou
 from benchmarks.board.atomic import atomic_dir, sha256_file
 from benchmarks.board.errors import UserError
+from sglp_edge.models.hf_llm import unsupported_reason
 
 LAYOUT = "text-generation-with-past"
 TASK = "causal-lm"
@@ -139,8 +140,6 @@ def export_causal_lm(model: nn.Module, out_dir: str | Path, *, opset: int = 18, 
 
     ``parity_ids`` (batch, T >= 3) int64: real token ids for the cache parity check; random ids
     when omitted. ``external_data``: ``None`` = only when the weights reach 2 GB."""
-    from sglp_edge.models.hf_llm import unsupported_reason
-
     why = unsupported_reason(model)
     if why:
         raise UserError(f"cannot export for generation: {why}")

@@ -37,6 +37,7 @@ from benchmarks.board.lm_genai import GENAI_CONFIG, open_model
 from benchmarks.board.errors import UserError
 
 from sglp_edge.export.lm import META_FILE, PARITY_ATOL, TASK
+from sglp_edge.models.hf_llm import save_hf
 
 LAYOUT = "onnxruntime-genai"
 PRECISIONS = ("fp32", "int8", "int4")
@@ -258,8 +259,6 @@ def export_causal_lm_genai(src: str | Path, out_dir: str | Path, *, precision: s
 def export_model_genai(model: Any, tokenizer: Any, out_dir: str | Path, **kw: Any) -> dict[str, Any]:
     """Same from an in-memory transformers model (``sglp-edge export --genai``): saved with its
     tokenizer to a temporary folder next to ``out_dir`` first (the builder reads folders only)."""
-    from sglp_edge.models.hf_llm import save_hf
-
     if tokenizer is None:
         raise UserError("the onnxruntime-genai route ships a tokenizer and this model has none; export a folder "
                         "that holds tokenizer files (save_hf(..., tokenizer=tok))")

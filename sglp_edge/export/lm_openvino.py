@@ -36,6 +36,7 @@ from benchmarks.board.atomic import atomic_dir, sha256_file
 from benchmarks.board.errors import UserError
 
 from sglp_edge.export.lm import META_FILE, TASK, io_names, kv_shape, prefill_decode_parity
+from sglp_edge.models.hf_llm import unsupported_reason
 
 OV_MODEL = "openvino_model.xml"
 LAYOUT = "openvino-stateful"
@@ -164,8 +165,6 @@ def export_causal_lm_openvino(model: nn.Module, out_dir: str | Path, *,
     """Export a transformers ``XxxForCausalLM`` to ``out_dir/openvino_model.xml`` (+ ``.bin``, ``lm.json``),
     atomically. ``parity_ids`` (batch, T >= 3) int64: real token ids for the parity check."""
     import openvino as ov
-
-    from sglp_edge.models.hf_llm import unsupported_reason
 
     why = unsupported_reason(model) or stateful_unsupported(model)
     if why:

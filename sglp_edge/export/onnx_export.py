@@ -28,6 +28,7 @@ from torch import nn
 from exporters import onnx_utils as ou
 from benchmarks.board.atomic import sha256_file
 from benchmarks.board.errors import UserError
+from sglp_edge.train.teacher_targets import is_constant
 
 DEFAULT_OPSET = 18  # lowest opset the dynamo exporter emits natively; TensorRT 10.x parses 9..20+
 EXPORTERS = ("auto", "dynamo", "legacy")
@@ -85,7 +86,7 @@ def _first_tensor(out: Any) -> torch.Tensor:
     raise UserError(f"the model returned {type(out).__name__}; export needs a tensor (or logits) output")
 
 
-def _progress(enabled: bool):
+def export_progress(enabled: bool):
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(),
@@ -141,7 +142,7 @@ def _export_legacy(w: nn.Module, ex: torch.Tensor, kind: str, opset: int, in_nam
     return onnx.load_from_string(buf.getvalue())
 
 
-def _ort_session(model_proto: Any):
+def ort_session(model_proto: Any):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -176,20 +177,18 @@ def parity_vs_torch(w: nn.Module, model_proto: Any, x: torch.Tensor, *, labels: 
     if ref.shape[0] != x.shape[0]:
         raise UserError(f"parity reference has {ref.shape[0]} rows for {x.shape[0]} parity inputs")
     sizes = (batch, 1, 3) if x.shape[0] > batch else (max(1, x.shape[0] // 2), 1, 3)
-    out = ort_outputs(_ort_session(model_proto), x.numpy(), sizes)
+    out = ort_outputs(ort_session(model_proto), x.numpy(), sizes)
     res = ou.compare_outputs(ref, out, labels=labels if kind == "image" else None)
-    res.update({"reference": f"pytorch {torch.__version__}", "runtime": _ort_version(),
+    res.update({"reference": f"pytorch {torch.__version__}", "runtime": ort_version(),
                 "batch_sizes_checked": sorted({min(s, x.shape[0]) for s in sizes}),
                 "input_shape": list(x.shape), "atol": PARITY_ATOL, "rtol": PARITY_RTOL})
     res["passed"] = bool(res["max_abs"] <= PARITY_ATOL + PARITY_RTOL * res["reference_max_abs_value"])
-    from sglp_edge.train.teacher_targets import is_constant
-
     if is_constant(torch.from_numpy(np.ascontiguousarray(ref))):  # the same output for every input: proves nothing
         res.update(passed=None, constant_outputs=True)
     return res
 
 
-def _ort_version() -> str:
+def ort_version() -> str:
     import onnxruntime as ort
 
     return f"onnxruntime {ort.__version__} CPUExecutionProvider"
@@ -222,15 +221,7 @@ def export_onnx(
     PyTorch outputs for ``parity_inputs`` if already computed (saves a second PyTorch pass).
     """
     t0 = time.perf_counter()
-    if kind not in KINDS:
-        raise UserError(f"unknown input kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if exporter not in EXPORTERS:
-        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    if simplify not in ou.SIMPLIFIERS:
-        raise UserError(f"unknown simplifier {simplify!r}; choose one of {', '.join(ou.SIMPLIFIERS)}")
-    opset = int(opset or DEFAULT_OPSET)
-    if not 7 <= opset <= 25:
-        raise UserError(f"opset {opset} is out of range; use 17..23 (default {DEFAULT_OPSET})")
+    opset = _check_export_args(kind, exporter, simplify, opset)
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
         raise UserError(f"output file {out_path} must end in .onnx")
@@ -242,78 +233,26 @@ def export_onnx(
     w = _ExportWrapper(model, kind).eval()
     notes: list[str] = []
     try:
-        with _progress(progress) as prog:
+        with export_progress(progress) as prog:
             task = prog.add_task("export to ONNX", total=4)
-            # 1. export ------------------------------------------------------------------------
-            used, fallback_reason, proto = None, None, None
-            order = {"auto": ["dynamo", "legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}[exporter]
-            errors = []
-            for name in order:
-                prog.update(task, description=f"export ({name} exporter, opset {opset})")
-                try:
-                    fn = _export_dynamo if name == "dynamo" else _export_legacy
-                    proto = fn(w, ex, kind, opset, in_name, output_name)
-                    used = name
-                    break
-                except Exception as e:  # noqa: BLE001 - any exporter failure: try the next one
-                    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-                    first = text.splitlines()[0] if text else type(e).__name__
-                    errors.append(f"{name}: {type(e).__name__}: {first[:200]}")
-            if proto is None:
-                raise UserError("ONNX export failed (" + "; ".join(errors) + "); try another --opset or --exporter")
-            if errors:
-                fallback_reason = errors[0]
-                notes.append(f"dynamo exporter failed, used the legacy exporter ({errors[0]})")
-            if proto.ByteSize() >= ou.TWO_GB:
-                raise UserError(f"the exported model is {proto.ByteSize() / 1024**3:.2f} GB; a one-file ONNX must "
-                                "stay below 2 GB (prune further)")
-            ou.check_model(proto)
+            proto, used, fallback_reason = _export_graph(w, ex, kind, opset, in_name, output_name, exporter,
+                                                         lambda d: prog.update(task, description=d), notes)
             prog.advance(task)
-            # 2. simplify ----------------------------------------------------------------------
             prog.update(task, description=f"simplify ({simplify})")
-            simplified, sinfo = ou.simplify_model(proto, simplify)
-            if sinfo["applied"]:
-                try:  # the simplified graph must still run and keep the dynamic axes
-                    sess = _ort_session(simplified)
-                    if [d for d in sess.get_inputs()[0].shape if isinstance(d, int)] == list(ex.shape):
-                        raise RuntimeError("dynamic axes were fixed by the simplifier")
-                    proto = simplified
-                except Exception as e:  # noqa: BLE001
-                    sinfo.update(applied=False, reason=f"simplified model rejected ({str(e).splitlines()[0][:160]}); "
-                                 "kept the unsimplified model", nodes_after=sinfo["nodes_before"])
-            if not sinfo["applied"]:
-                notes.append(f"simplification skipped: {sinfo['reason']}")
+            proto, sinfo = _simplify_checked(proto, simplify, ex, notes)
             prog.advance(task)
-            # 3. parity against PyTorch ----------------------------------------------------------
             parity = None
             if parity_inputs is not None:
                 prog.update(task, description="parity check (PyTorch vs ONNX Runtime)")
-                px = _as_tensor(parity_inputs, kind)
-                parity = parity_vs_torch(w, proto, px, labels=parity_labels, kind=kind, reference=parity_reference)
-                parity["inputs"] = parity_source or "user-supplied"
-                if parity.get("constant_outputs"):
-                    notes.append("parity not checked: the model's outputs do not depend on its input (the same for "
-                                 "every parity input): are its weights loaded?")
-                elif not parity["passed"]:
-                    notes.append(f"parity above tolerance: max_abs={parity['max_abs']:.3g}")
+                parity = _parity(w, proto, parity_inputs, parity_labels, parity_source, parity_reference, kind, notes)
             else:
                 notes.append("no parity inputs given: parity against PyTorch was not checked")
             prog.advance(task)
-            # 4. metadata + atomic write ----------------------------------------------------------
             prog.update(task, description=f"write {out_path.name}")
-            io_desc = ou.io_info(proto)
-            meta = {
-                "export": {"exporter": used, "fallback_reason": fallback_reason, "opset": ou.opset_of(proto),
-                           "requested_opset": opset, "kind": kind, "dynamic_axes": _dyn_axes(io_desc),
-                           "torch": torch.__version__, "python": platform.python_version(),
-                           "model_class": type(model).__name__, "simplify": sinfo,
-                           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                "parity_vs_pytorch": parity,
-            }
-            if extra_metadata:
-                meta.update(extra_metadata)
-            ou.update_metadata(proto, meta)
-            ou.save_onnx(proto, out_path)
+            export_meta = {"exporter": used, "fallback_reason": fallback_reason, "opset": ou.opset_of(proto),
+                           "requested_opset": opset, "kind": kind, "model_class": type(model).__name__,
+                           "simplify": sinfo}
+            io_desc = _write(proto, out_path, export_meta, parity, extra_metadata)
             prog.advance(task)
     finally:
         model.train(was_training)
@@ -322,7 +261,103 @@ def export_onnx(
                         fallback_reason=fallback_reason, warnings=notes, seconds=time.perf_counter() - t0)
 
 
-def _dyn_axes(io_desc: dict[str, Any]) -> dict[str, dict[int, str]]:
+def _check_export_args(kind: str, exporter: str, simplify: str, opset: int | None) -> int:
+    """Refuse an unknown kind / exporter / simplifier or an opset out of range; returns the opset."""
+    if kind not in KINDS:
+        raise UserError(f"unknown input kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if exporter not in EXPORTERS:
+        raise UserError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if simplify not in ou.SIMPLIFIERS:
+        raise UserError(f"unknown simplifier {simplify!r}; choose one of {', '.join(ou.SIMPLIFIERS)}")
+    opset = int(opset or DEFAULT_OPSET)
+    if not 7 <= opset <= 25:
+        raise UserError(f"opset {opset} is out of range; use 17..23 (default {DEFAULT_OPSET})")
+    return opset
+
+
+def _export_graph(w: nn.Module, ex: torch.Tensor, kind: str, opset: int, in_name: str, out_name: str,
+                  exporter: str, say: Any, notes: list[str]) -> tuple[Any, str, str | None]:
+    """Step 1: the graph from the first exporter that works (dynamo, then legacy under ``auto``),
+    checked; returns (model proto, exporter used, why dynamo was not used or None)."""
+    used, fallback_reason, proto = None, None, None
+    order = {"auto": ["dynamo", "legacy"], "dynamo": ["dynamo"], "legacy": ["legacy"]}[exporter]
+    errors = []
+    for name in order:
+        say(f"export ({name} exporter, opset {opset})")
+        try:
+            fn = _export_dynamo if name == "dynamo" else _export_legacy
+            proto = fn(w, ex, kind, opset, in_name, out_name)
+            used = name
+            break
+        except Exception as e:  # noqa: BLE001 - any exporter failure: try the next one
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+            first = text.splitlines()[0] if text else type(e).__name__
+            errors.append(f"{name}: {type(e).__name__}: {first[:200]}")
+    if proto is None:
+        raise UserError("ONNX export failed (" + "; ".join(errors) + "); try another --opset or --exporter")
+    if errors:
+        fallback_reason = errors[0]
+        notes.append(f"dynamo exporter failed, used the legacy exporter ({errors[0]})")
+    if proto.ByteSize() >= ou.TWO_GB:
+        raise UserError(f"the exported model is {proto.ByteSize() / 1024**3:.2f} GB; a one-file ONNX must "
+                        "stay below 2 GB (prune further)")
+    ou.check_model(proto)
+    return proto, used, fallback_reason
+
+
+def _simplify_checked(proto: Any, simplify: str, ex: torch.Tensor, notes: list[str]) -> tuple[Any, dict[str, Any]]:
+    """Step 2: the simplified graph when it still runs and keeps its dynamic axes, else the graph as
+    exported; returns (model proto, the simplifier's record)."""
+    simplified, sinfo = ou.simplify_model(proto, simplify)
+    if sinfo["applied"]:
+        try:  # the simplified graph must still run and keep the dynamic axes
+            sess = ort_session(simplified)
+            if [d for d in sess.get_inputs()[0].shape if isinstance(d, int)] == list(ex.shape):
+                raise RuntimeError("dynamic axes were fixed by the simplifier")
+            proto = simplified
+        except Exception as e:  # noqa: BLE001
+            sinfo.update(applied=False, reason=f"simplified model rejected ({str(e).splitlines()[0][:160]}); "
+                         "kept the unsimplified model", nodes_after=sinfo["nodes_before"])
+    if not sinfo["applied"]:
+        notes.append(f"simplification skipped: {sinfo['reason']}")
+    return proto, sinfo
+
+
+def _parity(w: nn.Module, proto: Any, inputs: Any, labels: Any, source: str | None, reference: Any, kind: str,
+            notes: list[str]) -> dict[str, Any]:
+    """Step 3: parity of the graph against PyTorch on ``inputs``, with a note when it is not met."""
+    px = _as_tensor(inputs, kind)
+    parity = parity_vs_torch(w, proto, px, labels=labels, kind=kind, reference=reference)
+    parity["inputs"] = source or "user-supplied"
+    if parity.get("constant_outputs"):
+        notes.append("parity not checked: the model's outputs do not depend on its input (the same for "
+                     "every parity input): are its weights loaded?")
+    elif not parity["passed"]:
+        notes.append(f"parity above tolerance: max_abs={parity['max_abs']:.3g}")
+    return parity
+
+
+def _write(proto: Any, out_path: Path, export_meta: dict[str, Any], parity: dict[str, Any] | None,
+           extra_metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """Step 4: metadata into the graph, then the atomic write; returns the graph's inputs/outputs."""
+    io_desc = ou.io_info(proto)
+    e = export_meta
+    meta = {
+        "export": {"exporter": e["exporter"], "fallback_reason": e["fallback_reason"], "opset": e["opset"],
+                   "requested_opset": e["requested_opset"], "kind": e["kind"], "dynamic_axes": dynamic_axes_of(io_desc),
+                   "torch": torch.__version__, "python": platform.python_version(),
+                   "model_class": e["model_class"], "simplify": e["simplify"],
+                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "parity_vs_pytorch": parity,
+    }
+    if extra_metadata:
+        meta.update(extra_metadata)
+    ou.update_metadata(proto, meta)
+    ou.save_onnx(proto, out_path)
+    return io_desc
+
+
+def dynamic_axes_of(io_desc: dict[str, Any]) -> dict[str, dict[int, str]]:
     out = {}
     for v in io_desc["inputs"] + io_desc["outputs"]:
         axes = {i: d for i, d in enumerate(v["shape"]) if isinstance(d, str)}

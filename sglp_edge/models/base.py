@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from benchmarks.board.errors import UserError
+from sglp_edge.models.user_module import build_from_reference
 
 
 #: modalities whose unit outputs are (batch, tokens, hidden) hidden states, compared token by token:
@@ -90,8 +91,6 @@ def copy_model(model: nn.Module) -> nn.Module:
     ref = getattr(model, "_sglp_builder", None)
     if not (ref and ref.get("kind") == "pt2"):
         return copy.deepcopy(model)
-    from sglp_edge.models.user_module import build_from_reference
-
     fresh = build_from_reference(ref, check=False)
     gone = [n for n, m in model.named_modules() if n and isinstance(m, nn.Identity)]
     drop_modules(fresh, [n for n in gone if not isinstance(get_module(fresh, n), nn.Identity)])

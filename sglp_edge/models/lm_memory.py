@@ -39,7 +39,7 @@ def lm_dims(model: str) -> dict[str, Any] | None:
         if model.lower() == "smollm2" or model.endswith(".gguf"):
             from gguf import GGUFReader
 
-            from sglp_edge.models.hf_llm import smollm2_gguf
+            from sglp_edge.models.hf_llm import smollm2_gguf  # heavy: hf_llm imports torch; this module stays light
 
             reader = GGUFReader(str(smollm2_gguf() if model.lower() == "smollm2" else p))
             f = reader.fields

@@ -24,6 +24,12 @@ from benchmarks.board.errors import UserError
 from sglp_edge.models.base import AdapterError, LoadedModel, ModelAdapter
 from sglp_edge.models.cifar_resnet import CifarResNetAdapter, cifar_resnet
 from sglp_edge.models.mobilenet_small import SmallMobileNetV2Adapter, mobilenetv2_fmnist
+from sglp_edge.models import user_module
+from sglp_edge.models.generic import GenericAdapter
+from sglp_edge.models.hf_encoder import HFEncoderAdapter, is_encoder_source, load_hf_encoder, save_hf_encoder
+from sglp_edge.models.hf_llm import HFDecoderAdapter, load_hf, save_hf
+from sglp_edge.models.torchvision_adapters import ADAPTERS as TV
+from sglp_edge.models.torchvision_adapters import build_torchvision
 
 CHECKPOINT_FORMAT = "sglp-edge/vision-checkpoint/1"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -43,31 +49,13 @@ SUPPORTED_FAMILIES = (
 
 
 def _adapter_classes() -> list[type[ModelAdapter]]:
-    classes: list[type[ModelAdapter]] = [CifarResNetAdapter, SmallMobileNetV2Adapter]
-    try:
-        from sglp_edge.models.torchvision_adapters import ADAPTERS as TV
-
-        classes += list(TV)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from sglp_edge.models.hf_llm import HFDecoderAdapter
-
-        classes.append(HFDecoderAdapter)
-        from sglp_edge.models.hf_encoder import HFEncoderAdapter
-
-        classes.append(HFEncoderAdapter)
-    except ImportError:  # pragma: no cover - transformers missing
-        pass
-    return classes
+    return [CifarResNetAdapter, SmallMobileNetV2Adapter, *TV, HFDecoderAdapter, HFEncoderAdapter]
 
 
 def get_adapter(model: nn.Module, units: str | Sequence[str] | None = None) -> ModelAdapter:
     """The adapter for ``model``; with ``units`` (glob patterns of module paths) a generic adapter
     over exactly those modules, for architectures this package does not know."""
     if units:
-        from sglp_edge.models.generic import GenericAdapter
-
         return GenericAdapter(model, units)
     for cls in _adapter_classes():
         if cls.matches(model):
@@ -101,12 +89,8 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     if getattr(adapter, "modality", "image") == "tokens":
-        from sglp_edge.models.hf_llm import save_hf  # type: ignore[attr-defined]
-
         return save_hf(model, folder, extra=extra)
     if getattr(adapter, "modality", "image") == "sentences":
-        from sglp_edge.models.hf_encoder import save_hf_encoder
-
         return save_hf_encoder(model, folder, extra=extra)
     spec = spec or model_spec(adapter, model)
     rounds = _as_rounds(removed_units)
@@ -172,8 +156,6 @@ def load_checkpoint(folder: str | Path, *, trust_builder: bool = False) -> Loade
 
 
 def _generic(model: nn.Module, units: Any) -> ModelAdapter:
-    from sglp_edge.models.generic import GenericAdapter
-
     return GenericAdapter(model, units)
 
 
@@ -202,16 +184,14 @@ def build_from_spec(spec: dict[str, Any], family: str | None = None, *,
                     trust_builder: bool = False) -> tuple[nn.Module, ModelAdapter]:
     """The unpruned model and its adapter from :func:`model_spec`'s output (``trust_builder``: run a
     builder file whose sha256 no longer matches)."""
-    from sglp_edge.models.user_module import build_from_reference
-
     fam = family or spec.get("family")
     if fam == "generic":
         base = spec["base"]
-        model = (build_from_reference(base, trust=trust_builder) if "kind" in base
+        model = (user_module.build_from_reference(base, trust=trust_builder) if "kind" in base
                  else adapter_for_family(base["family"]).build(base))
         return model, _generic(model, spec["units"])
     if "builder" in spec:
-        return build_from_reference(spec["builder"], trust=trust_builder), adapter_for_family(fam)
+        return user_module.build_from_reference(spec["builder"], trust=trust_builder), adapter_for_family(fam)
     adapter = adapter_for_family(fam)
     return adapter.build(spec), adapter
 
@@ -273,6 +253,25 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     (``auto_map``) run.
     """
     src = str(source)
+    _check_load_options(src, weights, units)
+    saved = _load_saved(src, trust_builder=trust_builder, trust_remote_code=trust_remote_code)
+    if saved is not None:
+        return saved
+    model, kind = _build_architecture(src, num_classes)
+    if weights is not None:
+        _load_weights(model, weights, src)
+    model.eval()
+    try:
+        adapter = get_adapter(model, units)
+    except AdapterError:
+        if need_adapter:
+            raise
+        return LoadedModel(model, None, src, kind, {})  # type: ignore[arg-type]  # units come later (API)
+    return LoadedModel(model, adapter, src, kind, {"spec": _safe_spec(adapter, model)})
+
+
+def _check_load_options(src: str, weights: str | Path | None, units: str | None) -> None:
+    """``weights`` must be a file, and neither it nor ``units`` goes with a model that holds its own."""
     if weights is not None and not Path(weights).is_file():
         what = "is a folder, give a file" if Path(weights).is_dir() else "does not exist"
         raise UserError(f"weights file {weights} {what}")
@@ -282,6 +281,12 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
         opt = "--weights" if weights is not None else "--units"
         raise UserError(f"{opt} applies to an architecture given by name (torchvision:<arch>, cifar_resnet20..110, "
                         f"file.py:build_fn, .pt2); {src} already holds its weights and layer units - drop {opt}")
+
+
+def _load_saved(src: str, *, trust_builder: bool, trust_remote_code: bool) -> LoadedModel | None:
+    """A model that holds its weights: a shipped one, a sentence encoder, a Hugging Face decoder or an
+    sglp-edge checkpoint folder; None when ``src`` names an architecture (or nothing known)."""
+    path = Path(src)
     if src in SHIPPED:
         folder = SHIPPED[src]
         if not (folder / "sglp_model.json").is_file():
@@ -291,24 +296,21 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
         loaded = load_checkpoint(folder)
         loaded.kind = "builtin"
         return loaded
-    from sglp_edge.models.hf_encoder import is_encoder_source
-
     if is_encoder_source(src):
-        from sglp_edge.models.hf_encoder import load_hf_encoder
-
         return load_hf_encoder(src, trust_remote_code=trust_remote_code)
     if src == "smollm2" or path.suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
-        from sglp_edge.models.hf_llm import load_hf
-
         return load_hf(src, trust_remote_code=trust_remote_code)
     if path.is_dir() and (path / "sglp_model.json").is_file():
         return load_checkpoint(path, trust_builder=trust_builder)
-    from sglp_edge.models import user_module
-
     if path.exists() and not (user_module.is_file_ref(src) or user_module.is_pt2(src)):
         raise UserError(f"{src} is neither an sglp-edge checkpoint folder (sglp_model.json), a Hugging Face "
                         "folder (config.json), a .gguf file, a .pt2 program nor file.py:build_fn")
+    return None
 
+
+def _build_architecture(src: str, num_classes: int | None) -> tuple[nn.Module, str]:
+    """(the network, its kind) for an architecture named by ``src``: file.py:build_fn, a .pt2
+    program, a built-in name or torchvision:<arch> (random init)."""
     ctor = _builtin(src)
     model: nn.Module | None = None
     kind = "torchvision" if src.startswith("torchvision:") else "builtin-arch"
@@ -319,29 +321,22 @@ def load_model(source: str | Path, *, weights: str | Path | None = None, num_cla
     elif ctor is not None:
         model = ctor(num_classes or 10)
     elif src.startswith("torchvision:"):
-        from sglp_edge.models.torchvision_adapters import build_torchvision
-
         model = build_torchvision(src.split(":", 1)[1], num_classes=num_classes)
     if model is None:
         if any(sep in src for sep in ("/", "\\")) or src.endswith((".pt", ".pth", ".safetensors")):
             raise UserError(f"model path {src} does not exist")
         raise UserError(f"unknown model {src!r}; give a checkpoint folder, a Hugging Face folder or .gguf, "
                         f"'default', 'mobilenetv2', 'smollm2', 'minilm', cifar_resnet20..110, mobilenetv2_fmnist or torchvision:<arch>. Supported families: {SUPPORTED_FAMILIES}")
-    if weights is not None:
-        state = load_state_dict_file(weights)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise UserError(f"weights {weights} do not fit {src} ({first}); check --num-classes and the architecture") from None
-    model.eval()
+    return model, kind
+
+
+def _load_weights(model: nn.Module, weights: str | Path, src: str) -> None:
+    state = load_state_dict_file(weights)
     try:
-        adapter = get_adapter(model, units)
-    except AdapterError:
-        if need_adapter:
-            raise
-        return LoadedModel(model, None, src, kind, {})  # type: ignore[arg-type]  # units come later (API)
-    return LoadedModel(model, adapter, src, kind, {"spec": _safe_spec(adapter, model)})
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"weights {weights} do not fit {src} ({first}); check --num-classes and the architecture") from None
 
 
 def _safe_spec(adapter: ModelAdapter, model: nn.Module) -> dict[str, Any] | None:

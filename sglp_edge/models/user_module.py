@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from benchmarks.board.errors import UserError
+from sglp_edge.models.pt2_guard import load_exported_program
 
 
 def _sha256(path: Path) -> str:
@@ -116,8 +117,6 @@ def load_pt2_module(path: Path) -> nn.Module:
     """A ``torch.export`` program as a module with its original module hierarchy (unflattened), so
     its layer units can be named by module path. Export it with a dynamic batch dimension."""
     import torch
-
-    from sglp_edge.models.pt2_guard import load_exported_program
 
     try:
         ep = load_exported_program(path)  # refuses pickles, compiled code and eval'd text before loading

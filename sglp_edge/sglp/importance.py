@@ -45,6 +45,8 @@ from torch import nn
 
 from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter
+from sglp_edge.sglp.baselines import calibration_loss
+from sglp_edge.sglp.heal import heal_linear
 
 PROTOCOLS = ("natural", "reference", "loss", "healed")
 
@@ -149,13 +151,9 @@ class CandidateScorer:
         removed = [u for u in segment_units if u not in set(kept)]
         net = self._reference_model(kept) if self.protocol == "reference" else self.model
         if self.protocol == "healed" and removed:
-            from sglp_edge.sglp.heal import heal_linear
-
             net, _ = heal_linear(self.model, self.adapter, removed, self.batches)
         with self.adapter.without_units(net, removed) as m:
             if self.protocol in ("loss", "healed"):
-                from sglp_edge.sglp.baselines import calibration_loss
-
                 value = calibration_loss(self.adapter, m, self.batches)
             else:
                 value = gradnorm(m, self.adapter, self.batches)

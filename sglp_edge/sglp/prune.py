@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -107,12 +107,54 @@ def compute_cka(model: nn.Module, adapter: ModelAdapter, units: Sequence[Unit], 
     return acc.compute()
 
 
+@dataclass
+class _Analysis:
+    """What the steps of :func:`analyze` share: the measured model and the plan's fields as they fill in."""
+    model: nn.Module
+    adapter: ModelAdapter
+    cfg: PruneConfig
+    units: list[Unit]
+    unit_macs: dict[str, int]
+    macs_before: int
+    params_before: int
+    removable: list[Unit]
+    progress: Any = None
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    plan_kw: dict[str, Any] = field(default_factory=dict)
+
+    def target_reached(self, removed: Sequence[str], n_remove: int) -> bool:
+        """Whether ``removed`` is enough: keep N was given, the MACs target is met, or nothing is left to remove."""
+        got = sum(self.unit_macs[u] for u in removed) / self.macs_before if self.macs_before else 0.0
+        return self.cfg.target_macs is None or got >= self.cfg.target_macs or n_remove >= len(self.removable)
+
+
 def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any], grad_batches: Sequence[Any],
             cfg: PruneConfig, progress: Any = None, removal_search: Any = None) -> PrunePlan:
     """Run the chosen method and return the plan (nothing is modified). ``removal_search`` (SGLP
     only; see :class:`sglp_edge.budget.search.BudgetSearch`) replaces keep/target_macs: starting at
     its ``start`` removals, one more each step until its ``accept(removed)`` says yes; its
     ``exhausted(n)`` is called (and raises) when ``n`` removals can no longer be placed."""
+    protocol_by = _check_config(model, adapter, cka_batches, grad_batches, cfg, removal_search)
+    t0 = time.perf_counter()
+    run = _measure(model, adapter, cka_batches[0], cfg, progress)
+    if protocol_by and cfg.method == "sglp":
+        run.notes.append(protocol_by + ("the calibration-loss score (loss): it measured best after KD on decoder LMs "
+                                        "and CNNs (benchmarks/results/sglp-vs-baselines-*.md)"
+                                        if cfg.protocol == "loss" else "natural GradNorm (the paper's criterion)"))
+    n_remove = _initial_removals(run)
+    if cfg.method == "sglp":
+        segments, redundancy = _sglp_segments(run, cka_batches, n_remove)
+        removed, evaluations = _sglp_select(run, grad_batches, segments, redundancy, n_remove, removal_search)
+    else:
+        removed, evaluations = _baseline_select(run, grad_batches, n_remove)
+    return _make_plan(run, removed, evaluations, t0)
+
+
+def _check_config(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any], grad_batches: Sequence[Any],
+                  cfg: PruneConfig, removal_search: Any) -> str:
+    """Refuse a bad config in one line; set ``cfg.keep`` for a removal search and resolve
+    ``cfg.protocol``. Returns the note prefix when the protocol was chosen automatically."""
     if removal_search is not None:
         if cfg.method != "sglp":
             raise UserError(f"a latency budget (keep: auto) searches with SGLP; --method {cfg.method} takes --keep N")
@@ -135,115 +177,132 @@ def analyze(model: nn.Module, adapter: ModelAdapter, cka_batches: Sequence[Any],
         raise UserError(f"--target-macs is the fraction of MACs to remove, between 0 and 1; got {cfg.target_macs}")
     if not cka_batches or not grad_batches:
         raise UserError("no calibration batches: check --data and --calib-batches")
-    t0 = time.perf_counter()
+    return protocol_by
+
+
+def _measure(model: nn.Module, adapter: ModelAdapter, batch: Any, cfg: PruneConfig, progress: Any) -> _Analysis:
+    """The model's units, MACs (in all and per unit) and parameters, on one example of ``batch``."""
     model.eval()
     if hasattr(adapter, "check_shapes"):
-        adapter.check_shapes(model, cka_batches[0])
+        adapter.check_shapes(model, batch)
     units = adapter.units(model)
-    example = _first_example(cka_batches[0])
-    macs_before, unit_macs = count_macs(model, adapter, example, units)
+    macs_before, unit_macs = count_macs(model, adapter, _first_example(batch), units)
     params_before = count_params(model)
     removable = [u for u in units if u.removable]
     if not removable:
         raise UserError("this model has no removable units")
-    timings: dict[str, float] = {}
-    plan_kw: dict[str, Any] = {}
-    notes: list[str] = []
-    if protocol_by and cfg.method == "sglp":
-        notes.append(protocol_by + ("the calibration-loss score (loss): it measured best after KD on decoder LMs "
-                                    "and CNNs (benchmarks/results/sglp-vs-baselines-*.md)"
-                                    if cfg.protocol == "loss" else "natural GradNorm (the paper's criterion)"))
+    return _Analysis(model, adapter, cfg, units, unit_macs, macs_before, params_before, removable, progress)
 
-    # how many units to remove
-    if cfg.keep is not None:
-        n_remove = n_remove_for_keep(units, cfg.keep)
+
+def _initial_removals(run: _Analysis) -> int:
+    """How many units to remove: from ``keep``, or the estimate that reaches ``target_macs`` on average units."""
+    if run.cfg.keep is not None:
+        return n_remove_for_keep(run.units, run.cfg.keep)
+    mean_macs = sum(run.unit_macs[u.name] for u in run.removable) / len(run.removable)
+    return min(len(run.removable), max(1, math.ceil(run.cfg.target_macs * run.macs_before / max(mean_macs, 1))))
+
+
+def _sglp_segments(run: _Analysis, cka_batches: Sequence[Any], n_remove: int) -> tuple[list, Sequence[float] | None]:
+    """CKA over the calibration batches -> the sequence -> k -> Fisher segments (recorded in the plan);
+    returns the segments and the CKA redundancy when removals are allocated by it."""
+    cfg, units = run.cfg, run.units
+    t = time.perf_counter()
+    cka = compute_cka(run.model, run.adapter, units, cka_batches, cfg.cka_mode, run.progress)
+    run.timings["cka_s"] = time.perf_counter() - t
+    x = sequence_from_cka(cka, mode=cfg.sequence)
+    alloc_mode = allocation_mode(cfg, run.adapter)
+    redundancy = adjacent_redundancy(cka) if alloc_mode == "redundancy" else None
+    run.plan_kw["allocation"] = alloc_mode
+    n = len(units)
+    k_max = cfg.k_max or max(1, min(10, n // 2))
+    if cfg.k is not None:
+        if not 1 <= cfg.k <= n:
+            raise UserError(f"--k {cfg.k} must be between 1 and the number of units ({n})")
+        k, k_by = cfg.k, "user"
+        k_choice: dict[str, Any] = {"k": k, "chosen_by": "user", "why": f"--k {k} given"}
     else:
-        mean_macs = sum(unit_macs[u.name] for u in removable) / len(removable)
-        n_remove = min(len(removable), max(1, math.ceil(cfg.target_macs * macs_before / max(mean_macs, 1))))
-
-    if cfg.method == "sglp":
-        t = time.perf_counter()
-        cka = compute_cka(model, adapter, units, cka_batches, cfg.cka_mode, progress)
-        timings["cka_s"] = time.perf_counter() - t
-        x = sequence_from_cka(cka, mode=cfg.sequence)
-        alloc_mode = allocation_mode(cfg, adapter)
-        redundancy = adjacent_redundancy(cka) if alloc_mode == "redundancy" else None
-        plan_kw["allocation"] = alloc_mode
-        n = len(units)
-        k_max = cfg.k_max or max(1, min(10, n // 2))
-        if cfg.k is not None:
-            if not 1 <= cfg.k <= n:
-                raise UserError(f"--k {cfg.k} must be between 1 and the number of units ({n})")
-            k, k_by = cfg.k, "user"
-            k_choice: dict[str, Any] = {"k": k, "chosen_by": "user", "why": f"--k {k} given"}
-        else:
-            k, k_by, k_choice = choose_k_auto(x, units, k_max, n_remove, cfg, redundancy)
-            if k_choice.get("note"):
-                notes.append(k_choice["note"])
-        plan_kw["k_choice"] = k_choice
-        segments = fisher_segments(x, k)
-        loss_table = fisher_loss_table(x, max(k, k_max))
-        plan_kw.update(cka=cka.tolist(), sequence=[float(v) for v in x], segments=[list(s) for s in segments],
+        k, k_by, k_choice = choose_k_auto(x, units, k_max, n_remove, cfg, redundancy)
+        if k_choice.get("note"):
+            run.notes.append(k_choice["note"])
+    run.plan_kw["k_choice"] = k_choice
+    segments = fisher_segments(x, k)
+    loss_table = fisher_loss_table(x, max(k, k_max))
+    run.plan_kw.update(cka=cka.tolist(), sequence=[float(v) for v in x], segments=[list(s) for s in segments],
                        k=k, k_chosen_by=k_by, loss_table=[float(v) for v in loss_table])
-        scorer = CandidateScorer(model, adapter, adapter.with_targets(model, grad_batches), protocol=cfg.protocol,
-                                 seed=cfg.seed)
-        t = time.perf_counter()
-        tried: dict[int, list[SegmentSelection]] = {}
-        while True:
-            try:
-                selections, budget = tried[n_remove] = select_all(scorer, units, segments, n_remove, cfg, progress,
-                                                                   redundancy)
-            except UserError:
-                if removal_search is None:
-                    raise
-                removal_search.exhausted(n_remove)  # raises: no network with n_remove removals can be built
-            removed = [u for s in selections for u in s.remove]
-            if removal_search is not None:
-                if removal_search.accept([u.name for u in units if u.name in set(removed)]):
-                    # the search may settle on an earlier step (fewer removals, measured within budget)
-                    selections, budget = tried.get(getattr(removal_search, "chosen_n", n_remove), (selections, budget))
-                    removed = [u for s in selections for u in s.remove]
-                    break
-                n_remove += 1
-                continue
-            got = sum(unit_macs[u] for u in removed) / macs_before if macs_before else 0.0
-            if cfg.target_macs is None or got >= cfg.target_macs or n_remove >= len(removable):
-                break
-            n_remove += 1  # re-select with one more removal; cached candidates cost nothing
-        timings["gradnorm_s"] = time.perf_counter() - t
-        _check_scores_differ(selections, cfg, notes)
-        evaluations = scorer.evaluations
-        plan_kw["selections"] = [asdict(s) for s in selections]
+    return segments, redundancy
+
+
+def _sglp_select(run: _Analysis, grad_batches: Sequence[Any], segments: list, redundancy: Sequence[float] | None,
+                 n_remove: int, removal_search: Any) -> tuple[list[str], int]:
+    """The candidate search in every segment, repeated with one more removal until the MACs target
+    is met or the removal search accepts; returns (removed unit names, evaluations)."""
+    cfg, units = run.cfg, run.units
+    scorer = CandidateScorer(run.model, run.adapter, run.adapter.with_targets(run.model, grad_batches),
+                             protocol=cfg.protocol, seed=cfg.seed)
+    t = time.perf_counter()
+    tried: dict[int, tuple[list[SegmentSelection], dict[str, Any]]] = {}
+    while True:
+        try:
+            selections, budget = tried[n_remove] = select_all(scorer, units, segments, n_remove, cfg, run.progress,
+                                                              redundancy)
+        except UserError:
+            if removal_search is None:
+                raise
+            removal_search.exhausted(n_remove)  # raises: no network with n_remove removals can be built
+        removed = [u for s in selections for u in s.remove]
         if removal_search is not None:
-            plan_kw["search"] = removal_search.record()
-        plan_kw["budget"] = {**budget, "spent": [s.evaluations for s in selections],
-                             "search": [s.method for s in selections], "total_spent": evaluations}
-    else:
-        t = time.perf_counter()
-        while True:
-            res = select_baseline(cfg.method, adapter, model, units, list(grad_batches), n_remove, seed=cfg.seed)
-            removed = list(res.removed)
-            got = sum(unit_macs[u] for u in removed) / macs_before if macs_before else 0.0
-            if cfg.target_macs is None or got >= cfg.target_macs or n_remove >= len(removable):
+            if removal_search.accept([u.name for u in units if u.name in set(removed)]):
+                # the search may settle on an earlier step (fewer removals, measured within budget)
+                selections, budget = tried.get(getattr(removal_search, "chosen_n", n_remove), (selections, budget))
+                removed = [u for s in selections for u in s.remove]
                 break
             n_remove += 1
-        timings["select_s"] = time.perf_counter() - t
-        evaluations = 0
-        if res.notes:
-            notes.append(res.notes)
-        plan_kw["selections"] = [{"method": cfg.method, "scores": res.scores}]
+            continue
+        if run.target_reached(removed, n_remove):
+            break
+        n_remove += 1  # re-select with one more removal; cached candidates cost nothing
+    run.timings["gradnorm_s"] = time.perf_counter() - t
+    _check_scores_differ(selections, cfg, run.notes)
+    evaluations = scorer.evaluations
+    run.plan_kw["selections"] = [asdict(s) for s in selections]
+    if removal_search is not None:
+        run.plan_kw["search"] = removal_search.record()
+    run.plan_kw["budget"] = {**budget, "spent": [s.evaluations for s in selections],
+                             "search": [s.method for s in selections], "total_spent": evaluations}
+    return removed, evaluations
 
+
+def _baseline_select(run: _Analysis, grad_batches: Sequence[Any], n_remove: int) -> tuple[list[str], int]:
+    """A baseline's choice, with one more removal until the MACs target is met; (removed, 0 evaluations)."""
+    t = time.perf_counter()
+    while True:
+        res = select_baseline(run.cfg.method, run.adapter, run.model, run.units, list(grad_batches), n_remove,
+                              seed=run.cfg.seed)
+        removed = list(res.removed)
+        if run.target_reached(removed, n_remove):
+            break
+        n_remove += 1
+    run.timings["select_s"] = time.perf_counter() - t
+    if res.notes:
+        run.notes.append(res.notes)
+    run.plan_kw["selections"] = [{"method": run.cfg.method, "scores": res.scores}]
+    return removed, 0
+
+
+def _make_plan(run: _Analysis, removed: Sequence[str], evaluations: int, t0: float) -> PrunePlan:
+    model, units = run.model, run.units
     removed_set = set(removed)
     kept = [u.name for u in units if u.name not in removed_set]
-    macs_after = macs_before - sum(unit_macs[u] for u in removed)
-    params_after = params_before - sum(sum(p.numel() for p in get_module(model, u).parameters()) for u in removed)
-    unit_rows = [dict(u.to_dict(), kept=u.name not in removed_set, macs=unit_macs[u.name],
+    macs_after = run.macs_before - sum(run.unit_macs[u] for u in removed)
+    params_after = run.params_before - sum(sum(p.numel() for p in get_module(model, u).parameters()) for u in removed)
+    unit_rows = [dict(u.to_dict(), kept=u.name not in removed_set, macs=run.unit_macs[u.name],
                       params=sum(p.numel() for p in get_module(model, u.name).parameters())) for u in units]
     return PrunePlan(
-        method=cfg.method, family=adapter.family, units=unit_rows, removed=[u.name for u in units if u.name in removed_set],
-        kept=kept, n_units_before=len(units), n_units_after=len(kept), params_before=params_before,
-        params_after=params_after, macs_before=macs_before, macs_after=macs_after, evaluations=evaluations,
-        wall_s=time.perf_counter() - t0, config=asdict(cfg), notes=notes, timings=timings, **plan_kw,
+        method=run.cfg.method, family=run.adapter.family, units=unit_rows,
+        removed=[u.name for u in units if u.name in removed_set], kept=kept, n_units_before=len(units),
+        n_units_after=len(kept), params_before=run.params_before, params_after=params_after,
+        macs_before=run.macs_before, macs_after=macs_after, evaluations=evaluations,
+        wall_s=time.perf_counter() - t0, config=asdict(run.cfg), notes=run.notes, timings=run.timings, **run.plan_kw,
     )
 
 
