@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import platform
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,8 +36,6 @@ BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {n: b.precisions for n, b in _R
 
 def _tool_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("sglp-edge")
     except Exception:  # noqa: BLE001
         return "unknown"
@@ -83,7 +82,8 @@ class _Steps:
     """Rich progress: one spinner line whose text follows the backend's steps."""
 
     def __init__(self, enabled: bool, title: str):
-        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (  # heavy: rich is a host-only dependency; compile runs on boards without it
+            Progress, SpinnerColumn, TextColumn, TimeElapsedColumn)
 
         self.progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), TimeElapsedColumn(),
                                  disable=not enabled, transient=False)

@@ -23,9 +23,12 @@ agreement on a few random prompts).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
+import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -41,7 +44,7 @@ BACKEND_PRECISIONS = {n: b.lm_precisions for n, b in BACKENDS.items() if b.lm_pr
 
 
 def _lm_dims(onnx_path: Path) -> Dict[str, Any]:
-    import onnx
+    import onnx  # heavy: onnx
 
     m = onnx.load(str(onnx_path), load_external_data=False)
     names = [i.name for i in m.graph.input]
@@ -88,7 +91,7 @@ def _ir_dims(xml: Path) -> Dict[str, Any]:
 
 def _openvino_logits(path: Path, ids: np.ndarray, dims: Dict[str, Any]) -> np.ndarray:
     """Prefill logits on OpenVINO in f32 (stateful IR: fresh state, ``beam_idx``, f32 KV cache)."""
-    import openvino as ov
+    import openvino as ov  # heavy: openvino
 
     core = ov.Core()
     model = core.read_model(str(path))
@@ -114,7 +117,7 @@ def _parity(art: Path, route: str, ref_path: Path, dims: Dict[str, Any], vocab: 
     if ref_path.suffix == ".xml":
         ref, label = _openvino_logits(ref_path, ids, dims), "openvino f32 on the exported stateful IR"
     else:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: onnxruntime
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -158,8 +161,6 @@ def _check(onnx_path: Path, backend: str, precision: str, group_size: int,
 
 def _copy_graph(onnx_path: Path, art: Path) -> None:
     """The exported graph as it is (with its external data file, if any)."""
-    import shutil
-
     shutil.copyfile(onnx_path, art)
     data = Path(str(onnx_path) + ".data")
     if data.is_file():
@@ -169,8 +170,6 @@ def _copy_graph(onnx_path: Path, art: Path) -> None:
 def _matmul_nbits(onnx_path: Path, art: Path, precision: str, group_size: int,
                   accuracy_level: Optional[int]) -> Dict[str, Any]:
     """ONNX Runtime's weight-only MatMulNBits quantizer (8 bits in blocks of 128, 4 bits in ``group_size``)."""
-    import logging
-
     import onnx  # heavy: the graph library
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb  # heavy: the runtime
 
@@ -270,8 +269,6 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
 
 
 def main(argv: Optional[List[str]] = None) -> int:  # python -m exporters.lm_compile MODEL.onnx BACKEND PREC OUT
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m exporters.lm_compile")
     p.add_argument("onnx", help="model.onnx of sglp_edge.export.lm, or (openvino only) openvino_model.xml of "
                                 "sglp_edge.export.lm_openvino")

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 from benchmarks.board.atomic import atomic_path
 from benchmarks.board.errors import UserError
 
@@ -26,7 +28,7 @@ SIMPLIFIERS = ("onnxslim", "onnxsim", "none")
 
 def _onnx():
     try:
-        import onnx
+        import onnx  # heavy: onnx
     except ImportError:  # pragma: no cover - onnx is a hard dependency of the export extra
         raise UserError("the 'onnx' package is not installed; pip install onnx") from None
     return onnx
@@ -54,7 +56,7 @@ def load_onnx(path: str | Path, *, load_external_data: bool = True, check: bool 
                             f"keep the side file next to it or {fix} as one file")
         if load_external_data:
             try:
-                from onnx.external_data_helper import load_external_data_for_model
+                from onnx.external_data_helper import load_external_data_for_model  # heavy: onnx
 
                 load_external_data_for_model(model, str(path.parent))
             except Exception as e:  # noqa: BLE001
@@ -157,8 +159,6 @@ def _dims(value_info: Any) -> list:
 def _dtype(value_info: Any) -> str:
     onnx = _onnx()
     try:
-        import numpy as np
-
         return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)))
     except Exception:  # noqa: BLE001 - bfloat16 / float8 have no numpy type
         return onnx.TensorProto.DataType.Name(value_info.type.tensor_type.elem_type).lower()
@@ -213,12 +213,12 @@ def simplify_model(model: Any, method: str = "onnxslim") -> tuple[Any, dict[str,
     onnx = _onnx()
     try:
         if method == "onnxslim":
-            import onnxslim
+            import onnxslim  # heavy: onnxslim (imports onnx)
 
             info["version"] = getattr(onnxslim, "__version__", "?")
             out = onnxslim.slim(model)
         else:
-            import onnxsim
+            import onnxsim  # heavy: onnxsim (imports onnx)
 
             info["version"] = getattr(onnxsim, "__version__", "?")
             out, ok = onnxsim.simplify(model)
@@ -255,8 +255,6 @@ def compare_outputs(reference: Any, output: Any, *, labels: Any = None) -> dict[
     reference is used); ``top1_agree``: fraction of rows (samples, or samples x positions for LMs)
     whose arg-max over the last axis agrees. With ``labels``, also both top-1 accuracies.
     """
-    import numpy as np
-
     ref = np.asarray(reference, dtype=np.float64)
     out = np.asarray(output, dtype=np.float64)
     if ref.shape != out.shape:

@@ -39,7 +39,7 @@ COMPUTE_LAYERS = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul",
 
 def _ov():
     try:
-        import openvino as ov
+        import openvino as ov  # heavy: openvino
     except ImportError:
         raise UserError("OpenVINO is not installed; pip install openvino (or choose another --backend)") from None
     return ov
@@ -47,7 +47,7 @@ def _ov():
 
 def _nncf():
     try:
-        import nncf
+        import nncf  # heavy: NNCF
     except ImportError:
         raise UserError("INT8 for OpenVINO needs NNCF; pip install nncf") from None
     return nncf

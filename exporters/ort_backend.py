@@ -43,7 +43,7 @@ PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionP
 
 def _ort():
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # heavy: onnxruntime
     except ImportError:
         raise UserError("ONNX Runtime is not installed; pip install onnxruntime") from None
     return ort
@@ -89,7 +89,7 @@ def _session(path: str | Path, providers: Sequence[str], **opts: Any) -> Any:
 
 def make_data_reader(input_name: str, x: np.ndarray, batch_size: int = 16) -> Any:
     """An ``onnxruntime.quantization.CalibrationDataReader`` over calibration batches of ``x``."""
-    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import CalibrationDataReader  # heavy: onnxruntime
 
     class NpzDataReader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -122,7 +122,8 @@ def optimize_offline(src: Path, dst: Path, level: str = "extended") -> None:
 
 def to_ort_format(src: Path, out_dir: Path, *, target_platform: str = "arm") -> list[Path]:
     """``python -m onnxruntime.tools.convert_onnx_models_to_ort`` on one file; returns written files."""
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    from onnxruntime.tools.convert_onnx_models_to_ort import (  # heavy: onnxruntime
+        OptimizationStyle, convert_onnx_models_to_ort)
 
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         tmp = Path(tmp)
@@ -151,7 +152,7 @@ COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 def first_last_compute_nodes(model_path: Path) -> list[str]:
     """Names of the first and last Conv/Gemm/MatMul nodes (kept in float: the usual INT8 recipe)."""
-    import onnx
+    import onnx  # heavy: onnx
 
     names = [n.name for n in onnx.load(str(model_path), load_external_data=False).graph.node
              if n.op_type in COMPUTE_OPS and n.name]
@@ -164,8 +165,9 @@ def quantize_int8(src: Path, dst: Path, calib: CalibData, *, samples: int = 300,
     """Static QDQ INT8 with ORT's quantizer. ``symmetric=True`` gives S8 activations with zero
     points 0, the form TensorRT's explicit quantization requires. ``keep_first_last_float`` leaves
     the first and last compute layers unquantised (cheap, and the most precision-sensitive)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import (  # heavy: onnxruntime
+        CalibrationMethod, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # heavy: onnxruntime
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -201,7 +203,7 @@ def quantize_int8(src: Path, dst: Path, calib: CalibData, *, samples: int = 300,
 
 def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
     """Dynamic INT8: int8 weights (per channel), activation ranges computed per batch at run time."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # heavy: onnxruntime
 
     try:
         quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
@@ -216,8 +218,8 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> dict[str, Any]:
 def quantize_int8_weights(src: Path, dst: Path, block_size: int = 128) -> dict[str, Any]:
     """Weight-only INT8: every MatMul with a constant weight becomes ``MatMulNBits`` (8 bits,
     symmetric blocks of ``block_size``); activations stay float."""
-    import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+    import onnx  # heavy: onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb  # heavy: onnxruntime
 
     try:
         cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=8,

@@ -145,8 +145,8 @@ def trtexec_script(cmd: Sequence[str], trt_version: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def make_fp16_onnx(src: Path, dst: Path) -> dict[str, Any]:
     """FP32 -> FP16 ONNX graph with FP32 inputs/outputs (ONNX Runtime's float16 converter)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    import onnx  # heavy: onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # heavy: onnxruntime
 
     model = convert_float_to_float16(ou.load_onnx(src), keep_io_types=True)
     ou.save_onnx(model, dst)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from benchmarks.board.errors import UserError
+from exporters import onnx_utils as ou
 
 SOURCE = ("onnx/onnx-tensorrt docs/operators.md (TensorRT 10.15 support matrix) and docs/Changelog.md; "
           "https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md")
@@ -262,8 +263,6 @@ class TrtOpReport:
 def check_graph(model_or_path: Any, *, trt_version: str = "10.3") -> TrtOpReport:
     """Check an ONNX model (``ModelProto`` or path) against the parser's operator support for
     ``trt_version`` (default 10.3, JetPack 6)."""
-    from exporters import onnx_utils as ou
-
     model = model_or_path
     if not hasattr(model_or_path, "graph"):
         model = ou.load_onnx(model_or_path, load_external_data=False, check=False)

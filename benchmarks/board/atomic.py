@@ -7,6 +7,7 @@ and is renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from benchmarks.board.diskspace import disk_full_as_fault
+from benchmarks.board.errors import UserError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -66,8 +68,6 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
     On failure the temporary folder is removed and any previous ``path`` is left untouched."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        from benchmarks.board.errors import UserError
-
         raise UserError(f"{path} is an existing file; an output folder never replaces a file: choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -92,8 +92,6 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -190,8 +188,6 @@ def _contains(outer: Path, inner: Path) -> bool:
 def check_writable(path: str | os.PathLike, *, what: str = "--out") -> None:
     """One line before any work when ``path`` cannot be created: a parent is a file, or the
     nearest existing parent folder cannot be written (tried for real, so it holds for root too)."""
-    from benchmarks.board.errors import UserError
-
     path = Path(path)
     anc = path.parent if not path.exists() else path
     while not anc.exists() and anc != anc.parent:
@@ -217,8 +213,6 @@ def check_out_dir(out: str | os.PathLike, *, force: bool = False, inputs: tuple 
     one that is ours and holds results unless ``force`` (or ``reuse``: commands that update their
     own folder in place, like ``bench`` and ``run``); and a path that cannot be written. Nothing is
     written, deleted or stamped here."""
-    from benchmarks.board.errors import UserError
-
     out = Path(out)
     res = out.resolve()
     for inp in inputs:
@@ -246,8 +240,6 @@ def check_out_dir(out: str | os.PathLike, *, force: bool = False, inputs: tuple 
 def check_out_file(out: str | os.PathLike, *, force: bool = False, inputs: tuple = (), what: str = "--out") -> Path:
     """Whether an output FILE may be written at ``out``: never over a folder, never over one of
     ``inputs``, an existing file only with ``force``; the parent must be writable."""
-    from benchmarks.board.errors import UserError
-
     out = Path(out)
     res = out.resolve()
     for inp in inputs:
@@ -309,9 +301,7 @@ class FolderLock:
         return fd
 
     def acquire(self) -> "FolderLock":
-        import fcntl
-
-        from benchmarks.board.errors import UserError
+        import fcntl  # POSIX only: kept local so the module still imports elsewhere
 
         self.lockfile.parent.mkdir(parents=True, exist_ok=True)
         while True:

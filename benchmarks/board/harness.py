@@ -34,6 +34,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from benchmarks.board.errors import UserError
+
 MIB = float(1 << 20)
 
 #: Percentiles reported for every latency distribution.
@@ -57,8 +59,6 @@ class MeasureConfig:
     max_duration_s: Optional[float] = None
 
     def validate(self) -> "MeasureConfig":
-        from benchmarks.board.errors import UserError
-
         if self.warmup_s < 0:
             raise UserError(f"warm-up must be >= 0 s, got {self.warmup_s}")
         if self.min_iters < 1:
@@ -225,7 +225,7 @@ def peak_memory() -> dict[str, Optional[float]]:
     All fields are ``None`` where the platform has no such counter."""
     ru = None
     try:
-        import resource
+        import resource  # POSIX only (see the except below)
 
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         ru = r / MIB if sys.platform == "darwin" else r / 1024.0  # bytes on macOS, KiB on Linux

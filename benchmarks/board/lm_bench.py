@@ -31,6 +31,7 @@ Measured (batch 1, greedy, our own decode loop):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -254,8 +255,6 @@ def write_eval_npz(path: str, *, bench_prompt: np.ndarray, gen_tokens: int, gree
                    greedy_reference: np.ndarray, ppl_blocks: np.ndarray, torch_perplexity: Optional[float] = None,
                    meta: Optional[Dict[str, Any]] = None) -> Path:
     """Host side: write the board's LM eval data atomically (token ids only)."""
-    import io
-
     arrays = {"task": np.array(TASK), "bench_prompt": np.asarray(bench_prompt, np.int64),
               "gen_tokens": np.array(int(gen_tokens)), "greedy_prompts": np.asarray(greedy_prompts, np.int64),
               "greedy_reference": np.asarray(greedy_reference, np.int64), "ppl_blocks": np.asarray(ppl_blocks, np.int64),

@@ -15,10 +15,13 @@ sessions (both copy the last logits to numpy each step).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+
+from benchmarks.board.errors import UserError
 
 BACKEND = "onnxruntime-genai"
 GENAI_CONFIG = "genai_config.json"
@@ -51,10 +54,8 @@ class GenaiSession:
     stateful = True
 
     def __init__(self, artifact: str, *, threads: Optional[int] = None, max_length: Optional[int] = None):
-        from benchmarks.board.errors import UserError
-
         try:
-            import onnxruntime_genai as og
+            import onnxruntime_genai as og  # heavy: onnxruntime-genai
         except ImportError as e:
             raise UserError(f"backend {BACKEND} needs the onnxruntime-genai package ({e}): {INSTALL}") from None
         folder = Path(artifact)
@@ -89,8 +90,6 @@ class GenaiSession:
 
     def empty_past(self, batch: int = 1) -> List[np.ndarray]:
         if batch != 1:
-            from benchmarks.board.errors import UserError
-
             raise UserError(f"backend {BACKEND} runs batch 1 only in this harness (asked for {batch})")
         return []
 
@@ -102,8 +101,6 @@ class GenaiSession:
         self._pos = 0
 
     def step(self, ids: np.ndarray, past: List[np.ndarray], start: int) -> Tuple[np.ndarray, List[np.ndarray]]:
-        from benchmarks.board.errors import UserError
-
         ids = np.asarray(ids)
         b, t = ids.shape
         if b != 1:
@@ -124,8 +121,6 @@ def native_generate(sess: GenaiSession, prompt: np.ndarray, n_new: int) -> Dict[
     """onnxruntime-genai's own greedy loop (``generate_next_token``, no logits copied out): tokens and
     timings in :func:`benchmarks.board.lm_bench.generate`'s form (margins not available). It stops at an
     end-of-sequence id, so it may return fewer than ``n_new + 1`` tokens."""
-    import time
-
     og = sess._og
     sess._gen = None
     params = og.GeneratorParams(sess._model)

@@ -25,7 +25,7 @@ def _shape(dims, batch: int = 1) -> list:
 
 
 def run_onnxruntime(path: Path, x):
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy: onnxruntime
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
@@ -35,7 +35,7 @@ def run_onnxruntime(path: Path, x):
 
 
 def run_openvino(path: Path, x):
-    import openvino as ov
+    import openvino as ov  # heavy: openvino
 
     core = ov.Core()
     model = core.read_model(str(path))
@@ -49,11 +49,11 @@ def run_openvino(path: Path, x):
 
 
 def run_tensorrt(path: Path, x):
-    import tensorrt as trt
+    import tensorrt as trt  # heavy: tensorrt
     try:
-        from cuda.bindings import runtime as rt
+        from cuda.bindings import runtime as rt  # heavy: cuda-python
     except ImportError:
-        from cuda import cudart as rt  # older cuda-python
+        from cuda import cudart as rt  # older cuda-python  # heavy: cuda-python
 
     def ok(res):
         err, *rest = res if isinstance(res, tuple) else (res,)

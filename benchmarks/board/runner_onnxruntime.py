@@ -46,7 +46,7 @@ class OnnxRuntimeRunner(Runner):
     ) -> None:
         super().__init__()
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # heavy: onnxruntime
         except ImportError:
             raise UserError("ONNX Runtime is not installed on this machine: pip install onnxruntime") from None
         self._ort = ort

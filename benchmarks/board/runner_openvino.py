@@ -46,7 +46,7 @@ class OpenVINORunner(Runner):
     ) -> None:
         super().__init__()
         try:
-            import openvino as ov
+            import openvino as ov  # heavy: openvino
         except ImportError:
             raise UserError("OpenVINO is not installed on this machine: pip install openvino") from None
         self._ov = ov

@@ -11,6 +11,8 @@ open it through :func:`benchmarks.board.runners.open_runner`.
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,14 +29,14 @@ class _CudaPython:
 
     def __init__(self) -> None:
         try:
-            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.6  # heavy: cuda-python
         except ImportError:
-            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
+            from cuda import cudart  # type: ignore[no-redef]  # older cuda-python  # heavy: cuda-python
         self.rt = cudart
         self._pinned: list = []
         self.stream = self._ok(cudart.cudaStreamCreate())
         try:
-            import cuda as _c
+            import cuda as _c  # heavy: cuda-python
 
             self.version = getattr(_c, "__version__", None)
         except Exception:  # pragma: no cover
@@ -86,7 +88,7 @@ class _CuPy:
     name = "cupy"
 
     def __init__(self) -> None:
-        import cupy as cp
+        import cupy as cp  # heavy: cupy
 
         self.cp = cp
         self.stream = cp.cuda.Stream(non_blocking=True)
@@ -126,8 +128,6 @@ class _CuPy:
 
 
 def wrap_host(ptr: int, nbytes: int, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-    import ctypes
-
     buf = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
     return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(tuple(shape))
 
@@ -161,7 +161,7 @@ class TensorRTRunner(Runner):
     ) -> None:
         super().__init__()
         try:
-            import tensorrt as trt
+            import tensorrt as trt  # heavy: tensorrt
         except ImportError:
             raise UserError(
                 "TensorRT's Python package is not importable here: on a Jetson install JetPack's "
@@ -288,9 +288,7 @@ class TensorRTRunner(Runner):
         layer_precisions = None
         try:
             insp = self.engine.create_engine_inspector()
-            import json as _json
-
-            data = _json.loads(insp.get_engine_information(trt.LayerInformationFormat.JSON))
+            data = json.loads(insp.get_engine_information(trt.LayerInformationFormat.JSON))
             precs = {}
             for layer in data.get("Layers", []):
                 if isinstance(layer, dict):

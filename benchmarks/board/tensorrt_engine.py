@@ -51,7 +51,7 @@ CUDA_HINT = "INT8 calibration and parity runs need device memory: pip install cu
 
 def import_tensorrt() -> Any:
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # heavy: tensorrt
     except ImportError:
         raise UserError(INSTALL_HINT) from None
     except Exception as e:  # noqa: BLE001 - e.g. libnvinfer.so missing behind a stub package
@@ -102,10 +102,10 @@ class _Cuda:
 
     def __init__(self) -> None:
         try:
-            from cuda.bindings import runtime as cudart  # cuda-python >= 12.8
+            from cuda.bindings import runtime as cudart  # cuda-python >= 12.8  # heavy: cuda-python
         except ImportError:
             try:
-                from cuda import cudart  # older cuda-python
+                from cuda import cudart  # older cuda-python  # heavy: cuda-python
             except ImportError:
                 raise UserError(CUDA_HINT) from None
         self.rt = cudart

@@ -11,8 +11,10 @@ TensorRT, no numpy, no torch; Python 3.8 compatible (it ships to the board in th
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -175,8 +177,6 @@ def check_set_input_shape(context: Any, name: str, shape: Sequence[int]) -> None
 
 def device_key() -> str:
     """A name for this device's GPU (Jetson model from the device tree, else nvidia-smi's name)."""
-    import subprocess
-
     name = ""
     try:
         name = Path("/proc/device-tree/model").read_bytes().decode(errors="replace").strip("\x00 \n")
@@ -195,8 +195,6 @@ def device_key() -> str:
 def timing_cache_path(device: str, trt_version: str, root: str | Path | None = None) -> Path:
     """Where the timing cache for ``device`` and ``trt_version`` lives: outside any output folder
     (``$SGLP_EDGE_TRT_CACHE`` or ``~/.cache/sglp-edge/tensorrt``), so every build reuses it."""
-    import os
-
     base = Path(root or os.environ.get("SGLP_EDGE_TRT_CACHE") or Path.home() / ".cache" / "sglp-edge" / "tensorrt")
     dev = re.sub(r"[^A-Za-z0-9.]+", "-", device).strip("-").lower() or "unknown-gpu"
     ver = re.sub(r"[^0-9.]+", "", str(trt_version)) or "unknown"

@@ -11,22 +11,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchmarks.board.tensorrt_engine as te
+import benchmarks.board.tensorrt_plan as tp
+from benchmarks.board.errors import UserError
+
 
 def build_trt_engine(onnx_path: Path, precision: str, batches: list[int],
                      shapes: dict[str, list[int]]) -> dict[str, Any]:
     """Build a TensorRT engine from ONNX on this board with ``benchmarks.board.tensorrt_engine`` (shipped
     in the bundle): engines are tied to the GPU and TensorRT version, so they are built where they
     run. The optimisation profile spans the batch sizes benchmarked."""
-    import benchmarks.board.tensorrt_engine as te
-    import benchmarks.board.tensorrt_plan as tp
-    from benchmarks.board.errors import UserError
-
     trt = te.import_tensorrt()
     major = tp.version_major(trt.__version__)
     traits = {"has_qdq": False, "is_fp16": False}
     inputs = None
     try:
-        import onnx
+        import onnx  # heavy: onnx
 
         model = onnx.load(str(onnx_path), load_external_data=False)
         traits = tp.graph_traits(model)

@@ -101,7 +101,7 @@ def genai_check(cfg: Any, prof: Any, d: dict[str, Any] | None) -> None:
 
     require_genai()
     try:
-        import onnx_ir  # noqa: F401 - the builder imports it
+        import onnx_ir  # noqa: F401  # heavy: onnx-ir, imported only to check that the builder can
     except ImportError:
         raise UserError(f"device {prof.name}: onnxruntime-genai's builder needs the onnx-ir package: {INSTALL}") from None
     if d and (d["hidden"] // d["heads"]) % GQA_HEAD_MULTIPLE:
