@@ -163,7 +163,8 @@ def test_latency_model_on_onnx_runtime(tmp_path, cache, tiny):
 
 @needs_fmnist
 def test_run_with_keep_auto_meets_a_loose_budget(tmp_path, cache, tiny):
-    from sglp_edge.pipeline.run import Pipeline, load_config
+    from sglp_edge.pipeline.config import load_config
+    from sglp_edge.pipeline.run import Pipeline
 
     cfg = dict(CFG, model=str(tiny), prune={**CFG["prune"], "latency_budget_ms": 1000.0})
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
@@ -200,7 +201,7 @@ def test_impossible_budget_ends_with_cannot_be_met(tmp_path, cache, tiny):
 
 
 def test_lm_budgets_are_not_yet(tmp_path):
-    from sglp_edge.pipeline.run import load_config
+    from sglp_edge.pipeline.config import load_config
 
     (tmp_path / "lm.yaml").write_text(yaml.safe_dump({"model": "smollm2", "data": "text", "prune": {"keep": "auto"}}))
     with pytest.raises(UserError, match="not yet available"):
@@ -304,7 +305,7 @@ def test_search_decides_on_the_anchored_p90(tmp_path, tiny):
 
 def test_several_devices_search_on_the_first_and_say_so():
     from sglp_edge.budget.run import prune_settings
-    from sglp_edge.pipeline.run import load_config
+    from sglp_edge.pipeline.config import load_config
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "default.yaml", {"prune.keep": "auto"})

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from benchmarks.board.errors import UserError
-from sglp_edge.pipeline.run import Pipeline, load_config
+from sglp_edge.pipeline.config import load_config
+from sglp_edge.pipeline.run import Pipeline
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 pytestmark = pytest.mark.skipif(not FMNIST.is_file(), reason="Debian dataset-fashion-mnist is not installed")
@@ -134,14 +135,14 @@ def test_cli_exit_code_follows_constraints(run_dir, tmp_path):
 def test_every_prune_config_field_reaches_the_prune_job():
     import dataclasses
 
-    from sglp_edge.pipeline.run import PruneSection
+    from sglp_edge.pipeline.config import PruneSection
     from sglp_edge.pipeline.prune_job import PruneJob
 
     assert set(PruneSection.model_fields) <= {f.name for f in dataclasses.fields(PruneJob)}
 
 
 def test_the_shipped_default_config_validates():
-    from sglp_edge.pipeline.run import load_config
+    from sglp_edge.pipeline.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml")
     assert cfg.model == "default" and cfg.prune.keep and cfg.devices

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--verify-rounds and --finetune-steps must be >= 1")
 
     from sglp_edge.models.registry import load_model
-    from sglp_edge.pipeline.run import Pipeline, load_config
+    from sglp_edge.pipeline.config import load_config
+    from sglp_edge.pipeline.run import Pipeline
     from sglp_edge.profiles.load import load_profile
     from sglp_edge.targets.factory import make_target
 

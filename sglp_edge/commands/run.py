@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
+from benchmarks.board.backends import get_backend
+from benchmarks.board.errors import UserError
 from sglp_edge.commands._common import check_space, guard_out_dir, trust_builder_option, trust_remote_code_option, user_errors
+from sglp_edge.pipeline.stages import OWN
+from sglp_edge.report.assemble import NEEDS_BOARD
+from sglp_edge.validate import check_host, check_threads
 
 
 def _resolve_config(config: Path) -> Path:
@@ -16,6 +22,60 @@ def _resolve_config(config: Path) -> Path:
         return config
     shipped = Path(__file__).resolve().parents[1] / "assets" / "configs" / f"{config}.yaml"
     return shipped if shipped.is_file() else config
+
+
+def _overrides(device: Optional[List[str]], latency_budget: Optional[float], latency_margin: Optional[float],
+               trust_builder: bool, trust_remote_code: bool) -> dict[str, Any]:
+    """The command line's settings as config overrides (dotted keys)."""
+    overrides: dict[str, Any] = {"devices": list(device)} if device else {}
+    if latency_budget is not None:
+        overrides.update({"prune.keep": "auto", "prune.target_macs": None, "prune.latency_budget_ms": latency_budget})
+    if latency_margin is not None:
+        overrides["prune.latency_margin"] = latency_margin
+    overrides.update({k: True for k, v in (("trust_builder", trust_builder),
+                                           ("trust_remote_code", trust_remote_code)) if v})  # or in the YAML
+    return overrides
+
+
+def _apply_board_flags(cfg: Any, host: Optional[str], emulate: bool) -> None:
+    """``--host`` / ``--emulate`` on every device of the config, checked before any heavy work."""
+    from sglp_edge.profiles.load import load_profile  # heavy: pydantic and yaml (the CLI starts without them)
+
+    if host and emulate:
+        raise UserError("--host and --emulate contradict each other: the emulated board runs here")
+    if host or emulate:
+        extra = {"host": host} if host else {"emulate": "qemu-aarch64"}
+        cfg.devices = [b.model_copy(update=extra) for b in cfg.boards()]
+    if emulate:  # cheap checks before any heavy work
+        for b in cfg.boards():
+            prof = load_profile(b.device)
+            if prof.arch != "aarch64" or not get_backend(prof.backend).emulatable:
+                raise UserError(f"--emulate runs aarch64 boards on ONNX Runtime, OpenVINO or onnxruntime-genai; "
+                                f"{prof.name} is {prof.arch} / {prof.backend} (pick an ARM profile with --device)")
+
+
+def _verdict(rep: dict[str, Any], config: Path, run_dir: Path, exit_finish_on_board: int) -> None:
+    """The summary, the report's paths and the verdict; exit 1 when a constraint failed, and
+    ``exit_finish_on_board`` when a device's artifact must be built on its board."""
+    from sglp_edge.report.render import print_summary  # heavy: rich (the CLI starts without it)
+
+    print_summary(rep)
+    typer.echo(f"report: {run_dir / 'report.html'} (and report.json); stages run: {', '.join(rep['stages']['ran']) or 'none'}"
+               f"; skipped: {', '.join(rep['stages']['skipped']) or 'none'}; {rep['wall_s']:.0f} s")
+    if rep["passed"] is False:
+        typer.echo("verdict: at least one constraint is NOT met (see the table above)", err=True)
+        sys.exit(1)
+    boards = [t for t in rep["targets"] if t.get("needs_board")]
+    if boards:
+        devs = " ".join(f"--device {t['device']}" for t in boards)
+        typer.echo(f"verdict: {NEEDS_BOARD} for {', '.join(t['device'] for t in boards)}: the ONNX, the "
+                   f"operator-support report, the trtexec command and the board bundle are in {run_dir}. "
+                   "Finish on the board with:", err=True)
+        typer.echo(f"  sglp-edge run --config {config} {devs} --out {run_dir} --host USER@BOARD")
+        sys.exit(exit_finish_on_board)
+    emu = [t["device"] for t in rep["targets"] if (t.get("target") or {}).get("emulated")]
+    note = f" (latency on {', '.join(emu)} is emulated: not held)" if emu else ""
+    typer.echo(f"verdict: every measured constraint is met{note}")
 
 
 def register(app: typer.Typer) -> None:
@@ -42,43 +102,17 @@ def register(app: typer.Typer) -> None:
         device's constraint fails; 3 when a device's artifact must be built on its board and no --host
         was given (everything the host can do is in the run folder; the printed command finishes it).
         A re-run skips finished stages and a killed run resumes."""
-        import sys
-
-        from sglp_edge.pipeline.run import EXIT_FINISH_ON_BOARD, NEEDS_BOARD, Pipeline, load_config
-        from sglp_edge.report.render import print_summary
-
-        from sglp_edge.validate import check_host, check_threads
+        # heavy: the config schema (pydantic, yaml) and the pipeline (numpy); the CLI starts without them
+        from sglp_edge.pipeline.config import load_config
+        from sglp_edge.pipeline.run import EXIT_FINISH_ON_BOARD, Pipeline
 
         check_threads("--threads", threads)
         check_host("--host", host)
         config = _resolve_config(config)
-        overrides = {"devices": list(device)} if device else {}
-        if latency_budget is not None:
-            overrides.update({"prune.keep": "auto", "prune.target_macs": None, "prune.latency_budget_ms": latency_budget})
-        if latency_margin is not None:
-            overrides["prune.latency_margin"] = latency_margin
-        overrides.update({k: True for k, v in (("trust_builder", trust_builder),
-                                               ("trust_remote_code", trust_remote_code)) if v})  # or in the YAML
+        overrides = _overrides(device, latency_budget, latency_margin, trust_builder, trust_remote_code)
         cfg = load_config(config, overrides or None)
-        if host and emulate:
-            from benchmarks.board.errors import UserError
-
-            raise UserError("--host and --emulate contradict each other: the emulated board runs here")
-        if host or emulate:
-            extra = {"host": host} if host else {"emulate": "qemu-aarch64"}
-            cfg.devices = [b.model_copy(update=extra) for b in cfg.boards()]
-        if emulate:  # cheap checks before any heavy work
-            from benchmarks.board.backends import get_backend
-
-            from benchmarks.board.errors import UserError
-            from sglp_edge.profiles.load import load_profile
-
-            for b in cfg.boards():
-                prof = load_profile(b.device)
-                if prof.arch != "aarch64" or not get_backend(prof.backend).emulatable:
-                    raise UserError(f"--emulate runs aarch64 boards on ONNX Runtime, OpenVINO or onnxruntime-genai; "
-                                    f"{prof.name} is {prof.arch} / {prof.backend} (pick an ARM profile with --device)")
-        import torch
+        _apply_board_flags(cfg, host, emulate)
+        import torch  # heavy
 
         if threads or cfg.threads:
             torch.set_num_threads(threads or cfg.threads)
@@ -86,25 +120,7 @@ def register(app: typer.Typer) -> None:
         # a run folder of ours (the marker AND its manifest) is resumed in place; anything else that is not empty
         # is the user's and stays untouched (stages replace only their own sub-folders, so inputs kept in the
         # run folder are safe); the StageRunner takes the folder's lock and checks again under it
-        from sglp_edge.pipeline.stages import OWN
-
         guard_out_dir(run_dir, reuse=True, **OWN)
         check_space(run_dir, (cfg.model,), factor=4 + 2 * len(cfg.boards()))  # models, ONNX and artifacts per device
         rep = Pipeline(cfg, run_dir, force=force, log=lambda m: typer.echo(m, err=True)).run()
-        print_summary(rep)
-        typer.echo(f"report: {run_dir / 'report.html'} (and report.json); stages run: {', '.join(rep['stages']['ran']) or 'none'}"
-                   f"; skipped: {', '.join(rep['stages']['skipped']) or 'none'}; {rep['wall_s']:.0f} s")
-        if rep["passed"] is False:
-            typer.echo("verdict: at least one constraint is NOT met (see the table above)", err=True)
-            sys.exit(1)
-        boards = [t for t in rep["targets"] if t.get("needs_board")]
-        if boards:
-            devs = " ".join(f"--device {t['device']}" for t in boards)
-            typer.echo(f"verdict: {NEEDS_BOARD} for {', '.join(t['device'] for t in boards)}: the ONNX, the "
-                       f"operator-support report, the trtexec command and the board bundle are in {run_dir}. "
-                       "Finish on the board with:", err=True)
-            typer.echo(f"  sglp-edge run --config {config} {devs} --out {run_dir} --host USER@BOARD")
-            sys.exit(EXIT_FINISH_ON_BOARD)
-        emu = [t["device"] for t in rep["targets"] if (t.get("target") or {}).get("emulated")]
-        note = f" (latency on {', '.join(emu)} is emulated: not held)" if emu else ""
-        typer.echo(f"verdict: every measured constraint is met{note}")
+        _verdict(rep, config, run_dir, EXIT_FINISH_ON_BOARD)

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from benchmarks.board.errors import UserError
+from sglp_edge.profiles.schema import BenchOverrides
+from sglp_edge.tasks import get_task, infer_task
 from sglp_edge.validate import check_file, check_host, check_path, check_threads, field_check
 
 
@@ -138,8 +140,6 @@ class RunConfig(_Strict):
     @field_validator("bench")
     @classmethod
     def _bench(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from sglp_edge.profiles.schema import BenchOverrides
-
         try:
             return BenchOverrides.model_validate(v).model_dump(exclude_unset=True)
         except ValidationError as e:  # one line: the bench setting and what is wrong with it
@@ -153,8 +153,6 @@ class RunConfig(_Strict):
 
 def apply_task_defaults(cfg: RunConfig) -> RunConfig:
     """Fill every field left ``None`` with the task's default, then let the task check the config."""
-    from sglp_edge.tasks import get_task, infer_task
-
     task = get_task(cfg.task or infer_task(cfg.data))
     cfg.task = task.name
     for section, values in task.defaults.items():
