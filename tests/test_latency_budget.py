@@ -60,11 +60,11 @@ def cache(tmp_path_factory):
 
 
 def test_additive_fit_recovers_unit_costs_from_noisy_timings():
-    from sglp_edge.budget.latency_model import _design, fit_additive
+    from sglp_edge.budget.latency_model import fit_additive, subset_design
 
     groups = [[f"a{i}" for i in range(5)], [f"b{i}" for i in range(4)], ["c0"]]
     cost = {**{u: 0.30 for u in groups[0]}, **{u: 0.55 for u in groups[1]}, "c0": 0.9}
-    fit, val = _design(groups, 10, 4, seed=1)
+    fit, val = subset_design(groups, 10, 4, seed=1)
     assert len(fit) == 10 and len(val) == 4 and not {tuple(v) for v in val} & {tuple(f) for f in fit}
     rng = random.Random(0)
     y = [1.2 + sum(c for u, c in cost.items() if u not in s) + rng.gauss(0, 0.01) for s in fit]

@@ -35,12 +35,21 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from benchmarks.board.atomic import atomic_write_json
+from benchmarks.board.backends import get_backend
 from benchmarks.board.errors import UserError
+from exporters.compile import compile_model
+
+from sglp_edge.export.onnx_export import export_onnx
+from sglp_edge.models.base import get_module
+from sglp_edge.sglp.prune import count_macs
+from sglp_edge.targets.base import BenchJob
 
 #: bumped when the measuring design changes (old cache entries then stop matching)
 METHOD_VERSION = "subsets-nnls-1"
@@ -99,8 +108,6 @@ def weights_hash(model: torch.nn.Module) -> str:
 
 
 def runtime_version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -108,8 +115,6 @@ def runtime_version(dist: str) -> str:
 
 
 def cache_key(model: torch.nn.Module, profile: Any, where: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    from benchmarks.board.backends import get_backend
-
     be = get_backend(profile.backend)
     prof = json.dumps(profile.model_dump(mode="json"), sort_keys=True)
     return {"weights": weights_hash(model), "profile": profile.name,
@@ -143,8 +148,6 @@ def load_cached(key: dict[str, Any]) -> Optional[LatencyModel]:
 
 
 def save_cached(m: LatencyModel) -> Path:
-    from benchmarks.board.atomic import atomic_write_json
-
     f = _cache_file(m.key)
     f.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(f, {**m.to_dict(), "cached": False})
@@ -154,9 +157,6 @@ def save_cached(m: LatencyModel) -> Path:
 # ---- measuring ----------------------------------------------------------------------------------
 def unit_groups(model: torch.nn.Module, adapter: Any, units: Sequence[Any], example: torch.Tensor) -> list[list[str]]:
     """Removable units grouped by signature (module type, parameters, MACs): equal units cost the same."""
-    from sglp_edge.models.base import get_module
-    from sglp_edge.sglp.prune import count_macs
-
     _, macs = count_macs(model, adapter, (example, torch.zeros(1, dtype=torch.long)), units)
     groups: dict[tuple, list[str]] = {}
     for u in units:
@@ -171,10 +171,6 @@ def build_artifact(model: torch.nn.Module, example: torch.Tensor, profile: Any, 
                    simplify: str, calib: Optional[Path] = None) -> Path:
     """Export ``model`` to ONNX and compile it for the profile's backend and precision; returns
     the file the on-device harness runs."""
-    from exporters.compile import compile_model
-    from benchmarks.board.backends import get_backend
-    from sglp_edge.export.onnx_export import export_onnx
-
     be = get_backend(profile.backend)
     if be.builds_on == "board":
         raise UserError(f"{profile.name}: a latency budget needs the {profile.backend} artifact timed on the board, "
@@ -197,8 +193,6 @@ def time_artifacts(target: Any, profile: Any, artifacts: dict[str, Path], work: 
     divided by the reference's p90 in the same round (with the per-round ratios and the
     reference's raw p90s). A machine whose speed drifts moves both alike, so the ratio holds
     where the milliseconds do not."""
-    from sglp_edge.targets.base import BenchJob
-
     ref = "__reference__"
     if reference is not None and ref in artifacts:
         raise UserError(f"an artifact may not be named {ref}")
@@ -229,7 +223,7 @@ def time_artifacts(target: Any, profile: Any, artifacts: dict[str, Path], work: 
     return out
 
 
-def _design(groups: list[list[str]], n_fit: int, n_val: int, seed: int) -> tuple[list[list[str]], list[list[str]]]:
+def subset_design(groups: list[list[str]], n_fit: int, n_val: int, seed: int) -> tuple[list[list[str]], list[list[str]]]:
     """Removal sets: the full model, each group entirely removed, then random mixes for the fit;
     uniformly random subsets (none of them in the fit) for validation."""
     rng = random.Random(seed)
@@ -257,7 +251,7 @@ def _design(groups: list[list[str]], n_fit: int, n_val: int, seed: int) -> tuple
 
 def fit_additive(groups: list[list[str]], removed_sets: Sequence[Sequence[str]], p90s: Sequence[float]) -> tuple[float, dict[str, float]]:
     """Non-negative least squares of ``p90 = constant + sum_g cost_g * kept_in_g``."""
-    from scipy.optimize import nnls
+    from scipy.optimize import nnls  # heavy: scipy, only when a latency model is fitted
 
     a = np.array([[1.0] + [float(sum(u not in set(rem) for u in g)) for g in groups] for rem in removed_sets])
     coef, _ = nnls(a, np.asarray(p90s, dtype=float))
@@ -288,7 +282,7 @@ def measure_latency_model(model: torch.nn.Module, adapter: Any, example: torch.T
     if not groups:
         raise UserError("this model has no removable units: nothing to budget")
     n_fit = min(max(8, 2 * (len(groups) + 1)), 40)
-    fit_sets, val_sets = _design(groups, n_fit, n_val, seed)
+    fit_sets, val_sets = subset_design(groups, n_fit, n_val, seed)
     sets = {f"fit{i:02d}": s for i, s in enumerate(fit_sets)} | {f"val{i:02d}": s for i, s in enumerate(val_sets)}
     arts = {}
     for i, (n, rem) in enumerate(sets.items()):

@@ -5,16 +5,21 @@ and why) with what the run's own benchmark of the fine-tuned network measured af
 
 from __future__ import annotations
 
+import html
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from benchmarks.board.backends import get_backend
+
+from sglp_edge.profiles.load import load_profile
+from sglp_edge.targets.factory import make_target
 
 
 def prune_settings(cfg: Any, bench: dict[str, Any], log: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """PruneJob fields for ``keep: auto`` and the extra prune-stage inputs. The budget is the first
     device's (several devices at once: not yet)."""
-    from sglp_edge.profiles.load import load_profile
-
     boards = cfg.boards()
     dev = boards[0].device
     if len(boards) > 1 and log:
@@ -37,13 +42,7 @@ def verify_final(run_dir: Path, search: dict[str, Any], bench: dict[str, Any], *
     ratio and the anchored p90 (ratio x the latency model's unpruned p90). One pass of each, as the
     bench stage takes, moved the ratio from 0.46 to 0.82 on this 2-core VM; the median of five is
     what the verdict uses. None when the artifacts are not there."""
-    import tempfile
-
-    from benchmarks.board.backends import get_backend
-
-    from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets.factory import make_target
-    from sglp_edge.budget.latency_model import time_artifacts
+    from sglp_edge.budget.latency_model import time_artifacts  # heavy: torch; pipeline.run imports this module
 
     prof = load_profile(search["device"])
     d = Path(run_dir) / f"compile-{prof.backend}-{prof.precision}"
@@ -106,8 +105,6 @@ def search_report(plan_json: Path, report: dict[str, Any], verification: dict[st
 
 def search_html(search: dict[str, Any]) -> dict[str, str]:
     """The search as a report.html section: budget, latency model, every candidate, the choice."""
-    import html
-
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 

@@ -37,10 +37,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
+from benchmarks.board.calib import save_npz
 from benchmarks.board.errors import UserError
-from sglp_edge.budget.latency_model import CANDIDATE_ROUNDS, LatencyModel, build_artifact, time_artifacts
+
+from sglp_edge.budget.latency_model import (CANDIDATE_ROUNDS, LatencyModel, build_artifact, measure_latency_model,
+                                            time_artifacts)
+from sglp_edge.profiles.load import load_profile
+from sglp_edge.targets.factory import make_target
 
 #: raise before the analysis when the smallest buildable network is predicted this far above budget
 FAR_ABOVE = 1.25
@@ -236,10 +242,6 @@ def make_search(loaded: Any, batches: Sequence[Any], *, device: Optional[str], b
                 use_cache: bool = True) -> BudgetSearch:
     """The latency model of ``loaded`` on ``device`` (cached, else measured) and the search over
     it; raises the "cannot be met" error here, before the analysis, when the budget is far out of reach."""
-    from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets.factory import make_target
-    from sglp_edge.budget.latency_model import measure_latency_model
-
     prof = load_profile(device or "local-cpu-ort")
     budget, source = budget_from_profile(prof, budget_ms)
     check_budget_settings(margin, rounds)
@@ -250,10 +252,6 @@ def make_search(loaded: Any, batches: Sequence[Any], *, device: Optional[str], b
     example = batches[0][0][:1] if isinstance(batches[0], (tuple, list)) else batches[0][:1]
     calib = None
     if prof.precision == "int8":
-        import numpy as np
-
-        from benchmarks.board.calib import save_npz
-
         x = torch.cat([b[0] for b in batches]).numpy().astype(np.float32)
         calib = save_npz(Path(work) / "calib.npz", x)
     log = log or (lambda m: None)

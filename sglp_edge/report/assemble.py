@@ -4,6 +4,7 @@ the figures measured on each model and where they came from (local, SSH board, e
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -11,8 +12,6 @@ NEEDS_BOARD = "not measured: needs the board"
 
 
 def build_report(pipe: Any, prune: Any, ft: Any, ev: Any, ex: Any, targets: list) -> dict[str, Any]:
-    import datetime
-
     plan = json.loads((pipe.run_dir / "prune" / "plan.json").read_text())
     tg = []
     for board, comp, b in targets:

@@ -32,7 +32,7 @@ def check_report(html: str | Path, screenshot: str | Path | None = None) -> dict
     if not html.is_file():
         raise UserError(f"report {html} does not exist")
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import sync_playwright  # heavy: optional, only for the check
     except ImportError:
         raise UserError("the report check needs Playwright: pip install playwright (no browser download needed)") from None
     with sync_playwright() as pw:
