@@ -5,15 +5,36 @@ folder atomically: the pruned model, ``plan.json`` and ``cka_heatmap.png``."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.board.atomic import atomic_dir, check_out_dir
 from benchmarks.board.errors import UserError
+from sglp_edge import api
+from sglp_edge.budget.search import budget_from_profile, check_budget_settings, make_search
+from sglp_edge.data import datasets
+from sglp_edge.data.text import get_text_dataset
+from sglp_edge.models import registry  # (registry.load_model: looked up at the call, as the cheap-check tests patch it)
+from sglp_edge.models.base import capture_unit_outputs
+from sglp_edge.models.hf_encoder import save_hf_encoder
+from sglp_edge.models.hf_llm import save_hf
+from sglp_edge.models.lm_memory import check_prune_job_memory
+from sglp_edge.profiles.load import load_profile
+from sglp_edge.sglp.heal import HEALS
+from sglp_edge.sglp.importance import PROTOCOLS
+from sglp_edge.sglp.plan import ALLOCATIONS, K_BUDGETS, METHODS
+from sglp_edge.sglp.plots import cka_heatmap_png
+from sglp_edge.sglp.prune import n_remove_for_keep
+from sglp_edge.tasks.feature_extraction import get_sentence_dataset
+from sglp_edge.train.teacher_targets import calibration_targets, choose_target
+from sglp_edge.validate import check_file, check_threads
 
 
 @dataclass
@@ -60,11 +81,6 @@ class PruneJob:
 
     def validate(self) -> None:
         """Cheap checks of every setting, before the model or the data are touched."""
-        from sglp_edge.sglp.heal import HEALS
-        from sglp_edge.sglp.importance import PROTOCOLS
-        from sglp_edge.sglp.plan import ALLOCATIONS, K_BUDGETS, METHODS
-        from sglp_edge.validate import check_file, check_threads
-
         if self.keep == "auto" or self.latency_budget_ms is not None:
             self._validate_auto()
         elif self.keep is None and self.target_macs is None:
@@ -95,17 +111,12 @@ class PruneJob:
         check_threads("--threads", self.threads)
         if self.weights is not None:
             check_file(self.weights, "weights file")
-        from sglp_edge.models.lm_memory import check_prune_job_memory
-
         check_prune_job_memory(str(self.model), self.batch_size, self.seq_len)  # before the weights are loaded
         if self.class_map is not None and not Path(self.class_map).is_file():
             raise UserError(f"class map {self.class_map} does not exist; give a JSON file of folder name -> class index")
 
 
     def _validate_auto(self) -> None:
-        from sglp_edge.budget.search import budget_from_profile, check_budget_settings
-        from sglp_edge.profiles.load import load_profile
-
         if self.keep not in (None, "auto") or self.target_macs is not None:
             raise UserError("a latency budget chooses how many units to keep: give --latency-budget (keep: auto) "
                             "or --keep N / --target-macs R, not both")
@@ -129,11 +140,7 @@ def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: i
                         class_map: Optional[Path] = None) -> list[Any]:
     """Fixed calibration batches drawn from the training split of ``data`` (never the test split).
     Images: list of (x, y); token models: list of input_ids tensors of shape (batch, seq_len)."""
-    import sglp_edge.data.datasets as D
-
     if loaded.adapter.modality == "sentences":  # encoders: tokenised calibration sentences with a mask
-        from sglp_edge.tasks.feature_extraction import get_sentence_dataset
-
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source}: a tokenizer is needed to draw sentence calibration data")
         if data.strip().lower() not in ("text", "english", "python-docs"):
@@ -146,10 +153,10 @@ def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: i
         if loaded.tokenizer is None:
             raise UserError(f"{loaded.source}: a tokenizer is needed to draw text calibration data")
         need = n_batches * (batch_size or 8) * seq_len
-        text = D.get_text_dataset(loaded.tokenizer, data_root, seed=seed, block_size=seq_len,
-                                  max_tokens=max(4 * need, 200_000))
+        text = get_text_dataset(loaded.tokenizer, data_root, seed=seed, block_size=seq_len,
+                                max_tokens=max(4 * need, 200_000))
         return text.calibration_batches(n_batches, batch_size or 8, seed=seed + offset)
-    bundle = D.get_dataset(data, root=data_root, seed=seed, resize=fixed_input_size(loaded.model),
+    bundle = datasets.get_dataset(data, root=data_root, seed=seed, resize=fixed_input_size(loaded.model),
                            channels=input_channels(loaded.model), class_map=class_map)
     if info is not None:
         info.update(num_classes=bundle.num_classes, class_mapped="class_map" in bundle.meta,
@@ -177,8 +184,6 @@ def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] 
     With ``label_info`` (``class_mapped``, ``named_classes``: see :func:`teacher_targets.choose_target`)
     data whose labels are not the model's classes is let through: returns ``(target, why)``,
     target "teacher" when the model's own outputs are to be the calibration target."""
-    from sglp_edge.train.teacher_targets import choose_target
-
     target, why = "labels", ""
     adapter, model = loaded.adapter, loaded.model
     small = _head(batch, 2)
@@ -222,8 +227,6 @@ def _mem_available() -> Optional[int]:
 def check_memory(loaded: Any, small: Any, batch_size: int) -> None:
     """Whether one calibration batch fits in memory: the unit outputs CKA keeps, plus the
     activations a GradNorm backward pass holds (measured per sample on two samples, scaled)."""
-    from sglp_edge.models.base import capture_unit_outputs
-
     avail = _mem_available()
     if avail is None:
         return
@@ -247,8 +250,6 @@ def _head(batch: Any, n: int) -> Any:
 
 
 def _check_unit_counts(job: PruneJob, units: list) -> None:
-    from sglp_edge.sglp.prune import n_remove_for_keep
-
     if job.k is not None and job.k > len(units):
         raise UserError(f"--k {job.k} must be between 1 and the number of units ({len(units)}) of {job.model}")
     if isinstance(job.keep, int):
@@ -256,17 +257,13 @@ def _check_unit_counts(job: PruneJob, units: list) -> None:
 
 
 def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = None) -> PruneResult:
-    from sglp_edge.models.registry import load_model, model_spec, save_checkpoint
-    from sglp_edge.sglp.plots import cka_heatmap_png
-    from sglp_edge import api
-
     job.validate()
     check_out_dir(job.out, force=job.force)  # atomic_dir replaces job.out whole: only a folder of ours, with force
     if job.threads:
         torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
     if loaded is None:
-        loaded = load_model(job.model, weights=job.weights, num_classes=job.num_classes, units=job.units,
+        loaded = registry.load_model(job.model, weights=job.weights, num_classes=job.num_classes, units=job.units,
                             trust_builder=job.trust_builder, trust_remote_code=job.trust_remote_code)
     model, adapter = loaded.model, loaded.adapter
     _check_unit_counts(job, adapter.units(model))  # --k and --keep, before any calibration data is drawn
@@ -279,8 +276,6 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
     grad_b = cka_b[: job.grad_batches] if job.grad_batches <= len(cka_b) else calibration_batches(
         loaded, job.data, n_batches=job.grad_batches, batch_size=job.batch_size, seq_len=job.seq_len,
         seed=job.seed, data_root=job.data_root, offset=1, class_map=job.class_map)
-    from sglp_edge.train.teacher_targets import calibration_targets
-
     cka_b, grad_b = calibration_targets(loaded, cka_b, grad_b, target=target, why=why,
                                         allow_degenerate=job.allow_degenerate, log=job.log or print)
     opts = dict(keep=job.keep, target_macs=job.target_macs, method=job.method, k=job.k, protocol=job.protocol,
@@ -292,11 +287,6 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         if adapter.modality != "image":
             raise UserError("keep: auto (a latency budget) is not yet available for LMs and encoders (decode tokens/s "
                             "and TTFT budgets come with the LM deploy path); give --keep N")
-        import shutil
-        import tempfile
-
-        from sglp_edge.budget.search import make_search
-
         work = Path(tempfile.mkdtemp(prefix="sglp-latency-"))
         try:
             search = make_search(loaded, cka_b, device=job.device, budget_ms=job.latency_budget_ms,
@@ -311,15 +301,9 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
 
 def _finish(job: PruneJob, loaded: Any, cka_b: list, grad_b: list, opts: dict, show_progress: bool, t0: float,
             search: Any) -> PruneResult:
-    from sglp_edge.models.registry import model_spec, save_checkpoint
-    from sglp_edge.sglp.plots import cka_heatmap_png
-    from sglp_edge import api
-
     model, adapter = loaded.model, loaded.adapter
     progress = None
     if show_progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             transient=False)
     if progress:
@@ -340,18 +324,14 @@ def _finish(job: PruneJob, loaded: Any, cka_b: list, grad_b: list, opts: dict, s
     with atomic_dir(job.out) as tmp:
         model_dir = tmp / "model"
         if adapter.modality == "tokens":
-            from sglp_edge.models.hf_llm import save_hf
-
             save_hf(pruned, model_dir, tokenizer=loaded.tokenizer, extra={"plan": "../plan.json", "removed": plan.removed})
         elif adapter.modality == "sentences":
-            from sglp_edge.models.hf_encoder import save_hf_encoder
-
             save_hf_encoder(pruned, model_dir, tokenizer=loaded.tokenizer,
                             extra={"plan": "../plan.json", "removed": plan.removed})
         else:
             spec = loaded.meta.get("spec") if loaded.meta else None
             prior = (loaded.meta or {}).get("removal_rounds") or []
-            save_checkpoint(pruned, adapter, model_dir, spec=spec or model_spec(adapter, model),
+            registry.save_checkpoint(pruned, adapter, model_dir, spec=spec or registry.model_spec(adapter, model),
                             removed_units=[*prior, plan.removed],
                             extra={"pruned_from": str(job.model), "method": plan.method})
         if search is not None:
