@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.board.atomic import atomic_path
 from benchmarks.board.backends import get_backend
 from benchmarks.board.diskspace import NEARLY_FULL, free_bytes, is_disk_full
@@ -140,8 +142,6 @@ def stage_bench(ctx: TaskContext, board: BoardSection, compile_stage: str) -> di
 def _eval_subset(run_dir: Path, which: str, n: int) -> Path:
     """The first ``n`` held-out samples of ``eval_<which>.npz``, with ``baseline_top1`` (the unpruned
     model's PyTorch top-1) recomputed on those same samples, so the accuracy drop compares like with like."""
-    import numpy as np
-
     with np.load(run_dir / "eval_data" / f"eval_{which}.npz") as z:
         arrays = {k: z[k] for k in z.files}
     with np.load(run_dir / "eval_data" / "eval_original.npz") as z:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -174,8 +175,6 @@ class Pipeline:
             self.validate()
         except BaseException:
             if self._new_dir and {p.name for p in self.run_dir.iterdir()} <= {".sglp-edge", ".lock"}:
-                import shutil
-
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
 

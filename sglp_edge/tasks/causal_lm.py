@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.board.errors import UserError
 from benchmarks.board.lm_bench import write_eval_npz
 from sglp_edge.models.lm_memory import GB, meminfo_total, activation_bytes, check_prune_memory, lm_dims, params_of
@@ -78,7 +80,7 @@ class CausalLM(Task):
 
     # ---- data and models -----------------------------------------------------------------------
     def load_data(self, ctx: TaskContext) -> Any:
-        from sglp_edge.data.datasets import get_text_dataset  # heavy: torch
+        from sglp_edge.data.text import get_text_dataset  # heavy: torch
 
         tok = ctx.loaded.tokenizer
         if tok is None:
@@ -133,7 +135,6 @@ class CausalLM(Task):
                                                         final=final_hash), fn)
 
     def stage_export(self, ctx: TaskContext) -> dict[str, Any]:
-        import numpy as np
         import torch  # heavy
 
         from sglp_edge.export.lm import export_causal_lm  # heavy: torch
