@@ -144,12 +144,7 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
     ``cfg`` fields may also be passed as keyword overrides, e.g. ``finetune(..., steps=200)``.
     Returns the best-on-val weights with val metrics and held-out test metrics.
     Under ``torchrun`` every rank calls this; only rank 0 writes the state file."""
-    cfg = cfg or FinetuneConfig()
-    if overrides:
-        cfg = FinetuneConfig(**{**asdict(cfg), **overrides})
-    if all(getattr(cfg, k) is None for k in ("epochs", "steps", "minutes")):
-        cfg.epochs = 1.0
-    cfg.check()
+    cfg = _resolve_config(cfg, overrides)
     train_set, val_set, test_set, modality = _splits(data)
     val_set = capped(val_set, cfg.val_samples)
     # the held-out split of a text corpus runs to thousands of blocks: a forward pass of each through
@@ -163,14 +158,8 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
                         "use --data text for language models and encoders, an image data set otherwise")
     info: DistInfo = init_distributed(cfg.device)
     teacher = teacher.to(info.device).eval()  # its forward runs under no_grad; its weights are untouched
-    student.to(info.device)
-    if not any(p.requires_grad for p in student.parameters()):  # e.g. copied from a frozen model
-        student.requires_grad_(True)
-    if cfg.train_last is not None:
-        train_only_last(student, adapter, cfg.train_last)
-    task: KDObjective = LMKDObjective(teacher, adapter, cfg) if modality == "tokens" else ImageKDObjective(teacher, adapter, cfg)
-    if modality == "sentences":
-        task = EncoderKDObjective(teacher, adapter, cfg)
+    _prepare_student(student, adapter, cfg, info)
+    task = _objective(modality, teacher, adapter, cfg)
     if modality == "image":
         _image_target(cfg, _check_outputs(student, teacher, data, info), data)
     state_path = Path(cfg.state_path) if cfg.state_path else None
@@ -194,12 +183,41 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
                           world_size=info.world, config=conf)
 
 
+def _resolve_config(cfg: FinetuneConfig | None, overrides: dict[str, Any]) -> FinetuneConfig:
+    """``cfg`` with the keyword overrides applied, one epoch when no budget is given, checked."""
+    cfg = cfg or FinetuneConfig()
+    if overrides:
+        cfg = FinetuneConfig(**{**asdict(cfg), **overrides})
+    if all(getattr(cfg, k) is None for k in ("epochs", "steps", "minutes")):
+        cfg.epochs = 1.0
+    cfg.check()
+    return cfg
+
+
+def _prepare_student(student: nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig, info: DistInfo) -> None:
+    """On the run's device, trainable (only the last units and the head with ``train_last``)."""
+    student.to(info.device)
+    if not any(p.requires_grad for p in student.parameters()):  # e.g. copied from a frozen model
+        student.requires_grad_(True)
+    if cfg.train_last is not None:
+        train_only_last(student, adapter, cfg.train_last)
+
+
+def _objective(modality: str, teacher: nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig) -> KDObjective:
+    """The KD objective of the data's modality: next-token, sentence-embedding or image logits."""
+    if modality == "tokens":
+        return LMKDObjective(teacher, adapter, cfg)
+    if modality == "sentences":
+        return EncoderKDObjective(teacher, adapter, cfg)
+    return ImageKDObjective(teacher, adapter, cfg)
+
+
 def _strip(m: dict[str, float] | None) -> dict[str, float]:
     return {k: v for k, v in (m or {}).items() if k != "score"}
 
 
 @torch.no_grad()
-def _check_outputs(student: nn.Module, teacher: nn.Module, data: Any, info: DistInfo) -> None:
+def _check_outputs(student: nn.Module, teacher: nn.Module, data: Any, info: DistInfo) -> int:
     x, _ = data.val[0] if len(data.val) else data.train[0]
     x = x.unsqueeze(0).to(info.device)
     was_s = student.training
