@@ -123,7 +123,7 @@ def stage_bench(ctx: TaskContext, board: BoardSection, compile_stage: str) -> di
                 data = _eval_subset(run_dir, which, EMULATED_BENCH["max_eval"] if overrides.get(
                     "max_eval") is None else int(overrides["max_eval"]))
             run = target.bench(BenchJob(artifact=arts[which], data=data,
-                                        profile=prof, out_dir=tmp / which, overrides=overrides,
+                                        profile=prof, out_dir=tmp / which, overrides=dict(overrides),
                                         label=f"{label}:{which}",
                                         bundle_path=run_dir / ".work" / f"bundle-{which}.tar.gz"))
             if not run.ok:
