@@ -37,7 +37,7 @@ from benchmarks.board.errors import EnvironmentFault, UserError
 from benchmarks.board.runner_base import artifact_files
 
 from sglp_edge.profiles.load import python_argv
-from sglp_edge.targets.deploy_board import INDEX, check_previous_script, stage_script, switch_script
+from sglp_edge.targets.deploy_board import INDEX, LOCK, check_previous_script, stage_script, switch_script
 from sglp_edge.targets.ssh_transport import classify_ssh_error, sh_c
 
 RUNNER = Path(__file__).resolve().parents[2] / "benchmarks" / "board" / "run_model.py"
@@ -223,6 +223,9 @@ def _fail(target: Any, p: subprocess.CompletedProcess, what: str, to: str = "") 
     }
     if code in user:
         return UserError(user[code])
+    if code == "locked":
+        return EnvironmentFault(f"another deploy into {w} is running; nothing was changed (re-run when it ends; a "
+                                f"deploy killed on the board leaves {w}/{LOCK}: remove it)")
     if code == "hash-mismatch":
         files = f" ({detail.strip()})" if detail.strip() else ""
         if what == "rollback":

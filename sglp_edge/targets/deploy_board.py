@@ -16,6 +16,10 @@ Only what sglp-edge made is ever touched: ``DIR/.sglp-edge-releases.json`` (the 
 atomically) lists the releases it created; a folder in ``releases/`` that is not listed there is
 never removed. A ``DIR`` that holds anything but an sglp-edge layout is refused before any write.
 ``--to '~/x'`` is expanded by the board's shell to its ``$HOME``.
+
+The two scripts that change ``DIR`` (stage and switch) each hold ``DIR/.sglp-edge-deploy.lock``
+while they run (``mkdir`` is atomic; the lock goes when the script exits, by trap): a second deploy
+into the same ``DIR`` meanwhile is refused ("another deploy into DIR is running") and changes nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import shlex
 
 #: name of the index of the releases sglp-edge created, under the --to folder on the board
 INDEX = ".sglp-edge-releases.json"
+#: the lock folder a script that changes the --to folder holds while it runs
+LOCK = ".sglp-edge-deploy.lock"
 #: a release id (see :func:`sglp_edge.targets.deploy.pack`)
 ID_RE = r"[0-9]{8}-[0-9]{6}-[0-9a-f]{10}"
 
@@ -55,7 +61,7 @@ ours() {  # refuse what sglp-edge did not make; fresh=1 for a new or empty folde
     if [ -e "$to/$l" ] && [ ! -L "$to/$l" ]; then say "real-link $l"; exit 2; fi
   done
   if [ -f "$idx" ]; then return 0; fi
-  if [ ! -d "$to" ] || [ -z "$(ls -A "$to")" ]; then fresh=1; return 0; fi
+  if [ ! -d "$to" ] || [ -z "$(ls -A "$to" | grep -Fvx '@LOCK@')" ]; then fresh=1; return 0; fi
   keep=''  # an sglp-edge layout from before the index: adopt the releases current and previous name
   for l in current previous; do
     t=$(readlink "$to/$l" 2>/dev/null || true); i=${t#releases/}
@@ -63,6 +69,17 @@ ours() {  # refuse what sglp-edge did not make; fresh=1 for a new or empty folde
   done
   if [ -z "$keep" ]; then say not-ours; exit 2; fi
   write_index $keep
+}
+on_exit=''
+lock() {  # one script that changes $to at a time: mkdir is atomic; the lock goes when this script exits
+  if [ -e "$to" ] && [ ! -d "$to" ]; then say not-dir; exit 2; fi
+  mkdir -p "$to"
+  if ! mkdir "$to/@LOCK@" 2>/dev/null; then
+    if [ -d "$to/@LOCK@" ]; then say locked; exit 4; fi
+    mkdir "$to/@LOCK@"  # not a lock held elsewhere: the real error
+  fi
+  trap 'eval "$on_exit"; rmdir "$to/@LOCK@" 2>/dev/null || true' EXIT
+  trap 'exit 1' HUP INT TERM PIPE
 }
 verify() {  # in a release folder: every file against its SHA256SUMS
   if command -v sha256sum >/dev/null 2>&1; then
@@ -83,14 +100,15 @@ runner() {  # in a release folder: the minimal runner answers one input
 
 _STAGE = r"""
 rid=@RID@
+ours  # a folder that is not ours is refused before anything (the lock too) is written in it
+lock
 ours
 if [ "$fresh" = 1 ]; then mkdir -p "$to"; write_index; fi
 mkdir -p "$to/releases"
 cur=$(readlink "$to/current" 2>/dev/null || true)
 if [ -e "$to/releases/$rid" ] && ! in_index "$rid"; then say "foreign $rid"; exit 2; fi
 inc=$(mktemp -d "$to/.incoming.XXXXXX")
-trap 'rm -rf "$inc"' EXIT
-trap 'exit 1' HUP INT TERM PIPE
+on_exit='rm -rf "$inc"'
 m=$(umask); case $m in 0*) ;; *) m=0$m;; esac
 chmod "$(printf '%o' $((0777 & ~$m)))" "$inc"
 tar -xf - -C "$inc"
@@ -102,7 +120,7 @@ in_index "$rid" || write_index $(ids) "$rid"
 if [ "$cur" = "releases/$rid" ]; then rm -rf "$inc"
 else rm -rf "$to/releases/$rid"; mv "$inc" "$to/releases/$rid"
 fi
-trap - EXIT
+on_exit=''
 echo "SGLP_DIR=$to"
 echo "SGLP_CURRENT=$cur"
 echo "SGLP_DEPLOY=staged"
@@ -129,6 +147,7 @@ echo "SGLP_DEPLOY=verified"
 _SWITCH = r"""
 rid=@RID@; expect=@EXPECT@
 if [ ! -f "$idx" ]; then say not-ours; exit 2; fi
+lock
 drop() {  # a refused switch leaves no staged release behind (unless it is live)
   if [ "$(readlink "$to/current" 2>/dev/null || true)" != "releases/$rid" ] &&
      [ "$(readlink "$to/previous" 2>/dev/null || true)" != "releases/$rid" ]; then
@@ -144,7 +163,7 @@ cur=$(readlink "$to/current" 2>/dev/null || true)
 if [ "$cur" != "$expect" ]; then drop; say changed; exit 2; fi
 if ! in_index "$rid" || [ ! -d "$to/releases/$rid" ]; then say "missing $rid"; exit 2; fi
 cd "$to"
-trap 'rm -f ".current.new.$$" ".previous.new.$$"' EXIT
+on_exit='rm -f ".current.new.$$" ".previous.new.$$"'
 ln -s "releases/$rid" ".current.new.$$"
 mv -fT ".current.new.$$" current
 if [ -n "$cur" ] && [ "$cur" != "releases/$rid" ]; then
@@ -162,7 +181,7 @@ echo "SGLP_DEPLOY=ok"
 
 
 def _fill(body: str, to: str, **kw: str) -> str:
-    out = (_PRELUDE + body).replace("@TO@", shlex.quote(to)).replace("@INDEX@", INDEX).replace("@ID_RE@", ID_RE)
+    out = (_PRELUDE + body).replace("@TO@", shlex.quote(to)).replace("@INDEX@", INDEX).replace("@ID_RE@", ID_RE).replace("@LOCK@", LOCK)
     for k, v in kw.items():
         out = out.replace(f"@{k.upper()}@", v)
     return out
