@@ -9,12 +9,14 @@ import pytest
 import torch
 
 import sglp_edge.data.datasets as D
+import sglp_edge.data.text as T
+from sglp_edge.data.images import FASHION_MNIST_DIR
 from benchmarks.board.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def fmnist():
-    if not (D.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian package dataset-fashion-mnist is not installed (scripts/system-deps.sh installs it)")
     return D.get_dataset("fashion-mnist", seed=0)
 
@@ -96,7 +98,7 @@ def test_missing_datasets_give_one_line_errors_naming_the_fix(tmp_path):
         (lambda: D.get_dataset("cifar100", tmp_path), "cifar-100-python"),
         (lambda: D.get_dataset(f"imagefolder:{tmp_path / 'nope'}"), "does not exist"),
         (lambda: D.get_dataset("imagenet"), "fashion-mnist"),
-        (lambda: D.text_documents(tmp_path / "none"), "python3.11-doc"),
+        (lambda: T.text_documents(tmp_path / "none"), "python3.11-doc"),
         (lambda: D.get_dataset("text"), "tokenizer"),
     ]
     for fn, needle in cases:
@@ -139,18 +141,18 @@ class _ByteTokenizer:
 
 
 def test_pack_tokens_joins_documents_with_eos_and_drops_the_tail():
-    blocks = D.pack_tokens([[1, 2, 3], [4, 5], [6]], block_size=3, eos_id=0)
+    blocks = T.pack_tokens([[1, 2, 3], [4, 5], [6]], block_size=3, eos_id=0)
     assert blocks.tolist() == [[1, 2, 3], [0, 4, 5], [0, 6, 0]]
-    assert D.pack_tokens([[1, 2, 3, 4]], block_size=3, eos_id=None).tolist() == [[1, 2, 3]]
+    assert T.pack_tokens([[1, 2, 3, 4]], block_size=3, eos_id=None).tolist() == [[1, 2, 3]]
 
 
 def test_real_english_text_corpus_split_by_document():
-    if not D.TEXT_DOC_ROOT.is_dir():
+    if not T.TEXT_DOC_ROOT.is_dir():
         pytest.skip("Debian package python3.11-doc is not installed (scripts/system-deps.sh installs it)")
-    docs = D.text_documents()
+    docs = T.text_documents()
     assert len(docs) > 300 and "the" in docs[0][1].lower()
-    t1 = D.get_text_dataset(_ByteTokenizer(), seed=0, block_size=128, max_tokens=40_000)
-    t2 = D.get_text_dataset(_ByteTokenizer(), seed=0, block_size=128, max_tokens=40_000)
+    t1 = T.get_text_dataset(_ByteTokenizer(), seed=0, block_size=128, max_tokens=40_000)
+    t2 = T.get_text_dataset(_ByteTokenizer(), seed=0, block_size=128, max_tokens=40_000)
     assert t1.documents == t2.documents and torch.equal(t1.test, t2.test)
     parts = [set(v) for v in t1.documents.values()]
     assert all(a.isdisjoint(b) for i, a in enumerate(parts) for b in parts[i + 1:])

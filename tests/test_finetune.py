@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sglp_edge.data.datasets import bundle_from_tensors, get_text_dataset
+from sglp_edge.data.datasets import bundle_from_tensors
+from sglp_edge.data.text import get_text_dataset
 from benchmarks.board.errors import UserError
 from sglp_edge.train.finetune import FinetuneConfig, finetune
 from sglp_edge.train.kd import kd_loss, kept_unit_map

@@ -279,7 +279,7 @@ def test_prune_cli_on_an_encoder_folder(tmp_path, tokenizer):
     bad = CliRunner().invoke(app, ["prune", *common, "--data", "fashion-mnist", "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "use --data text" in bad.output and not (tmp_path / "o2").exists()
     # sglp-edge export of the pruned folder: mask as an input, parity on held-out corpus sentences
-    import sglp_edge.data.datasets as D
+    import sglp_edge.data.text as D
 
     if not D.TEXT_DOC_ROOT.is_dir():
         pytest.skip(f"English corpus {D.TEXT_DOC_ROOT} missing (apt-get install python3.11-doc)")

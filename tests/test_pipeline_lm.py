@@ -15,7 +15,7 @@ import yaml
 transformers = pytest.importorskip("transformers")
 
 from benchmarks.board.errors import UserError  # noqa: E402
-from sglp_edge.data.datasets import TEXT_DOC_ROOT  # noqa: E402
+from sglp_edge.data.text import TEXT_DOC_ROOT  # noqa: E402
 from sglp_edge.pipeline.config import load_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path(TEXT_DOC_ROOT).is_dir(), reason="the English text corpus is not installed")

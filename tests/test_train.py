@@ -88,7 +88,8 @@ def test_train_command_writes_a_loadable_checkpoint_with_manifest(tmp_path):
 
 def test_shipped_default_model_manifest_and_held_out_accuracy():
     from benchmarks.board.atomic import sha256_file
-    from sglp_edge.data.datasets import FASHION_MNIST_DIR, get_dataset
+    from sglp_edge.data.datasets import get_dataset
+    from sglp_edge.data.images import FASHION_MNIST_DIR
 
     man = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
     assert man["files"]["model.safetensors"]["sha256"] == sha256_file(DEFAULT_MODEL / "model.safetensors")

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import benchmarks.board.lm_bench as lm_bench
     from benchmarks.experiments.paired import ratio_of
-    from sglp_edge.data.datasets import get_text_dataset
+    from sglp_edge.data.text import get_text_dataset
     from sglp_edge.export.lm import export_causal_lm, read_lm_meta
     from sglp_edge.export.lm_openvino import export_causal_lm_openvino
     from sglp_edge.models.hf_llm import load_hf

@@ -187,7 +187,7 @@ def run_lm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     elif args.lm != "tiny-llama":
         if tok is None:
             raise UserError(f"{args.lm} has no tokenizer; pass a model folder with one")
-        from sglp_edge.data.datasets import get_text_dataset
+        from sglp_edge.data.text import get_text_dataset
 
         text = get_text_dataset(tok, seed=args.seed, block_size=T, max_tokens=max(200_000, 4 * (n_cal + n_ev) * T))
         xc = text.split("calibration")[:n_cal].numpy().astype(np.int64)

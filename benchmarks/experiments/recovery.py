@@ -195,7 +195,7 @@ def run_smollm2(args) -> None:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sglp_edge.data.datasets import get_text_dataset
+    from sglp_edge.data.text import get_text_dataset
     from sglp_edge.train.finetune import FinetuneConfig, finetune
     from sglp_edge.models.hf_llm import load_hf
     from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job

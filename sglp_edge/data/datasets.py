@@ -23,7 +23,7 @@ prose from the reStructuredText sources of the Python documentation (Debian pack
 ``python3.11-doc``), split *by document* into calibration / fine-tune / held-out parts with a
 seed, tokenised and packed into fixed-length blocks.
 
-The code is split over four modules; every name in ``__all__`` is importable from here:
+The code is split over four modules (import each name from the module that defines it):
 
 * :mod:`sglp_edge.data.splits` - the seeded permutation and the ``TensorImages`` / ``Split`` views;
 * :mod:`sglp_edge.data.images` - image readers, per-data-set statistics, torchvision transforms;
@@ -47,7 +47,6 @@ from sglp_edge.data.images import (
     CIFAR100_MEAN,
     CIFAR100_STD,
     FASHION_MNIST_DIR,
-    FASHION_MNIST_FILES,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     IMAGENET_MEAN,
@@ -63,22 +62,9 @@ from sglp_edge.data.images import (
     read_class_map,
 )
 from sglp_edge.data.splits import Split, TensorImages
-from sglp_edge.data.splits import seeded_perm as _seeded_perm
-from sglp_edge.data.text import TEXT_DOC_ROOT, TEXT_PACKAGE, TextDataBundle, get_text_dataset, pack_tokens, text_documents
+from sglp_edge.data.splits import seeded_perm
+from sglp_edge.data.text import TextDataBundle, get_text_dataset
 from benchmarks.board.errors import UserError
-
-__all__ = [
-    # data sets and their statistics
-    "IMAGE_DATASETS", "DATASET_NAMES",
-    "FASHION_MNIST_DIR", "FASHION_MNIST_FILES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "MNIST_MEAN", "MNIST_STD",
-    "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-    "TEXT_DOC_ROOT", "TEXT_PACKAGE",
-    # image sources and splits (data_images, data_splits)
-    "TensorImages", "Split", "fashion_mnist_arrays", "mnist5k_arrays",
-    # bundles (this module, data_text)
-    "ImageDataBundle", "bundle_from_tensors", "get_dataset",
-    "TextDataBundle", "text_documents", "pack_tokens", "get_text_dataset",
-]
 
 IMAGE_DATASETS = ("fashion-mnist", "mnist5k", "cifar10", "cifar100", "imagefolder:<path>")
 DATASET_NAMES = IMAGE_DATASETS + ("text",)
@@ -139,7 +125,7 @@ class ImageDataBundle:
         if need > len(ds):
             raise UserError(f"{n_batches} calibration batches of {batch_size} need {need} images but the "
                             f"{self.name} training split has {len(ds)}; use fewer or smaller batches")
-        order = _seeded_perm(len(ds), seed + 7919)[:need]
+        order = seeded_perm(len(ds), seed + 7919)[:need]
         out = []
         for b in range(n_batches):
             items = [ds[i] for i in order[b * batch_size:(b + 1) * batch_size]]
@@ -152,7 +138,7 @@ class ImageDataBundle:
         from benchmarks.board.atomic import atomic_path
 
         ds = self.split("train_eval" if split == "train" else split)
-        idx = list(range(len(ds))) if n is None or n >= len(ds) else sorted(_seeded_perm(len(ds), seed)[:n])
+        idx = list(range(len(ds))) if n is None or n >= len(ds) else sorted(seeded_perm(len(ds), seed)[:n])
         xs = np.empty((len(idx), self.in_channels, self.image_size, self.image_size), dtype=np.float32)
         ys = np.empty(len(idx), dtype=np.int64)
         for k, i in enumerate(idx):
@@ -175,7 +161,7 @@ def bundle_from_tensors(name: str, source: str, train: tuple[torch.Tensor, torch
     ``mean``/``std`` (per source channel) and, if grey, repeated to ``channels``."""
     imgs, labels = train
     src = TensorImages(imgs, labels)
-    perm = _seeded_perm(len(src), seed)
+    perm = seeded_perm(len(src), seed)
     meta = dict(extra or {})
     if test is None:  # no official test split: carve a held-out part first, then val
         if test_size + val_size >= len(src):
@@ -284,14 +270,14 @@ def _imagefolder(path: str, *, seed: int, val_size: int | None, image_size: int,
         tr, te = load(root / "train"), load(test_dir)
         if tr.classes != te.classes:
             raise UserError(f"{root / 'train'} and {test_dir} have different class folders")
-        perm = _seeded_perm(len(tr), seed)
+        perm = seeded_perm(len(tr), seed)
         nv = max(1, len(tr) // 10) if val_size is None else val_size
         val_idx, train_idx = sorted(perm[:nv]), sorted(perm[nv:])
         test_src, test_idx = te, list(range(len(te)))
         meta["test_from"] = str(test_dir)
     else:
         tr = load(root)
-        perm = _seeded_perm(len(tr), seed)
+        perm = seeded_perm(len(tr), seed)
         nt = max(1, len(tr) // 10)
         nv = max(1, len(tr) // 10) if val_size is None else val_size
         if nt + nv >= len(tr):
