@@ -6,7 +6,6 @@ a benchmark, setting torch's thread pool): reaching it fails the test, and no ou
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import yaml

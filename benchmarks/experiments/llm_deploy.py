@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-    import numpy as np
     import torch
 
     import benchmarks.board.lm_bench as lm_bench
