@@ -19,7 +19,7 @@ __all__ = [*_API, "__version__"]
 
 def __getattr__(name: str):
     if name in _API:
-        from sglp_edge import api
+        from sglp_edge import api  # heavy: torch; `import sglp_edge` (and the CLI) stay light
 
         return getattr(api, name)
     raise AttributeError(f"module 'sglp_edge' has no attribute {name!r}")

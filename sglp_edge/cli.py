@@ -10,6 +10,8 @@ import sys
 
 import typer
 
+from benchmarks.board.errors import UserError
+
 app = typer.Typer(
     name="sglp-edge",
     help="SGLP depth pruning -> KD fine-tune -> ONNX -> TensorRT/OpenVINO/ONNX Runtime -> on-device benchmark.",
@@ -26,8 +28,6 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    from benchmarks.board.errors import UserError
-
     try:
         app(standalone_mode=True)
     except UserError as e:  # pragma: no cover - typer usually exits before this

@@ -64,6 +64,7 @@ from sglp_edge.data.images import (
 from sglp_edge.data.splits import Split, TensorImages
 from sglp_edge.data.splits import seeded_perm
 from sglp_edge.data.text import TextDataBundle, get_text_dataset
+from benchmarks.board.atomic import atomic_path
 from benchmarks.board.errors import UserError
 
 IMAGE_DATASETS = ("fashion-mnist", "mnist5k", "cifar10", "cifar100", "imagefolder:<path>")
@@ -135,8 +136,6 @@ class ImageDataBundle:
     def to_npz(self, split: str, path: str | Path, n: int | None = None, seed: int = 0) -> Path:
         """Write ``n`` images of ``split`` (all when None; a seeded subset otherwise) as float32
         NCHW ``x`` (already normalised) + int64 ``y`` to ``path`` (atomically), with ``mean``/``std``."""
-        from benchmarks.board.atomic import atomic_path
-
         ds = self.split("train_eval" if split == "train" else split)
         idx = list(range(len(ds))) if n is None or n >= len(ds) else sorted(seeded_perm(len(ds), seed)[:n])
         xs = np.empty((len(idx), self.in_channels, self.image_size, self.image_size), dtype=np.float32)

@@ -34,6 +34,7 @@ from torch import nn
 
 from benchmarks.board.atomic import atomic_dir, sha256_file
 from benchmarks.board.errors import UserError
+from benchmarks.board.lm_bench import LMSession
 
 from sglp_edge.export.lm import META_FILE, TASK, io_names, kv_shape, prefill_decode_parity
 from sglp_edge.models.hf_llm import unsupported_reason
@@ -153,8 +154,6 @@ def stateful_parity(artifact: Path, model: nn.Module, ids: torch.Tensor, *, spli
     """Prefill ``ids[:, :split]`` then decode ``ids[:, split:]`` one token at a time on OpenVINO (f32,
     f32 KV cache, through the board's own LMSession), against PyTorch's full-sequence forward; plus
     ``n_new`` greedy tokens against ``model.generate``."""
-    from benchmarks.board.lm_bench import LMSession
-
     sess = LMSession(str(artifact), "openvino", precision="fp32")
     return {"runtime": "openvino f32, f32 KV cache",
             **prefill_decode_parity(sess.step, sess.empty_past(ids.shape[0]), model, ids, split=split, n_new=n_new)}
