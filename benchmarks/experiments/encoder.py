@@ -21,10 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from sglp_edge.models.registry import load_model  # noqa: E402
+from sglp_edge.sglp.plan import PruneConfig  # noqa: E402
+from sglp_edge.sglp.prune import analyze, apply_plan  # noqa: E402
+from sglp_edge.tasks import feature_extraction as fx  # noqa: E402
+from sglp_edge.train.finetune import finetune  # noqa: E402
+
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keep", type=int, default=4)
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -41,21 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared box a second OpenMP "
                     "thread made each KD step ~6x slower under load)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import torch
 
-    from sglp_edge.train.finetune import finetune
-    from sglp_edge.models.registry import load_model
-    from sglp_edge.sglp.plan import PruneConfig
-    from sglp_edge.sglp.prune import analyze, apply_plan
-    from sglp_edge.tasks import feature_extraction as fx
-
-    torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "sglp" not in methods:
-        raise SystemExit("error: --methods must include sglp (the summary compares it with the others)")
-    t0 = time.perf_counter()
+def load_setup(args: argparse.Namespace, t0: float) -> dict:
+    """The original MiniLM, the sentence splits, calibration batches and the original's test embeddings."""
     loaded = load_model("minilm")
     teacher, adapter, tok = loaded.model.eval(), loaded.adapter, loaded.tokenizer
     n_before = len(adapter.units(teacher))
@@ -72,46 +68,72 @@ def main(argv: list[str] | None = None) -> int:
     self_check = fx.agreement(fx.sentence_embeddings(teacher, adapter, data.test), t_emb)
     print(f"original vs itself on {len(data.test)} held-out sentences: cos={self_check['cos']:.4f} "
           f"nn_agree={self_check['nn_agree']:.4f} (setup {time.perf_counter() - t0:.0f} s)")
+    return {"teacher": teacher, "adapter": adapter, "data": data, "describe": d, "n_before": n_before,
+            "cal": cal, "grad": grad, "t_emb": t_emb}
 
-    rows = []
-    for m in methods:
-        t = time.perf_counter()
-        plan = analyze(teacher, adapter, cal, grad, PruneConfig(keep=args.keep, method=m, seed=args.seed))
-        t_sel = time.perf_counter() - t
-        pruned = apply_plan(teacher, adapter, plan)
-        before = fx.agreement(fx.sentence_embeddings(pruned, adapter, data.test), t_emb)
-        res = finetune(pruned, teacher, adapter, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                       optimizer="adamw", weight_decay=0.01, warmup=0.1, val_samples=args.val_sentences, eval_test=False,
-                       seed=args.seed, progress=False)
-        after = fx.agreement(fx.sentence_embeddings(res.model, adapter, data.test), t_emb)
-        kept = [int(u.rsplit(".", 1)[1]) for u in plan.kept]
-        rows.append({"method": m, "kept_layers": kept, "select_s": t_sel, "evaluations": plan.evaluations,
-                     "before": before, "after": after, "kd_steps": res.steps, "kd_s": res.train_seconds,
-                     "selected": res.selected, "params_after": plan.params_after, "macs_reduction": plan.macs_reduction})
-        print(f"  {m:16s} kept {kept}  cos {before['cos']:.4f} -> {after['cos']:.4f}  nn {before['nn_agree']:.3f} -> "
-              f"{after['nn_agree']:.3f}  (select {t_sel:.0f} s, KD {res.steps} steps {res.train_seconds:.0f} s)",
-              flush=True)
 
+def run_method(m: str, setup: dict, args: argparse.Namespace) -> dict:
+    """Select with method ``m``, prune, KD-fine-tune; the table row (printed as one progress line)."""
+    teacher, adapter, data, t_emb = setup["teacher"], setup["adapter"], setup["data"], setup["t_emb"]
+    t = time.perf_counter()
+    plan = analyze(teacher, adapter, setup["cal"], setup["grad"], PruneConfig(keep=args.keep, method=m, seed=args.seed))
+    t_sel = time.perf_counter() - t
+    pruned = apply_plan(teacher, adapter, plan)
+    before = fx.agreement(fx.sentence_embeddings(pruned, adapter, data.test), t_emb)
+    res = finetune(pruned, teacher, adapter, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                   optimizer="adamw", weight_decay=0.01, warmup=0.1, val_samples=args.val_sentences, eval_test=False,
+                   seed=args.seed, progress=False)
+    after = fx.agreement(fx.sentence_embeddings(res.model, adapter, data.test), t_emb)
+    kept = [int(u.rsplit(".", 1)[1]) for u in plan.kept]
+    row = {"method": m, "kept_layers": kept, "select_s": t_sel, "evaluations": plan.evaluations,
+           "before": before, "after": after, "kd_steps": res.steps, "kd_s": res.train_seconds,
+           "selected": res.selected, "params_after": plan.params_after, "macs_reduction": plan.macs_reduction}
+    print(f"  {m:16s} kept {kept}  cos {before['cos']:.4f} -> {after['cos']:.4f}  nn {before['nn_agree']:.3f} -> "
+          f"{after['nn_agree']:.3f}  (select {t_sel:.0f} s, KD {res.steps} steps {res.train_seconds:.0f} s)",
+          flush=True)
+    return row
+
+
+def print_table(rows: list[dict], n_before: int, n_test: int, args: argparse.Namespace) -> None:
     print()
-    print(f"MiniLM {n_before} -> {args.keep} encoder layers; held-out {len(data.test)} sentences; KD {args.steps} steps x "
+    print(f"MiniLM {n_before} -> {args.keep} encoder layers; held-out {n_test} sentences; KD {args.steps} steps x "
           f"{args.batch_size} sentences, AdamW lr {args.lr:g}, same for every method")
     print("| method | kept layers | cos before KD | NN agree before KD | cos after KD | NN agree after KD |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['method']} | {','.join(map(str, r['kept_layers']))} | {r['before']['cos']:.4f} | "
               f"{r['before']['nn_agree']:.3f} | {r['after']['cos']:.4f} | {r['after']['nn_agree']:.3f} |")
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "data": d, "rows": rows},
-                                        indent=2, default=str) + "\n")
+
+
+def summary_line(rows: list[dict], n_before: int, keep: int) -> str:
     sg = next(r for r in rows if r["method"] == "sglp")
     others = [r for r in rows if r["method"] != "sglp"]
-    line = f"encoder minilm layers={n_before}->{args.keep} sglp_cos={sg['after']['cos']:.4f}"
+    line = f"encoder minilm layers={n_before}->{keep} sglp_cos={sg['after']['cos']:.4f}"
     if others:
         best = max(others, key=lambda r: r["after"]["cos"])
         line += f" best_other={best['method']} best_other_cos={best['after']['cos']:.4f}"
     else:
         line += " best_other=none best_other_cos=nan"
-    print(line + f" sglp_nn_agree={sg['after']['nn_agree']:.4f}")
+    return line + f" sglp_nn_agree={sg['after']['nn_agree']:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "sglp" not in methods:
+        raise SystemExit("error: --methods must include sglp (the summary compares it with the others)")
+    t0 = time.perf_counter()
+    setup = load_setup(args, t0)
+    rows = [run_method(m, setup, args) for m in methods]
+    print_table(rows, setup["n_before"], len(setup["data"].test), args)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "data": setup["describe"],
+                                         "rows": rows}, indent=2, default=str) + "\n")
+    print(summary_line(rows, setup["n_before"], args.keep))
     return 0
 
 
