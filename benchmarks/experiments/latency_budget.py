@@ -29,12 +29,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from statistics import median
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.board.atomic import atomic_write_json  # noqa: E402
+from benchmarks.board.backends import get_backend  # noqa: E402
+from benchmarks.board.errors import UserError  # noqa: E402
+from sglp_edge.budget.latency_model import (CANDIDATE_ROUNDS, build_artifact, measure_latency_model,  # noqa: E402
+                                            time_artifacts)
+from sglp_edge.models.registry import load_model  # noqa: E402
+from sglp_edge.pipeline.config import load_config  # noqa: E402
+from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job  # noqa: E402
+from sglp_edge.pipeline.run import Pipeline  # noqa: E402
+from sglp_edge.profiles.load import load_profile  # noqa: E402
+from sglp_edge.targets.factory import make_target  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 #: the brief KD and healing the benchmark runs with (benchmarks/results/latency-budget.md)
 FINETUNE_STEPS = 300
@@ -46,8 +60,6 @@ def _unpruned_p90(loaded, cfg, prof, target, bench: dict, tmp: Path) -> float:
     alternating rounds): the budget then rests on the same timings the search predicts from; the
     run below finds this latency model in the cache."""
     import torch
-
-    from sglp_edge.budget.latency_model import measure_latency_model
 
     lm = measure_latency_model(loaded.model, loaded.adapter, torch.zeros(1, 3, 32, 32), prof, target, tmp / "lm",
                                opset=cfg.export.opset, simplify=cfg.export.simplify, seed=cfg.seed, overrides=bench,
@@ -61,9 +73,6 @@ def _unpruned_p90(loaded, cfg, prof, target, bench: dict, tmp: Path) -> float:
 
 def _run_artifacts(run: Path, prof) -> dict[str, Path]:
     """The run's compiled original and pruned artifacts (the file the backend registry names)."""
-    from benchmarks.board.backends import get_backend
-    from benchmarks.board.errors import UserError
-
     be = get_backend(prof.backend)
     d = run / f"compile-{prof.backend}-{prof.precision}"
     arts = {w: d / w / be.artifact for w in ("original", "pruned")}
@@ -75,8 +84,6 @@ def _run_artifacts(run: Path, prof) -> dict[str, Path]:
 
 def _verify(arts: dict[str, Path], prof, target, bench: dict, full: float, rounds: int, tmp: Path) -> dict:
     """The run's original and pruned artifacts timed alternately: raw p90s, the median ratio, anchored."""
-    from sglp_edge.budget.latency_model import time_artifacts
-
     t = time_artifacts(target, prof, {"pruned": arts["pruned"]}, tmp / "verify", rounds=rounds, overrides=bench,
                        reference=arts["original"])["pruned"]
     v = {"rounds": rounds, "pruned_p90_ms": t["rounds_p90_ms"], "original_p90_ms": t["reference_rounds_p90_ms"],
@@ -99,9 +106,6 @@ def _sweep(loaded, cfg, prof, target, bench: dict, kept: int, budget: float, tmp
     a keep misses the budget by more than ``stop`` (a larger network only adds layers, so it is
     slower still)."""
     import torch
-
-    from sglp_edge.budget.latency_model import CANDIDATE_ROUNDS, build_artifact, time_artifacts
-    from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job
 
     n = len(loaded.adapter.units(loaded.model))
     p = cfg.prune
@@ -127,7 +131,7 @@ def _sweep(loaded, cfg, prof, target, bench: dict, kept: int, budget: float, tmp
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "default.yaml")
     ap.add_argument("--device", default="local-cpu-ort")
@@ -143,13 +147,58 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.verify_rounds < 1 or args.finetune_steps < 1:
         ap.error("--verify-rounds and --finetune-steps must be >= 1")
+    return args
 
-    from sglp_edge.models.registry import load_model
-    from sglp_edge.pipeline.config import load_config
-    from sglp_edge.pipeline.run import Pipeline
-    from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets.factory import make_target
 
+def _print_search(s: dict) -> None:
+    """The run's latency search: each candidate, then the run's own bench stage."""
+    fb = s["final_bench"]
+    for cand in s["candidates"]:
+        meas = (f"{cand['measured_p90_ms']:.3f} ms anchored (raw {cand['raw_p90_ms']:.3f} ms, x {cand['ratio']:.3f} "
+                f"of the unpruned {cand['reference_p90_ms']:.3f} ms)") if cand.get("measured_p90_ms") is not None else "-"
+        print(f"candidate keep {cand['kept']}: predicted {cand['predicted_p90_ms']:.3f} ms, measured {meas}: "
+              f"{cand['verdict']}")
+    print(f"run's bench stage: original {fb['original_p90_ms']:.3f} ms, pruned {fb['raw_latency_p90_ms']:.3f} ms "
+          f"(raw, one pass each) -> ratio {fb['ratio_to_original']:.4f}, anchored {fb['latency_p90_ms']:.4f} ms")
+
+
+def _print_latency_model(s: dict) -> None:
+    v = s["latency_model"]["validation"]
+    print(f"latency model: constant {s['latency_model']['constant_ms']:.3f} ms, {len(s['latency_model']['groups'])} "
+          f"unit group(s), validation on {v['subsets']} unseen subsets: mean error {v['mean_rel_error']:.3f}, "
+          f"max {v['max_rel_error']:.3f}; {'cached' if s['latency_model']['cached'] else 'measured'} "
+          f"in {s['latency_model']['measure_s']:.0f} s")
+
+
+def _sweep_check(loaded, cfg, prof, target, bench: dict, kept: int, budget: float, tmp: Path, args: argparse.Namespace,
+                 reference: Path, full: float) -> tuple[bool, list[dict]]:
+    """The hand sweep and its check (no keep above ``kept`` may meet the budget): (ok, sweep rows)."""
+    rows = _sweep(loaded, cfg, prof, target, bench, kept, budget, tmp, args.sweep_stop, reference, full)
+    larger = [r["keep"] for r in rows if r["meets"]]
+    largest = max(larger) if larger else None
+    if larger:
+        print(f"CHECK FAILED: keep {largest} > kept {kept} also meets the budget in the sweep")
+        return False, rows
+    print(f"check: no keep above {kept} meets the budget in the sweep (kept >= the largest keep "
+          "meeting it)")
+    return True, rows
+
+
+def _print_checks(s: dict, prof, meas: float, budget: float, err: float) -> float:
+    """The run's checks in one line; returns the accuracy drop."""
+    acc = s["final_bench"]["accuracy_drop_pct"]
+    lim = next((x.limit for x in prof.constraints if x.metric == "accuracy_drop_pct"), None)
+    print(f"checks: measured p90 within budget {meas <= budget}; prediction error <= 0.10 "
+          f"{err <= 0.10}; rounds <= 3 {s['rounds'] <= 3}; accuracy drop {acc:.2f} within "
+          f"{lim} {acc <= lim if lim is not None else 'n/a'}")
+    load = os.getloadavg()
+    print(f"load average at the end (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on "
+          f"{os.cpu_count()} cores{' -- figures measured under load' if load[1] > 0.5 * (os.cpu_count() or 1) else ''}")
+    return acc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     prof = load_profile(args.device)
     target = make_target(prof)
     cfg0 = load_config(args.config)
@@ -165,8 +214,6 @@ def main(argv: list[str] | None = None) -> int:
                                         "prune.latency_margin": args.margin, "devices": [args.device],
                                         "prune.heal": args.heal, "finetune.steps": args.finetune_steps})
         print(f"run: prune.heal {args.heal}, finetune.steps {args.finetune_steps}")
-        from benchmarks.board.errors import UserError
-
         try:
             rep = Pipeline(cfg, args.out, log=lambda m: print(m, file=sys.stderr)).run()
             arts = _run_artifacts(args.out, prof)
@@ -174,45 +221,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}")
             return 2
         s = rep["latency_search"]
-        c, fb = s["chosen"], s["final_bench"]
-        for cand in s["candidates"]:
-            meas = (f"{cand['measured_p90_ms']:.3f} ms anchored (raw {cand['raw_p90_ms']:.3f} ms, x {cand['ratio']:.3f} "
-                    f"of the unpruned {cand['reference_p90_ms']:.3f} ms)") if cand.get("measured_p90_ms") is not None else "-"
-            print(f"candidate keep {cand['kept']}: predicted {cand['predicted_p90_ms']:.3f} ms, measured {meas}: "
-                  f"{cand['verdict']}")
-        print(f"run's bench stage: original {fb['original_p90_ms']:.3f} ms, pruned {fb['raw_latency_p90_ms']:.3f} ms "
-              f"(raw, one pass each) -> ratio {fb['ratio_to_original']:.4f}, anchored {fb['latency_p90_ms']:.4f} ms")
+        c = s["chosen"]
+        _print_search(s)
         ver = _verify(arts, prof, target, bench, full, args.verify_rounds, tmp)
         meas = ver["measured_p90_ms"]
         err = abs(c["predicted_p90_ms"] - meas) / meas
-        v = s["latency_model"]["validation"]
-        print(f"latency model: constant {s['latency_model']['constant_ms']:.3f} ms, {len(s['latency_model']['groups'])} "
-              f"unit group(s), validation on {v['subsets']} unseen subsets: mean error {v['mean_rel_error']:.3f}, "
-              f"max {v['max_rel_error']:.3f}; {'cached' if s['latency_model']['cached'] else 'measured'} "
-              f"in {s['latency_model']['measure_s']:.0f} s")
+        _print_latency_model(s)
         ok = True
         if not args.no_sweep:
-            rows = _sweep(loaded, cfg, prof, target, bench, c["kept"], budget, tmp, args.sweep_stop, arts["original"], full)
-            larger = [r["keep"] for r in rows if r["meets"]]
-            largest = max(larger) if larger else None
-            if larger:
-                ok = False
-                print(f"CHECK FAILED: keep {largest} > kept {c['kept']} also meets the budget in the sweep")
-            else:
-                print(f"check: no keep above {c['kept']} meets the budget in the sweep (kept >= the largest keep "
-                      "meeting it)")
-        acc = fb["accuracy_drop_pct"]
-        lim = next((x.limit for x in prof.constraints if x.metric == "accuracy_drop_pct"), None)
-        print(f"checks: measured p90 within budget {meas <= budget}; prediction error <= 0.10 "
-              f"{err <= 0.10}; rounds <= 3 {s['rounds'] <= 3}; accuracy drop {acc:.2f} within "
-              f"{lim} {acc <= lim if lim is not None else 'n/a'}")
-        import os
-
-        load = os.getloadavg()
-        print(f"load average at the end (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} on "
-              f"{os.cpu_count()} cores{' -- figures measured under load' if load[1] > 0.5 * (os.cpu_count() or 1) else ''}")
-        from benchmarks.board.atomic import atomic_write_json
-
+            ok, rows = _sweep_check(loaded, cfg, prof, target, bench, c["kept"], budget, tmp, args, arts["original"],
+                                    full)
+        acc = _print_checks(s, prof, meas, budget, err)
         atomic_write_json(args.out / "latency_budget_bench.json", json.loads(json.dumps(
             {"unpruned_p90_ms": full, "budget_ms": budget, "heal": args.heal, "finetune_steps": args.finetune_steps,
              "verify": ver, "search": s, "sweep": None if args.no_sweep else rows}, default=str)))
