@@ -47,12 +47,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import benchmarks.board.lm_bench as lm_bench  # noqa: E402
+from benchmarks.board.lm_genai import GenaiSession  # noqa: E402
+from benchmarks.experiments.paired import alternating_rounds, ratio_of  # noqa: E402
+from sglp_edge.data.text import get_text_dataset  # noqa: E402
+from sglp_edge.export.lm import export_causal_lm, kv_shape, read_lm_meta  # noqa: E402
+from sglp_edge.export.lm_genai import export_model_genai  # noqa: E402
+from sglp_edge.export.lm_openvino import export_causal_lm_openvino  # noqa: E402
+from sglp_edge.models.hf_llm import load_hf  # noqa: E402
+from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job  # noqa: E402
+from sglp_edge.tasks.causal_lm import torch_greedy_and_ppl  # noqa: E402
+
 
 def decode_macs(model, context: int) -> int:
     """MACs to decode one token at ``context`` past tokens: all nn.Linear + attention matmuls."""
     from torch import nn
-
-    from sglp_edge.export.lm import kv_shape
 
     lin = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
     cfg = model.config
@@ -61,7 +70,7 @@ def decode_macs(model, context: int) -> int:
     return int(lin + attn)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pruned", type=Path, help="pruned model folder to reuse (default: prune now)")
     ap.add_argument("--keep", type=int, default=22)
@@ -77,40 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-exports", action="store_true", help="keep existing exports in --work")
     ap.add_argument("--genai", action="store_true", help="also measure onnxruntime-genai (sglp_edge.export.lm_genai)")
     ap.add_argument("--genai-precision", default="fp32", choices=["fp32", "int8", "int4"])
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return ap.parse_args(argv)
 
-    import torch
 
-    import benchmarks.board.lm_bench as lm_bench
-    from benchmarks.experiments.paired import ratio_of
-    from sglp_edge.data.text import get_text_dataset
-    from sglp_edge.export.lm import export_causal_lm, read_lm_meta
-    from sglp_edge.export.lm_openvino import export_causal_lm_openvino
-    from sglp_edge.models.hf_llm import load_hf
-    from sglp_edge.tasks.causal_lm import torch_greedy_and_ppl
-
-    torch.set_num_threads(args.threads)
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+def load_models(args: argparse.Namespace, work: Path) -> tuple:
+    """SmolLM2 and its pruned version (``--pruned`` reused, else pruned now): (loaded, original, tokenizer, pruned)."""
     loaded = load_hf("smollm2")
     orig, tok = loaded.model.eval(), loaded.tokenizer
     if args.pruned:
         folder = args.pruned / "model" if (args.pruned / "model" / "config.json").is_file() else args.pruned
         pruned = load_hf(folder).model.eval()
     else:
-        from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job
-
         job = PruneJob(model="smollm2", out=work / "pruned", data="text", keep=args.keep, calib_batches=8,
                        grad_batches=1, batch_size=2, seq_len=64)
         pruned = run_prune_job(job, loaded=load_hf("smollm2"), show_progress=sys.stderr.isatty()).pruned.eval()
-    n0, n1 = orig.config.num_hidden_layers, pruned.config.num_hidden_layers
-    print(f"models: original {n0} layers, pruned {n1} layers "
-          f"(kept {getattr(pruned.config, 'sglp_kept_layers', '?')}); {time.perf_counter() - t_start:.0f} s", flush=True)
+    return loaded, orig, tok, pruned
 
-    # held-out text: perplexity blocks, greedy prompts, the speed prompt ----------------------------
+
+def held_out_text(tok, args: argparse.Namespace) -> tuple:
+    """Held-out text: (perplexity blocks, greedy prompts, the speed prompt)."""
+    import torch
+
     data = get_text_dataset(tok, block_size=args.block, max_tokens=args.block * (args.ppl_blocks + 24) * 2)
     test = data.test
     need = args.ppl_blocks + 1
@@ -121,56 +117,58 @@ def main(argv: list[str] | None = None) -> int:
     pool = torch.cat([test[args.ppl_blocks:], data.val]).reshape(-1, 64)
     prompts = pool[:: max(1, len(pool) // args.greedy_prompts)][: args.greedy_prompts]
     bench_prompt = test[args.ppl_blocks, : args.prompt] if args.prompt <= args.block else test[args.ppl_blocks]
+    return ppl_blocks, prompts, bench_prompt
 
-    models = {"original": orig, "pruned": pruned}
-    info: dict = {"settings": vars(args) | {"work": str(work), "pruned": str(args.pruned)}, "models": {}}
-    sessions: dict = {}
-    for name, m in models.items():
-        t0 = time.perf_counter()
-        ref, ppl_t = torch_greedy_and_ppl(m, prompts, args.greedy_tokens, ppl_blocks)
-        exp_dir = work / f"onnx-{m.config.num_hidden_layers}"
-        if args.reuse_exports and (exp_dir / "lm.json").is_file():
-            meta = read_lm_meta(exp_dir)
-        else:
-            meta = export_causal_lm(m, exp_dir, parity_ids=prompts[:2, :24])
-        lm_bench.write_eval_npz(str(exp_dir / "lm_eval.npz"), bench_prompt=bench_prompt.numpy(), gen_tokens=args.gen,
-                                greedy_prompts=prompts.numpy(), greedy_reference=ref.numpy(),
-                                ppl_blocks=ppl_blocks.numpy(), torch_perplexity=ppl_t)
-        info["models"][name] = {"layers": m.config.num_hidden_layers, "ppl_torch": ppl_t,
-                                "export_parity": meta["parity_vs_pytorch"], "onnx_mb": meta["size_bytes"] / 2**20,
-                                "decode_macs": decode_macs(m, args.prompt + args.gen // 2), "ref": ref.numpy()}
-        print(f"{name}: torch ppl {ppl_t:.3f}; export parity max_abs {meta['parity_vs_pytorch']['max_abs']:.2e} "
-              f"greedy_equal={meta['parity_vs_pytorch']['greedy_equal']}; {time.perf_counter() - t0:.0f} s", flush=True)
-        ov_dir = work / f"openvino-{m.config.num_hidden_layers}"
-        if not (args.reuse_exports and (ov_dir / "lm.json").is_file()):
-            ov_meta = export_causal_lm_openvino(m, ov_dir, parity_ids=prompts[:2, :24])
-            print(f"{name}: OpenVINO stateful export parity max_abs {ov_meta['parity_vs_pytorch']['max_abs']:.2e} "
-                  f"greedy_equal={ov_meta['parity_vs_pytorch']['greedy_equal']}", flush=True)
-        sessions[(name, "onnxruntime")] = lm_bench.LMSession(str(exp_dir / "model.onnx"), "onnxruntime",
-                                                             threads=args.threads)
-        sessions[(name, "openvino")] = lm_bench.LMSession(str(ov_dir / "openvino_model.xml"), "openvino",
-                                                          threads=args.threads)
-        sessions[(name, "openvino-onnx")] = lm_bench.LMSession(str(exp_dir / "model.onnx"), "openvino",
-                                                               threads=args.threads)
-        if args.genai:
-            from benchmarks.board.lm_genai import GenaiSession
-            from sglp_edge.export.lm_genai import export_model_genai
 
-            g_dir = work / f"genai-{args.genai_precision}-{m.config.num_hidden_layers}"
-            if not (args.reuse_exports and (g_dir / "lm.json").is_file()):
-                g_meta = export_model_genai(m, tok, g_dir, precision=args.genai_precision,
-                                            parity_prompts_ids=prompts[:2, :24].tolist())
-                gp = g_meta["parity_vs_pytorch"]
-                print(f"{name}: onnxruntime-genai {args.genai_precision} export: greedy agreement "
-                      f"{gp['greedy_agreement']:.4f}, prefill max_abs {gp['max_abs']:.2e}, passed={gp['passed']}",
-                      flush=True)
-            sessions[(name, "onnxruntime-genai")] = GenaiSession(str(g_dir), threads=args.threads)
-    del loaded, orig, pruned, models
-    import gc
+def open_genai(name: str, m, tok, args: argparse.Namespace, work: Path, prompts) -> GenaiSession:
+    """The onnxruntime-genai export of ``m`` (made unless reused) and its session."""
+    g_dir = work / f"genai-{args.genai_precision}-{m.config.num_hidden_layers}"
+    if not (args.reuse_exports and (g_dir / "lm.json").is_file()):
+        g_meta = export_model_genai(m, tok, g_dir, precision=args.genai_precision,
+                                    parity_prompts_ids=prompts[:2, :24].tolist())
+        gp = g_meta["parity_vs_pytorch"]
+        print(f"{name}: onnxruntime-genai {args.genai_precision} export: greedy agreement "
+              f"{gp['greedy_agreement']:.4f}, prefill max_abs {gp['max_abs']:.2e}, passed={gp['passed']}",
+              flush=True)
+    return GenaiSession(str(g_dir), threads=args.threads)
 
-    gc.collect()
 
-    # quality on the runtimes -----------------------------------------------------------------------
+def export_and_open(name: str, m, tok, args: argparse.Namespace, work: Path, held: tuple, info: dict,
+                    sessions: dict) -> None:
+    """PyTorch reference, the ONNX and OpenVINO exports of ``m``, its sessions added to ``sessions``."""
+    ppl_blocks, prompts, bench_prompt = held
+    t0 = time.perf_counter()
+    ref, ppl_t = torch_greedy_and_ppl(m, prompts, args.greedy_tokens, ppl_blocks)
+    exp_dir = work / f"onnx-{m.config.num_hidden_layers}"
+    if args.reuse_exports and (exp_dir / "lm.json").is_file():
+        meta = read_lm_meta(exp_dir)
+    else:
+        meta = export_causal_lm(m, exp_dir, parity_ids=prompts[:2, :24])
+    lm_bench.write_eval_npz(str(exp_dir / "lm_eval.npz"), bench_prompt=bench_prompt.numpy(), gen_tokens=args.gen,
+                            greedy_prompts=prompts.numpy(), greedy_reference=ref.numpy(),
+                            ppl_blocks=ppl_blocks.numpy(), torch_perplexity=ppl_t)
+    info["models"][name] = {"layers": m.config.num_hidden_layers, "ppl_torch": ppl_t,
+                            "export_parity": meta["parity_vs_pytorch"], "onnx_mb": meta["size_bytes"] / 2**20,
+                            "decode_macs": decode_macs(m, args.prompt + args.gen // 2), "ref": ref.numpy()}
+    print(f"{name}: torch ppl {ppl_t:.3f}; export parity max_abs {meta['parity_vs_pytorch']['max_abs']:.2e} "
+          f"greedy_equal={meta['parity_vs_pytorch']['greedy_equal']}; {time.perf_counter() - t0:.0f} s", flush=True)
+    ov_dir = work / f"openvino-{m.config.num_hidden_layers}"
+    if not (args.reuse_exports and (ov_dir / "lm.json").is_file()):
+        ov_meta = export_causal_lm_openvino(m, ov_dir, parity_ids=prompts[:2, :24])
+        print(f"{name}: OpenVINO stateful export parity max_abs {ov_meta['parity_vs_pytorch']['max_abs']:.2e} "
+              f"greedy_equal={ov_meta['parity_vs_pytorch']['greedy_equal']}", flush=True)
+    sessions[(name, "onnxruntime")] = lm_bench.LMSession(str(exp_dir / "model.onnx"), "onnxruntime",
+                                                         threads=args.threads)
+    sessions[(name, "openvino")] = lm_bench.LMSession(str(ov_dir / "openvino_model.xml"), "openvino",
+                                                      threads=args.threads)
+    sessions[(name, "openvino-onnx")] = lm_bench.LMSession(str(exp_dir / "model.onnx"), "openvino",
+                                                           threads=args.threads)
+    if args.genai:
+        sessions[(name, "onnxruntime-genai")] = open_genai(name, m, tok, args, work, prompts)
+
+
+def measure_quality(sessions: dict, info: dict, ppl_blocks, prompts) -> dict:
+    """Perplexity and greedy agreement with PyTorch on every runtime session."""
     quality: dict = {}
     for (name, be), s in sessions.items():
         mi = info["models"][name]
@@ -179,33 +177,37 @@ def main(argv: list[str] | None = None) -> int:
         quality[f"{name}/{be}"] = q
         print(f"{name} {be}: ppl {q['ppl']:.3f} (torch {mi['ppl_torch']:.3f}); greedy agreement "
               f"{q['greedy']['agreement']:.4f}; divergences {q['greedy']['divergences']}", flush=True)
+    return quality
 
+
+def measure_speed(sessions: dict, bp: Any, args: argparse.Namespace, backends: tuple, bound: float) -> tuple | None:
+    """Alternating rounds, re-measured (3 attempts) while a speedup is above ``bound``: (rr, tg, ttft, sp),
+    or None (after the error line) when the fault persists."""
     # speed: alternating rounds (benchmarks/experiments/paired.py); a speedup above the layer-count ratio (what a free LM
     # head would give: no depth-pruned model decodes faster) is a measuring fault, re-measured, never a result
-    bp = bench_prompt.numpy()
     for s in sessions.values():
         lm_bench.generate(s, bp[:16], 8)  # warm-up
-    backends = ("onnxruntime", "openvino", "openvino-onnx") + (("onnxruntime-genai",) if args.genai else ())
-    bound = n0 / n1
     for attempt in range(3):
         rr, tg, ttft = _speed_rounds(sessions, bp, args.gen, args.rounds)
-        tps = rr["per"]
         sp = {be: ratio_of(rr, ("pruned", be), ("original", be), limit=bound) for be in backends}
         faults = [be for be, r in sp.items() if r["fault"]]
         if not faults:
-            break
+            return rr, tg, ttft, sp
         seen = ", ".join("%s %.3f" % (be, sp[be]["ratio"]) for be in faults)
         print(f"measuring fault: {seen} above the layer-count bound {bound:.3f} (load average {rr['loadavg']}); "
               "measuring again", flush=True)
-    else:
-        print(f"error: decode speedups stayed above the layer-count bound {bound:.3f} in 3 attempts: the machine is "
-              "too busy to measure; rerun it alone", file=sys.stderr)
-        return 3
-    speedup = {be: r["ratio"] for be, r in sp.items()}
+    print(f"error: decode speedups stayed above the layer-count bound {bound:.3f} in 3 attempts: the machine is "
+          "too busy to measure; rerun it alone", file=sys.stderr)
+    return None
+
+
+def print_speed(rr: dict, tg: dict, ttft: dict, sp: dict, backends: tuple, gen: int, bp: Any) -> dict:
+    """Per backend and model: tg, TTFT, the per-round speedups; then the OpenVINO route ratio (returned)."""
+    tps = rr["per"]
     for be in backends:
         for name in ("original", "pruned"):
             k = (name, be)
-            print(f"{name} {be}: tg{args.gen} {statistics.median(tg[k]):.1f} tok/s "
+            print(f"{name} {be}: tg{gen} {statistics.median(tg[k]):.1f} tok/s "
                   f"(p50 step {1e3 / statistics.median(tps[k]):.1f} ms), "
                   f"pp{len(bp)} {len(bp) / (statistics.median(ttft[k]) / 1e3):.0f} tok/s "
                   f"(TTFT {statistics.median(ttft[k]):.1f} ms)")
@@ -215,20 +217,66 @@ def main(argv: list[str] | None = None) -> int:
     route = {name: ratio_of(rr, (name, "openvino"), (name, "openvino-onnx"))["ratio"] for name in ("original", "pruned")}
     print("OpenVINO stateful IR / OpenVINO on the ONNX graph, decode tok/s, median per-round ratio: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in route.items()))
+    return route
+
+
+def genai_summary(rr: dict, info: dict, speedup: dict, quality: dict, args: argparse.Namespace) -> str:
+    """``--genai``: genai / ORT ratios (into ``info``, printed) and the summary line's genai fields."""
+    if not args.genai:
+        return ""
+    info["genai_vs_ort"] = {name: ratio_of(rr, (name, "onnxruntime-genai"), (name, "onnxruntime"))["ratio"]
+                            for name in ("original", "pruned")}
+    print("onnxruntime-genai / ONNX Runtime (our graph), decode tok/s, median per-round ratio: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in info["genai_vs_ort"].items()))
+    return (f" genai_{args.genai_precision}_decode_speedup={speedup['onnxruntime-genai']:.3f}"
+            f" genai_vs_ort={info['genai_vs_ort']['pruned']:.3f}"
+            f" ppl_genai={quality['pruned/onnxruntime-genai']['ppl']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    loaded, orig, tok, pruned = load_models(args, work)
+    n0, n1 = orig.config.num_hidden_layers, pruned.config.num_hidden_layers
+    print(f"models: original {n0} layers, pruned {n1} layers "
+          f"(kept {getattr(pruned.config, 'sglp_kept_layers', '?')}); {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    held = held_out_text(tok, args)
+    ppl_blocks, prompts, bench_prompt = held
+    models = {"original": orig, "pruned": pruned}
+    info: dict = {"settings": vars(args) | {"work": str(work), "pruned": str(args.pruned)}, "models": {}}
+    sessions: dict = {}
+    for name, m in models.items():
+        export_and_open(name, m, tok, args, work, held, info, sessions)
+    del loaded, orig, pruned, models
+    import gc
+
+    gc.collect()
+
+    quality = measure_quality(sessions, info, ppl_blocks, prompts)
+    bp = bench_prompt.numpy()
+    backends = ("onnxruntime", "openvino", "openvino-onnx") + (("onnxruntime-genai",) if args.genai else ())
+    measured = measure_speed(sessions, bp, args, backends, n0 / n1)
+    if measured is None:
+        return 3
+    rr, tg, ttft, sp = measured
+    tps = rr["per"]
+    speedup = {be: r["ratio"] for be, r in sp.items()}
+    route = print_speed(rr, tg, ttft, sp, backends, args.gen, bp)
     ideal = info["models"]["original"]["decode_macs"] / info["models"]["pruned"]["decode_macs"]
-    genai = ""
-    if args.genai:
-        info["genai_vs_ort"] = {name: ratio_of(rr, (name, "onnxruntime-genai"), (name, "onnxruntime"))["ratio"]
-                                for name in ("original", "pruned")}
-        print("onnxruntime-genai / ONNX Runtime (our graph), decode tok/s, median per-round ratio: "
-              + ", ".join(f"{k} {v:.2f}x" for k, v in info["genai_vs_ort"].items()))
-        genai = (f" genai_{args.genai_precision}_decode_speedup={speedup['onnxruntime-genai']:.3f}"
-                 f" genai_vs_ort={info['genai_vs_ort']['pruned']:.3f}"
-                 f" ppl_genai={quality['pruned/onnxruntime-genai']['ppl']:.3f}")
+    genai = genai_summary(rr, info, speedup, quality, args)
     greedy = min(q["greedy"]["agreement"] for q in quality.values())
     ppl_torch = info["models"]["pruned"]["ppl_torch"]
-    for m in info["models"].values():
-        m.pop("ref")
+    for mi in info["models"].values():
+        mi.pop("ref")
     info.update(quality=quality, openvino_route_ratio=route, tokens_per_s={f"{k[0]}/{k[1]}": v for k, v in tg.items()},
                 tokens_per_s_p50={f"{k[0]}/{k[1]}": v for k, v in tps.items()},
                 ttft_ms={f"{k[0]}/{k[1]}": v for k, v in ttft.items()}, speedup=speedup, ideal_speedup=ideal,
@@ -245,9 +293,6 @@ def main(argv: list[str] | None = None) -> int:
 def _speed_rounds(sessions: dict, bp: Any, gen: int, rounds: int) -> tuple:
     """Every session decodes the same prompt in alternating rounds; a round's rate is 1 / its median
     step (one step stalled by another process does not move it), beside llama-bench's tg and TTFT."""
-    import benchmarks.board.lm_bench as lm_bench
-    from benchmarks.experiments.paired import alternating_rounds
-
     tg: dict = {k: [] for k in sessions}  # llama-bench's tg: generated tokens / their total time
     ttft: dict = {k: [] for k in sessions}
 
