@@ -38,6 +38,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import benchmarks.board.lm_bench as lm_bench  # noqa: E402
+from benchmarks.experiments.llm_deploy import decode_macs  # noqa: E402
+from benchmarks.experiments.paired import alternating_rounds, ratio_of  # noqa: E402
+from sglp_edge.export.lm import export_causal_lm  # noqa: E402
+from sglp_edge.models.hf_llm import HFDecoderAdapter, load_hf  # noqa: E402
+
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     """Least squares ``y = a + b x``; returns (a, b, R^2)."""
@@ -51,7 +57,7 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
     return a, b, 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="30,22,14,6", help="comma-separated layer counts (include 30 and 22)")
     ap.add_argument("--work", type=Path, default=Path("runs/llm_decode_layers"))
@@ -60,23 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reuse-exports", action="store_true")
-    args = ap.parse_args(argv)
-    counts = sorted({int(x) for x in args.layers.split(",")}, reverse=True)
-    if len(counts) < 3 or 30 not in counts or 22 not in counts:
-        raise SystemExit("error: --layers needs at least three counts, 30 and 22 among them (e.g. 30,22,14,6)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return ap.parse_args(argv)
 
+
+def build_sessions(args: argparse.Namespace, counts: list[int], t_start: float) -> tuple[dict, dict, Any]:
+    """SmolLM2 cut to each layer count, exported, an ORT and an OpenVINO session each (warmed up):
+    (sessions, decode MACs per count, the random prompt)."""
     import torch
 
-    import benchmarks.board.lm_bench as lm_bench
-    from benchmarks.experiments.llm_deploy import decode_macs
-    from sglp_edge.export.lm import export_causal_lm
-    from sglp_edge.models.hf_llm import HFDecoderAdapter, load_hf
-
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
     base = load_hf("smollm2").model.eval()
     n0 = int(base.config.num_hidden_layers)
     if max(counts) > n0 or min(counts) < 1:
@@ -99,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     del base
     for s in sessions.values():
         lm_bench.generate(s, prompt[:16], 8)  # warm-up
+    return sessions, macs, prompt
 
-    from benchmarks.experiments.paired import alternating_rounds, ratio_of
 
+def measure(sessions: dict, prompt: Any, args: argparse.Namespace) -> tuple[dict, dict] | None:
+    """Alternating rounds of median step times: (step_ms, 30 -> 22 speedups), or None (after the error
+    line) when the speedup stays above the layer-count bound."""
     def timer(k: Any) -> Any:
         return lambda: statistics.median(lm_bench.generate(sessions[k], prompt, args.gen)["step_s"]) * 1e3
 
@@ -110,17 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         step_ms = rr["per"]
         speed = {be: ratio_of(rr, (30, be), (22, be), limit=30 / 22) for be in ("onnxruntime", "openvino")}
         if not any(r["fault"] for r in speed.values()):
-            break
+            return step_ms, speed
         print(f"measuring fault: a 30 -> 22 speedup above {30 / 22:.3f} (load average {rr['loadavg']}); measuring "
               "again", flush=True)
-    else:
-        print("error: the 30 -> 22 speedup stayed above the layer-count bound in 3 attempts: the machine is too busy "
-              "to measure; rerun it alone", file=sys.stderr)
-        return 3
+    print("error: the 30 -> 22 speedup stayed above the layer-count bound in 3 attempts: the machine is too busy "
+          "to measure; rerun it alone", file=sys.stderr)
+    return None
 
-    res: dict = {"settings": vars(args) | {"work": str(args.work)}, "macs": macs, "fits": {},
-                 "step_ms": {f"{k[0]}/{k[1]}": v for k, v in step_ms.items()}}
-    macs_speedup = macs[30] / macs[22]
+
+def fit_backends(counts: list[int], macs: dict, step_ms: dict, speed: dict, res: dict) -> list[str]:
+    """The MACs split and, per backend, the fit t = a + b*L (into ``res['fits']``, printed); the summary parts."""
     # the MACs model's split: what does not scale with depth (LM head) against one layer
     a_m, b_m, _ = fit_line([float(n) for n in counts], [float(macs[n]) for n in counts])
     print(f"MACs: LM head + rest {a_m / 1e6:.1f} M ({a_m / macs[30]:.1%} of L=30), one layer {b_m / 1e6:.2f} M")
@@ -138,6 +137,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"time model {model_speedup:.3f}")
         parts.append(f"{tag}_a_ms={a:.3f} {tag}_b_ms={b:.4f} {tag}_r2={r2:.4f} {tag}_time_model_speedup={model_speedup:.3f} "
                      f"{tag}_measured_speedup={measured:.3f}")
+    return parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    counts = sorted({int(x) for x in args.layers.split(",")}, reverse=True)
+    if len(counts) < 3 or 30 not in counts or 22 not in counts:
+        raise SystemExit("error: --layers needs at least three counts, 30 and 22 among them (e.g. 30,22,14,6)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    sessions, macs, prompt = build_sessions(args, counts, t_start)
+    measured = measure(sessions, prompt, args)
+    if measured is None:
+        return 3
+    step_ms, speed = measured
+
+    res: dict = {"settings": vars(args) | {"work": str(args.work)}, "macs": macs, "fits": {},
+                 "step_ms": {f"{k[0]}/{k[1]}": v for k, v in step_ms.items()}}
+    macs_speedup = macs[30] / macs[22]
+    parts = fit_backends(counts, macs, step_ms, speed, res)
     res.update(macs_speedup=macs_speedup, layer_bound=30 / 22, loadavg=list(os.getloadavg()),
                wall_s=time.perf_counter() - t_start)
     tmp = args.work / "llm_decode_layers.json.tmp"
