@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.experiments.recovery_rows import (_cached_row, _device_name, _reuse_pruned, _save_row,  # noqa: E402
-                                      _table, headline, summarize)
+                                                  _table, headline, summarize)
+from sglp_edge.data.datasets import get_dataset  # noqa: E402
+from sglp_edge.data.text import get_text_dataset  # noqa: E402
+from sglp_edge.models.hf_llm import load_hf  # noqa: E402
+from sglp_edge.models.registry import SHIPPED, load_model  # noqa: E402
+from sglp_edge.pipeline.prune_job import PruneJob, input_channels, run_prune_job  # noqa: E402
+from sglp_edge.sglp.importance import resolve_allocation, resolve_protocol  # noqa: E402
+from sglp_edge.tasks.causal_lm import CausalLM  # noqa: E402
+from sglp_edge.train.finetune import FinetuneConfig, finetune  # noqa: E402
 
 METHODS = ("sglp", "random", "drop_last", "block_influence", "angular", "sleb")
 
@@ -66,8 +75,6 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
         else:
             raise SystemExit(f"error: unknown SGLP variant {method!r}; "
                              f"use sglp-<{'|'.join(PROTOCOLS + ALLOCATIONS + K_BUDGETS)}>")
-    from sglp_edge.sglp.importance import resolve_allocation
-
     allocation = resolve_allocation(allocation, "tokens" if lm else "image")
     # rows cached before the allocation option existed were all proportional: keep their keys
     extra = {"allocation": allocation} if base == "sglp" and allocation != "proportional" else {}
@@ -131,11 +138,6 @@ def _partial(args) -> str:
 
 
 def run_vision(args) -> None:
-    from sglp_edge.data.datasets import get_dataset
-    from sglp_edge.train.finetune import FinetuneConfig, finetune
-    from sglp_edge.models.registry import SHIPPED, load_model
-    from sglp_edge.pipeline.prune_job import PruneJob, input_channels, run_prune_job
-
     name, (title, prefix, _) = args.model, VISION[args.model]
     if not (SHIPPED[name] / "sglp_model.json").is_file():
         raise SystemExit(f"error: the trained {title} is not shipped ({SHIPPED[name]})")
@@ -192,14 +194,7 @@ def run_vision(args) -> None:
 
 
 def run_smollm2(args) -> None:
-    import os
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sglp_edge.data.text import get_text_dataset
-    from sglp_edge.train.finetune import FinetuneConfig, finetune
-    from sglp_edge.models.hf_llm import load_hf
-    from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job
-
     teacher = load_hf("smollm2")
     print("SmolLM2-135M; budget per method: " + (f"{args.lm_steps} steps" if args.lm_steps is not None else
                                                   f"{args.minutes} min") + f" of KD fine-tune{_partial(args)}, keep {args.keep}/30")
@@ -218,54 +213,7 @@ def run_smollm2(args) -> None:
                   f"{args.seq_len} tokens", flush=True)
         return splits[seed]
 
-    rows = []
-    for seed, method in _grid(args):
-        text, test, base_s = split_for(seed)
-        base_method, protocol, allocation, extra = _variant(method, args, lm=True)
-        settings = {"model": "smollm2", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
-                    "minutes": None if args.lm_steps is not None else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
-                    "seq_len": args.seq_len, "max_tokens": args.max_tokens,
-                    "eval_blocks": args.eval_blocks, "seed": seed, **extra,
-                    **({"train_last": args.train_last} if args.train_last else {})}
-        cached = _cached_row(args.workdir, settings)
-        if cached:
-            cached = {**cached, "method": method, "seed": seed, "base_ppl": base_s}
-            rows.append(cached)
-            print(f"  {method:22s} seed {seed}  after pruning ppl {cached['pruned_ppl']:10.2f}  after KD ppl "
-                  f"{cached['ppl']:8.2f}  (cached result of an earlier run)", flush=True)
-            continue
-        t0 = time.perf_counter()
-        out = Path(args.workdir) / (f"smol-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else ""))
-        job = PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
-                       protocol=protocol, allocation=allocation,
-                       k_budget=extra.get("k_budget", "raise"), calib_batches=max(4, args.grad_batches),
-                       grad_batches=args.grad_batches, batch_size=4, seq_len=args.seq_len,
-                       heal=extra.get("heal", "none"), seed=seed)
-        res = _reuse_pruned(job) or run_prune_job(job, loaded=teacher)
-        pruned, removed = res.pruned, res.plan.removed
-        pruned_ppl = _perplexity(pruned, test)
-        if args.lm_steps == 0:  # training-free only: the after-KD fields repeat the pruned figure
-            rows.append({"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": pruned_ppl,
-                         "base_ppl": base_s, "steps": 0, "wall_s": time.perf_counter() - t0})
-            _save_row(args.workdir, settings, rows[-1])
-            print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  (no KD, "
-                  f"{rows[-1]['wall_s']:.0f} s)", flush=True)
-            continue
-        cfg = FinetuneConfig(minutes=None if args.lm_steps else args.minutes, steps=args.lm_steps, batch_size=4,
-                             lr=args.lm_lr, optimizer="adamw", weight_decay=0.0,
-                             alpha=0.9, temperature=2.0, seed=seed, progress=sys.stderr.isatty(),
-                             eval_before=False, eval_test=False,  # held-out perplexity is measured here, once
-                             # one val point (the end of a budget shorter than an epoch), so selection
-                             # is trivial: a small val slice keeps the pass short without changing the result
-                             val_samples=args.eval_blocks, device=args.device, train_last=args.train_last)
-        ft = finetune(pruned, teacher.model, teacher.adapter, text, cfg)
-        teacher.model.cpu()
-        ppl = _perplexity(ft.model.cpu(), test)
-        rows.append({"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
-                     "base_ppl": base_s, "steps": ft.steps, "ft_device": _device_name(args.device), "wall_s": time.perf_counter() - t0})
-        _save_row(args.workdir, settings, rows[-1])
-        print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  "
-              f"({ft.steps} steps, {rows[-1]['wall_s']:.0f} s)", flush=True)
+    rows = [_lm_row(args, teacher, seed, method, *split_for(seed)) for seed, method in _grid(args)]
     base = sum(splits[s_][2] for s_ in args.seeds) / len(args.seeds)  # the mean over the seeds' held-out sets
     sg, best = _finish(args.workdir, "smollm2", rows, base, "ppl", "perplexity", higher=False)
     for st in (sg, best):
@@ -276,6 +224,55 @@ def run_smollm2(args) -> None:
     print(f"recovery smollm2 seeds={len(args.seeds)} base_ppl={base:.2f} pruned_ppl={sg['pruned']:.2f} "
           f"sglp_ppl={sg['mean']:.2f} sglp_std={sg['std']:.2f} best_other={best['method']} "
           f"best_other_ppl={best['mean']:.2f} best_other_std={best['std']:.2f}")
+
+
+def _lm_row(args, teacher, seed: int, method: str, text, test, base_s: float) -> dict:
+    """One SmolLM2 table row: cached, or pruned (and KD-fine-tuned unless --lm-steps 0), saved; printed."""
+    base_method, protocol, allocation, extra = _variant(method, args, lm=True)
+    settings = {"model": "smollm2", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
+                "minutes": None if args.lm_steps is not None else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
+                "seq_len": args.seq_len, "max_tokens": args.max_tokens,
+                "eval_blocks": args.eval_blocks, "seed": seed, **extra,
+                **({"train_last": args.train_last} if args.train_last else {})}
+    cached = _cached_row(args.workdir, settings)
+    if cached:
+        cached = {**cached, "method": method, "seed": seed, "base_ppl": base_s}
+        print(f"  {method:22s} seed {seed}  after pruning ppl {cached['pruned_ppl']:10.2f}  after KD ppl "
+              f"{cached['ppl']:8.2f}  (cached result of an earlier run)", flush=True)
+        return cached
+    t0 = time.perf_counter()
+    out = Path(args.workdir) / (f"smol-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else ""))
+    job = PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
+                   protocol=protocol, allocation=allocation,
+                   k_budget=extra.get("k_budget", "raise"), calib_batches=max(4, args.grad_batches),
+                   grad_batches=args.grad_batches, batch_size=4, seq_len=args.seq_len,
+                   heal=extra.get("heal", "none"), seed=seed)
+    res = _reuse_pruned(job) or run_prune_job(job, loaded=teacher)
+    pruned, removed = res.pruned, res.plan.removed
+    pruned_ppl = _perplexity(pruned, test)
+    if args.lm_steps == 0:  # training-free only: the after-KD fields repeat the pruned figure
+        row = {"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": pruned_ppl,
+               "base_ppl": base_s, "steps": 0, "wall_s": time.perf_counter() - t0}
+        _save_row(args.workdir, settings, row)
+        print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  (no KD, "
+              f"{row['wall_s']:.0f} s)", flush=True)
+        return row
+    cfg = FinetuneConfig(minutes=None if args.lm_steps else args.minutes, steps=args.lm_steps, batch_size=4,
+                         lr=args.lm_lr, optimizer="adamw", weight_decay=0.0,
+                         alpha=0.9, temperature=2.0, seed=seed, progress=sys.stderr.isatty(),
+                         eval_before=False, eval_test=False,  # held-out perplexity is measured here, once
+                         # one val point (the end of a budget shorter than an epoch), so selection
+                         # is trivial: a small val slice keeps the pass short without changing the result
+                         val_samples=args.eval_blocks, device=args.device, train_last=args.train_last)
+    ft = finetune(pruned, teacher.model, teacher.adapter, text, cfg)
+    teacher.model.cpu()
+    ppl = _perplexity(ft.model.cpu(), test)
+    row = {"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
+           "base_ppl": base_s, "steps": ft.steps, "ft_device": _device_name(args.device), "wall_s": time.perf_counter() - t0}
+    _save_row(args.workdir, settings, row)
+    print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  "
+          f"({ft.steps} steps, {row['wall_s']:.0f} s)", flush=True)
+    return row
 
 
 def _finish(workdir: str, model: str, rows: list[dict], base: float, key: str, label: str,
@@ -293,7 +290,7 @@ def _grid(args) -> list[tuple[int, str]]:
     return [(seed, m) for seed in args.seeds for m in args.methods]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", choices=[*VISION, "smollm2"])
     ap.add_argument("--keep", type=int, default=None)
@@ -335,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where the KD fine-tunes run (auto: a CUDA GPU when there is one); the layer analysis, "
                          "healing and evaluation run on the CPU")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _prepare(args) -> None:
+    """Devices, threads, the method list (sglp last) and the seeds, checked and set on ``args``."""
     if args.device == "cuda":
         import torch
 
@@ -360,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.steps is not None and args.steps < 0:
         raise SystemExit("error: --steps must be >= 0 (0: no fine-tune)")
-    from sglp_edge.sglp.importance import resolve_protocol
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    _prepare(args)
     args.protocol = resolve_protocol(args.protocol, "image" if args.model in VISION else "tokens")
     if args.model in VISION:
         args.keep = args.keep or VISION[args.model][2]
@@ -369,8 +373,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args.keep = args.keep or 22
         if args.lm_lr is None:
-            from sglp_edge.tasks.causal_lm import CausalLM
-
             args.lm_lr = CausalLM.defaults["finetune"]["lr"]
         run_smollm2(args)
     return 0

@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
+
+from sglp_edge.models.registry import load_model
 
 
 def _reuse_pruned(job, teacher_source: str | None = None):
@@ -15,8 +18,6 @@ def _reuse_pruned(job, teacher_source: str | None = None):
     written atomically), as a stand-in for the prune job's result; None when there is none or its
     plan was made with other settings. Pruning does not depend on the fine-tune budget, so a row
     with another budget reuses the analysis (the expensive part for SLEB and the SGLP searches)."""
-    from types import SimpleNamespace
-
     plan_file = job.out / "plan.json"
     if not plan_file.is_file() or not (job.out / "model").is_dir():
         return None
@@ -32,8 +33,6 @@ def _reuse_pruned(job, teacher_source: str | None = None):
         return None
     if plan.get("model_source") not in (job.model, teacher_source):
         return None
-    from sglp_edge.models.registry import load_model
-
     print(f"  {job.method}: reusing the pruned model in {job.out} (same prune settings)", flush=True)
     return SimpleNamespace(pruned=load_model(str(job.out / "model")).model, plan=SimpleNamespace(**{
         k: plan.get(k) for k in ("removed", "macs_reduction", "params_reduction", "evaluations", "heal", "k")}))
