@@ -23,13 +23,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.board.harness import MeasureConfig, measure  # noqa: E402
+from benchmarks.board.runner_base import random_feeds  # noqa: E402
+from benchmarks.board.runners import open_runner  # noqa: E402
+from benchmarks.experiments.paired import MeasuringFault, paired_ratio  # noqa: E402
+from exporters.compile import compile_model  # noqa: E402
+
 
 def _prepare(tmp: Path, keep: int) -> tuple[Path, Path, float, str]:
     import torch
 
+    # heavy: these import torch; only this path (no --run: prune and export here) needs it
     from sglp_edge.export.onnx_export import export_onnx
-    from sglp_edge.models.registry import DEFAULT_MODEL, load_model
-    from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job
+    from sglp_edge.models.registry import DEFAULT_MODEL, load_model  # heavy: torch, as above
+    from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job  # heavy: torch, as above
 
     if (DEFAULT_MODEL / "sglp_model.json").is_file():
         loaded, which = load_model("default"), "trained default"
@@ -55,10 +62,6 @@ class _Timer:
     """One artifact's runner, opened once and warmed up; each call times one pass (p50 in ms)."""
 
     def __init__(self, backend: str, path: Path, threads: int, pass_s: float):
-        from benchmarks.board.harness import MeasureConfig
-        from benchmarks.board.runner_base import random_feeds
-        from benchmarks.board.runners import open_runner
-
         self.r = open_runner(backend, path, threads=threads, precision="fp32", input_shapes={"input": [1, 3, 32, 32]})
         self.r.set_batch(1)
         self.fn = self.r.bind(random_feeds(self.r.inputs))
@@ -66,13 +69,9 @@ class _Timer:
         self.warm = MeasureConfig(warmup_s=1.0, min_iters=20, min_duration_s=0.5)
 
     def warm_up(self) -> None:
-        from benchmarks.board.harness import measure
-
         measure(self.fn, self.warm, sync=self.r.sync)
 
     def __call__(self) -> float:
-        from benchmarks.board.harness import measure
-
         return float(measure(self.fn, self.cfg, sync=self.r.sync).stats()["p50_ms"])
 
     def close(self) -> None:
@@ -83,8 +82,6 @@ class _Timer:
 
 def _speedup(backend: str, orig: Path, pruned: Path, macs_ratio: float, args: argparse.Namespace) -> dict:
     """Original / pruned p50 in alternating passes (benchmarks/experiments/paired.py), never above the MACs ratio."""
-    from benchmarks.experiments.paired import paired_ratio
-
     a = _Timer(backend, orig, args.threads, args.pass_s)
     b = _Timer(backend, pruned, args.threads, args.pass_s)
     try:
@@ -109,9 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import openvino as ov
-
-    from benchmarks.experiments.paired import MeasuringFault
-    from exporters.compile import compile_model
 
     with tempfile.TemporaryDirectory(prefix="sglp-speedup-") as t:
         tmp = Path(t)
