@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,14 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.board.calib import save_npz  # noqa: E402
+from benchmarks.board.errors import UserError  # noqa: E402
+from exporters.compile import compile_model  # noqa: E402
+from sglp_edge.profiles.load import load_profile  # noqa: E402
+from sglp_edge.targets import arm64_env  # noqa: E402
+from sglp_edge.targets.base import BenchJob  # noqa: E402
+from sglp_edge.targets.emulated import EmulatedArmTarget  # noqa: E402
 
 MAX_ABS, AGREE = 1e-4, 0.999
 PROFILES = {"ort": "raspberry-pi-5", "openvino": "arm64-cpu-openvino"}
@@ -39,10 +48,10 @@ def make_artifacts(work: Path, keep: int, samples: int, seed: int) -> tuple[Path
     import numpy as np
     import torch
 
-    from benchmarks.board.calib import save_npz
+    # heavy: these import torch; only this path (no --run: prune here) needs it
     from sglp_edge.data.datasets import get_dataset
-    from sglp_edge.export.onnx_export import export_onnx
-    from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job
+    from sglp_edge.export.onnx_export import export_onnx  # heavy: torch, as above
+    from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job  # heavy: torch, as above
 
     onnx_path, eval_path = work / "pruned.onnx", work / "eval.npz"
     if onnx_path.is_file() and eval_path.is_file():
@@ -89,12 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
 
-    from benchmarks.board.errors import UserError
-    from sglp_edge.profiles.load import load_profile
-    from sglp_edge.targets import arm64_env
-    from sglp_edge.targets.base import BenchJob
-    from sglp_edge.targets.emulated import EmulatedArmTarget
-
     tmp = None
     if a.workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="arm_emulated.")
@@ -105,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         if a.cache:
-            import os
-
             os.environ["SGLP_EDGE_ARM64_CACHE"] = str(a.cache)
         setup = arm64_env.ensure(("onnxruntime", "openvino"), progress=lambda m: print(m, file=sys.stderr))
         setup_s = time.perf_counter() - t0
@@ -114,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
               f"set-up {setup_s:.1f} s", file=sys.stderr)
         onnx_path, eval_path = from_run(a.run, work, a.samples) if a.run else make_artifacts(work, a.keep, a.samples,
                                                                                               a.seed)
-        from exporters.compile import compile_model
-
         ov_dir = work / "openvino-fp32"
         if not (ov_dir / "model.xml").is_file():
             compile_model(onnx_path, "openvino", "fp32", ov_dir, progress=False)
