@@ -37,6 +37,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
+from benchmarks.board.atomic import atomic_write_json  # noqa: E402
+from benchmarks.board.harness import MeasureConfig, measure  # noqa: E402
+from benchmarks.board.runner_base import random_feeds  # noqa: E402
+from benchmarks.board.runner_openvino import OpenVINORunner  # noqa: E402
+from benchmarks.experiments.paired import alternating  # noqa: E402
+
 _MEDIAN = re.compile(r"Median:\s*([0-9.]+)\s*ms")
 
 
@@ -44,7 +50,7 @@ def build_resnet56_ir(dest: Path) -> Path:
     import openvino as ov
     import torch
 
-    from sglp_edge.models.cifar_resnet import cifar_resnet
+    from sglp_edge.models.cifar_resnet import cifar_resnet  # heavy: imports torch; this module imports without it
 
     torch.manual_seed(0)
     model = cifar_resnet(56).eval()
@@ -57,10 +63,6 @@ def build_resnet56_ir(dest: Path) -> Path:
 
 
 def run_ours(xml: Path, threads: int, duration: float, warmup: float) -> dict:
-    from benchmarks.board.harness import MeasureConfig, measure
-    from benchmarks.board.runner_base import random_feeds
-    from benchmarks.board.runner_openvino import OpenVINORunner
-
     with OpenVINORunner(xml, threads=threads, streams=1, precision="fp32", hint=None,
                         extra_config={"PERF_COUNT": "NO"}) as r:
         fn = r.bind(random_feeds(r.inputs))
@@ -101,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(exe).exists():
         print("error: benchmark_app not found: pip install openvino (it ships the benchmark_app script)", file=sys.stderr)
         return 2
-    from benchmarks.experiments.paired import alternating
-
     passes: list = []
 
     def timed(which: str) -> float:
@@ -117,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
                         label="ours / benchmark_app ")
     ours_p50, bapp_p50, ratio = r["a"], r["b"], r["ratio"]
     if args.json:
-        from benchmarks.board.atomic import atomic_write_json
-
         atomic_write_json(args.json, {"passes": passes, "loadavg": r["loadavg"], "rounds_ratio": r["rounds_ratio"],
                                       "ours_p50_ms": ours_p50, "benchmark_app_p50_ms": bapp_p50, "ratio": ratio,
                                       "spread": r["spread"], "threads": args.threads, "duration_s": args.duration})
