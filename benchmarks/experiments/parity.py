@@ -36,7 +36,11 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.board.atomic import atomic_write_json  # noqa: E402
+from benchmarks.board.calib import save_npz  # noqa: E402
 from benchmarks.board.errors import UserError  # noqa: E402
+from exporters.compile import compile_model  # noqa: E402
+
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
@@ -47,7 +51,7 @@ def _resnet56(args: argparse.Namespace) -> tuple[Any, str]:
 
     if args.checkpoint or not args.random_init:
         try:
-            from sglp_edge.models.registry import DEFAULT_MODEL, load_model
+            from sglp_edge.models.registry import DEFAULT_MODEL, load_model  # heavy: torch; imports without it
         except ImportError:
             load_model, DEFAULT_MODEL = None, None
         if args.checkpoint:
@@ -88,8 +92,6 @@ def _torch_logits(model: Any, x: np.ndarray, batch: int = 200) -> np.ndarray:
 
 def _compile_all(onnx_path: Path, out: Path, calib_npz: Path, eval_npz: Path, calib_n: int,
                  targets: list[tuple[str, str]]) -> dict[str, Any]:
-    from exporters.compile import compile_model
-
     res = {}
     for backend, prec in targets:
         t = time.perf_counter()
@@ -106,10 +108,9 @@ def _compile_all(onnx_path: Path, out: Path, calib_npz: Path, eval_npz: Path, ca
 
 
 def run_resnet56(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    from benchmarks.board.calib import save_npz
     # heavy: these import torch; this script imports without it
     from sglp_edge.data.images import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
-    from sglp_edge.export.onnx_export import export_onnx
+    from sglp_edge.export.onnx_export import export_onnx  # heavy: torch, as above
 
     model, desc = _resnet56(args)
     _say(f"model: {desc}")
@@ -154,7 +155,7 @@ def _lm_model(name: str, seed: int) -> tuple[Any, Any, str]:
         cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
         return LlamaForCausalLM(cfg).eval(), None, "random-init tiny LlamaForCausalLM (2 layers, hidden 64, vocab 256)"
-    from sglp_edge.models.registry import load_model
+    from sglp_edge.models.registry import load_model  # heavy: imports torch; this script imports without it
 
     loaded = load_model(name)
     return loaded.model.eval(), loaded.tokenizer, f"{name} ({type(loaded.model).__name__})"
@@ -169,8 +170,7 @@ def _lm_name(lm: str) -> str:
 def run_lm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import torch
 
-    from benchmarks.board.calib import save_npz
-    from sglp_edge.export.onnx_export import export_onnx
+    from sglp_edge.export.onnx_export import export_onnx  # heavy: imports torch; this script imports without it
 
     model, tok, desc = _lm_model(args.lm, args.seed)
     _say(f"model: {desc}")
@@ -187,7 +187,7 @@ def run_lm(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     elif args.lm != "tiny-llama":
         if tok is None:
             raise UserError(f"{args.lm} has no tokenizer; pass a model folder with one")
-        from sglp_edge.data.text import get_text_dataset
+        from sglp_edge.data.text import get_text_dataset  # heavy: imports torch; this script imports without it
 
         text = get_text_dataset(tok, seed=args.seed, block_size=T, max_tokens=max(200_000, 4 * (n_cal + n_ev) * T))
         xc = text.split("calibration")[:n_cal].numpy().astype(np.int64)
@@ -250,8 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out:
             shutil.rmtree(out, ignore_errors=True)
     if args.out:
-        from benchmarks.board.atomic import atomic_write_json
-
         atomic_write_json(out / "results.json", res)
         _say(f"artifacts, manifests and results.json in {out}")
     s = res["summary"]
