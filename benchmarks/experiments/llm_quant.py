@@ -24,6 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import benchmarks.board.lm_bench as lm_bench  # noqa: E402
+from exporters.lm_compile import compile_lm  # noqa: E402
+
 # (backend, precision, ONNX Runtime MatMulNBits accuracy_level: None = compile_lm's default (4, int8
 # compute), 0 = ORT's unset (fp32 compute), kept to show what the default buys)
 VARIANTS = (("onnxruntime", "fp32", None), ("onnxruntime", "int8", None), ("onnxruntime", "int8", 0),
@@ -41,9 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen", type=int, help="decode tokens per timed generation (default: the npz's gen_tokens)")
     ap.add_argument("--ppl-blocks", type=int, help="perplexity on the first N held-out blocks (default: all)")
     args = ap.parse_args(argv)
-
-    import benchmarks.board.lm_bench as lm_bench
-    from exporters.lm_compile import compile_lm
 
     data = lm_bench.load_eval_npz(str(args.export / "lm_eval.npz"))
     if args.gen:
