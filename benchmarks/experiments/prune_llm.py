@@ -17,6 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from sglp_edge.models.hf_llm import load_hf  # noqa: E402
+from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,9 +36,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from transformers import AutoModelForCausalLM
-
-    from sglp_edge.models.hf_llm import load_hf
-    from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job
 
     if args.threads:
         torch.set_num_threads(args.threads)
