@@ -35,8 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.experiments.recovery_rows import (_cached_row, _device_name, _reuse_pruned, _save_row,  # noqa: E402
-                                                  _table, headline, summarize)
+from benchmarks.experiments.recovery_rows import (cached_row, device_name, reuse_pruned, save_row,  # noqa: E402
+                                                  print_table, headline, summarize)
 from sglp_edge.data.datasets import get_dataset  # noqa: E402
 from sglp_edge.data.text import get_text_dataset  # noqa: E402
 from sglp_edge.models.hf_llm import load_hf  # noqa: E402
@@ -55,7 +55,7 @@ K_BUDGETS = ("search", "raise")
 VISION = {"resnet56": ("ResNet-56", "r56", 14), "mobilenetv2": ("MobileNetV2", "mnv2", 8)}
 
 
-def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
+def method_variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
     """(method, GradNorm protocol, removal allocation, extra cache-key settings) of a table row.
     'sglp' uses --protocol and --allocation; 'sglp-reference' / 'sglp-natural' name the protocol and
     'sglp-proportional' / 'sglp-redundancy' the allocation, so variants can share one table (the
@@ -87,13 +87,13 @@ def _variant(method: str, args, lm: bool) -> tuple[str, str, str, dict]:
     return base, protocol, allocation, extra
 
 
-def _suffix(extra: dict) -> str:
+def row_suffix(extra: dict) -> str:
     """Working-folder suffix of a non-default SGLP variant, e.g. '-redundancy-gb4'."""
     return "".join(f"-gb{v}" if k == "grad_batches" else f"-{v}" for k, v in extra.items() if k != "heal") \
         + ("-heal" if extra.get("heal") else "")
 
 
-def _key_method(method: str) -> str:
+def cache_key_method(method: str) -> str:
     """The method name in the cache key: an allocation variant is 'sglp' (its allocation is keyed
     separately), so 'sglp-proportional' finds the rows of runs made before the option existed."""
     method = method[: -len("+heal")] if method.endswith("+heal") else method  # healing is keyed separately
@@ -151,11 +151,11 @@ def run_vision(args) -> None:
           f"keep {args.keep}/{n_units}")
     rows = []
     for seed, method in _grid(args):
-        base_method, protocol, allocation, extra = _variant(method, args, lm=False)
-        settings = {"model": name, "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
+        base_method, protocol, allocation, extra = method_variant(method, args, lm=False)
+        settings = {"model": name, "method": cache_key_method(method), "protocol": args.protocol, "keep": args.keep,
                     "epochs": None if args.steps else args.epochs, "steps": args.steps, "lr": args.lr, "seed": seed,
                     **extra, **({"train_last": args.train_last} if args.train_last else {})}
-        cached = _cached_row(args.workdir, settings)
+        cached = cached_row(args.workdir, settings)
         if cached:
             cached = {**cached, "method": method, "seed": seed}
             rows.append(cached)
@@ -163,11 +163,11 @@ def run_vision(args) -> None:
                   f"MACs -{100 * cached['macs_reduction']:.1f} %  (cached result of an earlier run)", flush=True)
             continue
         t0 = time.perf_counter()
-        out = Path(args.workdir) / (f"{prefix}-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else ""))
+        out = Path(args.workdir) / (f"{prefix}-{cache_key_method(method)}{row_suffix(extra)}" + (f"-s{seed}" if seed else ""))
         job = PruneJob(model=name, out=out, keep=args.keep, method=base_method, protocol=protocol,
                        allocation=allocation, k_budget=extra.get("k_budget", "raise"),
                        grad_batches=args.grad_batches, heal=extra.get("heal", "none"), seed=seed)
-        res = _reuse_pruned(job, str(SHIPPED[name])) or run_prune_job(job, loaded=teacher)
+        res = reuse_pruned(job, str(SHIPPED[name])) or run_prune_job(job, loaded=teacher)
         pruned_acc = _accuracy(res.pruned, data)
         if args.steps == 0:  # training-free comparison: no fine-tune
             acc = pruned_acc
@@ -181,9 +181,9 @@ def run_vision(args) -> None:
         rows.append({"method": method, "seed": seed, "removed": res.plan.removed, "pruned_acc": pruned_acc, "acc": acc,
                      "macs_reduction": res.plan.macs_reduction, "params_reduction": res.plan.params_reduction,
                      "evaluations": res.plan.evaluations, "heal": res.plan.heal, "k": res.plan.k,
-                     "ft_device": _device_name(args.device) if args.steps != 0 else None,
+                     "ft_device": device_name(args.device) if args.steps != 0 else None,
                      "wall_s": time.perf_counter() - t0})
-        _save_row(args.workdir, settings, rows[-1])
+        save_row(args.workdir, settings, rows[-1])
         print(f"  {method:22s} seed {seed}  after pruning {pruned_acc:6.2f} %  after KD {acc:6.2f} %  "
               f"MACs -{100 * res.plan.macs_reduction:.1f} %  ({rows[-1]['wall_s']:.0f} s)", flush=True)
     sg, best = _finish(args.workdir, name, rows, base, "acc", "top-1 %", higher=True)
@@ -228,32 +228,32 @@ def run_smollm2(args) -> None:
 
 def _lm_row(args, teacher, seed: int, method: str, text, test, base_s: float) -> dict:
     """One SmolLM2 table row: cached, or pruned (and KD-fine-tuned unless --lm-steps 0), saved; printed."""
-    base_method, protocol, allocation, extra = _variant(method, args, lm=True)
-    settings = {"model": "smollm2", "method": _key_method(method), "protocol": args.protocol, "keep": args.keep,
+    base_method, protocol, allocation, extra = method_variant(method, args, lm=True)
+    settings = {"model": "smollm2", "method": cache_key_method(method), "protocol": args.protocol, "keep": args.keep,
                 "minutes": None if args.lm_steps is not None else args.minutes, "steps": args.lm_steps, "lr": args.lm_lr,
                 "seq_len": args.seq_len, "max_tokens": args.max_tokens,
                 "eval_blocks": args.eval_blocks, "seed": seed, **extra,
                 **({"train_last": args.train_last} if args.train_last else {})}
-    cached = _cached_row(args.workdir, settings)
+    cached = cached_row(args.workdir, settings)
     if cached:
         cached = {**cached, "method": method, "seed": seed, "base_ppl": base_s}
         print(f"  {method:22s} seed {seed}  after pruning ppl {cached['pruned_ppl']:10.2f}  after KD ppl "
               f"{cached['ppl']:8.2f}  (cached result of an earlier run)", flush=True)
         return cached
     t0 = time.perf_counter()
-    out = Path(args.workdir) / (f"smol-{_key_method(method)}{_suffix(extra)}" + (f"-s{seed}" if seed else ""))
+    out = Path(args.workdir) / (f"smol-{cache_key_method(method)}{row_suffix(extra)}" + (f"-s{seed}" if seed else ""))
     job = PruneJob(model="smollm2", out=out, data="text", keep=args.keep, method=base_method,
                    protocol=protocol, allocation=allocation,
                    k_budget=extra.get("k_budget", "raise"), calib_batches=max(4, args.grad_batches),
                    grad_batches=args.grad_batches, batch_size=4, seq_len=args.seq_len,
                    heal=extra.get("heal", "none"), seed=seed)
-    res = _reuse_pruned(job) or run_prune_job(job, loaded=teacher)
+    res = reuse_pruned(job) or run_prune_job(job, loaded=teacher)
     pruned, removed = res.pruned, res.plan.removed
     pruned_ppl = _perplexity(pruned, test)
     if args.lm_steps == 0:  # training-free only: the after-KD fields repeat the pruned figure
         row = {"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": pruned_ppl,
                "base_ppl": base_s, "steps": 0, "wall_s": time.perf_counter() - t0}
-        _save_row(args.workdir, settings, row)
+        save_row(args.workdir, settings, row)
         print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  (no KD, "
               f"{row['wall_s']:.0f} s)", flush=True)
         return row
@@ -268,8 +268,8 @@ def _lm_row(args, teacher, seed: int, method: str, text, test, base_s: float) ->
     teacher.model.cpu()
     ppl = _perplexity(ft.model.cpu(), test)
     row = {"method": method, "seed": seed, "removed": removed, "pruned_ppl": pruned_ppl, "ppl": ppl,
-           "base_ppl": base_s, "steps": ft.steps, "ft_device": _device_name(args.device), "wall_s": time.perf_counter() - t0}
-    _save_row(args.workdir, settings, row)
+           "base_ppl": base_s, "steps": ft.steps, "ft_device": device_name(args.device), "wall_s": time.perf_counter() - t0}
+    save_row(args.workdir, settings, row)
     print(f"  {method:22s} seed {seed}  after pruning ppl {pruned_ppl:10.2f}  after KD ppl {ppl:8.2f}  "
           f"({ft.steps} steps, {row['wall_s']:.0f} s)", flush=True)
     return row
@@ -279,7 +279,7 @@ def _finish(workdir: str, model: str, rows: list[dict], base: float, key: str, l
             higher: bool) -> tuple[dict, dict]:
     """Table of mean +- std per method, the JSON record, and (SGLP, best other) for the summary line."""
     stats = summarize(rows, key, f"pruned_{key}")
-    _table(stats, label, higher=higher)
+    print_table(stats, label, higher=higher)
     Path(workdir, f"recovery_{model}.json").write_text(json.dumps({f"base_{key}": base, "rows": rows, "stats": stats},
                                                                   indent=2))
     return headline(stats, higher=higher)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from sglp_edge.models.registry import load_model
 
 
-def _reuse_pruned(job, teacher_source: str | None = None):
+def reuse_pruned(job, teacher_source: str | None = None):
     """The pruned model an earlier run of the same job already wrote to ``job.out`` (prune output is
     written atomically), as a stand-in for the prune job's result; None when there is none or its
     plan was made with other settings. Pruning does not depend on the fine-tune budget, so a row
@@ -38,7 +38,7 @@ def _reuse_pruned(job, teacher_source: str | None = None):
         k: plan.get(k) for k in ("removed", "macs_reduction", "params_reduction", "evaluations", "heal", "k")}))
 
 
-def _device_name(device: str | None) -> str:
+def device_name(device: str | None) -> str:
     """What the fine-tune ran on, for the row's record (not part of the cache key: the recipe is
     the same; a GPU's kernels round differently, well inside the seed-to-seed spread)."""
     import torch
@@ -55,7 +55,7 @@ def _row_path(workdir: str, settings: dict) -> Path:
     return Path(workdir) / f"row-{settings['model']}-{settings['method']}-{key}.json"
 
 
-def _cached_row(workdir: str, settings: dict) -> dict | None:
+def cached_row(workdir: str, settings: dict) -> dict | None:
     """A finished method's row from an earlier (possibly interrupted) run with identical settings."""
     p = _row_path(workdir, settings)
     if not p.is_file():
@@ -64,7 +64,7 @@ def _cached_row(workdir: str, settings: dict) -> dict | None:
     return d["row"] if d.get("settings") == settings else None
 
 
-def _save_row(workdir: str, settings: dict, row: dict) -> None:
+def save_row(workdir: str, settings: dict, row: dict) -> None:
     p = _row_path(workdir, settings)
     tmp = p.with_suffix(".tmp")
     tmp.write_text(json.dumps({"settings": settings, "row": row}, indent=2))
@@ -106,7 +106,7 @@ def headline(stats: list[dict], higher: bool) -> tuple[dict, dict]:
     return best_sg, best
 
 
-def _table(stats: list[dict], label: str, higher: bool) -> None:
+def print_table(stats: list[dict], label: str, higher: bool) -> None:
     print(f"\n{'method':22s} {label + ' (pruned)':>26s} {label + ' (after KD)':>26s}  seeds")
     for s in sorted(stats, key=lambda s: s["mean"], reverse=higher):
         print(f"{s['method']:22s} {s['pruned']:15.2f} ± {s['pruned_std']:8.2f} {s['mean']:15.2f} ± {s['std']:8.2f}  "
