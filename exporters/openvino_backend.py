@@ -76,11 +76,6 @@ def version() -> str:
     return _ov().get_version()
 
 
-def _first_input_name(model: Any) -> str:
-    names = model.inputs[0].get_names()
-    return sorted(names)[0] if names else model.inputs[0].get_any_name()
-
-
 def runtime_precision(compiled: Any) -> dict[str, Any]:
     """What the plugin really runs: the hint it reports and per-layer-type runtime precisions."""
     out: dict[str, Any] = {}

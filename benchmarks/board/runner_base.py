@@ -71,10 +71,6 @@ def artifact_files(path: str | os.PathLike, backend: str) -> list[Path]:
     return files
 
 
-def artifact_size_bytes(path: str | os.PathLike, backend: str) -> int:
-    return sum(f.stat().st_size for f in artifact_files(path, backend))
-
-
 def random_feeds(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.ndarray]:
     """Synthetic inputs for latency runs: N(0,1) floats, zeros for integer inputs (token ids,
     masks are then all-valid ones)."""

@@ -52,13 +52,6 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     return mod
 
 
-def _parent_and_key(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    if "." in path:
-        parent_path, key = path.rsplit(".", 1)
-        return get_module(model, parent_path), key
-    return model, path
-
-
 def drop_modules(model: nn.Module, paths: Iterable[str]) -> nn.Module:
     """Remove modules in place: dropped from a parent Sequential/ModuleList (re-indexing it), or
     replaced by ``nn.Identity`` elsewhere. Paths refer to the model *before* this call."""

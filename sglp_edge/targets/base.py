@@ -12,7 +12,6 @@ where it came from.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -99,8 +98,3 @@ def held_constraints(profile: Any, metrics: dict[str, Any], emulated: bool) -> l
     return out
 
 
-def read_target(result_json: Path) -> Optional[dict[str, Any]]:
-    try:
-        return json.loads(Path(result_json).read_text()).get("target")
-    except (OSError, ValueError):
-        return None
