@@ -200,11 +200,12 @@ def test_impossible_budget_ends_with_cannot_be_met(tmp_path, cache, tiny):
     assert not (tmp_path / "run" / "finetune").exists() and not (tmp_path / "run" / "prune").exists()
 
 
-def test_lm_budgets_are_not_yet(tmp_path):
+def test_lm_keep_auto_is_a_decode_budget_on_an_lm_device(tmp_path):
+    """An LM's keep: auto is a decode budget (tests/test_decode_budget.py), searched on an LM profile."""
     from sglp_edge.pipeline.config import load_config
 
     (tmp_path / "lm.yaml").write_text(yaml.safe_dump({"model": "smollm2", "data": "text", "prune": {"keep": "auto"}}))
-    with pytest.raises(UserError, match="not yet available"):
+    with pytest.raises(UserError, match="local-cpu-ort, whose profile is for image-classification; give a causal-lm"):
         load_config(tmp_path / "lm.yaml")
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from benchmarks.board.backends import get_backend
 
+from sglp_edge.budget.decode_search import LM_TASK, decode_search_html, decode_search_report
 from sglp_edge.profiles.load import load_profile
 from sglp_edge.targets.factory import make_target
 
@@ -27,8 +28,13 @@ def prune_settings(cfg: Any, bench: dict[str, Any], log: Any) -> tuple[dict[str,
             f"({', '.join(b.device for b in boards[1:])}) get the same model and are checked against their own "
             "constraints (one model for the tightest of several budgets, or --per-device, is not yet available)")
     more = dict(device=dev, bench=bench, export_opset=cfg.export.opset, export_simplify=cfg.export.simplify, log=log)
-    return more, {"budget_device": load_profile(dev).model_dump(mode="json"), "bench": bench,
-                  "export": cfg.export.model_dump()}
+    extra = {"budget_device": load_profile(dev).model_dump(mode="json"), "bench": bench,
+             "export": cfg.export.model_dump()}
+    if cfg.task == LM_TASK:  # a decode budget (sglp_edge.budget.decode_search), timed at the run's eval lengths
+        lengths = dict(lm_prompt_tokens=cfg.eval.prompt_tokens, lm_gen_tokens=cfg.eval.gen_tokens)
+        more.update(budget_kind="decode", **lengths)
+        extra["decode_lengths"] = lengths
+    return more, extra
 
 
 #: alternating passes of the final check (original and pruned artifacts of the budget device)
@@ -44,6 +50,8 @@ def verify_final(run_dir: Path, search: dict[str, Any], bench: dict[str, Any], *
     what the verdict uses. None when the artifacts are not there."""
     from sglp_edge.budget.latency_model import time_artifacts  # heavy: torch; pipeline.run imports this module
 
+    if search.get("kind") == "decode":  # the run's bench times original and pruned; no extra passes
+        return None
     prof = load_profile(search["device"])
     d = Path(run_dir) / f"compile-{prof.backend}-{prof.precision}"
     arts = {w: d / w / get_backend(prof.backend).artifact for w in ("original", "pruned")}
@@ -67,6 +75,8 @@ def search_report(plan_json: Path, report: dict[str, Any], verification: dict[st
     search = dict(json.loads(Path(plan_json).read_text()).get("search") or {})
     if not search:
         return {}
+    if search.get("kind") == "decode":
+        return decode_search_report(search, report)
     for t in report.get("targets", []):
         if t.get("device") != search.get("device"):
             continue
@@ -105,6 +115,9 @@ def search_report(plan_json: Path, report: dict[str, Any], verification: dict[st
 
 def search_html(search: dict[str, Any]) -> dict[str, str]:
     """The search as a report.html section: budget, latency model, every candidate, the choice."""
+    if search.get("kind") == "decode":
+        return decode_search_html(search)
+
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 

@@ -25,11 +25,14 @@ def _resolve_config(config: Path) -> Path:
 
 
 def _overrides(device: Optional[List[str]], latency_budget: Optional[float], latency_margin: Optional[float],
-               trust_builder: bool, trust_remote_code: bool) -> dict[str, Any]:
+               trust_builder: bool, trust_remote_code: bool, decode_budget: Optional[float] = None,
+               ttft_budget: Optional[float] = None) -> dict[str, Any]:
     """The command line's settings as config overrides (dotted keys)."""
     overrides: dict[str, Any] = {"devices": list(device)} if device else {}
-    if latency_budget is not None:
-        overrides.update({"prune.keep": "auto", "prune.target_macs": None, "prune.latency_budget_ms": latency_budget})
+    for key, v in (("latency_budget_ms", latency_budget), ("decode_budget_tps", decode_budget),
+                   ("ttft_budget_ms", ttft_budget)):
+        if v is not None:
+            overrides.update({"prune.keep": "auto", "prune.target_macs": None, f"prune.{key}": v})
     if latency_margin is not None:
         overrides["prune.latency_margin"] = latency_margin
     overrides.update({k: True for k, v in (("trust_builder", trust_builder),
@@ -93,6 +96,12 @@ def register(app: typer.Typer) -> None:
                                      "latency recorded as emulated, never held"),
         latency_budget: Optional[float] = typer.Option(None, "--latency-budget", help="p90 latency budget in ms on the "
                                                        "first device: sets prune.keep auto (the fewest removals meeting it)"),
+        decode_budget: Optional[float] = typer.Option(None, "--decode-budget", help="causal LMs: decode tokens/s to "
+                                                      "reach on the first device: sets prune.keep auto (the most "
+                                                      "layers predicted to meet it)"),
+        ttft_budget: Optional[float] = typer.Option(None, "--ttft-budget", help="causal LMs: time to first token in "
+                                                    "ms on the first device (eval.prompt_tokens prompt): sets "
+                                                    "prune.keep auto"),
         latency_margin: Optional[float] = typer.Option(None, "--latency-margin", help="fraction of the budget kept in "
                                                        "reserve for the prediction (default 0.05)"),
         trust_builder: bool = trust_builder_option(),
@@ -109,7 +118,8 @@ def register(app: typer.Typer) -> None:
         check_threads("--threads", threads)
         check_host("--host", host)
         config = _resolve_config(config)
-        overrides = _overrides(device, latency_budget, latency_margin, trust_builder, trust_remote_code)
+        overrides = _overrides(device, latency_budget, latency_margin, trust_builder, trust_remote_code,
+                               decode_budget, ttft_budget)
         cfg = load_config(config, overrides or None)
         _apply_board_flags(cfg, host, emulate)
         import torch  # heavy

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from benchmarks.board.errors import UserError
+from sglp_edge.budget.decode_search import check_auto_config
 from sglp_edge.profiles.schema import BenchOverrides
 from sglp_edge.tasks import get_task, infer_task
 from sglp_edge.validate import check_file, check_host, check_path, check_threads, field_check
@@ -32,6 +33,10 @@ class PruneSection(_Strict):
     latency_budget_ms: Optional[float] = Field(None, gt=0)
     latency_margin: float = Field(0.05, ge=0, lt=0.9)
     latency_rounds: int = Field(3, ge=1, le=10)
+    # keep: auto for a causal LM (sglp_edge.budget.decode_search) -- decode tokens/s and/or TTFT on the
+    # first device (default: its profile's decode_tokens_per_s / ttft_ms limits); margin and rounds as above
+    decode_budget_tps: Optional[float] = Field(None, gt=0)
+    ttft_budget_ms: Optional[float] = Field(None, gt=0)
     target_macs: Optional[float] = Field(None, gt=0, lt=1)
     method: Literal["sglp", "random", "drop_last", "block_influence", "angular", "sleb"] = "sglp"
     k: Optional[int] = Field(None, ge=1)
@@ -54,10 +59,11 @@ class PruneSection(_Strict):
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneSection":
-        if self.latency_budget_ms is not None and self.keep is None and self.target_macs is None:
+        budgets = [k for k in ("latency_budget_ms", "decode_budget_tps", "ttft_budget_ms") if getattr(self, k) is not None]
+        if budgets and self.keep is None and self.target_macs is None:
             self.keep = "auto"
-        if self.latency_budget_ms is not None and self.keep != "auto":
-            raise ValueError("prune.latency_budget_ms goes with prune.keep: auto (not a fixed keep or target_macs)")
+        if budgets and self.keep != "auto":
+            raise ValueError(f"prune.{budgets[0]} goes with prune.keep: auto (not a fixed keep or target_macs)")
         if (self.keep is None) == (self.target_macs is None):
             raise ValueError("give exactly one of prune.keep or prune.target_macs")
         return self
@@ -160,9 +166,8 @@ def apply_task_defaults(cfg: RunConfig) -> RunConfig:
         for k, v in values.items():
             if getattr(sec, k) is None:
                 setattr(sec, k, v)
-    if cfg.prune.keep == "auto" and task.name != "image-classification":
-        raise UserError(f"prune.keep: auto (a latency budget) is not yet available for the {task.name} task "
-                        "(decode tokens/s and TTFT budgets come with the LM deploy path); give prune.keep N")
+    if cfg.prune.keep == "auto":  # the budget that fits the task (a p90 for images, decode for causal LMs)
+        check_auto_config(task.name, cfg.prune, cfg.boards()[0].device)
     task.check_config(cfg)
     return cfg
 

@@ -18,6 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from benchmarks.board.atomic import atomic_dir, check_out_dir
 from benchmarks.board.errors import UserError
 from sglp_edge import api
+from sglp_edge.budget.decode_measure import make_decode_search
+from sglp_edge.budget.decode_search import DecodeSearch, check_budget_modality, check_decode_job
 from sglp_edge.budget.search import budget_from_profile, check_budget_settings, make_search
 from sglp_edge.data import datasets
 from sglp_edge.data.text import get_text_dataset
@@ -75,13 +77,20 @@ class PruneJob:
     latency_margin: float = 0.05
     latency_rounds: int = 3
     bench: Optional[dict] = None  # bench setting overrides for the measured rounds
+    # keep: "auto" for a causal LM (sglp_edge.budget.decode_search): decode tokens/s and/or TTFT (default:
+    # the profile's limits), timed at the run's prompt and generation lengths
+    budget_kind: str = "latency"  # "latency" (a p90, images) | "decode" (implied by either decode budget)
+    decode_budget_tps: Optional[float] = None
+    ttft_budget_ms: Optional[float] = None
+    lm_prompt_tokens: int = 128
+    lm_gen_tokens: int = 128
     export_opset: Optional[int] = None
     export_simplify: str = "onnxslim"
     log: Optional[Callable[[str], None]] = None
 
     def validate(self) -> None:
         """Cheap checks of every setting, before the model or the data are touched."""
-        if self.keep == "auto" or self.latency_budget_ms is not None:
+        if self.keep == "auto" or self.latency_budget_ms is not None or self.is_decode_budget():
             self._validate_auto()
         elif self.keep is None and self.target_macs is None:
             raise UserError("say how much to prune: --keep N (units to keep), --target-macs R (fraction of MACs to "
@@ -124,7 +133,14 @@ class PruneJob:
         if self.method != "sglp":
             raise UserError(f"a latency budget (keep: auto) searches with SGLP; --method {self.method} takes --keep N")
         check_budget_settings(self.latency_margin, self.latency_rounds)
-        budget_from_profile(load_profile(self.device or "local-cpu-ort"), self.latency_budget_ms)
+        if self.is_decode_budget():
+            check_decode_job(load_profile(self.device or "local-cpu-ort-lm"), self.latency_budget_ms,
+                             self.decode_budget_tps, self.ttft_budget_ms)
+        else:
+            budget_from_profile(load_profile(self.device or "local-cpu-ort"), self.latency_budget_ms)
+
+    def is_decode_budget(self) -> bool:
+        return self.budget_kind == "decode" or self.decode_budget_tps is not None or self.ttft_budget_ms is not None
 
 
 @dataclass
@@ -284,15 +300,22 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
                 target=_target_name(loaded.adapter, target), allow_degenerate=job.allow_degenerate)
     search = None
     if job.keep == "auto":
-        if adapter.modality != "image":
-            raise UserError("keep: auto (a latency budget) is not yet available for LMs and encoders (decode tokens/s "
-                            "and TTFT budgets come with the LM deploy path); give --keep N")
+        check_budget_modality(job.is_decode_budget(), adapter.modality, job.model)
         work = Path(tempfile.mkdtemp(prefix="sglp-latency-"))
         try:
-            search = make_search(loaded, cka_b, device=job.device, budget_ms=job.latency_budget_ms,
-                                 margin=job.latency_margin, rounds=job.latency_rounds, work=work, opset=job.export_opset,
-                                 simplify=job.export_simplify, bench=job.bench, seed=job.seed, log=job.log or print)
-            opts.update(keep=None, unit_costs=search.lm.unit_costs_ms, removal_search=search)
+            if job.is_decode_budget():  # the most layers predicted to meet it; SGLP picks which
+                search = make_decode_search(loaded, device=job.device, tokens_per_s=job.decode_budget_tps,
+                                            ttft_ms=job.ttft_budget_ms, margin=job.latency_margin,
+                                            rounds=job.latency_rounds, work=work, prompt_tokens=job.lm_prompt_tokens,
+                                            gen_tokens=job.lm_gen_tokens, opset=job.export_opset, bench=job.bench,
+                                            seed=job.seed, log=job.log or print)
+                opts.update(keep=None, removal_search=search)
+            else:
+                search = make_search(loaded, cka_b, device=job.device, budget_ms=job.latency_budget_ms,
+                                     margin=job.latency_margin, rounds=job.latency_rounds, work=work,
+                                     opset=job.export_opset, simplify=job.export_simplify, bench=job.bench,
+                                     seed=job.seed, log=job.log or print)
+                opts.update(keep=None, unit_costs=search.lm.unit_costs_ms, removal_search=search)
             return _finish(job, loaded, cka_b, grad_b, opts, show_progress, t0, search)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -336,7 +359,9 @@ def _finish(job: PruneJob, loaded: Any, cka_b: list, grad_b: list, opts: dict, s
                             extra={"pruned_from": str(job.model), "method": plan.method})
         if search is not None:
             plan_d["config"]["keep"] = "auto"
-            (tmp / "latency_model.json").write_text(json.dumps(search.lm.to_dict(), indent=2) + "\n")
+            name, model_d = (("decode_model.json", search.dm.to_dict()) if isinstance(search, DecodeSearch)
+                             else ("latency_model.json", search.lm.to_dict()))
+            (tmp / name).write_text(json.dumps(model_d, indent=2) + "\n")
         (tmp / "plan.json").write_text(json.dumps(plan_d, indent=2) + "\n")
         if plan.cka is not None:
             (tmp / "cka_heatmap.png").write_bytes(cka_heatmap_png(plan_d))

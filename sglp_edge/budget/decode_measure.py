@@ -1,0 +1,214 @@
+"""The decode model of a causal LM measured on the budget device (:mod:`sglp_edge.budget.decode_model`).
+
+The model is cut to a few depths (all layers, ~2/3, ~1/3: the last layers dropped; only the timing
+matters, not the quality), each cut is built into the device's real artifact by the same route as
+the run's compile stage (:mod:`sglp_edge.tasks.lm_routes`: the ONNX graph through
+:func:`exporters.lm_compile.compile_lm`, the stateful OpenVINO IR, or onnxruntime-genai's model
+builder) at the profile's precision, and each artifact is timed through the device's
+:class:`~sglp_edge.targets.base.Target` by the board's LM benchmark (benchmarks/board/lm_bench.py:
+a prompt of ``eval.prompt_tokens`` random ids, then ``eval.gen_tokens`` greedy tokens; the median
+of its generations) in alternating rounds (a shuffled order each round, so drift and load spread
+over every depth alike). Per depth the median over rounds of the time per token and of the TTFT;
+two lines are fitted through them.
+
+The result is cached as JSON under ``~/.cache/sglp-edge/latency/`` (``SGLP_EDGE_CACHE`` moves it),
+keyed by the model's weights, the profile, backend, precision, threads, the runtime's version,
+where it ran, the prompt and generation lengths and the bench settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from benchmarks.board.atomic import atomic_write_json
+from benchmarks.board.backends import get_backend
+from benchmarks.board.errors import UserError
+from benchmarks.board.lm_bench import write_eval_npz
+from exporters.lm_compile import compile_lm
+from sglp_edge.budget.decode_model import METHOD_VERSION, DecodeModel, fit_points, timing_depths
+from sglp_edge.budget.decode_search import DecodeSearch, check_decode_job
+from sglp_edge.budget.latency_model import cache_dir, runtime_version, weights_hash
+from sglp_edge.budget.search import check_budget_settings
+from sglp_edge.export.lm import export_causal_lm
+from sglp_edge.export.lm_genai import export_model_genai
+from sglp_edge.export.lm_openvino import export_causal_lm_openvino, stateful_unsupported
+from sglp_edge.profiles.load import load_profile
+from sglp_edge.targets.base import BenchJob
+from sglp_edge.targets.factory import make_target
+
+
+# ---- keys and cache ---------------------------------------------------------------------------
+def decode_cache_key(model: torch.nn.Module, profile: Any, where: str, *, prompt_tokens: int, gen_tokens: int,
+                     depths: list[int], rounds: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    be = get_backend(profile.backend)
+    prof = json.dumps(profile.model_dump(mode="json"), sort_keys=True)
+    return {"weights": weights_hash(model), "profile": profile.name,
+            "profile_sha": hashlib.sha256(prof.encode()).hexdigest()[:12], "backend": profile.backend,
+            "precision": profile.precision, "threads": profile.threads,
+            "runtime": f"{be.runtime_dist}=={runtime_version(be.runtime_dist)}", "where": where,
+            "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "depths": depths, "rounds": rounds,
+            "bench": dict(sorted(overrides.items())), "method": METHOD_VERSION}
+
+
+def _cache_file(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / f"decode-{key['profile']}-{digest}.json"
+
+
+def load_cached_decode(key: dict[str, Any]) -> Optional[DecodeModel]:
+    try:
+        d = json.loads(_cache_file(key).read_text())
+    except (OSError, ValueError):
+        return None
+    if d.get("key") != key:
+        return None
+    dm = DecodeModel.from_dict(d)
+    dm.cached = True
+    return dm
+
+
+def save_cached_decode(dm: DecodeModel) -> Path:
+    f = _cache_file(dm.key)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(f, {**dm.to_dict(), "cached": False})
+    return f
+
+
+# ---- building and timing ------------------------------------------------------------------------
+def cut_to(model: torch.nn.Module, adapter: Any, layers: int) -> torch.nn.Module:
+    """``model`` with its last decoder layers dropped down to ``layers`` (a copy; timing only)."""
+    units = adapter.units(model)
+    return model if layers >= len(units) else adapter.remove(model, [u.name for u in units[layers:]])
+
+
+def build_lm_artifact(model: torch.nn.Module, tokenizer: Any, profile: Any, out: Path, *, prompt_tokens: int,
+                      gen_tokens: int, opset: Optional[int] = None) -> Path:
+    """The device's artifact of ``model`` at the profile's precision, by the backend's LM route
+    (as the run's compile stage builds it); returns what the LM benchmark runs (a file or a folder)."""
+    be = get_backend(profile.backend)
+    if be.builds_on == "board":
+        raise UserError(f"{profile.name}: a decode budget needs the {profile.backend} artifact timed on the board, "
+                        "which is built there; decode budgets are available for host-built backends (onnxruntime, "
+                        "openvino, onnxruntime-genai)")
+    out.mkdir(parents=True, exist_ok=True)
+    if be.lm_route == "genai":
+        export_model_genai(model, tokenizer, out / "genai", precision=profile.precision, n_new=4)
+        return out / "genai"
+    if not be.lm_route:
+        raise UserError(f"backend {profile.backend} has no decoder-LM route; a decode budget needs one")
+    if be.lm_route == "openvino" and not stateful_unsupported(model):
+        export_causal_lm_openvino(model, out / "export")
+        src = out / "export" / "openvino_model.xml"
+    else:
+        src = Path(export_causal_lm(model, out / "export", opset=opset or 18)["path"])
+    man = compile_lm(src, profile.backend, profile.precision, out / "compiled", max_prompt=prompt_tokens,
+                     max_context=prompt_tokens + gen_tokens + 1)
+    return Path(man["artifact"])
+
+
+def timing_data(path: Path, vocab: int, *, prompt_tokens: int, gen_tokens: int, seed: int = 0) -> Path:
+    """LM eval data for timing only: a random prompt, and the smallest perplexity and greedy parts."""
+    rng = np.random.default_rng(seed)
+    write_eval_npz(str(path), bench_prompt=rng.integers(0, vocab, prompt_tokens), gen_tokens=gen_tokens,
+                   greedy_prompts=rng.integers(0, vocab, (1, 4)), greedy_reference=np.zeros((1, 2), np.int64),
+                   ppl_blocks=rng.integers(0, vocab, (1, 4)), meta={"model": "decode timing (random ids)"})
+    return path
+
+
+def time_depths(target: Any, profile: Any, artifacts: dict[int, Path], data: Path, work: Path, *, rounds: int,
+                overrides: dict[str, Any], seed: int = 0,
+                log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """Every depth's artifact benchmarked ``rounds`` times in shuffled alternating rounds; per depth
+    the medians over rounds of ms per decoded token and TTFT (and every round's figures)."""
+    rng = random.Random(seed)
+    ms: dict[int, list[float]] = {n: [] for n in artifacts}
+    ttft: dict[int, list[float]] = {n: [] for n in artifacts}
+    order = list(artifacts)
+    ov = {**overrides, "max_eval": 1}
+    for r in range(rounds):
+        rng.shuffle(order)
+        for i, n in enumerate(order):
+            run = target.bench(BenchJob(artifact=artifacts[n], data=data, profile=profile, out_dir=work / f"r{r}-L{n}",
+                                        overrides=ov, label=f"decode:L{n}"))
+            if not run.ok:
+                raise UserError(f"timing the {n}-layer cut on {target.label or profile.name} failed: {run.error} "
+                                f"(logs in {work})")
+            m = (run.result or {}).get("metrics", {})
+            ms[n].append(1000.0 / float(m["decode_tokens_per_s"]))
+            ttft[n].append(float(m["ttft_ms"]))
+            if log:
+                log(f"decode round {r + 1}/{rounds}, depth {i + 1}/{len(order)}: L={n} "
+                    f"{m['decode_tokens_per_s']:.1f} tok/s, TTFT {m['ttft_ms']:.1f} ms")
+    return [{"layers": n, "ms_per_token": float(np.median(ms[n])), "ttft_ms": float(np.median(ttft[n])),
+             "tokens_per_s": 1000.0 / float(np.median(ms[n])), "rounds_ms_per_token": ms[n], "rounds_ttft_ms": ttft[n]}
+            for n in sorted(artifacts, reverse=True)]
+
+
+def measure_decode_model(model: torch.nn.Module, adapter: Any, tokenizer: Any, profile: Any, target: Any, work: Path,
+                         *, prompt_tokens: int, gen_tokens: int, opset: Optional[int] = None, rounds: int = 3,
+                         overrides: Optional[dict[str, Any]] = None, seed: int = 0, use_cache: bool = True,
+                         log: Optional[Callable[[str], None]] = None) -> DecodeModel:
+    """The cached decode model of ``model`` on ``target``, or a fresh measurement (then cached)."""
+    ov = {k: v for k, v in (overrides or {}).items() if k not in ("max_eval", "eval_batch")}
+    n = len(adapter.units(model))
+    depths = timing_depths(n)
+    key = decode_cache_key(model, profile, getattr(target, "where", "local"), prompt_tokens=prompt_tokens,
+                           gen_tokens=gen_tokens, depths=depths, rounds=rounds, overrides=ov)
+    if use_cache:
+        hit = load_cached_decode(key)
+        if hit is not None:
+            if log:
+                log(f"decode model: cached ({_cache_file(key)})")
+            return hit
+    t0 = time.perf_counter()
+    arts = {}
+    for d in depths:
+        if log:
+            log(f"decode model: building the {d}-layer cut for {profile.name} ({profile.backend} {profile.precision})")
+        net = cut_to(model, adapter, d)
+        arts[d] = build_lm_artifact(net, tokenizer, profile, Path(work) / f"L{d}", prompt_tokens=prompt_tokens,
+                                    gen_tokens=gen_tokens, opset=opset)
+        del net
+    data = timing_data(Path(work) / "timing.npz", int(model.config.vocab_size), prompt_tokens=prompt_tokens,
+                       gen_tokens=gen_tokens, seed=seed)
+    points = time_depths(target, profile, arts, data, Path(work) / "bench", rounds=rounds, overrides=ov, seed=seed,
+                         log=log)
+    dm = fit_points(n, profile.precision, points, key, measure_s=time.perf_counter() - t0)
+    if use_cache:
+        save_cached_decode(dm)
+    if log:
+        log(f"decode model: {dm.decode['a_ms']:.3f} + {dm.decode['b_ms']:.4f} x layers ms/token (R^2 "
+            f"{dm.decode['r2']:.3f}), TTFT {dm.ttft['a_ms']:.2f} + {dm.ttft['b_ms']:.3f} x layers ms "
+            f"({dm.measure_s:.0f} s)")
+    return dm
+
+
+def make_decode_search(loaded: Any, *, device: Optional[str], tokens_per_s: Optional[float], ttft_ms: Optional[float],
+                       margin: float, rounds: int, work: Path, prompt_tokens: int, gen_tokens: int,
+                       opset: Optional[int] = None, bench: Optional[dict[str, Any]] = None, seed: int = 0,
+                       log: Optional[Callable[[str], None]] = None, use_cache: bool = True) -> DecodeSearch:
+    """The decode model of ``loaded`` on ``device`` (cached, else measured) and the layer count it
+    predicts for the budget; raises the one-line "cannot be met" error here, before the analysis."""
+    prof = load_profile(device or "local-cpu-ort-lm")
+    budget = check_decode_job(prof, None, tokens_per_s, ttft_ms)
+    check_budget_settings(margin, rounds)
+    target = make_target(prof)
+    if target.emulated:
+        raise UserError(f"{prof.name} runs on the emulated ARM board, whose timings are not a board's: a decode "
+                        "budget needs real timing (give a board with --host, or a local profile)")
+    dm = measure_decode_model(loaded.model, loaded.adapter, loaded.tokenizer, prof, target, Path(work),
+                              prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, opset=opset, rounds=rounds,
+                              overrides=bench, seed=seed, use_cache=use_cache, log=log)
+    s = DecodeSearch(dm, budget, prof, margin=margin, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens)
+    if log:
+        log(f"decode budget ({budget.describe()}): keep {s.chosen['layers']} of {dm.n_layers} layers, predicted "
+            f"{s.chosen['predicted_tokens_per_s']:.1f} tok/s, TTFT {s.chosen['predicted_ttft_ms']:.1f} ms")
+    return s
