@@ -10,6 +10,7 @@ import typer
 from benchmarks.board.errors import UserError
 from sglp_edge.commands._common import (guard_out_dir, guard_out_file, hold_out, trust_builder_option, trust_remote_code_option,
                       user_errors)
+from sglp_edge.export.gguf import check_gguf_type, check_source, export_gguf, find_llama_cpp
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -20,6 +21,33 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     if not dims or any(d <= 0 for d in dims):
         raise UserError(f"--input-shape {text!r} is not like 3x32x32 (channels x height x width, no batch)")
     return dims
+
+
+def _export_gguf(model: str, out: Path, *, gguf: bool, gguf_type: Optional[str], llama_cpp: Optional[Path],
+                 force: bool, others: dict) -> None:
+    """--gguf: OUT.gguf and OUT.gguf.json from a Hugging Face folder; every check before any work."""
+    gguf_type = check_gguf_type(gguf_type or "f16")
+    if not gguf:
+        raise UserError("--gguf-type applies with --gguf (sglp-edge export FOLDER --gguf --gguf-type q4_0 --out X.gguf)")
+    clash = next((k for k, v in others.items() if v), None)
+    if clash:
+        raise UserError(f"{clash} does not apply with --gguf (a saved Hugging Face folder -> one GGUF file)")
+    if out.suffix != ".gguf":
+        raise UserError(f"with --gguf, --out names the .gguf file to write (got {out}; e.g. --out model-{gguf_type}.gguf)")
+    src = check_source(model)
+    find_llama_cpp(llama_cpp, gguf_type)
+    sidecar = out.with_name(out.name + ".json")
+    for path in (out, sidecar):
+        guard_out_file(path, force=force, inputs=(src["folder"],))
+    hold_out(out, file=True, force=force, inputs=(src["folder"],))
+    meta = export_gguf(model, out, gguf_type=gguf_type, llama_cpp=llama_cpp, log=lambda s: typer.echo(s, err=True))
+    p, s = meta.get("parity_vs_pytorch", {}), meta.get("llama_simple_vs_pytorch", {})
+    typer.echo(f"wrote {out} ({meta['size_bytes'] / 1e6:.2f} MB; GGUF {gguf_type}: {meta['structure']['block_count']} "
+               f"blocks blk.0..blk.{meta['structure']['block_count'] - 1}) + {sidecar.name}")
+    typer.echo(f"greedy vs PyTorch (transformers loads the GGUF), {p['prompts']} prompts x {p['new_tokens']} tokens: "
+               f"identical={p['identical']} top1_agreement={p['top1_agreement']:.4f} "
+               f"max_abs_logits={p['max_abs_logits']:.3g}")
+    typer.echo(f"llama-simple vs PyTorch: {s['skipped'] if 'skipped' in s else 'identical=' + str(s['identical'])}")
 
 
 def _export_genai(model: str, weights: Optional[Path], net, tokenizer, out: Path, precision: str, console) -> None:
@@ -69,12 +97,24 @@ def register(app: typer.Typer) -> None:
                                    "folder (its model builder; genai_config.json + tokenizer), greedy-checked "
                                    "against transformers"),
         genai_precision: str = typer.Option("fp32", help="--genai weights: fp32 | int8 | int4 (MatMulNBits)"),
+        gguf: bool = typer.Option(False, "--gguf", help="decoder LMs: write --out as one llama.cpp GGUF file instead of "
+                                  "ONNX, from a saved Hugging Face folder (a prune's model/, a run's finetune/model); "
+                                  "checked (layers, greedy vs PyTorch, llama-simple) into OUT.json"),
+        gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="--gguf weights: f16 (default) | q8_0 | "
+                                                "q4_0 | q4_k_m (4-bit: llama-quantize)"),
+        llama_cpp: Optional[Path] = typer.Option(None, "--llama-cpp", help="llama.cpp tree for --gguf (default "
+                                                 "$SGLP_EDGE_LLAMA_CPP, else ~/.cache/sglp-edge/llama.cpp; "
+                                                 "`make llama-cpp` builds it)"),
         force: bool = typer.Option(False, "--force", help="replace an existing --out file"),
         trust_builder: bool = trust_builder_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Export a model to ONNX (dynamo exporter, legacy fallback), simplify it, and check parity
         against PyTorch with ONNX Runtime; the figures go into the file's metadata."""
+        if gguf or gguf_type is not None:
+            _export_gguf(model, out, gguf=gguf, gguf_type=gguf_type, llama_cpp=llama_cpp, force=force,
+                         others={"--weights": weights is not None, "--openvino": openvino, "--genai": genai})
+            return
         import torch
         from rich.console import Console
 
