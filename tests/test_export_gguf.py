@@ -58,13 +58,16 @@ def tiny_src(tmp_path_factory):
 
 @needs_source
 @needs_smollm2
-def test_f16_through_the_cli_is_lossless_and_renumbered(tiny_src, tmp_path):
+def test_f16_through_the_cli_is_lossless_and_renumbered(tiny_src, tmp_path, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
     src, pruned = tiny_src
     out = tmp_path / "tiny-f16.gguf"
-    r = CliRunner().invoke(app, ["export", str(src.parent), "--gguf", "--out", str(out), "--llama-cpp", str(ROOT)])
+    monkeypatch.chdir(tmp_path.parent)  # relative paths: the converter runs in another folder
+    rel = os.path.relpath(src.parent, tmp_path.parent)
+    r = CliRunner().invoke(app, ["export", rel, "--gguf", "--out", f"{tmp_path.name}/{out.name}", "--llama-cpp",
+                                 str(ROOT)])
     assert r.exit_code == 0, r.output
     assert "GGUF f16: 2 blocks blk.0..blk.1" in r.output and "identical=True" in r.output
     meta = json.loads((tmp_path / "tiny-f16.gguf.json").read_text())

@@ -127,7 +127,7 @@ def find_llama_cpp(explicit: Any, gguf_type: str) -> Path:
 
 def _convert(root: Path, folder: Path, dest: Path, outtype: str, name: str, work: Path, timeout: float) -> None:
     """``convert_hf_to_gguf.py`` in a subprocess of this Python, offline."""
-    paths = [str(root / "gguf-py")]
+    paths = [str(root.resolve() / "gguf-py")]
     if importlib.util.find_spec("sentencepiece") is None:
         # the converter imports sentencepiece before it looks for a tokenizer.model (absent here: checked):
         # a stand-in module lets it fall through to tokenizer.json
@@ -138,7 +138,7 @@ def _convert(root: Path, folder: Path, dest: Path, outtype: str, name: str, work
         paths.append(str(work / "shim"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    cmd = [sys.executable, str(root / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(dest),
+    cmd = [sys.executable, str(root.resolve() / "convert_hf_to_gguf.py"), str(folder.resolve()), "--outfile", str(dest),
            "--outtype", outtype, "--model-name", name]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=work)
@@ -282,7 +282,7 @@ def export_gguf(model: Any, out: Any, *, gguf_type: str = "f16", llama_cpp: Any 
     out = Path(out)
     outtype, qtype = GGUF_TYPES[gguf_type]
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)).resolve()
     seconds: dict[str, float] = {}
     try:
         with disk_full_as_fault(out.parent):
