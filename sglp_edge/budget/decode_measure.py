@@ -93,17 +93,13 @@ def build_lm_artifact(model: torch.nn.Module, tokenizer: Any, profile: Any, out:
                       gen_tokens: int, opset: Optional[int] = None) -> Path:
     """The device's artifact of ``model`` at the profile's precision, by the backend's LM route
     (as the run's compile stage builds it); returns what the LM benchmark runs (a file or a folder)."""
-    be = get_backend(profile.backend)
-    if be.builds_on == "board":
-        raise UserError(f"{profile.name}: a decode budget needs the {profile.backend} artifact timed on the board, "
-                        "which is built there; decode budgets are available for host-built backends (onnxruntime, "
-                        "openvino, onnxruntime-genai)")
+    be = get_backend(profile.backend)  # (a board-built backend is refused by check_decode_job)
     out.mkdir(parents=True, exist_ok=True)
     if be.lm_route == "genai":
         export_model_genai(model, tokenizer, out / "genai", precision=profile.precision, n_new=4)
         return out / "genai"
-    if not be.lm_route:
-        raise UserError(f"backend {profile.backend} has no decoder-LM route; a decode budget needs one")
+    if not be.lm_route or be.builds_on == "board":
+        raise UserError(f"backend {profile.backend} has no host-built decoder-LM route; a decode budget needs one")
     if be.lm_route == "openvino" and not stateful_unsupported(model):
         export_causal_lm_openvino(model, out / "export")
         src = out / "export" / "openvino_model.xml"

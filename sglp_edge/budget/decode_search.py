@@ -25,6 +25,7 @@ import html
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from benchmarks.board.backends import get_backend
 from benchmarks.board.errors import UserError
 from sglp_edge.budget.decode_model import DecodeModel
 from sglp_edge.profiles.load import load_profile
@@ -75,6 +76,10 @@ def check_decode_job(profile: Any, latency_budget_ms: Optional[float], tokens_pe
     if profile.task != LM_TASK:
         raise UserError(f"a decode budget is searched on the first device, {profile.name}, whose profile is for "
                         f"{profile.task}; give a causal-lm profile (e.g. --device local-cpu-genai-lm)")
+    if get_backend(profile.backend).builds_on == "board":
+        raise UserError(f"{profile.name}: a decode budget needs the {profile.backend} artifact timed on the board, "
+                        "which is built there; decode budgets are available for host-built backends (onnxruntime, "
+                        "openvino, onnxruntime-genai)")
     return decode_budget(profile, tokens_per_s, ttft_ms)
 
 
