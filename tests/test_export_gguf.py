@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from benchmarks.board.errors import UserError
 from benchmarks.board.llama_cpp import DEFAULT_ROOT, ENV
 from sglp_edge.cli import app
-from sglp_edge.export.gguf import check_source, export_gguf, read_gguf
+from sglp_edge.export.gguf import PROMPTS, check_source, export_gguf, greedy_tokens, llama_simple_parity, read_gguf
 
 ROOT = Path(os.environ.get(ENV) or DEFAULT_ROOT).expanduser()
 HOW = f"llama.cpp is not at {ROOT}: `make llama-cpp` builds it (or set ${ENV} to a llama.cpp tree)"
@@ -189,3 +189,33 @@ def test_source_checks(tmp_path):
         check_source(src)
     prune = _fake_llama(tmp_path / "prune" / "model")
     assert check_source(prune.parent)["folder"] == prune  # a prune output: its model/
+
+
+@needs_smollm2
+def test_llama_simple_comparison_with_a_stand_in(tiny_src, tmp_path):
+    """How llama-simple's output is compared (its prompt echo, then the text; BOS as the GGUF says),
+    with a stand-in binary that prints the answers given to it."""
+    import sys
+
+    from transformers import AutoTokenizer
+
+    src, pruned = tiny_src
+    tok = AutoTokenizer.from_pretrained(str(src))
+    info = {"add_bos_token": True, "bos_token_id": 1, "eos_token_id": 2, "eot_token_id": None}
+    want = {p: tok.decode(greedy_tokens(pruned, [1] + tok(p, add_special_tokens=False)["input_ids"], 8))
+            for p in PROMPTS}
+    answers, calls = tmp_path / "answers.json", tmp_path / "calls.txt"
+    exe = tmp_path / "tree" / "build" / "bin" / "llama-simple"
+    exe.parent.mkdir(parents=True)
+    exe.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + "
+                   f"'\\n')\nsys.stdout.write('<|im_start|>' + sys.argv[-1] + json.load(open({str(answers)!r}))"
+                   "[sys.argv[-1]] + '\\n')\n")
+    exe.chmod(0o755)
+    answers.write_text(json.dumps(want))
+    res = llama_simple_parity(tmp_path / "tree", pruned, tok, tmp_path / "x.gguf", info, n=8)
+    assert res["identical"] is True and res["add_bos_token"] is True, res
+    assert json.loads(calls.read_text().splitlines()[0]) == ["-m", str(tmp_path / "x.gguf"), "-n", "8", PROMPTS[0]]
+    answers.write_text(json.dumps({p: w[:3] + "X" + w[4:] for p, w in want.items()}))
+    res = llama_simple_parity(tmp_path / "tree", pruned, tok, tmp_path / "x.gguf", info, n=8)
+    assert res["identical"] is False and all(r["first_difference_char"] == 3 for r in res["per_prompt"])
+    assert "skipped" in llama_simple_parity(tmp_path, pruned, tok, tmp_path / "x.gguf", info)

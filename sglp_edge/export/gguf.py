@@ -181,7 +181,7 @@ def check_structure(info: dict[str, Any], layers: int) -> dict[str, Any]:
     return {"block_count": layers, "blocks_contiguous": True, "passed": True}
 
 
-def _greedy(model: Any, ids: list[int], n: int) -> list[int]:
+def greedy_tokens(model: Any, ids: list[int], n: int) -> list[int]:
     import torch  # heavy: torch
 
     x = torch.tensor([ids])
@@ -207,7 +207,7 @@ def greedy_parity(src_model: Any, tokenizer: Any, gguf: Path, n: int = NEW_TOKEN
     rows, agree, total, max_abs = [], 0, 0, 0.0
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
-        ref, got = _greedy(src_model, ids, n), _greedy(gg, ids, n)
+        ref, got = greedy_tokens(src_model, ids, n), greedy_tokens(gg, ids, n)
         with torch.no_grad():
             full = torch.tensor([ids + ref])
             a, b = src_model(full).logits[0, len(ids) - 1:-1], gg(full).logits[0, len(ids) - 1:-1]
@@ -235,7 +235,7 @@ def llama_simple_parity(root: Path, src_model: Any, tokenizer: Any, gguf: Path, 
     for prompt in PROMPTS:
         ids = ([info["bos_token_id"]] if info["add_bos_token"] else []) + tokenizer(
             prompt, add_special_tokens=False)["input_ids"]
-        ref = _greedy(src_model, ids, n)
+        ref = greedy_tokens(src_model, ids, n)
         stop = next((i for i, t in enumerate(ref) if t in eog), len(ref))
         want = tokenizer.decode(ref[:stop], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         try:
