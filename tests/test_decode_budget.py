@@ -71,6 +71,28 @@ def test_impossible_budgets_are_one_line():
         DecodeSearch(dm, DecodeBudget(None, 1.0, "given"), prof)
 
 
+def test_search_report_sets_the_run_bench_against_the_prediction():
+    """final_bench: the measured tokens/s against the prediction, and anchored = pruned / original x the
+    decode model's full-depth prediction (the verification's median ratio when there is one)."""
+    from sglp_edge.budget.decode_search import decode_search_html, decode_search_report
+
+    s = DecodeSearch(synthetic(), DecodeBudget(40.0, None, "given"), load_profile("local-cpu-genai-lm"), margin=0.0)
+    rec = s.record()
+    lm = {"original": {"decode_tokens_per_s": 30.0, "perplexity": 20.0},
+          "pruned": {"decode_tokens_per_s": 45.0, "ttft_ms": 80.0, "perplexity": 22.0}}
+    report = {"targets": [{"device": "local-cpu-genai-lm", "lm": lm, "constraints": []}]}
+    fb = decode_search_report(rec, report)["final_bench"]
+    assert fb["decode_tokens_per_s"] == 45.0 and fb["meets_decode_budget"] is True and fb["ratio_to_original"] == 1.5
+    assert fb["anchored_decode_tokens_per_s"] == pytest.approx(1.5 * 1000 / 31.0) and fb["verification"] is None
+    assert fb["prediction_error"] == pytest.approx(abs(s.chosen["predicted_tokens_per_s"] - 45.0) / 45.0)
+    ver = {"rounds": 5, "ratio": 1.2, "ratios": [1.2] * 5}
+    fb = decode_search_report(rec, report, ver)["final_bench"]
+    assert fb["ratio_to_original"] == 1.2 and fb["bench_pair_ratio"] == 1.5
+    assert fb["anchored_decode_tokens_per_s"] == pytest.approx(1.2 * 1000 / 31.0)
+    html = decode_search_html({**rec, "final_bench": fb})["html"]
+    assert "id='decode-search'" in html and "median of 5 alternating passes" in html
+
+
 def test_budget_comes_from_the_profile_when_not_given():
     prof = load_profile("local-cpu-genai-lm")
     b = decode_budget(prof, None, None)
@@ -169,6 +191,8 @@ def test_easy_budget_keeps_every_layer_and_reports_the_search(tiny_run):
     fb = rep["latency_search"]["final_bench"]
     assert fb["decode_tokens_per_s"] > 0 and fb["meets_decode_budget"] is True and fb["predicted_tokens_per_s"] > 0
     assert fb["anchored_decode_tokens_per_s"] > 0 and fb["ttft_ms"] > 0
+    v = fb["verification"]  # the final check: original and pruned in alternating passes
+    assert v["rounds"] == 5 and len(v["ratios"]) == 5 and fb["ratio_to_original"] == v["ratio"]
     assert "id='decode-search'" in (d / "run" / "report.html").read_text()
 
 

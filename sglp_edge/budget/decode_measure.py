@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -119,33 +120,67 @@ def timing_data(path: Path, vocab: int, *, prompt_tokens: int, gen_tokens: int, 
     return path
 
 
-def time_depths(target: Any, profile: Any, artifacts: dict[int, Path], data: Path, work: Path, *, rounds: int,
-                overrides: dict[str, Any], seed: int = 0,
-                log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
-    """Every depth's artifact benchmarked ``rounds`` times in shuffled alternating rounds; per depth
-    the medians over rounds of ms per decoded token and TTFT (and every round's figures)."""
+def time_lm_artifacts(target: Any, profile: Any, artifacts: dict[Any, Path], data: Path, work: Path, *, rounds: int,
+                      overrides: dict[str, Any], seed: int = 0,
+                      log: Optional[Callable[[str], None]] = None) -> dict[Any, dict[str, list[float]]]:
+    """Every artifact benchmarked by the LM benchmark ``rounds`` times in shuffled alternating rounds
+    (one perplexity block: timing only); per artifact every round's ms per decoded token and TTFT."""
     rng = random.Random(seed)
-    ms: dict[int, list[float]] = {n: [] for n in artifacts}
-    ttft: dict[int, list[float]] = {n: [] for n in artifacts}
+    out: dict[Any, dict[str, list[float]]] = {n: {"ms_per_token": [], "ttft_ms": []} for n in artifacts}
     order = list(artifacts)
     ov = {**overrides, "max_eval": 1}
     for r in range(rounds):
         rng.shuffle(order)
         for i, n in enumerate(order):
-            run = target.bench(BenchJob(artifact=artifacts[n], data=data, profile=profile, out_dir=work / f"r{r}-L{n}",
-                                        overrides=ov, label=f"decode:L{n}"))
+            run = target.bench(BenchJob(artifact=artifacts[n], data=data, profile=profile, out_dir=work / f"r{r}-{n}",
+                                        overrides=ov, label=f"decode:{n}"))
             if not run.ok:
-                raise UserError(f"timing the {n}-layer cut on {target.label or profile.name} failed: {run.error} "
-                                f"(logs in {work})")
+                raise UserError(f"timing {n} on {target.label or profile.name} failed: {run.error} (logs in {work})")
             m = (run.result or {}).get("metrics", {})
-            ms[n].append(1000.0 / float(m["decode_tokens_per_s"]))
-            ttft[n].append(float(m["ttft_ms"]))
+            out[n]["ms_per_token"].append(1000.0 / float(m["decode_tokens_per_s"]))
+            out[n]["ttft_ms"].append(float(m["ttft_ms"]))
             if log:
-                log(f"decode round {r + 1}/{rounds}, depth {i + 1}/{len(order)}: L={n} "
-                    f"{m['decode_tokens_per_s']:.1f} tok/s, TTFT {m['ttft_ms']:.1f} ms")
-    return [{"layers": n, "ms_per_token": float(np.median(ms[n])), "ttft_ms": float(np.median(ttft[n])),
-             "tokens_per_s": 1000.0 / float(np.median(ms[n])), "rounds_ms_per_token": ms[n], "rounds_ttft_ms": ttft[n]}
-            for n in sorted(artifacts, reverse=True)]
+                log(f"decode round {r + 1}/{rounds}, {i + 1}/{len(order)}: {n} {m['decode_tokens_per_s']:.1f} tok/s, "
+                    f"TTFT {m['ttft_ms']:.1f} ms")
+    return out
+
+
+def time_depths(target: Any, profile: Any, artifacts: dict[int, Path], data: Path, work: Path, *, rounds: int,
+                overrides: dict[str, Any], seed: int = 0,
+                log: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """Every depth's artifact timed (:func:`time_lm_artifacts`); per depth the medians over rounds
+    of ms per decoded token and TTFT, and every round's figures."""
+    t = time_lm_artifacts(target, profile, {f"L{n}": a for n, a in artifacts.items()}, data, work, rounds=rounds,
+                          overrides=overrides, seed=seed, log=log)
+    pts = []
+    for n in sorted(artifacts, reverse=True):
+        ms, ttft = t[f"L{n}"]["ms_per_token"], t[f"L{n}"]["ttft_ms"]
+        pts.append({"layers": n, "ms_per_token": float(np.median(ms)), "ttft_ms": float(np.median(ttft)),
+                    "tokens_per_s": 1000.0 / float(np.median(ms)), "rounds_ms_per_token": ms, "rounds_ttft_ms": ttft})
+    return pts
+
+
+def verify_decode(run_dir: Path, search: dict[str, Any], bench: dict[str, Any], *, rounds: int,
+                  log: Optional[Callable[[str], None]] = None) -> Optional[dict[str, Any]]:
+    """The run's compiled ``original`` and ``pruned`` LM artifacts of the budget device timed in
+    ``rounds`` alternating passes: per-pass tokens/s and ratios, the median ratio and the anchored
+    tokens/s (ratio x the decode model's full-depth prediction). None when they are not there."""
+    prof = load_profile(search["device"])
+    be = get_backend(prof.backend)
+    d = Path(run_dir) / f"compile-{prof.backend}-{prof.precision}"
+    arts = {w: d / w if be.folder_artifact else d / w / be.artifact for w in ("original", "pruned")}
+    data = Path(run_dir) / "eval_data" / "eval_pruned.npz"
+    if not all(a.exists() for a in arts.values()) or not data.is_file():
+        return None
+    ov = {k: v for k, v in bench.items() if k not in ("max_eval", "eval_batch")}
+    with tempfile.TemporaryDirectory(prefix="sglp-verify-") as tmp:
+        t = time_lm_artifacts(make_target(prof), prof, arts, data, Path(tmp), rounds=rounds, overrides=ov, log=log)
+    tps = {w: [1000.0 / v for v in t[w]["ms_per_token"]] for w in arts}
+    ratios = [p / o for p, o in zip(tps["pruned"], tps["original"])]
+    full = search.get("predicted_full_tokens_per_s")
+    ratio = float(np.median(ratios))
+    return {"rounds": rounds, "ratios": ratios, "ratio": ratio, "pruned_tokens_per_s": tps["pruned"],
+            "original_tokens_per_s": tps["original"], "anchored_decode_tokens_per_s": ratio * full if full else None}
 
 
 def measure_decode_model(model: torch.nn.Module, adapter: Any, tokenizer: Any, profile: Any, target: Any, work: Path,

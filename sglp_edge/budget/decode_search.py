@@ -193,11 +193,14 @@ def _err(pred: Any, meas: Any) -> Any:
     return abs(pred - meas) / meas if (pred is not None and meas) else None
 
 
-def decode_search_report(search: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+def decode_search_report(search: dict[str, Any], report: dict[str, Any],
+                         verification: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The plan's decode search with ``final_bench``: the run's benchmark of the fine-tuned network
     against the budget and the prediction. Beside the measured tokens/s, an anchored figure: the
-    pruned tokens/s divided by (the original's measured tokens/s / the fit's full-depth prediction),
-    i.e. at the speed the decode model was measured at (a machine that drifted moves both alike)."""
+    pruned / original tokens/s ratio x the decode model's full-depth prediction, i.e. the pruned
+    model at the speed the decode model was measured at (a machine whose speed drifted moves both
+    alike); the ratio is the median of the verification's alternating passes
+    (:func:`sglp_edge.budget.decode_measure.verify_decode`), else the bench stage's single pair."""
     search = dict(search)
     for t in report.get("targets", []):
         if t.get("device") != search.get("device"):
@@ -205,9 +208,10 @@ def decode_search_report(search: dict[str, Any], report: dict[str, Any]) -> dict
         lm = t.get("lm") or {}
         p, o = lm.get("pruned") or {}, lm.get("original") or {}
         tps, ttft, otps = p.get("decode_tokens_per_s"), p.get("ttft_ms"), o.get("decode_tokens_per_s")
-        ch = search.get("chosen") or {}
-        drift = otps / search["predicted_full_tokens_per_s"] if (otps and search.get("predicted_full_tokens_per_s")) else None
-        anch = tps / drift if (tps and drift) else None
+        ch, full = search.get("chosen") or {}, search.get("predicted_full_tokens_per_s")
+        pair = (tps / otps) if (tps and otps) else None
+        ratio = verification["ratio"] if verification else pair
+        anch = ratio * full if (ratio is not None and full) else None
         cons = {c["metric"]: c for c in t.get("constraints", [])}
         bt, bf = search.get("budget_tokens_per_s"), search.get("budget_ttft_ms")
         search["final_bench"] = {
@@ -216,16 +220,17 @@ def decode_search_report(search: dict[str, Any], report: dict[str, Any]) -> dict
             "prediction_error": _err(ch.get("predicted_tokens_per_s"), tps),
             "anchored_decode_tokens_per_s": anch, "anchored_prediction_error": _err(ch.get("predicted_tokens_per_s"), anch),
             "anchored_meets_decode_budget": (anch >= bt) if (anch is not None and bt is not None) else None,
-            "original_decode_tokens_per_s": otps, "speed_now_vs_fit": drift,
-            "ratio_to_original": (tps / otps) if (tps and otps) else None,
+            "ratio_to_original": ratio, "bench_pair_ratio": pair, "original_decode_tokens_per_s": otps,
+            "speed_now_vs_fit": (otps / full) if (otps and full) else None, "verification": verification,
             "ttft_ms": ttft, "predicted_ttft_ms": ch.get("predicted_ttft_ms"),
             "meets_ttft_budget": (ttft <= bf) if (ttft is not None and bf is not None) else None,
             "ttft_prediction_error": _err(ch.get("predicted_ttft_ms"), ttft),
             "perplexity": p.get("perplexity"), "original_perplexity": o.get("perplexity"),
             "perplexity_increase_pct": (cons.get("perplexity_increase_pct") or {}).get("measured"),
             "note": "the run's benchmark of the fine-tuned network (the profile's bench settings), after the search; "
-                    "anchored_* divide by speed_now_vs_fit (the original's measured tokens/s over the decode model's "
-                    "full-depth prediction), expressing the pruned model at the speed the model was fitted at",
+                    "anchored_* = the pruned / original tokens/s ratio (the median of the verification's alternating "
+                    "passes; the bench stage's pair without one) x the decode model's full-depth prediction: the "
+                    "pruned model at the speed the decode model was fitted at",
         }
         break
     return search
@@ -253,7 +258,9 @@ def decode_search_html(search: dict[str, Any]) -> dict[str, str]:
             f"fine-tune the run measured {f(fb.get('decode_tokens_per_s'))} tok/s (predicted "
             f"{f(fb.get('predicted_tokens_per_s'))}, error {f(fb.get('prediction_error'))}, within budget "
             f"{f(fb.get('meets_decode_budget'))}; anchored {f(fb.get('anchored_decode_tokens_per_s'))} tok/s at the "
-            f"fit's speed, the machine now x {f(fb.get('speed_now_vs_fit'))}) and TTFT {f(fb.get('ttft_ms'))} ms "
+            f"fit's speed: x {f(fb.get('ratio_to_original'))} of the original"
+            f"{', the median of %d alternating passes' % fb['verification']['rounds'] if fb.get('verification') else ''}"
+            f"; the machine now x {f(fb.get('speed_now_vs_fit'))} of the fit's speed) and TTFT {f(fb.get('ttft_ms'))} ms "
             f"(predicted {f(fb.get('predicted_ttft_ms'))}, within budget {f(fb.get('meets_ttft_budget'))}); "
             f"perplexity {f(fb.get('perplexity'))} against {f(fb.get('original_perplexity'))} unpruned.</p>"
             "<table id='decode-search'><tr><th>layers</th><th>precision</th><th>predicted tok/s</th>"

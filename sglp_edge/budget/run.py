@@ -50,8 +50,10 @@ def verify_final(run_dir: Path, search: dict[str, Any], bench: dict[str, Any], *
     what the verdict uses. None when the artifacts are not there."""
     from sglp_edge.budget.latency_model import time_artifacts  # heavy: torch; pipeline.run imports this module
 
-    if search.get("kind") == "decode":  # the run's bench times original and pruned; no extra passes
-        return None
+    if search.get("kind") == "decode":  # a causal LM: decode tokens/s in alternating passes
+        from sglp_edge.budget.decode_measure import verify_decode  # heavy: torch; pipeline.run imports this module
+
+        return verify_decode(run_dir, search, bench, rounds=rounds, log=log)
     prof = load_profile(search["device"])
     d = Path(run_dir) / f"compile-{prof.backend}-{prof.precision}"
     arts = {w: d / w / get_backend(prof.backend).artifact for w in ("original", "pruned")}
@@ -76,7 +78,7 @@ def search_report(plan_json: Path, report: dict[str, Any], verification: dict[st
     if not search:
         return {}
     if search.get("kind") == "decode":
-        return decode_search_report(search, report)
+        return decode_search_report(search, report, verification)
     for t in report.get("targets", []):
         if t.get("device") != search.get("device"):
             continue
