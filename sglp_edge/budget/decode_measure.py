@@ -111,10 +111,13 @@ def build_lm_artifact(model: torch.nn.Module, tokenizer: Any, profile: Any, out:
     return Path(man["artifact"])
 
 
-def timing_data(path: Path, vocab: int, *, prompt_tokens: int, gen_tokens: int, seed: int = 0) -> Path:
-    """LM eval data for timing only: a random prompt, and the smallest perplexity and greedy parts."""
+def timing_data(path: Path, vocab: int, *, prompt_tokens: int, gen_tokens: int, seed: int = 0,
+                prompt: Optional[np.ndarray] = None) -> Path:
+    """LM eval data for timing only: ``prompt`` (default: random ids), and the smallest perplexity
+    and greedy parts."""
     rng = np.random.default_rng(seed)
-    write_eval_npz(str(path), bench_prompt=rng.integers(0, vocab, prompt_tokens), gen_tokens=gen_tokens,
+    prompt = rng.integers(0, vocab, prompt_tokens) if prompt is None else prompt
+    write_eval_npz(str(path), bench_prompt=prompt, gen_tokens=gen_tokens,
                    greedy_prompts=rng.integers(0, vocab, (1, 4)), greedy_reference=np.zeros((1, 2), np.int64),
                    ppl_blocks=rng.integers(0, vocab, (1, 4)), meta={"model": "decode timing (random ids)"})
     return path
@@ -173,8 +176,11 @@ def verify_decode(run_dir: Path, search: dict[str, Any], bench: dict[str, Any], 
     if not all(a.exists() for a in arts.values()) or not data.is_file():
         return None
     ov = {k: v for k, v in bench.items() if k not in ("max_eval", "eval_batch")}
-    with tempfile.TemporaryDirectory(prefix="sglp-verify-") as tmp:
-        t = time_lm_artifacts(make_target(prof), prof, arts, data, Path(tmp), rounds=rounds, overrides=ov, log=log)
+    with np.load(data) as z, tempfile.TemporaryDirectory(prefix="sglp-verify-") as tmp:
+        # the run's prompt and generation length; the smallest perplexity and greedy parts (timing only)
+        timing = timing_data(Path(tmp) / "timing.npz", int(z["ppl_blocks"].max()) + 1, prompt_tokens=0,
+                             gen_tokens=int(z["gen_tokens"]), prompt=z["bench_prompt"])
+        t = time_lm_artifacts(make_target(prof), prof, arts, timing, Path(tmp), rounds=rounds, overrides=ov, log=log)
     tps = {w: [1000.0 / v for v in t[w]["ms_per_token"]] for w in arts}
     ratios = [p / o for p, o in zip(tps["pruned"], tps["original"])]
     full = search.get("predicted_full_tokens_per_s")
