@@ -156,7 +156,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, monkeypatch):
     _one_line_error(_export(str(tmp_path / "resnet"), "--gguf", "--out", str(out)), "not a decoder LM")
     _one_line_error(_export(str(tmp_path), "--gguf", "--out", str(out)), "has no config.json")
     _one_line_error(_export(str(src), "--gguf", "--gguf-type", "q3_k", "--out", str(out)), "--gguf-type must be")
-    _one_line_error(_export(str(src), "--gguf-type", "q8_0", "--out", str(out)), "applies with --gguf")
+    _one_line_error(_export(str(src), "--gguf-type", "q8_0", "--out", str(out)), "apply with --gguf")
     _one_line_error(_export(str(src), "--gguf", "--out", str(tmp_path / "o" / "x.onnx")), "names the .gguf file")
     _one_line_error(_export(str(src), "--gguf", "--genai", "--out", str(out)), "--genai does not apply")
     # absent llama.cpp: named, with how to get it, before any work
@@ -168,6 +168,14 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, monkeypatch):
     (tmp_path / "tree" / "convert_hf_to_gguf.py").write_text("")
     _one_line_error(_export(str(src), "--gguf", "--gguf-type", "q4_k_m", "--out", str(out), "--llama-cpp",
                             str(tmp_path / "tree")), "no llama-quantize")
+    text = tmp_path / "calib.txt"
+    text.write_text("some text\n")
+    tree = ("--llama-cpp", str(tmp_path / "tree"))
+    _one_line_error(_export(str(src), "--gguf", "--gguf-imatrix", str(text), "--out", str(out), *tree),
+                    "--gguf-imatrix applies to the 4-bit types (q4_0, q4_k_m), not f16")
+    _one_line_error(_export(str(src), "--gguf", "--gguf-type", "q4_0", "--gguf-imatrix", str(tmp_path / "no.txt"),
+                            "--out", str(out), *tree), "no.txt does not exist")
+    _one_line_error(_export(str(src), "--gguf-imatrix", str(text), "--out", str(out)), "apply with --gguf")
     assert not (tmp_path / "o").exists()
 
 
@@ -219,3 +227,36 @@ def test_llama_simple_comparison_with_a_stand_in(tiny_src, tmp_path):
     res = llama_simple_parity(tmp_path / "tree", pruned, tok, tmp_path / "x.gguf", info, n=8)
     assert res["identical"] is False and all(r["first_difference_char"] == 3 for r in res["per_prompt"])
     assert "skipped" in llama_simple_parity(tmp_path, pruned, tok, tmp_path / "x.gguf", info)
+
+
+@needs_source
+@needs_smollm2
+def test_4bit_and_imatrix_command_lines_with_stand_ins(tiny_src, tmp_path):
+    """The 4-bit route's plumbing (llama-imatrix on the F16 file, then llama-quantize with its matrix, then
+    the rename) with stand-in binaries that copy their input: the real ones are tested above when built."""
+    import sys
+
+    src, _ = tiny_src
+    tree, calls = tmp_path / "tree", tmp_path / "calls.txt"
+    (tree / "build" / "bin").mkdir(parents=True)
+    for name in ("convert_hf_to_gguf.py", "conversion", "gguf-py"):
+        (tree / name).symlink_to(ROOT / name)
+    log = f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv) + '\\n')\n"
+    stubs = {"llama-quantize": "a = sys.argv[3:] if sys.argv[1] == '--imatrix' else sys.argv[1:]\nshutil.copy(a[0], a[1])\n",
+             "llama-imatrix": "open(sys.argv[sys.argv.index('-o') + 1], 'w').write('matrix')\n"}
+    for name, body in stubs.items():
+        (tree / "build" / "bin" / name).write_text(f"#!{sys.executable}\nimport json, shutil, sys\n{log}{body}")
+        (tree / "build" / "bin" / name).chmod(0o755)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox.\n" * 50)
+    out = tmp_path / "o" / "tiny-q4_k_m.gguf"
+    meta = export_gguf(src, out, gguf_type="q4_k_m", llama_cpp=tree, imatrix=text, check=False, log=lambda s: None)
+    imat, quant = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert Path(imat[0]).name == "llama-imatrix" and imat[imat.index("-f") + 1] == str(text)
+    assert imat[imat.index("-c") + 1] == "128" and "--no-ppl" in imat
+    conv = imat[imat.index("-m") + 1]
+    assert Path(quant[0]).name == "llama-quantize" and quant[1:] == ["--imatrix", imat[imat.index("-o") + 1], conv,
+                                                                     str(Path(conv).parent / out.name), "Q4_K_M"]
+    assert meta["llama_cpp"]["quantize"] == "Q4_K_M" and meta["llama_cpp"]["imatrix"]["text"] == str(text)
+    assert read_gguf(out)["blocks"] == [0, 1]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["tiny-q4_k_m.gguf", "tiny-q4_k_m.gguf.json"]

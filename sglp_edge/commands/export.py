@@ -24,23 +24,24 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def _export_gguf(model: str, out: Path, *, gguf: bool, gguf_type: Optional[str], llama_cpp: Optional[Path],
-                 force: bool, others: dict) -> None:
+                 force: bool, imatrix: Optional[Path], others: dict) -> None:
     """--gguf: OUT.gguf and OUT.gguf.json from a Hugging Face folder; every check before any work."""
     gguf_type = check_gguf_type(gguf_type or "f16")
     if not gguf:
-        raise UserError("--gguf-type applies with --gguf (sglp-edge export FOLDER --gguf --gguf-type q4_0 --out X.gguf)")
+        raise UserError("--gguf-type and --gguf-imatrix apply with --gguf (sglp-edge export FOLDER --gguf --gguf-type q4_0 "
+                        "--out X.gguf)")
     clash = next((k for k, v in others.items() if v), None)
     if clash:
         raise UserError(f"{clash} does not apply with --gguf (a saved Hugging Face folder -> one GGUF file)")
     if out.suffix != ".gguf":
         raise UserError(f"with --gguf, --out names the .gguf file to write (got {out}; e.g. --out model-{gguf_type}.gguf)")
     src = check_source(model)
-    find_llama_cpp(llama_cpp, gguf_type)
+    find_llama_cpp(llama_cpp, gguf_type, imatrix)
     sidecar = out.with_name(out.name + ".json")
     for path in (out, sidecar):
         guard_out_file(path, force=force, inputs=(src["folder"],))
     hold_out(out, file=True, force=force, inputs=(src["folder"],))
-    meta = export_gguf(model, out, gguf_type=gguf_type, llama_cpp=llama_cpp, log=lambda s: typer.echo(s, err=True))
+    meta = export_gguf(model, out, gguf_type=gguf_type, llama_cpp=llama_cpp, imatrix=imatrix, log=lambda s: typer.echo(s, err=True))
     p, s = meta.get("parity_vs_pytorch", {}), meta.get("llama_simple_vs_pytorch", {})
     typer.echo(f"wrote {out} ({meta['size_bytes'] / 1e6:.2f} MB; GGUF {gguf_type}: {meta['structure']['block_count']} "
                f"blocks blk.0..blk.{meta['structure']['block_count'] - 1}) + {sidecar.name}")
@@ -102,6 +103,9 @@ def register(app: typer.Typer) -> None:
                                   "checked (layers, greedy vs PyTorch, llama-simple) into OUT.json"),
         gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="--gguf weights: f16 (default) | q8_0 | "
                                                 "q4_0 | q4_k_m (4-bit: llama-quantize)"),
+        gguf_imatrix: Optional[Path] = typer.Option(None, "--gguf-imatrix", help="4-bit --gguf: a calibration text "
+                                                    "file; llama-imatrix's importance matrix on it guides "
+                                                    "llama-quantize (data-aware 4-bit)"),
         llama_cpp: Optional[Path] = typer.Option(None, "--llama-cpp", help="llama.cpp tree for --gguf (default "
                                                  "$SGLP_EDGE_LLAMA_CPP, else ~/.cache/sglp-edge/llama.cpp; "
                                                  "`make llama-cpp` builds it)"),
@@ -111,9 +115,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Export a model to ONNX (dynamo exporter, legacy fallback), simplify it, and check parity
         against PyTorch with ONNX Runtime; the figures go into the file's metadata."""
-        if gguf or gguf_type is not None:
+        if gguf or gguf_type is not None or gguf_imatrix is not None:
             _export_gguf(model, out, gguf=gguf, gguf_type=gguf_type, llama_cpp=llama_cpp, force=force,
-                         others={"--weights": weights is not None, "--openvino": openvino, "--genai": genai})
+                         imatrix=gguf_imatrix, others={"--weights": weights is not None, "--openvino": openvino, "--genai": genai})
             return
         import torch
         from rich.console import Console

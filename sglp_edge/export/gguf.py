@@ -41,6 +41,8 @@ PROMPTS = ("The capital of France is", "Once upon a time, there was a little")
 NEW_TOKENS = 32
 #: end-of-generation tokens llama.cpp stops at besides the vocabulary's eos (llama-vocab.cpp)
 EOG_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>", "<|eom_id|>")
+#: llama-imatrix on calibration text (--gguf-imatrix): context and most chunks (SmolLM2: about a minute)
+IMATRIX_CTX, IMATRIX_CHUNKS = 128, 64
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 _BLK = re.compile(r"^blk\.(\d+)\.")
 
@@ -116,12 +118,21 @@ def check_source(model: Any) -> dict[str, Any]:
             "kept_layers": prune.get("kept_layers", list(range(n)))}
 
 
-def find_llama_cpp(explicit: Any, gguf_type: str) -> Path:
+def find_llama_cpp(explicit: Any, gguf_type: str, imatrix: Any = None) -> Path:
     """llama.cpp's tree (``--llama-cpp``, ``$SGLP_EDGE_LLAMA_CPP``, ``~/.cache/sglp-edge/llama.cpp``), with
-    ``llama-quantize`` built for the 4-bit types; a one-line UserError naming how to get it."""
+    ``llama-quantize`` built for the 4-bit types (and ``llama-imatrix`` for ``imatrix``, a calibration
+    text); a one-line UserError naming how to get it."""
     root = llama_cpp_root(explicit, need="source")
-    if GGUF_TYPES[check_gguf_type(gguf_type)][1] is not None:
+    quantized = GGUF_TYPES[check_gguf_type(gguf_type)][1] is not None
+    if imatrix is not None and not quantized:
+        raise UserError(f"--gguf-imatrix applies to the 4-bit types ({', '.join(k for k, v in GGUF_TYPES.items() if v[1])}"
+                        f"), not {gguf_type}")
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise UserError(f"calibration text {imatrix} does not exist")
+    if quantized:
         tool(root, "llama-quantize")
+    if imatrix is not None:
+        tool(root, "llama-imatrix")
     return root
 
 
@@ -273,12 +284,13 @@ def run_checks(src: dict[str, Any], gguf: Path, root: Path, info: dict[str, Any]
 
 
 def export_gguf(model: Any, out: Any, *, gguf_type: str = "f16", llama_cpp: Any = None, check: bool = True,
-                log: Callable[[str], None] = print, timeout: float = 3600) -> dict[str, Any]:
+                imatrix: Any = None, log: Callable[[str], None] = print, timeout: float = 3600) -> dict[str, Any]:
     """Write ``out`` (a .gguf file) and ``out.json`` (what was written and how it was checked) from the
-    Hugging Face folder ``model``; both appear only when complete. Returns the JSON's content."""
+    Hugging Face folder ``model``; both appear only when complete. Returns the JSON's content.
+    ``imatrix``: a calibration text for llama-imatrix, whose importance matrix guides the 4-bit types."""
     gguf_type = check_gguf_type(gguf_type)
     src = check_source(model)
-    root = find_llama_cpp(llama_cpp, gguf_type)
+    root = find_llama_cpp(llama_cpp, gguf_type, imatrix)
     out = Path(out)
     outtype, qtype = GGUF_TYPES[gguf_type]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -292,15 +304,15 @@ def export_gguf(model: Any, out: Any, *, gguf_type: str = "f16", llama_cpp: Any 
                 "with llama.cpp's convert_hf_to_gguf.py")
             _convert(root, src["folder"], conv, outtype, out.stem, work, timeout)
             seconds["convert"] = round(time.time() - t, 1)
-            final = conv
+            final, mat = conv, None
             if qtype is not None:
                 t, final = time.time(), work / out.name
-                log(f"quantizing to {qtype} with llama-quantize")
-                run_tool(root, "llama-quantize", [conv, final, qtype], timeout=timeout)
+                mat = _quantize(root, conv, final, qtype, imatrix, work, timeout, log)
                 conv.unlink()
                 seconds["quantize"] = round(time.time() - t, 1)
             info = read_gguf(final)
             meta = _meta(src, out, final, gguf_type, root, info)
+            meta["llama_cpp"]["imatrix"] = mat
             if check:
                 t = time.time()
                 meta.update(run_checks(src, final, root, info, log))
@@ -312,6 +324,25 @@ def export_gguf(model: Any, out: Any, *, gguf_type: str = "f16", llama_cpp: Any 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return meta
+
+
+def _quantize(root: Path, conv: Path, final: Path, qtype: str, imatrix: Any, work: Path, timeout: float,
+              log: Callable[[str], None]) -> Optional[dict[str, Any]]:
+    """llama-quantize F16 -> ``qtype``, after llama-imatrix on ``imatrix`` when given; what the matrix came from."""
+    args: list = []
+    mat = None
+    if imatrix is not None:
+        log(f"computing an importance matrix with llama-imatrix on {imatrix} (at most {IMATRIX_CHUNKS} x "
+            f"{IMATRIX_CTX} tokens)")
+        run_tool(root, "llama-imatrix", ["-m", conv, "-f", Path(imatrix).resolve(), "-o", work / "imatrix.gguf",
+                                         "-c", IMATRIX_CTX, "--chunks", IMATRIX_CHUNKS, "--no-ppl"], timeout=timeout)
+        args = ["--imatrix", work / "imatrix.gguf"]
+        mat = {"text": str(imatrix), "sha256": sha256_file(imatrix), "ctx": IMATRIX_CTX, "max_chunks": IMATRIX_CHUNKS}
+    log(f"quantizing to {qtype} with llama-quantize{' and the importance matrix' if args else ''}")
+    run_tool(root, "llama-quantize", args + [conv, final, qtype], timeout=timeout)
+    if not final.is_file():
+        raise UserError(f"llama-quantize wrote no {qtype} file from {conv.name}")
+    return mat
 
 
 def _meta(src: dict[str, Any], out: Path, final: Path, gguf_type: str, root: Path, info: dict[str, Any]) -> dict:
