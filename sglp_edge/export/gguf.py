@@ -98,6 +98,9 @@ def check_source(model: Any) -> dict[str, Any]:
                         "with its tokenizer")
     if (folder / "tokenizer.model").is_file() and importlib.util.find_spec("sentencepiece") is None:
         raise UserError(f"{folder} has a sentencepiece tokenizer.model; converting it needs: pip install sentencepiece")
+    missing = [m for m in ("torch", "transformers", "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--gguf needs {', '.join(missing)} (the converter and the checks): pip install 'sglp-edge[llm]'")
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise UserError(f"{folder} has no .safetensors weights; re-save the model with save_pretrained")
