@@ -24,10 +24,7 @@ agreement on a few random prompts).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ import numpy as np
 from benchmarks.board.atomic import atomic_dir, atomic_write_json, sha256_file
 from benchmarks.board.backends import BACKENDS, BackendSpec, get_backend
 from benchmarks.board.errors import UserError
+from exporters.lm_quant import ort_weight_only, ov_weight_only
 
 #: backend -> the precisions it compiles a decoder LM in (the backend registry's ``lm_precisions``)
 BACKEND_PRECISIONS = {n: b.lm_precisions for n, b in BACKENDS.items() if b.lm_precisions}
@@ -167,47 +165,15 @@ def _copy_graph(onnx_path: Path, art: Path) -> None:
         shutil.copyfile(data, art.parent / data.name)
 
 
-def _matmul_nbits(onnx_path: Path, art: Path, precision: str, group_size: int,
-                  accuracy_level: Optional[int]) -> Dict[str, Any]:
-    """ONNX Runtime's weight-only MatMulNBits quantizer (8 bits in blocks of 128, 4 bits in ``group_size``)."""
-    import onnx  # heavy: the graph library
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnb  # heavy: the runtime
-
-    bits = 8 if precision == "int8" else 4
-    block = 128 if bits == 8 else group_size
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-
-    cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
-                                           accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-    qz = mnb.MatMulNBitsQuantizer(onnx.load(str(onnx_path)), bits=bits, block_size=block, is_symmetric=True,
-                                  accuracy_level=accuracy_level, algo_config=cfg,
-                                  op_types_to_quantize=("MatMul",))
-    with contextlib.redirect_stdout(io.StringIO()):
-        qz.process()
-    qz.model.save_model_to_file(str(art), use_external_data_format=False)
-    n = sum(1 for nd in onnx.load(str(art), load_external_data=False).graph.node if nd.op_type == "MatMulNBits")
-    return {"method": f"onnxruntime MatMulNBitsQuantizer ({bits} bits, weight-only)",
-            "bits": bits, "block_size": block, "symmetric": True, "quantized_matmuls": n,
-            "accuracy_level": accuracy_level}
-
-
-def _openvino_ir(onnx_path: Path, art: Path, precision: str, group_size: int) -> Optional[Dict[str, Any]]:
-    """The OpenVINO IR, its weights compressed by NNCF for int8/int4 (weight-only); returns the quantization."""
+def _openvino_ir(onnx_path: Path, art: Path, precision: str, group_size: int,
+                 calib_ids: Any = None) -> Optional[Dict[str, Any]]:
+    """The OpenVINO IR, its weights compressed by NNCF for int8/int4 (weight-only; exporters.lm_quant)."""
     import openvino as ov  # heavy: the runtime
 
     quantization = None
     model = ov.Core().read_model(str(onnx_path))
     if precision in ("int8", "int4"):
-        import nncf  # heavy: NNCF
-
-        if precision == "int8":
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-            quantization = {"method": "nncf.compress_weights INT8_ASYM (weight-only)"}
-        else:
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group_size,
-                                          ratio=1.0)
-            quantization = {"method": "nncf.compress_weights INT4_SYM (weight-only)",
-                            "group_size": group_size, "ratio": 1.0}
+        model, quantization = ov_weight_only(model, precision, group_size, calib_ids)
     ov.save_model(model, str(art), compress_to_fp16=(precision == "fp16"))
     del model
     return quantization
@@ -215,11 +181,11 @@ def _openvino_ir(onnx_path: Path, art: Path, precision: str, group_size: int) ->
 
 def _write_artifact(spec: BackendSpec, onnx_path: Path, tmp: Path, precision: str, dims: Dict[str, Any], *,
                     group_size: int, accuracy_level: Optional[int], max_prompt: int, max_context: int,
-                    man: Dict[str, Any]) -> Path:
+                    man: Dict[str, Any], calib_ids: Any = None) -> Path:
     """The backend's artifact (and, for a board-built backend, its trtexec build command) into ``tmp``."""
     art = tmp / spec.artifact
     if spec.lm_route == "openvino":
-        quantization = _openvino_ir(onnx_path, art, precision, group_size)
+        quantization = _openvino_ir(onnx_path, art, precision, group_size, calib_ids)
         if quantization is not None:  # fp32/fp16 IRs record none
             man["quantization"] = quantization
         return art
@@ -227,7 +193,9 @@ def _write_artifact(spec: BackendSpec, onnx_path: Path, tmp: Path, precision: st
         _copy_graph(onnx_path, art)
         man["quantization"] = None
     else:
-        man["quantization"] = _matmul_nbits(onnx_path, art, precision, group_size, accuracy_level)
+        man["quantization"] = ort_weight_only(onnx_path, art, bits=8 if precision == "int8" else 4,
+                                              group_size=group_size, accuracy_level=accuracy_level,
+                                              calib_ids=calib_ids)
     if spec.builds_on == "board":
         cmd = trtexec_command(dims, precision=precision, max_prompt=max_prompt, max_context=max_context)
         (tmp / "trtexec.sh").write_text("#!/bin/sh\n# build on the board (engines are GPU/TensorRT specific)\n"
@@ -239,13 +207,16 @@ def _write_artifact(spec: BackendSpec, onnx_path: Path, tmp: Path, precision: st
 
 def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str | Path, *, group_size: int = 64,
                max_prompt: int = 128, max_context: int = 512, parity: bool = True,
-               accuracy_level: Optional[int] = None) -> Dict[str, Any]:
+               accuracy_level: Optional[int] = None, calib_ids: Any = None) -> Dict[str, Any]:
     """Compile the LM graph into ``out_dir`` (replaced whole on success); returns the manifest.
 
     ``accuracy_level`` (ONNX Runtime INT8/INT4 only): MatMulNBits' compute type, ORT's scale: 0 unset,
     1 fp32, 2 fp16, 3 bf16, 4 int8 (activations quantised per block at run time: the fast CPU path).
     ``None``: 4. Measured on the pruned SmolLM2 (benchmarks/experiments/llm_quant.py, 2 threads): 8-bit weights
-    decode at 0.27x FP32's tokens/s at level 0 and 1.53x at level 4, for +0.8 % perplexity."""
+    decode at 0.27x FP32's tokens/s at level 0 and 1.53x at level 4, for +0.8 % perplexity.
+
+    ``calib_ids`` (blocks, tokens) int64: calibration text for INT4 (GPTQ on ONNX Runtime, AWQ + scale
+    estimation on OpenVINO; exporters.lm_quant). None: data-free INT4."""
     t0 = time.perf_counter()
     onnx_path = Path(onnx_path)
     spec, dims, accuracy_level = _check(onnx_path, backend, precision, group_size, accuracy_level)
@@ -257,7 +228,8 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
                            "head_dim": dims["head_dim"], "num_layers": dims["n_past"] // 2}
     with atomic_dir(Path(out_dir)) as tmp:
         art = _write_artifact(spec, onnx_path, tmp, precision, dims, group_size=group_size,
-                              accuracy_level=accuracy_level, max_prompt=max_prompt, max_context=max_context, man=man)
+                              accuracy_level=accuracy_level, max_prompt=max_prompt, max_context=max_context, man=man,
+                              calib_ids=calib_ids)
         man["artifacts"] = sorted(f.name for f in tmp.iterdir())
         man["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.suffix in (".onnx", ".data", ".xml", ".bin"))
         if parity and spec.builds_on != "board" and vocab:

@@ -93,6 +93,25 @@ def test_decode_with_past_equals_full_recompute(exported, tiny_llama, backend):
     np.testing.assert_allclose(sess.step(ids3, sess.empty_past(3), 0)[0], ref3, atol=1e-4, rtol=1e-4)
 
 
+def test_perplexity_window_matches_pytorch(exported, tiny_llama):
+    """``first=k`` scores only the tokens after position k of each block (llama-perplexity's second-half
+    window), the same NLL as PyTorch's log-softmax over those positions; a window with nothing left is refused."""
+    from benchmarks.board.errors import UserError
+
+    out, _ = exported
+    sess = lm_bench.LMSession(str(out / "model.onnx"), "onnxruntime", threads=1)
+    blocks = np.random.default_rng(9).integers(0, TINY["vocab_size"], (3, 12))
+    with torch.no_grad():
+        lp = torch.log_softmax(tiny_llama(torch.from_numpy(blocks)).logits.double(), -1)
+    for first in (0, 6):
+        ref = -lp[:, first:-1].gather(-1, torch.from_numpy(blocks[:, first + 1:, None])).mean().item()
+        got = lm_bench.perplexity(sess, blocks, first=first)
+        assert got["tokens"] == 3 * (11 - first) and got["first"] == first
+        assert abs(got["nll"] - ref) < 1e-4
+    with pytest.raises(UserError, match="no token to score"):
+        lm_bench.perplexity(sess, blocks, first=11)
+
+
 def test_board_lm_bench_through_run_bench(exported, tiny_llama, tmp_path, capsys):
     out, _ = exported
     rng = np.random.default_rng(7)
@@ -170,6 +189,32 @@ def test_lm_compile_weight_only_and_trtexec(exported, tmp_path):
     cmd = (tmp_path / "trt" / "trtexec.sh").read_text()
     assert "--fp16" in cmd and "input_ids:1x1," in t["trtexec"] and "input_ids:1x128," in cmd
     assert "past_key_values.2.value:1x2x511x16" in cmd and "attention_mask:1x639" in cmd
+
+
+def test_lm_compile_int4_calibrated_on_text(exported, tmp_path):
+    """INT4 with calibration blocks: GPTQ on ONNX Runtime, AWQ + scale estimation on OpenVINO, the LM head
+    at 8 bits; the choice and the calibration are recorded in the manifest; the artifacts decode."""
+    import onnx
+
+    from exporters.lm_compile import compile_lm
+
+    out, _ = exported
+    calib = np.random.default_rng(0).integers(0, 100, (4, 16))
+    m = compile_lm(out / "model.onnx", "onnxruntime", "int4", tmp_path / "ort4", group_size=32, calib_ids=calib)
+    q = m["quantization"]
+    assert "GPTQ" in q["method"] and q["calibration"] == {"blocks": 4, "tokens_per_block": 16}
+    assert q["head"]["bits"] == 8 and q["unquantized_matmuls"] == 0
+    nodes = {n.name: n for n in onnx.load(str(tmp_path / "ort4" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    bits = {next(a.i for a in n.attribute if a.name == "bits") for n in nodes.values()}
+    assert bits == {4, 8} and len(nodes) == 3 * 7 + 1
+    assert m["parity"]["next_token_agreement"] >= 0.5
+    g = lm_bench.generate(lm_bench.LMSession(str(tmp_path / "ort4" / "model.onnx"), "onnxruntime", threads=1),
+                          np.arange(5), 3)
+    assert len(g["tokens"]) == 4
+    pytest.importorskip("nncf")
+    m4 = compile_lm(out / "model.onnx", "openvino", "int4", tmp_path / "ov4", group_size=32, calib_ids=calib)
+    assert "AWQ" in m4["quantization"]["method"] and m4["quantization"]["calibration"]["blocks"] == 4
+    assert m4["parity"]["next_token_agreement"] >= 0.5
 
 
 @pytest.fixture(scope="module")

@@ -63,10 +63,12 @@ def run_tool(root: Path, name: str, args: List[str], *, timeout: float = 3600) -
 
 
 def bench(root: Path, gguf: Path, *, prompt: int = 128, gen: int = 128, threads: int = 2,
-          repetitions: int = 1) -> Dict[str, Any]:
-    """``llama-bench -p P -n N -t T -r R -o json`` on one GGUF: {"pp": tok/s, "tg": tok/s, "raw": [...]}."""
+          repetitions: int = 1, depth: int = 0) -> Dict[str, Any]:
+    """``llama-bench -p P -n N -t T -r R -d D -o json`` on one GGUF: {"pp": tok/s, "tg": tok/s, "raw": [...]}.
+    ``depth``: tokens already in the context before each test (``-d``; 0 is llama-bench's default, so
+    ``tg128`` decodes positions 0-127; ``depth=128`` decodes after a 128-token prompt, as our harness does)."""
     out = run_tool(root, "llama-bench", ["-m", gguf, "-p", prompt, "-n", gen, "-t", threads, "-r", repetitions,
-                                         "-o", "json"])
+                                         "-d", depth, "-o", "json"])
     start = out.find("[")
     rows = json.loads(out[start: out.rfind("]") + 1]) if start >= 0 else []
     res: Dict[str, Any] = {"raw": rows}

@@ -194,19 +194,24 @@ def _margin(logits: np.ndarray) -> float:
     return float(top2[1] - top2[0])
 
 
-def perplexity(sess: LMSession, blocks: np.ndarray, progress: Any = None) -> Dict[str, Any]:
-    """exp(mean next-token NLL) over every block (full forward, empty past, batch 1)."""
+def perplexity(sess: LMSession, blocks: np.ndarray, progress: Any = None, first: int = 0) -> Dict[str, Any]:
+    """exp(mean next-token NLL) over every block (full forward, empty past, batch 1). ``first``: score
+    only the tokens after position ``first`` of each block (llama.cpp's ``llama-perplexity`` scores the
+    second half of each chunk: ``first = block // 2``); 0 scores every token."""
     nll, n = 0.0, 0
     for i, blk in enumerate(np.asarray(blocks, np.int64)):
+        if not 0 <= first < len(blk) - 1:
+            raise UserError(f"perplexity: first={first} leaves no token to score in a block of {len(blk)}")
         logits, _ = sess.step(blk[None, :], sess.empty_past(1), 0)
-        lg = logits[0, :-1].astype(np.float64)
+        lg = logits[0, first:-1].astype(np.float64)
         mx = lg.max(-1, keepdims=True)
         lse = np.log(np.exp(lg - mx).sum(-1)) + mx[:, 0]
-        nll += float((lse - lg[np.arange(len(blk) - 1), blk[1:]]).sum())
-        n += len(blk) - 1
+        nll += float((lse - lg[np.arange(len(lg)), blk[first + 1:]]).sum())
+        n += len(lg)
         if progress:
             progress(i + 1, len(blocks))
-    return {"perplexity": float(np.exp(nll / n)), "nll": nll / n, "tokens": n, "blocks": int(len(blocks))}
+    return {"perplexity": float(np.exp(nll / n)), "nll": nll / n, "tokens": n, "blocks": int(len(blocks)),
+            "first": first}
 
 
 def greedy_agreement(sess: LMSession, prompts: np.ndarray, reference: np.ndarray) -> Dict[str, Any]:

@@ -26,6 +26,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -35,6 +36,7 @@ from typing import Any, Sequence
 from benchmarks.board.atomic import atomic_dir, sha256_file
 from benchmarks.board.lm_genai import GENAI_CONFIG, open_model
 from benchmarks.board.errors import UserError
+from exporters.lm_quant import ort_weight_only
 
 from sglp_edge.export.lm import META_FILE, PARITY_ATOL, TASK
 from sglp_edge.models.hf_llm import save_hf
@@ -127,6 +129,38 @@ def build(src: Path, out: Path, precision: str, *, extra_options: Sequence[str] 
     return log.getvalue()
 
 
+#: the builder's data-free low-bit (no calibration text): k-quant, the LM head at 8 bits
+BUILDER_LOWBIT = ("algo_config=k_quant", "matmul_mixed_precision=last_matmul:int8")
+#: INT4 group size of the calibrated (GPTQ) route: the builder's own default block
+GENAI_INT4_GROUP = 32
+
+
+def build_quantized(src: Path, out: Path, precision: str, *, extra_options: Sequence[str] = (),
+                    calib_ids: Any = None) -> tuple[str, dict[str, Any] | None]:
+    """The builder's folder in ``precision``: (its log, the quantization record). INT4 with calibration
+    blocks: the builder's fp32 graph, then GPTQ on the run's calibration text with the LM head at 8 bits
+    (exporters.lm_quant); without: the builder's own k-quant INT4 with the head at INT8. INT8: the
+    builder's round-to-nearest (8 bits lose next to nothing)."""
+    if precision == "fp32":
+        return build(src, out, precision, extra_options=extra_options), None
+    if precision == "int8" or calib_ids is None or extra_options:
+        opts = list(extra_options) or list(BUILDER_LOWBIT if precision == "int4" else ())
+        log = build(src, out, precision, extra_options=opts)
+        return log, {"method": f"onnxruntime-genai builder MatMulNBits {precision}"
+                               + (f" ({', '.join(opts)})" if opts else " (round-to-nearest)"),
+                     "bits": 4 if precision == "int4" else 8, "calibration": None}
+    log = build(src, out, "fp32")
+    graph = out / "model.onnx"
+    head_dim = json.loads((out / GENAI_CONFIG).read_text())["model"]["decoder"]["head_size"]
+    rec = ort_weight_only(graph, out / "model.q.onnx", bits=4, group_size=GENAI_INT4_GROUP, accuracy_level=4,
+                          calib_ids=calib_ids, head_dim=head_dim)
+    os.replace(out / "model.q.onnx", graph)
+    data = out / "model.onnx.data"
+    if data.is_file():
+        data.unlink()
+    return log, rec
+
+
 def genai_greedy(og: Any, model: Any, prompt: Sequence[int], n_new: int) -> tuple[list[int], Any]:
     """onnxruntime-genai's own greedy search: (new tokens, prefill logits (P, vocab)). It stops early at
     an end-of-sequence id of genai_config.json, as transformers' ``generate`` does with the same ids."""
@@ -212,7 +246,7 @@ def genai_parity(folder: Path, src: Path, precision: str, *, n_new: int = 16,
 
 def export_causal_lm_genai(src: str | Path, out_dir: str | Path, *, precision: str = "fp32", n_new: int = 16,
                            parity_prompts_ids: Sequence[Sequence[int]] | None = None,
-                           extra_options: Sequence[str] = ()) -> dict[str, Any]:
+                           extra_options: Sequence[str] = (), calib_ids: Any = None) -> dict[str, Any]:
     """Export the saved causal LM in ``src`` to an onnxruntime-genai folder ``out_dir``, atomically
     (a temporary sibling renamed into place; nothing is left behind on failure), with the parity
     check in ``out_dir/lm.json``. Returns that manifest plus ``path``."""
@@ -229,7 +263,7 @@ def export_causal_lm_genai(src: str | Path, out_dir: str | Path, *, precision: s
         raise UserError(f"--out {out_dir} is the model folder itself; choose another folder")
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        log = build(src, tmp, precision, extra_options=extra_options)
+        log, quantization = build_quantized(src, tmp, precision, extra_options=extra_options, calib_ids=calib_ids)
         build_s = time.perf_counter() - t0
         parity = genai_parity(tmp, src, precision, n_new=n_new, prompts=parity_prompts_ids)
         gcfg = json.loads((tmp / GENAI_CONFIG).read_text())
@@ -243,6 +277,7 @@ def export_causal_lm_genai(src: str | Path, out_dir: str | Path, *, precision: s
                 "eos_token_id": gcfg.get("model", {}).get("eos_token_id"),
                 "tested_architecture": (cfg.get("architectures") or ["?"])[0] in TESTED_ARCHITECTURES,
                 "builder": f"onnxruntime_genai.models.builder -p {precision} -e cpu", "builder_s": round(build_s, 2),
+                "quantization": quantization,
                 "builder_log_tail": log.strip().splitlines()[-5:], "parity_vs_pytorch": parity,
                 "onnxruntime_genai": getattr(og, "__version__", None),
                 "sglp_kept_layers": cfg.get("sglp_kept_layers"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -36,6 +36,17 @@ def _parity_ids(pipe: Any) -> Any:
         return z["greedy_prompts"][:2, :24]
 
 
+#: calibration blocks of the run's calibration split for low-bit weights (exporters.lm_quant)
+CALIB_BLOCKS = 16
+
+
+def calib_ids(pipe: Any, precision: str) -> Any:
+    """Calibration token blocks for a low-bit compile (None for fp32/fp16/int8: nothing to calibrate)."""
+    if precision != "int4":
+        return None
+    return pipe.data.calibration[:CALIB_BLOCKS].numpy()
+
+
 def stage_export_openvino(task: Any, pipe: Any) -> dict[str, Any]:
     """The stateful OpenVINO IR of both models (sglp_edge.export.lm_openvino), once per run."""
     import torch  # heavy: torch
@@ -70,13 +81,14 @@ def _compile_from(pipe: Any, prof: Any, src_stage: str, src_file: str) -> dict[s
         out = {}
         for which in ("original", "pruned"):
             man = compile_lm(pipe.run_dir / src_stage / which / src_file, prof.backend, prof.precision,
-                             tmp / which, max_prompt=e.prompt_tokens, max_context=e.prompt_tokens + e.gen_tokens + 1)
+                             tmp / which, max_prompt=e.prompt_tokens, max_context=e.prompt_tokens + e.gen_tokens + 1,
+                             calib_ids=calib_ids(pipe, prof.precision))
             out[which] = {k: man.get(k) for k in ("backend", "precision", "parity", "quantization", "size_bytes",
                                                   "trtexec", "seconds")}
         return out
 
-    return pipe.runner.stage(name, pipe.inputs(name, backend=prof.backend, precision=prof.precision, onnx=hashes),
-                             fn) | {"stage": name}
+    return pipe.runner.stage(name, pipe.inputs(name, backend=prof.backend, precision=prof.precision, onnx=hashes,
+                                               calib=CALIB_BLOCKS if prof.precision == "int4" else 0), fn) | {"stage": name}
 
 
 def onnx_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
@@ -124,7 +136,8 @@ def genai_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
         ids = _parity_ids(pipe).tolist()
         out = {}
         for which in ("original", "pruned"):
-            kw = dict(precision=prof.precision, n_new=n_new, parity_prompts_ids=ids)
+            kw = dict(precision=prof.precision, n_new=n_new, parity_prompts_ids=ids,
+                      calib_ids=calib_ids(pipe, prof.precision))
             if which == "pruned":  # the folder the pipeline saved (save_hf, with the tokenizer)
                 meta = export_causal_lm_genai(pipe.final_model_dir(), tmp / which, **kw)
             else:  # the model as loaded (a GGUF is dequantised): saved to a temporary folder first
@@ -136,13 +149,14 @@ def genai_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
                                 f"{parity['max_abs']:.3g}); use an onnxruntime profile (local-cpu-ort-lm)")
             out[which] = {"backend": prof.backend, "precision": prof.precision, "parity": {
                 k: parity.get(k) for k in ("runtime", "greedy_agreement", "greedy_equal", "max_abs", "passed")},
-                "quantization": None if prof.precision == "fp32" else f"builder MatMulNBits {prof.precision}",
+                "quantization": meta.get("quantization"),
                 "size_bytes": meta["size_bytes"], "layout": meta["layout"], "num_layers": meta["num_layers"],
                 "onnxruntime_genai": meta["onnxruntime_genai"], "seconds": meta["seconds"]}
         return out
 
     return pipe.runner.stage(name, pipe.inputs(name, backend=prof.backend, precision=prof.precision, task=task.name,
-                                                final=final_hash, eval=eval_hash, n_new=n_new), fn) | {"stage": name}
+                                                final=final_hash, eval=eval_hash, n_new=n_new,
+                                                calib=CALIB_BLOCKS if prof.precision == "int4" else 0), fn) | {"stage": name}
 
 
 #: route name (the backend registry's ``lm_route``) -> route function (see the module docstring)

@@ -1,0 +1,84 @@
+"""The pruned LM's artifacts for ``llm_peer.py``, one per route and precision, made by the project's
+own export and compile code with its defaults (low-bit calibrated on ``calib`` token blocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import benchmarks.board.lm_bench as lm_bench
+
+#: route:precision, every LM route the project deploys (llama.cpp: the GGUF of ``sglp-edge export --gguf``)
+ROUTES = ("onnxruntime:fp32", "onnxruntime:int8", "onnxruntime:int4", "openvino:fp32", "openvino:int8",
+          "openvino:int4", "onnxruntime-genai:fp32", "onnxruntime-genai:int8", "onnxruntime-genai:int4",
+          "llama.cpp:q8_0", "llama.cpp:q4_0")
+
+
+def _size(path: Path) -> int:
+    path = Path(path)
+    files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else [path, *path.parent.glob(path.stem + ".bin")]
+    return sum(f.stat().st_size for f in files if f.suffix in (".onnx", ".data", ".xml", ".bin", ".gguf")
+               or f.name.startswith("model.onnx"))
+
+
+def _graph(kind: str, model: Any, work: Path, calib: Any, reuse: bool) -> Path:
+    """The exported graph the compile starts from: the ONNX with past, or the stateful OpenVINO IR."""
+    import torch  # heavy
+
+    ids = torch.as_tensor(calib[:2, :24])
+    if kind == "onnx":
+        from sglp_edge.export.lm import export_causal_lm  # heavy: imports torch
+
+        out = work / "export-onnx"
+        if not (reuse and (out / "model.onnx").is_file()):
+            export_causal_lm(model, out, parity_ids=ids)
+        return out / "model.onnx"
+    from sglp_edge.export.lm_openvino import export_causal_lm_openvino  # heavy: imports torch, openvino
+
+    out = work / "export-openvino"
+    if not (reuse and (out / "openvino_model.xml").is_file()):
+        export_causal_lm_openvino(model, out, parity_ids=ids)
+    return out / "openvino_model.xml"
+
+
+def build_route(route: str, prec: str, model: Any, src: Path, tok: Any, work: Path, *, calib: Any,
+                reuse: bool = False) -> dict[str, Any]:
+    """{"path", "size_bytes", "quantization"} of the pruned model's artifact on ``route`` in ``prec``."""
+    out = work / f"{route}-{prec}"
+    if route in ("onnxruntime", "openvino"):
+        from exporters.lm_compile import compile_lm  # heavy: onnx / openvino inside
+
+        g = _graph("onnx" if route == "onnxruntime" else "openvino", model, work, calib, reuse)
+        art = out / ("model.onnx" if route == "onnxruntime" else "model.xml")
+        if not (reuse and art.is_file()):
+            man = compile_lm(g, route, prec, out, calib_ids=calib)
+            art = Path(man["artifact"])
+        q = _manifest(out).get("quantization")
+        return {"path": art, "size_bytes": _size(art), "quantization": q}
+    if route == "onnxruntime-genai":
+        from sglp_edge.export.lm_genai import export_causal_lm_genai  # heavy: imports torch
+
+        if not (reuse and (out / "lm.json").is_file()):
+            export_causal_lm_genai(src, out, precision=prec, calib_ids=calib)
+        return {"path": out, "size_bytes": _size(out), "quantization": _manifest(out, "lm.json").get("quantization")}
+    if route == "llama.cpp":
+        from sglp_edge.export.gguf import export_gguf  # heavy: imports torch
+
+        path = out / f"model-{prec}.gguf"
+        if not (reuse and path.is_file()):
+            meta = export_gguf(src, path, gguf_type=prec)
+            path = Path(meta.get("path", path))
+        return {"path": path, "size_bytes": path.stat().st_size, "quantization": f"llama.cpp {prec.upper()}"}
+    raise ValueError(f"unknown route {route!r}")
+
+
+def _manifest(folder: Path, name: str = "manifest.json") -> dict[str, Any]:
+    import json
+
+    p = Path(folder) / name
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def open_route(route: str, path: Path, *, threads: int) -> Any:
+    """The harness session of an artifact (the board's own decode loop)."""
+    return lm_bench.open_session(str(path), route, threads=threads)

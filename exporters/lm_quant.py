@@ -1,0 +1,196 @@
+"""Weight-only low-bit for decoder LMs, calibrated on the run's own text (no torch).
+
+One place for the low-bit step of every LM route, so the choice is made once and recorded in the
+artifact (``quantization`` of ``manifest.json`` / ``lm.json``):
+
+- **ONNX graphs** (``exporters.lm_compile`` for ONNX Runtime; onnxruntime-genai's builder graph):
+  ONNX Runtime's ``MatMulNBitsQuantizer``. INT4: GPTQ (its ``GPTQWeightOnlyQuantConfig``, the
+  Hessian of each MatMul's input taken over calibration token blocks) in groups of ``group_size``,
+  where calibration blocks are given; round-to-nearest (k-quant) otherwise. INT8: round-to-nearest
+  in blocks of 128 (8 bits lose next to nothing, so data buys nothing). The LM head (the last
+  MatMul: the largest weight, and the one whose error lands directly on the logits) stays at
+  ``head_bits`` = 8 where the rest is 4 bits.
+- **OpenVINO IRs**: NNCF ``compress_weights``. INT4 with calibration blocks: AWQ + scale estimation
+  on a ``nncf.Dataset`` of the model's own inputs, the head at INT8 (``ratio`` 1.0 of the body in
+  INT4); without: plain INT4. INT8: ``INT8_ASYM``.
+
+Calibration blocks are token ids ``(N, T)`` int64: the run's calibration split (never held-out text).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from benchmarks.board.errors import UserError
+
+#: calibration blocks used at most (GPTQ runs the graph once per MatMul input per block)
+MAX_CALIB_BLOCKS = 16
+HEAD_BITS = 8
+
+
+def _calib(calib_ids: Any) -> Optional[np.ndarray]:
+    if calib_ids is None:
+        return None
+    ids = np.asarray(calib_ids, np.int64)
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise UserError(f"calibration token blocks must be (blocks, tokens) with at least 2 tokens (got {ids.shape})")
+    return ids[:MAX_CALIB_BLOCKS]
+
+
+def graph_feeds(onnx_path: Path, calib_ids: np.ndarray, head_dim: Optional[int] = None) -> List[Dict[str, np.ndarray]]:
+    """One feed per calibration block for an LM graph with past inputs (ours: input_ids, attention_mask,
+    position_ids, past_key_values.*; onnxruntime-genai's: input_ids, attention_mask, past_key_values.*),
+    each a full-block prefill from an empty cache. ``head_dim``: where the graph leaves it symbolic
+    (onnxruntime-genai's ``kv_cache_dim``; its genai_config.json has it)."""
+    import onnx  # heavy: the graph library
+
+    m = onnx.load(str(onnx_path), load_external_data=False)
+    feeds = []
+    for blk in calib_ids:
+        t = len(blk)
+        f: Dict[str, np.ndarray] = {}
+        for i in m.graph.input:
+            tt = i.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            if i.name == "input_ids":
+                f[i.name] = blk[None, :].astype(dtype)
+            elif i.name == "attention_mask":
+                f[i.name] = np.ones((1, t), dtype)
+            elif i.name == "position_ids":
+                f[i.name] = np.arange(t, dtype=dtype)[None, :]
+            elif i.name.startswith("past_key_values"):
+                d = [x.dim_value for x in tt.shape.dim]
+                if len(d) == 4 and not d[3] and head_dim:
+                    d[3] = int(head_dim)
+                if len(d) != 4 or not d[1] or not d[3]:
+                    raise UserError(f"{onnx_path}: past input {i.name} has no static (heads, head_dim) shape")
+                f[i.name] = np.zeros((1, d[1], 0, d[3]), dtype)
+            else:
+                raise UserError(f"{onnx_path}: cannot calibrate an LM graph with input {i.name!r}")
+        feeds.append(f)
+    return feeds
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of feeds (deep-copied by GPTQ)."""
+
+    def __init__(self, feeds: Sequence[Dict[str, np.ndarray]]):
+        self.feeds = list(feeds)
+        self._it: Optional[Iterator[Dict[str, np.ndarray]]] = None
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self._it is None:
+            self._it = iter(self.feeds)
+        return next(self._it, None)
+
+    def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
+        return iter(self.feeds)
+
+
+def _last_matmul(model: Any) -> Optional[str]:
+    names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    return names[-1] if names else None
+
+
+def ort_weight_only(src: Path, dst: Path, *, bits: int, group_size: int, accuracy_level: Optional[int],
+                    calib_ids: Any = None, head_bits: int = HEAD_BITS, head_dim: Optional[int] = None) -> Dict[str, Any]:
+    """MatMulNBits weights for the LM graph ``src`` into ``dst`` (one file): see the module docstring.
+    Returns the record stored with the artifact."""
+    import onnx  # heavy: the graph library
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb  # heavy: the runtime
+
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ids = _calib(calib_ids)
+    model = onnx.load(str(src))
+    head = _last_matmul(model) if bits == 4 and head_bits != 4 else None
+    rec: Dict[str, Any] = {"bits": bits, "symmetric": True, "accuracy_level": accuracy_level,
+                           "head": {"node": head, "bits": head_bits} if head else None}
+    block = 128 if bits == 8 else group_size
+    if bits == 4 and ids is not None:
+        cfg: Any = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(graph_feeds(src, ids, head_dim)),
+                                                 block_size=128, op_types_to_quantize=("MatMul",))
+        rec.update(method="onnxruntime MatMulNBitsQuantizer GPTQ (weight-only, calibrated)",
+                   calibration={"blocks": int(ids.shape[0]), "tokens_per_block": int(ids.shape[1])})
+    elif bits == 4:
+        cfg = mnb.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",))
+        rec.update(method="onnxruntime MatMulNBitsQuantizer k-quant (weight-only, no calibration data)")
+    else:
+        cfg = mnb.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
+                                               accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+        rec.update(method=f"onnxruntime MatMulNBitsQuantizer round-to-nearest ({bits} bits, weight-only)")
+    rec["block_size"] = block
+    qz = mnb.MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
+                                  accuracy_level=accuracy_level, algo_config=cfg, op_types_to_quantize=("MatMul",),
+                                  nodes_to_exclude=[head] if head else None)
+    if head and ids is not None:  # ORT's GPTQ path ignores nodes_to_exclude: mark the head "fp32" (= skip) itself
+        node_config = qz._generate_q4_node_config
+        qz._generate_q4_node_config = lambda: {**node_config(), head: "fp32"}
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        qz.process()
+    model = qz.model.model
+    if head:  # the head alone, at head_bits, round-to-nearest
+        hcfg = mnb.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, bits=head_bits,
+                                                accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
+        hq = mnb.MatMulNBitsQuantizer(model, bits=head_bits, block_size=128, is_symmetric=True,
+                                      accuracy_level=accuracy_level, algo_config=hcfg,
+                                      op_types_to_quantize=("MatMul",), nodes_to_exclude=others)
+        with contextlib.redirect_stdout(io.StringIO()):
+            hq.process()
+        model = hq.model.model
+    consts = {i.name for i in model.graph.initializer}
+    left = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
+    onnx.save_model(model, str(dst), save_as_external_data=False)
+    rec["quantized_matmuls"] = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    rec["unquantized_matmuls"] = len(left)  # constant-weight MatMuls left in float (attention's are not weights)
+    return rec
+
+
+def ov_dataset(model: Any, calib_ids: np.ndarray) -> Any:
+    """A ``nncf.Dataset`` of the IR's own inputs, one full-block prefill per calibration block (a
+    stateful IR gets ``beam_idx``; an IR with explicit past inputs gets empty caches)."""
+    import nncf  # heavy: NNCF
+
+    names = [i.get_any_name() for i in model.inputs]
+    items = []
+    for blk in calib_ids:
+        t = len(blk)
+        f: Dict[str, np.ndarray] = {"input_ids": blk[None, :], "attention_mask": np.ones((1, t), np.int64),
+                                    "position_ids": np.arange(t, dtype=np.int64)[None, :]}
+        if "beam_idx" in names:
+            f["beam_idx"] = np.zeros((1,), np.int32)
+        for port in model.inputs:
+            n = port.get_any_name()
+            if n.startswith("past_key_values"):
+                ps = port.get_partial_shape()
+                f[n] = np.zeros((1, ps[1].get_length(), 0, ps[3].get_length()), np.float32)
+        items.append({k: v for k, v in f.items() if k in names})
+    return nncf.Dataset(items)
+
+
+def ov_weight_only(model: Any, precision: str, group_size: int, calib_ids: Any = None) -> tuple:
+    """(compressed model, record): NNCF weight compression of an OpenVINO LM (see the module docstring)."""
+    import nncf  # heavy: NNCF
+
+    ids = _calib(calib_ids)
+    if precision == "int8":
+        return (nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM),
+                {"method": "nncf.compress_weights INT8_ASYM (weight-only)", "bits": 8})
+    rec: Dict[str, Any] = {"bits": 4, "group_size": group_size, "ratio": 1.0, "head": {"bits": 8}}
+    kw: Dict[str, Any] = dict(mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group_size, ratio=1.0)
+    if ids is not None:
+        kw.update(dataset=ov_dataset(model, ids), awq=True, scale_estimation=True)
+        rec.update(method="nncf.compress_weights INT4_SYM + AWQ + scale estimation (weight-only, calibrated)",
+                   calibration={"blocks": int(ids.shape[0]), "tokens_per_block": int(ids.shape[1])})
+    else:
+        rec["method"] = "nncf.compress_weights INT4_SYM (weight-only, no calibration data)"
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = nncf.compress_weights(model, **kw)
+    return model, rec
