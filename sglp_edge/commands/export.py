@@ -46,9 +46,16 @@ def _export_gguf(model: str, out: Path, *, gguf: bool, gguf_type: Optional[str],
     typer.echo(f"wrote {out} ({meta['size_bytes'] / 1e6:.2f} MB; GGUF {gguf_type}: {meta['structure']['block_count']} "
                f"blocks blk.0..blk.{meta['structure']['block_count'] - 1}) + {sidecar.name}")
     typer.echo(f"greedy vs PyTorch (transformers loads the GGUF), {p['prompts']} prompts x {p['new_tokens']} tokens: "
-               f"identical={p['identical']} top1_agreement={p['top1_agreement']:.4f} "
-               f"max_abs_logits={p['max_abs_logits']:.3g}")
-    typer.echo(f"llama-simple vs PyTorch: {s['skipped'] if 'skipped' in s else 'identical=' + str(s['identical'])}")
+               f"identical={p['identical']}{_diffs(p, 'first_difference', 'token')} top1_agreement="
+               f"{p['top1_agreement']:.4f} max_abs_logits={p['max_abs_logits']:.3g}")
+    typer.echo("llama-simple vs PyTorch (greedy text): " + (s["skipped"] if "skipped" in s else
+               f"identical={s['identical']}{_diffs(s, 'first_difference_char', 'character')}"))
+
+
+def _diffs(check: dict, key: str, unit: str) -> str:
+    """' (first difference at token 5, 0)' for the prompts of a greedy check that differ; '' when none does."""
+    at = [str(r[key]) for r in check["per_prompt"] if r[key] is not None]
+    return f" (first difference at {unit} {', '.join(at)})" if at else ""
 
 
 def _export_genai(model: str, weights: Optional[Path], net, tokenizer, out: Path, precision: str, console) -> None:
