@@ -3,7 +3,8 @@ for a backend and precision. No torch: this can run on the board.
 
     onnxruntime  fp32  the exported graph (ORT's own graph optimisations at session creation)
                  int8  weight-only: every constant-weight MatMul -> MatMulNBits, 8 bits, blocks of 128
-                 int4  weight-only: MatMulNBits, 4 bits, symmetric blocks of ``group_size``
+                 int4  weight-only: MatMulNBits, 4 bits, symmetric blocks of ``group_size``, k-quant
+                       rounding (or GPTQ), the LM head at 8 bits (exporters.lm_quant)
                        (both with ``accuracy_level`` 4, int8 compute: ORT's fast CPU path)
     openvino     fp32 / fp16  IR (``compress_to_fp16`` for fp16 weights; the CPU still computes in f32).
                  The source may be the ``.onnx`` or, faster, the stateful ``openvino_model.xml`` of
@@ -11,7 +12,8 @@ for a backend and precision. No torch: this can run on the board.
                  the weight compression below applies
                  int8  ``nncf.compress_weights`` INT8_ASYM (weight-only; activations stay float)
                  int4  ``nncf.compress_weights`` INT4_SYM, ``group_size`` (must divide the hidden size:
-                       64 for SmolLM2's 576), ratio 1.0, the LM head kept INT8 (NNCF's default)
+                       64 for SmolLM2's 576), ratio 1.0, the LM head kept INT8 (NNCF's default);
+                       with calibration text: AWQ + scale estimation (exporters.lm_quant)
     tensorrt     the same ONNX plus ``trtexec.sh``: one optimisation profile spanning prefill
                  (sequence up to the prompt length, past 0) and decode (sequence 1, past up to the
                  context), built on the board (engines are GPU- and version-specific)
@@ -181,7 +183,7 @@ def _openvino_ir(onnx_path: Path, art: Path, precision: str, group_size: int,
 
 def _write_artifact(spec: BackendSpec, onnx_path: Path, tmp: Path, precision: str, dims: Dict[str, Any], *,
                     group_size: int, accuracy_level: Optional[int], max_prompt: int, max_context: int,
-                    man: Dict[str, Any], calib_ids: Any = None) -> Path:
+                    man: Dict[str, Any], calib_ids: Any = None, int4_algo: str = "k_quant") -> Path:
     """The backend's artifact (and, for a board-built backend, its trtexec build command) into ``tmp``."""
     art = tmp / spec.artifact
     if spec.lm_route == "openvino":
@@ -195,7 +197,7 @@ def _write_artifact(spec: BackendSpec, onnx_path: Path, tmp: Path, precision: st
     else:
         man["quantization"] = ort_weight_only(onnx_path, art, bits=8 if precision == "int8" else 4,
                                               group_size=group_size, accuracy_level=accuracy_level,
-                                              calib_ids=calib_ids)
+                                              calib_ids=calib_ids, algo=int4_algo)
     if spec.builds_on == "board":
         cmd = trtexec_command(dims, precision=precision, max_prompt=max_prompt, max_context=max_context)
         (tmp / "trtexec.sh").write_text("#!/bin/sh\n# build on the board (engines are GPU/TensorRT specific)\n"
@@ -207,7 +209,8 @@ def _write_artifact(spec: BackendSpec, onnx_path: Path, tmp: Path, precision: st
 
 def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str | Path, *, group_size: int = 64,
                max_prompt: int = 128, max_context: int = 512, parity: bool = True,
-               accuracy_level: Optional[int] = None, calib_ids: Any = None) -> Dict[str, Any]:
+               accuracy_level: Optional[int] = None, calib_ids: Any = None,
+               int4_algo: str = "k_quant") -> Dict[str, Any]:
     """Compile the LM graph into ``out_dir`` (replaced whole on success); returns the manifest.
 
     ``accuracy_level`` (ONNX Runtime INT8/INT4 only): MatMulNBits' compute type, ORT's scale: 0 unset,
@@ -215,8 +218,10 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
     ``None``: 4. Measured on the pruned SmolLM2 (benchmarks/experiments/llm_quant.py, 2 threads): 8-bit weights
     decode at 0.27x FP32's tokens/s at level 0 and 1.53x at level 4, for +0.8 % perplexity.
 
-    ``calib_ids`` (blocks, tokens) int64: calibration text for INT4 (GPTQ on ONNX Runtime, AWQ + scale
-    estimation on OpenVINO; exporters.lm_quant). None: data-free INT4."""
+    ``calib_ids`` (blocks, tokens) int64: calibration text for INT4: NNCF AWQ + scale estimation on
+    OpenVINO; on ONNX Runtime only with ``int4_algo="gptq"`` (slow). ONNX Runtime's default INT4 is
+    k-quant rounding of a graph whose model was AWQ-scaled before export (sglp_edge.export.awq; what
+    ``sglp-edge run`` does). See exporters.lm_quant."""
     t0 = time.perf_counter()
     onnx_path = Path(onnx_path)
     spec, dims, accuracy_level = _check(onnx_path, backend, precision, group_size, accuracy_level)
@@ -229,7 +234,7 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
     with atomic_dir(Path(out_dir)) as tmp:
         art = _write_artifact(spec, onnx_path, tmp, precision, dims, group_size=group_size,
                               accuracy_level=accuracy_level, max_prompt=max_prompt, max_context=max_context, man=man,
-                              calib_ids=calib_ids)
+                              calib_ids=calib_ids, int4_algo=int4_algo)
         man["artifacts"] = sorted(f.name for f in tmp.iterdir())
         man["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir() if f.suffix in (".onnx", ".data", ".xml", ".bin"))
         if parity and spec.builds_on != "board" and vocab:
@@ -238,6 +243,16 @@ def compile_lm(onnx_path: str | Path, backend: str, precision: str, out_dir: str
         atomic_write_json(tmp / "manifest.json", man)
     man["artifact"] = str(Path(out_dir) / spec.artifact)
     return man
+
+
+def _load_calib(path: str) -> np.ndarray:
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--calib {path} is not a readable .npy of token ids ({type(e).__name__})") from None
+    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+        raise UserError(f"--calib {path} must hold integer token ids of shape (blocks, tokens), not {ids.dtype} {ids.shape}")
+    return ids.astype(np.int64)
 
 
 def main(argv: Optional[List[str]] = None) -> int:  # python -m exporters.lm_compile MODEL.onnx BACKEND PREC OUT
@@ -249,10 +264,14 @@ def main(argv: Optional[List[str]] = None) -> int:  # python -m exporters.lm_com
     p.add_argument("out")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--accuracy-level", type=int, default=None, help="ORT MatMulNBits compute type (default 4: int8; 0: ORT's unset)")
+    p.add_argument("--calib", default=None, help="calibration token blocks (.npy of int64 (blocks, tokens)) for INT4: "
+                                                 "NNCF AWQ on OpenVINO, GPTQ on ONNX Runtime with --int4-algo gptq")
+    p.add_argument("--int4-algo", default="k_quant", choices=["k_quant", "gptq"], help="ONNX Runtime INT4 rounding")
     a = p.parse_args(argv)
     try:
+        calib = _load_calib(a.calib) if a.calib else None
         man = compile_lm(a.onnx, a.backend, a.precision, a.out, group_size=a.group_size,
-                         accuracy_level=a.accuracy_level)
+                         accuracy_level=a.accuracy_level, calib_ids=calib, int4_algo=a.int4_algo)
     except UserError as e:
         print(f"error: {e}")
         return 2

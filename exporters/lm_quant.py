@@ -3,13 +3,15 @@
 One place for the low-bit step of every LM route, so the choice is made once and recorded in the
 artifact (``quantization`` of ``manifest.json`` / ``lm.json``):
 
-- **ONNX graphs** (``exporters.lm_compile`` for ONNX Runtime; onnxruntime-genai's builder graph):
-  ONNX Runtime's ``MatMulNBitsQuantizer``. INT4: GPTQ (its ``GPTQWeightOnlyQuantConfig``, the
-  Hessian of each MatMul's input taken over calibration token blocks) in groups of ``group_size``,
-  where calibration blocks are given; round-to-nearest (k-quant) otherwise. INT8: round-to-nearest
-  in blocks of 128 (8 bits lose next to nothing, so data buys nothing). The LM head (the last
-  MatMul: the largest weight, and the one whose error lands directly on the logits) stays at
-  ``head_bits`` = 8 where the rest is 4 bits.
+- **ONNX graphs** (``exporters.lm_compile`` for ONNX Runtime): ONNX Runtime's
+  ``MatMulNBitsQuantizer``. INT4: k-quant rounding in groups of ``group_size`` (the calibration
+  happens before the graph is made: the model's weights are AWQ-scaled on the run's text,
+  :mod:`sglp_edge.export.awq`, which rounding then benefits from); ``algo="gptq"``: ORT's GPTQ
+  (``GPTQWeightOnlyQuantConfig``, the Hessian of each MatMul's input over the calibration blocks; it
+  runs the whole graph once per MatMul input and block, about an hour for a 135M model on 2 cores).
+  INT8: round-to-nearest in blocks of 128 (8 bits lose next to nothing, so data buys nothing). The LM
+  head (the last MatMul: the largest weight, and the one whose error lands directly on the logits)
+  stays at ``head_bits`` = 8 where the rest is 4 bits.
 - **OpenVINO IRs**: NNCF ``compress_weights``. INT4 with calibration blocks: AWQ + scale estimation
   on a ``nncf.Dataset`` of the model's own inputs, the head at INT8 (``ratio`` 1.0 of the body in
   INT4); without: plain INT4. INT8: ``INT8_ASYM``.
@@ -98,8 +100,12 @@ def _last_matmul(model: Any) -> Optional[str]:
     return names[-1] if names else None
 
 
+INT4_ALGOS = ("k_quant", "gptq")
+
+
 def ort_weight_only(src: Path, dst: Path, *, bits: int, group_size: int, accuracy_level: Optional[int],
-                    calib_ids: Any = None, head_bits: int = HEAD_BITS, head_dim: Optional[int] = None) -> Dict[str, Any]:
+                    calib_ids: Any = None, head_bits: int = HEAD_BITS, head_dim: Optional[int] = None,
+                    algo: str = "k_quant") -> Dict[str, Any]:
     """MatMulNBits weights for the LM graph ``src`` into ``dst`` (one file): see the module docstring.
     Returns the record stored with the artifact."""
     import onnx  # heavy: the graph library
@@ -107,7 +113,11 @@ def ort_weight_only(src: Path, dst: Path, *, bits: int, group_size: int, accurac
 
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    ids = _calib(calib_ids)
+    if algo not in INT4_ALGOS:
+        raise UserError(f"INT4 algorithm {algo!r} is not one of {', '.join(INT4_ALGOS)}")
+    ids = _calib(calib_ids) if algo == "gptq" else None
+    if algo == "gptq" and ids is None:
+        raise UserError("GPTQ needs calibration token blocks (calib_ids); use k_quant without them")
     model = onnx.load(str(src))
     head = _last_matmul(model) if bits == 4 and head_bits != 4 else None
     rec: Dict[str, Any] = {"bits": bits, "symmetric": True, "accuracy_level": accuracy_level,

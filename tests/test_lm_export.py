@@ -192,15 +192,18 @@ def test_lm_compile_weight_only_and_trtexec(exported, tmp_path):
 
 
 def test_lm_compile_int4_calibrated_on_text(exported, tmp_path):
-    """INT4 with calibration blocks: GPTQ on ONNX Runtime, AWQ + scale estimation on OpenVINO, the LM head
-    at 8 bits; the choice and the calibration are recorded in the manifest; the artifacts decode."""
+    """INT4: GPTQ on ONNX Runtime with calibration blocks (k-quant without), AWQ + scale estimation on
+    OpenVINO, the LM head at 8 bits; the choice and the calibration are recorded in the manifest; the
+    artifacts decode; GPTQ without calibration blocks is refused."""
     import onnx
 
+    from benchmarks.board.errors import UserError
     from exporters.lm_compile import compile_lm
 
     out, _ = exported
     calib = np.random.default_rng(0).integers(0, 100, (4, 16))
-    m = compile_lm(out / "model.onnx", "onnxruntime", "int4", tmp_path / "ort4", group_size=32, calib_ids=calib)
+    m = compile_lm(out / "model.onnx", "onnxruntime", "int4", tmp_path / "ort4", group_size=32, calib_ids=calib,
+                   int4_algo="gptq")
     q = m["quantization"]
     assert "GPTQ" in q["method"] and q["calibration"] == {"blocks": 4, "tokens_per_block": 16}
     assert q["head"]["bits"] == 8 and q["unquantized_matmuls"] == 0
@@ -211,6 +214,10 @@ def test_lm_compile_int4_calibrated_on_text(exported, tmp_path):
     g = lm_bench.generate(lm_bench.LMSession(str(tmp_path / "ort4" / "model.onnx"), "onnxruntime", threads=1),
                           np.arange(5), 3)
     assert len(g["tokens"]) == 4
+    kq = compile_lm(out / "model.onnx", "onnxruntime", "int4", tmp_path / "kq", group_size=32)["quantization"]
+    assert "k-quant" in kq["method"] and kq["head"]["bits"] == 8 and kq["unquantized_matmuls"] == 0
+    with pytest.raises(UserError, match="GPTQ needs calibration"):
+        compile_lm(out / "model.onnx", "onnxruntime", "int4", tmp_path / "bad", group_size=32, int4_algo="gptq")
     pytest.importorskip("nncf")
     m4 = compile_lm(out / "model.onnx", "openvino", "int4", tmp_path / "ov4", group_size=32, calib_ids=calib)
     assert "AWQ" in m4["quantization"]["method"] and m4["quantization"]["calibration"]["blocks"] == 4

@@ -26,7 +26,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -36,9 +35,9 @@ from typing import Any, Sequence
 from benchmarks.board.atomic import atomic_dir, sha256_file
 from benchmarks.board.lm_genai import GENAI_CONFIG, open_model
 from benchmarks.board.errors import UserError
-from exporters.lm_quant import ort_weight_only
 
 from sglp_edge.export.lm import META_FILE, PARITY_ATOL, TASK
+from sglp_edge.export.awq import awq_scale
 from sglp_edge.models.hf_llm import save_hf
 
 LAYOUT = "onnxruntime-genai"
@@ -131,34 +130,41 @@ def build(src: Path, out: Path, precision: str, *, extra_options: Sequence[str] 
 
 #: the builder's data-free low-bit (no calibration text): k-quant, the LM head at 8 bits
 BUILDER_LOWBIT = ("algo_config=k_quant", "matmul_mixed_precision=last_matmul:int8")
-#: INT4 group size of the calibrated (GPTQ) route: the builder's own default block
+#: INT4 group size the AWQ search rounds with: the builder's own default block
 GENAI_INT4_GROUP = 32
 
 
 def build_quantized(src: Path, out: Path, precision: str, *, extra_options: Sequence[str] = (),
-                    calib_ids: Any = None) -> tuple[str, dict[str, Any] | None]:
-    """The builder's folder in ``precision``: (its log, the quantization record). INT4 with calibration
-    blocks: the builder's fp32 graph, then GPTQ on the run's calibration text with the LM head at 8 bits
-    (exporters.lm_quant); without: the builder's own k-quant INT4 with the head at INT8. INT8: the
-    builder's round-to-nearest (8 bits lose next to nothing)."""
+                    calib_ids: Any = None, log: Any = None) -> tuple[str, dict[str, Any] | None]:
+    """The builder's folder in ``precision``: (its log, the quantization record). INT4: the builder's
+    k-quant INT4 with the LM head at INT8; with calibration blocks the model's weights are first
+    AWQ-scaled on them (sglp_edge.export.awq: same function in float, less rounding error), in a
+    temporary copy of ``src``. INT8: the builder's round-to-nearest (8 bits lose next to nothing)."""
     if precision == "fp32":
         return build(src, out, precision, extra_options=extra_options), None
-    if precision == "int8" or calib_ids is None or extra_options:
-        opts = list(extra_options) or list(BUILDER_LOWBIT if precision == "int4" else ())
-        log = build(src, out, precision, extra_options=opts)
-        return log, {"method": f"onnxruntime-genai builder MatMulNBits {precision}"
-                               + (f" ({', '.join(opts)})" if opts else " (round-to-nearest)"),
-                     "bits": 4 if precision == "int4" else 8, "calibration": None}
-    log = build(src, out, "fp32")
-    graph = out / "model.onnx"
-    head_dim = json.loads((out / GENAI_CONFIG).read_text())["model"]["decoder"]["head_size"]
-    rec = ort_weight_only(graph, out / "model.q.onnx", bits=4, group_size=GENAI_INT4_GROUP, accuracy_level=4,
-                          calib_ids=calib_ids, head_dim=head_dim)
-    os.replace(out / "model.q.onnx", graph)
-    data = out / "model.onnx.data"
-    if data.is_file():
-        data.unlink()
-    return log, rec
+    opts = list(extra_options) or list(BUILDER_LOWBIT if precision == "int4" else ())
+    rec: dict[str, Any] = {"method": f"onnxruntime-genai builder MatMulNBits {precision}"
+                                     + (f" ({', '.join(opts)})" if opts else " (round-to-nearest)"),
+                           "bits": 4 if precision == "int4" else 8, "awq": None}
+    if precision != "int4" or calib_ids is None:
+        return build(src, out, precision, extra_options=opts), rec
+    from transformers import AutoModelForCausalLM  # heavy: transformers
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="float32", trust_remote_code=False).eval()
+    rec["awq"] = awq_scale(model, calib_ids, bits=4, group_size=GENAI_INT4_GROUP, log=log)
+    rec["method"] = "AWQ scales (calibrated) + " + rec["method"]
+    scaled = Path(tempfile.mkdtemp(prefix=".awq.", dir=out.parent))
+    try:
+        save_hf(model, scaled, tokenizer=_tokenizer(src))
+        return build(scaled, out, precision, extra_options=opts), rec
+    finally:
+        shutil.rmtree(scaled, ignore_errors=True)
+
+
+def _tokenizer(src: Path) -> Any:
+    from transformers import AutoTokenizer  # heavy: transformers
+
+    return AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
 
 
 def genai_greedy(og: Any, model: Any, prompt: Sequence[int], n_new: int) -> tuple[list[int], Any]:

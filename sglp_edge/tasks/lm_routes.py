@@ -4,13 +4,15 @@
     result = route(pipe, profile)            # a cached stage: {"original": ..., "pruned": ..., "stage": name}
 
 - ``onnx``: :mod:`exporters.lm_compile` on the text-generation-with-past ONNX of the ``export`` stage
-  (ONNX Runtime fp32/int8/int4, TensorRT's build command);
+  (ONNX Runtime fp32/int8, TensorRT's build command); INT4 rounds the graph of the ``export-awq``
+  stage (the models AWQ-scaled on the run's calibration text first);
 - ``openvino``: the same compile from the stateful IR of ``export-openvino`` (fused attention, KV
   cache as state: 1.6x the ONNX route's decode on SmolLM2), or from the ONNX when the model cannot
-  take the stateful export;
+  take the stateful export; INT4 is NNCF's AWQ + scale estimation on the run's calibration text;
 - ``genai``: onnxruntime-genai's model builder on the saved models (:mod:`sglp_edge.export.lm_genai`),
   one folder per model (model.onnx, genai_config.json, tokenizer, lm.json with the parity against
-  PyTorch; fp32 must reproduce PyTorch's greedy tokens, int8/int4 record theirs).
+  PyTorch; fp32 must reproduce PyTorch's greedy tokens, int8/int4 record theirs); INT4 is the builder's
+  k-quant of the models AWQ-scaled on the run's calibration text, the LM head at INT8.
 
 Each route writes ``<stage>/original`` and ``<stage>/pruned``; the board stage benchmarks the
 backend's artifact there (a file, or for a folder backend the folder itself). A backend names its
@@ -45,6 +47,38 @@ def calib_ids(pipe: Any, precision: str) -> Any:
     if precision != "int4":
         return None
     return pipe.data.calibration[:CALIB_BLOCKS].numpy()
+
+
+#: INT4 group size of every LM route in `sglp-edge run` (the onnxruntime-genai builder's default block)
+INT4_GROUP = 32
+
+
+def stage_export_awq(task: Any, pipe: Any) -> dict[str, Any]:
+    """The ONNX graph with past of both models, their weights AWQ-scaled on the run's calibration text
+    (sglp_edge.export.awq: the same function in float): what an INT4 ONNX Runtime compile rounds."""
+    import copy
+
+    import torch  # heavy: torch
+
+    from sglp_edge.export.awq import awq_scale  # heavy: imports torch
+    from sglp_edge.export.lm import export_causal_lm  # heavy: imports torch
+
+    final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
+
+    def fn(tmp: Path) -> dict[str, Any]:
+        ids = torch.from_numpy(_parity_ids(pipe))
+        res = {}
+        for which, model in task.models(pipe):
+            scaled = copy.deepcopy(model)  # the loaded model serves the other stages unchanged
+            rec = awq_scale(scaled, calib_ids(pipe, "int4"), bits=4, group_size=INT4_GROUP, log=pipe.log)
+            meta = export_causal_lm(scaled, tmp / which, parity_ids=ids)
+            del scaled
+            res[which] = {"awq": {k: rec[k] for k in ("method", "group_size", "calibration", "error_vs_plain_rounding",
+                                                      "seconds")}, "parity": meta["parity_vs_pytorch"]["passed"]}
+        return res
+
+    return pipe.runner.stage("export-awq", pipe.inputs("export-awq", task=task.name, final=final_hash,
+                                                       calib=CALIB_BLOCKS, group=INT4_GROUP), fn)
 
 
 def stage_export_openvino(task: Any, pipe: Any) -> dict[str, Any]:
@@ -82,7 +116,7 @@ def _compile_from(pipe: Any, prof: Any, src_stage: str, src_file: str) -> dict[s
         for which in ("original", "pruned"):
             man = compile_lm(pipe.run_dir / src_stage / which / src_file, prof.backend, prof.precision,
                              tmp / which, max_prompt=e.prompt_tokens, max_context=e.prompt_tokens + e.gen_tokens + 1,
-                             calib_ids=calib_ids(pipe, prof.precision))
+                             calib_ids=calib_ids(pipe, prof.precision), group_size=INT4_GROUP)
             out[which] = {k: man.get(k) for k in ("backend", "precision", "parity", "quantization", "size_bytes",
                                                   "trtexec", "seconds")}
         return out
@@ -92,6 +126,9 @@ def _compile_from(pipe: Any, prof: Any, src_stage: str, src_file: str) -> dict[s
 
 
 def onnx_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
+    if prof.precision == "int4":  # rounded from the AWQ-scaled graph
+        stage_export_awq(task, pipe)
+        return _compile_from(pipe, prof, "export-awq", "model.onnx")
     return _compile_from(pipe, prof, "export", "model.onnx")
 
 
