@@ -125,6 +125,24 @@ def test_lm_bench_runs_genai_folder(exported, tiny_llama, tmp_path):
     assert res2["backend"] == "onnxruntime-genai" and res2["perplexity"]["blocks"] == 1
 
 
+def test_int4_is_awq_scaled_on_calibration_text(tiny_llama, tmp_path):
+    """INT4 with calibration blocks: the model is AWQ-scaled on them, then the builder's k-quant INT4 with
+    the LM head at INT8; the choice is recorded in lm.json and the folder decodes."""
+    import onnx
+
+    src = _save(tiny_llama, tmp_path / "hf")
+    calib = np.random.default_rng(0).integers(0, TINY["vocab_size"], (4, 16))
+    meta = export_causal_lm_genai(src, tmp_path / "g4", precision="int4", calib_ids=calib)
+    q = json.loads((tmp_path / "g4" / "lm.json").read_text())["quantization"]
+    assert q == meta["quantization"] and "AWQ" in q["method"] and "k_quant" in q["method"]
+    assert q["awq"]["calibration"] == {"blocks": 4, "tokens_per_block": 16} and len(q["awq"]["alphas"]) == TINY["num_hidden_layers"]
+    nodes = [n for n in onnx.load(str(tmp_path / "g4" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert {next(a.i for a in n.attribute if a.name == "bits") for n in nodes} == {4, 8}
+    sess = GenaiSession(str(tmp_path / "g4"), threads=1)
+    assert len(lm_bench.generate(sess, np.arange(1, 6), 3)["tokens"]) == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".awq.")]  # the scaled copy is gone
+
+
 def test_tiny_qwen2_fp32_identical(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
