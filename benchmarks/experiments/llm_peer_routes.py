@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import benchmarks.board.lm_bench as lm_bench
 
 #: route:precision, every LM route the project deploys (llama.cpp: the GGUF of ``sglp-edge export --gguf``)
 ROUTES = ("onnxruntime:fp32", "onnxruntime:int8", "onnxruntime:int4", "openvino:fp32", "openvino:int8",
           "openvino:int4", "onnxruntime-genai:fp32", "onnxruntime-genai:int8", "onnxruntime-genai:int4",
-          "llama.cpp:q8_0", "llama.cpp:q4_0")
+          "llama.cpp:q8_0", "llama.cpp:q4_0", "llama.cpp:q4_k_m")
 
 
 def _size(path: Path) -> int:
@@ -22,15 +24,23 @@ def _size(path: Path) -> int:
 
 
 def _graph(kind: str, model: Any, work: Path, calib: Any, reuse: bool) -> Path:
-    """The exported graph the compile starts from: the ONNX with past, or the stateful OpenVINO IR."""
+    """The exported graph the compile starts from: the ONNX with past (``onnx-awq``: of the model
+    AWQ-scaled on ``calib``, what `sglp-edge run` rounds to INT4), or the stateful OpenVINO IR."""
+    import copy
+
     import torch  # heavy
 
     ids = torch.as_tensor(calib[:2, :24])
-    if kind == "onnx":
+    if kind in ("onnx", "onnx-awq"):
+        from sglp_edge.export.awq import awq_scale  # heavy: imports torch
         from sglp_edge.export.lm import export_causal_lm  # heavy: imports torch
+        from sglp_edge.tasks.lm_routes import INT4_GROUP  # heavy: imports torch-using modules
 
-        out = work / "export-onnx"
+        out = work / f"export-{kind}"
         if not (reuse and (out / "model.onnx").is_file()):
+            if kind == "onnx-awq":
+                model = copy.deepcopy(model)
+                awq_scale(model, calib, bits=4, group_size=INT4_GROUP)
             export_causal_lm(model, out, parity_ids=ids)
         return out / "model.onnx"
     from sglp_edge.export.lm_openvino import export_causal_lm_openvino  # heavy: imports torch, openvino
@@ -48,10 +58,13 @@ def build_route(route: str, prec: str, model: Any, src: Path, tok: Any, work: Pa
     if route in ("onnxruntime", "openvino"):
         from exporters.lm_compile import compile_lm  # heavy: onnx / openvino inside
 
-        g = _graph("onnx" if route == "onnxruntime" else "openvino", model, work, calib, reuse)
+        from sglp_edge.tasks.lm_routes import INT4_GROUP  # heavy: imports torch-using modules
+
+        kind = "openvino" if route == "openvino" else ("onnx-awq" if prec == "int4" else "onnx")
+        g = _graph(kind, model, work, calib, reuse)
         art = out / ("model.onnx" if route == "onnxruntime" else "model.xml")
         if not (reuse and art.is_file()):
-            man = compile_lm(g, route, prec, out, calib_ids=calib)
+            man = compile_lm(g, route, prec, out, calib_ids=calib if prec == "int4" else None, group_size=INT4_GROUP)
             art = Path(man["artifact"])
         q = _manifest(out).get("quantization")
         return {"path": art, "size_bytes": _size(art), "quantization": q}
@@ -59,16 +72,22 @@ def build_route(route: str, prec: str, model: Any, src: Path, tok: Any, work: Pa
         from sglp_edge.export.lm_genai import export_causal_lm_genai  # heavy: imports torch
 
         if not (reuse and (out / "lm.json").is_file()):
-            export_causal_lm_genai(src, out, precision=prec, calib_ids=calib)
+            export_causal_lm_genai(src, out, precision=prec, calib_ids=calib if prec == "int4" else None)
         return {"path": out, "size_bytes": _size(out), "quantization": _manifest(out, "lm.json").get("quantization")}
     if route == "llama.cpp":
         from sglp_edge.export.gguf import export_gguf  # heavy: imports torch
 
         path = out / f"model-{prec}.gguf"
         if not (reuse and path.is_file()):
-            meta = export_gguf(src, path, gguf_type=prec)
+            imatrix = None
+            if prec.startswith("q4"):  # data-aware 4-bit: llama-imatrix on the calibration text
+                imatrix = work / "calib.txt"
+                imatrix.write_text(tok.decode(np.asarray(calib).reshape(-1).tolist(), skip_special_tokens=False))
+            meta = export_gguf(src, path, gguf_type=prec, imatrix=imatrix)
             path = Path(meta.get("path", path))
-        return {"path": path, "size_bytes": path.stat().st_size, "quantization": f"llama.cpp {prec.upper()}"}
+        return {"path": path, "size_bytes": path.stat().st_size,
+                "quantization": f"llama.cpp {prec.upper()}" + (" (importance matrix of the calibration text)"
+                                                             if prec.startswith("q4") else "")}
     raise ValueError(f"unknown route {route!r}")
 
 
