@@ -13,6 +13,7 @@ import benchmarks.board.lm_bench as lm_bench
 #: route:precision, every LM route the project deploys (llama.cpp: the GGUF of ``sglp-edge export --gguf``)
 ROUTES = ("onnxruntime:fp32", "onnxruntime:int8", "onnxruntime:int4", "openvino:fp32", "openvino:int8",
           "openvino:int4", "onnxruntime-genai:fp32", "onnxruntime-genai:int8", "onnxruntime-genai:int4",
+          "onnxruntime-genai:int4g16",
           "llama.cpp:q8_0", "llama.cpp:q4_0", "llama.cpp:q4_k_m")
 
 
@@ -71,8 +72,9 @@ def build_route(route: str, prec: str, model: Any, src: Path, tok: Any, work: Pa
     if route == "onnxruntime-genai":
         from sglp_edge.export.lm_genai import export_causal_lm_genai  # heavy: imports torch
 
-        if not (reuse and (out / "lm.json").is_file()):
-            export_causal_lm_genai(src, out, precision=prec, calib_ids=calib if prec == "int4" else None)
+        if not (reuse and (out / "lm.json").is_file()):  # int4gN: INT4 in groups of N (default 32)
+            p, g = (prec[:4], int(prec[5:])) if prec.startswith("int4g") else (prec, 32)
+            export_causal_lm_genai(src, out, precision=p, calib_ids=calib if p == "int4" else None, group_size=g)
         return {"path": out, "size_bytes": _size(out), "quantization": _manifest(out, "lm.json").get("quantization")}
     if route == "llama.cpp":
         from sglp_edge.export.gguf import export_gguf  # heavy: imports torch
@@ -83,7 +85,7 @@ def build_route(route: str, prec: str, model: Any, src: Path, tok: Any, work: Pa
             if prec.startswith("q4"):  # data-aware 4-bit: llama-imatrix on the calibration text
                 imatrix = work / "calib.txt"
                 imatrix.write_text(tok.decode(np.asarray(calib).reshape(-1).tolist(), skip_special_tokens=False))
-            meta = export_gguf(src, path, gguf_type=prec, imatrix=imatrix)
+            meta = export_gguf(src, path, gguf_type=prec, imatrix=imatrix, check=False)  # the yardstick measures it
             path = Path(meta.get("path", path))
         return {"path": path, "size_bytes": path.stat().st_size,
                 "quantization": f"llama.cpp {prec.upper()}" + (" (importance matrix of the calibration text)"

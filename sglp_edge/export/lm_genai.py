@@ -135,7 +135,8 @@ GENAI_INT4_GROUP = 32
 
 
 def build_quantized(src: Path, out: Path, precision: str, *, extra_options: Sequence[str] = (),
-                    calib_ids: Any = None, log: Any = None) -> tuple[str, dict[str, Any] | None]:
+                    calib_ids: Any = None, log: Any = None,
+                    group_size: int = GENAI_INT4_GROUP) -> tuple[str, dict[str, Any] | None]:
     """The builder's folder in ``precision``: (its log, the quantization record). INT4: the builder's
     k-quant INT4 with the LM head at INT8; with calibration blocks the model's weights are first
     AWQ-scaled on them (sglp_edge.export.awq: same function in float, less rounding error), in a
@@ -143,6 +144,8 @@ def build_quantized(src: Path, out: Path, precision: str, *, extra_options: Sequ
     if precision == "fp32":
         return build(src, out, precision, extra_options=extra_options), None
     opts = list(extra_options) or list(BUILDER_LOWBIT if precision == "int4" else ())
+    if precision == "int4" and group_size != GENAI_INT4_GROUP and not extra_options:
+        opts.append(f"block_size={group_size}")
     rec: dict[str, Any] = {"method": f"onnxruntime-genai builder MatMulNBits {precision}"
                                      + (f" ({', '.join(opts)})" if opts else " (round-to-nearest)"),
                            "bits": 4 if precision == "int4" else 8, "awq": None}
@@ -151,7 +154,7 @@ def build_quantized(src: Path, out: Path, precision: str, *, extra_options: Sequ
     from transformers import AutoModelForCausalLM  # heavy: transformers
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype="float32", trust_remote_code=False).eval()
-    rec["awq"] = awq_scale(model, calib_ids, bits=4, group_size=GENAI_INT4_GROUP, log=log)
+    rec["awq"] = awq_scale(model, calib_ids, bits=4, group_size=group_size, log=log)
     rec["method"] = "AWQ scales (calibrated) + " + rec["method"]
     scaled = Path(tempfile.mkdtemp(prefix=".awq.", dir=out.parent))
     try:
@@ -252,7 +255,8 @@ def genai_parity(folder: Path, src: Path, precision: str, *, n_new: int = 16,
 
 def export_causal_lm_genai(src: str | Path, out_dir: str | Path, *, precision: str = "fp32", n_new: int = 16,
                            parity_prompts_ids: Sequence[Sequence[int]] | None = None,
-                           extra_options: Sequence[str] = (), calib_ids: Any = None) -> dict[str, Any]:
+                           extra_options: Sequence[str] = (), calib_ids: Any = None,
+                           group_size: int = GENAI_INT4_GROUP) -> dict[str, Any]:
     """Export the saved causal LM in ``src`` to an onnxruntime-genai folder ``out_dir``, atomically
     (a temporary sibling renamed into place; nothing is left behind on failure), with the parity
     check in ``out_dir/lm.json``. Returns that manifest plus ``path``."""
@@ -269,7 +273,8 @@ def export_causal_lm_genai(src: str | Path, out_dir: str | Path, *, precision: s
         raise UserError(f"--out {out_dir} is the model folder itself; choose another folder")
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        log, quantization = build_quantized(src, tmp, precision, extra_options=extra_options, calib_ids=calib_ids)
+        log, quantization = build_quantized(src, tmp, precision, extra_options=extra_options, calib_ids=calib_ids,
+                                            group_size=group_size)
         build_s = time.perf_counter() - t0
         parity = genai_parity(tmp, src, precision, n_new=n_new, prompts=parity_prompts_ids)
         gcfg = json.loads((tmp / GENAI_CONFIG).read_text())
