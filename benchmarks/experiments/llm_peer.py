@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ppl-blocks", type=int, default=32)
     ap.add_argument("--ppl-limit", type=float, default=1.25, help="ours: perplexity <= this x the unpruned FP32's")
     ap.add_argument("--reuse", action="store_true", help="reuse artifacts already in --work")
+    ap.add_argument("--build-only", action="store_true", help="build the artifacts into --work and stop (then time "
+                                                               "them alone with --reuse)")
     return ap.parse_args(argv)
 
 
@@ -137,6 +139,12 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     pruned = load_hf(src).model.eval()
     n0, n1 = int(orig.config.num_hidden_layers), int(pruned.config.num_hidden_layers)
     held = held_out(tok, args)
+    if args.build_only:
+        for rp in [r for r in args.routes.split(",") if r]:
+            t0 = time.perf_counter()
+            art = build_route(*rp.split(":"), pruned, src, tok, args.work, calib=held["calib"], reuse=args.reuse)
+            print(f"{rp}: {art['path']} ({art['size_bytes'] / 1e6:.1f} MB; {time.perf_counter() - t0:.0f} s)", flush=True)
+        return {}
     args.prompt_ids = held["prompt"]
     first = args.block // 2
     print(f"models: unpruned {n0} layers, pruned {n1} ({src}); held-out {len(held['blocks'])} blocks of "
@@ -167,7 +175,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     for s in sessions.values():
         lm_bench.generate(s, args.prompt_ids[:16], 8)  # warm-up
     rr = alternating_rounds(timers(sessions, ggufs, root, args), args.rounds, log=lambda m: print(m, flush=True))
-    res.update(layers=[n0, n1], ppl={f"{a}/{b}": v for (a, b), v in ppl.items()}, rounds=rr["per"],
+    res.update(layers=[n0, n1], ppl={f"{a}/{b}": v for (a, b), v in ppl.items()},
+               rounds={f"{a}/{b}": v for (a, b), v in rr["per"].items()},
                loadavg=rr["loadavg"], held_out={"blocks": len(held["blocks"]), "block": args.block, "first": first,
                                                 "retokenized_same": held["retokenized_same"]},
                artifacts={f"{a}/{b}": {k: v for k, v in art.items() if k != "path"} | {"path": str(art["path"])}
@@ -219,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"llama.cpp: {root}; load average before {loadavg()}", flush=True)
     try:
         res = measure(args, root)
+        if args.build_only:
+            print(f"built in {args.work}; time them with --reuse")
+            return 0
         line = report(res, args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
