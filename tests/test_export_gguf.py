@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from benchmarks.board.errors import UserError
-from benchmarks.board.llama_cpp import DEFAULT_ROOT, ENV
+from exporters.llama_cpp import DEFAULT_ROOT, ENV
 from sglp_edge.cli import app
 from sglp_edge.export.gguf import PROMPTS, check_source, export_gguf, greedy_tokens, llama_simple_parity, read_gguf
 

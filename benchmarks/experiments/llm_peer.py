@@ -43,7 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import benchmarks.board.lm_bench as lm_bench  # noqa: E402
-from benchmarks.board import llama_cpp  # noqa: E402
+from exporters import llama_cpp  # noqa: E402
 from benchmarks.board.errors import UserError  # noqa: E402
 from benchmarks.experiments.llm_peer_routes import ROUTES, build_route, open_route  # noqa: E402
 from benchmarks.experiments.paired import alternating_rounds, loadavg, ratio_of  # noqa: E402

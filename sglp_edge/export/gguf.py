@@ -1,7 +1,7 @@
 """``sglp-edge export FOLDER --gguf --out X.gguf``: a saved Hugging Face decoder LM (a prune's ``model/``,
 a run's ``finetune/model``) -> one llama.cpp GGUF file, F16, Q8_0, Q4_0 or Q4_K_M.
 
-llama.cpp does the work (it is never vendored; see :mod:`benchmarks.board.llama_cpp`):
+llama.cpp does the work (it is never vendored; see :mod:`exporters.llama_cpp`):
 ``convert_hf_to_gguf.py`` writes F16 or Q8_0, ``build/bin/llama-quantize`` turns the F16 file into a
 4-bit one. A pruned folder already holds its kept layers renumbered 0..N-1 with ``num_hidden_layers``
 = N (checked here, in the weights), so the GGUF has ``blk.0`` .. ``blk.N-1`` and ``block_count`` N
@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 from benchmarks.board.atomic import atomic_write_json, sha256_file
 from benchmarks.board.diskspace import disk_full_as_fault
 from benchmarks.board.errors import UserError
-from benchmarks.board.llama_cpp import llama_cpp_root, run_tool, tool
+from exporters.llama_cpp import llama_cpp_root, run_tool, tool
 
 #: --gguf-type -> (convert_hf_to_gguf.py --outtype, llama-quantize type or None)
 GGUF_TYPES: dict[str, tuple[str, Optional[str]]] = {

@@ -1,4 +1,4 @@
-"""Where llama.cpp is, and its tools run as subprocesses (standard library only; Python 3.8+).
+"""Where llama.cpp is, and its tools run as subprocesses (host side; standard library only).
 
 llama.cpp is the yardstick of LM decode speed (``llama-bench``, ``llama-perplexity``) and the runtime
 of the GGUF route (``sglp-edge export --gguf``; ``convert_hf_to_gguf.py`` and ``llama-quantize``).
