@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from benchmarks.board.errors import UserError
-from exporters.llama_cpp import DEFAULT_ROOT, ENV
+from benchmarks.board.llama_cpp import DEFAULT_ROOT, ENV
 from sglp_edge.cli import app
 from sglp_edge.export.gguf import PROMPTS, check_source, export_gguf, greedy_tokens, llama_simple_parity, read_gguf
 
@@ -172,7 +172,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, monkeypatch):
     text.write_text("some text\n")
     tree = ("--llama-cpp", str(tmp_path / "tree"))
     _one_line_error(_export(str(src), "--gguf", "--gguf-imatrix", str(text), "--out", str(out), *tree),
-                    "--gguf-imatrix applies to the 4-bit types (q4_0, q4_k_m), not f16")
+                    "--gguf-imatrix applies to the 4-bit types (q4_0, q4_1, q4_k_m), not f16")
     _one_line_error(_export(str(src), "--gguf", "--gguf-type", "q4_0", "--gguf-imatrix", str(tmp_path / "no.txt"),
                             "--out", str(out), *tree), "no.txt does not exist")
     _one_line_error(_export(str(src), "--gguf-imatrix", str(text), "--out", str(out)), "apply with --gguf")

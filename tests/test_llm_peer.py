@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters import llama_cpp
+from benchmarks.board import llama_cpp
 from benchmarks.board.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

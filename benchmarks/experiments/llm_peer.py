@@ -43,12 +43,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import benchmarks.board.lm_bench as lm_bench  # noqa: E402
-from exporters import llama_cpp  # noqa: E402
+from benchmarks.board import llama_cpp  # noqa: E402
 from benchmarks.board.errors import UserError  # noqa: E402
 from benchmarks.experiments.llm_peer_routes import ROUTES, build_route, open_route  # noqa: E402
 from benchmarks.experiments.paired import alternating_rounds, loadavg, ratio_of  # noqa: E402
 
 BASE = ("llama.cpp", "unpruned-q4_1")
+#: precision prefix of the unpruned model's own GGUF in each llama.cpp route's type (not a candidate for ``ours``)
+UNPRUNED = "unpruned-"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,6 +78,16 @@ def pruned_folder(p: Path) -> Path:
             return c
     raise UserError(f"{p} holds no saved model (config.json in finetune/model, model/ or itself); pass the folder "
                     "of a `sglp-edge run` or of `sglp-edge prune`")
+
+
+def unpruned_folder(model: Any, tok: Any, args: argparse.Namespace) -> Path:
+    """The unpruned model saved as a Hugging Face folder (once), for its same-format GGUFs."""
+    from sglp_edge.models.hf_llm import save_hf  # heavy: imports torch
+
+    out = args.work / "unpruned-hf"
+    if not (out / "config.json").is_file():
+        save_hf(model, out, tokenizer=tok)
+    return out
 
 
 def held_out(tok: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -166,6 +178,13 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             ggufs[(route, prec)] = art["path"]
             ppl[(route, prec)] = llama_cpp.perplexity(root, art["path"], held["text_file"], ctx=args.block,
                                                       threads=args.threads, chunks=args.ppl_blocks)["perplexity"]
+            # the unpruned model in the same GGUF type, made the same way: the pruned GGUF's depth-only speedup
+            same = build_route(route, prec, orig, unpruned_folder(orig, tok, args), tok, args.work,
+                               calib=held["calib"], reuse=args.reuse, name=f"{route}-unpruned-{prec}")
+            ggufs[(route, UNPRUNED + prec)] = same["path"]
+            ppl[(route, UNPRUNED + prec)] = llama_cpp.perplexity(
+                root, same["path"], held["text_file"], ctx=args.block, threads=args.threads,
+                chunks=args.ppl_blocks)["perplexity"]
         else:
             sessions[(route, prec)] = open_route(route, art["path"], threads=args.threads)
             ppl[(route, prec)] = lm_bench.perplexity(sessions[(route, prec)], held["blocks"], first=first)["perplexity"]
@@ -197,7 +216,13 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         r = ratio_of(rr, k, BASE) if k != BASE else {"ratio": 1.0}
         rows[k] = r["ratio"]
         print(f"| {k[0]} {k[1]} | {tg[k]:.1f} | {r['ratio']:.3f} | {ppl[k]:.3f} | {ppl[k] / base_ppl:.3f} |")
-    good = [k for k in rows if k != BASE and ppl[k] <= args.ppl_limit * base_ppl]
+    for k in [k for k in rows if k[0] == "llama.cpp" and (k[0], UNPRUNED + k[1]) in rows]:
+        r = ratio_of(rr, k, (k[0], UNPRUNED + k[1]), limit=res["layers"][0] / res["layers"][1])
+        print(f"same GGUF type {k[1]}: pruned / unpruned tg{args.gen} {r['ratio']:.3f} (median per-round ratio; "
+              f"the layer ratio {r['limit']:.3f} bounds a depth-only speedup"
+              + ("; ABOVE it: a measuring fault, not a result)" if r["fault"] else ")"))
+        res.setdefault("same_format", {})[k[1]] = r["ratio"]
+    good = [k for k in rows if k != BASE and not k[1].startswith(UNPRUNED) and ppl[k] <= args.ppl_limit * base_ppl]
     res.update(tokens_per_s={f"{a}/{b}": v for (a, b), v in tg.items()},
                vs_llamacpp={f"{a}/{b}": v for (a, b), v in rows.items()})
     if not good:

@@ -1,7 +1,7 @@
 """``sglp-edge export FOLDER --gguf --out X.gguf``: a saved Hugging Face decoder LM (a prune's ``model/``,
 a run's ``finetune/model``) -> one llama.cpp GGUF file, F16, Q8_0, Q4_0 or Q4_K_M.
 
-llama.cpp does the work (it is never vendored; see :mod:`exporters.llama_cpp`):
+llama.cpp does the work (it is never vendored; see :mod:`benchmarks.board.llama_cpp`):
 ``convert_hf_to_gguf.py`` writes F16 or Q8_0, ``build/bin/llama-quantize`` turns the F16 file into a
 4-bit one. A pruned folder already holds its kept layers renumbered 0..N-1 with ``num_hidden_layers``
 = N (checked here, in the weights), so the GGUF has ``blk.0`` .. ``blk.N-1`` and ``block_count`` N
@@ -29,11 +29,12 @@ from typing import Any, Callable, Optional
 from benchmarks.board.atomic import atomic_write_json, sha256_file
 from benchmarks.board.diskspace import disk_full_as_fault
 from benchmarks.board.errors import UserError
-from exporters.llama_cpp import llama_cpp_root, run_tool, tool
+from benchmarks.board.llama_cpp import llama_cpp_root, run_tool, tool
 
 #: --gguf-type -> (convert_hf_to_gguf.py --outtype, llama-quantize type or None)
 GGUF_TYPES: dict[str, tuple[str, Optional[str]]] = {
-    "f16": ("f16", None), "q8_0": ("q8_0", None), "q4_0": ("f16", "Q4_0"), "q4_k_m": ("f16", "Q4_K_M")}
+    "f16": ("f16", None), "q8_0": ("q8_0", None), "q4_0": ("f16", "Q4_0"), "q4_1": ("f16", "Q4_1"),
+    "q4_k_m": ("f16", "Q4_K_M")}
 #: config.model_type of the decoders convert_hf_to_gguf.py converts that sglp-edge prunes (llama: tested)
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3_text")
 #: prompts of the greedy checks (PyTorch vs the GGUF in transformers, and vs llama-simple)

