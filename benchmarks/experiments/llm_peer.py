@@ -80,14 +80,16 @@ def pruned_folder(p: Path) -> Path:
                     "of a `sglp-edge run` or of `sglp-edge prune`")
 
 
-def unpruned_folder(model: Any, tok: Any, args: argparse.Namespace) -> Path:
-    """The unpruned model saved as a Hugging Face folder (once), for its same-format GGUFs."""
+def build_unpruned_gguf(prec: str, model: Any, tok: Any, args: argparse.Namespace, calib: Any) -> dict[str, Any]:
+    """The unpruned model's GGUF in the same type as the pruned one's, made the same way (saved as a
+    Hugging Face folder once, then ``sglp-edge export --gguf``'s code)."""
     from sglp_edge.models.hf_llm import save_hf  # heavy: imports torch
 
-    out = args.work / "unpruned-hf"
-    if not (out / "config.json").is_file():
-        save_hf(model, out, tokenizer=tok)
-    return out
+    folder = args.work / "unpruned-hf"
+    if not (folder / "config.json").is_file():
+        save_hf(model, folder, tokenizer=tok)
+    return build_route("llama.cpp", prec, model, folder, tok, args.work, calib=calib, reuse=args.reuse,
+                       name=f"llama.cpp-{UNPRUNED}{prec}")
 
 
 def held_out(tok: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -155,6 +157,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for rp in [r for r in args.routes.split(",") if r]:
             t0 = time.perf_counter()
             art = build_route(*rp.split(":"), pruned, src, tok, args.work, calib=held["calib"], reuse=args.reuse)
+            if rp.startswith("llama.cpp:"):
+                build_unpruned_gguf(rp.split(":")[1], orig, tok, args, held["calib"])
             print(f"{rp}: {art['path']} ({art['size_bytes'] / 1e6:.1f} MB; {time.perf_counter() - t0:.0f} s)", flush=True)
         return {}
     args.prompt_ids = held["prompt"]
@@ -179,8 +183,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             ppl[(route, prec)] = llama_cpp.perplexity(root, art["path"], held["text_file"], ctx=args.block,
                                                       threads=args.threads, chunks=args.ppl_blocks)["perplexity"]
             # the unpruned model in the same GGUF type, made the same way: the pruned GGUF's depth-only speedup
-            same = build_route(route, prec, orig, unpruned_folder(orig, tok, args), tok, args.work,
-                               calib=held["calib"], reuse=args.reuse, name=f"{route}-unpruned-{prec}")
+            same = build_unpruned_gguf(prec, orig, tok, args, held["calib"])
             ggufs[(route, UNPRUNED + prec)] = same["path"]
             ppl[(route, UNPRUNED + prec)] = llama_cpp.perplexity(
                 root, same["path"], held["text_file"], ctx=args.block, threads=args.threads,

@@ -10,10 +10,12 @@ import numpy as np
 
 import benchmarks.board.lm_bench as lm_bench
 
-#: route:precision, every LM route the project deploys (llama.cpp: the GGUF of ``sglp-edge export --gguf``)
+#: route:precision, every LM route the project deploys (llama.cpp: the GGUF of ``sglp-edge export --gguf``);
+#: onnxruntime-genai ``int4plain``: every decoder MatMul at 4 bits (the default INT4 keeps llama.cpp's mixed
+#: layers at 8), ``int4gN``: the default INT4 in groups of N
 ROUTES = ("onnxruntime:fp32", "onnxruntime:int8", "onnxruntime:int4", "openvino:fp32", "openvino:int8",
           "openvino:int4", "onnxruntime-genai:fp32", "onnxruntime-genai:int8", "onnxruntime-genai:int4",
-          "onnxruntime-genai:int4g16",
+          "onnxruntime-genai:int4plain",
           "llama.cpp:q8_0", "llama.cpp:q4_0", "llama.cpp:q4_k_m")
 
 
@@ -53,9 +55,10 @@ def _graph(kind: str, model: Any, work: Path, calib: Any, reuse: bool) -> Path:
 
 
 def build_route(route: str, prec: str, model: Any, src: Path, tok: Any, work: Path, *, calib: Any,
-                reuse: bool = False) -> dict[str, Any]:
-    """{"path", "size_bytes", "quantization"} of the pruned model's artifact on ``route`` in ``prec``."""
-    out = work / f"{route}-{prec}"
+                reuse: bool = False, name: str = "") -> dict[str, Any]:
+    """{"path", "size_bytes", "quantization"} of the pruned model's artifact on ``route`` in ``prec``
+    (``name``: its folder in ``work``, default ``<route>-<prec>``)."""
+    out = work / (name or f"{route}-{prec}")
     if route in ("onnxruntime", "openvino"):
         from exporters.lm_compile import compile_lm  # heavy: onnx / openvino inside
 
@@ -70,11 +73,13 @@ def build_route(route: str, prec: str, model: Any, src: Path, tok: Any, work: Pa
         q = _manifest(out).get("quantization")
         return {"path": art, "size_bytes": _size(art), "quantization": q}
     if route == "onnxruntime-genai":
-        from sglp_edge.export.lm_genai import export_causal_lm_genai  # heavy: imports torch
+        from sglp_edge.export.lm_genai import BUILDER_LOWBIT_PLAIN, export_causal_lm_genai  # heavy: imports torch
 
         if not (reuse and (out / "lm.json").is_file()):  # int4gN: INT4 in groups of N (default 32)
-            p, g = (prec[:4], int(prec[5:])) if prec.startswith("int4g") else (prec, 32)
-            export_causal_lm_genai(src, out, precision=p, calib_ids=calib if p == "int4" else None, group_size=g)
+            p, g = (prec[:4], int(prec[5:])) if prec.startswith("int4g") else (prec[:4] if prec == "int4plain"
+                                                                               else prec, 32)
+            export_causal_lm_genai(src, out, precision=p, calib_ids=calib if p == "int4" else None, group_size=g,
+                                   extra_options=BUILDER_LOWBIT_PLAIN if prec == "int4plain" else ())
         return {"path": out, "size_bytes": _size(out), "quantization": _manifest(out, "lm.json").get("quantization")}
     if route == "llama.cpp":
         from sglp_edge.export.gguf import export_gguf  # heavy: imports torch

@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
                                   "ONNX, from a saved Hugging Face folder (a prune's model/, a run's finetune/model); "
                                   "checked (layers, greedy vs PyTorch, llama-simple) into OUT.json"),
         gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="--gguf weights: f16 (default) | q8_0 | "
-                                                "q4_0 | q4_k_m (4-bit: llama-quantize)"),
+                                                "q4_0 | q4_1 | q4_k_m (4-bit: llama-quantize)"),
         gguf_imatrix: Optional[Path] = typer.Option(None, "--gguf-imatrix", help="4-bit --gguf: a calibration text "
                                                     "file; llama-imatrix's importance matrix on it guides "
                                                     "llama-quantize (data-aware 4-bit)"),
