@@ -55,7 +55,7 @@ class BackendSpec:
     providers: bool = False  # a profile may choose its execution providers
     lm_precisions: Tuple[str, ...] = ()  # exporters/lm_compile.py compiles a decoder LM's graph in these
     lm_route: str = ""  # how `sglp-edge run` brings a causal LM to it (sglp_edge/tasks/lm_routes.py)
-    lm_session: str = ""  # the board's decode loop (benchmarks/board/lm_bench.py): "graph" | "genai"
+    lm_session: str = ""  # the board's decode loop (benchmarks/board/lm_bench.py): "graph" | "genai" | "llama.cpp"
 
     @property
     def image(self) -> bool:
@@ -102,6 +102,11 @@ BACKENDS: Dict[str, BackendSpec] = {b.name: b for b in (
     BackendSpec("onnxruntime-genai", ("fp32", "int8", "int4"), "genai_config.json", (), "host", "",
                 "onnxruntime-genai", True, tasks=("causal-lm",), folder_artifact=True,
                 runtime_deps=("onnxruntime",), lm_route="genai", lm_session="genai"),
+    # llama.cpp (benchmarks/board/llama_cpp.py, lm_llama_cpp.py): a GGUF built on the host by
+    # sglp_edge.export.gguf (fp16 -> F16, int8 -> Q8_0, int4 -> Q4_0: sglp_edge/tasks/lm_routes.py),
+    # measured on the board by llama.cpp's own tools (built there with `make llama-cpp`: no pip runtime)
+    BackendSpec("llama.cpp", ("fp16", "int8", "int4"), "model.gguf", (".gguf",), "host", "", "", False,
+                tasks=("causal-lm",), lm_route="gguf", lm_session="llama.cpp"),
 )}
 NAMES: Tuple[str, ...] = tuple(BACKENDS)
 #: backends with an image compile step (exporters/compile.py, sglp-edge compile)

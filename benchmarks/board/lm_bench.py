@@ -12,11 +12,13 @@ The artifact is a graph in Optimum's ``text-generation-with-past`` layout (``sgl
 runs with an f32 KV cache unless ``--precision bf16``. ``--backend onnxruntime-genai`` runs a folder
 of ``sglp_edge.export.lm_genai`` (``genai_config.json`` + the builder's graph) through
 onnxruntime-genai's generator (:mod:`benchmarks.board.lm_genai`; batch 1), picked by default for such a folder.
+``--backend llama.cpp`` (default for a ``.gguf``) measures a GGUF with llama.cpp's own tools instead of
+this loop, into the same metrics (:mod:`benchmarks.board.lm_llama_cpp`).
 
-The eval ``.npz`` (written on the host, :func:`write_eval_npz`) carries token ids only:
+The eval ``.npz`` (written on the host, :func:`write_eval_npz`) carries token ids:
 ``task`` = ``"causal-lm"``, ``bench_prompt`` (P,), ``gen_tokens`` (G), ``greedy_prompts`` (N, Pg),
-``greedy_reference`` (N, Gg: PyTorch's greedy tokens), ``ppl_blocks`` (M, L: held-out text) and
-optionally ``torch_perplexity``.
+``greedy_reference`` (N, Gg: PyTorch's greedy tokens), ``ppl_blocks`` (M, L: held-out text),
+optionally ``torch_perplexity``, and for llama.cpp (which reads text) the text keys :data:`TEXT_KEYS`.
 
 Measured (batch 1, greedy, our own decode loop):
 - TTFT: prefill of the P-token prompt plus the first token's argmax, in ms;
@@ -49,10 +51,13 @@ from benchmarks.board.calib import read_npz  # noqa: E402
 from benchmarks.board.errors import UserError  # noqa: E402
 from benchmarks.board.harness import capture_env, now_iso, peak_memory  # noqa: E402
 from benchmarks.board.lm_genai import GenaiSession, genai_files, is_genai_folder  # noqa: E402
+from benchmarks.board.lm_llama_cpp import measure as llama_cpp_measure  # noqa: E402
 
 TASK = "causal-lm"
 SCHEMA = "sglp-edge.lm-bench/1"
 EVAL_KEYS = ("bench_prompt", "gen_tokens", "greedy_prompts", "greedy_reference", "ppl_blocks")
+#: optional text of the eval data (the held-out blocks / prompts decoded on the host, re-tokenising to them)
+TEXT_KEYS = ("ppl_text", "ppl_text_blocks", "greedy_prompt_text", "greedy_reference_text", "greedy_text_index")
 #: backends this benchmark runs (the registry's ``lm_session``: our decode loop on a graph, or genai's)
 LM_BACKENDS = tuple(n for n, b in BACKENDS.items() if b.lm_session)
 
@@ -150,6 +155,9 @@ def open_session(artifact: str, backend: str, **kw: Any) -> Any:
         return GenaiSession(artifact, threads=kw.get("threads"))
     if kind == "graph":
         return LMSession(artifact, backend, **kw)
+    if kind == "llama.cpp":
+        raise UserError("llama.cpp has no step session: run() measures a GGUF with llama.cpp's own tools "
+                        "(benchmarks/board/lm_llama_cpp.py)")
     raise UserError(f"the LM benchmark runs on {', '.join(LM_BACKENDS[:-1])} or {LM_BACKENDS[-1]}, not {backend!r} "
                     "(TensorRT: build the engine with the printed trtexec command)")
 
@@ -258,14 +266,19 @@ def load_eval_npz(path: str) -> Dict[str, Any]:
 
 def write_eval_npz(path: str, *, bench_prompt: np.ndarray, gen_tokens: int, greedy_prompts: np.ndarray,
                    greedy_reference: np.ndarray, ppl_blocks: np.ndarray, torch_perplexity: Optional[float] = None,
-                   meta: Optional[Dict[str, Any]] = None) -> Path:
-    """Host side: write the board's LM eval data atomically (token ids only)."""
+                   meta: Optional[Dict[str, Any]] = None, text: Optional[Dict[str, Any]] = None) -> Path:
+    """Host side: write the board's LM eval data atomically: token ids, and ``text`` (optional keys
+    :data:`TEXT_KEYS`, for a runtime that reads text: llama.cpp; sglp_edge.tasks.lm_eval_text)."""
     arrays = {"task": np.array(TASK), "bench_prompt": np.asarray(bench_prompt, np.int64),
               "gen_tokens": np.array(int(gen_tokens)), "greedy_prompts": np.asarray(greedy_prompts, np.int64),
               "greedy_reference": np.asarray(greedy_reference, np.int64), "ppl_blocks": np.asarray(ppl_blocks, np.int64),
               "meta": np.array(json.dumps(meta or {}))}
     if torch_perplexity is not None:
         arrays["torch_perplexity"] = np.array(float(torch_perplexity))
+    for k, v in (text or {}).items():
+        if k not in TEXT_KEYS:
+            raise ValueError(f"eval data text key {k!r} is not one of {TEXT_KEYS}")
+        arrays[k] = np.asarray(v)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
@@ -285,6 +298,23 @@ def artifact_size(path: Path) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
+def measure_session(artifact: Path, data: Dict[str, Any], backend: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """Our own decode loop on a graph or genai session: {"speed", "perplexity", "greedy", "memory", "settings"}."""
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if getattr(args, "providers", None) else None
+    t0 = time.perf_counter()
+    sess = open_session(str(artifact), backend, threads=args.threads, precision=getattr(args, "precision", "fp32"),
+                        device=getattr(args, "device", "CPU"), providers=providers)
+    load_s = time.perf_counter() - t0
+    sp = speed(sess, data["bench_prompt"], data["gen_tokens"], rounds=getattr(args, "gen_rounds", 3) or 3)
+    blocks = data["ppl_blocks"]
+    if getattr(args, "max_eval", None):
+        blocks = blocks[: args.max_eval]
+    ppl = perplexity(sess, blocks)
+    agree = greedy_agreement(sess, data["greedy_prompts"], data["greedy_reference"])
+    return {"speed": sp, "perplexity": ppl, "greedy": agree, "memory": peak_memory(),
+            "settings": dict(sess.settings, load_s=load_s)}
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """The whole LM benchmark; ``args`` as built by :func:`build_parser` (or run_bench's parser)."""
     if not args.data:
@@ -295,29 +325,24 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                                              "genai_config.json is an artifact)" if artifact.is_dir() else ""))
     data = load_eval_npz(args.data)
     backend = args.backend or default_backend(artifact)
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if getattr(args, "providers", None) else None
-    t0 = time.perf_counter()
-    sess = open_session(str(artifact), backend, threads=args.threads, precision=getattr(args, "precision", "fp32"),
-                     device=getattr(args, "device", "CPU"), providers=providers)
-    load_s = time.perf_counter() - t0
-    sp = speed(sess, data["bench_prompt"], data["gen_tokens"], rounds=getattr(args, "gen_rounds", 3) or 3)
-    blocks = data["ppl_blocks"]
-    if getattr(args, "max_eval", None):
-        blocks = blocks[: args.max_eval]
-    ppl = perplexity(sess, blocks)
-    agree = greedy_agreement(sess, data["greedy_prompts"], data["greedy_reference"])
-    mem = peak_memory()
+    if backend in BACKENDS and BACKENDS[backend].lm_session == "llama.cpp":  # llama.cpp's own tools
+        parts = llama_cpp_measure(artifact, data, threads=args.threads, rounds=getattr(args, "gen_rounds", 3) or 3,
+                                  max_eval=getattr(args, "max_eval", None), llama_cpp=getattr(args, "llama_cpp", None))
+    else:
+        parts = measure_session(artifact, data, backend, args)
+    sp, ppl, agree, mem = parts["speed"], parts["perplexity"], parts["greedy"], parts["memory"]
     size = artifact_size(artifact)
     metrics = {"ttft_ms": sp["ttft_ms"], "decode_tokens_per_s": sp["decode_tokens_per_s"],
                "decode_p50_ms": sp["decode_p50_ms"], "decode_p90_ms": sp["decode_p90_ms"],
-               "perplexity": ppl["perplexity"], "greedy_agreement_pct": 100.0 * agree["agreement"],
+               "perplexity": ppl["perplexity"],
+               "greedy_agreement_pct": None if agree["agreement"] is None else 100.0 * agree["agreement"],
                "model_size_mb": size / float(1 << 20), "peak_memory_mb": mem["peak_rss_mb"]}
     if "torch_perplexity" in data:
         metrics["torch_perplexity"] = float(data["torch_perplexity"])
     result = {"schema": SCHEMA, "status": "done", "task": TASK, "backend": backend, "finished_at": now_iso(),
               "artifact": {"name": artifact.name, "size_bytes": size, "size_mb": size / float(1 << 20)},
-              "settings": dict(sess.settings, precision=getattr(args, "precision", "fp32"), batch=1,
-                               load_s=load_s), "speed": sp, "perplexity": ppl, "greedy": agree,
+              "settings": dict(parts["settings"], precision=getattr(args, "precision", "fp32"), batch=1),
+              "speed": sp, "perplexity": ppl, "greedy": agree,
               "llama_bench": sp["llama_bench"], "memory": mem, "metrics": metrics, "env": capture_env()}
     if getattr(args, "out", None):
         atomic_write_json(args.out, result)
@@ -339,7 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers")
     p.add_argument("--gen-rounds", type=int, default=3, help="timed generations (median)")
     p.add_argument("--max-eval", type=int, help="perplexity on the first N held-out blocks only")
+    p.add_argument("--llama-cpp", help="llama.cpp tree with build/bin (backend llama.cpp; default "
+                   "$SGLP_EDGE_LLAMA_CPP, else ~/.cache/sglp-edge/llama.cpp)")
     return p
+
+
+def _nan(v: Optional[float]) -> float:
+    return float("nan") if v is None else v
 
 
 def summary(res: Dict[str, Any]) -> str:
@@ -348,7 +379,7 @@ def summary(res: Dict[str, Any]) -> str:
     return ("done: {} TTFT {:.1f} ms, decode {:.1f} tok/s (p50 {:.2f} ms, p90 {:.2f} ms), {}, ppl {:.3f}, "
             "greedy {:.1f} %, peak RSS {:.0f} MB, size {:.1f} MB").format(
         res["backend"], m["ttft_ms"], m["decode_tokens_per_s"], m["decode_p50_ms"] or float("nan"),
-        m["decode_p90_ms"] or float("nan"), lb, m["perplexity"], m["greedy_agreement_pct"],
+        m["decode_p90_ms"] or float("nan"), lb, _nan(m["perplexity"]), _nan(m["greedy_agreement_pct"]),
         m["peak_memory_mb"] or float("nan"), m["model_size_mb"])
 
 

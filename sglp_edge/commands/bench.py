@@ -133,7 +133,27 @@ def _check_files(artifact: Path, data: Optional[Path], device: list[str], out: P
     # folder is its own with the marker and summary.json, or a marker naming bench (a bench stopped early)
     guard_out_dir(out, reuse=True, inputs=(artifact, data), **_OWN)
     if data is not None:
-        check_bench_data(artifact, data)
+        _check_data(artifact, data)
+
+
+def _check_data(artifact: Path, data: Path) -> None:
+    """LM eval data (``task`` causal-lm: lm_bench's keys), or image / token eval data against the artifact."""
+    # heavy: numpy (benchmarks.board.lm_bench); `sglp-edge --help` stays fast
+    import zipfile
+
+    import numpy as np
+
+    from benchmarks.board.lm_bench import TASK, load_eval_npz
+
+    try:
+        with np.load(data, allow_pickle=False) as z:
+            lm = "task" in z.files and str(z["task"]) == TASK
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # reported by check_bench_data
+        lm = False
+    if lm:
+        load_eval_npz(str(data))
+        return
+    check_bench_data(artifact, data)
 
 
 def _load_profiles(artifact: Path, device: list[str], host: list[str], *, local: bool, emulate: bool) -> list:

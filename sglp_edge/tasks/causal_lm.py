@@ -8,8 +8,9 @@
 - compile: one route per backend (:mod:`sglp_edge.tasks.lm_routes`): :mod:`exporters.lm_compile` (ORT
   fp32/int8/int4, OpenVINO fp32/fp16/int8/int4 from its stateful IR, TensorRT's build command), or
   onnxruntime-genai's model builder (:mod:`sglp_edge.export.lm_genai`, fp32/int8/int4);
-- board data: token ids only (:func:`benchmarks.board.lm_bench.write_eval_npz`): the TTFT prompt,
-  held-out perplexity blocks, greedy prompts and PyTorch's greedy continuations;
+- board data: token ids (:func:`benchmarks.board.lm_bench.write_eval_npz`): the TTFT prompt,
+  held-out perplexity blocks, greedy prompts and PyTorch's greedy continuations, and their text where
+  it re-tokenises to the same ids (for llama.cpp: :mod:`sglp_edge.tasks.lm_eval_text`);
 - metrics: TTFT, decode tokens/s (p50/p90 per token), perplexity (and its increase over the
   unpruned model on the same runtime), greedy agreement with PyTorch, size, peak memory.
 """
@@ -28,6 +29,7 @@ from sglp_edge.profiles.load import load_profile
 from sglp_edge.tasks.base import Task
 from sglp_edge.tasks.causal_lm_report import build_lm_report
 from sglp_edge.tasks.context import TaskContext
+from sglp_edge.tasks.lm_eval_text import eval_text
 from sglp_edge.tasks.lm_routes import LM_ROUTE_CHECKS, LM_ROUTES, stage_export_openvino
 
 
@@ -125,10 +127,13 @@ class CausalLM(Task):
                 model.eval()
                 ref, ppl = torch_greedy_and_ppl(model, prompts, e.greedy_tokens, ppl_blocks)
                 out["torch_ppl"][which] = ppl
+                # the text llama.cpp reads (it has no token-id input), where it re-tokenises to the same ids
+                text, out.setdefault("text", {})[which] = eval_text(ctx.loaded.tokenizer, ppl_blocks.numpy(),
+                                                                    prompts.numpy(), ref.numpy())
                 write_eval_npz(str(tmp / f"eval_{which}.npz"), bench_prompt=bench_prompt.numpy(),
                                gen_tokens=e.gen_tokens, greedy_prompts=prompts.numpy(), greedy_reference=ref.numpy(),
-                               ppl_blocks=ppl_blocks.numpy(), torch_perplexity=ppl,
-                               meta={"model": which, "split": "test (held-out documents)"})
+                               ppl_blocks=ppl_blocks.numpy(), torch_perplexity=ppl, text=text,
+                               meta={"model": which, "split": "test (held-out documents)", "text": out["text"][which]})
             return out
 
         return ctx.runner.stage("eval_data", ctx.inputs("eval", eval=e.model_dump(), text=ctx.cfg.text.model_dump(),

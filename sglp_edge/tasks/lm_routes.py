@@ -1,6 +1,6 @@
 """How a causal LM reaches each runtime in ``sglp-edge run``: one route per backend, in one table.
 
-    route = LM_ROUTES[profile.backend]       # the registry's lm_route of the backend: onnx | openvino | genai
+    route = LM_ROUTES[profile.backend]       # the registry's lm_route of the backend: onnx | openvino | genai | gguf
     result = route(pipe, profile)            # a cached stage: {"original": ..., "pruned": ..., "stage": name}
 
 - ``onnx``: :mod:`exporters.lm_compile` on the text-generation-with-past ONNX of the ``export`` stage
@@ -12,7 +12,10 @@
 - ``genai``: onnxruntime-genai's model builder on the saved models (:mod:`sglp_edge.export.lm_genai`),
   one folder per model (model.onnx, genai_config.json, tokenizer, lm.json with the parity against
   PyTorch; fp32 must reproduce PyTorch's greedy tokens, int8/int4 record theirs); INT4 is the builder's
-  k-quant of the models AWQ-scaled on the run's calibration text, the LM head at INT8.
+  k-quant of the models AWQ-scaled on the run's calibration text, the LM head at INT8;
+- ``gguf``: llama.cpp's GGUF of the saved models (:mod:`sglp_edge.export.gguf`; fp16 F16, int8 Q8_0,
+  int4 Q4_0 with llama-imatrix's importance matrix of the run's calibration text), benchmarked on the
+  board by llama.cpp's own tools (benchmarks/board/lm_llama_cpp.py).
 
 Each route writes ``<stage>/original`` and ``<stage>/pruned``; the board stage benchmarks the
 backend's artifact there (a file, or for a folder backend the folder itself). A backend names its
@@ -22,14 +25,19 @@ function plus one entry in :data:`ROUTES`.
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from benchmarks.board.atomic import atomic_write_json
 from benchmarks.board.backends import BACKENDS
 from benchmarks.board.errors import UserError
+from benchmarks.board.llama_cpp import tool
 from exporters.lm_compile import compile_lm
+from sglp_edge.export.gguf import export_gguf, find_llama_cpp
 
 
 def _parity_ids(pipe: Any) -> Any:
@@ -196,15 +204,78 @@ def genai_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
                                                 calib=CALIB_BLOCKS if prof.precision == "int4" else 0), fn) | {"stage": name}
 
 
+#: device-profile precision -> GGUF type of the ``gguf`` route (sglp_edge.export.gguf). int4 is Q4_0, not
+#: Q4_K_M: Q4_0 quantizes rows in blocks of 32 (any pruned width that ONNX INT4 takes), llama.cpp repacks
+#: it for the CPU's SIMD at load (the pruned SmolLM2's Q4_0 decodes 1.7x the unpruned Q4_1), while
+#: Q4_K_M needs rows divisible by 256 and falls back to other types where they are not (SmolLM2: 576)
+GGUF_TYPE = {"fp16": "f16", "int8": "q8_0", "int4": "q4_0"}
+
+
+def gguf_check(cfg: Any, prof: Any, d: dict[str, Any] | None) -> None:
+    """Before any heavy work: llama.cpp's tree (convert_hf_to_gguf.py; llama-quantize and llama-imatrix
+    for int4) and the gguf package the export reads its file back with."""
+    root = find_llama_cpp(None, GGUF_TYPE[prof.precision])
+    if prof.precision == "int4":
+        tool(root, "llama-imatrix")
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"device {prof.name}: the GGUF route needs the gguf package: pip install 'sglp-edge[llm]'")
+
+
+def gguf_route(task: Any, pipe: Any, prof: Any) -> dict[str, Any]:
+    """A GGUF of both models (sglp_edge.export.gguf: llama.cpp's converter, llama-quantize) in the
+    profile's precision; int4 quantized with llama-imatrix's importance matrix of the run's calibration
+    text. ``<which>/model.gguf`` with export_gguf's record (``model.gguf.json``) and ``manifest.json``
+    (``gguf_type``, size, sha256, tensor types, F16's greedy parity with PyTorch)."""
+    from sglp_edge.models.hf_llm import save_hf  # heavy: torch, transformers
+
+    gtype = GGUF_TYPE[prof.precision]
+    name = f"compile-{prof.backend}-{prof.precision}"
+    final_hash = pipe.runner.file_hash(pipe.final_stage(), "model/model.safetensors")
+    calib = calib_ids(pipe, prof.precision)
+
+    def fn(tmp: Path) -> dict[str, Any]:
+        imatrix = None
+        if calib is not None:  # data-aware 4-bit: llama-imatrix on the calibration text
+            imatrix = tmp / "calib.txt"
+            imatrix.write_text(pipe.loaded.tokenizer.decode(np.asarray(calib).reshape(-1).tolist(),
+                                                            skip_special_tokens=False), encoding="utf-8")
+        out = {}
+        for which in ("original", "pruned"):
+            if which == "pruned":  # the folder the pipeline saved (save_hf, with the tokenizer)
+                src = pipe.final_model_dir()
+            else:  # the model as loaded (a GGUF is dequantised): saved to a temporary folder first
+                src = save_hf(pipe.loaded.model, tmp / "hf-original", tokenizer=pipe.loaded.tokenizer)
+            # F16 is checked against PyTorch (greedy, in transformers and llama-simple); the quantized types'
+            # greedy agreement and perplexity are what the board stage measures
+            meta = export_gguf(src, tmp / which / "model.gguf", gguf_type=gtype, imatrix=imatrix, log=pipe.log,
+                               check=gtype == "f16")
+            shutil.rmtree(tmp / "hf-original", ignore_errors=True)
+            man = {"backend": prof.backend, "precision": prof.precision, "artifact": "model.gguf",
+                   "gguf_type": (meta["llama_cpp"]["quantize"] or meta["llama_cpp"]["convert_outtype"]).upper(),
+                   "size_bytes": meta["size_bytes"], "sha256": meta["sha256"], "tensor_types": meta["gguf"]["tensor_types"],
+                   "imatrix": bool(imatrix), "parity": {k: (meta.get(k) or {}).get("identical") for k in
+                                                        ("parity_vs_pytorch", "llama_simple_vs_pytorch")},
+                   "seconds": meta["seconds"]}
+            atomic_write_json(tmp / which / "manifest.json", man)
+            out[which] = man
+        return out
+
+    return pipe.runner.stage(name, pipe.inputs(name, backend=prof.backend, precision=prof.precision, gguf_type=gtype,
+                                               task=task.name, final=final_hash,
+                                               calib=CALIB_BLOCKS if calib is not None else 0), fn) | {"stage": name}
+
+
 #: route name (the backend registry's ``lm_route``) -> route function (see the module docstring)
 ROUTES: dict[str, Callable[[Any, Any, Any], dict[str, Any]]] = {
     "onnx": onnx_route,
     "openvino": openvino_route,
     "genai": genai_route,
+    "gguf": gguf_route,
 }
 #: route name -> cheap check of a run config before any stage (config load): one line naming the fix
 ROUTE_CHECKS: dict[str, Callable[[Any, Any, Any], None]] = {
     "genai": genai_check,
+    "gguf": gguf_check,
 }
 #: backend -> route; a backend the registry gives no ``lm_route`` has no LM route in `sglp-edge run`
 LM_ROUTES: dict[str, Callable[[Any, Any, Any], dict[str, Any]]] = {
