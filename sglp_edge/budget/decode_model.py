@@ -8,19 +8,20 @@ depth"). The prefill of the prompt (TTFT) follows the same form. Decoder layers 
 alike, so the depth is all that matters, not which layers are kept.
 
 :mod:`sglp_edge.budget.decode_measure` times the real artifact of the model cut to a few depths on
-the budget device and fits both lines here; :mod:`sglp_edge.budget.decode_search` predicts every
-layer count from them. This module is light (numpy only): the config check and the report use it.
+the budget device at each precision searched and fits both lines here (with the full-depth artifact's
+device perplexity, ``ppl_full``); :mod:`sglp_edge.budget.decode_search` predicts every (layer count,
+precision) from them. This module is light (numpy only): the config check and the report use it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 #: bumped when the measuring design changes (old cache entries then stop matching)
-METHOD_VERSION = "decode-depths-1"
+METHOD_VERSION = "decode-depths-2"
 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
@@ -47,7 +48,8 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> dict[str, Any]:
 @dataclass
 class DecodeModel:
     """``ms_per_token(L) = decode.a_ms + decode.b_ms x L`` and ``ttft_ms(L) = ttft.a_ms + ttft.b_ms x L``
-    for one model on one device (backend, precision, threads), with the timed points they rest on."""
+    for one model on one device (backend, precision, threads), with the timed points they rest on;
+    one per precision searched."""
 
     n_layers: int
     precision: str
@@ -57,6 +59,8 @@ class DecodeModel:
     points: list[dict[str, Any]] = field(default_factory=list)  # per depth: medians and every round's figures
     measure_s: float = 0.0
     cached: bool = False
+    #: the full-depth artifact's perplexity on the device on the held-out blocks (q(p) of the joint choice)
+    ppl_full: Optional[float] = None
 
     def ms_per_token(self, layers: int) -> float:
         return self.decode["a_ms"] + self.decode["b_ms"] * layers

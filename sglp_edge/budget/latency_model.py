@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,11 +40,11 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from benchmarks.board.atomic import atomic_write_json
 from benchmarks.board.backends import get_backend
 from benchmarks.board.errors import UserError
 from exporters.compile import compile_model
 
+from sglp_edge.budget.cache import cache_file, load_cached, save_cached
 from sglp_edge.export.onnx_export import export_onnx
 from sglp_edge.models.base import get_module
 from sglp_edge.sglp.prune import count_macs
@@ -122,36 +121,6 @@ def cache_key(model: torch.nn.Module, profile: Any, where: str, overrides: dict[
             "precision": profile.precision, "threads": profile.threads, "batch": profile.bench.batch_sizes[0],
             "runtime": f"{be.runtime_dist}=={runtime_version(be.runtime_dist)}", "where": where,
             "bench": dict(sorted(overrides.items())), "method": METHOD_VERSION}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("SGLP_EDGE_CACHE") or str(Path.home() / ".cache" / "sglp-edge")
-    return Path(root) / "latency"
-
-
-def _cache_file(key: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_dir() / f"{key['profile']}-{digest}.json"
-
-
-def load_cached(key: dict[str, Any]) -> Optional[LatencyModel]:
-    f = _cache_file(key)
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return None
-    if d.get("key") != key:
-        return None
-    m = LatencyModel.from_dict(d)
-    m.cached = True
-    return m
-
-
-def save_cached(m: LatencyModel) -> Path:
-    f = _cache_file(m.key)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(f, {**m.to_dict(), "cached": False})
-    return f
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -271,10 +240,10 @@ def measure_latency_model(model: torch.nn.Module, adapter: Any, example: torch.T
     key = cache_key(model, profile, target.where if hasattr(target, "where") else "local", ov)
     key["export"] = {"opset": opset, "simplify": simplify, "calib": bool(calib)}
     if use_cache:
-        hit = load_cached(key)
+        hit = load_cached(LatencyModel, key)
         if hit is not None:
             if log:
-                log(f"latency model: from the cache ({_cache_file(key)})")
+                log(f"latency model: from the cache ({cache_file(key)})")
             return hit
     t0 = time.perf_counter()
     units = adapter.units(model)

@@ -1,5 +1,6 @@
 """``keep: auto`` inside ``sglp-edge run``: what the prune stage needs (the budget device, the
-bench and export settings, all part of the stage's input hash), and the search as report.json
+bench and export settings, all part of the stage's input hash), the precision a decode budget chose
+handed to the compile and bench stages (:func:`decode_precision`), and the search as report.json
 shows it: the plan's search record (candidates, predicted against measured p90, the one chosen
 and why) with what the run's own benchmark of the fine-tuned network measured afterwards."""
 
@@ -7,14 +8,19 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import yaml
 
 from benchmarks.board.backends import get_backend
 
-from sglp_edge.budget.decode_search import LM_TASK, decode_search_html, decode_search_report
-from sglp_edge.profiles.load import load_profile
+from sglp_edge.budget.decode_report import decode_search_html, decode_search_report
+from sglp_edge.budget.decode_search import LM_TASK
+from sglp_edge.profiles.load import ENV_VAR, load_profile
 from sglp_edge.targets.factory import make_target
 
 
@@ -35,6 +41,47 @@ def prune_settings(cfg: Any, bench: dict[str, Any], log: Any) -> tuple[dict[str,
         more.update(budget_kind="decode", **lengths)
         extra["decode_lengths"] = lengths
     return more, extra
+
+
+def _is_path(device: str) -> bool:
+    return device.endswith((".yaml", ".yml")) or os.sep in device or bool(os.altsep and os.altsep in device)
+
+
+@contextmanager
+def decode_precision(run_dir: Path, board: Any, log: Any = None) -> Iterator[Any]:
+    """The board the compile and bench stages of ``board`` get: ``board`` itself, unless the run's
+    decode budget (``prune/plan.json``) chose for its profile a precision other than the profile's.
+    Then a copy of the profile with ``precision`` replaced, written to
+    ``.work/decode-precision/<name>.yaml``, is what those stages load: found first by name
+    (``SGLP_EDGE_DEVICES``, while they run), or for a profile given as a path, the board names the copy."""
+    plan = Path(run_dir) / "prune" / "plan.json"
+    search = (json.loads(plan.read_text()).get("search") or {}) if plan.is_file() else {}
+    prof = load_profile(board.device) if search.get("kind") == "decode" else None
+    chosen = search.get("precision")
+    if prof is None or search.get("device") != prof.name or not chosen or chosen == prof.precision:
+        yield board
+        return
+    folder = Path(run_dir) / ".work" / "decode-precision"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / f"{prof.name}.yaml"
+    doc = {**prof.model_dump(mode="json", exclude={"extends"}), "precision": chosen}
+    copy.write_text(f"# {prof.name} at the precision chosen by the decode budget ({chosen}; the profile's: "
+                    f"{prof.precision})\n" + yaml.safe_dump(doc, sort_keys=False))
+    if log:
+        log(f"{prof.name}: precision chosen by the decode budget: {chosen} (the profile's: {prof.precision}); the "
+            "compile and bench stages build and measure that one")
+    if _is_path(board.device):
+        yield board.model_copy(update={"device": str(copy)})
+        return
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = os.pathsep.join([str(folder)] + ([old] if old else []))
+    try:
+        yield board
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
 
 
 #: alternating passes of the final check (original and pruned artifacts of the budget device)

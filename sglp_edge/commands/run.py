@@ -26,13 +26,15 @@ def _resolve_config(config: Path) -> Path:
 
 def _overrides(device: Optional[List[str]], latency_budget: Optional[float], latency_margin: Optional[float],
                trust_builder: bool, trust_remote_code: bool, decode_budget: Optional[float] = None,
-               ttft_budget: Optional[float] = None) -> dict[str, Any]:
+               ttft_budget: Optional[float] = None, decode_precisions: Optional[str] = None) -> dict[str, Any]:
     """The command line's settings as config overrides (dotted keys)."""
     overrides: dict[str, Any] = {"devices": list(device)} if device else {}
     for key, v in (("latency_budget_ms", latency_budget), ("decode_budget_tps", decode_budget),
                    ("ttft_budget_ms", ttft_budget)):
         if v is not None:
             overrides.update({"prune.keep": "auto", "prune.target_macs": None, f"prune.{key}": v})
+    if decode_precisions is not None:
+        overrides["prune.decode_precisions"] = [p.strip() for p in decode_precisions.split(",") if p.strip()]
     if latency_margin is not None:
         overrides["prune.latency_margin"] = latency_margin
     overrides.update({k: True for k, v in (("trust_builder", trust_builder),
@@ -102,6 +104,9 @@ def register(app: typer.Typer) -> None:
         ttft_budget: Optional[float] = typer.Option(None, "--ttft-budget", help="causal LMs: time to first token in "
                                                     "ms on the first device (eval.prompt_tokens prompt): sets "
                                                     "prune.keep auto"),
+        decode_precisions: Optional[str] = typer.Option(None, "--decode-precisions", help="causal LMs: the "
+                                                        "precisions a decode budget searches with the layers, e.g. "
+                                                        "fp32,int8 (default: the profile's and every lower one)"),
         latency_margin: Optional[float] = typer.Option(None, "--latency-margin", help="fraction of the budget kept in "
                                                        "reserve for the prediction (default 0.05)"),
         trust_builder: bool = trust_builder_option(),
@@ -119,7 +124,7 @@ def register(app: typer.Typer) -> None:
         check_host("--host", host)
         config = _resolve_config(config)
         overrides = _overrides(device, latency_budget, latency_margin, trust_builder, trust_remote_code,
-                               decode_budget, ttft_budget)
+                               decode_budget, ttft_budget, decode_precisions)
         cfg = load_config(config, overrides or None)
         _apply_board_flags(cfg, host, emulate)
         import torch  # heavy

@@ -37,6 +37,8 @@ class PruneSection(_Strict):
     # first device (default: its profile's decode_tokens_per_s / ttft_ms limits); margin and rounds as above
     decode_budget_tps: Optional[float] = Field(None, gt=0)
     ttft_budget_ms: Optional[float] = Field(None, gt=0)
+    # ... searched at these precisions with the layers (default: the profile's and every lower one it builds)
+    decode_precisions: Optional[list[str]] = None
     target_macs: Optional[float] = Field(None, gt=0, lt=1)
     method: Literal["sglp", "random", "drop_last", "block_influence", "angular", "sleb"] = "sglp"
     k: Optional[int] = Field(None, ge=1)
@@ -64,6 +66,8 @@ class PruneSection(_Strict):
             self.keep = "auto"
         if budgets and self.keep != "auto":
             raise ValueError(f"prune.{budgets[0]} goes with prune.keep: auto (not a fixed keep or target_macs)")
+        if self.decode_precisions is not None and self.keep != "auto":
+            raise ValueError("prune.decode_precisions goes with a decode budget (prune.keep: auto)")
         if (self.keep is None) == (self.target_macs is None):
             raise ValueError("give exactly one of prune.keep or prune.target_macs")
         return self

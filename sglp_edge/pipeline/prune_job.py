@@ -82,6 +82,7 @@ class PruneJob:
     budget_kind: str = "latency"  # "latency" (a p90, images) | "decode" (implied by either decode budget)
     decode_budget_tps: Optional[float] = None
     ttft_budget_ms: Optional[float] = None
+    decode_precisions: Optional[list[str]] = None  # searched with the layers (default: the profile's and lower)
     lm_prompt_tokens: int = 128
     lm_gen_tokens: int = 128
     export_opset: Optional[int] = None
@@ -135,7 +136,7 @@ class PruneJob:
         check_budget_settings(self.latency_margin, self.latency_rounds)
         if self.is_decode_budget():
             check_decode_job(load_profile(self.device or "local-cpu-ort-lm"), self.latency_budget_ms,
-                             self.decode_budget_tps, self.ttft_budget_ms)
+                             self.decode_budget_tps, self.ttft_budget_ms, self.decode_precisions)
         else:
             budget_from_profile(load_profile(self.device or "local-cpu-ort"), self.latency_budget_ms)
 
@@ -303,12 +304,16 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         check_budget_modality(job.is_decode_budget(), adapter.modality, job.model)
         work = Path(tempfile.mkdtemp(prefix="sglp-latency-"))
         try:
-            if job.is_decode_budget():  # the most layers predicted to meet it; SGLP picks which
+            if job.is_decode_budget():  # the layers and precision predicted to meet it; SGLP picks which layers
+                n_cal = sum(_batch_len(b) for b in cka_b)  # + the calibration-side blocks after them (q(p))
+                drawn = calibration_batches(loaded, job.data, n_batches=1, batch_size=n_cal + 4, seq_len=job.seq_len,
+                                            seed=job.seed, data_root=job.data_root)[0]
                 search = make_decode_search(loaded, device=job.device, tokens_per_s=job.decode_budget_tps,
                                             ttft_ms=job.ttft_budget_ms, margin=job.latency_margin,
                                             rounds=job.latency_rounds, work=work, prompt_tokens=job.lm_prompt_tokens,
                                             gen_tokens=job.lm_gen_tokens, opset=job.export_opset, bench=job.bench,
-                                            seed=job.seed, log=job.log or print)
+                                            seed=job.seed, log=job.log or print, precisions=job.decode_precisions,
+                                            calib=cka_b, drawn=drawn)
                 opts.update(keep=None, removal_search=search)
             else:
                 search = make_search(loaded, cka_b, device=job.device, budget_ms=job.latency_budget_ms,

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from sglp_edge.budget.run import prune_settings, search_html, search_report, verify_final
+from sglp_edge.budget.run import decode_precision, prune_settings, search_html, search_report, verify_final
 from sglp_edge.pipeline.boards import bench_overrides, stage_bench
 from sglp_edge.pipeline.config import RunConfig, apply_task_defaults
 from sglp_edge.pipeline.stages import StageRunner
@@ -207,10 +207,12 @@ class Pipeline:
             ex = task.stage_export(ctx)
         targets = []
         for board in self.cfg.boards():
-            with peak_rss(rss, f"compile:{board.device}", self.log):
-                comp = task.stage_compile(ctx, board)
-            with peak_rss(rss, f"bench:{board.device}", self.log):  # the benchmark itself runs in a child process
-                b = stage_bench(ctx, board, comp["stage"])
+            # a decode budget's device at the precision the budget chose (sglp_edge.budget.run.decode_precision)
+            with decode_precision(self.run_dir, board, self.log) as stage_board:
+                with peak_rss(rss, f"compile:{board.device}", self.log):
+                    comp = task.stage_compile(ctx, stage_board)
+                with peak_rss(rss, f"bench:{board.device}", self.log):  # the benchmark itself runs in a child process
+                    b = stage_bench(ctx, stage_board, comp["stage"])
             targets.append((board, comp, b))
         return task.build_report(ctx, prune, ft, ev, ex, targets)
 
