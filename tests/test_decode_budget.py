@@ -21,7 +21,8 @@ import yaml
 from benchmarks.board.errors import UserError
 from sglp_edge.budget.decode_model import DecodeModel, fit_line, fit_points, timing_depths
 from sglp_edge.budget.decode_report import decode_search_html, decode_search_report
-from sglp_edge.budget.decode_search import DecodeBudget, DecodeSearch, decode_budget, decode_precisions
+from sglp_edge.budget.decode_search import (DecodeBudget, DecodeSearch, check_decode_job, decode_budget,
+                                            decode_precisions)
 from sglp_edge.pipeline.config import load_config
 from sglp_edge.profiles.load import load_profile
 
@@ -149,6 +150,8 @@ def test_decode_precisions_default_to_the_profile_and_lower_and_can_be_restricte
     assert decode_precisions(genai, ["int4", "fp32"]) == ["fp32", "int4"]
     with pytest.raises(UserError, match=r"local-cpu-ort-lm \(onnxruntime\) builds a causal LM in fp32, int8"):
         decode_precisions(ort, ["int4"])
+    with pytest.raises(UserError, match="a decode budget is not yet available for llama.cpp"):
+        check_decode_job(load_profile("local-cpu-llamacpp-lm"), None, 5.0, None)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(lm_config(decode_budget_tps=150.0)))
     cfg = load_config(tmp_path / "run.yaml", {"prune.decode_precisions": ["fp32", "int8"]})
     assert cfg.prune.decode_precisions == ["fp32", "int8"] and cfg.prune.keep == "auto"

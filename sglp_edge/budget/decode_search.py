@@ -44,6 +44,8 @@ from sglp_edge.profiles.load import load_profile
 LM_TASK = "causal-lm"
 #: precisions from the highest down (the ranking of the joint choice and of its ties)
 PRECISION_ORDER = ("fp32", "bf16", "fp16", "int8", "int4")
+#: the LM routes (benchmarks/board/backends.py ``lm_route``) whose artifacts the decode budget builds and times
+DECODE_ROUTES = ("onnx", "openvino", "genai")
 #: what a decode budget searches by default: the profile's precision and every lower one of these
 DEFAULT_LADDER = ("fp32", "int8", "int4")
 FLAGS = "--decode-budget TOK_S or --ttft-budget MS (prune.decode_budget_tps / prune.ttft_budget_ms)"
@@ -96,6 +98,10 @@ def check_decode_job(profile: Any, latency_budget_ms: Optional[float], tokens_pe
         raise UserError(f"{profile.name}: a decode budget needs the {profile.backend} artifact timed on the board, "
                         "which is built there; decode budgets are available for host-built backends (onnxruntime, "
                         "openvino, onnxruntime-genai)")
+    if get_backend(profile.backend).lm_route not in DECODE_ROUTES:
+        raise UserError(f"{profile.name}: a decode budget is not yet available for {profile.backend} (its depths are "
+                        "built and timed by the onnx, openvino and genai routes: onnxruntime, openvino, "
+                        "onnxruntime-genai)")
     decode_precisions(profile, precisions)
     return decode_budget(profile, tokens_per_s, ttft_ms)
 
