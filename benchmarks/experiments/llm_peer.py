@@ -157,7 +157,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for rp in [r for r in args.routes.split(",") if r]:
             t0 = time.perf_counter()
             art = build_route(*rp.split(":"), pruned, src, tok, args.work, calib=held["calib"], reuse=args.reuse)
-            if rp.startswith("llama.cpp:"):
+            if rp.startswith("llama.cpp:") and ("llama.cpp", UNPRUNED + rp.split(":")[1]) != BASE:
                 build_unpruned_gguf(rp.split(":")[1], orig, tok, args, held["calib"])
             print(f"{rp}: {art['path']} ({art['size_bytes'] / 1e6:.1f} MB; {time.perf_counter() - t0:.0f} s)", flush=True)
         return {}
@@ -182,12 +182,13 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             ggufs[(route, prec)] = art["path"]
             ppl[(route, prec)] = llama_cpp.perplexity(root, art["path"], held["text_file"], ctx=args.block,
                                                       threads=args.threads, chunks=args.ppl_blocks)["perplexity"]
-            # the unpruned model in the same GGUF type, made the same way: the pruned GGUF's depth-only speedup
-            same = build_unpruned_gguf(prec, orig, tok, args, held["calib"])
-            ggufs[(route, UNPRUNED + prec)] = same["path"]
-            ppl[(route, UNPRUNED + prec)] = llama_cpp.perplexity(
-                root, same["path"], held["text_file"], ctx=args.block, threads=args.threads,
-                chunks=args.ppl_blocks)["perplexity"]
+            if (route, UNPRUNED + prec) != BASE:  # (the shipped unpruned GGUF is Q4_1 already)
+                # the unpruned model in the same GGUF type, made the same way: the depth-only speedup
+                same = build_unpruned_gguf(prec, orig, tok, args, held["calib"])
+                ggufs[(route, UNPRUNED + prec)] = same["path"]
+                ppl[(route, UNPRUNED + prec)] = llama_cpp.perplexity(
+                    root, same["path"], held["text_file"], ctx=args.block, threads=args.threads,
+                    chunks=args.ppl_blocks)["perplexity"]
         else:
             sessions[(route, prec)] = open_route(route, art["path"], threads=args.threads)
             ppl[(route, prec)] = lm_bench.perplexity(sessions[(route, prec)], held["blocks"], first=first)["perplexity"]

@@ -16,7 +16,7 @@ import benchmarks.board.lm_bench as lm_bench
 ROUTES = ("onnxruntime:fp32", "onnxruntime:int8", "onnxruntime:int4", "openvino:fp32", "openvino:int8",
           "openvino:int4", "onnxruntime-genai:fp32", "onnxruntime-genai:int8", "onnxruntime-genai:int4",
           "onnxruntime-genai:int4plain",
-          "llama.cpp:q8_0", "llama.cpp:q4_0", "llama.cpp:q4_k_m")
+          "llama.cpp:q8_0", "llama.cpp:q4_0", "llama.cpp:q4_1", "llama.cpp:q4_k_m")
 
 
 def _size(path: Path) -> int:

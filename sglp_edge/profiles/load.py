@@ -29,7 +29,9 @@ Fields (see ``devices/local-cpu-ort.yaml`` for an annotated example)::
 
 Metrics: ``latency_p50_ms``, ``latency_p90_ms``, ``latency_p99_ms`` (at the primary batch),
 ``accuracy_drop_pct`` (points of top-1 below the unpruned model), ``ppl_increase_pct`` (percent
-perplexity increase over the unpruned model), ``model_size_mb``, ``peak_memory_mb`` (peak RSS of the
+perplexity increase over the unpruned model), for decoder LMs ``decode_tokens_per_s``, ``ttft_ms``,
+``perplexity_increase_pct`` (pruned vs unpruned on the same runtime), ``perplexity_vs_pytorch_pct``
+(the artifact vs the same model in PyTorch FP32) and ``greedy_agreement_pct``, ``model_size_mb``, ``peak_memory_mb`` (peak RSS of the
 benchmark process; MB = MiB), ``energy_mj`` (per inference, Jetson tegrastats).
 
 Where profiles are found: the folders in ``$SGLP_EDGE_DEVICES`` (``os.pathsep``-separated; searched

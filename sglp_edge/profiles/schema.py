@@ -30,6 +30,7 @@ Metric = Literal[
     "decode_tokens_per_s",
     "ttft_ms",
     "perplexity_increase_pct",
+    "perplexity_vs_pytorch_pct",
     "greedy_agreement_pct",
 ]
 METRICS: tuple[str, ...] = Metric.__args__  # type: ignore[attr-defined]
