@@ -129,7 +129,7 @@ class CausalLM(Task):
                 out["torch_ppl"][which] = ppl
                 # the text llama.cpp reads (it has no token-id input), where it re-tokenises to the same ids
                 text, out.setdefault("text", {})[which] = eval_text(ctx.loaded.tokenizer, ppl_blocks.numpy(),
-                                                                    prompts.numpy(), ref.numpy())
+                                                                    prompts.numpy(), ref.numpy(), model=model)
                 write_eval_npz(str(tmp / f"eval_{which}.npz"), bench_prompt=bench_prompt.numpy(),
                                gen_tokens=e.gen_tokens, greedy_prompts=prompts.numpy(), greedy_reference=ref.numpy(),
                                ppl_blocks=ppl_blocks.numpy(), torch_perplexity=ppl, text=text,
@@ -181,9 +181,12 @@ class CausalLM(Task):
     def derived_metrics(self, results: dict[str, Any]) -> dict[str, Any]:
         o = (results.get("original") or {}).get("metrics") or {}
         p = (results.get("pruned") or {}).get("metrics") or {}
+        out = {}
         if o.get("perplexity") and p.get("perplexity"):
-            return {"perplexity_increase_pct": 100.0 * (p["perplexity"] / o["perplexity"] - 1.0)}
-        return {}
+            out["perplexity_increase_pct"] = 100.0 * (p["perplexity"] / o["perplexity"] - 1.0)
+        if p.get("perplexity") and p.get("torch_perplexity"):  # what the runtime and its precision cost
+            out["perplexity_vs_pytorch_pct"] = 100.0 * (p["perplexity"] / p["torch_perplexity"] - 1.0)
+        return out
 
     def build_report(self, ctx: TaskContext, prune: Any, ft: Any, ev: Any, ex: Any, targets: list) -> dict[str, Any]:
         return build_lm_report(ctx, prune, ft, ev, ex, targets)
