@@ -57,7 +57,8 @@ TASK = "causal-lm"
 SCHEMA = "sglp-edge.lm-bench/1"
 EVAL_KEYS = ("bench_prompt", "gen_tokens", "greedy_prompts", "greedy_reference", "ppl_blocks")
 #: optional text of the eval data (the held-out blocks / prompts decoded on the host, re-tokenising to them)
-TEXT_KEYS = ("ppl_text", "ppl_text_blocks", "greedy_prompt_text", "greedy_reference_text", "greedy_text_index")
+TEXT_KEYS = ("ppl_text", "ppl_text_blocks", "ppl_text_torch_nll", "greedy_prompt_text", "greedy_reference_text",
+             "greedy_text_index")
 #: backends this benchmark runs (the registry's ``lm_session``: our decode loop on a graph, or genai's)
 LM_BACKENDS = tuple(n for n, b in BACKENDS.items() if b.lm_session)
 
@@ -337,8 +338,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                "perplexity": ppl["perplexity"],
                "greedy_agreement_pct": None if agree["agreement"] is None else 100.0 * agree["agreement"],
                "model_size_mb": size / float(1 << 20), "peak_memory_mb": mem["peak_rss_mb"]}
-    if "torch_perplexity" in data:
-        metrics["torch_perplexity"] = float(data["torch_perplexity"])
+    if "torch_perplexity" in data:  # llama.cpp: PyTorch's, scored as llama-perplexity scores (or None)
+        metrics["torch_perplexity"] = ppl.get("torch_perplexity", float(data["torch_perplexity"]))
     result = {"schema": SCHEMA, "status": "done", "task": TASK, "backend": backend, "finished_at": now_iso(),
               "artifact": {"name": artifact.name, "size_bytes": size, "size_mb": size / float(1 << 20)},
               "settings": dict(parts["settings"], precision=getattr(args, "precision", "fp32"), batch=1),

@@ -12,7 +12,8 @@ llama.cpp's own tools, found by :func:`benchmarks.board.llama_cpp.llama_cpp_root
 - perplexity, ``llama-perplexity -c <block>`` on the held-out text the host wrote (``ppl_text``, the
   decoded blocks ``ppl_text_blocks``, checked on the host to re-tokenise to the same ids). It scores
   the second half of each block from the first half's context (the other backends score every
-  token: compare llama.cpp with llama.cpp, e.g. pruned against original);
+  token), so ``torch_perplexity`` is PyTorch's scored the same way on the same blocks
+  (``ppl_text_torch_nll``), or None where the eval data lacks it;
 - greedy agreement, ``llama-simple`` (it takes text and prints text: no token ids): its greedy
   continuation of each prompt text against PyTorch's greedy tokens decoded on the host (up to the
   first end-of-generation token, where llama-simple stops): character level, the longest common
@@ -82,7 +83,8 @@ def perplexity(root: Path, gguf: Path, data: Dict[str, Any], *, threads: int,
     block = int(np.asarray(data["ppl_blocks"]).shape[1])
     text = _text(data, "ppl_text")
     blocks = [int(i) for i in np.asarray(data.get("ppl_text_blocks", []))]
-    base = {"perplexity": None, "method": PPL_METHOD, "ctx": block, "blocks": blocks, "first": block // 2}
+    base = {"perplexity": None, "method": PPL_METHOD, "ctx": block, "blocks": blocks, "first": block // 2,
+            "torch_perplexity": None}
     if text is None:
         return dict(base, note="the eval data has no ppl_text (held-out text for llama.cpp; sglp-edge writes it "
                                "where the text re-tokenises to the same ids)")
@@ -93,7 +95,9 @@ def perplexity(root: Path, gguf: Path, data: Dict[str, Any], *, threads: int,
         path = Path(tmp) / "heldout.txt"
         path.write_bytes(text.encode("utf-8"))
         res = llama_perplexity(root, gguf, path, ctx=block, threads=threads, chunks=n)
-    return dict(base, perplexity=res["perplexity"], chunks=res["chunks"], blocks=blocks[:n])
+    nll = np.asarray(data.get("ppl_text_torch_nll", []), np.float64)
+    torch_ppl = float(np.exp(nll[:n].mean())) if len(nll) >= n else None  # PyTorch, scored the same way
+    return dict(base, perplexity=res["perplexity"], chunks=res["chunks"], blocks=blocks[:n], torch_perplexity=torch_ppl)
 
 
 def _common_prefix(a: str, b: str) -> int:

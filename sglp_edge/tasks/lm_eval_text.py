@@ -12,8 +12,11 @@ token ids and keeps a text only where it re-tokenises to exactly those ids (the 
   tokenises back to its ids (``llama-simple`` parses special tokens, as the tokenizer does here), and
   PyTorch's greedy continuation up to its first end-of-generation token (where llama-simple stops).
 
-``python -m sglp_edge.tasks.lm_eval_text EVAL.npz --tokenizer MODEL_FOLDER --out OUT.npz`` adds the text
-to eval data written without it (by an older sglp-edge).
+- ``ppl_text_torch_nll`` (given the model): PyTorch's NLL of each of those blocks scored the way
+  llama-perplexity scores (the second half of each block), the board's comparable reference.
+
+``python -m sglp_edge.tasks.lm_eval_text EVAL.npz --model MODEL_FOLDER --out OUT.npz`` adds them to
+eval data written without them (by an older sglp-edge).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -97,23 +99,44 @@ def greedy_text(tok: Any, prompts: np.ndarray, refs: np.ndarray) -> tuple[dict[s
             "greedy_text_index": np.array(idx, np.int64)}, meta
 
 
-def eval_text(tok: Any, ppl_blocks: np.ndarray, prompts: np.ndarray,
-              refs: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
-    """All text keys of one eval data set (only those that round-trip) and a record of the checks."""
+def torch_nll_second_half(model: Any, blocks: np.ndarray) -> np.ndarray:
+    """PyTorch's mean next-token NLL of each block scored as ``llama-perplexity -c <block>`` scores it: the
+    tokens after position ``block // 2``, from the whole block's context (float64 log-softmax)."""
+    import torch  # heavy: torch
+
+    out = []
+    with torch.no_grad():
+        for b in np.asarray(blocks):
+            first = len(b) // 2
+            ids = torch.as_tensor(np.asarray(b, np.int64))
+            lp = torch.log_softmax(model(ids[None]).logits[0, first:-1].double(), -1)
+            out.append(-lp.gather(-1, ids[first + 1:, None]).mean().item())
+    return np.array(out, np.float64)
+
+
+def eval_text(tok: Any, ppl_blocks: np.ndarray, prompts: np.ndarray, refs: np.ndarray,
+              model: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """All text keys of one eval data set (only those that round-trip) and a record of the checks; with
+    ``model``, ``ppl_text_torch_nll`` too: PyTorch's NLL of each ``ppl_text_blocks`` block, scored as
+    llama-perplexity scores it (the board's reference for llama.cpp's perplexity)."""
     a, ma = ppl_text(tok, ppl_blocks)
     b, mb = greedy_text(tok, prompts, refs)
+    if model is not None and "ppl_text_blocks" in a:
+        a["ppl_text_torch_nll"] = torch_nll_second_half(model, np.asarray(ppl_blocks)[a["ppl_text_blocks"]])
     return {**a, **b}, {"ppl_text": ma, "greedy_text": mb}
 
 
-def add_eval_text(npz: Any, tokenizer: Any, out: Any) -> dict[str, Any]:
-    """Eval data ``npz`` with its text keys (re)computed with ``tokenizer`` (a folder or a tokenizer),
-    written to ``out``; the record of the checks."""
-    if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer  # heavy: transformers
+def add_eval_text(npz: Any, folder: Any, out: Any, *, torch_reference: bool = True) -> dict[str, Any]:
+    """Eval data ``npz`` with its text keys (re)computed with the tokenizer of the model ``folder`` (and,
+    with ``torch_reference``, its PyTorch NLL scored as llama-perplexity scores), written to ``out``;
+    the record of the checks. ``folder`` must be the model the eval data was written for."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True).float().eval() \
+        if torch_reference else None
     d = load_eval_npz(str(npz))
-    text, rec = eval_text(tokenizer, d["ppl_blocks"], d["greedy_prompts"], d["greedy_reference"])
+    text, rec = eval_text(tokenizer, d["ppl_blocks"], d["greedy_prompts"], d["greedy_reference"], model=model)
     rec["keys"] = [k for k in TEXT_KEYS if k in text]
     meta = json.loads(str(d["meta"])) if "meta" in d else {}
     meta["text"] = rec
@@ -127,11 +150,13 @@ def add_eval_text(npz: Any, tokenizer: Any, out: Any) -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sglp_edge.tasks.lm_eval_text", description=__doc__.split("\n\n")[0])
     p.add_argument("npz", help="LM eval data (sglp-edge run: eval_data/eval_pruned.npz)")
-    p.add_argument("--tokenizer", required=True, help="the model's folder (its tokenizer), e.g. runs/X/finetune/model")
+    p.add_argument("--model", required=True, help="the folder of the model the eval data is for (its tokenizer and "
+                   "weights), e.g. runs/X/finetune/model")
     p.add_argument("--out", required=True, help="where to write the eval data with text")
+    p.add_argument("--text-only", action="store_true", help="no PyTorch reference NLL (the model is not loaded)")
     a = p.parse_args(argv)
     try:
-        rec = add_eval_text(a.npz, a.tokenizer, a.out)
+        rec = add_eval_text(a.npz, a.model, a.out, torch_reference=not a.text_only)
     except (UserError, OSError) as e:
         sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
         return 2
