@@ -337,8 +337,8 @@ def test_refusal_over_every_precision_names_the_fastest(tiny_run):
     d, folder, rep = tiny_run
     models = [DecodeModel.from_dict(m) for m in rep["latency_search"]["decode_models"].values()]
     rank = {"fp32": 0, "int8": 1, "int4": 2}
-    tps, neg_rank, layers, prec = max((m.tokens_per_s(L), -rank[m.precision], L, m.precision)
-                                      for m in models for L in range(1, 5))
+    tps, _, _, prec, layers = max((m.tokens_per_s(L), -L, -rank[m.precision], m.precision, L)  # ties: fewest layers
+                                  for m in models for L in range(1, 5))
     p = cli_run("--config", str(d / "run2.yaml"), "--device", "local-cpu-genai-lm", "--decode-budget", "1e9",
                 "--out", str(d / "run4"), env={"SGLP_EDGE_CACHE": str(d / "cache")})
     assert p.returncode == 2, p.stderr[-3000:]

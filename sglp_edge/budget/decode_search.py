@@ -266,8 +266,10 @@ class DecodeSearch:
         tps_short = self.need_tps is not None and max(c["predicted_tokens_per_s"] for c in cands) < self.need_tps
         if not tps_short and self.need_tps is not None:  # the TTFT fails: the quickest prefill among the fast enough
             cands = [c for c in cands if c["predicted_tokens_per_s"] >= self.need_tps]
-        fastest = (max(cands, key=lambda c: (c["predicted_tokens_per_s"], -precision_rank(c["precision"]))) if tps_short
-                   else min(cands, key=lambda c: (c["predicted_ttft_ms"], precision_rank(c["precision"]))))
+        # ties (a flat fit predicts every depth alike): the fewest layers, then the higher precision
+        fastest = (max(cands, key=lambda c: (c["predicted_tokens_per_s"], -c["layers"], -precision_rank(c["precision"])))
+                   if tps_short else
+                   min(cands, key=lambda c: (c["predicted_ttft_ms"], c["layers"], precision_rank(c["precision"]))))
         where = (f"on {self.profile.name}: the fastest candidate ({fastest['layers']} layer"
                  f"{'s' if fastest['layers'] != 1 else ''}, {fastest['precision']}) is predicted at")
         searched = [m.precision for m in self.models]
