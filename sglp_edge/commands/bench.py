@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
     @app.command("bench")
     @user_errors
     def bench(
-        artifact: Optional[Path] = typer.Argument(None, help="compiled artifact: OpenVINO .xml, ONNX .onnx, TensorRT .engine"),
+        artifact: Optional[Path] = typer.Argument(None, help="compiled artifact: OpenVINO .xml, ONNX .onnx, TensorRT .engine, llama.cpp .gguf"),
         device: list[str] = typer.Option([], "--device", "-d", help="device profile name or YAML path (repeatable)"),
         data: Optional[Path] = typer.Option(None, "--data", help="evaluation .npz (inputs, labels, PyTorch reference outputs)"),
         out: Path = typer.Option(Path("runs/bench"), "--out", help="output folder"),
