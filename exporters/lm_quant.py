@@ -11,7 +11,8 @@ artifact (``quantization`` of ``manifest.json`` / ``lm.json``):
   runs the whole graph once per MatMul input and block, about an hour for a 135M model on 2 cores).
   INT8: round-to-nearest in blocks of 128 (8 bits lose next to nothing, so data buys nothing). The LM
   head (the last MatMul: the largest weight, and the one whose error lands directly on the logits)
-  stays at ``head_bits`` = 8 where the rest is 4 bits.
+  stays at ``head_bits`` = 8 where the rest is 4 bits, and so do llama.cpp's mixed layers
+  (:func:`mixed_layer_matmuls`, as onnxruntime-genai's builder option ``mixed_layers:int8``).
 - **OpenVINO IRs**: NNCF ``compress_weights``. INT4 with calibration blocks: AWQ + scale estimation
   on a ``nncf.Dataset`` of the model's own inputs, the head at INT8 (``ratio`` 1.0 of the body in
   INT4); without: plain INT4. INT8: ``INT8_ASYM``.
@@ -100,12 +101,39 @@ def _last_matmul(model: Any) -> Optional[str]:
     return names[-1] if names else None
 
 
+#: constant-weight MatMuls per decoder layer of a Llama-style graph, in graph order: q, k, v, o, gate, up, down
+LLAMA_MATMULS = 7
+
+
+def mixed_layer_matmuls(model: Any) -> List[str]:
+    """llama.cpp's mixed strategy (Q4_K_M's ``use_more_bits``), the MatMuls to keep at 8 bits: the v and
+    down projections of the first and last eighth of the layers and of every third layer between. Found
+    by position in a Llama-style graph (seven constant-weight MatMuls a layer, the down projection the
+    one whose input is widest); any other layout: none (the record says so)."""
+    consts = {i.name: i for i in model.graph.initializer}
+    mms = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
+    head = _last_matmul(model)
+    mms = [n for n in mms if n.name != head]
+    if not mms or len(mms) % LLAMA_MATMULS:
+        return []
+    n = len(mms) // LLAMA_MATMULS
+    out = []
+    for i in range(n):
+        layer = mms[i * LLAMA_MATMULS:(i + 1) * LLAMA_MATMULS]
+        dims = [tuple(consts[m.input[1]].dims) for m in layer]
+        if any(len(d) != 2 for d in dims) or dims[6][0] <= dims[6][1] or dims[2] != dims[1]:
+            return []  # not q, k, v, o, gate, up, down (down: [intermediate, hidden]; v like k)
+        if i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2:
+            out += [layer[2].name, layer[6].name]
+    return out
+
+
 INT4_ALGOS = ("k_quant", "gptq")
 
 
 def ort_weight_only(src: Path, dst: Path, *, bits: int, group_size: int, accuracy_level: Optional[int],
                     calib_ids: Any = None, head_bits: int = HEAD_BITS, head_dim: Optional[int] = None,
-                    algo: str = "k_quant") -> Dict[str, Any]:
+                    algo: str = "k_quant", mixed: bool = True) -> Dict[str, Any]:
     """MatMulNBits weights for the LM graph ``src`` into ``dst`` (one file): see the module docstring.
     Returns the record stored with the artifact."""
     import onnx  # heavy: the graph library
@@ -120,8 +148,13 @@ def ort_weight_only(src: Path, dst: Path, *, bits: int, group_size: int, accurac
         raise UserError("GPTQ needs calibration token blocks (calib_ids); use k_quant without them")
     model = onnx.load(str(src))
     head = _last_matmul(model) if bits == 4 and head_bits != 4 else None
+    more = mixed_layer_matmuls(model) if bits == 4 and mixed else []
     rec: Dict[str, Any] = {"bits": bits, "symmetric": True, "accuracy_level": accuracy_level,
                            "head": {"node": head, "bits": head_bits} if head else None}
+    if bits == 4:
+        rec["mixed_layers"] = {"matmuls_at_8_bits": len(more), "rule": "llama.cpp Q4_K_M: v / down projections of "
+                               "the first and last eighth of the layers and every third layer"} if more else None
+    eight = ([head] if head else []) + more
     block = 128 if bits == 8 else group_size
     if bits == 4 and ids is not None:
         cfg: Any = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(graph_feeds(src, ids, head_dim)),
@@ -138,17 +171,17 @@ def ort_weight_only(src: Path, dst: Path, *, bits: int, group_size: int, accurac
     rec["block_size"] = block
     qz = mnb.MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
                                   accuracy_level=accuracy_level, algo_config=cfg, op_types_to_quantize=("MatMul",),
-                                  nodes_to_exclude=[head] if head else None)
-    if head and ids is not None:  # ORT's GPTQ path ignores nodes_to_exclude: mark the head "fp32" (= skip) itself
+                                  nodes_to_exclude=eight or None)
+    if eight and ids is not None:  # ORT's GPTQ path ignores nodes_to_exclude: mark them "fp32" (= skip) itself
         node_config = qz._generate_q4_node_config
-        qz._generate_q4_node_config = lambda: {**node_config(), head: "fp32"}
+        qz._generate_q4_node_config = lambda: {**node_config(), **{k: "fp32" for k in eight}}
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         qz.process()
     model = qz.model.model
-    if head:  # the head alone, at head_bits, round-to-nearest
+    if eight:  # the head and the mixed layers' MatMuls alone, at head_bits, round-to-nearest
         hcfg = mnb.DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, bits=head_bits,
                                                 accuracy_level=accuracy_level, op_types_to_quantize=("MatMul",))
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in eight]
         hq = mnb.MatMulNBitsQuantizer(model, bits=head_bits, block_size=128, is_symmetric=True,
                                       accuracy_level=accuracy_level, algo_config=hcfg,
                                       op_types_to_quantize=("MatMul",), nodes_to_exclude=others)

@@ -216,6 +216,11 @@ def test_lm_compile_int4_calibrated_on_text(exported, tmp_path):
     assert len(g["tokens"]) == 4
     kq = compile_lm(out / "model.onnx", "onnxruntime", "int4", tmp_path / "kq", group_size=32)["quantization"]
     assert "k-quant" in kq["method"] and kq["head"]["bits"] == 8 and kq["unquantized_matmuls"] == 0
+    # llama.cpp's mixed layers at 8 bits too: of 3 layers, the last eighth is layer 2 (its v and down projections)
+    assert kq["mixed_layers"]["matmuls_at_8_bits"] == 2
+    kbits = [next(a.i for a in n.attribute if a.name == "bits")
+             for n in onnx.load(str(tmp_path / "kq" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(kbits) == 3 * 7 + 1 and kbits.count(8) == 1 + 2
     with pytest.raises(UserError, match="GPTQ needs calibration"):
         compile_lm(out / "model.onnx", "onnxruntime", "int4", tmp_path / "bad", group_size=32, int4_algo="gptq")
     pytest.importorskip("nncf")
