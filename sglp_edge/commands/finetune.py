@@ -3,6 +3,11 @@
 Scale out with torchrun (DistributedDataParallel; gloo on CPU, nccl on GPU)::
 
     torchrun --nproc_per_node=2 -m sglp_edge.cli finetune PRUNED --teacher default --data fashion-mnist --epochs 1 --out DIR
+
+Decoder language models run fully sharded under torchrun (FSDP2: student, gradients, optimiser state
+and teacher split across the ranks; ``--shard auto|ddp|fsdp``)::
+
+    torchrun --nproc_per_node=8 -m sglp_edge.cli finetune PRUNED --teacher ORIGINAL --data text --shard fsdp --steps 500 --out DIR
 """
 
 from __future__ import annotations
@@ -113,6 +118,9 @@ def register(app: typer.Typer) -> None:
         test_samples: Optional[int] = typer.Option(None, "--test-samples",
                                                    help="score the result on the first N held-out images/blocks only"),
         seed: int = typer.Option(0, "--seed"),
+        shard: str = typer.Option("auto", "--shard", help="under torchrun: fsdp shards the student, its gradients and "
+                                  "optimiser state and the teacher across the ranks (decoder LMs); ddp keeps all of "
+                                  "it on every rank; auto: fsdp for decoder LMs, ddp otherwise"),
         threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads per process"),
         state: Optional[Path] = typer.Option(None, "--state", help="resume-state file (default OUT.state.pt)"),
         no_progress: bool = typer.Option(False, "--no-progress"),
@@ -124,7 +132,7 @@ def register(app: typer.Typer) -> None:
         _check_options(epochs=epochs, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, threads=threads,
                        val_samples=val_samples, test_samples=test_samples, block_size=block_size, train_last=train_last,
                        max_tokens=max_tokens, weight_decay=weight_decay, temperature=temperature, alpha=alpha,
-                       warmup=warmup, feature_weight=feature_weight, optimizer=optimizer)
+                       warmup=warmup, feature_weight=feature_weight, optimizer=optimizer, shard=shard)
         is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
         if is_main:
             guard_out_dir(out, force=force, inputs=(pruned, teacher, data_root, data, state))
@@ -143,7 +151,7 @@ def register(app: typer.Typer) -> None:
             weight_decay=weight_decay, warmup=warmup, temperature=temperature, alpha=alpha,
             feature_weight=feature_weight, feature_map=feature_map_for(student, orig) if feature_weight > 0 else None,
             seed=seed, train_last=train_last, threads=threads, val_samples=val_samples, test_samples=test_samples,
-            state_path=str(state or out.with_name(out.name + ".state.pt")), progress=not no_progress)
+            shard=shard, state_path=str(state or out.with_name(out.name + ".state.pt")), progress=not no_progress)
         res = _run_finetune(student, orig, bundle, cfg, is_main)
         if not is_main:  # under torchrun only rank 0 writes
             return
@@ -155,7 +163,7 @@ def register(app: typer.Typer) -> None:
                        "--optimizer": cfg.optimizer, "--weight-decay": cfg.weight_decay, "--warmup": warmup,
                        "--temperature": temperature, "--alpha": alpha, "--feature-weight": feature_weight or None,
                        "--block-size": block_size if lm else None, "--max-tokens": max_tokens, "--val-samples": val_samples,
-                       "--test-samples": test_samples, "--seed": seed,
+                       "--test-samples": test_samples, "--seed": seed, "--shard": None if shard == "auto" else shard,
                        "--out": out})}
         _write_finetuned(res, student, orig, out, summary, lm)
         Path(cfg.state_path).unlink(missing_ok=True)
@@ -169,7 +177,7 @@ def _check_options(*, epochs: Optional[float], steps: Optional[int], minutes: Op
                    lr: Optional[float], threads: Optional[int], val_samples: Optional[int], test_samples: Optional[int],
                    block_size: int, train_last: Optional[int], max_tokens: Optional[int], weight_decay: Optional[float],
                    temperature: float, alpha: Optional[float], warmup: float, feature_weight: float,
-                   optimizer: Optional[str]) -> None:
+                   optimizer: Optional[str], shard: str = "auto") -> None:
     """Every number and choice, before the models are loaded."""
     if epochs is None and steps is None and minutes is None:
         raise UserError("give a training budget: --epochs N, --steps N or --minutes N")
@@ -182,6 +190,8 @@ def _check_options(*, epochs: Optional[float], steps: Optional[int], minutes: Op
     _check_kd(threads, temperature, alpha, warmup, feature_weight)
     if optimizer is not None and optimizer not in ("sgd", "adamw"):
         raise UserError(f"--optimizer must be sgd or adamw, got {optimizer!r}")
+    if shard not in ("auto", "ddp", "fsdp"):
+        raise UserError(f"--shard must be auto, ddp or fsdp, got {shard!r}")
 
 
 def _load_pair(pruned: str, teacher: str, *, units: Optional[str], weights: Optional[Path],
@@ -221,7 +231,7 @@ def _finetune_config(lm: bool, *, epochs: Optional[float], steps: Optional[int],
                      weight_decay: Optional[float], warmup: float, temperature: float, alpha: Optional[float],
                      feature_weight: float, feature_map: Optional[dict[str, str]], seed: int, train_last: Optional[int],
                      threads: Optional[int], val_samples: Optional[int], test_samples: Optional[int], state_path: str,
-                     progress: bool) -> Any:
+                     progress: bool, shard: str = "auto") -> Any:
     """The FinetuneConfig of the options, the unset ones from the images' or the causal-LM task's defaults."""
     from sglp_edge.train.finetune import FinetuneConfig  # heavy: torch
 
@@ -239,7 +249,7 @@ def _finetune_config(lm: bool, *, epochs: Optional[float], steps: Optional[int],
         feature_weight=feature_weight, feature_map=feature_map, seed=seed,
         train_last=train_last,
         threads=threads, val_samples=val_samples, test_samples=test_samples, state_path=state_path,
-        progress=progress)
+        progress=progress, shard=shard)
     cfg.check()
     return cfg
 

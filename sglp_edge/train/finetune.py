@@ -15,7 +15,8 @@ Sentence encoders: ``1 - cos`` between the student's and the teacher's sentence 
 Training runs on :func:`sglp_edge.train.fit.fit`: budget in epochs / steps / minutes, warmup + cosine
 schedule, checkpoint every epoch (and every ``ckpt_minutes``, and on SIGTERM / Ctrl-C) with resume
 from the saved step, best-on-validation selection (the test split is only evaluated at the end),
-and DistributedDataParallel when launched by ``torchrun``.
+and DistributedDataParallel when launched by ``torchrun``; decoder language models run fully sharded
+(FSDP2, :mod:`sglp_edge.train.fsdp`) under ``torchrun`` instead (``shard``: auto | ddp | fsdp).
 
 Programmatic use::
 
@@ -42,8 +43,9 @@ from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter
 from sglp_edge.tasks.feature_extraction import EncoderKDObjective
 from sglp_edge.train.config import FitResult, LoopConfig
-from sglp_edge.train.distributed import DistInfo, init_distributed
+from sglp_edge.train.distributed import DistInfo, Replicated, init_distributed
 from sglp_edge.train.fit import fit
+from sglp_edge.train.fsdp import FullySharded, check_shard, evaluate_sharded, parallel_for
 from sglp_edge.train.kd import ImageKDObjective, KDObjective, LMKDObjective
 from sglp_edge.train.objectives import capped, evaluate
 from sglp_edge.train.partial import train_only_last
@@ -71,6 +73,8 @@ class FinetuneConfig(LoopConfig):
     # class map); "teacher" (label-free: pure KD, alpha 1, metric = top-1 agreement with the teacher) otherwise
     target: str = "auto"
     alpha_given: bool = False  # the user set alpha explicitly (a label-free run then refuses alpha < 1)
+    # under torchrun: "auto" shards decoder LMs (FSDP2) and replicates other models (DDP); "ddp"; "fsdp"
+    shard: str = "auto"
 
 
     def check(self) -> None:
@@ -87,6 +91,7 @@ class FinetuneConfig(LoopConfig):
             raise UserError(f"--feature-weight must be >= 0, got {self.feature_weight}")
         if self.target not in ("auto", "labels", "teacher"):
             raise UserError(f"finetune target must be auto, labels or teacher, got {self.target!r}")
+        check_shard(self.shard)
         if self.feature_weight > 0 and not self.feature_map:
             raise UserError("feature distillation needs the student->teacher unit map (kept_unit_map)")
 
@@ -157,23 +162,25 @@ def finetune(student: nn.Module, teacher: nn.Module, adapter: ModelAdapter, data
         raise UserError(f"the model takes {am} input but the data set {getattr(data, 'name', '?')} is {modality}; "
                         "use --data text for language models and encoders, an image data set otherwise")
     info: DistInfo = init_distributed(cfg.device)
-    teacher = teacher.to(info.device).eval()  # its forward runs under no_grad; its weights are untouched
-    _prepare_student(student, adapter, cfg, info)
+    par = parallel_for(cfg.shard, getattr(adapter, "family", ""), info)
+    n_params = sum(p.numel() for p in student.parameters())
+    teacher, student = _place(par, teacher, student, adapter, cfg)
     task = _objective(modality, teacher, adapter, cfg)
     if modality == "image":
         _image_target(cfg, _check_outputs(student, teacher, data, info), data)
     state_path = Path(cfg.state_path) if cfg.state_path else None
     val_before = None
     if cfg.eval_before and val_set is not None and not (state_path and state_path.is_file()):
-        val_before = _strip(evaluate(student, task, val_set, batch_size=cfg.eval_batch_size, info=info))
+        ev = evaluate_sharded if par.collective_forward else evaluate
+        val_before = _strip(ev(student, task, val_set, batch_size=cfg.eval_batch_size, info=info))
     task.attach(student)
     try:
         res: FitResult = fit(student, task, train_set, val_set, test_set, cfg, state_path=state_path,
-                             desc="finetune (KD)", progress=cfg.progress,
+                             desc="finetune (KD)", progress=cfg.progress, parallel=par,
                              extra_state={"kind": "kd-finetune", "dataset": getattr(data, "name", "?"),
                                           "temperature": cfg.temperature, "alpha": cfg.alpha,
                                           "feature_weight": cfg.feature_weight,
-                                          "student_params": sum(p.numel() for p in student.parameters())})
+                                          "student_params": n_params})
     finally:
         task.detach()
     conf = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "device")}
@@ -194,9 +201,23 @@ def _resolve_config(cfg: FinetuneConfig | None, overrides: dict[str, Any]) -> Fi
     return cfg
 
 
-def _prepare_student(student: nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig, info: DistInfo) -> None:
-    """On the run's device, trainable (only the last units and the head with ``train_last``)."""
-    student.to(info.device)
+def _place(par: Replicated | FullySharded, teacher: nn.Module, student: nn.Module, adapter: ModelAdapter,
+           cfg: FinetuneConfig) -> tuple[nn.Module, nn.Module]:
+    """Teacher and student on the run's device: whole (the teacher's forward runs under no_grad, its
+    weights untouched), or sharded across the ranks (FSDP: both sharded in place, the full models never
+    on the device)."""
+    if isinstance(par, FullySharded):
+        _prepare_student(student, adapter, cfg, None)
+        return par.shard_teacher(teacher), par.shard_student(student)
+    _prepare_student(student, adapter, cfg, par.info)
+    return teacher.to(par.info.device).eval(), student
+
+
+def _prepare_student(student: nn.Module, adapter: ModelAdapter, cfg: FinetuneConfig, info: DistInfo | None) -> None:
+    """On the run's device (``info`` None: where it is), trainable (only the last units and the head
+    with ``train_last``)."""
+    if info is not None:
+        student.to(info.device)
     if not any(p.requires_grad for p in student.parameters()):  # e.g. copied from a frozen model
         student.requires_grad_(True)
     if cfg.train_last is not None:

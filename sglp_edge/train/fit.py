@@ -15,9 +15,11 @@ evaluation) with
   at the end, on the selected weights - it never influences a decision),
 * DistributedDataParallel when launched by ``torchrun`` (``WORLD_SIZE`` > 1): gloo on CPU, nccl on
   CUDA, a DistributedSampler shard per rank, the global batch split across ranks, sharded
-  evaluation summed with all_reduce, and only rank 0 writing files.
+  evaluation summed with all_reduce, and only rank 0 writing files; or, given
+  ``parallel=FullySharded(...)``, the model sharded across the ranks (FSDP2) with the same state file.
 
-The engine's parts live in :mod:`sglp_edge.train.distributed` (process group), :mod:`sglp_edge.train.objectives`
+The engine's parts live in :mod:`sglp_edge.train.distributed` (process group, :class:`Replicated`),
+:mod:`sglp_edge.train.fsdp` (:class:`FullySharded`), :mod:`sglp_edge.train.objectives`
 (objectives, evaluation), :mod:`sglp_edge.train.config` (config, results, schedule, optimiser) and
 :mod:`sglp_edge.train.state` (resume state, RNG, stop flag, progress); import each name from the
 module that defines it.
@@ -33,13 +35,13 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from benchmarks.board.errors import UserError
 from sglp_edge.train.config import FitResult, LoopConfig, lr_at, make_optimizer
-from sglp_edge.train.distributed import DistInfo, all_reduce, init_distributed
+from sglp_edge.train.distributed import DistInfo, Replicated, all_reduce, init_distributed, sync_buffers
+from sglp_edge.train.fsdp import FullySharded, evaluate_sharded
 from sglp_edge.train.interrupted import Interrupted
 from sglp_edge.train.objectives import ClassificationObjective, Objective, capped, evaluate, to_device
 from sglp_edge.train.state import (STATE_FORMAT, Progress, StopFlag, load_state, rank_seed, rng_state, save_state,
@@ -52,18 +54,20 @@ from sglp_edge.train.state import (STATE_FORMAT, Progress, StopFlag, load_state,
 def fit(model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset | None, test_set: Dataset | None,
         cfg: LoopConfig, *, state_path: str | Path | None = None, desc: str = "train",
         progress: bool = True, extra_state: dict[str, Any] | None = None,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        parallel: Replicated | FullySharded | None = None) -> FitResult:
     """Train ``model`` on ``train_set`` under ``cfg``'s budget; see the module docstring.
 
     ``state_path``: where the resumable state lives; if the file exists, training resumes from
     it (its config must match the budget/batch/seed given now). ``extra_state`` is stored in it
-    and checked on resume (e.g. which teacher). Raises :class:`Interrupted` after saving on
-    SIGTERM / Ctrl-C."""
+    and checked on resume (e.g. which teacher). ``parallel``: how the ranks hold the model
+    (default :class:`Replicated`: all of it, DDP under torchrun). Raises :class:`Interrupted` after
+    saving on SIGTERM / Ctrl-C."""
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = init_distributed(cfg.device)
-    run = _Run(model, task, train_set, val_set, cfg, info, state_path, extra_state, on_epoch)
+    run = _Run(model, task, train_set, val_set, cfg, parallel or Replicated(info), state_path, extra_state, on_epoch)
     run.resume()
     bar = Progress(run.total_steps, desc, progress and info.is_main, cfg.log_every)
     if run.resumed_from:
@@ -76,16 +80,18 @@ def fit(model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset 
 
 
 class _Run:
-    """One call of :func:`fit`: the model (DDP-wrapped under torchrun), its optimiser, the budget and
+    """One call of :func:`fit`: the model (DDP-wrapped or sharded under torchrun), its optimiser, the budget and
     the progress so far (step, epoch, time trained, history, best-on-val weights), which the state
     file holds."""
 
     def __init__(self, model: nn.Module, task: Objective, train_set: Dataset, val_set: Dataset | None,
-                 cfg: LoopConfig, info: DistInfo, state_path: str | Path | None, extra_state: dict[str, Any] | None,
+                 cfg: LoopConfig, par: Replicated | FullySharded, state_path: str | Path | None, extra_state: dict[str, Any] | None,
                  on_epoch: Callable[[dict[str, Any]], None] | None):
+        info: DistInfo = par.info
         if cfg.batch_size % info.world:
             raise UserError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
-        self.task, self.train_set, self.cfg, self.info, self.on_epoch = task, train_set, cfg, info, on_epoch
+        self.task, self.train_set, self.cfg, self.info, self.par, self.on_epoch = task, train_set, cfg, info, par, on_epoch
+        self.eval_fn = evaluate_sharded if par.collective_forward else evaluate
         self.local_bs = cfg.batch_size // info.world
         self.val_set = capped(val_set, cfg.val_samples)
         n_train = len(train_set)
@@ -97,10 +103,7 @@ class _Run:
         # each rank draws its own augmentation (and dropout) stream: with one seed on every rank, the
         # k-th image of each local batch would get the same random crop on both ranks
         torch.manual_seed(rank_seed(cfg.seed, info.rank, 0))
-        model.to(info.device)
-        self.base, self.model = model, model
-        if info.distributed:
-            self.model = DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+        self.base, self.model = model, par.wrap(model)
         self.opt = make_optimizer(model.parameters(), cfg)
         self.sp = Path(state_path) if state_path else None
         self.step, self.epoch, self.step_in_epoch, self.elapsed = 0, 0, 0, 0.0
@@ -118,14 +121,14 @@ class _Run:
         sp = self.sp
         if sp is None or not sp.is_file():
             return
-        st = load_state(sp)
+        st = load_state(sp, mmap=self.par.collective_state)  # mapped: every rank reads it, none copies it
         diff = {k: (st["check"].get(k), v) for k, v in self.check.items() if st["check"].get(k) != v}
         if diff:
             k, (old, new) = next(iter(diff.items()))
             raise UserError(f"the saved state {sp} was made with {k}={old!r}, now {new!r}: re-run with the "
                             f"same settings to resume, or delete {sp} to start over")
-        self.base.load_state_dict(st["model"])
-        self.opt.load_state_dict(st["optimizer"])
+        self.par.load_model_state(self.base, st["model"])
+        self.par.load_optim_state(self.base, self.opt, st["optimizer"])
         self.step, self.epoch, self.step_in_epoch, self.elapsed = st["step"], st["epoch"], st["step_in_epoch"], st["elapsed"]
         self.history, self.best = st["history"], st.get("best")
         set_rng_state(st["rng"])
@@ -134,14 +137,16 @@ class _Run:
         self.resumed_from = self.step
 
     def snapshot(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "check": self.check, "model": self.base.state_dict(),
-                "optimizer": self.opt.state_dict(), "step": self.step, "epoch": self.epoch,
+        return {"format": STATE_FORMAT, "check": self.check, "model": self.par.model_state(self.base),
+                "optimizer": self.par.optim_state(self.base, self.opt), "step": self.step, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "elapsed": self.elapsed, "history": self.history,
                 "best": self.best, "rng": rng_state(), "config": asdict(self.cfg)}
 
     def persist(self) -> None:
-        if self.sp is not None and self.info.is_main:
-            save_state(self.sp, self.snapshot())
+        if self.sp is not None and (self.info.is_main or self.par.collective_state):
+            st = self.snapshot()  # sharded: every rank takes part in gathering it
+            if self.info.is_main:
+                save_state(self.sp, st)
         if self.info.distributed:
             dist.barrier()
 
@@ -158,23 +163,16 @@ class _Run:
         return self.progress_frac() >= 1.0
 
     # -- evaluation -----------------------------------------------------------------------------
-    def sync_buffers(self) -> None:
-        # BatchNorm running stats drift apart between ranks after their last local forward;
-        # evaluate and save rank 0's everywhere so all ranks hold identical models
-        if self.info.distributed:
-            for b in self.base.buffers():
-                dist.broadcast(b, 0)
-
     def evaluate_now(self, tag: str) -> dict[str, Any]:
         """Val metrics of the current weights, recorded in the history (and kept when best)."""
-        self.sync_buffers()
+        sync_buffers(self.base, self.info)  # evaluate and save rank 0's running stats everywhere
         rec: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "elapsed_s": round(self.elapsed, 1), "tag": tag}
         if self.val_set is not None and len(self.val_set):
-            m = evaluate(self.base, self.task, self.val_set, batch_size=self.cfg.eval_batch_size, info=self.info)
+            m = self.eval_fn(self.base, self.task, self.val_set, batch_size=self.cfg.eval_batch_size, info=self.info)
             rec["val"] = m
             if self.cfg.select_best and (self.best is None or m["score"] > self.best["score"]):
                 self.best = {"score": m["score"], "epoch": self.epoch, "step": self.step,
-                             "model": {k: v.detach().clone().cpu() for k, v in self.base.state_dict().items()}}
+                             "model": self.par.model_copy(self.base)}
         self.history.append(rec)
         if self.on_epoch is not None and self.info.is_main:
             self.on_epoch(rec)
@@ -254,15 +252,15 @@ class _Run:
         # budget spent mid-epoch: evaluate the final weights too (unless this point was just evaluated)
         if not self.history or self.history[-1]["step"] != self.step:
             bar.message(_fmt_rec(self.evaluate_now("end")))
-        self.sync_buffers()
+        sync_buffers(self.base, self.info)
         self.persist()
         selected = self.select()
         self.base.eval()
         val_m = self.selected_val()
         test_m = None
         if self.cfg.eval_test and test_set is not None and len(test_set):
-            test_m = evaluate(self.base, self.task, test_set, batch_size=self.cfg.eval_batch_size, info=self.info)
-        return FitResult(model=self.base, val=val_m, test=test_m, history=self.history, steps=self.step,
+            test_m = self.eval_fn(self.base, self.task, test_set, batch_size=self.cfg.eval_batch_size, info=self.info)
+        return FitResult(model=self.par.plain_model(self.base), val=val_m, test=test_m, history=self.history, steps=self.step,
                          epochs=self.step / self.steps_per_epoch, train_seconds=self.elapsed, selected=selected,
                          resumed_from_step=self.resumed_from)
 
@@ -270,7 +268,7 @@ class _Run:
         """Load the best-on-val weights when they are not the last ones; say which were selected."""
         best = self.best
         if self.cfg.select_best and best is not None and best["step"] != self.step:
-            self.base.load_state_dict(best["model"])
+            self.par.load_model_state(self.base, best["model"])
             return f"best-val@step {best['step']} (epoch {best['epoch']})"
         if self.cfg.select_best and best is not None:
             return f"best-val@step {best['step']} (last)"
@@ -284,7 +282,7 @@ class _Run:
         if sel_rec is not None:
             return sel_rec["val"]
         if self.val_set is not None and len(self.val_set):
-            return evaluate(self.base, self.task, self.val_set, batch_size=self.cfg.eval_batch_size, info=self.info)
+            return self.eval_fn(self.base, self.task, self.val_set, batch_size=self.cfg.eval_batch_size, info=self.info)
         return {}
 
 

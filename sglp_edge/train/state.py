@@ -30,9 +30,11 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_state(path: Path) -> dict[str, Any]:
+def load_state(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The state file's contents on the CPU; ``mmap``: its tensors mapped from the file rather than
+    read into memory (every rank of a sharded run reads the file, and the pages are shared)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt file
         raise UserError(f"cannot read the resume state {path} ({type(e).__name__}); delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
