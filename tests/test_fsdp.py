@@ -170,5 +170,16 @@ def test_shard_choice():
         FinetuneConfig(steps=1, shard="zero3").check()
 
 
+def test_the_command_refuses_an_unknown_shard_before_loading_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from sglp_edge.cli import app
+
+    r = CliRunner().invoke(app, ["finetune", "mobilenetv2", "--teacher", "mobilenetv2", "--steps", "1",
+                                 "--shard", "zero3", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "--shard must be auto, ddp or fsdp" in r.output
+    assert not (tmp_path / "o").exists()
+
+
 if __name__ == "__main__":
     ranks_main(Path(sys.argv[1]))
