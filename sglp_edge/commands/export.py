@@ -83,7 +83,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="checkpoint folder, 'default'/'resnet56', cifar_resnet20..110, "
                                                "torchvision:<arch>, your own file.py:fn or model.pt2, "
                                                "a Hugging Face folder or .gguf"),
-        out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write (one file, below 2 GB)"),
+        out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write; image and --no-past models: one "
+                                 "file below 2 GB (larger ones are refused up front); decoder LMs (--past): a folder "
+                                 "with model.onnx, its weights in model.onnx.data from 2 GB (no size limit)"),
         opset: Optional[int] = typer.Option(None, help="ONNX opset (default 18: TensorRT 10.x, OpenVINO, ORT)"),
         simplify: str = typer.Option("onnxslim", help="onnxslim | onnxsim | none (skipped with a note on failure)"),
         exporter: str = typer.Option("auto", help="auto (dynamo, legacy on failure) | dynamo | legacy"),
@@ -200,7 +202,8 @@ def _export_lm(model: str, weights: Optional[Path], loaded, out: Path, *, opset:
         hold_out(folder, force=force, inputs=(model, weights))
     meta = export_causal_lm(net, folder, opset=opset or 18)
     p = meta["parity_vs_pytorch"]
-    typer.echo(f"wrote {folder}/model.onnx + lm.json ({meta['size_bytes'] / 1e6:.2f} MB; {meta['layout']}: "
+    data = " + model.onnx.data" if meta.get("external_data") else ""
+    typer.echo(f"wrote {folder}/model.onnx{data} + lm.json ({meta['size_bytes'] / 1e6:.2f} MB; {meta['layout']}: "
                f"{meta['num_layers']} layers, dynamic batch / sequence / past)")
     typer.echo(f"cache parity vs PyTorch (prefill {p['prefill_tokens']} + decode {p['decode_tokens']} tokens, "
                f"random ids): max_abs={p['max_abs']:.3g} greedy_equal={p['greedy_equal']} passed={p['passed']}")

@@ -23,6 +23,7 @@ identical (``passed``); int8/int4 record their agreement without requiring it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -36,7 +37,7 @@ from benchmarks.board.atomic import atomic_dir, sha256_file
 from benchmarks.board.lm_genai import GENAI_CONFIG, open_model
 from benchmarks.board.errors import UserError
 
-from sglp_edge.export.lm import META_FILE, PARITY_ATOL, TASK
+from sglp_edge.export.lm import META_FILE, PARITY_ATOL, TASK, peak_rss_bytes
 from sglp_edge.export.awq import awq_scale
 from sglp_edge.models.hf_llm import save_hf
 
@@ -215,32 +216,25 @@ def parity_prompts(src: Path, vocab: int) -> list[list[int]]:
 
 
 def genai_parity(folder: Path, src: Path, precision: str, *, n_new: int = 16,
-                 prompts: Sequence[Sequence[int]] | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Greedy tokens of onnxruntime-genai (``folder``) against transformers (``src``), and the prefill
-    logits' max abs difference, per prompt. ``passed``: every token identical and logits within
-    PARITY_ATOL (fp32); for int8/int4 ``passed`` is None (recorded, not required)."""
+                 prompts: Sequence[Sequence[int]] | None = None, threads: int | None = None,
+                 reference_model: Any = None) -> dict[str, Any]:
+    """Greedy tokens of onnxruntime-genai (``folder``) against transformers (``src``, or
+    ``reference_model`` when the caller holds it: not loaded a second time), and the prefill logits'
+    max abs difference, per prompt. Every PyTorch reference is computed first and the model loaded
+    from ``src`` freed before onnxruntime-genai loads its own copy of the weights. ``passed``: every
+    token identical and logits within PARITY_ATOL (fp32); for int8/int4 ``passed`` is None (recorded,
+    not required)."""
     import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
 
     og = require_genai()
     cfg = json.loads((folder / GENAI_CONFIG).read_text())
     eos = cfg.get("model", {}).get("eos_token_id")
     eos = [int(e) for e in (eos if isinstance(eos, list) else [eos])] if eos is not None else None
-    ref_model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, trust_remote_code=False).eval()
-    vocab = int(ref_model.config.vocab_size)
-    prompts = [list(p) for p in prompts] if prompts is not None else parity_prompts(src, vocab)
+    refs, prompts = _torch_references(src, prompts, n_new, eos, reference_model)
     model = open_model(og, folder, threads=threads)
     rows, same, total, max_abs, max_ref = [], 0, 0, 0.0, 0.0
-    for p in prompts:
+    for p, (ref_logits, ref) in zip(prompts, refs):
         got, logits = genai_greedy(og, model, p, n_new)
-        ids = torch.tensor([p], dtype=torch.int64)
-        with torch.no_grad():
-            ref_logits = ref_model(input_ids=ids).logits[0].float().numpy()
-            ref = ref_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
-                                     use_cache=True, pad_token_id=(eos or [0])[0], eos_token_id=eos)[0, len(p):].tolist()
-        if eos:  # transformers pads a batch after EOS; batch 1 stops there, as genai does
-            ref = ref[: next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))]
         d = float(np.abs(logits - ref_logits).max()) if logits.shape == ref_logits.shape else float("inf")
         max_abs, max_ref = max(max_abs, d), max(max_ref, float(np.abs(ref_logits).max()))
         n = max(len(got), len(ref))
@@ -258,20 +252,57 @@ def genai_parity(folder: Path, src: Path, precision: str, *, n_new: int = 16,
             "passed": bool(identical and max_abs <= PARITY_ATOL) if precision == "fp32" else None}
 
 
+def _torch_references(src: Path, prompts: Sequence[Sequence[int]] | None, n_new: int, eos: list[int] | None,
+                      ref_model: Any = None) -> tuple[list[tuple[Any, list[int]]], list[list[int]]]:
+    """((prefill logits (P, vocab), greedy tokens) per prompt, the prompts) from transformers, fp32; the
+    model is loaded from ``src`` unless given, and a loaded one is freed before returning."""
+    import torch  # heavy: torch
+    from transformers import AutoModelForCausalLM  # heavy: transformers
+
+    loaded = ref_model is None
+    if loaded:
+        ref_model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, trust_remote_code=False)
+    was_training = ref_model.training
+    ref_model.eval()
+    try:
+        vocab = int(ref_model.config.vocab_size)
+        prompts = [list(p) for p in prompts] if prompts is not None else parity_prompts(src, vocab)
+        refs = []
+        for p in prompts:
+            ids = torch.tensor([p], dtype=torch.int64)
+            with torch.no_grad():
+                ref_logits = ref_model(input_ids=ids).logits[0].float().numpy()
+                ref = ref_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                                         use_cache=True, pad_token_id=(eos or [0])[0], eos_token_id=eos)[0, len(p):].tolist()
+            if eos:  # transformers pads a batch after EOS; batch 1 stops there, as genai does
+                ref = ref[: next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))]
+            refs.append((ref_logits, ref))
+    finally:
+        ref_model.train(was_training)
+    if loaded:
+        del ref_model
+        gc.collect()
+    return refs, prompts
+
+
 def export_causal_lm_genai(src: str | Path, out_dir: str | Path, *, precision: str = "fp32", n_new: int = 16,
                            parity_prompts_ids: Sequence[Sequence[int]] | None = None,
                            extra_options: Sequence[str] = (), calib_ids: Any = None,
-                           group_size: int = GENAI_INT4_GROUP) -> dict[str, Any]:
+                           group_size: int = GENAI_INT4_GROUP, reference_model: Any = None) -> dict[str, Any]:
     """Export the saved causal LM in ``src`` to an onnxruntime-genai folder ``out_dir``, atomically
     (a temporary sibling renamed into place; nothing is left behind on failure), with the parity
-    check in ``out_dir/lm.json``. Returns that manifest plus ``path``."""
+    check in ``out_dir/lm.json``. Returns that manifest plus ``path``. The builder always writes the
+    weights to ``model.onnx.data`` beside ``model.onnx`` (any size, no 2 GB limit).
+    ``reference_model``: the fp32 transformers model ``src`` holds, when the caller has it in memory
+    (the parity check then does not load a second copy)."""
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} for the onnxruntime-genai route")
     src, out_dir = Path(src), Path(out_dir)
     cfg = check_source(src)
     og = require_genai()
     try:
-        import onnx_ir  # noqa: F401 - the builder imports it; say so before it fails half-way
+        import onnx_ir  # the builder imports it; say so before it fails half-way
+        del onnx_ir
     except ImportError:
         raise UserError(f"onnxruntime-genai's builder needs the onnx-ir package: {INSTALL}") from None
     if out_dir.resolve() == src.resolve():
@@ -281,7 +312,9 @@ def export_causal_lm_genai(src: str | Path, out_dir: str | Path, *, precision: s
         log, quantization = build_quantized(src, tmp, precision, extra_options=extra_options, calib_ids=calib_ids,
                                             group_size=group_size)
         build_s = time.perf_counter() - t0
-        parity = genai_parity(tmp, src, precision, n_new=n_new, prompts=parity_prompts_ids)
+        gc.collect()  # the builder's copies of the weights go before the parity check loads its own
+        parity = genai_parity(tmp, src, precision, n_new=n_new, prompts=parity_prompts_ids,
+                              reference_model=reference_model)
         gcfg = json.loads((tmp / GENAI_CONFIG).read_text())
         dec = gcfg.get("model", {}).get("decoder", {})
         meta = {"task": TASK, "layout": LAYOUT, "precision": precision, "execution_provider": "cpu",
@@ -300,6 +333,8 @@ def export_causal_lm_genai(src: str | Path, out_dir: str | Path, *, precision: s
         files = [f for f in tmp.iterdir() if f.is_file()]
         meta["size_bytes"] = sum(f.stat().st_size for f in files if f.name.startswith("model.onnx"))
         meta["sha256"] = sha256_file(tmp / "model.onnx")
+        meta["external_data"] = (tmp / "model.onnx.data").is_file()
+        meta["memory"] = {"process_peak_rss_bytes": peak_rss_bytes()}
         meta["files"] = sorted(f.name for f in files) + [META_FILE]
         meta["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -318,6 +353,11 @@ def export_model_genai(model: Any, tokenizer: Any, out_dir: str | Path, **kw: An
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.src.", dir=out_dir.parent))
     try:
         save_hf(model, tmp / "hf", tokenizer=tokenizer)
+        import torch  # heavy: torch
+
+        fp32 = all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+        if fp32 and "reference_model" not in kw:  # the parity reference: this model, not a reload of it
+            kw["reference_model"] = model
         return export_causal_lm_genai(tmp / "hf", out_dir, **kw)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

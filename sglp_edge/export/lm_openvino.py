@@ -22,6 +22,7 @@ identical to ``model.generate``.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import warnings
@@ -36,7 +37,8 @@ from benchmarks.board.atomic import atomic_dir, sha256_file
 from benchmarks.board.errors import UserError
 from benchmarks.board.lm_bench import LMSession
 
-from sglp_edge.export.lm import META_FILE, TASK, io_names, kv_shape, prefill_decode_parity
+from sglp_edge.export.lm import (META_FILE, TASK, io_names, kv_shape, peak_rss_bytes, prefill_decode_parity,
+                                 torch_reference)
 from sglp_edge.models.hf_llm import unsupported_reason
 
 OV_MODEL = "openvino_model.xml"
@@ -153,10 +155,16 @@ def stateful_parity(artifact: Path, model: nn.Module, ids: torch.Tensor, *, spli
                     n_new: int = 4) -> dict[str, Any]:
     """Prefill ``ids[:, :split]`` then decode ``ids[:, split:]`` one token at a time on OpenVINO (f32,
     f32 KV cache, through the board's own LMSession), against PyTorch's full-sequence forward; plus
-    ``n_new`` greedy tokens against ``model.generate``."""
+    ``n_new`` greedy tokens against ``model.generate``. PyTorch's reference is computed before
+    OpenVINO compiles its own copy of the weights (the two never run side by side)."""
+    ref = torch_reference(model, ids, n_new)
     sess = LMSession(str(artifact), "openvino", precision="fp32")
-    return {"runtime": "openvino f32, f32 KV cache",
-            **prefill_decode_parity(sess.step, sess.empty_past(ids.shape[0]), model, ids, split=split, n_new=n_new)}
+    try:
+        return {"runtime": "openvino f32, f32 KV cache",
+                **prefill_decode_parity(sess.step, sess.empty_past(ids.shape[0]), None, ids, split=split,
+                                        n_new=n_new, reference=ref)}
+    finally:
+        del sess
 
 
 def export_causal_lm_openvino(model: nn.Module, out_dir: str | Path, *,
@@ -180,6 +188,7 @@ def export_causal_lm_openvino(model: nn.Module, out_dir: str | Path, *,
             path = tmp / OV_MODEL
             ov.save_model(ov_model, str(path), compress_to_fp16=False)
             del ov_model
+            gc.collect()  # the converted model's weights go before OpenVINO compiles the saved IR
             gen = torch.Generator().manual_seed(0)
             ids = parity_ids if parity_ids is not None else torch.randint(0, int(cfg.vocab_size), (2, 12), generator=gen)
             ids = ids.to(torch.int64)
@@ -195,7 +204,11 @@ def export_causal_lm_openvino(model: nn.Module, out_dir: str | Path, *,
                     "parity_vs_pytorch": parity, "torch": torch.__version__, "openvino": ov.__version__,
                     "sglp_kept_layers": getattr(cfg, "sglp_kept_layers", None),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            meta["size_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+            files = sorted(f for f in tmp.iterdir() if f.is_file() and f.name.startswith(path.stem))
+            meta["files"] = [f.name for f in files] + [META_FILE]
+            meta["size_bytes"] = sum(f.stat().st_size for f in files)
+            meta["memory"] = {"weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                              "process_peak_rss_bytes": peak_rss_bytes()}
             meta["sha256"] = sha256_file(path.with_suffix(".bin"))
             meta["seconds"] = round(time.perf_counter() - t0, 2)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))

@@ -2,7 +2,8 @@
 
 :func:`export_onnx` exports with the dynamo exporter (``torch.onnx.export(..., dynamo=True)``)
 by default and falls back to the legacy TorchScript exporter when dynamo fails
-(``exporter="auto"``). The result is ONE file below 2 GB (no external data), with a dynamic batch
+(``exporter="auto"``). The result is ONE file below 2 GB (no external data; a model whose weights
+reach 2 GB is refused up front, :func:`check_one_file_size`), with a dynamic batch
 axis (and a dynamic sequence axis for token models), optionally simplified with onnxslim (default)
 or onnxsim, and checked against PyTorch on real inputs with ONNX Runtime: max abs / relative
 error and top-1 agreement. What was done is recorded in the ONNX ``metadata_props`` (key
@@ -226,6 +227,7 @@ def export_onnx(
     if out_path.suffix != ".onnx":
         raise UserError(f"output file {out_path} must end in .onnx")
     in_name = input_name or ("input_ids" if kind == "tokens" else "input")
+    check_one_file_size(model)
     x = _as_tensor(example_inputs, kind)
     ex = _example(x, kind)
     was_training = model.training
@@ -259,6 +261,20 @@ def export_onnx(
     return ExportResult(path=out_path, opset=ou.opset_of(proto), exporter=used, kind=kind, simplify=sinfo,
                         parity=parity, io=io_desc, size_bytes=out_path.stat().st_size, sha256=sha256_file(out_path),
                         fallback_reason=fallback_reason, warnings=notes, seconds=time.perf_counter() - t0)
+
+
+def check_one_file_size(model: nn.Module) -> None:
+    """Refuse up front, before any export work, a model whose weights alone reach the 2 GB protobuf
+    limit of a one-file ONNX (this route writes no external data)."""
+    seen, n_bytes = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            n_bytes += t.numel() * t.element_size()
+    if n_bytes >= ou.TWO_GB:
+        raise UserError(f"the model's weights are {n_bytes / 1024**3:.2f} GiB; this export writes ONE .onnx file, "
+                        "which must stay below 2 GiB: prune further, or for a decoder LM export with its KV cache "
+                        "(sglp-edge export without --no-past: model.onnx + model.onnx.data, any size)")
 
 
 def _check_export_args(kind: str, exporter: str, simplify: str, opset: int | None) -> int:
