@@ -348,7 +348,7 @@ def test_a_calibration_batch_that_cannot_fit_in_memory_is_refused_first():
     import torch
 
     from sglp_edge.models.registry import load_model
-    from sglp_edge.pipeline.prune_job import check_memory
+    from sglp_edge.pipeline.calibration import check_memory
 
     lm = load_model("cifar_resnet20")
     small = (torch.randn(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))

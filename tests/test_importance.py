@@ -8,9 +8,8 @@ import torch
 from benchmarks.board.errors import UserError
 from sglp_edge.models.cifar_resnet import cifar_resnet
 from sglp_edge.models.registry import get_adapter
-from sglp_edge.sglp.importance import (CandidateScorer, adjacent_redundancy, allocate_removals,
-                                       allocate_removals_by_redundancy, gradnorm, random_state_like, search_cost,
-                                       select_in_segment)
+from sglp_edge.sglp.allocation import adjacent_redundancy, allocate_removals, allocate_removals_by_redundancy
+from sglp_edge.sglp.importance import CandidateScorer, gradnorm, random_state_like, search_cost, select_in_segment
 
 
 def _setup(seed=0):
@@ -114,7 +113,7 @@ def _tiny_llama(transformers):
 
 def test_allocation_auto_is_redundancy_for_decoder_lms_and_proportional_for_cnns():
     transformers = pytest.importorskip("transformers")
-    from sglp_edge.sglp.importance import allocate_removals_by_redundancy as by_red
+    from sglp_edge.sglp.allocation import allocate_removals_by_redundancy as by_red
     from sglp_edge.sglp.plan import PruneConfig
     from sglp_edge.sglp.prune import analyze
 
@@ -212,7 +211,7 @@ def test_unlimited_greedy_budget_equals_beam_of_width_one():
 
 
 def test_split_budget_water_fills():
-    from sglp_edge.sglp.importance import split_budget
+    from sglp_edge.sglp.allocation import split_budget
 
     assert split_budget([10, 20], [2, 3], 100) == [10, 20]  # everything fits
     assert split_budget([10, 200, 300], [2, 10, 10], 100) == [10, 45, 45]

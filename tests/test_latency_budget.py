@@ -77,7 +77,7 @@ def test_additive_fit_recovers_unit_costs_from_noisy_timings():
 def test_fewest_removals_and_cost_weighted_allocation():
     from sglp_edge.budget.latency_model import LatencyModel
     from sglp_edge.budget.search import fewest_removals
-    from sglp_edge.sglp.importance import allocate_removals
+    from sglp_edge.sglp.allocation import allocate_removals
 
     lm = LatencyModel(constant_ms=1.0, unit_costs_ms={"a": 0.5, "b": 0.5, "c": 2.0, "d": 1.0}, groups=[], key={})
     assert lm.predict([]) == 5.0 and lm.predict(["c"]) == 3.0

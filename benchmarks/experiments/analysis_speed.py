@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sglp_edge.models.registry import DEFAULT_MODEL, load_model  # noqa: E402
-from sglp_edge.pipeline.prune_job import calibration_batches  # noqa: E402
+from sglp_edge.pipeline.calibration import calibration_batches  # noqa: E402
 from sglp_edge.sglp.importance import CandidateScorer, select_in_segment  # noqa: E402
 from sglp_edge.sglp.plan import PruneConfig  # noqa: E402
 from sglp_edge.sglp.prune import analyze  # noqa: E402

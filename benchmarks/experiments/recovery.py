@@ -41,7 +41,8 @@ from sglp_edge.data.datasets import get_dataset  # noqa: E402
 from sglp_edge.data.text import get_text_dataset  # noqa: E402
 from sglp_edge.models.hf_llm import load_hf  # noqa: E402
 from sglp_edge.models.registry import SHIPPED, load_model  # noqa: E402
-from sglp_edge.pipeline.prune_job import PruneJob, input_channels, run_prune_job  # noqa: E402
+from sglp_edge.pipeline.calibration import input_channels  # noqa: E402
+from sglp_edge.pipeline.prune_job import PruneJob, run_prune_job  # noqa: E402
 from sglp_edge.sglp.importance import resolve_allocation, resolve_protocol  # noqa: E402
 from sglp_edge.tasks.causal_lm import CausalLM  # noqa: E402
 from sglp_edge.train.finetune import FinetuneConfig, finetune  # noqa: E402

@@ -220,7 +220,7 @@ def _data_bundle(student: Any, orig: Any, pruned: str, teacher: str, *, data: st
         if tok is None:
             raise UserError(f"neither {pruned} nor {teacher} has a tokenizer; save the tokenizer with the model")
         return get_dataset("text", data_root, seed=seed, tokenizer=tok, block_size=block_size, max_tokens=max_tokens)
-    from sglp_edge.pipeline.prune_job import fixed_input_size, input_channels  # heavy: torch
+    from sglp_edge.pipeline.calibration import fixed_input_size, input_channels  # heavy: torch
 
     return get_dataset(data, data_root, seed=seed, resize=fixed_input_size(student.model),
                        channels=input_channels(student.model), class_map=class_map)

@@ -61,6 +61,9 @@ def register(app: typer.Typer) -> None:
         num_classes: Optional[int] = typer.Option(None, "--num-classes"),
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)"),
+        accelerator: str = typer.Option("auto", "--accelerator", help="where calibration, CKA and candidate scoring "
+                                        "run: auto (CUDA when torch sees a GPU, else cpu) | cpu | cuda; decoder LMs "
+                                        "run in bfloat16 on a GPU, CKA accumulates in float64; recorded in plan.json"),
         force: bool = typer.Option(False, "--force", help="replace an --out folder an earlier sglp-edge command wrote"),
         latency_budget: Optional[float] = typer.Option(None, "--latency-budget", help="p90 latency budget in ms on "
                                                        "--device (implies --keep auto; default with --keep auto: the "
@@ -80,7 +83,7 @@ def register(app: typer.Typer) -> None:
                        batch_size=batch_size, seq_len=seq_len, exhaustive_budget=exhaustive_budget,
                        beam_width=beam_width, eval_budget=eval_budget, k_budget=k_budget, allocation=allocation, heal=heal, units=units, weights=weights, num_classes=num_classes, class_map=class_map,
                        allow_degenerate=allow_degenerate, seed=seed,
-                       threads=threads, force=force, device=device, latency_budget_ms=latency_budget,
+                       threads=threads, force=force, device=device, latency_budget_ms=latency_budget, accelerator=accelerator,
                        latency_margin=latency_margin, latency_rounds=latency_rounds,
                        trust_builder=trust_builder, trust_remote_code=trust_remote_code,
                        log=lambda m: typer.echo(m, err=True))

@@ -74,28 +74,56 @@ def activation_bytes(d: dict[str, Any], batch: int, tokens: int) -> float:
     return logits + layers
 
 
-def prune_memory_need(d: dict[str, Any], batch: int, tokens: int) -> float:
+def prune_memory_need(d: dict[str, Any], batch: int, tokens: int, *, forward_only: bool = False) -> float:
     """Bytes one calibration batch of ``batch`` sequences x ``tokens`` needs when pruning: the
-    weights with their gradients and copies, plus the activations of a forward + backward pass."""
-    return 12.0 * params_of(d) + activation_bytes(d, batch, tokens)
+    weights with their gradients and copies, plus the activations of a forward + backward pass.
+    ``forward_only`` (the ``loss`` score): the weights once (the layers are removed in place), one
+    forward's logits and one layer's activations, the unit outputs CKA and the prefix replay keep,
+    and the CKA Grams."""
+    if not forward_only:
+        return 12.0 * params_of(d) + activation_bytes(d, batch, tokens)
+    n = batch * tokens
+    logits = 3.0 * n * d["vocab"] * 4
+    layer = n * (10 * d["hidden"] + 4 * d["inter"]) * 4 + 2.0 * batch * d["heads"] * tokens**2 * 4
+    kept = 2.0 * d["layers"] * n * d["hidden"] * 4
+    grams = 2.0 * d["layers"] * min(n, 1024) ** 2 * 8
+    return 4.0 * params_of(d) + logits + layer + kept + grams
+
+
+#: above this many parameters the default calibration batch of an LM shrinks in proportion
+LM_SCALE_PARAMS = 5e8
+LM_DEFAULT_BATCH = 8
+
+
+def lm_default_batch(params: float) -> tuple[int, str]:
+    """The default calibration batch (sequences) of a decoder LM of ``params`` parameters, and why:
+    8 sequences up to 0.5 B parameters, then 8 x 0.5 B / params (at least 2), so that a candidate
+    evaluation costs about the same on every model size."""
+    if params <= LM_SCALE_PARAMS:
+        return LM_DEFAULT_BATCH, f"the default of {LM_DEFAULT_BATCH} sequences"
+    b = max(2, int(round(LM_DEFAULT_BATCH * LM_SCALE_PARAMS / params)))
+    return b, (f"{b} sequences: the default {LM_DEFAULT_BATCH} scaled by {LM_SCALE_PARAMS / 1e9:.1f} B / "
+               f"{params / 1e9:.2f} B parameters (at least 2), so that a candidate evaluation costs about what it "
+               "costs on a 0.5 B model; --batch-size N sets it")
 
 
 def check_prune_memory(model: str, batch: int, tokens: int, *, flag: str = "prune.batch_size",
-                       default: str = "prune.batch_size: 2 (the causal-lm default)", d: dict[str, Any] | None = None) -> None:
+                       default: str = "prune.batch_size: 2 (the causal-lm default)", d: dict[str, Any] | None = None,
+                       forward_only: bool = False) -> None:
     """Refuse, before the weights are loaded, a calibration batch that cannot fit in this machine's
     memory (the run YAML's check, and ``sglp-edge prune``'s; ``flag``/``default`` word the fix)."""
     d = d if d is not None else lm_dims(model)
     total = meminfo_total()
     if d is None or total is None:
         return
-    need = prune_memory_need(d, batch, tokens)
+    need = prune_memory_need(d, batch, tokens, forward_only=forward_only)
     if need > 0.75 * total:
         raise UserError(f"{flag}={batch} sequences x {tokens} tokens needs about {need / GB:.0f} GB for {model} "
                         f"({params_of(d) / 1e6:.0f} M params) but this machine has {total / GB:.0f} GB; use "
                         f"{default} or shorter sequences")
 
 
-def check_prune_job_memory(model: str, batch_size: int, seq_len: int) -> None:
+def check_prune_job_memory(model: str, batch_size: int, seq_len: int, *, forward_only: bool = False) -> None:
     """``sglp-edge prune`` on a decoder LM (smollm2, a .gguf, an HF folder of a ...ForCausalLM):
     :func:`check_prune_memory` with the command's flags (batch 0 = its default of 8 sequences)."""
     cfg = Path(model) / "config.json"
@@ -105,5 +133,7 @@ def check_prune_job_memory(model: str, batch_size: int, seq_len: int) -> None:
     except (OSError, ValueError, AttributeError, TypeError):
         causal = False
     if causal:
-        check_prune_memory(model, batch_size or 8, seq_len, flag="--batch-size",
-                           default="--batch-size 8 (the default for LMs)")
+        d = lm_dims(model)
+        batch = batch_size or (lm_default_batch(params_of(d))[0] if d is not None else LM_DEFAULT_BATCH)
+        check_prune_memory(model, batch, seq_len, flag="--batch-size", default="--batch-size 2", d=d,
+                           forward_only=forward_only)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.board.atomic import atomic_dir, check_out_dir
 from benchmarks.board.errors import UserError
@@ -21,21 +20,21 @@ from sglp_edge import api
 from sglp_edge.budget.decode_measure import make_decode_search
 from sglp_edge.budget.decode_search import DecodeSearch, check_budget_modality, check_decode_job
 from sglp_edge.budget.search import budget_from_profile, check_budget_settings, make_search
-from sglp_edge.data import datasets
-from sglp_edge.data.text import get_text_dataset
 from sglp_edge.models import registry  # (registry.load_model: looked up at the call, as the cheap-check tests patch it)
-from sglp_edge.models.base import capture_unit_outputs
 from sglp_edge.models.hf_encoder import save_hf_encoder
 from sglp_edge.models.hf_llm import save_hf
-from sglp_edge.models.lm_memory import check_prune_job_memory
+from sglp_edge.models.lm_memory import LM_DEFAULT_BATCH, check_prune_job_memory, lm_default_batch
 from sglp_edge.profiles.load import load_profile
+from sglp_edge.pipeline.calibration import batch_len, calibration_batches, check_fit, fixed_input_size
+from sglp_edge.pipeline.progress import analysis_progress
+from sglp_edge.sglp.accelerator import analysis_model, batches_on, check_accelerator, choose_accelerator
+from sglp_edge.sglp.estimate import estimate_analysis
 from sglp_edge.sglp.heal import HEALS
-from sglp_edge.sglp.importance import PROTOCOLS
+from sglp_edge.sglp.importance import PROTOCOLS, resolve_protocol
 from sglp_edge.sglp.plan import ALLOCATIONS, K_BUDGETS, METHODS
 from sglp_edge.sglp.plots import cka_heatmap_png
 from sglp_edge.sglp.prune import n_remove_for_keep
-from sglp_edge.tasks.feature_extraction import get_sentence_dataset
-from sglp_edge.train.teacher_targets import calibration_targets, choose_target
+from sglp_edge.train.teacher_targets import calibration_targets
 from sglp_edge.validate import check_file, check_threads
 
 
@@ -87,6 +86,7 @@ class PruneJob:
     lm_gen_tokens: int = 128
     export_opset: Optional[int] = None
     export_simplify: str = "onnxslim"
+    accelerator: str = "auto"  # where the analysis runs: auto (CUDA when torch sees one) | cpu | cuda
     log: Optional[Callable[[str], None]] = None
 
     def validate(self) -> None:
@@ -121,7 +121,9 @@ class PruneJob:
         check_threads("--threads", self.threads)
         if self.weights is not None:
             check_file(self.weights, "weights file")
-        check_prune_job_memory(str(self.model), self.batch_size, self.seq_len)  # before the weights are loaded
+        check_accelerator(self.accelerator)
+        check_prune_job_memory(str(self.model), self.batch_size, self.seq_len,  # before the weights are loaded
+                               forward_only=self.protocol in ("auto", "loss"))
         if self.class_map is not None and not Path(self.class_map).is_file():
             raise UserError(f"class map {self.class_map} does not exist; give a JSON file of folder name -> class index")
 
@@ -152,120 +154,6 @@ class PruneResult:
     out: Path
 
 
-def calibration_batches(loaded: Any, data: str, *, n_batches: int, batch_size: int, seq_len: int, seed: int,
-                        data_root: Optional[Path] = None, offset: int = 0, info: Optional[dict] = None,
-                        class_map: Optional[Path] = None) -> list[Any]:
-    """Fixed calibration batches drawn from the training split of ``data`` (never the test split).
-    Images: list of (x, y); token models: list of input_ids tensors of shape (batch, seq_len)."""
-    if loaded.adapter.modality == "sentences":  # encoders: tokenised calibration sentences with a mask
-        if loaded.tokenizer is None:
-            raise UserError(f"{loaded.source}: a tokenizer is needed to draw sentence calibration data")
-        if data.strip().lower() not in ("text", "english", "python-docs"):
-            raise UserError(f"encoders calibrate on English sentences: use --data text (got {data!r})")
-        bs = batch_size or 32
-        sents = get_sentence_dataset(loaded.tokenizer, data_root, seed=seed, max_length=seq_len,
-                                     max_sentences={"train": 1, "val": 1, "test": 1})
-        return sents.calibration_batches(n_batches, bs, seed=seed + offset)
-    if loaded.adapter.modality == "tokens":
-        if loaded.tokenizer is None:
-            raise UserError(f"{loaded.source}: a tokenizer is needed to draw text calibration data")
-        need = n_batches * (batch_size or 8) * seq_len
-        text = get_text_dataset(loaded.tokenizer, data_root, seed=seed, block_size=seq_len,
-                                max_tokens=max(4 * need, 200_000))
-        return text.calibration_batches(n_batches, batch_size or 8, seed=seed + offset)
-    bundle = datasets.get_dataset(data, root=data_root, seed=seed, resize=fixed_input_size(loaded.model),
-                           channels=input_channels(loaded.model), class_map=class_map)
-    if info is not None:
-        info.update(num_classes=bundle.num_classes, class_mapped="class_map" in bundle.meta,
-                    named_classes=not bundle.name.startswith("imagefolder"))
-    return bundle.calibration_batches(n_batches, batch_size or 128, seed=seed + offset)
-
-
-def fixed_input_size(model: Any) -> Optional[int]:
-    """The square input size a fixed-resolution model insists on (a torchvision ViT's
-    ``image_size``; a user model may set ``model.image_size``), else None."""
-    size = getattr(model, "image_size", None)
-    return int(size) if isinstance(size, int) and size > 0 else None
-
-
-def input_channels(model: Any) -> int:
-    """The image channels a model takes: 1 for a grey-scale model that says so
-    (``model.in_channels == 1``, e.g. the shipped MobileNetV2), else 3 (grey data repeated)."""
-    return 1 if getattr(model, "in_channels", None) == 1 else 3
-
-
-def check_fit(loaded: Any, batch: Any, *, data: str, num_classes: Optional[int] = None,
-              batch_size: Optional[int] = None, label_info: Optional[dict] = None) -> tuple[str, str]:
-    """Cheap checks on two samples before the heavy work: the data's shape against the model,
-    the labels against the model's outputs, and that declared units keep their input's shape.
-    With ``label_info`` (``class_mapped``, ``named_classes``: see :func:`teacher_targets.choose_target`)
-    data whose labels are not the model's classes is let through: returns ``(target, why)``,
-    target "teacher" when the model's own outputs are to be the calibration target."""
-    target, why = "labels", ""
-    adapter, model = loaded.adapter, loaded.model
-    small = _head(batch, 2)
-    x = small[0] if isinstance(small, (tuple, list)) else small
-    try:
-        with torch.no_grad():
-            out = adapter.forward(model, small)
-    except Exception as e:  # noqa: BLE001 - any failure here means the data does not fit the model
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"{loaded.source} does not take --data {data} inputs of shape {list(x.shape[1:])} "
-                        f"({type(e).__name__}: {msg}); use data of the model's input size") from None
-    if adapter.modality == "image" and isinstance(out, torch.Tensor) and out.dim() == 2:
-        n_out = int(out.shape[-1])
-        if label_info is not None:
-            target, why = choose_target(n_out, num_classes, class_mapped=bool(label_info.get("class_mapped")),
-                                        named_classes=bool(label_info.get("named_classes")))
-        labels = small[1] if isinstance(small, (tuple, list)) and len(small) > 1 else None
-        if target == "teacher":
-            pass
-        elif (num_classes and num_classes > n_out) or (labels is not None and int(labels.max()) >= n_out):
-            raise UserError(f"--data {data} has {num_classes or int(labels.max()) + 1} classes but the model has {n_out} "
-                            f"outputs: labels >= {n_out} would score 0 % top-1; give a model with --num-classes "
-                            f"{num_classes or int(labels.max()) + 1} or matching data")
-    if hasattr(adapter, "check_shapes"):
-        adapter.check_shapes(model, small)
-    if batch_size:
-        check_memory(loaded, small, batch_size)
-    return target, why
-
-
-def _mem_available() -> Optional[int]:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_memory(loaded: Any, small: Any, batch_size: int) -> None:
-    """Whether one calibration batch fits in memory: the unit outputs CKA keeps, plus the
-    activations a GradNorm backward pass holds (measured per sample on two samples, scaled)."""
-    avail = _mem_available()
-    if avail is None:
-        return
-    n = _batch_len(small)
-    units = loaded.adapter.units(loaded.model)
-    outs = capture_unit_outputs(loaded.adapter, loaded.model, units, small)
-    per_sample = sum(o.numel() * o.element_size() for o in outs) / max(1, n)
-    need = per_sample * batch_size * 3  # kept outputs + forward/backward activations of a GradNorm pass
-    if need > avail:
-        fit = max(1, int(avail / (3 * per_sample)))
-        raise UserError(f"a calibration batch of {batch_size} needs about {need / 2**30:.1f} GiB but "
-                        f"{avail / 2**30:.1f} GiB is available; use --batch-size {fit} or less")
-
-
-def _head(batch: Any, n: int) -> Any:
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(b[:n] for b in batch)
-    if isinstance(batch, dict):
-        return {k: v[:n] for k, v in batch.items()}
-    return batch[:n]
-
-
 def _check_unit_counts(job: PruneJob, units: list) -> None:
     if job.k is not None and job.k > len(units):
         raise UserError(f"--k {job.k} must be between 1 and the number of units ({len(units)}) of {job.model}")
@@ -279,17 +167,22 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
     if job.threads:
         torch.set_num_threads(job.threads)
     t0 = time.perf_counter()
+    owned = loaded is None  # the job loaded the model itself: an LM's layers may then be removed in place
     if loaded is None:
         loaded = registry.load_model(job.model, weights=job.weights, num_classes=job.num_classes, units=job.units,
                             trust_builder=job.trust_builder, trust_remote_code=job.trust_remote_code)
     model, adapter = loaded.model, loaded.adapter
     _check_unit_counts(job, adapter.units(model))  # --k and --keep, before any calibration data is drawn
     info: dict[str, Any] = {}
+    if adapter.modality == "tokens" and not job.batch_size:  # the default batch shrinks on big models
+        job.batch_size, info["batch_size_why"] = lm_default_batch(sum(p.numel() for p in model.parameters()))
+        if job.batch_size != LM_DEFAULT_BATCH:
+            (job.log or print)(f"calibration batch: {info['batch_size_why']}")
     cka_b = calibration_batches(loaded, job.data, n_batches=job.calib_batches, batch_size=job.batch_size,
                                 seq_len=job.seq_len, seed=job.seed, data_root=job.data_root, info=info,
                                 class_map=job.class_map)
     target, why = check_fit(loaded, cka_b[0], data=job.data, num_classes=info.get("num_classes"),
-                            batch_size=_batch_len(cka_b[0]), label_info=info)
+                            batch_size=batch_len(cka_b[0]), label_info=info)
     grad_b = cka_b[: job.grad_batches] if job.grad_batches <= len(cka_b) else calibration_batches(
         loaded, job.data, n_batches=job.grad_batches, batch_size=job.batch_size, seq_len=job.seq_len,
         seed=job.seed, data_root=job.data_root, offset=1, class_map=job.class_map)
@@ -305,7 +198,7 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
         work = Path(tempfile.mkdtemp(prefix="sglp-latency-"))
         try:
             if job.is_decode_budget():  # the layers and precision predicted to meet it; SGLP picks which layers
-                n_cal = sum(_batch_len(b) for b in cka_b)  # + the calibration-side blocks after them (q(p))
+                n_cal = sum(batch_len(b) for b in cka_b)  # + the calibration-side blocks after them (q(p))
                 drawn = calibration_batches(loaded, job.data, n_batches=1, batch_size=n_cal + 4, seq_len=job.seq_len,
                                             seed=job.seed, data_root=job.data_root)[0]
                 search = make_decode_search(loaded, device=job.device, tokens_per_s=job.decode_budget_tps,
@@ -321,32 +214,54 @@ def run_prune_job(job: PruneJob, *, show_progress: bool = False, loaded: Any = N
                                      opset=job.export_opset, simplify=job.export_simplify, bench=job.bench,
                                      seed=job.seed, log=job.log or print)
                 opts.update(keep=None, unit_costs=search.lm.unit_costs_ms, removal_search=search)
-            return _finish(job, loaded, cka_b, grad_b, opts, show_progress, t0, search)
+            return _finish(job, loaded, cka_b, grad_b, opts, show_progress, t0, search, owned, info)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    return _finish(job, loaded, cka_b, grad_b, opts, show_progress, t0, None)
+    return _finish(job, loaded, cka_b, grad_b, opts, show_progress, t0, None, owned, info)
+
+
+def _analyze(job: PruneJob, loaded: Any, cka_b: list, grad_b: list, opts: dict, show_progress: bool) -> tuple[Any, dict]:
+    """The analysis on the chosen accelerator, announced with its estimate; returns (plan, what to record)."""
+    model, adapter = loaded.model, loaded.adapter
+    placement = choose_accelerator(job.accelerator, adapter.modality)
+    amodel = analysis_model(model, placement)
+    a_cka, a_grad = batches_on(cka_b, placement), batches_on(grad_b, placement)
+    log = job.log or print
+    est = None
+    if opts.get("method") == "sglp":
+        est = estimate_analysis(amodel, adapter, placement, a_cka, a_grad,
+                                protocol=resolve_protocol(opts.get("protocol") or "auto", adapter.modality),
+                                eval_budget=opts.get("eval_budget"))
+        log(est.line())
+    progress = analysis_progress() if show_progress else None
+    if progress:
+        with progress:
+            plan = api.analyze(amodel, a_cka, grad_batches=a_grad, adapter=adapter, progress=progress, **opts)
+    else:
+        plan = api.analyze(amodel, a_cka, grad_batches=a_grad, adapter=adapter, **opts)
+    if amodel is not model:
+        del amodel
+        if placement.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return plan, {"accelerator": placement.to_dict(), **({"estimate": est.to_dict()} if est else {})}
 
 
 def _finish(job: PruneJob, loaded: Any, cka_b: list, grad_b: list, opts: dict, show_progress: bool, t0: float,
-            search: Any) -> PruneResult:
+            search: Any, owned: bool = False, info: Optional[dict] = None) -> PruneResult:
     model, adapter = loaded.model, loaded.adapter
-    progress = None
-    if show_progress:
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            transient=False)
-    if progress:
-        with progress:
-            plan = api.analyze(model, cka_b, grad_batches=grad_b, adapter=adapter, progress=progress, **opts)
+    plan, record = _analyze(job, loaded, cka_b, grad_b, opts, show_progress)
+    if owned and adapter.modality == "tokens" and (plan.config or {}).get("heal", "none") == "none":
+        pruned = adapter.remove(model, plan.removed, inplace=True)  # no second copy of a large LM's weights
     else:
-        plan = api.analyze(model, cka_b, grad_batches=grad_b, adapter=adapter, **opts)
-    pruned = api.apply(model, plan, adapter=adapter, calib=cka_b)
+        pruned = api.apply(model, plan, adapter=adapter, calib=cka_b)
     n_after = len(adapter.units(pruned)) if adapter.family != "generic" else plan.n_units_after
     if n_after != plan.n_units_after:  # surgery must match the plan exactly
         raise RuntimeError(f"pruned model has {n_after} units, plan says {plan.n_units_after}")
     plan_d = plan.to_dict()
-    plan_d.update(model_source=str(job.model), data=job.data, total_wall_s=time.perf_counter() - t0,
+    plan_d.update(model_source=str(job.model), data=job.data, total_wall_s=time.perf_counter() - t0, **record,
                   calibration={"cka_batches": len(cka_b), "grad_batches": len(grad_b),
-                               "batch_size": _batch_len(cka_b[0]), "split": "train",
+                               "batch_size": batch_len(cka_b[0]), "split": "train",
+                               **({"batch_size_why": info["batch_size_why"]} if info and "batch_size_why" in info else {}),
                                "input_shape": list(_first(cka_b[0]).shape[1:]),
                                "resized_to": fixed_input_size(model)})
     with atomic_dir(job.out) as tmp:
@@ -384,11 +299,3 @@ def _first(b: Any) -> torch.Tensor:
     if isinstance(b, dict):
         return b["input_ids"]
     return b
-
-
-def _batch_len(b: Any) -> int:
-    if isinstance(b, (tuple, list)):
-        return int(b[0].shape[0])
-    if isinstance(b, dict):
-        return int(b["input_ids"].shape[0])
-    return int(b.shape[0])

@@ -153,7 +153,7 @@ class Pipeline:
     def validate(self) -> None:
         """Cheap checks before any stage: every device profile, and the data against the model
         (shape, labels, declared units) on two samples."""
-        from sglp_edge.pipeline.prune_job import check_fit  # heavy: torch
+        from sglp_edge.pipeline.calibration import check_fit  # heavy: torch
 
         for board in self.cfg.boards():
             load_profile(board.device)

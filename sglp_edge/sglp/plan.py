@@ -54,6 +54,9 @@ class PruneConfig:
     # or "teacher-embeddings" (encoders); recorded in plan.json
     target: str = "labels"
     allow_degenerate: bool = False  # go on when every candidate scores the same (outputs independent of input)
+    # forward-only scores ("loss") replay the units before each segment instead of recomputing them
+    # (sglp_edge.sglp.prefix_cache): the same scores, for the cost of the segment and what follows it
+    prefix_cache: bool = True
 
 
 @dataclass
@@ -84,6 +87,8 @@ class PrunePlan:
     selections: list[dict[str, Any]] = field(default_factory=list)
     search: dict[str, Any] | None = None  # the latency-budget search (sglp_edge.budget), when keep is "auto"
     heal: dict[str, Any] | None = None  # the healing report, set by apply_plan
+    prefix_cache: dict[str, Any] | None = None  # whether candidates replayed the units before their segment
+    accelerator: dict[str, Any] | None = None  # where the analysis ran (device, dtype) and why
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 

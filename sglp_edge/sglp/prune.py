@@ -21,7 +21,9 @@ from sglp_edge.models.base import ModelAdapter, Unit, capture_unit_outputs, get_
 from sglp_edge.sglp.baselines import select_baseline
 from sglp_edge.sglp.cka import MinibatchCKA
 from sglp_edge.sglp.heal import HEALS, heal_linear
-from sglp_edge.sglp.importance import PROTOCOLS, CandidateScorer, SegmentSelection, adjacent_redundancy, resolve_protocol
+from sglp_edge.sglp.allocation import adjacent_redundancy
+from sglp_edge.sglp.importance import PROTOCOLS, CandidateScorer, SegmentSelection, resolve_protocol
+from sglp_edge.sglp.prefix_cache import PrefixReplay
 from sglp_edge.sglp.plan import ALLOCATIONS, K_BUDGETS, METHODS, PruneConfig, PrunePlan
 from sglp_edge.sglp.segmentation import fisher_loss_table, fisher_segments, sequence_from_cka
 from sglp_edge.sglp.selection import allocation_mode, choose_k_auto, select_all
@@ -237,8 +239,9 @@ def _sglp_select(run: _Analysis, grad_batches: Sequence[Any], segments: list, re
     """The candidate search in every segment, repeated with one more removal until the MACs target
     is met or the removal search accepts; returns (removed unit names, evaluations)."""
     cfg, units = run.cfg, run.units
-    scorer = CandidateScorer(run.model, run.adapter, run.adapter.with_targets(run.model, grad_batches),
-                             protocol=cfg.protocol, seed=cfg.seed)
+    scored = run.adapter.with_targets(run.model, grad_batches)
+    replay = PrefixReplay(run.model, run.adapter, units, scored) if cfg.prefix_cache and cfg.protocol == "loss" else None
+    scorer = CandidateScorer(run.model, run.adapter, scored, protocol=cfg.protocol, seed=cfg.seed, replay=replay)
     t = time.perf_counter()
     tried: dict[int, tuple[list[SegmentSelection], dict[str, Any]]] = {}
     while True:
@@ -262,6 +265,8 @@ def _sglp_select(run: _Analysis, grad_batches: Sequence[Any], segments: list, re
             break
         n_remove += 1  # re-select with one more removal; cached candidates cost nothing
     run.timings["gradnorm_s"] = time.perf_counter() - t
+    run.plan_kw["prefix_cache"] = ({"used": replay.usable, **({"why_not": replay.why_not} if replay.why_not else {})}
+                                   if replay is not None else {"used": False})
     _check_scores_differ(selections, cfg, run.notes)
     evaluations = scorer.evaluations
     run.plan_kw["selections"] = [asdict(s) for s in selections]

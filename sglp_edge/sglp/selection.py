@@ -11,8 +11,9 @@ import numpy as np
 
 from benchmarks.board.errors import UserError
 from sglp_edge.models.base import ModelAdapter, Unit
-from sglp_edge.sglp.importance import (CandidateScorer, SegmentSelection, allocate_removals, allocate_removals_by_redundancy,
-                         min_search_cost, resolve_allocation, search_cost, select_in_segment, split_budget)
+from sglp_edge.sglp.allocation import allocate_removals, allocate_removals_by_redundancy, split_budget
+from sglp_edge.sglp.importance import (CandidateScorer, SegmentSelection, min_search_cost, resolve_allocation, search_cost,
+                                       select_in_segment)
 from sglp_edge.sglp.plan import PruneConfig
 from sglp_edge.sglp.segmentation import choose_k, elbow_curve, fisher_segments
 

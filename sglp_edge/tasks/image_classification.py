@@ -33,7 +33,7 @@ class ImageClassification(Task):
     # ---- data and models -----------------------------------------------------------------------
     def load_data(self, ctx: TaskContext) -> Any:
         from sglp_edge.data.datasets import get_dataset  # heavy: torch
-        from sglp_edge.pipeline.prune_job import fixed_input_size, input_channels  # heavy: torch
+        from sglp_edge.pipeline.calibration import fixed_input_size, input_channels  # heavy: torch
 
         # fixed-resolution models (ViTs) get their data at their own input size; grey models, 1 channel
         return get_dataset(ctx.cfg.data, root=ctx.cfg.data_root, seed=ctx.cfg.seed,
