@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads([ln for ln in (args.work / "export.log").read_text().splitlines() if ln.startswith("{")][-1])
     export_gb = meta["size_bytes"] / 1e9
     par = meta["parity_vs_pytorch"]
-    max_abs = par.get("block_max_abs", par.get("max_abs"))
+    max_abs = max(par.get("full_block_max_abs", 0.0), par["max_abs"])  # the worse of full block and prefill + decode
     print(f"export: {export_s:.0f} s wall, peak RSS {export_rss:.2f} GB, {export_gb:.2f} GB on disk "
           f"(external data: {meta['external_data']}); parity {par}", flush=True)
     peak = max(prune_rss, export_rss)
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{peak:.2f} GB = {peak / fp32_gb:.2f} x FP32 ({'<=' if peak <= 2 * fp32_gb else '>'} 2); "
           f"parity passed={par.get('passed')}", flush=True)
     n_before = len(plan["kept"]) + len(plan["removed"])
-    print(f"scale llama1b params={params:.3g} layers={n_before}->{len(plan['kept'])} "
+    mant, exp = f"{params:.2e}".split("e")
+    print(f"scale llama1b params={mant}e{int(exp)} layers={n_before}->{len(plan['kept'])} "
           f"accelerator={plan['accelerator']['device'].split(':')[0]} analysis_s={plan['wall_s']:.0f} "
           f"evaluations={plan['evaluations']} peak_rss_gb={peak:.2f} fp32_gb={fp32_gb:.1f} export_gb={export_gb:.2f} "
           f"export_parity_max_abs={max_abs:.3g}")
