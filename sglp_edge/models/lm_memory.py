@@ -134,6 +134,7 @@ def check_prune_job_memory(model: str, batch_size: int, seq_len: int, *, forward
         causal = False
     if causal:
         d = lm_dims(model)
-        batch = batch_size or (lm_default_batch(params_of(d))[0] if d is not None else LM_DEFAULT_BATCH)
-        check_prune_memory(model, batch, seq_len, flag="--batch-size", default="--batch-size 2", d=d,
-                           forward_only=forward_only)
+        default = lm_default_batch(params_of(d))[0] if d is not None else LM_DEFAULT_BATCH
+        check_prune_memory(model, batch_size or default, seq_len, flag="--batch-size", d=d, forward_only=forward_only,
+                           default=f"--batch-size {default} (the default for LMs"
+                                   f"{'' if default == LM_DEFAULT_BATCH else ' of this size'})")
