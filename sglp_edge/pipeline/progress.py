@@ -103,7 +103,3 @@ def analysis_progress(stream: Optional[TextIO] = None) -> Any:
                         transient=False)
     return PlainProgress(stream)
 
-
-def log_line(message: str, stream: Optional[TextIO] = None) -> None:
-    """One timestamped line (stage boundaries outside a progress task)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=stream if stream is not None else sys.stderr, flush=True)
